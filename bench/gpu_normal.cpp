@@ -1,0 +1,236 @@
+// Normal-mode benchmark on the GPUs: one thread per GPU, an NCCL group, the standard problem.
+// Times layout, dispatch (BF16 / FP8, counts exchange and host sync included, as users see it),
+// cached dispatch and combine; checks the first results of each against the CPU reference.
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <stdexcept>
+#include <thread>
+
+#include "bench.hpp"
+#include "bench_util.hpp"
+#include "epcomm/buffer.hpp"
+#include "epcomm/reference.hpp"
+
+namespace epcomm::bench {
+namespace {
+
+struct RankData {
+  int num_tokens = 0;
+  std::vector<uint16_t> x;       // bf16
+  std::vector<uint8_t> x_fp8;
+  std::vector<float> scales;     // row-major [T, G]
+  std::vector<int64_t> topk;
+  std::vector<float> weights;
+};
+
+RankData make_rank_data(uint64_t seed, int rank, int T, int H, int K, int E) {
+  std::mt19937_64 rng(seed * 977 + rank);
+  RankData d;
+  d.num_tokens = T;
+  d.x = random_bf16(rng, static_cast<size_t>(T) * H);
+  d.x_fp8 = random_fp8(rng, static_cast<size_t>(T) * H);
+  d.scales = random_scales(rng, static_cast<size_t>(T) * ((H + 127) / 128));
+  d.topk = uniform_topk(rng, T, K, E);
+  d.weights = random_floats(rng, static_cast<size_t>(T) * K);
+  return d;
+}
+
+}  // namespace
+
+void run_gpu_normal(const Options& o, Report& report) {
+  int gpus = 0;
+  cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
+  const int R = o.ranks > 0 ? o.ranks : std::min(gpus, 8);
+  if (R > gpus) throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
+  const int T = o.tokens >= 0 ? o.tokens : 4096;
+  const int H = o.hidden > 0 ? o.hidden : 7168;
+  const int K = o.topk;
+  const int E = o.experts > 0 ? o.experts : 256;
+  const int G = (H + 127) / 128;
+  report.device = device_description(R);
+  report.ranks = R;
+  report.problem = "normal: tokens " + std::to_string(T) + "/rank, hidden " + std::to_string(H) + ", top-" +
+                   std::to_string(K) + ", " + std::to_string(E) + " experts, uniform routing";
+  const uint64_t seed = std::random_device{}();
+  std::vector<RankData> data(R);
+  for (int r = 0; r < R; ++r) data[r] = make_rank_data(seed, r, T, H, K, E);
+
+  // Reference results (only what the checks need).
+  std::vector<ref::NormalDispatchOutput> want_bf16, want_fp8;
+  std::vector<ref::CombineOutput> want_comb;
+  if (o.verify) {
+    std::vector<ref::NormalInput> in(R), in8(R);
+    for (int r = 0; r < R; ++r) {
+      in[r].num_tokens = T;
+      in[r].x.resize(data[r].x.size() * 2);
+      std::memcpy(in[r].x.data(), data[r].x.data(), in[r].x.size());
+      in[r].topk_idx = data[r].topk;
+      in[r].topk_weights = data[r].weights;
+      in8[r] = in[r];
+      in8[r].x = data[r].x_fp8;
+      in8[r].scales = data[r].scales;
+    }
+    ref::NormalOptions opt;
+    opt.hidden = H;
+    opt.num_topk = K;
+    opt.num_experts = E;
+    want_bf16 = ref::normal_dispatch(in, opt);
+    opt.dtype = DType::kFP8E4M3;
+    want_fp8 = ref::normal_dispatch(in8, opt);
+    std::vector<ref::CombineInput> ci(R);
+    std::vector<ref::NormalHandle> handles;
+    for (int r = 0; r < R; ++r) {
+      ci[r].x.resize(want_bf16[r].recv_x.size() / 2);
+      std::memcpy(ci[r].x.data(), want_bf16[r].recv_x.data(), want_bf16[r].recv_x.size());
+      ci[r].topk_weights = want_bf16[r].recv_topk_weights;
+      handles.push_back(want_bf16[r].handle);
+    }
+    want_comb = ref::normal_combine(ci, handles, H, K);
+  }
+
+  std::vector<bool> dtypes;  // true = fp8
+  if (o.dtype != "fp8") dtypes.push_back(false);
+  if (o.dtype != "bf16") dtypes.push_back(true);
+  const int max_sms = *std::max_element(o.sms.begin(), o.sms.end());
+
+  ncclUniqueId id;
+  if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
+  std::mutex mu;
+  run_threads(R, [&](int r) {
+    cuda_check(cudaSetDevice(r), "cudaSetDevice");
+    auto group = Group::create_nccl(id, R, r, r);
+    Config big = Config::dispatch_default(R);
+    big.num_sms = max_sms;
+    Config bigc = Config::combine_default(R);
+    bigc.num_sms = max_sms;
+    BufferOptions bo;
+    bo.num_nvl_bytes = std::max(big.get_nvl_buffer_size_hint(H * 2, R), bigc.get_nvl_buffer_size_hint(H * 2, R));
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const StreamOrder order{stream, nullptr, false};
+    const RankData& d = data[r];
+    const int cap = R * T;
+    DevMem x(d.x), x8(d.x_fp8), topk(d.topk), weights(d.weights);
+    // Scales column-major, as MoE frameworks usually hold them.
+    std::vector<float> sc_cm(d.scales.size());
+    for (int t = 0; t < T; ++t)
+      for (int g = 0; g < G; ++g) sc_cm[static_cast<size_t>(g) * T + t] = d.scales[static_cast<size_t>(t) * G + g];
+    DevMem sc(sc_cm);
+    DevMem per_rank(sizeof(int32_t) * R), per_expert(sizeof(int32_t) * E), in_rank(static_cast<size_t>(T) * R);
+    Config smallest_chunk;
+    smallest_chunk.nvl_chunk_size = 8;
+    DevMem prefix(sizeof(int32_t) * R * R), chunk_off(sizeof(int32_t) * R * buf.chunk_offset_stride(smallest_chunk));
+    DevMem recv_x(static_cast<size_t>(cap) * H * 2), recv_sc(sizeof(float) * cap * G), recv_idx(sizeof(int64_t) * cap * K);
+    DevMem recv_w(sizeof(float) * cap * K), src_idx(sizeof(int32_t) * cap), out(static_cast<size_t>(T) * H * 2);
+    DevMem out_w(sizeof(float) * T * K), cached_x(static_cast<size_t>(cap) * H * 2);
+
+    LayoutOutputs lo{view_i32(per_rank, {R}, r), std::nullopt, view_i32(per_expert, {E}, r),
+                     view(in_rank, DType::kBool, {T, R}, r)};
+    auto layout = [&] { buf.get_dispatch_layout(view(topk, DType::kI64, {T, K}, r), E, lo, order); };
+    layout();
+    cuda_check(cudaStreamSynchronize(stream), "layout");
+    const double layout_us = time_us(stream, o.warmup, o.iters, layout);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      report.rows.push_back({"epcomm", "layout", r, 0, layout_us, 0, ""});
+    }
+
+    for (int sms : o.sms) {
+      Config cfg = Config::dispatch_default(R);
+      cfg.num_sms = sms;
+      Config ccfg = Config::combine_default(R);
+      ccfg.num_sms = sms;
+      const int stride = buf.chunk_offset_stride(cfg);
+      DispatchHandle h;
+      h.rank_prefix_matrix = view_i32(prefix, {R, R}, r);
+      h.chunk_offset = view_i32(chunk_off, {R, stride}, r);
+      for (bool fp8 : dtypes) {
+        DispatchInputs di;
+        di.x = fp8 ? view(x8, DType::kFP8E4M3, {T, H}, r) : view(x, DType::kBF16, {T, H}, r);
+        if (fp8) di.x_scales = strided(sc, DType::kF32, {T, G}, {1, T}, r);
+        di.topk_idx = view(topk, DType::kI64, {T, K}, r);
+        di.topk_weights = view(weights, DType::kF32, {T, K}, r);
+        di.num_tokens_per_rank = lo.num_tokens_per_rank;
+        di.is_token_in_rank = lo.is_token_in_rank;
+        di.num_tokens_per_expert = lo.num_tokens_per_expert;
+        di.config = cfg;
+        int rows = 0;
+        auto dispatch = [&] {
+          const DispatchPlan plan = buf.dispatch_prepare(di, h, std::nullopt, order);
+          rows = plan.num_rows;
+          h.recv_src_idx = view_i32(src_idx, {rows}, r);
+          DispatchOutputs dout;
+          dout.recv_x = view(recv_x, di.x.dtype, {rows, H}, r);
+          if (fp8) dout.recv_x_scales = view(recv_sc, DType::kF32, {rows, G}, r);
+          dout.recv_topk_idx = view(recv_idx, DType::kI64, {rows, K}, r);
+          dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
+          buf.dispatch_run(di, plan, h, dout, order);
+        };
+        dispatch();
+        cuda_check(cudaStreamSynchronize(stream), "dispatch");
+        std::string check;
+        if (o.verify) {
+          const auto& want = fp8 ? want_fp8[r] : want_bf16[r];
+          const size_t row_bytes = static_cast<size_t>(H) * (fp8 ? 1 : 2);
+          bool ok = rows == want.num_rows && equal_bytes(recv_x, want.recv_x.data(), rows * row_bytes) &&
+                    equal_bytes(recv_idx, want.recv_topk_idx.data(), sizeof(int64_t) * rows * K) &&
+                    equal_bytes(recv_w, want.recv_topk_weights.data(), sizeof(float) * rows * K) &&
+                    equal_bytes(src_idx, want.handle.recv_src_idx.data(), sizeof(int32_t) * rows) &&
+                    (!fp8 || equal_bytes(recv_sc, want.recv_scales.data(), sizeof(float) * rows * G));
+          check = std::string(fp8 ? "dispatch fp8" : "dispatch bf16") + " @" + std::to_string(sms) + " SMs rank " +
+                  std::to_string(r) + (ok ? ": matches the reference" : ": MISMATCH");
+          std::lock_guard<std::mutex> lock(mu);
+          report.checks.push_back(check);
+          report.ok = report.ok && ok;
+        }
+        const double us = time_us(stream, o.warmup, o.iters, dispatch);
+        const double row_bytes = fp8 ? H + 4.0 * H / 128 : 2.0 * H;
+        const std::string op = fp8 ? "dispatch-fp8" : "dispatch-bf16";
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          report.rows.push_back({"epcomm", op, r, sms, us, rows * row_bytes / us / 1e3, std::to_string(rows) + " rows"});
+        }
+        if (fp8) continue;
+
+        // Cached dispatch and combine reuse the BF16 routing.
+        auto cached = [&] {
+          DispatchOutputs cout_;
+          cout_.recv_x = view(cached_x, DType::kBF16, {rows, H}, r);
+          buf.cached_dispatch(di.x, std::nullopt, h, cout_, cfg, order);
+        };
+        const double cus = time_us(stream, o.warmup, o.iters, cached);
+        CombineInputs ci;
+        ci.x = view(recv_x, DType::kBF16, {rows, H}, r);
+        ci.topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
+        ci.config = ccfg;
+        CombineOutputs co{view(out, DType::kBF16, {T, H}, r), view(out_w, DType::kF32, {T, K}, r)};
+        auto combine = [&] { buf.combine(ci, h, co, order); };
+        combine();
+        cuda_check(cudaStreamSynchronize(stream), "combine");
+        if (o.verify) {
+          const bool ok = equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2) &&
+                          equal_bytes(out_w, want_comb[r].combined_topk_weights.data(), sizeof(float) * T * K);
+          std::lock_guard<std::mutex> lock(mu);
+          report.checks.push_back("combine @" + std::to_string(sms) + " SMs rank " + std::to_string(r) +
+                                  (ok ? ": matches the reference" : ": MISMATCH"));
+          report.ok = report.ok && ok;
+        }
+        const double comb_us = time_us(stream, o.warmup, o.iters, combine);
+        std::lock_guard<std::mutex> lock(mu);
+        report.rows.push_back({"epcomm", "cached-dispatch-bf16", r, sms, cus, rows * 2.0 * H / cus / 1e3, ""});
+        report.rows.push_back({"epcomm", "combine", r, sms, comb_us, rows * 2.0 * H / comb_us / 1e3, ""});
+      }
+    }
+    cuda_check(cudaStreamSynchronize(stream), "final");
+    cudaStreamDestroy(stream);
+  });
+}
+
+}  // namespace epcomm::bench

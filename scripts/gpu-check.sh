@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU machine's job: build epcomm with every core (NCCL from the nvidia-nccl-cu13 wheel), run
+# the GPU tests and epcomm-bench, and leave logs under $OUT (or ./gpu-logs).
+#
+#   scripts/gpu-check.sh                 # build + tests + bench
+#   EPCOMM_CHECK_STEPS="build tests" scripts/gpu-check.sh
+#   EPCOMM_GPU_TEST_FILTER='NormalGpu.*' EPCOMM_BENCH_ARGS='--sms 24,16' scripts/gpu-check.sh
+#
+# GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
+# .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
+set -uo pipefail
+# NVLink multicast stays off on shared machines (see README "GPU machines").
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$root/gpu-logs}
+mkdir -p "$out"
+build=${EPCOMM_GPU_BUILD:-$root/build-gpu}
+steps=${EPCOMM_CHECK_STEPS:-build tests bench}
+status=0
+log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$out/summary.txt"; }
+
+nvidia-smi -L 2>&1 | tee "$out/gpus.txt"
+nvidia-smi topo -m >>"$out/gpus.txt" 2>&1 || true
+
+if [[ " $steps " == *" build "* ]]; then
+  gtest_src=${EPCOMM_GTEST_SOURCE_DIR:-$root/.prebuilt/googletest}
+  host_cc=()
+  [[ -x /opt/gcc/bin/g++ ]] && host_cc=(-DCMAKE_CXX_COMPILER=/opt/gcc/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/opt/gcc/bin/g++)
+  log "configure ($build)"
+  cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEPCOMM_GTEST_SOURCE_DIR="$gtest_src" \
+    -DEPCOMM_BUILD_PYTHON=${EPCOMM_BUILD_PYTHON:-ON} "${host_cc[@]}" >"$out/build.log" 2>&1 || { log "configure FAILED"; tail -30 "$out/build.log"; exit 1; }
+  grep "epcomm:" "$out/build.log" | tee -a "$out/summary.txt"
+  start=$(date +%s)
+  if ! cmake --build "$build" -j "$(nproc)" >>"$out/build.log" 2>&1; then
+    log "build FAILED"; grep -E "error|Error" "$out/build.log" | head -40; exit 1
+  fi
+  log "build ok in $(( $(date +%s) - start )) s"
+fi
+
+if [[ " $steps " == *" tests "* ]]; then
+  log "GPU tests"
+  timeout ${EPCOMM_TEST_TIMEOUT:-900} "$build/tests/epcomm_gpu_tests" --gtest_filter="${EPCOMM_GPU_TEST_FILTER:-*}" \
+    >"$out/gpu-tests.log" 2>&1
+  rc=$?
+  grep -E "^\[  (FAILED|PASSED|  OK) |^\[==========\]|skipped|threw|Failure|mismatch|Expected" "$out/gpu-tests.log" | head -80
+  log "GPU tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+fi
+
+if [[ " $steps " == *" bench "* ]]; then
+  log "epcomm-bench"
+  timeout ${EPCOMM_BENCH_TIMEOUT:-600} "$build/bench/epcomm-bench" ${EPCOMM_BENCH_ARGS:---sms 24,16} --json "$out/bench.json" \
+    >"$out/bench.log" 2>&1
+  rc=$?
+  sed -n '/^summary/,$p' "$out/bench.log"
+  log "epcomm-bench rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+fi
+exit $status

@@ -1,0 +1,176 @@
+// Buffer construction, memory, stream ordering and error reporting. The modes live in
+// buffer_normal.cpp and buffer_low_latency.cpp.
+#include <cstring>
+#include <string>
+
+#include "core/buffer_impl.hpp"
+#include "core/check.hpp"
+#include "core/env.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+
+Event& Event::operator=(Event&& o) noexcept {
+  if (this != &o) {
+    if (event_) cudaEventDestroy(event_);
+    event_ = o.event_;
+    o.event_ = nullptr;
+  }
+  return *this;
+}
+Event::~Event() {
+  if (event_) cudaEventDestroy(event_);
+}
+void Event::wait_on(cudaStream_t stream) const {
+  if (event_) EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0));
+}
+void Event::synchronize() const {
+  if (event_) EPCOMM_CUDA_CHECK(cudaEventSynchronize(event_));
+}
+
+Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  if (!group) throw ArgumentError("Buffer: group must not be null");
+  m.group = std::move(group);
+  m.options = options;
+  m.rank = m.group->rank();
+  m.num_ranks = m.group->size();
+  m.device = m.group->device();
+  if (m.group->ranks_per_node() > kMaxNvlRanks)
+    throw ArgumentError("ranks per node = " + std::to_string(m.group->ranks_per_node()) + " exceeds the supported " +
+                        std::to_string(kMaxNvlRanks));
+  if (m.group->num_nodes() > 1)
+    throw RuntimeFailure("Buffer: more than one node (" + std::to_string(m.group->num_nodes()) +
+                         " nodes of " + std::to_string(m.group->ranks_per_node()) +
+                         " ranks) is not supported by this build yet: the hierarchical path is not implemented");
+
+  int device_count = 0;
+  if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
+    cudaGetLastError();
+    throw RuntimeFailure("Buffer: no CUDA device is visible (epcomm's GPU backend needs one; the CPU reference "
+                         "backend is epcomm::ref::HostCluster)");
+  }
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  cudaDeviceProp prop{};
+  EPCOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.device));
+  if (prop.major < 9)
+    throw RuntimeFailure("Buffer: cuda:" + std::to_string(m.device) + " is sm_" + std::to_string(prop.major * 10 + prop.minor) +
+                         "; epcomm needs Hopper (sm_90) or newer");
+  m.sm_count = prop.multiProcessorCount;
+  m.max_smem = static_cast<int>(prop.sharedMemPerBlockOptin);
+
+  m.max_tokens = options.max_tokens_per_rank > 0 ? options.max_tokens_per_rank
+                                                 : static_cast<int>(env_value("EPCOMM_MAX_TOKENS_PER_RANK"));
+  m.max_local_experts = options.max_experts_per_rank > 0 ? options.max_experts_per_rank
+                                                         : static_cast<int>(env_value("EPCOMM_MAX_EXPERTS_PER_RANK"));
+  const int64_t timeout_ms = options.timeout_ms > 0 ? options.timeout_ms : env_value("EPCOMM_TIMEOUT_MS");
+  m.timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
+
+  const int max_chunks = (m.max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
+  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts, /*ll_bytes=*/0);
+  m.data_offset = m.ctl.total;
+  m.data_bytes = align_up(options.num_nvl_bytes, 4096);
+  m.sym = m.group->allocate_symmetric(m.data_offset + m.data_bytes);
+  for (int r = 0; r < m.num_ranks; ++r)
+    if (m.sym->peers()[r] == nullptr)
+      throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " is not reachable by NVLink load/store from rank " +
+                           std::to_string(m.rank));
+
+  EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
+  DeviceCounters init{};
+  init.invalid_topk = -1;
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  EPCOMM_CUDA_CHECK(cudaHostAlloc(&m.record, sizeof(DeviceErrorRecord), cudaHostAllocMapped));
+  std::memset(m.record, 0, sizeof(DeviceErrorRecord));
+  EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.record_dev), m.record, 0));
+  const size_t result_ints = kNotifyExpertCounts + static_cast<size_t>(m.max_local_experts);
+  EPCOMM_CUDA_CHECK(cudaHostAlloc(&m.host_result, sizeof(int32_t) * result_ints, cudaHostAllocMapped));
+  std::memset(m.host_result, 0, sizeof(int32_t) * result_ints);
+  EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_result_dev), m.host_result, 0));
+  // Every rank must have its region zeroed before anyone signals into it.
+  m.group->barrier();
+}
+
+Buffer::~Buffer() {
+  Impl& m = *impl_;
+  cudaSetDevice(m.device);
+  if (m.comm) cudaStreamSynchronize(m.comm);
+  try {
+    m.group->barrier();  // no peer may still write into our region
+  } catch (...) {
+  }
+  m.sym.reset();
+  cudaFree(m.counters);
+  cudaFreeHost(m.record);
+  cudaFreeHost(m.host_result);
+  cudaEventDestroy(m.order_event);
+  cudaStreamDestroy(m.comm);
+}
+
+int Buffer::rank() const { return impl_->rank; }
+int Buffer::num_ranks() const { return impl_->num_ranks; }
+int Buffer::device() const { return impl_->device; }
+const Group& Buffer::group() const { return *impl_->group; }
+cudaStream_t Buffer::comm_stream() const { return impl_->comm; }
+const BufferOptions& Buffer::options() const { return impl_->options; }
+
+void Buffer::Impl::enter(const StreamOrder& order) {
+  EPCOMM_CUDA_CHECK(cudaSetDevice(device));
+  if (order.previous_event) {
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, order.previous_event, 0));
+  } else {
+    EPCOMM_CUDA_CHECK(cudaEventRecord(order_event, order.stream));
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, order_event, 0));
+  }
+}
+
+Event Buffer::Impl::leave(const StreamOrder& order) {
+  cudaEvent_t e = nullptr;
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaEventRecord(e, comm));
+  if (order.async_finish) return Event(e);
+  const cudaError_t err = cudaStreamWaitEvent(order.stream, e, 0);
+  cudaEventDestroy(e);
+  EPCOMM_CUDA_CHECK(err);
+  return Event();
+}
+
+bool Buffer::Impl::capturing(cudaStream_t stream) const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  EPCOMM_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+CommonParams Buffer::Impl::common(KernelId kernel) const {
+  CommonParams c;
+  c.rank = rank;
+  c.num_ranks = num_ranks;
+  for (int r = 0; r < num_ranks; ++r) c.peer_base[r] = static_cast<char*>(sym->peers()[r]);
+  c.ctl = ctl;
+  c.seq_counter = &counters->seq;
+  c.done_counter = &counters->done;
+  c.wait.record = record_dev;
+  c.wait.abort_flag = &counters->abort;
+  c.wait.timeout_ns = timeout_ns;
+  c.wait.kernel = kernel;
+  c.wait.rank = rank;
+  return c;
+}
+
+void Buffer::check_device_errors() {
+  Impl& m = *impl_;
+  if (m.record->code != 0) {
+    // The kernels that saw the error have left; make the buffer usable for the next call.
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    const DeviceErrorRecord r = *m.record;
+    std::memset(m.record, 0, sizeof(DeviceErrorRecord));
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, sizeof(int32_t), m.comm));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    throw TimeoutError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
+  }
+}
+
+}  // namespace epcomm

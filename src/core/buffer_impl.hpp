@@ -1,0 +1,61 @@
+// Private state of epcomm::Buffer, shared by the files that implement its modes.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <memory>
+
+#include "epcomm/buffer.hpp"
+#include "kernels/common/control.hpp"
+#include "kernels/common/diagnostics.hpp"
+#include "kernels/normal/params.hpp"
+
+namespace epcomm {
+
+// Counters the kernels keep on the device (see kernels/common/sequence.cuh).
+struct DeviceCounters {
+  uint32_t seq;           // last finished call
+  uint32_t done;          // blocks finished in the running call
+  uint32_t notify_count;  // notifies so far (meta parity)
+  int32_t abort;          // set by a timed-out wait
+  int32_t invalid_topk;   // first out-of-range topk entry seen by a kernel (flat index), or -1
+  int32_t pad[3];
+};
+
+struct Buffer::Impl {
+  std::shared_ptr<Group> group;
+  BufferOptions options;
+  int rank = 0, num_ranks = 0, device = 0;
+  int sm_count = 0;
+  int max_smem = 0;
+  int max_tokens = 0;
+  int max_local_experts = 0;
+  uint64_t timeout_ns = 0;
+
+  std::unique_ptr<SymmetricMemory> sym;
+  ControlLayout ctl;
+  size_t data_offset = 0;  // of the ring part inside the symmetric region
+  size_t data_bytes = 0;
+
+  DeviceCounters* counters = nullptr;      // device
+  DeviceErrorRecord* record = nullptr;     // host-mapped
+  DeviceErrorRecord* record_dev = nullptr; // its device address
+  int32_t* host_result = nullptr;          // host-mapped: notify output
+  int32_t* host_result_dev = nullptr;
+  int32_t notify_token = 0;                // distinguishes this call's notify result from earlier ones
+  cudaStream_t comm = nullptr;
+  cudaEvent_t order_event = nullptr;
+
+  // Makes the comm stream wait for the caller (or previous_event).
+  void enter(const StreamOrder& order);
+  // Makes the caller wait for the comm stream, or returns the event when async.
+  Event leave(const StreamOrder& order);
+  CommonParams common(KernelId kernel) const;
+  // Half of the data part each normal-mode ring may use.
+  size_t ring_region_bytes() const { return data_bytes / 2; }
+  size_t dispatch_ring_offset() const { return data_offset; }
+  size_t combine_ring_offset() const { return data_offset + ring_region_bytes(); }
+  bool capturing(cudaStream_t stream) const;
+};
+
+}  // namespace epcomm

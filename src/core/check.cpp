@@ -1,0 +1,21 @@
+#include "core/check.hpp"
+
+#include <cstring>
+#include <string>
+
+namespace epcomm::detail {
+
+void throw_cuda_failure(cudaError_t e, const char* call, const char* file, int line) {
+  const char* base = std::strrchr(file, '/');
+  throw RuntimeFailure(std::string("CUDA error ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") in " +
+                       call + " at " + (base ? base + 1 : file) + ":" + std::to_string(line));
+}
+
+void throw_nccl_failure(ncclResult_t r, const char* call, const char* file, int line) {
+  const char* base = std::strrchr(file, '/');
+  std::string last = ncclGetLastError(nullptr) ? ncclGetLastError(nullptr) : "";
+  throw RuntimeFailure(std::string("NCCL error ") + ncclGetErrorString(r) + " in " + call + " at " +
+                       (base ? base + 1 : file) + ":" + std::to_string(line) + (last.empty() ? "" : ": " + last));
+}
+
+}  // namespace epcomm::detail

@@ -1,0 +1,69 @@
+#include "epcomm/config.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+#include "core/env.hpp"
+#include "core/ring_geometry.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+
+int Config::chunk_tokens() const { return std::clamp(nvl_chunk_size, 8, kMaxChunkTokens); }
+
+int Config::ring_slots() const { return std::clamp(nvl_buffer_size / chunk_tokens(), 1, 16); }
+
+size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  // The data part is split in two halves: dispatch ring, combine ring. Assume the widest rows:
+  // fp8 scales for hidden_bytes channels and top-16 routing.
+  const int chunk = chunk_tokens();
+  const int row = static_cast<int>(hidden_bytes);
+  const int hidden = static_cast<int>(hidden_bytes / 2);
+  const size_t dispatch = static_cast<size_t>(num_sms) * ring_slots() *
+                          ring::dispatch_slot_bytes(chunk, row, (row + 127) / 128, kMaxTopk);
+  const size_t combine = static_cast<size_t>(num_sms) * ring_slots() *
+                         ring::combine_slot_bytes(chunk, num_ranks, hidden, kMaxTopk);
+  return 2 * std::max(dispatch, combine);
+}
+
+size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  const size_t per_token = hidden_bytes + 4 * ((hidden_bytes + 127) / 128) + 8 * kMaxTopk + 16;
+  return static_cast<size_t>(num_sms) * std::max(rdma_buffer_size, 1) * per_token * 2 +
+         static_cast<size_t>(num_ranks) * 4096;
+}
+
+void Config::validate(int device_sm_count) const {
+  if (num_sms < 1 || num_sms > std::min(device_sm_count, kMaxBlocks))
+    throw ArgumentError("config.num_sms = " + std::to_string(num_sms) + " must be in [1, " +
+                        std::to_string(std::min(device_sm_count, kMaxBlocks)) + "] on this device");
+  if (nvl_chunk_size < 1) throw ArgumentError("config.nvl_chunk_size = " + std::to_string(nvl_chunk_size) + " must be positive");
+  if (nvl_buffer_size < 1) throw ArgumentError("config.nvl_buffer_size = " + std::to_string(nvl_buffer_size) + " must be positive");
+}
+
+std::string Config::describe() const {
+  std::ostringstream s;
+  s << "Config(num_sms=" << num_sms << ", nvl_chunk_size=" << nvl_chunk_size << ", nvl_buffer_size=" << nvl_buffer_size
+    << ", rdma_chunk_size=" << rdma_chunk_size << ", rdma_buffer_size=" << rdma_buffer_size << ")";
+  return s.str();
+}
+
+// Rule: EPCOMM_NUM_SMS SMs (24 by default: DeepEP's budget, leaving the rest of an H100/H200 to
+// compute), 32-token chunks (one mask word), four ring slots for dispatch (a sender can run three
+// chunks ahead) and two for combine (whose slots hold R times more rows).
+Config Config::dispatch_default(int /*num_ranks*/) {
+  Config c;
+  c.num_sms = static_cast<int>(env_value("EPCOMM_NUM_SMS"));
+  c.nvl_chunk_size = 32;
+  c.nvl_buffer_size = 128;
+  return c;
+}
+
+Config Config::combine_default(int /*num_ranks*/) {
+  Config c;
+  c.num_sms = static_cast<int>(env_value("EPCOMM_NUM_SMS"));
+  c.nvl_chunk_size = 32;
+  c.nvl_buffer_size = 64;
+  return c;
+}
+
+}  // namespace epcomm

@@ -1,0 +1,38 @@
+#include "core/env.hpp"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+
+const std::vector<EnvParam>& env_params() {
+  static const std::vector<EnvParam> params = {
+      {"EPCOMM_TIMEOUT_MS", 30000,
+       "timeout of every GPU wait (and of the host's wait for dispatch counts), in milliseconds"},
+      {"EPCOMM_RANKS_PER_NODE", 0,
+       "ranks per node; 0 = the NVLink (LSA) domain NCCL reports. Smaller values split one machine into "
+       "virtual nodes"},
+      {"EPCOMM_NUM_SMS", 24, "SMs used by normal-mode kernels when the config does not say"},
+      {"EPCOMM_MAX_TOKENS_PER_RANK", 65536, "largest T one rank may pass to normal-mode dispatch"},
+      {"EPCOMM_MAX_EXPERTS_PER_RANK", 1024, "largest E/R the buffer supports"},
+  };
+  return params;
+}
+
+int64_t env_value(const char* name) {
+  for (const EnvParam& p : env_params()) {
+    if (std::strcmp(p.name, name) != 0) continue;
+    const char* s = std::getenv(name);
+    if (!s || !*s) return p.default_value;
+    char* end = nullptr;
+    long long v = std::strtoll(s, &end, 10);
+    if (*end != '\0' || v < 0)
+      throw ArgumentError(std::string(name) + "='" + s + "' is not a non-negative integer");
+    return v;
+  }
+  throw Error(std::string("unknown epcomm environment parameter ") + name);
+}
+
+}  // namespace epcomm

@@ -1,0 +1,69 @@
+// Copies through shared memory with the bulk copy engine, driven by one thread: loads run ahead of
+// stores by `num_bufs` pieces. Used for contiguous runs (a chunk of x into the ring; rows of a
+// combine chunk into an origin's slot), local or over NVLink.
+#pragma once
+
+#include "kernels/common/wait.cuh"
+
+namespace epcomm::dev {
+
+// State of one thread's set of shared-memory buffers and their mbarriers (one per buffer).
+struct BulkPipe {
+  uint8_t* bufs;
+  uint64_t* bars;
+  int num_bufs;
+  int piece_bytes;
+  uint32_t phases;  // bit b: parity to wait for next on buffer b
+};
+
+// Copies `bytes` (a multiple of 16, as are both addresses) from src to dst. Returns false on
+// timeout (recorded). On return every store has been issued and committed; the caller waits with
+// bulk_wait_all() before signalling a consumer.
+__device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe, uint8_t* dst,
+                                          const uint8_t* src, size_t bytes, WaitPhase phase, int peer) {
+  const size_t piece = static_cast<size_t>(pipe.piece_bytes);
+  const int num_pieces = static_cast<int>((bytes + piece - 1) / piece);
+  auto piece_len = [&](int k) {
+    const size_t begin = static_cast<size_t>(k) * piece;
+    return static_cast<uint32_t>(bytes - begin < piece ? bytes - begin : piece);
+  };
+  // Stores from an earlier call may still read these buffers.
+  bulk_wait_read<0>();
+  const int prologue = num_pieces < pipe.num_bufs ? num_pieces : pipe.num_bufs;
+  for (int k = 0; k < prologue; ++k) {
+    mbar_arrive_expect_tx(&pipe.bars[k], piece_len(k));
+    tma_load(pipe.bufs + k * piece, src + k * piece, piece_len(k), &pipe.bars[k]);
+  }
+  for (int k = 0; k < num_pieces; ++k) {
+    const int b = k % pipe.num_bufs;
+    if (!wait_mbar(ctx, &pipe.bars[b], (pipe.phases >> b) & 1u, phase, peer)) return false;
+    pipe.phases ^= 1u << b;
+    tma_store(dst + k * piece, pipe.bufs + b * piece, piece_len(k));
+    bulk_commit();
+    const int next = k + pipe.num_bufs;
+    if (next < num_pieces) {
+      bulk_wait_read<0>();
+      mbar_arrive_expect_tx(&pipe.bars[b], piece_len(next));
+      tma_load(pipe.bufs + b * piece, src + next * piece, piece_len(next), &pipe.bars[b]);
+    }
+  }
+  return true;
+}
+
+// Leader of a warp waits, the warp agrees: returns the leader's verdict to every lane.
+__device__ __forceinline__ bool warp_wait_flag(const WaitContext& ctx, const uint64_t* flag, uint64_t target,
+                                               WaitPhase phase, int peer) {
+  int ok = 1;
+  if (lane_id() == 0) ok = wait_flag_geq(ctx, flag, target, phase, peer);
+  return __shfl_sync(0xffffffffu, ok, 0) != 0;
+}
+
+// Every lane waits on the mbarrier (so every lane sees the bulk-copied shared memory); the warp
+// agrees on the verdict.
+__device__ __forceinline__ bool warp_wait_mbar(const WaitContext& ctx, uint64_t* bar, uint32_t parity,
+                                               WaitPhase phase, int peer) {
+  const bool ok = wait_mbar(ctx, bar, parity, phase, peer);
+  return __all_sync(0xffffffffu, ok);
+}
+
+}  // namespace epcomm::dev

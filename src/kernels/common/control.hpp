@@ -1,0 +1,88 @@
+// Where things live inside each rank's symmetric region. The same offsets hold on every rank, so a
+// peer's address is peer_base[peer] + offset. Plain data, shared by host and device code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define EPCOMM_HD __host__ __device__
+#else
+#define EPCOMM_HD
+#endif
+
+namespace epcomm {
+
+constexpr int kMaxNvlRanks = 32;   // ranks one NVLink domain may hold
+constexpr int kMaxBlocks = 160;    // blocks (SMs) one communication kernel may use
+constexpr int kMaxChunkTokens = 32;  // tokens per chunk: one bit each in a 32-bit mask
+constexpr int kMaxTopk = 16;
+
+constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// Header of the counts and masks one source rank sends to one destination before a dispatch.
+struct NotifyHeader {
+  int32_t num_tokens;
+  int32_t num_experts;
+  int32_t chunk_tokens;
+  int32_t num_blocks;
+};
+
+struct ControlLayout {
+  int num_ranks = 0;
+  int max_chunks = 0;          // per source, = ceil(max tokens per rank / chunk)
+  int max_local_experts = 0;
+
+  size_t notify_flags = 0;     // uint64 [R]: source i sets entry i after writing its meta
+  size_t notify_meta = 0;      // meta [2 parities][R sources], meta_stride bytes each
+  size_t meta_stride = 0;      // header, counts_to_rank[R], expert_counts[max_local_experts], masks[max_chunks]
+  size_t meta_counts = 0;      // offsets inside one meta entry
+  size_t meta_experts = 0;
+  size_t meta_masks = 0;
+  size_t dispatch_ready = 0;   // uint64 [R][kMaxBlocks]: sender i staged iteration n of block b
+  size_t dispatch_ack = 0;     // uint64 [R][kMaxBlocks]: receiver j released iteration n of block b
+  size_t combine_ready = 0;    // uint64 [R][kMaxBlocks]: expert rank j pushed iteration n of block b
+  size_t combine_ack = 0;      // uint64 [R][kMaxBlocks]: origin i reduced iteration n of block b
+  size_t ll_region = 0;        // low-latency flags and counters
+  size_t ll_bytes = 0;
+  size_t total = 0;            // bytes of the control part; the data part starts here (aligned)
+
+  static ControlLayout make(int num_ranks, int max_chunks, int max_local_experts, size_t ll_bytes) {
+    ControlLayout c;
+    c.num_ranks = num_ranks;
+    c.max_chunks = max_chunks;
+    c.max_local_experts = max_local_experts;
+    size_t off = 0;
+    c.notify_flags = off;
+    off = align_up(off + sizeof(uint64_t) * num_ranks, 128);
+    c.meta_counts = align_up(sizeof(NotifyHeader), 16);
+    c.meta_experts = align_up(c.meta_counts + sizeof(int32_t) * num_ranks, 16);
+    c.meta_masks = align_up(c.meta_experts + sizeof(int32_t) * max_local_experts, 16);
+    c.meta_stride = align_up(c.meta_masks + sizeof(uint32_t) * max_chunks, 128);
+    c.notify_meta = off;
+    off += 2 * num_ranks * c.meta_stride;
+    const size_t flags_bytes = sizeof(uint64_t) * num_ranks * kMaxBlocks;
+    c.dispatch_ready = off;
+    off = align_up(off + flags_bytes, 128);
+    c.dispatch_ack = off;
+    off = align_up(off + flags_bytes, 128);
+    c.combine_ready = off;
+    off = align_up(off + flags_bytes, 128);
+    c.combine_ack = off;
+    off = align_up(off + flags_bytes, 128);
+    c.ll_region = off;
+    c.ll_bytes = ll_bytes;
+    off = align_up(off + ll_bytes, 4096);
+    c.total = off;
+    return c;
+  }
+
+  EPCOMM_HD size_t meta(int parity, int source) const {
+    return notify_meta + (static_cast<size_t>(parity) * num_ranks + source) * meta_stride;
+  }
+  EPCOMM_HD size_t flag(size_t base, int peer, int block) const {
+    return base + (static_cast<size_t>(peer) * kMaxBlocks + block) * sizeof(uint64_t);
+  }
+};
+
+}  // namespace epcomm

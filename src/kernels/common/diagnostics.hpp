@@ -1,0 +1,56 @@
+// The record a timed-out GPU wait leaves for the host: plain data, shared by kernels and host code.
+// It lives in host-mapped pinned memory so the host can read it while a kernel is still running.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace epcomm {
+
+enum class KernelId : int32_t {
+  kNone = 0,
+  kLayout,
+  kNotifyDispatch,
+  kDispatch,
+  kCombine,
+  kLowLatencyDispatch,
+  kLowLatencyCombine,
+  kBarrier,
+};
+
+enum class WaitPhase : int32_t {
+  kNone = 0,
+  kNotifyMeta,        // waiting for a peer's counts and masks
+  kDispatchReady,     // receiver waiting for a sender's staged chunk
+  kDispatchSlotFree,  // sender waiting for a receiver to release a ring slot
+  kCombineReady,      // origin waiting for an expert rank's rows
+  kCombineSlotFree,   // expert rank waiting for an origin to release a ring slot
+  kLowLatencyRecv,    // LL receiver waiting for a sender's count
+  kBarrier,
+};
+
+struct DeviceErrorRecord {
+  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters
+  KernelId kernel;
+  WaitPhase phase;
+  int32_t rank;
+  int32_t peer;
+  int32_t block;
+  uint64_t expected;
+  uint64_t observed;
+};
+
+// What every waiting kernel carries: where to report, when to give up, who it is.
+struct WaitContext {
+  DeviceErrorRecord* record;  // host-mapped
+  int* abort_flag;            // device memory of this rank
+  uint64_t timeout_ns;
+  KernelId kernel;
+  int rank;
+};
+
+const char* kernel_name(KernelId k);
+const char* phase_name(WaitPhase p);
+std::string describe(const DeviceErrorRecord& r);
+
+}  // namespace epcomm

@@ -1,0 +1,262 @@
+// Normal-mode combine over NVLink, as a push (see params.hpp for the scheme).
+//
+// Per block: pusher warps copy, for each origin rank, the rows of this block's chunk (contiguous in
+// x and in the origin's slot) with bulk copies through shared memory, plus their topk weights;
+// reducer warps wait for the senders of this rank's chunk, then sum each token's rows in float32
+// (ascending sender rank, then bias0, then bias1) and release the slot.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/check.hpp"
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/sequence.cuh"
+#include "kernels/normal/params.hpp"
+
+namespace epcomm {
+namespace {
+
+using namespace epcomm::dev;
+
+constexpr int kMaxPusherWarps = 4;
+constexpr int kMaxReducerWarps = 16;
+constexpr int kMaxPusherBufs = 8;
+constexpr int kMaxSlots = 16;
+constexpr int kReducerBarrier = 1;  // named barrier id (0 is __syncthreads)
+
+struct CombineShared {
+  uint64_t pusher_bars[kMaxPusherWarps][kMaxPusherBufs];
+  int32_t last_used[kMaxNvlRanks][kMaxSlots];  // last iteration this rank wrote into (origin, slot)
+  int32_t last_any[kMaxNvlRanks];
+  const int4* sources[kMaxReducerWarps][kMaxNvlRanks];  // a token's rows in the slot, by sender
+  int32_t positions[kMaxReducerWarps][kMaxNvlRanks];
+};
+
+__device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, size_t base, int peer, int block) {
+  return reinterpret_cast<uint64_t*>(c.peer_base[owner] + c.ctl.flag(base, peer, block));
+}
+
+__device__ void run_pusher(const CombineParams& p, uint32_t seq, int pw, CombineShared& sh, uint8_t* bufs) {
+  const CommonParams& c = p.common;
+  const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
+  const int S = p.ring.slots, K = p.num_topk;
+  const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
+  BulkPipe pipe{bufs, sh.pusher_bars[pw], p.pusher_stages, p.piece_bytes, 0};
+
+  bool ok = true;
+  for (int n = 0; ok; ++n) {
+    const int chunk = block + n * p.num_blocks;
+    if (chunk >= p.max_chunks) break;
+    for (int q = pw; q < R && ok; q += p.pusher_warps) {
+      const int origin = (rank + 1 + q) % R;
+      const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(origin) * p.chunk_offset_stride;
+      const int row_begin = offsets[chunk];
+      const int rows = offsets[chunk + 1] - row_begin;
+      if (rows == 0) continue;
+      const int s = n % S;
+      // The origin must have reduced what this rank last wrote into the slot.
+      const int prev = sh.last_used[origin][s];
+      if (prev >= 0)
+        ok = warp_wait_flag(c.wait, flag_at(c, rank, c.ctl.combine_ack, origin, block), tag(seq, prev + 1),
+                            WaitPhase::kCombineSlotFree, origin);
+      if (!ok) break;
+      fence_proxy_async_global();
+      uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[origin]) + p.ring.slot(block, s);
+      if (lane == 0)
+        ok = bulk_copy(c.wait, pipe, slot + static_cast<size_t>(rank) * p.chunk * row_bytes,
+                       reinterpret_cast<const uint8_t*>(p.x) + static_cast<size_t>(row_begin) * row_bytes,
+                       static_cast<size_t>(rows) * row_bytes, WaitPhase::kCombineSlotFree, origin);
+      if (K > 0) {
+        float* w = reinterpret_cast<float*>(slot + p.ring.weights_offset) + static_cast<size_t>(rank) * p.chunk * K;
+        for (int e = lane; e < rows * K; e += 32) w[e] = p.topk_weights[static_cast<int64_t>(row_begin) * K + e];
+      }
+      ok = __shfl_sync(0xffffffffu, ok, 0);
+      if (!ok) break;
+      fence_proxy_async_global();
+      __threadfence_system();
+      __syncwarp();
+      if (lane == 0) {
+        bulk_wait_all();
+        fence_proxy_async_global();
+        __threadfence_system();
+        st_release_sys(flag_at(c, origin, c.ctl.combine_ready, rank, block), tag(seq, n + 1));
+        sh.last_used[origin][s] = n;
+        sh.last_any[origin] = n;
+      }
+      __syncwarp();
+    }
+  }
+  // Leave only when every origin has reduced this rank's rows: the next call may overwrite them.
+  if (ok && lane == 0)
+    for (int q = pw; q < R && ok; q += p.pusher_warps) {
+      const int origin = (rank + 1 + q) % R;
+      if (sh.last_any[origin] >= 0)
+        ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ack, origin, block),
+                           tag(seq, sh.last_any[origin] + 1), WaitPhase::kCombineSlotFree, origin);
+    }
+  if (lane == 0) bulk_wait_all();
+}
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
+  }
+}
+
+__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
+  int4 out;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+__device__ __forceinline__ bool reducers_all(bool pred, int num_threads) {
+  int result;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.s32 %0, 1, 0, q;\n}\n"
+      : "=r"(result)
+      : "r"(static_cast<int>(pred)), "n"(kReducerBarrier), "r"(num_threads)
+      : "memory");
+  return result != 0;
+}
+
+__device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, CombineShared& sh) {
+  const CommonParams& c = p.common;
+  const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
+  const int S = p.ring.slots, K = p.num_topk;
+  const int num_threads = 32 * p.reducer_warps;
+  const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
+  const int vecs = p.hidden / 8;
+  const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
+
+  for (int n = 0;; ++n) {
+    const int chunk = block + n * p.num_blocks;
+    if (chunk >= num_chunks) break;
+    const int t0 = chunk * p.chunk;
+    const int rows = min(p.chunk, p.num_tokens - t0);
+    uint32_t dests = 0;
+    if (lane < rows)
+      for (int j = 0; j < R; ++j)
+        dests |= static_cast<uint32_t>(p.is_token_in_rank[static_cast<int64_t>(t0 + lane) * R + j] != 0) << j;
+    const uint32_t needed = __reduce_or_sync(0xffffffffu, dests);
+    // Lane j of every reducer warp waits for sender j; all warps then agree before reading.
+    bool ok = true;
+    if (lane < R && ((needed >> lane) & 1u))
+      ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ready, lane, block), tag(seq, n + 1),
+                         WaitPhase::kCombineReady, lane);
+    ok = __all_sync(0xffffffffu, ok);
+    if (!reducers_all(ok, num_threads)) break;
+
+    // Lane j keeps the chunk's mask of tokens that went to rank j (its rows are packed in order).
+    uint32_t my_mask = 0;
+    for (int j = 0; j < R; ++j) {
+      const uint32_t m = __ballot_sync(0xffffffffu, (dests >> j) & 1u);
+      if (lane == j) my_mask = m;
+    }
+    const uint8_t* slot = reinterpret_cast<const uint8_t*>(c.peer_base[rank]) + p.ring.slot(block, n % S);
+    for (int tl = rw; tl < rows; tl += p.reducer_warps) {
+      const uint32_t token_dests = __shfl_sync(0xffffffffu, dests, tl);
+      const int num_sources = __popc(token_dests);
+      // Rows of this token, in ascending sender order.
+      if (lane < R && ((token_dests >> lane) & 1u)) {
+        const int idx = __popc(token_dests & ((1u << lane) - 1u));
+        const int pos = __popc(my_mask & ((1u << tl) - 1u));
+        sh.sources[rw][idx] = reinterpret_cast<const int4*>(slot + (static_cast<size_t>(lane) * p.chunk + pos) * row_bytes);
+        sh.positions[rw][idx] = lane * p.chunk + pos;
+      }
+      __syncwarp();
+      const int64_t t = t0 + tl;
+      const int4* b0 = p.bias0 ? reinterpret_cast<const int4*>(p.bias0 + t * p.hidden) : nullptr;
+      const int4* b1 = p.bias1 ? reinterpret_cast<const int4*>(p.bias1 + t * p.hidden) : nullptr;
+      int4* out = reinterpret_cast<int4*>(p.out + t * p.hidden);
+      constexpr int kUnroll = 2;
+      for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
+        float acc[kUnroll][8];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[u][i] = 0.f;
+        for (int sidx = 0; sidx < num_sources; ++sidx) {
+          const int4* src = sh.sources[rw][sidx];
+          int4 vals[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + 32 * u < vecs) vals[u] = ld_cg(src + v0 + 32 * u);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + 32 * u < vecs) add_bf16x8(acc[u], vals[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int v = v0 + 32 * u;
+          if (v >= vecs) continue;
+          if (b0) add_bf16x8(acc[u], b0[v]);
+          if (b1) add_bf16x8(acc[u], b1[v]);
+          out[v] = to_bf16x8(acc[u]);
+        }
+      }
+      if (K > 0 && lane < K) {
+        const float* w = reinterpret_cast<const float*>(slot + p.ring.weights_offset);
+        float sum = 0.f;
+        for (int sidx = 0; sidx < num_sources; ++sidx)
+          sum = __fadd_rn(sum, __ldcg(w + static_cast<size_t>(sh.positions[rw][sidx]) * K + lane));
+        p.out_topk_weights[t * K + lane] = sum;
+      }
+      __syncwarp();
+    }
+    // All reducer warps are done with the slot: release it to its senders.
+    reducers_all(true, num_threads);
+    if (rw == 0 && lane < R && ((needed >> lane) & 1u)) {
+      __threadfence_system();
+      st_release_sys(flag_at(c, lane, c.ctl.combine_ack, rank, block), tag(seq, n + 1));
+    }
+  }
+}
+
+__global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1) combine_kernel(const __grid_constant__ CombineParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  auto& sh = *reinterpret_cast<CombineShared*>(smem);
+  const CommonParams& c = p.common;
+  const uint32_t seq = call_sequence(c);
+  const int warp = warp_id();
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < p.pusher_warps; ++w)
+      for (int b = 0; b < p.pusher_stages; ++b) mbar_init(&sh.pusher_bars[w][b], 1);
+    fence_mbar_init();
+  }
+  for (int i = threadIdx.x; i < kMaxNvlRanks * kMaxSlots; i += blockDim.x) (&sh.last_used[0][0])[i] = -1;
+  for (int i = threadIdx.x; i < kMaxNvlRanks; i += blockDim.x) sh.last_any[i] = -1;
+  __syncthreads();
+
+  uint8_t* dyn = smem + align_up(sizeof(CombineShared), 128);
+  if (warp < p.pusher_warps) {
+    run_pusher(p, seq, warp, sh, dyn + static_cast<size_t>(warp) * p.pusher_stages * p.piece_bytes);
+  } else if (warp - p.pusher_warps < p.reducer_warps) {
+    run_reducer(p, seq, warp - p.pusher_warps, sh);
+  }
+  finish_call(c, seq);
+}
+
+}  // namespace
+
+int combine_shared_bytes(int pusher_warps, int pusher_stages, int piece_bytes) {
+  return static_cast<int>(align_up(sizeof(CombineShared), 128) +
+                          static_cast<size_t>(pusher_warps) * pusher_stages * piece_bytes);
+}
+int combine_max_pusher_warps() { return kMaxPusherWarps; }
+int combine_max_reducer_warps() { return kMaxReducerWarps; }
+int combine_max_pusher_bufs() { return kMaxPusherBufs; }
+int combine_max_slots() { return kMaxSlots; }
+
+void launch_combine(const CombineParams& p, int smem_bytes, void* stream) {
+  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  combine_kernel<<<p.num_blocks, 32 * (p.pusher_warps + p.reducer_warps), smem_bytes,
+                   static_cast<cudaStream_t>(stream)>>>(p);
+  EPCOMM_LAUNCH_CHECK("combine_kernel");
+}
+
+}  // namespace epcomm

@@ -1,0 +1,282 @@
+// Normal-mode dispatch over NVLink, as a pull (see params.hpp for the scheme).
+//
+// Per block: warp 0 stages this rank's chunks into its ring (bulk copies of x, lanes for the small
+// per-token fields) and tells the receivers; warps 1..puller_warps each pull from a subset of
+// source ranks: one bulk load per needed row from the source's slot (over NVLink) into shared
+// memory, one bulk store from there into recv_x, lanes for scales / topk / source index.
+#include <cuda_runtime.h>
+
+#include "core/check.hpp"
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/sequence.cuh"
+#include "kernels/normal/params.hpp"
+
+namespace epcomm {
+namespace {
+
+using namespace epcomm::dev;
+
+constexpr int kMaxPullerWarps = 8;
+constexpr int kStagerBufs = 3;
+constexpr int kMaxSlots = 16;
+
+struct DispatchShared {
+  uint64_t stager_bars[kStagerBufs];
+  uint64_t puller_bars[kMaxPullerWarps][kMaxSlots + 1];  // [stages..., meta]
+  uint32_t slot_needed[kMaxSlots];      // destinations that need each ring slot's current chunk
+  int32_t last_needed[kMaxNvlRanks];    // last iteration each destination needed
+};
+
+__device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, size_t base, int peer, int block) {
+  return reinterpret_cast<uint64_t*>(c.peer_base[owner] + c.ctl.flag(base, peer, block));
+}
+
+__device__ void run_stager(const DispatchParams& p, uint32_t seq, DispatchShared& sh, uint8_t* bufs) {
+  const CommonParams& c = p.common;
+  const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
+  const int S = p.ring.slots;
+  const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
+  BulkPipe pipe{bufs, sh.stager_bars, kStagerBufs, p.stager_piece_bytes, 0};
+  if (lane < R) sh.last_needed[lane] = -1;
+  __syncwarp();
+
+  bool ok = true;
+  for (int n = 0; ok; ++n) {
+    const int chunk = block + n * p.num_blocks;
+    if (chunk >= num_chunks) break;
+    const int s = n % S;
+    const int t0 = chunk * p.chunk;
+    const int rows = min(p.chunk, p.num_tokens - t0);
+
+    uint32_t dests = 0;
+    if (lane < rows)
+      for (int j = 0; j < R; ++j)
+        dests |= static_cast<uint32_t>(p.is_token_in_rank[static_cast<int64_t>(t0 + lane) * R + j] != 0) << j;
+    const uint32_t needed = __reduce_or_sync(0xffffffffu, dests);
+
+    // The slot held iteration n - S: wait until every receiver of that chunk let go of it.
+    if (n >= S && lane == 0) {
+      const uint32_t prev = sh.slot_needed[s];
+      for (int j = 0; j < R && ok; ++j)
+        if ((prev >> j) & 1u)
+          ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, j, block), tag(seq, n - S + 1),
+                             WaitPhase::kDispatchSlotFree, j);
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) break;
+    __syncwarp();
+    fence_proxy_async_global();
+    if (lane == 0) sh.slot_needed[s] = needed;
+    if (lane < R && ((needed >> lane) & 1u)) sh.last_needed[lane] = n;
+
+    uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[rank]) + p.ring.slot(block, s);
+    if (lane == 0)
+      ok = bulk_copy(c.wait, pipe, slot, p.x + static_cast<size_t>(t0) * p.row_bytes,
+                     static_cast<size_t>(rows) * p.row_bytes, WaitPhase::kDispatchSlotFree, rank);
+    // Per-token fields: [scales][topk idx as int32][weights], one meta row per token.
+    if (p.ring.meta_row_bytes > 0) {
+      uint8_t* meta = slot + p.ring.meta_offset;
+      const int per_row = p.num_scales + 2 * p.num_topk;
+      for (int e = lane; e < rows * per_row; e += 32) {
+        const int r = e / per_row, f = e % per_row;
+        const int t = t0 + r;
+        uint8_t* row = meta + static_cast<size_t>(r) * p.ring.meta_row_bytes;
+        if (f < p.num_scales) {
+          reinterpret_cast<float*>(row)[f] = p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group];
+        } else if (f < p.num_scales + p.num_topk) {
+          const int k = f - p.num_scales;
+          reinterpret_cast<int32_t*>(row)[f] = static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * p.num_topk + k]);
+        } else {
+          const int k = f - p.num_scales - p.num_topk;
+          reinterpret_cast<float*>(row)[f] =
+              p.topk_weights ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f;
+        }
+      }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) break;
+    // Publish: bulk stores performed, lanes' stores fenced, then one release per receiver.
+    fence_proxy_async_global();
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) {
+      bulk_wait_all();
+      fence_proxy_async_global();
+      __threadfence_system();
+    }
+    __syncwarp();
+    if (lane < R && ((needed >> lane) & 1u))
+      st_release_sys(flag_at(c, lane, c.ctl.dispatch_ready, rank, block), tag(seq, n + 1));
+  }
+  // Leave only when no receiver still reads the ring: the next call may overwrite it.
+  __syncwarp();
+  if (ok && lane < R && sh.last_needed[lane] >= 0)
+    wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, lane, block), tag(seq, sh.last_needed[lane] + 1),
+                  WaitPhase::kDispatchSlotFree, lane);
+  if (lane == 0) bulk_wait_all();
+}
+
+__device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, DispatchShared& sh, uint8_t* stages,
+                           uint8_t* meta_smem) {
+  const CommonParams& c = p.common;
+  const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
+  const int S = p.ring.slots, P = p.puller_stages;
+  const int K = p.num_topk;
+  const int expert_begin = rank * p.experts_per_rank;
+  uint64_t* bars = sh.puller_bars[pw];
+  uint64_t* meta_bar = &bars[P];
+  uint32_t phases = 0;  // bit b for stage b, bit P for the meta barrier
+  const int parity = p.cached ? 0 : static_cast<int>((ld_volatile(p.parity_counter) - 1u) & 1u);
+
+  bool ok = true;
+  for (int n = 0; ok; ++n) {
+    const int chunk = block + n * p.num_blocks;
+    if (chunk >= p.max_chunks) break;
+    for (int q = pw; q < R && ok; q += p.puller_warps) {
+      const int src = (rank + 1 + q) % R;
+      const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(src) * p.chunk_offset_stride;
+      const int row_begin = offsets[chunk];
+      const int rows = offsets[chunk + 1] - row_begin;
+      if (rows == 0) continue;
+      uint32_t mask;
+      if (p.cached) {
+        const uint32_t bit = lane < rows ? 1u << (p.recv_src_idx[row_begin + lane] - chunk * p.chunk) : 0u;
+        mask = __reduce_or_sync(0xffffffffu, bit);
+      } else {
+        mask = reinterpret_cast<const uint32_t*>(c.peer_base[rank] + c.ctl.meta(parity, src) + c.ctl.meta_masks)[chunk];
+      }
+      ok = warp_wait_flag(c.wait, flag_at(c, rank, c.ctl.dispatch_ready, src, block), tag(seq, n + 1),
+                          WaitPhase::kDispatchReady, src);
+      if (!ok) break;
+      fence_proxy_async_global();
+      const uint8_t* slot = reinterpret_cast<const uint8_t*>(c.peer_base[src]) + p.ring.slot(block, n % S);
+
+      uint32_t issue_mask = mask;
+      if (lane == 0) {
+        if (p.ring.meta_row_bytes > 0) {
+          const int last = 31 - __clz(mask);
+          const uint32_t bytes = static_cast<uint32_t>((last + 1) * p.ring.meta_row_bytes);
+          mbar_arrive_expect_tx(meta_bar, bytes);
+          tma_load(meta_smem, slot + p.ring.meta_offset, bytes, meta_bar);
+        }
+        for (int k = 0; k < P && k < rows; ++k) {
+          const int pos = __ffs(issue_mask) - 1;
+          issue_mask &= issue_mask - 1;
+          mbar_arrive_expect_tx(&bars[k], p.row_bytes);
+          tma_load(stages + static_cast<size_t>(k) * p.row_bytes, slot + static_cast<size_t>(pos) * p.row_bytes,
+                   p.row_bytes, &bars[k]);
+        }
+      }
+      if (p.ring.meta_row_bytes > 0) {
+        ok = warp_wait_mbar(c.wait, meta_bar, (phases >> P) & 1u, WaitPhase::kDispatchReady, src);
+        phases ^= 1u << P;
+        if (!ok) break;
+      }
+      uint32_t proc_mask = mask;
+      for (int k = 0; k < rows; ++k) {
+        const int st = k % P;
+        const int pos = __ffs(proc_mask) - 1;
+        proc_mask &= proc_mask - 1;
+        ok = warp_wait_mbar(c.wait, &bars[st], (phases >> st) & 1u, WaitPhase::kDispatchReady, src);
+        phases ^= 1u << st;
+        if (!ok) break;
+        const int64_t row = row_begin + k;
+        uint8_t* stage = stages + static_cast<size_t>(st) * p.row_bytes;
+        if (lane == 0) {
+          tma_store(p.recv_x + row * p.row_bytes, stage, p.row_bytes);
+          bulk_commit();
+        }
+        const uint8_t* meta_row = meta_smem + static_cast<size_t>(pos) * p.ring.meta_row_bytes;
+        for (int g = lane; g < p.num_scales; g += 32)
+          p.recv_scales[row * p.num_scales + g] = reinterpret_cast<const float*>(meta_row)[g];
+        if (lane < K) {
+          const int32_t e = reinterpret_cast<const int32_t*>(meta_row)[p.num_scales + lane];
+          const float w = reinterpret_cast<const float*>(meta_row)[p.num_scales + K + lane];
+          const bool local = e >= expert_begin && e < expert_begin + p.experts_per_rank;
+          p.recv_topk_idx[row * K + lane] = local ? e - expert_begin : -1;
+          if (p.recv_topk_weights) p.recv_topk_weights[row * K + lane] = local ? w : 0.f;
+        }
+        if (!p.cached && lane == 0) p.recv_src_idx[row] = chunk * p.chunk + pos;
+        if (lane == 0 && k + P < rows) {
+          const int next_pos = __ffs(issue_mask) - 1;
+          issue_mask &= issue_mask - 1;
+          bulk_wait_read<0>();
+          mbar_arrive_expect_tx(&bars[st], p.row_bytes);
+          tma_load(stage, slot + static_cast<size_t>(next_pos) * p.row_bytes, p.row_bytes, &bars[st]);
+        }
+      }
+      if (!ok) break;
+      // Every load of this (source, chunk) has landed: the sender may reuse the slot.
+      __syncwarp();
+      fence_proxy_async_shared();
+      if (lane == 0) {
+        __threadfence_system();
+        st_release_sys(flag_at(c, src, c.ctl.dispatch_ack, rank, block), tag(seq, n + 1));
+      }
+    }
+  }
+  if (lane == 0) bulk_wait_all();
+}
+
+// num_worst_tokens: rows past the real count get topk -1 and weight 0.
+__device__ void pad_worst_rows(const DispatchParams& p) {
+  const CommonParams& c = p.common;
+  const int num_recv = p.chunk_offset[static_cast<int64_t>(c.num_ranks - 1) * p.chunk_offset_stride +
+                                      p.chunk_offset_stride - 1];
+  const int K = p.num_topk;
+  const int64_t begin = static_cast<int64_t>(num_recv) * K, end = static_cast<int64_t>(p.num_worst_tokens) * K;
+  for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
+    p.recv_topk_idx[e] = -1;
+    if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
+  }
+}
+
+__global__ void __launch_bounds__(32 * (1 + kMaxPullerWarps), 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  auto& sh = *reinterpret_cast<DispatchShared*>(smem);
+  const CommonParams& c = p.common;
+  const uint32_t seq = call_sequence(c);
+  const int warp = warp_id();
+
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < kStagerBufs; ++b) mbar_init(&sh.stager_bars[b], 1);
+    for (int w = 0; w < p.puller_warps; ++w)
+      for (int b = 0; b <= p.puller_stages; ++b) mbar_init(&sh.puller_bars[w][b], 1);
+    fence_mbar_init();
+  }
+  __syncthreads();
+  if (p.num_worst_tokens > 0 && p.num_topk > 0) pad_worst_rows(p);
+
+  uint8_t* dyn = smem + align_up(sizeof(DispatchShared), 128);
+  const size_t stager_bytes = static_cast<size_t>(kStagerBufs) * p.stager_piece_bytes;
+  const size_t meta_bytes = align_up(static_cast<size_t>(p.chunk) * p.ring.meta_row_bytes, 128);
+  const size_t puller_bytes = static_cast<size_t>(p.puller_stages) * p.row_bytes + meta_bytes;
+  if (warp == 0) {
+    run_stager(p, seq, sh, dyn);
+  } else if (warp - 1 < p.puller_warps) {
+    uint8_t* mine = dyn + stager_bytes + static_cast<size_t>(warp - 1) * puller_bytes;
+    run_puller(p, seq, warp - 1, sh, mine, mine + static_cast<size_t>(p.puller_stages) * p.row_bytes);
+  }
+  finish_call(c, seq);
+}
+
+}  // namespace
+
+int dispatch_shared_bytes(int puller_warps, int puller_stages, int row_bytes, int chunk, int meta_row_bytes,
+                          int stager_piece_bytes) {
+  return static_cast<int>(align_up(sizeof(DispatchShared), 128) + static_cast<size_t>(kStagerBufs) * stager_piece_bytes +
+                          static_cast<size_t>(puller_warps) *
+                              (static_cast<size_t>(puller_stages) * row_bytes +
+                               align_up(static_cast<size_t>(chunk) * meta_row_bytes, 128)));
+}
+
+int dispatch_max_puller_warps() { return kMaxPullerWarps; }
+int dispatch_max_slots() { return kMaxSlots; }
+
+void launch_dispatch(const DispatchParams& p, int smem_bytes, void* stream) {
+  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  dispatch_kernel<<<p.num_blocks, 32 * (1 + p.puller_warps), smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  EPCOMM_LAUNCH_CHECK("dispatch_kernel");
+}
+
+}  // namespace epcomm

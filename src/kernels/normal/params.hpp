@@ -1,0 +1,178 @@
+// Arguments of the normal-mode kernels (notify, dispatch, combine): plain structs filled by the
+// host (core/buffer_normal.cpp) and passed by value.
+//
+// The algorithm in one paragraph. Tokens are cut into chunks of `chunk` tokens; chunk c is handled
+// by block c % num_blocks on every rank, as that block's iteration n = c / num_blocks. Dispatch is a
+// pull: each rank stages its own chunk into a ring slot of its symmetric region and tells the ranks
+// that need it; each receiver copies the rows it needs straight from the sender's slot into recv_x
+// with bulk copies, then releases the slot. Combine is a push: each expert rank copies the rows of
+// an origin's chunk into a ring slot in the origin's region; the origin sums them in float32 and
+// releases the slot. Flags carry (call sequence << 32 | iteration + 1), so they are never reset.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/common/control.hpp"
+#include "kernels/common/diagnostics.hpp"
+
+namespace epcomm {
+
+// What every normal-mode kernel needs to find its peers and report.
+struct CommonParams {
+  int rank = 0;
+  int num_ranks = 0;
+  char* peer_base[kMaxNvlRanks] = {};  // symmetric region of each rank (peer_base[rank] is local)
+  ControlLayout ctl;
+  uint32_t* seq_counter = nullptr;     // device: sequence number of the last finished call
+  uint32_t* done_counter = nullptr;    // device: blocks finished in the current call
+  WaitContext wait{};
+};
+
+// Dispatch ring slot: [x rows: chunk * row_bytes][meta: chunk * meta_row_bytes]
+// where a meta row is [scales: num_scales f32][topk idx: K i32][topk weights: K f32], padded to 16.
+struct DispatchRing {
+  size_t offset = 0;        // of slot (0, 0) inside the symmetric region
+  size_t slot_bytes = 0;
+  size_t meta_offset = 0;   // inside a slot
+  int slots = 0;            // per block
+  int meta_row_bytes = 0;
+
+  EPCOMM_HD size_t slot(int block, int s) const {
+    return offset + (static_cast<size_t>(block) * slots + s) * slot_bytes;
+  }
+};
+
+struct NotifyParams {
+  CommonParams common;
+  int num_tokens = 0;
+  int num_experts = 0;
+  int chunk = 0;
+  int num_blocks = 0;
+  int expert_alignment = 1;
+  const uint8_t* is_token_in_rank = nullptr;    // [T, R]
+  const int32_t* num_tokens_per_rank = nullptr; // [R]
+  const int32_t* num_tokens_per_expert = nullptr;  // [E]
+  uint32_t* parity_counter = nullptr;           // device: notifies so far (selects the meta slot)
+  // outputs
+  int32_t* rank_prefix_matrix = nullptr;        // [R, R]
+  int32_t* chunk_offset = nullptr;              // [R, max_chunks + 1]: first recv row of (source, chunk)
+  int32_t* num_recv_tokens_per_expert = nullptr;  // [E/R], aligned
+  int chunk_offset_stride = 0;
+  int32_t* invalid_topk = nullptr;              // device: first bad topk entry the layout saw, or -1
+  int32_t* host_result = nullptr;               // mapped: see NotifyResult
+  int32_t host_token = 0;                       // written to kNotifyStatus (negated on failure)
+};
+
+// Layout of the mapped ints the notify kernel hands to the host.
+enum NotifyResult : int {
+  kNotifyStatus = 0,      // the call's token when done, minus it on failure
+  kNotifyNumRecv = 1,
+  kNotifyMaxChunks = 2,
+  kNotifyInvalidTopk = 3,
+  kNotifyExpertCounts = 4,  // [E/R]
+};
+
+struct DispatchParams {
+  CommonParams common;
+  DispatchRing ring;
+  int num_blocks = 0;
+  int chunk = 0;
+  int max_chunks = 0;          // chunks of the rank with the most tokens (loop bound)
+  int num_tokens = 0;          // T of this rank
+  int row_bytes = 0;           // hidden * element size
+  int num_scales = 0;          // FP8: ceil(hidden / 128), else 0
+  int num_topk = 0;            // 0: dispatch without topk
+  int experts_per_rank = 0;
+  int puller_warps = 0;
+  int puller_stages = 0;
+  int stager_piece_bytes = 0;
+  bool cached = false;
+  // inputs of this rank
+  const uint8_t* x = nullptr;  // [T, hidden], rows contiguous
+  const float* x_scales = nullptr;
+  int64_t scale_stride_token = 0, scale_stride_group = 0;  // in elements
+  const int64_t* topk_idx = nullptr;      // [T, K]
+  const float* topk_weights = nullptr;    // [T, K]
+  const uint8_t* is_token_in_rank = nullptr;  // [T, R]
+  // routing of what this rank receives
+  const int32_t* chunk_offset = nullptr;  // [R, chunk_offset_stride]
+  int chunk_offset_stride = 0;
+  const uint32_t* parity_counter = nullptr;  // not cached: the meta slot the notify filled
+  // outputs
+  uint8_t* recv_x = nullptr;
+  float* recv_scales = nullptr;           // [rows, num_scales]
+  int64_t* recv_topk_idx = nullptr;       // [rows, K]
+  float* recv_topk_weights = nullptr;     // [rows, K]
+  int32_t* recv_src_idx = nullptr;        // [rows]; input when cached
+  int num_worst_tokens = 0;               // > 0: pad rows past num_recv
+};
+
+// Combine ring slot: [R senders][chunk rows of hidden bf16] then [R senders][chunk][K] f32.
+struct CombineRing {
+  size_t offset = 0;
+  size_t slot_bytes = 0;
+  size_t weights_offset = 0;  // inside a slot
+  int slots = 0;
+
+  EPCOMM_HD size_t slot(int block, int s) const {
+    return offset + (static_cast<size_t>(block) * slots + s) * slot_bytes;
+  }
+};
+
+struct CombineParams {
+  CommonParams common;
+  CombineRing ring;
+  int num_blocks = 0;
+  int chunk = 0;
+  int max_chunks = 0;
+  int num_tokens = 0;          // T of this rank (origin side)
+  int hidden = 0;
+  int num_topk = 0;            // 0: no weights
+  int pusher_warps = 0;
+  int pusher_stages = 0;
+  int piece_bytes = 0;
+  int reducer_warps = 0;
+  // expert side
+  const uint16_t* x = nullptr;            // [num_recv, hidden] bf16
+  const float* topk_weights = nullptr;    // [num_recv, K]
+  const int32_t* chunk_offset = nullptr;  // [R, stride]
+  int chunk_offset_stride = 0;
+  // origin side
+  const uint8_t* is_token_in_rank = nullptr;  // [T, R]
+  const uint16_t* bias0 = nullptr;
+  const uint16_t* bias1 = nullptr;
+  uint16_t* out = nullptr;                // [T, hidden]
+  float* out_topk_weights = nullptr;      // [T, K]
+};
+
+struct LayoutParams {
+  const int64_t* topk_idx = nullptr;
+  int num_tokens = 0;
+  int num_topk = 0;
+  int num_experts = 0;
+  int num_ranks = 0;
+  int ranks_per_node = 0;
+  int32_t* num_tokens_per_rank = nullptr;
+  int32_t* num_tokens_per_node = nullptr;  // may be null (one node)
+  int32_t* num_tokens_per_expert = nullptr;
+  uint8_t* is_token_in_rank = nullptr;
+  int32_t* invalid_index = nullptr;        // device: first bad topk entry seen (flat index), or -1
+};
+
+// Host-side launchers (kernels/*/*.cu).
+void launch_layout(const LayoutParams& p, void* stream);
+void launch_notify_dispatch(const NotifyParams& p, void* stream);
+void launch_dispatch(const DispatchParams& p, int smem_bytes, void* stream);
+void launch_combine(const CombineParams& p, int smem_bytes, void* stream);
+int dispatch_shared_bytes(int puller_warps, int puller_stages, int row_bytes, int chunk, int meta_row_bytes,
+                          int stager_piece_bytes);
+int dispatch_max_puller_warps();
+int dispatch_max_slots();
+int combine_shared_bytes(int pusher_warps, int pusher_stages, int piece_bytes);
+int combine_max_pusher_warps();
+int combine_max_reducer_warps();
+int combine_max_pusher_bufs();
+int combine_max_slots();
+
+}  // namespace epcomm

@@ -1,0 +1,122 @@
+// Group over an NCCL communicator: host collectives through NCCL, symmetric memory through
+// ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers.
+#include <vector>
+
+#include "core/check.hpp"
+#include "core/env.hpp"
+#include "epcomm/group.hpp"
+#include "transport/nccl_lsa.hpp"
+
+namespace epcomm {
+namespace {
+
+class NcclSymmetricMemory : public SymmetricMemory {
+ public:
+  NcclSymmetricMemory(ncclComm_t comm, int rank, size_t bytes, cudaStream_t stream)
+      : SymmetricMemory(rank, bytes), comm_(comm) {
+    void* ptr = nullptr;
+    EPCOMM_NCCL_CHECK(ncclMemAlloc(&ptr, bytes));
+    base_ = ptr;
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    EPCOMM_NCCL_CHECK(ncclCommWindowRegister(comm, ptr, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
+    peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
+  }
+  ~NcclSymmetricMemory() override {
+    ncclCommWindowDeregister(comm_, window_);
+    ncclMemFree(base_);
+  }
+
+ private:
+  ncclComm_t comm_;
+  ncclWindow_t window_ = nullptr;
+  void* base_ = nullptr;
+};
+
+class NcclGroup : public Group {
+ public:
+  NcclGroup(ncclComm_t comm, bool owned, int rank, int size, int device, int ranks_per_node)
+      : Group(rank, size, device, ranks_per_node), comm_(comm), owned_(owned) {
+    EPCOMM_CUDA_CHECK(cudaSetDevice(device));
+    EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    EPCOMM_CUDA_CHECK(cudaMalloc(&scratch_, kScratch));
+  }
+  ~NcclGroup() override {
+    cudaFree(scratch_);
+    cudaStreamDestroy(stream_);
+    if (owned_) ncclCommDestroy(comm_);
+  }
+
+  ncclComm_t nccl_comm() const override { return comm_; }
+  std::string transport() const override { return "NCCL symmetric memory (LSA)"; }
+
+  void barrier() override {
+    EPCOMM_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclInt32, ncclSum, comm_, stream_));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void all_gather(const void* mine, void* all, size_t bytes) override {
+    void* dev = nullptr;
+    EPCOMM_CUDA_CHECK(cudaMallocAsync(&dev, bytes * size_, stream_));
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + rank_ * bytes, mine, bytes, cudaMemcpyHostToDevice, stream_));
+    EPCOMM_NCCL_CHECK(ncclAllGather(static_cast<char*>(dev) + rank_ * bytes, dev, bytes, ncclUint8, comm_, stream_));
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(all, dev, bytes * size_, cudaMemcpyDeviceToHost, stream_));
+    EPCOMM_CUDA_CHECK(cudaFreeAsync(dev, stream_));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {
+    EPCOMM_CUDA_CHECK(cudaSetDevice(device_));
+    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, bytes, stream_);
+  }
+
+ private:
+  static constexpr size_t kScratch = 256;
+  ncclComm_t comm_;
+  bool owned_;
+  cudaStream_t stream_ = nullptr;
+  void* scratch_ = nullptr;
+};
+
+int resolve_ranks_per_node(ncclComm_t comm, int size, int requested) {
+  int rpn = requested > 0 ? requested : static_cast<int>(env_value("EPCOMM_RANKS_PER_NODE"));
+  const int lsa = nccl_lsa_size(comm);
+  if (rpn <= 0) rpn = lsa;
+  if (rpn > lsa)
+    throw ArgumentError("ranks_per_node = " + std::to_string(rpn) + " exceeds the NVLink domain NCCL reports (" +
+                        std::to_string(lsa) + " ranks)");
+  if (size % rpn != 0)
+    throw ArgumentError("ranks_per_node = " + std::to_string(rpn) + " must divide the number of ranks " +
+                        std::to_string(size));
+  return rpn;
+}
+
+}  // namespace
+
+std::shared_ptr<Group> Group::from_nccl(ncclComm_t comm, int ranks_per_node) {
+  if (comm == nullptr) throw ArgumentError("from_nccl: comm must not be null");
+  int size = 0, rank = 0, device = 0;
+  EPCOMM_NCCL_CHECK(ncclCommCount(comm, &size));
+  EPCOMM_NCCL_CHECK(ncclCommUserRank(comm, &rank));
+  EPCOMM_NCCL_CHECK(ncclCommCuDevice(comm, &device));
+  const int rpn = resolve_ranks_per_node(comm, size, ranks_per_node);
+  return std::shared_ptr<Group>(new NcclGroup(comm, false, rank, size, device, rpn));
+}
+
+std::shared_ptr<Group> Group::create_nccl(const ncclUniqueId& id, int num_ranks, int rank, int device,
+                                          int ranks_per_node) {
+  if (num_ranks < 1 || rank < 0 || rank >= num_ranks)
+    throw ArgumentError("create_nccl: rank " + std::to_string(rank) + " must be in [0, " + std::to_string(num_ranks) + ")");
+  EPCOMM_CUDA_CHECK(cudaSetDevice(device));
+  ncclComm_t comm = nullptr;
+  EPCOMM_NCCL_CHECK(ncclCommInitRank(&comm, num_ranks, id, rank));
+  try {
+    const int rpn = resolve_ranks_per_node(comm, num_ranks, ranks_per_node);
+    return std::shared_ptr<Group>(new NcclGroup(comm, true, rank, num_ranks, device, rpn));
+  } catch (...) {
+    ncclCommDestroy(comm);
+    throw;
+  }
+}
+
+}  // namespace epcomm

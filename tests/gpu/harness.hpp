@@ -1,0 +1,96 @@
+// Helpers for GPU tests: device memory, uploads/downloads, random inputs, and running R ranks as
+// threads (on distinct GPUs through NCCL when there are enough, else several ranks per GPU).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "epcomm/buffer.hpp"
+#include "epcomm/group.hpp"
+#include "epcomm/reference.hpp"
+#include "common/random_inputs.hpp"
+
+namespace epcomm::test {
+
+void cuda_ok(cudaError_t e, const char* what);
+
+// Owned device memory with a view.
+class DeviceTensor {
+ public:
+  DeviceTensor() = default;
+  DeviceTensor(DType dtype, std::vector<int64_t> shape, int device);
+  TensorView view() const { return view_; }
+  template <typename T>
+  void upload(const std::vector<T>& host) const;
+  template <typename T>
+  std::vector<T> download() const;
+  void fill_bytes(int byte) const;
+
+ private:
+  std::shared_ptr<void> mem_;
+  TensorView view_;
+};
+
+template <typename T>
+void DeviceTensor::upload(const std::vector<T>& host) const {
+  ASSERT_EQ(host.size() * sizeof(T), view_.nbytes()) << "upload size mismatch";
+  if (!host.empty())
+    cuda_ok(cudaMemcpyAsync(view_.data, host.data(), view_.nbytes(), cudaMemcpyHostToDevice, cudaStreamPerThread),
+            "upload");
+  cuda_ok(cudaStreamSynchronize(cudaStreamPerThread), "sync after upload");
+}
+template <typename T>
+std::vector<T> DeviceTensor::download() const {
+  std::vector<T> host(view_.nbytes() / sizeof(T));
+  if (!host.empty())
+    cuda_ok(cudaMemcpyAsync(host.data(), view_.data, view_.nbytes(), cudaMemcpyDeviceToHost, cudaStreamPerThread),
+            "download");
+  cuda_ok(cudaStreamSynchronize(cudaStreamPerThread), "sync after download");
+  return host;
+}
+
+int device_count();
+// Device of each rank: distinct GPUs when there are R of them, else all on GPU 0.
+std::vector<int> rank_devices(int num_ranks);
+
+// Runs fn(rank, group) on R threads. Transport: NCCL when ranks have distinct GPUs (or
+// EPCOMM_TEST_TRANSPORT=nccl), else the local peer-pointer group.
+void run_ranks(int num_ranks, const std::function<void(int rank, std::shared_ptr<Group> group)>& fn,
+               int ranks_per_node = 0);
+
+// SMs per rank that keep every rank's blocks resident when ranks share a GPU.
+int test_num_sms(int num_ranks, int wanted);
+
+// ---- random inputs (tests/common) ----
+using testing::random_bf16;
+using testing::random_fp8;
+using testing::random_scales;
+using testing::random_topk;
+using testing::random_weights;
+using testing::RoutingSpec;
+
+// ---- comparison ----
+template <typename T>
+::testing::AssertionResult same_values(const std::vector<T>& got, const std::vector<T>& want, const std::string& what,
+                                       size_t count = SIZE_MAX) {
+  count = std::min({count, got.size(), want.size()});
+  if (got.size() < count || want.size() < count) return ::testing::AssertionFailure() << what << ": size mismatch";
+  for (size_t i = 0; i < count; ++i)
+    if (!(got[i] == want[i]))
+      return ::testing::AssertionFailure() << what << ": first mismatch at element " << i << " of " << count
+                                           << " (got " << +got[i] << ", want " << +want[i] << ")";
+  return ::testing::AssertionSuccess();
+}
+
+// BF16 tensors compared as floats: |got - want| <= tol * max(1, |want|).
+::testing::AssertionResult close_bf16(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
+                                      const std::string& what, double tol);
+
+}  // namespace epcomm::test

@@ -1,0 +1,370 @@
+// Normal-mode dispatch / combine on the GPU against the CPU reference, on fresh random inputs:
+// every output compared (recv rows bit for bit, combine against the float32 reference).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "harness.hpp"
+
+namespace epcomm::test {
+namespace {
+
+struct NormalCase {
+  int num_ranks = 4;
+  DType dtype = DType::kBF16;
+  int hidden = 1024;
+  int num_topk = 8;
+  int num_experts = 64;
+  int max_tokens = 300;       // T of each rank drawn from [0, max_tokens]; rank 0 gets max_tokens
+  int fixed_tokens = -1;      // >= 0: every rank has exactly this many tokens
+  bool with_topk = true;
+  bool skewed = false;
+  bool worst = false;         // num_worst_tokens = R * max_tokens
+  bool with_bias = true;
+  bool graph = false;         // also capture layout + dispatch + combine in a CUDA graph and replay
+  int num_sms = 8;
+  int expert_alignment = 4;
+};
+
+std::string describe(const NormalCase& c) {
+  std::string s = "R=" + std::to_string(c.num_ranks) + (c.dtype == DType::kBF16 ? " bf16" : " fp8") +
+                  " hidden=" + std::to_string(c.hidden) + " K=" + std::to_string(c.num_topk) + " E=" +
+                  std::to_string(c.num_experts) + " T<=" + std::to_string(c.max_tokens);
+  if (c.fixed_tokens >= 0) s += " T=" + std::to_string(c.fixed_tokens);
+  if (!c.with_topk) s += " no-topk";
+  if (c.skewed) s += " skewed";
+  if (c.worst) s += " worst";
+  if (c.graph) s += " graph";
+  return s;
+}
+
+struct RankInputs {
+  int num_tokens = 0;
+  std::vector<uint8_t> x, x2;              // dispatch input, and a second one for the cached dispatch
+  std::vector<float> scales, scales2;      // fp8 scales, stored column-major on the device
+  std::vector<int64_t> topk;
+  std::vector<float> weights;
+};
+
+std::vector<float> column_major(const std::vector<float>& row_major, int rows, int cols) {
+  std::vector<float> out(row_major.size());
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
+  return out;
+}
+
+TensorView column_major_view(const DeviceTensor& t, int rows, int cols) {
+  TensorView v = t.view();
+  v.ndim = 2;
+  v.shape = {rows, cols, 0, 0};
+  v.strides = {1, rows, 0, 0};
+  return v;
+}
+
+void run_normal_case(const NormalCase& c) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  const int R = c.num_ranks, H = c.hidden, K = c.num_topk, E = c.num_experts;
+  const int elt = c.dtype == DType::kBF16 ? 2 : 1;
+  const int G = (H + 127) / 128;
+  const int sms = test_num_sms(R, c.num_sms);
+
+  // ---- inputs of every rank, and the reference results ----
+  std::vector<RankInputs> in(R);
+  std::vector<ref::NormalInput> ref_in(R), ref_in2(R);
+  for (int r = 0; r < R; ++r) {
+    std::mt19937_64 rng(seed * 1000003ull + r);
+    RankInputs& ri = in[r];
+    ri.num_tokens = c.fixed_tokens >= 0 ? c.fixed_tokens
+                                        : (r == 0 ? c.max_tokens
+                                                  : std::uniform_int_distribution<int>(0, c.max_tokens)(rng));
+    const size_t n = static_cast<size_t>(ri.num_tokens) * H;
+    if (c.dtype == DType::kBF16) {
+      auto a = random_bf16(rng, n), b = random_bf16(rng, n);
+      ri.x.resize(n * 2);
+      ri.x2.resize(n * 2);
+      std::memcpy(ri.x.data(), a.data(), n * 2);
+      std::memcpy(ri.x2.data(), b.data(), n * 2);
+    } else {
+      ri.x = random_fp8(rng, n);
+      ri.x2 = random_fp8(rng, n);
+      ri.scales = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
+      ri.scales2 = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
+    }
+    RoutingSpec spec{E, K, c.skewed, 0.1};
+    ri.topk = random_topk(rng, ri.num_tokens, spec);
+    ri.weights = random_weights(rng, ri.num_tokens * K);
+    const ref::Layout lay = ref::get_dispatch_layout(ri.topk, ri.num_tokens, K, E, R, R);
+    ref_in[r].num_tokens = ri.num_tokens;
+    ref_in[r].x = ri.x;
+    ref_in[r].scales = ri.scales;
+    if (c.with_topk) {
+      ref_in[r].topk_idx = ri.topk;
+      ref_in[r].topk_weights = ri.weights;
+    }
+    ref_in[r].is_token_in_rank = lay.is_token_in_rank;
+    ref_in2[r] = ref_in[r];
+    ref_in2[r].topk_idx.clear();
+    ref_in2[r].topk_weights.clear();
+    ref_in2[r].x = ri.x2;
+    ref_in2[r].scales = ri.scales2;
+  }
+  ref::NormalOptions opt;
+  opt.dtype = c.dtype;
+  opt.hidden = H;
+  opt.num_topk = c.with_topk ? K : 0;
+  opt.num_experts = E;
+  opt.expert_alignment = c.expert_alignment;
+  opt.num_worst_tokens = c.worst ? R * c.max_tokens : 0;
+  const auto ref_out = ref::normal_dispatch(ref_in, opt);
+  std::vector<ref::NormalHandle> handles;
+  for (const auto& o : ref_out) handles.push_back(o.handle);
+  std::vector<ref::CombineInput> comb_in(R);
+  for (int r = 0; r < R; ++r) {
+    std::mt19937_64 rng(seed * 7919ull + r);
+    comb_in[r].x = random_bf16(rng, static_cast<size_t>(ref_out[r].num_rows) * H);
+    if (c.with_topk) comb_in[r].topk_weights = ref_out[r].recv_topk_weights;
+    if (c.with_bias) {
+      comb_in[r].bias0 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
+      comb_in[r].bias1 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
+    }
+  }
+  const auto ref_comb = ref::normal_combine(comb_in, handles, H, c.with_topk ? K : 0);
+  ref::NormalOptions opt2 = opt;
+  opt2.num_topk = 0;
+  const auto ref_cached = ref::normal_cached_dispatch(ref_in2, handles, opt2);
+
+  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+    const RankInputs& ri = in[r];
+    const int T = ri.num_tokens;
+    const int dev = group->device();
+    Config cfg = Config::dispatch_default(R);
+    cfg.num_sms = sms;
+    Config ccfg = Config::combine_default(R);
+    ccfg.num_sms = sms;
+    BufferOptions bo;
+    bo.num_nvl_bytes = std::max(cfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
+    bo.max_tokens_per_rank = 4096;
+    bo.timeout_ms = 5000;
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const StreamOrder order{stream, nullptr, false};
+
+    DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
+    x.upload(ri.x);
+    x2.upload(ri.x2);
+    DeviceTensor sc(DType::kF32, {T, G}, dev), sc2(DType::kF32, {T, G}, dev);
+    if (c.dtype == DType::kFP8E4M3) {
+      sc.upload(column_major(ri.scales, T, G));
+      sc2.upload(column_major(ri.scales2, T, G));
+    }
+    DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
+    topk.upload(ri.topk);
+    weights.upload(ri.weights);
+
+    // layout
+    DeviceTensor per_rank(DType::kI32, {R}, dev), per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
+    buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
+    const ref::Layout lay = ref::get_dispatch_layout(ri.topk, T, K, E, R, R);
+    EXPECT_TRUE(same_values(per_rank.download<int32_t>(), lay.num_tokens_per_rank, "num_tokens_per_rank"));
+    EXPECT_TRUE(same_values(per_expert.download<int32_t>(), lay.num_tokens_per_expert, "num_tokens_per_expert"));
+    EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), lay.is_token_in_rank, "is_token_in_rank"));
+
+    // dispatch
+    DispatchInputs di;
+    di.x = x.view();
+    if (c.dtype == DType::kFP8E4M3) di.x_scales = column_major_view(sc, T, G);
+    if (c.with_topk) {
+      di.topk_idx = topk.view();
+      di.topk_weights = weights.view();
+    }
+    di.num_tokens_per_rank = per_rank.view();
+    di.is_token_in_rank = in_rank.view();
+    di.num_tokens_per_expert = per_expert.view();
+    di.expert_alignment = c.expert_alignment;
+    di.num_worst_tokens = opt.num_worst_tokens;
+    di.config = cfg;
+    const int stride = buf.chunk_offset_stride(cfg);
+    DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
+    DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
+    DispatchHandle h;
+    h.rank_prefix_matrix = prefix.view();
+    h.chunk_offset = chunk_off.view();
+    const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
+    const auto& want = ref_out[r];
+    ASSERT_EQ(plan.num_rows, want.num_rows);
+    if (!c.worst && c.with_topk)
+      EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
+                                                   plan.num_recv_tokens_per_expert.end()),
+                              want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
+    const int rows = plan.num_rows;
+    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(DType::kF32, {rows, G}, dev);
+    DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
+    h.recv_src_idx = src.view();
+    DispatchOutputs dout;
+    dout.recv_x = rx.view();
+    if (c.dtype == DType::kFP8E4M3) dout.recv_x_scales = rsc.view();
+    if (c.with_topk) {
+      dout.recv_topk_idx = ridx.view();
+      dout.recv_topk_weights = rw.view();
+    }
+    buf.dispatch_run(di, plan, h, dout, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
+    const int nrecv = want.handle.num_recv;
+    EXPECT_TRUE(same_values(prefix.download<int32_t>(), want.handle.rank_prefix_matrix, "rank_prefix_matrix"));
+    if (c.with_topk)
+      EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
+                              "num_recv_tokens_per_expert (device)"));
+    EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
+    EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
+    if (c.dtype == DType::kFP8E4M3)
+      EXPECT_TRUE(same_values(rsc.download<float>(), want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
+    if (c.with_topk) {
+      EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
+      EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
+    }
+
+    // combine
+    DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
+    y.upload(comb_in[r].x);
+    if (c.with_topk) cw.upload(comb_in[r].topk_weights);
+    DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
+    if (c.with_bias) {
+      b0.upload(comb_in[r].bias0);
+      b1.upload(comb_in[r].bias1);
+    }
+    DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
+    CombineInputs ci;
+    ci.x = y.view();
+    if (c.with_topk) ci.topk_weights = cw.view();
+    if (c.with_bias) {
+      ci.bias0 = b0.view();
+      ci.bias1 = b1.view();
+    }
+    ci.config = ccfg;
+    CombineOutputs co;
+    co.combined_x = out.view();
+    if (c.with_topk) co.combined_topk_weights = out_w.view();
+    buf.combine(ci, h, co, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync combine");
+    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), ref_comb[r].combined_x, "combined_x", 1e-2));
+    EXPECT_TRUE(same_values(out.download<uint16_t>(), ref_comb[r].combined_x, "combined_x (bit-exact)"));
+    if (c.with_topk)
+      EXPECT_TRUE(same_values(out_w.download<float>(), ref_comb[r].combined_topk_weights, "combined_topk_weights"));
+
+    // cached dispatch with new x
+    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
+    DispatchOutputs cout_;
+    cout_.recv_x = cx.view();
+    if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
+    std::optional<TensorView> sc2v;
+    if (c.dtype == DType::kFP8E4M3) sc2v = column_major_view(sc2, T, G);
+    buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync cached");
+    EXPECT_TRUE(same_values(cx.download<uint8_t>(), ref_cached[r].recv_x, "cached recv_x", static_cast<size_t>(nrecv) * H * elt));
+    if (c.dtype == DType::kFP8E4M3)
+      EXPECT_TRUE(same_values(csc.download<float>(), ref_cached[r].recv_scales, "cached recv_x_scales",
+                              static_cast<size_t>(nrecv) * G));
+
+    // CUDA graph: the whole step captured once, replayed with new inputs each time.
+    if (c.graph) {
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+      buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
+      DispatchHandle gh;
+      gh.rank_prefix_matrix = prefix.view();
+      gh.chunk_offset = chunk_off.view();
+      const DispatchPlan gp = buf.dispatch_prepare(di, gh, per_expert_recv.view(), order);
+      gh.recv_src_idx = src.view();
+      buf.dispatch_run(di, gp, gh, dout, order);
+      buf.combine(ci, gh, co, order);
+      cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
+      cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+      for (int replay = 0; replay < 3; ++replay) {
+        // Same routing, new data: outputs must follow.
+        x.upload(replay % 2 ? ri.x : ri.x2);
+        cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
+        cuda_ok(cudaStreamSynchronize(stream), "graph sync");
+        const auto& want_x = replay % 2 ? want.recv_x : ref_cached[r].recv_x;
+        EXPECT_TRUE(same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
+        EXPECT_TRUE(same_values(out.download<uint16_t>(), ref_comb[r].combined_x, "graph combined_x"));
+      }
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    }
+    cudaStreamDestroy(stream);
+  });
+}
+
+TEST(NormalGpu, Bf16AllRankCounts) {
+  for (int R : {2, 3, 4}) {
+    NormalCase c;
+    c.num_ranks = R;
+    c.num_experts = 16 * R;
+    run_normal_case(c);
+  }
+}
+
+TEST(NormalGpu, Fp8AllRankCounts) {
+  for (int R : {2, 3, 4}) {
+    NormalCase c;
+    c.num_ranks = R;
+    c.dtype = DType::kFP8E4M3;
+    c.hidden = 1008;  // not a multiple of 128: a partial scale group
+    c.num_experts = 8 * R;
+    run_normal_case(c);
+  }
+}
+
+TEST(NormalGpu, WithoutTopk) {
+  NormalCase c;
+  c.with_topk = false;
+  run_normal_case(c);
+}
+
+TEST(NormalGpu, WorstTokensAndGraph) {
+  NormalCase c;
+  c.worst = true;
+  c.graph = true;
+  run_normal_case(c);
+  c.dtype = DType::kFP8E4M3;
+  c.graph = false;
+  run_normal_case(c);
+}
+
+TEST(NormalGpu, SkewedToOneExpert) {
+  NormalCase c;
+  c.skewed = true;
+  c.num_topk = 4;
+  run_normal_case(c);
+}
+
+TEST(NormalGpu, ZeroAndOneToken) {
+  for (int t : {0, 1}) {
+    NormalCase c;
+    c.fixed_tokens = t;
+    run_normal_case(c);
+  }
+}
+
+TEST(NormalGpu, WideRowsTop16) {
+  NormalCase c;
+  c.hidden = 7168;
+  c.num_topk = 16;
+  c.num_experts = 256;
+  c.max_tokens = 200;
+  run_normal_case(c);
+  c.hidden = 16384;
+  c.max_tokens = 64;
+  c.num_topk = 8;
+  run_normal_case(c);
+}
+
+}  // namespace
+}  // namespace epcomm::test
