@@ -16,12 +16,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/gpu-logs}
 mkdir -p "$out"
 build=${EPCOMM_GPU_BUILD:-$root/build-gpu}
-steps=${EPCOMM_CHECK_STEPS:-build tests bench}
+steps=${EPCOMM_CHECK_STEPS:-build tests bench ceiling}
 status=0
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$out/summary.txt"; }
 
-nvidia-smi -L 2>&1 | tee "$out/gpus.txt"
-nvidia-smi topo -m >>"$out/gpus.txt" 2>&1 || true
+nvidia-smi -L 2>&1 | tee -a "$out/summary.txt"
+nvidia-smi topo -m >>"$out/summary.txt" 2>&1 || true
 
 if [[ " $steps " == *" build "* ]]; then
   gtest_src=${EPCOMM_GTEST_SOURCE_DIR:-$root/.prebuilt/googletest}
@@ -49,12 +49,33 @@ if [[ " $steps " == *" tests "* ]]; then
 fi
 
 if [[ " $steps " == *" bench "* ]]; then
-  log "epcomm-bench"
-  timeout ${EPCOMM_BENCH_TIMEOUT:-600} "$build/bench/epcomm-bench" ${EPCOMM_BENCH_ARGS:---sms 24,16} --json "$out/bench.json" \
-    >"$out/bench.log" 2>&1
-  rc=$?
-  sed -n '/^summary/,$p' "$out/bench.log"
-  log "epcomm-bench rc=$rc"
-  [[ $rc -ne 0 ]] && status=1
+  # The standard problem (4096 tokens) with JSON, then the other sizes the issues ask for.
+  for tokens in ${EPCOMM_BENCH_TOKENS:-4096 1024 128}; do
+    log "epcomm-bench --tokens $tokens"
+    json=()
+    [[ $tokens == 4096 ]] && json=(--json "$out/bench.json")
+    timeout ${EPCOMM_BENCH_TIMEOUT:-600} "$build/bench/epcomm-bench" --tokens "$tokens" ${EPCOMM_BENCH_ARGS:---sms 24,16} \
+      "${json[@]}" >"$out/bench-$tokens.log" 2>&1
+    rc=$?
+    sed -n '/^summary/,$p' "$out/bench-$tokens.log" | grep -v "^check:"
+    grep -E "MISMATCH|error|Error" "$out/bench-$tokens.log" | head -5
+    log "epcomm-bench --tokens $tokens rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+  done
+fi
+
+if [[ " $steps " == *" ceiling "* ]]; then
+  # The wire's ceiling on this machine: the naive LSA store probe (../shared/tools, carried in
+  # .prebuilt/tools), 64 MiB and 8 MiB per pair, 24 and 16 SMs.
+  probe=${EPCOMM_PROBE_DIR:-$root/.prebuilt/tools}/nvlink_ceiling.cu
+  nccl_dir=$(python3 -c "import nvidia.nccl,os;print(list(nvidia.nccl.__path__)[0])" 2>/dev/null)
+  if [[ -f $probe && -n $nccl_dir ]]; then
+    nvcc -O3 -std=c++20 -arch=sm_90 "$probe" -I"$nccl_dir/include" -L"$nccl_dir/lib" -l:libnccl.so.2 \
+      -Xlinker -rpath="$nccl_dir/lib" -o "$build/nvlink_ceiling" >"$out/ceiling.log" 2>&1
+    for args in "64 24" "64 16" "8 24"; do "$build/nvlink_ceiling" $args >>"$out/ceiling.log" 2>&1; done
+    grep -E "rank 0|rank 3" "$out/ceiling.log"
+  else
+    log "ceiling probe not found ($probe)"
+  fi
 fi
 exit $status

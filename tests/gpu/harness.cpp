@@ -56,19 +56,21 @@ int device_count() {
 
 std::vector<int> rank_devices(int num_ranks) {
   const int n = device_count();
+  // Distinct GPUs when there are enough, else round robin (ranks then share GPUs, and ranks on
+  // different GPUs still talk over NVLink).
   std::vector<int> devices(num_ranks, 0);
-  if (n >= num_ranks)
-    for (int r = 0; r < num_ranks; ++r) devices[r] = r;
+  for (int r = 0; r < num_ranks; ++r) devices[r] = n > 0 ? r % n : 0;
   return devices;
 }
 
 int test_num_sms(int num_ranks, int wanted) {
-  const int n = device_count();
+  const int n = std::max(device_count(), 1);
   if (n >= num_ranks) return wanted;
   cudaDeviceProp prop{};
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "props");
-  // Every rank's blocks (plus a notify block each) must be resident at once on the shared GPU.
-  return std::max(1, std::min(wanted, (prop.multiProcessorCount - num_ranks) / num_ranks));
+  // Every rank's blocks (plus a notify block each) must be resident at once on a shared GPU.
+  const int per_gpu = (num_ranks + n - 1) / n;
+  return std::max(1, std::min(wanted, (prop.multiProcessorCount - per_gpu) / per_gpu));
 }
 
 void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Group>)>& fn, int ranks_per_node) {
