@@ -78,7 +78,7 @@ struct NormalDispatchOutput {
 std::vector<NormalDispatchOutput> normal_dispatch(const std::vector<NormalInput>& inputs,
                                                   const NormalOptions& options);
 // Cached dispatch: same routing as `handles` (one per rank, from one dispatch), new x (and
-// scales); topk_idx/topk_weights must be empty and the options' topk fields are ignored. Outputs
+// scales); topk_idx/topk_weights must be empty and the options' topk fields are not used. Outputs
 // recv_x/recv_scales (padded to num_worst_tokens if set) and the handle again; topk outputs empty.
 std::vector<NormalDispatchOutput> normal_cached_dispatch(const std::vector<NormalInput>& inputs,
                                                          const std::vector<NormalHandle>& handles,

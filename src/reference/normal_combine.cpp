@@ -24,9 +24,9 @@ void check_combine_source(const CombineSource& s, int num_ranks) {
   // that received no rows could not express.
   if (s.num_topk == 0 && !in.topk_weights.empty())
     fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements but num_topk = 0"));
-  if (s.num_topk > 0)
-    check_size(who, "topk_weights", in.topk_weights.size(), rows * s.num_topk,
-               cat("rows of x * num_topk = ", rows, " * ", s.num_topk, " (num_topk = 0 combines no weights)"));
+  if (s.num_topk > 0 && static_cast<int64_t>(in.topk_weights.size()) != rows * s.num_topk)
+    fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements; expected rows of x * num_topk = ",
+                  rows, " * ", s.num_topk, " = ", rows * s.num_topk, " (pass num_topk = 0 to combine no weights)"));
   const int64_t out_size = int64_t{h.num_tokens} * s.hidden;
   const std::string formula = cat("handle.num_tokens * hidden = ", h.num_tokens, " * ", s.hidden);
   if (!in.bias0.empty()) check_size(who, "bias0", in.bias0.size(), out_size, formula);

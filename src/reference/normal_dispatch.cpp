@@ -57,8 +57,7 @@ DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& 
   src.rank = rank;
   src.input = &in;
   src.options = &o;
-  src.has_topk = o.num_topk > 0;
-  if (src.has_topk) {
+  if (o.num_topk > 0) {
     if (o.num_experts == 0) fail(who, cat("num_experts = 0 must be > 0 when num_topk = ", o.num_topk));
     if (in.topk_idx.empty() && in.num_tokens > 0)
       fail(who, cat("topk_idx is empty but num_topk = ", o.num_topk,

@@ -60,7 +60,6 @@ struct DispatchSource {
   const NormalHandle* handle = nullptr;         // cached dispatch only
   std::vector<uint8_t> is_token_in_rank;        // [T, R]: the routing, whatever its origin
   std::vector<int32_t> num_tokens_per_expert;   // [E]; empty without topk
-  bool has_topk = false;
 };
 DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& input,
                                     const NormalOptions& options);

@@ -217,7 +217,7 @@ TEST(ReferenceErrors, CombineArguments) {
   bad = in;
   bad[0].topk_weights.clear();
   expect_argument_error([&] { normal_combine(bad, handles, 16, 2); },
-                        {"rank 0: ", "topk_weights has 0 elements", "num_topk = 0 combines no weights"});
+                        {"rank 0: ", "topk_weights has 0 elements", "num_topk = 0 to combine no weights"});
   expect_argument_error([&] { normal_combine(in, handles, 16, 0); }, {"topk_weights has", "num_topk = 0"});
   expect_argument_error([&] { normal_combine(in, handles, 16, 17); }, {"num_topk = 17"});
   expect_argument_error([&] { normal_combine(in, handles, 12, 2); }, {"hidden = 12"});
