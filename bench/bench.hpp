@@ -16,6 +16,8 @@ struct Options {
   int experts = -1;             // -1: 256 (LL: 288; CPU: 64)
   std::string dtype = "both";   // bf16 | fp8 | both
   std::vector<int> sms = {24};  // normal mode: SM counts to measure
+  int chunk = 0;                // normal mode: Config.nvl_chunk_size (0 = default)
+  int ring = 0;                 // normal mode: Config.nvl_buffer_size for dispatch (0 = default)
   int iters = 30;
   int warmup = 5;
   bool baseline = true;         // also run the NCCL all-to-all baseline

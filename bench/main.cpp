@@ -76,6 +76,7 @@ void usage() {
       "  --experts E      experts (default 256 normal, 288 low-latency; CPU 64)\n"
       "  --dtype bf16|fp8|both   dispatch input type (default both)\n"
       "  --sms A,B,...    SMs per normal-mode kernel to measure (default 24)\n"
+      "  --chunk N --ring N      Config.nvl_chunk_size / dispatch nvl_buffer_size (tokens)\n"
       "  --iters N --warmup N    timed and warm-up iterations (default 30, 5)\n"
       "  --no-baseline    skip the NCCL all-to-all baseline\n"
       "  --no-verify      skip the comparison with the CPU reference\n"
@@ -114,6 +115,8 @@ int main(int argc, char** argv) {
     else if (a == "--experts") o.experts = std::atoi(next());
     else if (a == "--dtype") o.dtype = next();
     else if (a == "--sms") o.sms = parse_list(next());
+    else if (a == "--chunk") o.chunk = std::atoi(next());
+    else if (a == "--ring") o.ring = std::atoi(next());
     else if (a == "--iters") o.iters = std::atoi(next());
     else if (a == "--warmup") o.warmup = std::atoi(next());
     else if (a == "--no-baseline") o.baseline = false;

@@ -78,6 +78,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
 
   EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
   DeviceCounters init{};
   init.invalid_topk = -1;
@@ -107,6 +108,7 @@ Buffer::~Buffer() {
   cudaFreeHost(m.record);
   cudaFreeHost(m.host_result);
   cudaEventDestroy(m.order_event);
+  cudaEventDestroy(m.done_event);
   cudaStreamDestroy(m.comm);
 }
 
@@ -128,14 +130,16 @@ void Buffer::Impl::enter(const StreamOrder& order) {
 }
 
 Event Buffer::Impl::leave(const StreamOrder& order) {
+  if (!order.async_finish) {
+    // A reused event: recording captures the work so far, so one event serves every call.
+    EPCOMM_CUDA_CHECK(cudaEventRecord(done_event, comm));
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(order.stream, done_event, 0));
+    return Event();
+  }
   cudaEvent_t e = nullptr;
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaEventRecord(e, comm));
-  if (order.async_finish) return Event(e);
-  const cudaError_t err = cudaStreamWaitEvent(order.stream, e, 0);
-  cudaEventDestroy(e);
-  EPCOMM_CUDA_CHECK(err);
-  return Event();
+  return Event(e);
 }
 
 bool Buffer::Impl::capturing(cudaStream_t stream) const {

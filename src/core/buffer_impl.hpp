@@ -45,6 +45,7 @@ struct Buffer::Impl {
   int32_t notify_token = 0;                // distinguishes this call's notify result from earlier ones
   cudaStream_t comm = nullptr;
   cudaEvent_t order_event = nullptr;
+  cudaEvent_t done_event = nullptr;
 
   // Makes the comm stream wait for the caller (or previous_event).
   void enter(const StreamOrder& order);

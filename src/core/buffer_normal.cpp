@@ -13,12 +13,12 @@
 namespace epcomm {
 namespace {
 
-constexpr int kStagerPieceBytes = 8192;
-constexpr int kMaxPullerStages = 4;
+constexpr int kStagerPieceBytes = 16384;
+constexpr int kMaxPullerStages = 6;
 constexpr int kPusherWarps = 2;
 constexpr int kPusherStages = 4;
 constexpr int kPusherPieceBytes = 16384;
-constexpr int kReducerWarps = 8;
+constexpr int kReducerWarps = 12;
 
 int num_scale_groups(int hidden) { return (hidden + 127) / 128; }
 

@@ -16,7 +16,7 @@ struct BulkPipe {
   uint32_t phases;  // bit b: parity to wait for next on buffer b
 };
 
-// Copies `bytes` (a multiple of 16, as are both addresses) from src to dst. Returns false on
+// Copies `bytes` (a multiple of 16, as are both addresses) from src to dst. Needs num_bufs >= 2. Returns false on
 // timeout (recorded). On return every store has been issued and committed; the caller waits with
 // bulk_wait_all() before signalling a consumer.
 __device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe, uint8_t* dst,
@@ -40,11 +40,14 @@ __device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe
     pipe.phases ^= 1u << b;
     tma_store(dst + k * piece, pipe.bufs + b * piece, piece_len(k));
     bulk_commit();
-    const int next = k + pipe.num_bufs;
-    if (next < num_pieces) {
-      bulk_wait_read<0>();
-      mbar_arrive_expect_tx(&pipe.bars[b], piece_len(next));
-      tma_load(pipe.bufs + b * piece, src + next * piece, piece_len(next), &pipe.bars[b]);
+    // Refill the buffer of the previous piece: its store had a whole iteration to read it, and
+    // two stores stay in flight.
+    const int prev = k - 1, next = prev + pipe.num_bufs;
+    if (prev >= 0 && next < num_pieces) {
+      const int pb = prev % pipe.num_bufs;
+      bulk_wait_read<1>();
+      mbar_arrive_expect_tx(&pipe.bars[pb], piece_len(next));
+      tma_load(pipe.bufs + pb * piece, src + next * piece, piece_len(next), &pipe.bars[pb]);
     }
   }
   return true;

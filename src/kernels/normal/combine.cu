@@ -9,6 +9,7 @@
 
 #include "core/check.hpp"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
 #include "kernels/normal/params.hpp"
 
@@ -17,8 +18,8 @@ namespace {
 
 using namespace epcomm::dev;
 
-constexpr int kMaxPusherWarps = 4;
-constexpr int kMaxReducerWarps = 16;
+constexpr int kMaxPusherWarps = 2;
+constexpr int kMaxReducerWarps = 14;
 constexpr int kMaxPusherBufs = 8;
 constexpr int kMaxSlots = 16;
 constexpr int kReducerBarrier = 1;  // named barrier id (0 is __syncthreads)
@@ -173,22 +174,41 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
       const int4* b0 = p.bias0 ? reinterpret_cast<const int4*>(p.bias0 + t * p.hidden) : nullptr;
       const int4* b1 = p.bias1 ? reinterpret_cast<const int4*>(p.bias1 + t * p.hidden) : nullptr;
       int4* out = reinterpret_cast<int4*>(p.out + t * p.hidden);
-      constexpr int kUnroll = 2;
+      // Four 16-byte columns per lane, two senders at a time: up to eight loads in flight per lane.
+      constexpr int kUnroll = 4;
       for (int v0 = lane; v0 < vecs; v0 += 32 * kUnroll) {
         float acc[kUnroll][8];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[u][i] = 0.f;
-        for (int sidx = 0; sidx < num_sources; ++sidx) {
-          const int4* src = sh.sources[rw][sidx];
-          int4 vals[kUnroll];
+        int sidx = 0;
+        for (; sidx + 1 < num_sources; sidx += 2) {
+          const int4* a = sh.sources[rw][sidx];
+          const int4* b = sh.sources[rw][sidx + 1];
+          int4 va[kUnroll], vb[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
-            if (v0 + 32 * u < vecs) vals[u] = ld_cg(src + v0 + 32 * u);
+            if (v0 + 32 * u < vecs) {
+              va[u] = ld_cg(a + v0 + 32 * u);
+              vb[u] = ld_cg(b + v0 + 32 * u);
+            }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u)
-            if (v0 + 32 * u < vecs) add_bf16x8(acc[u], vals[u]);
+            if (v0 + 32 * u < vecs) {
+              add_bf16x8(acc[u], va[u]);  // ascending sender order, as the reference sums
+              add_bf16x8(acc[u], vb[u]);
+            }
+        }
+        if (sidx < num_sources) {
+          const int4* a = sh.sources[rw][sidx];
+          int4 va[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + 32 * u < vecs) va[u] = ld_cg(a + v0 + 32 * u);
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u)
+            if (v0 + 32 * u < vecs) add_bf16x8(acc[u], va[u]);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -253,7 +273,7 @@ int combine_max_pusher_bufs() { return kMaxPusherBufs; }
 int combine_max_slots() { return kMaxSlots; }
 
 void launch_combine(const CombineParams& p, int smem_bytes, void* stream) {
-  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  allow_dynamic_smem(reinterpret_cast<const void*>(combine_kernel), smem_bytes);
   combine_kernel<<<p.num_blocks, 32 * (p.pusher_warps + p.reducer_warps), smem_bytes,
                    static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("combine_kernel");

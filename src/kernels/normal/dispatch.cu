@@ -1,13 +1,14 @@
 // Normal-mode dispatch over NVLink, as a pull (see params.hpp for the scheme).
 //
-// Per block: warp 0 stages this rank's chunks into its ring (bulk copies of x, lanes for the small
-// per-token fields) and tells the receivers; warps 1..puller_warps each pull from a subset of
+// Per block: warps 0-1 stage this rank's chunks into its ring (warp 0: bulk copies of x; warp 1:
+// the small per-token fields) and tell the receivers; warps 2.. each pull from a subset of
 // source ranks: one bulk load per needed row from the source's slot (over NVLink) into shared
 // memory, one bulk store from there into recv_x, lanes for scales / topk / source index.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
 #include "kernels/normal/params.hpp"
 
@@ -31,14 +32,28 @@ __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, s
   return reinterpret_cast<uint64_t*>(c.peer_base[owner] + c.ctl.flag(base, peer, block));
 }
 
-__device__ void run_stager(const DispatchParams& p, uint32_t seq, DispatchShared& sh, uint8_t* bufs) {
+// Named barrier of the two stager warps (0 is __syncthreads).
+constexpr int kStagerBarrier = 1;
+
+__device__ __forceinline__ bool stagers_all(bool pred) {
+  int result;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, 64, p;\n selp.s32 %0, 1, 0, q;\n}\n"
+      : "=r"(result)
+      : "r"(static_cast<int>(pred)), "n"(kStagerBarrier)
+      : "memory");
+  return result != 0;
+}
+
+// Warp 0 copies the chunk's x rows into the slot (bulk copies) and signals the receivers; warp 1
+// meanwhile writes the per-token fields, a lane per token, eight loads in flight per lane.
+__device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier, DispatchShared& sh, uint8_t* bufs) {
   const CommonParams& c = p.common;
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
   const int S = p.ring.slots;
   const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
   BulkPipe pipe{bufs, sh.stager_bars, kStagerBufs, p.stager_piece_bytes, 0};
-  if (lane < R) sh.last_needed[lane] = -1;
-  __syncwarp();
+  if (is_copier && lane < R) sh.last_needed[lane] = -1;
 
   bool ok = true;
   for (int n = 0; ok; ++n) {
@@ -47,73 +62,77 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, DispatchShared
     const int s = n % S;
     const int t0 = chunk * p.chunk;
     const int rows = min(p.chunk, p.num_tokens - t0);
-
-    uint32_t dests = 0;
-    if (lane < rows)
-      for (int j = 0; j < R; ++j)
-        dests |= static_cast<uint32_t>(p.is_token_in_rank[static_cast<int64_t>(t0 + lane) * R + j] != 0) << j;
-    const uint32_t needed = __reduce_or_sync(0xffffffffu, dests);
-
-    // The slot held iteration n - S: wait until every receiver of that chunk let go of it.
-    if (n >= S && lane == 0) {
-      const uint32_t prev = sh.slot_needed[s];
-      for (int j = 0; j < R && ok; ++j)
-        if ((prev >> j) & 1u)
-          ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, j, block), tag(seq, n - S + 1),
-                             WaitPhase::kDispatchSlotFree, j);
-    }
-    ok = __shfl_sync(0xffffffffu, ok, 0);
-    if (!ok) break;
-    __syncwarp();
-    fence_proxy_async_global();
-    if (lane == 0) sh.slot_needed[s] = needed;
-    if (lane < R && ((needed >> lane) & 1u)) sh.last_needed[lane] = n;
-
     uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[rank]) + p.ring.slot(block, s);
-    if (lane == 0)
-      ok = bulk_copy(c.wait, pipe, slot, p.x + static_cast<size_t>(t0) * p.row_bytes,
-                     static_cast<size_t>(rows) * p.row_bytes, WaitPhase::kDispatchSlotFree, rank);
-    // Per-token fields: [scales][topk idx as int32][weights], one meta row per token.
-    if (p.ring.meta_row_bytes > 0) {
-      uint8_t* meta = slot + p.ring.meta_offset;
-      const int per_row = p.num_scales + 2 * p.num_topk;
-      for (int e = lane; e < rows * per_row; e += 32) {
-        const int r = e / per_row, f = e % per_row;
-        const int t = t0 + r;
-        uint8_t* row = meta + static_cast<size_t>(r) * p.ring.meta_row_bytes;
-        if (f < p.num_scales) {
-          reinterpret_cast<float*>(row)[f] = p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group];
-        } else if (f < p.num_scales + p.num_topk) {
-          const int k = f - p.num_scales;
-          reinterpret_cast<int32_t*>(row)[f] = static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * p.num_topk + k]);
-        } else {
-          const int k = f - p.num_scales - p.num_topk;
-          reinterpret_cast<float*>(row)[f] =
-              p.topk_weights ? p.topk_weights[static_cast<int64_t>(t) * p.num_topk + k] : 0.f;
-        }
+
+    uint32_t needed = 0;
+    if (is_copier) {
+      uint32_t dests = 0;
+      if (lane < rows)
+        for (int j = 0; j < R; ++j)
+          dests |= static_cast<uint32_t>(p.is_token_in_rank[static_cast<int64_t>(t0 + lane) * R + j] != 0) << j;
+      needed = __reduce_or_sync(0xffffffffu, dests);
+      // The slot held iteration n - S: wait until every receiver of that chunk let go of it.
+      if (n >= S && lane == 0) {
+        const uint32_t prev = sh.slot_needed[s];
+        for (int j = 0; j < R && ok; ++j)
+          if ((prev >> j) & 1u)
+            ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, j, block), tag(seq, n - S + 1),
+                               WaitPhase::kDispatchSlotFree, j);
       }
+      ok = __shfl_sync(0xffffffffu, ok, 0);
     }
-    ok = __shfl_sync(0xffffffffu, ok, 0);
-    if (!ok) break;
-    // Publish: bulk stores performed, lanes' stores fenced, then one release per receiver.
+    if (!stagers_all(ok)) break;
     fence_proxy_async_global();
-    __threadfence_system();
-    __syncwarp();
-    if (lane == 0) {
-      bulk_wait_all();
+
+    if (is_copier) {
+      if (lane == 0) sh.slot_needed[s] = needed;
+      if (lane < R && ((needed >> lane) & 1u)) sh.last_needed[lane] = n;
+      if (lane == 0) {
+        ok = bulk_copy(c.wait, pipe, slot, p.x + static_cast<size_t>(t0) * p.row_bytes,
+                       static_cast<size_t>(rows) * p.row_bytes, WaitPhase::kDispatchSlotFree, rank);
+        bulk_wait_all();
+        fence_proxy_async_global();
+        __threadfence_system();
+      }
+      ok = __shfl_sync(0xffffffffu, ok, 0);
+    } else if (p.ring.meta_row_bytes > 0 && lane < rows) {
+      // Meta row: [scales f32][topk idx i32][topk weights f32].
+      const int t = t0 + lane;
+      const int G = p.num_scales, K = p.num_topk, per_row = G + 2 * K;
+      uint32_t* row = reinterpret_cast<uint32_t*>(slot + p.ring.meta_offset + static_cast<size_t>(lane) * p.ring.meta_row_bytes);
+      for (int f0 = 0; f0 < per_row; f0 += 8) {
+        uint32_t v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int f = f0 + u;
+          if (f < G) {
+            v[u] = __float_as_uint(p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group]);
+          } else if (f < G + K) {
+            v[u] = static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * K + (f - G)]));
+          } else if (f < per_row) {
+            v[u] = p.topk_weights ? __float_as_uint(p.topk_weights[static_cast<int64_t>(t) * K + (f - G - K)]) : 0u;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (f0 + u < per_row) row[f0 + u] = v[u];
+      }
       fence_proxy_async_global();
       __threadfence_system();
     }
-    __syncwarp();
-    if (lane < R && ((needed >> lane) & 1u))
+    // Both halves of the slot are written: one release per receiver.
+    if (!stagers_all(ok)) break;
+    if (is_copier && lane < R && ((needed >> lane) & 1u))
       st_release_sys(flag_at(c, lane, c.ctl.dispatch_ready, rank, block), tag(seq, n + 1));
   }
   // Leave only when no receiver still reads the ring: the next call may overwrite it.
-  __syncwarp();
-  if (ok && lane < R && sh.last_needed[lane] >= 0)
-    wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, lane, block), tag(seq, sh.last_needed[lane] + 1),
-                  WaitPhase::kDispatchSlotFree, lane);
-  if (lane == 0) bulk_wait_all();
+  if (is_copier) {
+    __syncwarp();
+    if (ok && lane < R && sh.last_needed[lane] >= 0)
+      wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.dispatch_ack, lane, block), tag(seq, sh.last_needed[lane] + 1),
+                    WaitPhase::kDispatchSlotFree, lane);
+    if (lane == 0) bulk_wait_all();
+  }
 }
 
 __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, DispatchShared& sh, uint8_t* stages,
@@ -197,12 +216,17 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
           if (p.recv_topk_weights) p.recv_topk_weights[row * K + lane] = local ? w : 0.f;
         }
         if (!p.cached && lane == 0) p.recv_src_idx[row] = chunk * p.chunk + pos;
-        if (lane == 0 && k + P < rows) {
+        // Refill the previous row's stage (its store had an iteration to read it): two stores and
+        // P - 1 loads stay in flight. With one stage, refill this one.
+        const int prev = P > 1 ? k - 1 : k;
+        if (lane == 0 && prev >= 0 && prev + P < rows) {
           const int next_pos = __ffs(issue_mask) - 1;
           issue_mask &= issue_mask - 1;
-          bulk_wait_read<0>();
-          mbar_arrive_expect_tx(&bars[st], p.row_bytes);
-          tma_load(stage, slot + static_cast<size_t>(next_pos) * p.row_bytes, p.row_bytes, &bars[st]);
+          const int pst = prev % P;
+          if (P > 1) bulk_wait_read<1>(); else bulk_wait_read<0>();
+          mbar_arrive_expect_tx(&bars[pst], p.row_bytes);
+          tma_load(stages + static_cast<size_t>(pst) * p.row_bytes, slot + static_cast<size_t>(next_pos) * p.row_bytes,
+                   p.row_bytes, &bars[pst]);
         }
       }
       if (!ok) break;
@@ -231,7 +255,7 @@ __device__ void pad_worst_rows(const DispatchParams& p) {
   }
 }
 
-__global__ void __launch_bounds__(32 * (1 + kMaxPullerWarps), 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   auto& sh = *reinterpret_cast<DispatchShared*>(smem);
   const CommonParams& c = p.common;
@@ -251,11 +275,11 @@ __global__ void __launch_bounds__(32 * (1 + kMaxPullerWarps), 1) dispatch_kernel
   const size_t stager_bytes = static_cast<size_t>(kStagerBufs) * p.stager_piece_bytes;
   const size_t meta_bytes = align_up(static_cast<size_t>(p.chunk) * p.ring.meta_row_bytes, 128);
   const size_t puller_bytes = static_cast<size_t>(p.puller_stages) * p.row_bytes + meta_bytes;
-  if (warp == 0) {
-    run_stager(p, seq, sh, dyn);
-  } else if (warp - 1 < p.puller_warps) {
-    uint8_t* mine = dyn + stager_bytes + static_cast<size_t>(warp - 1) * puller_bytes;
-    run_puller(p, seq, warp - 1, sh, mine, mine + static_cast<size_t>(p.puller_stages) * p.row_bytes);
+  if (warp < 2) {
+    run_stager(p, seq, warp == 0, sh, dyn);
+  } else if (warp - 2 < p.puller_warps) {
+    uint8_t* mine = dyn + stager_bytes + static_cast<size_t>(warp - 2) * puller_bytes;
+    run_puller(p, seq, warp - 2, sh, mine, mine + static_cast<size_t>(p.puller_stages) * p.row_bytes);
   }
   finish_call(c, seq);
 }
@@ -274,8 +298,8 @@ int dispatch_max_puller_warps() { return kMaxPullerWarps; }
 int dispatch_max_slots() { return kMaxSlots; }
 
 void launch_dispatch(const DispatchParams& p, int smem_bytes, void* stream) {
-  EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  dispatch_kernel<<<p.num_blocks, 32 * (1 + p.puller_warps), smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  allow_dynamic_smem(reinterpret_cast<const void*>(dispatch_kernel), smem_bytes);
+  dispatch_kernel<<<p.num_blocks, 32 * (2 + p.puller_warps), smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("dispatch_kernel");
 }
 
