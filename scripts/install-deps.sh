@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what epcomm builds with, from Debian/Ubuntu packages, when it is missing. The CUDA 13
+# toolkit (nvcc, and NCCL >= 2.28 in it or as the nvidia-nccl-cu13 wheel) is not a Debian package:
+# this script only checks for it.
+set -euo pipefail
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v ninja >/dev/null || need+=(ninja-build)
+command -v g++ >/dev/null || need+=(g++)
+[[ -f /usr/include/gtest/gtest.h ]] || need+=(libgtest-dev)
+[[ -d /usr/include/pybind11 ]] || need+=(pybind11-dev)
+python3 -c 'import sysconfig,os,sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")) else 1)' 2>/dev/null \
+  || [[ -f /usr/include/python3*/Python.h ]] 2>/dev/null || need+=(python3-dev)
+/usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
+if ((${#need[@]})); then
+  echo "install-deps: installing ${need[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -ne 0 ]] && sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q "${need[@]}"
+fi
+if ! command -v nvcc >/dev/null && [[ ! -x /usr/local/cuda/bin/nvcc ]]; then
+  echo "install-deps: the CUDA 13 toolkit (nvcc) was not found; install it (it is not a Debian package)" >&2
+  exit 1
+fi

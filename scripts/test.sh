@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The newcomer's test command (README): installs what is missing, builds everything (all CUDA code
+# included), runs every CPU test (GPU tests print "skipped (no GPU)" where there is none), then
+# installs the package to a scratch prefix and builds the C++ example against it.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/install-deps.sh"
+export PATH=/usr/local/cuda/bin:$PATH
+build=${EPCOMM_BUILD_DIR:-$root/build}
+jobs=${EPCOMM_JOBS:-$(nproc)}
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build "$build" -j "$jobs"
+(cd "$build" && ctest --output-on-failure -j "$jobs")
+# The installed CMake package must be usable by a program outside the tree.
+prefix=$(mktemp -d)
+trap 'rm -rf "$prefix" "$build/example-installed"' EXIT
+cmake --install "$build" --prefix "$prefix" >/dev/null
+cmake -S "$root/examples/cpp" -B "$build/example-installed" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build "$build/example-installed" -j "$jobs" >/dev/null
+echo "test.sh: the example builds against the installed epcomm package ($prefix)"
