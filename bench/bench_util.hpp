@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/random_inputs.hpp"
@@ -91,6 +92,34 @@ inline double time_us(cudaStream_t stream, int warmup, int iters, const std::fun
   for (auto& e : ev) cudaEventDestroy(e);
   std::nth_element(t.begin(), t.begin() + iters / 2, t.end());
   return t[iters / 2];
+}
+
+// Medians of (start -> phase 1 done on `second`) and (-> phase 2 done on `first`) over iters calls.
+template <typename Phase1, typename Phase2>
+std::pair<double, double> split_dispatch_us(cudaStream_t first, cudaStream_t second, int iters, Phase1 phase1,
+                                            Phase2 phase2) {
+  std::vector<cudaEvent_t> ev(3 * iters);
+  for (auto& e : ev) cuda_check(cudaEventCreate(&e), "event");
+  for (int i = 0; i < iters; ++i) {
+    cuda_check(cudaEventRecord(ev[3 * i], first), "record");
+    auto plan = phase1();
+    cuda_check(cudaEventRecord(ev[3 * i + 1], second), "record");
+    phase2(plan);
+    cuda_check(cudaEventRecord(ev[3 * i + 2], first), "record");
+  }
+  cuda_check(cudaStreamSynchronize(first), "split");
+  std::vector<double> a(iters), b(iters);
+  for (int i = 0; i < iters; ++i) {
+    float x = 0, y = 0;
+    cuda_check(cudaEventElapsedTime(&x, ev[3 * i], ev[3 * i + 1]), "elapsed");
+    cuda_check(cudaEventElapsedTime(&y, ev[3 * i + 1], ev[3 * i + 2]), "elapsed");
+    a[i] = x * 1e3;
+    b[i] = y * 1e3;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::nth_element(a.begin(), a.begin() + iters / 2, a.end());
+  std::nth_element(b.begin(), b.begin() + iters / 2, b.end());
+  return {a[iters / 2], b[iters / 2]};
 }
 
 // Runs fn(rank) on n threads; rethrows the first failure.

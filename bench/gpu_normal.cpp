@@ -194,11 +194,28 @@ void run_gpu_normal(const Options& o, Report& report) {
           report.ok = report.ok && ok;
         }
         const double us = time_us(stream, o.warmup, o.iters, dispatch);
+        // Where the time goes: count exchange + host wait (start -> counts known on the comm
+        // stream), then the data phase.
+        const auto split = split_dispatch_us(stream, buf.comm_stream(), o.iters, [&] {
+          const DispatchPlan plan = buf.dispatch_prepare(di, h, std::nullopt, order);
+          return plan;
+        }, [&](const DispatchPlan& plan) {
+          rows = plan.num_rows;
+          h.recv_src_idx = view_i32(src_idx, {rows}, r);
+          DispatchOutputs dout;
+          dout.recv_x = view(recv_x, di.x.dtype, {rows, H}, r);
+          if (fp8) dout.recv_x_scales = view(recv_sc, DType::kF32, {rows, G}, r);
+          dout.recv_topk_idx = view(recv_idx, DType::kI64, {rows, K}, r);
+          dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
+          buf.dispatch_run(di, plan, h, dout, order);
+        });
         const double row_bytes = fp8 ? H + 4.0 * H / 128 : 2.0 * H;
         const std::string op = fp8 ? "dispatch-fp8" : "dispatch-bf16";
         {
           std::lock_guard<std::mutex> lock(mu);
           report.rows.push_back({"epcomm", op, r, sms, us, rows * row_bytes / us / 1e3, std::to_string(rows) + " rows"});
+          report.rows.push_back({"epcomm", op + ":counts", r, sms, split.first, 0, "notify + host wait"});
+          report.rows.push_back({"epcomm", op + ":data", r, sms, split.second, 0, "launch + data kernel"});
         }
         if (fp8) continue;
 
