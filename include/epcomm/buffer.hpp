@@ -160,6 +160,11 @@ class Buffer {
   // used again. Reads host memory only; every entry point calls it before it launches.
   void check_device_errors();
 
+  // Collective: brings every rank's buffer back to a clean state after an error (a timed-out wait
+  // leaves flags and counters of an unfinished call behind). Every rank must call it; no call may
+  // be in flight. Afterwards the buffer works as if new.
+  void reset();
+
   struct Impl;  // private state (src/core/buffer_impl.hpp)
 
  private:

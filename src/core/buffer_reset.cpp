@@ -1,0 +1,26 @@
+// Buffer::reset: the collective way back after an error, without rebuilding the buffer.
+#include <cstring>
+
+#include "core/buffer_impl.hpp"
+#include "core/check.hpp"
+
+namespace epcomm {
+
+void Buffer::reset() {
+  Impl& m = *impl_;
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  // Kernels that saw a timeout have left; wait for whatever else is queued.
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  // Nobody may still signal into our control region while we clear it, and nobody may signal
+  // into a peer's before that peer has cleared its own.
+  m.group->barrier();
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.sym->local(), 0, m.ctl.total, m.comm));
+  DeviceCounters init{};
+  init.invalid_topk = -1;
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  std::memset(m.record, 0, sizeof(DeviceErrorRecord));
+  m.group->barrier();
+}
+
+}  // namespace epcomm

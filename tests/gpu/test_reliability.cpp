@@ -1,0 +1,153 @@
+// A rank that stops answering: the others fail within the timeout with a message naming the peer,
+// and after Buffer::reset() every rank carries on with correct results.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+
+#include "epcomm/error.hpp"
+#include "harness.hpp"
+
+namespace epcomm::test {
+namespace {
+
+constexpr int kT = 200, kH = 512, kK = 4, kE = 16;
+
+struct Round {
+  DeviceTensor x, topk, per_rank, per_expert, in_rank, prefix, chunk_off;
+  std::vector<uint16_t> x_host;
+  DispatchInputs in;
+  DispatchHandle handle;
+};
+
+// Inputs of one rank: small integers, so combine(dispatch(x)) == x * destinations exactly.
+Round make_round(Buffer& buf, int rank, int dev, uint64_t seed) {
+  Round r;
+  const int R = buf.num_ranks();
+  std::mt19937_64 rng(seed + rank);
+  r.x_host.resize(static_cast<size_t>(kT) * kH);
+  for (auto& v : r.x_host) v = ref::float_to_bf16(static_cast<float>(static_cast<int>(rng() % 9) - 4));
+  r.x = DeviceTensor(DType::kBF16, {kT, kH}, dev);
+  r.x.upload(r.x_host);
+  r.topk = DeviceTensor(DType::kI64, {kT, kK}, dev);
+  r.topk.upload(random_topk(rng, kT, RoutingSpec{kE, kK, false, 0.0}));
+  r.per_rank = DeviceTensor(DType::kI32, {R}, dev);
+  r.per_expert = DeviceTensor(DType::kI32, {kE}, dev);
+  r.in_rank = DeviceTensor(DType::kBool, {kT, R}, dev);
+  const Config cfg = Config::dispatch_default(R);
+  r.prefix = DeviceTensor(DType::kI32, {R, R}, dev);
+  r.chunk_off = DeviceTensor(DType::kI32, {R, buf.chunk_offset_stride(cfg)}, dev);
+  r.in.x = r.x.view();
+  r.in.topk_idx = r.topk.view();
+  r.in.num_tokens_per_rank = r.per_rank.view();
+  r.in.is_token_in_rank = r.in_rank.view();
+  r.in.num_tokens_per_expert = r.per_expert.view();
+  r.in.config = cfg;
+  r.in.config.num_sms = test_num_sms(R, 4);
+  r.handle.rank_prefix_matrix = r.prefix.view();
+  r.handle.chunk_offset = r.chunk_off.view();
+  return r;
+}
+
+// A full dispatch + identity combine, checked exactly.
+void good_round(Buffer& buf, int rank, int dev, cudaStream_t stream, uint64_t seed) {
+  Round r = make_round(buf, rank, dev, seed);
+  const StreamOrder order{stream, nullptr, false};
+  buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
+                          order);
+  const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+  DeviceTensor recv(DType::kBF16, {plan.num_rows, kH}, dev), ridx(DType::kI64, {plan.num_rows, kK}, dev);
+  DeviceTensor src(DType::kI32, {plan.num_rows}, dev), out(DType::kBF16, {kT, kH}, dev);
+  r.handle.recv_src_idx = src.view();
+  DispatchOutputs dout;
+  dout.recv_x = recv.view();
+  dout.recv_topk_idx = ridx.view();
+  buf.dispatch_run(r.in, plan, r.handle, dout, order);
+  CombineInputs ci;
+  ci.x = recv.view();
+  ci.config = Config::combine_default(buf.num_ranks());
+  ci.config.num_sms = r.in.config.num_sms;
+  buf.combine(ci, r.handle, {out.view(), std::nullopt}, order);
+  cuda_ok(cudaStreamSynchronize(stream), "sync");
+  const auto got = out.download<uint16_t>();
+  const auto dests = r.in_rank.download<uint8_t>();
+  const int R = buf.num_ranks();
+  for (int t = 0; t < kT; ++t) {
+    int n = 0;
+    for (int j = 0; j < R; ++j) n += dests[static_cast<size_t>(t) * R + j];
+    for (int h = 0; h < kH; ++h) {
+      const size_t i = static_cast<size_t>(t) * kH + h;
+      ASSERT_EQ(ref::bf16_to_float(got[i]), ref::bf16_to_float(r.x_host[i]) * n) << "rank " << rank << " token " << t;
+    }
+  }
+}
+
+void expect_timeout_naming(const std::function<void()>& call, const std::string& peer, const std::string& kernel) {
+  try {
+    call();
+    ADD_FAILURE() << "expected a TimeoutError";
+  } catch (const TimeoutError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(peer), std::string::npos) << msg;
+    EXPECT_NE(msg.find(kernel), std::string::npos) << msg;
+  }
+}
+
+TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    BufferOptions bo;
+    bo.num_nvl_bytes = 64 << 20;
+    bo.timeout_ms = 1000;
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    good_round(buf, rank, group->device(), stream, seed);
+    if (rank != 0) {  // rank 0 never makes this call
+      Round r = make_round(buf, rank, group->device(), seed + 1);
+      const StreamOrder order{stream, nullptr, false};
+      buf.get_dispatch_layout(r.topk.view(), kE,
+                              {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()}, order);
+      expect_timeout_naming([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); }, "peer 0",
+                            "notify_dispatch");
+    }
+    buf.reset();
+    good_round(buf, rank, group->device(), stream, seed + 2);
+    cudaStreamDestroy(stream);
+  });
+}
+
+TEST(ReliabilityGpu, StalledPeerInDataPhaseThenReset) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    BufferOptions bo;
+    bo.num_nvl_bytes = 64 << 20;
+    bo.timeout_ms = 1000;
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const StreamOrder order{stream, nullptr, false};
+    Round r = make_round(buf, rank, group->device(), seed);
+    buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
+                            order);
+    const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+    if (rank != 0) {  // rank 0 exchanged counts but never moves its data
+      DeviceTensor recv(DType::kBF16, {plan.num_rows, kH}, group->device());
+      DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device());
+      DeviceTensor src(DType::kI32, {plan.num_rows}, group->device());
+      r.handle.recv_src_idx = src.view();
+      DispatchOutputs dout;
+      dout.recv_x = recv.view();
+      dout.recv_topk_idx = ridx.view();
+      buf.dispatch_run(r.in, plan, r.handle, dout, order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync");  // the kernel leaves after its timeout
+      expect_timeout_naming([&] { buf.check_device_errors(); }, "peer 0", "dispatch");
+    }
+    buf.reset();
+    good_round(buf, rank, group->device(), stream, seed + 3);
+    cudaStreamDestroy(stream);
+  });
+}
+
+}  // namespace
+}  // namespace epcomm::test
