@@ -368,3 +368,24 @@ TEST(NormalGpu, WideRowsTop16) {
 
 }  // namespace
 }  // namespace epcomm::test
+
+namespace epcomm::test {
+namespace {
+
+// R = 5 ... 8: every R-dependent path (source rotation, puller warps holding several sources,
+// masks, prefix matrix) on the device. On machines with fewer GPUs the ranks share them.
+TEST(NormalGpu, FiveToEightRanks) {
+  for (int R : {5, 6, 7, 8}) {
+    NormalCase c;
+    c.num_ranks = R;
+    c.num_experts = 8 * R;
+    c.max_tokens = 150;
+    c.dtype = R % 2 ? DType::kBF16 : DType::kFP8E4M3;
+    c.hidden = R % 2 ? 1024 : 1024 + 128;
+    c.num_sms = 4;
+    run_normal_case(c);
+  }
+}
+
+}  // namespace
+}  // namespace epcomm::test
