@@ -119,18 +119,24 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
       for (int r = 0; r < i; ++r) base += s_counts[r][rank];
       const int source_chunks = (s_tokens[i] + p.chunk - 1) / p.chunk;
       const auto* masks = reinterpret_cast<const uint32_t*>(local + c.ctl.meta(parity, i) + c.ctl.meta_masks);
-      for (int c0 = 0; c0 < stride; c0 += 32) {
+      // The scan is a serial chain through `base`: only the source's real chunks go through it
+      // (with the next mask word already loaded); the rest of the row is the end offset.
+      int32_t* row = p.chunk_offset + static_cast<int64_t>(i) * stride;
+      uint32_t next = lane < source_chunks ? masks[lane] : 0u;
+      for (int c0 = 0; c0 < source_chunks; c0 += 32) {
         const int ci = c0 + lane;
-        const int32_t n = (ci < source_chunks) ? __popc(masks[ci]) : 0;
+        const int32_t n = __popc(next);
+        next = ci + 32 < source_chunks ? masks[ci + 32] : 0u;
         int32_t inclusive = n;
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
           const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, d);
           if (lane >= d) inclusive += v;
         }
-        if (ci < stride) p.chunk_offset[i * stride + ci] = base + inclusive - n;
+        if (ci < source_chunks) row[ci] = base + inclusive - n;
         base += __shfl_sync(0xffffffffu, inclusive, 31);
       }
+      for (int ci = source_chunks + lane; ci < stride; ci += 32) row[ci] = base;
     }
   }
   __syncthreads();
