@@ -1,0 +1,206 @@
+"""A small trainable MoE layer on epcomm's DeepEP-compatible API.
+
+    gate -> top-k -> dispatch -> per-expert MLP -> combine
+
+Dispatch and combine are torch.autograd.Functions: dispatch's backward is a combine (a token's
+copies went to several ranks, so its gradient is the sum of theirs) and combine's backward is a
+cached dispatch (every row that was summed gets the token's gradient). One process per GPU:
+
+    PYTHONPATH=python python examples/moe_layer.py --ranks 4
+
+Every rank checks its forward output and its gradients (input, gate, its own experts' weights)
+against the same layer computed on one GPU without communication, and prints the errors.
+"""
+
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import epcomm
+
+
+class _Route:
+    """What the two Functions share within one forward: the buffer and the dispatch handle."""
+
+    def __init__(self, buffer: epcomm.Buffer, num_experts: int):
+        self.buffer, self.num_experts, self.handle = buffer, num_experts, None
+
+
+class Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_weights, topk_idx, route):
+        buffer = route.buffer
+        ntpr, ntprdma, ntpe, in_rank, _ = buffer.get_dispatch_layout(topk_idx, route.num_experts)
+        recv_x, recv_idx, recv_weights, _, handle, _ = buffer.dispatch(
+            x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntprdma, is_token_in_rank=in_rank,
+            num_tokens_per_expert=ntpe, topk_idx=topk_idx, topk_weights=topk_weights)
+        route.handle = ctx.handle = handle
+        ctx.buffer, ctx.num_topk = buffer, topk_idx.size(1)
+        ctx.mark_non_differentiable(recv_idx)
+        return recv_x, recv_weights, recv_idx
+
+    @staticmethod
+    def backward(ctx, grad_recv_x, grad_recv_weights, _grad_idx):
+        if grad_recv_weights is None:
+            grad_recv_weights = torch.zeros(ctx.handle.meta.num_rows, ctx.num_topk, device=grad_recv_x.device)
+        grad_x, grad_weights, _ = ctx.buffer.combine(grad_recv_x.contiguous(), ctx.handle,
+                                                     topk_weights=grad_recv_weights.float().contiguous())
+        return grad_x, grad_weights, None, None
+
+
+class Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, route):
+        ctx.buffer, ctx.handle = route.buffer, route.handle
+        combined, _, _ = route.buffer.combine(y, route.handle)
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_y, _, _, _, _, _ = ctx.buffer.dispatch(grad_out.contiguous(), handle=ctx.handle)
+        return grad_y, None
+
+
+def expert_mlp(x, weights, idx, w1, w2):
+    """out[row] = sum over k with idx[row, k] = e >= 0 of weights[row, k] * MLP_e(x[row]), float32.
+    idx holds ids of the experts in w1/w2 (local ids on a rank, global ones on one GPU)."""
+    xf = x.float()
+    out = torch.zeros(x.size(0), w2.size(2), dtype=torch.float32, device=x.device)
+    for e in range(w1.size(0)):
+        hit = idx == e
+        rows = hit.any(dim=1).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        row_weights = (weights * hit).sum(dim=1)[rows]
+        h = F.gelu(xf[rows] @ w1[e]) @ w2[e]
+        out = out.index_add(0, rows, h * row_weights[:, None])
+    return out
+
+
+def init_weights(hidden, ffn, num_experts, seed):
+    """The whole layer's weights, identical on every rank (each keeps its experts)."""
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(num_experts, hidden, generator=g) / hidden ** 0.5
+    w1 = torch.randn(num_experts, hidden, ffn, generator=g) / hidden ** 0.5
+    w2 = torch.randn(num_experts, ffn, hidden, generator=g) / ffn ** 0.5
+    return gate, w1, w2
+
+
+class MoELayer(torch.nn.Module):
+    def __init__(self, buffer: epcomm.Buffer, hidden: int, ffn: int, num_experts: int, num_topk: int, seed: int = 0,
+                 device=None):
+        super().__init__()
+        R, rank = buffer.group_size, buffer.rank
+        if num_experts % R:
+            raise ValueError(f"num_experts = {num_experts} must be divisible by the {R} ranks")
+        local = num_experts // R
+        gate, w1, w2 = init_weights(hidden, ffn, num_experts, seed)
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        self.gate = torch.nn.Parameter(gate.to(device))
+        self.w1 = torch.nn.Parameter(w1[rank * local:(rank + 1) * local].to(device))
+        self.w2 = torch.nn.Parameter(w2[rank * local:(rank + 1) * local].to(device))
+        self.buffer, self.num_experts, self.num_topk = buffer, num_experts, num_topk
+
+    def forward(self, x):
+        """x: [T, hidden] bf16 -> (output [T, hidden] bf16, the top-k expert ids chosen)."""
+        probs = torch.softmax(x.float() @ self.gate.t(), dim=1)
+        topk_weights, topk_idx = probs.topk(self.num_topk, dim=1)
+        route = _Route(self.buffer, self.num_experts)
+        recv_x, recv_weights, recv_idx = Dispatch.apply(x, topk_weights, topk_idx, route)
+        y = expert_mlp(recv_x, recv_weights, recv_idx, self.w1, self.w2)
+        return Combine.apply(y.to(torch.bfloat16), route), topk_idx
+
+
+def _gather(t, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def check_against_single_gpu(buffer, group, seed=0, tokens=128, hidden=512, ffn=1024, num_topk=4,
+                             experts_per_rank=8, tol=3e-2, device=None):
+    """Runs the layer forward and backward on every rank and the same layer on one GPU (each rank
+    computes it for all tokens); returns relative errors and whether all are below `tol`."""
+    R, rank = buffer.group_size, buffer.rank
+    E = experts_per_rank * R
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    layer = MoELayer(buffer, hidden, ffn, E, num_topk, seed, device)
+    g = torch.Generator().manual_seed(seed * 1000 + rank + 1)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device).requires_grad_()
+    grad_out = torch.randn(tokens, hidden, generator=g).to(device)
+
+    out, topk_idx = layer(x)
+    (out.float() * grad_out).sum().backward()
+    gate_grad = layer.gate.grad.clone()
+    dist.all_reduce(gate_grad, group=group)  # the gate is replicated: its gradient sums over ranks
+
+    # The same layer on one GPU, for every rank's tokens, with the routing the ranks chose.
+    x_all = _gather(x.detach().float(), group).to(torch.bfloat16).requires_grad_()  # exact round trip
+    idx_all, grad_all = _gather(topk_idx, group), _gather(grad_out, group)
+    gate, w1, w2 = (t.to(device).requires_grad_() for t in init_weights(hidden, ffn, E, seed))
+    probs = torch.softmax(x_all.float() @ gate.t(), dim=1)
+    ref = expert_mlp(x_all, probs.gather(1, idx_all), idx_all, w1, w2)
+    (ref * grad_all).sum().backward()
+
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    local = slice(rank * experts_per_rank, (rank + 1) * experts_per_rank)
+    errors = {
+        "forward": _rel(out, ref[mine]),
+        "grad_x": _rel(x.grad, x_all.grad[mine]),
+        "grad_gate": _rel(gate_grad, gate.grad),
+        "grad_w1": _rel(layer.w1.grad, w1.grad[local]),
+        "grad_w2": _rel(layer.w2.grad, w2.grad[local]),
+    }
+    return {"rank": rank, "ok": all(v < tol for v in errors.values()), **errors}
+
+
+def _worker(rank, num_ranks, port, args):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
+    hint = max(epcomm.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(args.hidden * 2, num_ranks),
+               epcomm.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(args.hidden * 2, num_ranks))
+    buffer = epcomm.Buffer(dist.group.WORLD, num_nvl_bytes=hint, explicitly_destroy=True)
+    try:
+        report = check_against_single_gpu(buffer, dist.group.WORLD, seed=args.seed, tokens=args.tokens,
+                                          hidden=args.hidden, ffn=args.ffn, num_topk=args.topk,
+                                          experts_per_rank=args.experts_per_rank)
+        print(" ".join(f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items()),
+              flush=True)
+        if not report["ok"]:
+            raise SystemExit(f"rank {rank}: the MoE layer differs from the single-GPU layer")
+    finally:
+        buffer.destroy()
+        dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=0, help="processes, one per GPU (default: every GPU)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    ranks = args.ranks or torch.cuda.device_count()
+    if ranks < 1:
+        raise SystemExit("moe_layer.py needs at least one CUDA GPU")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_worker, args=(ranks, port, args), nprocs=ranks)
+    print(f"MoE layer on {ranks} GPU(s): forward and gradients match the single-GPU layer")
+
+
+if __name__ == "__main__":
+    main()

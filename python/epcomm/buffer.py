@@ -1,0 +1,381 @@
+"""epcomm.Buffer: DeepEP's legacy ``deep_ep.Buffer`` API over epcomm's C++ core.
+
+Code written for DeepEP 1.x runs unchanged after ``import epcomm as deep_ep``: same methods,
+argument names, order and defaults, same return tuples, dtypes and shapes (SPEC.md section 4).
+What differs is inside: one NCCL communicator (its unique id travels through the caller's process
+group), epcomm's own handle layout (see epcomm/handle.py), and arguments that mean nothing here,
+which are accepted and documented as such.
+
+Streams and lifetimes follow PyTorch rules. Every call runs on the buffer's communication stream
+after that stream waits for the caller's current stream (or ``previous_event``). Without
+``async_finish`` the caller's stream then waits for the communication stream; with it, the call
+returns an EventOverlap and every tensor the call touched is ``record_stream``-ed on the
+communication stream (and held by the EventOverlap), so freeing it early is safe. With
+``allocate_on_comm_stream`` the outputs come from the communication stream's memory pool and are
+``record_stream``-ed on the caller's stream.
+"""
+
+import warnings
+from typing import Callable, Optional
+
+from . import _epcomm
+from ._args import (ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor, event_of,
+                    split_x, unpack_bias)
+from ._compat import require_torch, torch
+from ._low_latency import LowLatencyMixin
+from .event import EventHandle, EventOverlap
+from .handle import DispatchHandle, HandleMeta
+
+Config = _epcomm.Config
+
+
+def _default_num_sms() -> int:
+    # EPCOMM_NUM_SMS (read by the core's default config) sets the starting value; 24 otherwise.
+    try:
+        return Config.dispatch_default(1).num_sms
+    except ValueError as e:
+        warnings.warn(f"epcomm: {e}; Buffer.num_sms starts at 24")
+        return 24
+
+
+class Buffer(LowLatencyMixin):
+    """The communication buffer of one rank (one process, one GPU) of an expert-parallel group.
+
+    Arguments:
+        group: the ``torch.distributed`` ProcessGroup of the EP ranks (any backend). It carries the
+            NCCL unique id at construction; epcomm then talks through its own NCCL communicator.
+        num_nvl_bytes: NVLink ring memory for normal mode; ``Config.get_nvl_buffer_size_hint``.
+        num_rdma_bytes: memory for low-latency mode and the network hop (passed to the core).
+        low_latency_mode: reserve low-latency memory (the low-latency calls are not in this build).
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and
+            ignored; they tune NVSHMEM/IBGDA, which epcomm does not use (NCCL GIN and LSA instead).
+        explicitly_destroy: if True, resources are freed by ``destroy()`` only; otherwise when the
+            buffer is garbage-collected.
+        enable_shrink: low-latency rank masking (shrink mode); recorded for the low-latency calls.
+        comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
+
+    The current CUDA device (``torch.cuda.current_device()``) is the buffer's device.
+    """
+
+    num_sms: int = _default_num_sms()
+
+    def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
+                 allow_mnnvl: bool = False, use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm=None) -> None:
+        self.runtime = None  # so that a failed construction leaves a destroyed-looking object
+        torch_ = require_torch("epcomm.Buffer")
+        self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
+        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
+        self.low_latency_mode = check_bool("low_latency_mode", low_latency_mode)
+        check_int("num_qps_per_rank", num_qps_per_rank, lo=0)
+        check_bool("allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode)
+        check_bool("allow_mnnvl", allow_mnnvl)
+        check_bool("use_fabric", use_fabric)
+        self.explicitly_destroy = check_bool("explicitly_destroy", explicitly_destroy)
+        self.enable_shrink = check_bool("enable_shrink", enable_shrink)
+
+        if group is not None:
+            self.rank, self.group_size, self.group = group.rank(), group.size(), group
+
+            def all_gather_object(obj):
+                objects = [None] * self.group_size
+                torch_.distributed.all_gather_object(objects, obj, group)
+                return objects
+        elif comm is not None:
+            self.rank, self.group_size, self.group = comm.Get_rank(), comm.Get_size(), comm
+            all_gather_object = comm.allgather
+        else:
+            raise ArgumentError("group: a torch.distributed ProcessGroup is required (or an mpi4py 'comm')")
+
+        # Checked on every rank before any collective, so no rank is left waiting for another.
+        if not torch_.cuda.is_available():
+            raise RuntimeError("epcomm.Buffer: no CUDA GPU is available to this process "
+                               "(torch.cuda.is_available() is False); epcomm runs on Hopper (sm_90) GPUs")
+        device = torch_.cuda.current_device()
+
+        # Rank 0 makes the NCCL unique id; a failure travels as text so every rank raises.
+        payload = None
+        if self.rank == 0:
+            try:
+                payload = _epcomm.get_unique_id()
+            except Exception as e:  # noqa: BLE001 -- forwarded to every rank below
+                payload = f"{type(e).__name__}: {e}"
+        unique_id = all_gather_object(payload)[0]
+        if not isinstance(unique_id, bytes):
+            raise RuntimeError(f"epcomm.Buffer: rank 0 could not make the NCCL unique id ({unique_id})")
+        self.runtime = _epcomm.Runtime(unique_id, self.group_size, self.rank, device, self.num_nvl_bytes,
+                                       self.num_rdma_bytes, self.low_latency_mode)
+
+        self._device = torch_.device("cuda", device)
+        self._num_nodes = self.runtime.num_nodes
+        self._comm_stream = torch_.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
+        self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
+        self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
+
+    # ------------------------------------------------------------------ lifetime and statics
+    def destroy(self) -> None:
+        """Frees the communicator and memory now (collective). Needs ``explicitly_destroy=True``."""
+        if not self.explicitly_destroy:
+            raise RuntimeError("destroy(): this Buffer was made with explicitly_destroy=False; "
+                               "its resources are released when it is garbage-collected")
+        runtime = self._rt()
+        self.runtime = None
+        runtime.destroy()
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return _epcomm.is_sm90_compiled()
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Sets the SMs the default configs use (any positive count; DeepEP's evenness rule does
+        not apply to epcomm's kernels)."""
+        Buffer.num_sms = check_int("new_num_sms", new_num_sms, lo=1)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event recorded on the current stream, to pass as ``previous_event``."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """epcomm's default dispatch config (a rule, not a per-rank-count table) with
+        ``Buffer.num_sms`` SMs."""
+        config = Config.dispatch_default(check_int("num_ranks", num_ranks, lo=1))
+        config.num_sms = Buffer.num_sms
+        return config
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        config = Config.combine_default(check_int("num_ranks", num_ranks, lo=1))
+        config.num_sms = Buffer.num_sms
+        return config
+
+    def get_comm_stream(self):
+        """The communication stream, as a ``torch.cuda.Stream`` (an ExternalStream)."""
+        self._rt()
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
+        """Not in this build: the C++ Buffer does not expose its local symmetric memory yet."""
+        self._rt()
+        check_int("offset", offset, lo=0)
+        check_bool("use_rdma_buffer", use_rdma_buffer)
+        raise NotImplementedError("get_local_buffer_tensor: epcomm's C++ Buffer does not expose its local "
+                                  "buffer memory in this build")
+
+    # ------------------------------------------------------------------ helpers
+    def _rt(self):
+        runtime = self.runtime
+        if runtime is None:
+            raise RuntimeError("epcomm.Buffer: this buffer was destroyed (destroy() was called)")
+        return runtime
+
+    def _default_config(self, kind: str) -> Config:
+        key = (kind, Buffer.num_sms)
+        config = self._default_configs.get(key)
+        if config is None:
+            make = Buffer.get_dispatch_config if kind == "dispatch" else Buffer.get_combine_config
+            config = self._default_configs[key] = make(self.group_size)
+        return config
+
+    def _chunk_offset_stride(self, runtime, config: Config) -> int:
+        stride = self._chunk_offset_strides.get(config.nvl_chunk_size)
+        if stride is None:
+            stride = self._chunk_offset_strides[config.nvl_chunk_size] = runtime.chunk_offset_stride(config)
+        return stride
+
+    def _allocate(self, on_comm_stream: bool, make: Callable[[], tuple]) -> tuple:
+        if not on_comm_stream:
+            return make()
+        with torch.cuda.stream(self._comm_stream):
+            return make()
+
+    def _finish(self, event, async_finish: bool, on_comm_stream: bool, compute_stream, inputs: tuple,
+                outputs: tuple) -> EventOverlap:
+        """Applies the lifetime rules of the module docstring and wraps the event."""
+        if on_comm_stream:
+            for t in outputs:
+                if t is not None:
+                    t.record_stream(compute_stream)
+        if not async_finish or event is None:
+            return EventOverlap()
+        touched = tuple(t for t in inputs + outputs if t is not None)
+        for t in touched:
+            t.record_stream(self._comm_stream)
+        return EventOverlap(EventHandle(event), touched)
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: Optional[EventOverlap] = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Counts for a dispatch, on the GPU, no host sync.
+
+        Returns ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [nodes] int32 or None with
+        one node, num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool, event)``.
+        """
+        runtime = self._rt()
+        topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)
+        num_experts = check_int("num_experts", num_experts, lo=1)
+        async_finish = check_bool("async_finish", async_finish)
+        on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
+        prev = event_of(previous_event)
+        compute = torch.cuda.current_stream(self._device)
+        R, T, dev, i32 = self.group_size, topk_idx.size(0), self._device, torch.int32
+        outputs = self._allocate(on_comm, lambda: (
+            torch.empty((R,), dtype=i32, device=dev),
+            torch.empty((self._num_nodes,), dtype=i32, device=dev) if self._num_nodes > 1 else None,
+            torch.empty((num_experts,), dtype=i32, device=dev),
+            torch.empty((T, R), dtype=torch.bool, device=dev)))
+        event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, compute.cuda_stream, prev, async_finish)
+        return (*outputs, self._finish(event, async_finish, on_comm, compute, (topk_idx,), outputs))
+
+    # ------------------------------------------------------------------ normal mode
+    def dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Sends each token once to every rank that holds one of its experts.
+
+        ``x`` is ``[T, hidden]`` BF16, or the FP8 pair ``(x_e4m3 [T, hidden], scales [T,
+        ceil(hidden/128)] float32, any strides)``. Without ``handle`` it needs the layout tensors;
+        with ``handle`` (cached dispatch) it reuses that routing and takes neither topk argument.
+
+        Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)``: ``recv_x`` as ``x`` (tuple with row-major scales for FP8), rows from source
+        rank 0 first then 1, ..., ascending token index within a source; ``recv_topk_idx`` [rows, K]
+        int64 with local expert ids (-1 for experts elsewhere); ``recv_topk_weights`` [rows, K]
+        float32, 0 where the id is -1; the list of received tokens per local expert rounded up to
+        ``expert_alignment`` (empty with ``num_worst_tokens``); ``handle`` (epcomm/handle.py,
+        ``handle[0]`` is the rank prefix matrix). Cached: ``(recv_x, None, None, None, None, event)``.
+
+        ``num_worst_tokens > 0`` allocates that many rows and never waits for the host (CUDA-graph
+        capturable); unused rows have ``recv_topk_idx = -1``. ``num_tokens_per_rdma_rank`` is
+        accepted and unused (the core derives the per-node routing from ``is_token_in_rank``).
+        """
+        return self._dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                              topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+                              allocate_on_comm_stream)
+
+    def internode_dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank=None,
+                           num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                           topk_idx=None, topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                           async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Same as ``dispatch``: epcomm's core picks the hierarchical path itself when the group
+        spans nodes."""
+        return self._dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                              topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+                              allocate_on_comm_stream)
+
+    def _dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                  topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+                  allocate_on_comm_stream):
+        runtime = self._rt()
+        x, x_scales = split_x(x)
+        config = self._default_config("dispatch") if config is None else check_config("config", config)
+        expert_alignment = check_int("expert_alignment", expert_alignment, lo=1)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0)
+        async_finish = check_bool("async_finish", async_finish)
+        on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
+        prev = event_of(previous_event)
+        compute = torch.cuda.current_stream(self._device)
+        dev, hidden = self._device, x.size(1)
+
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise ArgumentError("topk_idx, topk_weights: a cached dispatch (handle given) reuses the handle's "
+                                    "routing; pass neither")
+            h = check_handle(handle)
+            rows = h.meta.num_rows
+            recv_x, recv_x_scales = self._allocate(on_comm, lambda: (
+                torch.empty((rows, hidden), dtype=x.dtype, device=dev),
+                None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=torch.float32,
+                                                          device=dev)))
+            event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
+                                            h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
+                                            compute.cuda_stream, prev, async_finish)
+            overlap = self._finish(event, async_finish, on_comm, compute, (x, x_scales) + tuple(h[:4]),
+                                   (recv_x, recv_x_scales))
+            return (recv_x if x_scales is None else (recv_x, recv_x_scales)), None, None, None, None, overlap
+
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise ArgumentError("num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: a dispatch without a "
+                                "handle needs all three (from get_dispatch_layout)")
+        topk_idx = check_tensor("topk_idx", topk_idx, ndim=2, allow_none=True)
+        R, stride = self.group_size, self._chunk_offset_stride(runtime, config)
+        rank_prefix_matrix, chunk_offset = self._allocate(on_comm, lambda: (
+            torch.empty((R, R), dtype=torch.int32, device=dev),
+            torch.empty((R, stride), dtype=torch.int32, device=dev)))
+        # Phase 1 exchanges the counts (the host waits for them unless num_worst_tokens > 0) ...
+        call = runtime.dispatch_prepare(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                        num_tokens_per_expert, expert_alignment, num_worst_tokens, config,
+                                        rank_prefix_matrix, chunk_offset, compute.cuda_stream, prev, async_finish)
+        rows = call.num_rows
+        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        outputs = self._allocate(on_comm, lambda: (
+            torch.empty((rows, hidden), dtype=x.dtype, device=dev),
+            None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=torch.float32, device=dev),
+            None if topk_idx is None else torch.empty((rows, num_topk), dtype=torch.int64, device=dev),
+            None if topk_idx is None or topk_weights is None else
+            torch.empty((rows, num_topk), dtype=torch.float32, device=dev),
+            torch.empty((rows,), dtype=torch.int32, device=dev)))
+        # ... phase 2 moves the data into tensors of exactly that many rows (passed as pointers:
+        # this stretch runs while the GPU waits, and the core knows their shapes).
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = outputs
+        event = call.run(recv_x.data_ptr(), None if recv_x_scales is None else recv_x_scales.data_ptr(),
+                         None if recv_topk_idx is None else recv_topk_idx.data_ptr(),
+                         None if recv_topk_weights is None else recv_topk_weights.data_ptr(), recv_src_idx.data_ptr())
+        handle = DispatchHandle(rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank,
+                                HandleMeta._make(call.meta))
+        overlap = self._finish(event, async_finish, on_comm, compute,
+                               (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                num_tokens_per_expert),
+                               (rank_prefix_matrix, chunk_offset) + outputs)
+        recv = recv_x if x_scales is None else (recv_x, recv_x_scales)
+        return recv, recv_topk_idx, recv_topk_weights, call.num_recv_tokens_per_expert, handle, overlap
+
+    def combine(self, x, handle: tuple, topk_weights=None, bias=None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Sums each token's rows back on the rank that sent it (no weights).
+
+        ``x`` is ``[rows, hidden]`` BF16 in the order dispatch returned; ``bias`` is None, one
+        ``[T, hidden]`` BF16 tensor, or a pair. Returns ``(combined_x [T, hidden] bf16,
+        combined_topk_weights [T, K] float32 or None, event)``: ``combined_x[t]`` = the sum over the
+        ranks that received ``t`` of their row (+ biases), in float32, rounded once; a token sent
+        nowhere gets zeros (+ biases). ``combined_topk_weights`` sums ``topk_weights`` the same way.
+        """
+        return self._combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                             allocate_on_comm_stream)
+
+    def internode_combine(self, x, handle: tuple, topk_weights=None, bias=None, config: Optional[Config] = None,
+                          previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False):
+        """Same as ``combine`` (the core picks the path)."""
+        return self._combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                             allocate_on_comm_stream)
+
+    def _combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream):
+        runtime = self._rt()
+        x = check_tensor("x", x, ndim=2)
+        h = check_handle(handle)
+        topk_weights = check_tensor("topk_weights", topk_weights, ndim=2, allow_none=True)
+        bias0, bias1 = unpack_bias(bias)
+        config = self._default_config("combine") if config is None else check_config("config", config)
+        async_finish = check_bool("async_finish", async_finish)
+        on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
+        prev = event_of(previous_event)
+        compute = torch.cuda.current_stream(self._device)
+        dev, T = self._device, h.meta.num_tokens
+        outputs = self._allocate(on_comm, lambda: (
+            torch.empty((T, x.size(1)), dtype=torch.bfloat16, device=dev),
+            None if topk_weights is None else
+            torch.empty((T, topk_weights.size(1)), dtype=torch.float32, device=dev)))
+        event = runtime.combine(x, topk_weights, bias0, bias1, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
+                                h.is_token_in_rank, h.meta, *outputs, config, compute.cuda_stream, prev, async_finish)
+        overlap = self._finish(event, async_finish, on_comm, compute,
+                               (x, topk_weights, bias0, bias1) + tuple(h[:4]), outputs)
+        return outputs[0], outputs[1], overlap
+

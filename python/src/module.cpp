@@ -1,0 +1,220 @@
+// epcomm._epcomm: the C++ core for Python, built without PyTorch (pybind11 + Python headers only).
+// Errors become Python exceptions that name the argument (ArgumentError is a ValueError; device
+// timeouts and CUDA/NCCL failures are RuntimeErrors); tensors, streams and events cross as
+// described in views.hpp. The torch-facing layer is the pure-Python package around this module.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <string>
+
+#include "bindings.hpp"
+#include "epcomm/config.hpp"
+#include "epcomm/error.hpp"
+#include "views.hpp"
+
+#ifndef EPCOMM_CUDA_ARCHITECTURES
+#define EPCOMM_CUDA_ARCHITECTURES ""
+#endif
+#ifndef EPCOMM_VERSION
+#define EPCOMM_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+using namespace epcomm;
+using epcomm::python::PyEvent;
+
+namespace {
+
+PyObject* g_error = nullptr;           // epcomm.Error(RuntimeError)
+PyObject* g_argument_error = nullptr;  // epcomm.ArgumentError(ValueError, epcomm.Error)
+PyObject* g_timeout_error = nullptr;   // epcomm.TimeoutError(epcomm.Error)
+
+void register_errors(py::module_& m) {
+  const std::string prefix = m.attr("__name__").cast<std::string>() + ".";
+  g_error = PyErr_NewExceptionWithDoc((prefix + "Error").c_str(),
+                                      "An epcomm failure: CUDA or NCCL error, missing feature, device timeout.",
+                                      PyExc_RuntimeError, nullptr);
+  py::tuple arg_bases = py::make_tuple(py::handle(PyExc_ValueError), py::handle(g_error));
+  g_argument_error = PyErr_NewExceptionWithDoc(
+      (prefix + "ArgumentError").c_str(),
+      "A bad argument (dtype, shape, range, device, size); raised before anything is launched.", arg_bases.ptr(),
+      nullptr);
+  g_timeout_error = PyErr_NewExceptionWithDoc(
+      (prefix + "TimeoutError").c_str(),
+      "A GPU wait ran past EPCOMM_TIMEOUT_MS; the message names kernel, phase, rank and peer.", g_error, nullptr);
+  if (!g_error || !g_argument_error || !g_timeout_error) throw py::error_already_set();
+  m.add_object("Error", py::handle(g_error));
+  m.add_object("ArgumentError", py::handle(g_argument_error));
+  m.add_object("TimeoutError", py::handle(g_timeout_error));
+  // Most derived first: every epcomm exception derives from epcomm::Error.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ArgumentError& e) {
+      PyErr_SetString(g_argument_error, e.what());
+    } catch (const TimeoutError& e) {
+      PyErr_SetString(g_timeout_error, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(g_error, e.what());
+    }
+  });
+}
+
+Config make_config(int num_sms, int nvl_chunk_size, int nvl_buffer_size, int rdma_chunk_size, int rdma_buffer_size) {
+  // Device-independent rules here; num_sms against the device's SM count when a call uses it.
+  const std::pair<const char*, int> fields[] = {{"num_sms", num_sms},
+                                                {"nvl_chunk_size", nvl_chunk_size},
+                                                {"nvl_buffer_size", nvl_buffer_size},
+                                                {"rdma_chunk_size", rdma_chunk_size},
+                                                {"rdma_buffer_size", rdma_buffer_size}};
+  for (const auto& [name, value] : fields)
+    if (value < 1) throw ArgumentError(std::string("Config.") + name + " = " + std::to_string(value) + " must be positive");
+  Config c;
+  c.num_sms = num_sms;
+  c.nvl_chunk_size = nvl_chunk_size;
+  c.nvl_buffer_size = nvl_buffer_size;
+  c.rdma_chunk_size = rdma_chunk_size;
+  c.rdma_buffer_size = rdma_buffer_size;
+  return c;
+}
+
+void check_hint_args(long long hidden_bytes, int num_ranks) {
+  if (hidden_bytes < 1) throw ArgumentError("hidden_bytes = " + std::to_string(hidden_bytes) + " must be positive");
+  if (num_ranks < 1) throw ArgumentError("num_ranks = " + std::to_string(num_ranks) + " must be positive");
+}
+
+void bind_config(py::module_& m) {
+  py::class_<Config>(m, "Config",
+                     "Tuning of the normal-mode kernels (DeepEP's Config, same positional order). Chunk sizes are "
+                     "clamped into what the kernels support (README \"Config\").")
+      .def(py::init(&make_config), py::arg("num_sms") = 24, py::arg("nvl_chunk_size") = 32,
+           py::arg("nvl_buffer_size") = 128, py::arg("rdma_chunk_size") = 16, py::arg("rdma_buffer_size") = 128)
+      .def_readwrite("num_sms", &Config::num_sms)
+      .def_readwrite("nvl_chunk_size", &Config::nvl_chunk_size)
+      .def_readwrite("nvl_buffer_size", &Config::nvl_buffer_size)
+      .def_readwrite("rdma_chunk_size", &Config::rdma_chunk_size)
+      .def_readwrite("rdma_buffer_size", &Config::rdma_buffer_size)
+      // DeepEP's field names, for code that reads them.
+      .def_readwrite("num_max_nvl_chunked_send_tokens", &Config::nvl_chunk_size)
+      .def_readwrite("num_max_nvl_chunked_recv_tokens", &Config::nvl_buffer_size)
+      .def_readwrite("num_max_rdma_chunked_send_tokens", &Config::rdma_chunk_size)
+      .def_readwrite("num_max_rdma_chunked_recv_tokens", &Config::rdma_buffer_size)
+      .def_property_readonly("chunk_tokens", &Config::chunk_tokens, "tokens per chunk after clamping")
+      .def_property_readonly("ring_slots", &Config::ring_slots, "ring slots per SM after clamping")
+      .def(
+          "get_nvl_buffer_size_hint",
+          [](const Config& c, long long hidden_bytes, int num_ranks) {
+            check_hint_args(hidden_bytes, num_ranks);
+            return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+          },
+          py::arg("hidden_bytes"), py::arg("num_ranks"),
+          "num_nvl_bytes this config needs for rows of hidden_bytes (DeepEP passes hidden * max(elem size, 2))")
+      .def(
+          "get_rdma_buffer_size_hint",
+          [](const Config& c, long long hidden_bytes, int num_ranks) {
+            check_hint_args(hidden_bytes, num_ranks);
+            return c.get_rdma_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+          },
+          py::arg("hidden_bytes"), py::arg("num_ranks"))
+      .def_static(
+          "dispatch_default",
+          [](int num_ranks) {
+            check_hint_args(1, num_ranks);
+            return Config::dispatch_default(num_ranks);
+          },
+          py::arg("num_ranks"))
+      .def_static(
+          "combine_default",
+          [](int num_ranks) {
+            check_hint_args(1, num_ranks);
+            return Config::combine_default(num_ranks);
+          },
+          py::arg("num_ranks"))
+      .def("__repr__", &Config::describe)
+      .def(py::pickle(
+          [](const Config& c) {
+            return py::make_tuple(c.num_sms, c.nvl_chunk_size, c.nvl_buffer_size, c.rdma_chunk_size, c.rdma_buffer_size);
+          },
+          [](const py::tuple& t) {
+            return make_config(t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), t[3].cast<int>(), t[4].cast<int>());
+          }));
+}
+
+void bind_event(py::module_& m) {
+  py::class_<PyEvent>(m, "Event", "An owned CUDA event (what async calls return).")
+      .def_static(
+          "record",
+          [](py::handle stream, int device) { return PyEvent::record(python::to_stream(stream, "stream"), device); },
+          py::arg("stream"), py::arg("device") = -1, "Creates an event on `device` and records it on `stream`.")
+      .def(
+          "wait", [](const PyEvent& e, py::handle stream) { e.wait(python::to_stream(stream, "stream")); },
+          py::arg("stream"), "Makes `stream` (a cudaStream_t integer) wait for the event.")
+      .def("synchronize", &PyEvent::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("query", &PyEvent::query)
+      .def_property_readonly("ptr", [](const PyEvent& e) { return reinterpret_cast<uintptr_t>(e.get()); })
+      .def_property_readonly("device", &PyEvent::device);
+}
+
+py::bytes get_unique_id() {
+  ncclUniqueId id;
+  const ncclResult_t r = ncclGetUniqueId(&id);
+  if (r != ncclSuccess) throw RuntimeFailure(std::string("ncclGetUniqueId failed: ") + ncclGetErrorString(r));
+  return py::bytes(id.internal, sizeof(id.internal));
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// Only for tests of the error translation: raises the C++ exception `kind` with `message`.
+void throw_for_test(const std::string& kind, const std::string& message) {
+  if (kind == "argument") throw ArgumentError(message);
+  if (kind == "timeout") throw TimeoutError(message);
+  if (kind == "runtime") throw RuntimeFailure(message);
+  if (kind == "error") throw Error(message);
+  throw ArgumentError("kind: '" + kind + "' is not argument, timeout, runtime or error");
+}
+
+bool arch_compiled(const std::string& arch) {
+  const std::string archs = std::string(";") + EPCOMM_CUDA_ARCHITECTURES + ";";
+  for (const char* suffix : {"", "-real", "-virtual", "a", "a-real"})
+    if (archs.find(";" + arch + suffix + ";") != std::string::npos) return true;
+  return false;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_epcomm, m) {
+  m.doc() = "epcomm C++ core (no PyTorch): Runtime, Config, Event, errors. Use the epcomm package.";
+  m.attr("__version__") = EPCOMM_VERSION;
+  m.attr("cuda_architectures") = EPCOMM_CUDA_ARCHITECTURES;
+  register_errors(m);
+  bind_config(m);
+  bind_event(m);
+  python::bind_runtime(m);
+
+  m.def("get_unique_id", &get_unique_id, "A fresh ncclUniqueId as bytes (rank 0 makes it, every rank passes it).");
+  m.def("nccl_version", [] {
+    int v = 0;
+    ncclGetVersion(&v);
+    return v;
+  });
+  m.def("device_count", &device_count, "Visible CUDA devices (0 when there is no driver or no GPU).");
+  m.def("is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
+  m.def(
+      "dtype_size", [](py::handle dtype) { return dtype_size(python::dtype_from_object(dtype, "dtype")); },
+      py::arg("dtype"));
+  m.def(
+      "describe_view", [](py::handle tensor, const std::string& name) { return python::to_view(tensor, name.c_str()).describe(); },
+      py::arg("tensor"), py::arg("name") = "tensor",
+      "How the core sees a tensor-like object, e.g. '[4, 8] bfloat16 on cuda:0' (for tests and messages).");
+  m.def("_throw_for_test", &throw_for_test, py::arg("kind"), py::arg("message"));
+}

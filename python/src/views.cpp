@@ -1,0 +1,144 @@
+#include "views.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <unordered_map>
+
+#include "epcomm/error.hpp"
+
+namespace epcomm::python {
+namespace {
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+[[noreturn]] void cuda_failure(cudaError_t e, const char* what) {
+  throw RuntimeFailure(std::string(what) + " failed: " + cudaGetErrorString(e));
+}
+
+// Elements of a shape or strides sequence, as int64.
+int copy_dims(py::handle seq, std::array<int64_t, TensorView::kMaxDims>& out, const char* arg) {
+  const py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
+  const size_t n = py::len(s);
+  if (n > static_cast<size_t>(TensorView::kMaxDims))
+    throw ArgumentError(std::string(arg) + ": " + std::to_string(n) + " dimensions; epcomm takes at most " +
+                        std::to_string(TensorView::kMaxDims));
+  for (size_t i = 0; i < n; ++i) out[i] = s[i].cast<int64_t>();
+  return static_cast<int>(n);
+}
+
+TensorView from_tuple(py::handle obj, const char* arg) {
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
+  if (t.size() != 5)
+    throw ArgumentError(std::string(arg) + ": a raw tensor tuple is (data_ptr, dtype, shape, strides, device); got " +
+                        std::to_string(t.size()) + " items");
+  TensorView v;
+  v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+  v.dtype = dtype_from_object(t[1], arg);
+  v.ndim = copy_dims(t[2], v.shape, arg);
+  std::array<int64_t, TensorView::kMaxDims> strides{};
+  const int nstrides = copy_dims(t[3], strides, arg);
+  if (nstrides != v.ndim)
+    throw ArgumentError(std::string(arg) + ": shape has " + std::to_string(v.ndim) + " dimensions but strides " +
+                        std::to_string(nstrides));
+  v.strides = strides;
+  v.device = t[4].cast<int>();
+  return v;
+}
+
+}  // namespace
+
+DType dtype_from_name(const std::string& full, const char* arg) {
+  std::string name = full;
+  if (name.rfind("torch.", 0) == 0) name = name.substr(6);
+  static const std::pair<const char*, DType> table[] = {
+      {"bfloat16", DType::kBF16}, {"float8_e4m3fn", DType::kFP8E4M3}, {"float32", DType::kF32},
+      {"float", DType::kF32},     {"int32", DType::kI32},             {"int", DType::kI32},
+      {"int64", DType::kI64},     {"long", DType::kI64},              {"bool", DType::kBool}};
+  for (const auto& [n, d] : table)
+    if (name == n) return d;
+  throw ArgumentError(std::string(arg) + ": dtype " + full +
+                      " is not one epcomm moves (bfloat16, float8_e4m3fn, float32, int32, int64, bool)");
+}
+
+DType dtype_from_object(py::handle dtype, const char* arg) {
+  if (py::isinstance<py::str>(dtype)) return dtype_from_name(dtype.cast<std::string>(), arg);
+  // torch.dtype objects are singletons: remember each one's answer so the hot path skips str().
+  static std::unordered_map<PyObject*, DType> cache;
+  const auto it = cache.find(dtype.ptr());
+  if (it != cache.end()) return it->second;
+  const DType d = dtype_from_name(py::str(dtype).cast<std::string>(), arg);
+  cache.emplace(dtype.inc_ref().ptr(), d);  // the reference keeps the key alive
+  return d;
+}
+
+TensorView to_view(py::handle obj, const char* arg) {
+  if (obj.is_none()) throw ArgumentError(std::string(arg) + ": a tensor is required, got None");
+  if (py::isinstance<py::tuple>(obj)) return from_tuple(obj, arg);
+  const py::object data_ptr = py::getattr(obj, "data_ptr", py::none());
+  if (data_ptr.is_none())
+    throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
+  TensorView v;
+  v.data = reinterpret_cast<void*>(data_ptr().cast<uintptr_t>());
+  v.dtype = dtype_from_object(obj.attr("dtype"), arg);
+  v.ndim = copy_dims(obj.attr("shape"), v.shape, arg);
+  const int nstrides = copy_dims(obj.attr("stride")(), v.strides, arg);
+  if (nstrides != v.ndim) throw ArgumentError(std::string(arg) + ": stride() and shape disagree in length");
+  v.device = obj.attr("get_device")().cast<int>();
+  return v;
+}
+
+std::optional<TensorView> to_optional_view(py::handle obj, const char* arg) {
+  if (obj.is_none()) return std::nullopt;
+  return to_view(obj, arg);
+}
+
+cudaStream_t to_stream(py::handle obj, const char* arg) {
+  if (obj.is_none()) return nullptr;
+  if (!py::isinstance<py::int_>(obj))
+    throw ArgumentError(std::string(arg) + ": a stream is passed as an integer (cudaStream_t), got " + type_name(obj));
+  return reinterpret_cast<cudaStream_t>(obj.cast<uintptr_t>());
+}
+
+cudaEvent_t to_event(py::handle obj, const char* arg) {
+  if (obj.is_none()) return nullptr;
+  if (py::isinstance<PyEvent>(obj)) return obj.cast<const PyEvent&>().get();
+  if (py::isinstance<py::int_>(obj)) return reinterpret_cast<cudaEvent_t>(obj.cast<uintptr_t>());
+  throw ArgumentError(std::string(arg) + ": expected an epcomm event or a cudaEvent_t integer, got " + type_name(obj));
+}
+
+PyEvent::PyEvent(Event&& event, int device) : event_(std::make_shared<Event>(std::move(event))), device_(device) {}
+
+PyEvent PyEvent::record(cudaStream_t stream, int device) {
+  int previous = 0;
+  cudaError_t e = cudaGetDevice(&previous);
+  if (e != cudaSuccess) cuda_failure(e, "cudaGetDevice");
+  if (device < 0) device = previous;
+  // The event must belong to the stream's device; put the caller's device back afterwards.
+  if (device != previous && (e = cudaSetDevice(device)) != cudaSuccess) cuda_failure(e, "cudaSetDevice");
+  cudaEvent_t raw = nullptr;
+  e = cudaEventCreateWithFlags(&raw, cudaEventDisableTiming);
+  if (e == cudaSuccess) {
+    e = cudaEventRecord(raw, stream);
+    if (e != cudaSuccess) cudaEventDestroy(raw);
+  }
+  if (device != previous) cudaSetDevice(previous);
+  if (e != cudaSuccess) cuda_failure(e, "recording an event (cudaEventCreate/cudaEventRecord)");
+  return PyEvent(Event(raw), device);
+}
+
+void PyEvent::wait(cudaStream_t stream) const { event_->wait_on(stream); }
+void PyEvent::synchronize() const { event_->synchronize(); }
+bool PyEvent::query() const {
+  const cudaError_t e = cudaEventQuery(event_->get());
+  if (e == cudaSuccess) return true;
+  if (e == cudaErrorNotReady) return false;
+  cuda_failure(e, "cudaEventQuery");
+}
+
+py::object wrap_event(Event&& event, int device) {
+  if (!event.valid()) return py::none();
+  return py::cast(PyEvent(std::move(event), device));
+}
+
+}  // namespace epcomm::python

@@ -1,0 +1,54 @@
+// Python objects -> epcomm's plain C++ types, without PyTorch: tensors arrive as duck-typed objects
+// (anything with data_ptr(), dtype, shape, stride(), get_device(), which torch.Tensor has) or as
+// raw tuples (data_ptr, dtype name, shape, strides, device); streams and events as integers.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+
+#include "epcomm/buffer.hpp"
+#include "epcomm/types.hpp"
+
+namespace epcomm::python {
+
+namespace py = pybind11;
+
+// "bfloat16", "torch.bfloat16", "float8_e4m3fn", "float32"/"float", "int32"/"int", "int64"/"long",
+// "bool". Anything else raises ArgumentError naming `arg`.
+DType dtype_from_name(const std::string& name, const char* arg);
+// A torch.dtype (or any object whose str() is one of the names above), or a name.
+DType dtype_from_object(py::handle dtype, const char* arg);
+
+// A tensor-like object or a raw tuple; None raises ArgumentError naming `arg`.
+TensorView to_view(py::handle obj, const char* arg);
+// None -> nullopt.
+std::optional<TensorView> to_optional_view(py::handle obj, const char* arg);
+
+// cudaStream_t / cudaEvent_t from Python integers (0 = the legacy default stream / no event). An
+// event may also be an epcomm._epcomm.Event.
+cudaStream_t to_stream(py::handle obj, const char* arg);
+cudaEvent_t to_event(py::handle obj, const char* arg);
+
+// An owned CUDA event handed to Python: what async calls return and what Buffer.capture() records.
+class PyEvent {
+ public:
+  PyEvent(Event&& event, int device);
+  // Creates an event on `device` and records it on `stream`.
+  static PyEvent record(cudaStream_t stream, int device);
+  void wait(cudaStream_t stream) const;
+  void synchronize() const;
+  bool query() const;
+  cudaEvent_t get() const { return event_->get(); }
+  int device() const { return device_; }
+
+ private:
+  std::shared_ptr<Event> event_;
+  int device_;
+};
+
+// None for an empty (non-async) event, else a PyEvent.
+py::object wrap_event(Event&& event, int device);
+
+}  // namespace epcomm::python

@@ -1,0 +1,149 @@
+"""One process per GPU for the Python GPU tests, started once and reused: each test sends a case
+name to every rank and collects each rank's result. A rank that fails reports its traceback; a
+rank that hangs is caught by a timeout, and the processes are replaced before the next test, so a
+broken case never hangs the suite."""
+
+import importlib
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+# NVLink multicast stays off on shared machines (README "GPU machines"); set before NCCL starts.
+_QUIET_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Context:
+    """What a case gets on its rank: rank, R, device, the process group and a shared buffer."""
+
+    def __init__(self, rank: int, num_ranks: int, buffer, group, device):
+        self.rank, self.num_ranks, self.buffer, self.group, self.device = rank, num_ranks, buffer, group, device
+
+
+def _worker(rank: int, num_ranks: int, port: int, cases_module: str, commands, results, buffer_bytes: int) -> None:
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        import epcomm
+
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
+        group = dist.group.WORLD
+        buffer = epcomm.Buffer(group, num_nvl_bytes=buffer_bytes)
+        ctx = Context(rank, num_ranks, buffer, group, torch.device("cuda", rank))
+        cases = importlib.import_module(cases_module)
+        results.put((rank, "ready", None))
+    except BaseException:  # noqa: BLE001 -- reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        command = commands.get()
+        if command is None:
+            break
+        name, kwargs = command
+        try:
+            out = getattr(cases, name)(ctx, **kwargs)
+            torch.cuda.synchronize()
+            results.put((rank, "ok", out))
+        except BaseException:  # noqa: BLE001 -- reported to the parent
+            results.put((rank, "error", traceback.format_exc()))
+    try:
+        del buffer
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- shutting down
+        pass
+
+
+class Cluster:
+    def __init__(self, num_ranks: int, cases_module: str, buffer_bytes: int, start_timeout: float = 300.0):
+        import torch.multiprocessing as mp
+
+        self.num_ranks, self.cases_module, self.buffer_bytes = num_ranks, cases_module, buffer_bytes
+        self.start_timeout = start_timeout
+        self._mp = mp.get_context("spawn")
+        self._procs: List[Any] = []
+        self._commands: List[Any] = []
+        self._results = None
+
+    def _start(self) -> None:
+        port = free_port()
+        self._results = self._mp.Queue()
+        self._commands = [self._mp.Queue() for _ in range(self.num_ranks)]
+        self._procs = [self._mp.Process(target=_worker, args=(r, self.num_ranks, port, self.cases_module,
+                                                              self._commands[r], self._results, self.buffer_bytes),
+                                        daemon=True) for r in range(self.num_ranks)]
+        for p in self._procs:
+            p.start()
+        self._collect("startup", self.start_timeout, expect="ready")
+
+    def _collect(self, what: str, timeout: float, expect: str = "ok") -> List[Any]:
+        deadline = time.monotonic() + timeout
+        got: Dict[int, Any] = {}
+        errors: List[str] = []
+        while len(got) + len(errors) < self.num_ranks:
+            left = deadline - time.monotonic()
+            try:
+                rank, status, payload = self._results.get(timeout=max(left, 0.01))
+            except queue.Empty:
+                missing = sorted(set(range(self.num_ranks)) - set(got))
+                self.close()
+                raise AssertionError(f"{what}: ranks {missing} gave no answer within {timeout:.0f} s "
+                                     f"(hung or died); processes restarted for the next test\n" + "\n".join(errors))
+            if status == expect:
+                got[rank] = payload
+            else:
+                errors.append(f"--- rank {rank} ---\n{payload}")
+                # The others may be stuck in a collective the failed rank left; don't wait long.
+                deadline = min(deadline, time.monotonic() + 60.0)
+        if errors:
+            raise AssertionError(f"{what} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+        return [got[r] for r in range(self.num_ranks)]
+
+    def run(self, case: str, timeout: float = 600.0, **kwargs) -> List[Any]:
+        """Runs cases.<case>(ctx, **kwargs) on every rank; returns the per-rank results."""
+        if not self._procs or not all(p.is_alive() for p in self._procs):
+            self.close()
+            self._start()
+        for q in self._commands:
+            q.put((case, kwargs))
+        return self._collect(case, timeout)
+
+    def close(self) -> None:
+        for q in self._commands:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001 -- the queue may be gone
+                pass
+        for p in self._procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        self._procs, self._commands = [], []
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def ranks_for_tests(max_ranks: int = 8) -> int:
+    env = os.environ.get("EPCOMM_TEST_RANKS")
+    return int(env) if env else min(visible_gpus(), max_ranks)
+

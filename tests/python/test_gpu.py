@@ -1,0 +1,110 @@
+"""The DeepEP-compatible surface on GPUs, one process per GPU (torch.multiprocessing): layout,
+dispatch / combine in BF16 and FP8, with and without top-k, cached handle, num_worst_tokens,
+previous_event / async_finish / allocate_on_comm_stream, handle[0] as the prefix matrix, Config
+and size hints, set_num_sms, capture and CUDA graphs, destroy, argument errors, the MoE example.
+Every output is checked against a torch reference built from all-gathered inputs (_reference.py).
+
+    PYTHONPATH=python python -m pytest -rs tests/python/test_gpu.py
+
+EPCOMM_TEST_RANKS sets the number of ranks (default: every visible GPU, at most 8);
+EPCOMM_TEST_SEED fixes the random inputs (the seed is in every failure message). Without a GPU
+every test is skipped with "skipped (no GPU)".
+"""
+
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _cluster import Cluster, ranks_for_tests, visible_gpus  # noqa: E402
+
+try:
+    import torch  # noqa: F401
+except ImportError:
+    torch = None
+
+pytestmark = [
+    pytest.mark.skipif(torch is None, reason="PyTorch is not installed"),
+    pytest.mark.skipif(torch is not None and visible_gpus() == 0, reason="skipped (no GPU)"),
+]
+
+SEED = int(os.environ.get("EPCOMM_TEST_SEED", random.randrange(1 << 30)))
+STANDARD = dict(max_tokens=4096, fixed_tokens=4096, hidden=7168, num_topk=8, num_experts=256)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import epcomm
+
+    R = ranks_for_tests()
+    # Enough ring memory for the widest rows any case uses, with the default configs.
+    hidden_bytes = STANDARD["hidden"] * 2
+    nbytes = max(epcomm.Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(hidden_bytes, R),
+                 epcomm.Buffer.get_combine_config(R).get_nvl_buffer_size_hint(hidden_bytes, R))
+    print(f"\nepcomm GPU tests: {R} ranks, seed {SEED} (EPCOMM_TEST_SEED)")
+    c = Cluster(R, "_gpu_cases", nbytes)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("with_topk", [True, False], ids=["topk", "no-topk"])
+def test_dispatch_combine(cluster, fp8, with_topk):
+    cluster.run("normal", seed=SEED, what=f"fp8={fp8} topk={with_topk}", fp8=fp8, with_topk=with_topk,
+                alignment=4, bias=True)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_standard_problem(cluster, fp8):
+    cluster.run("normal", seed=SEED, what=f"standard problem fp8={fp8}", fp8=fp8, **STANDARD)
+
+
+@pytest.mark.parametrize("hidden", [1040, 4096, 7168])
+def test_hidden_sizes(cluster, hidden):
+    for fp8 in (False, True):
+        cluster.run("normal", seed=SEED, what=f"hidden={hidden} fp8={fp8}", fp8=fp8, hidden=hidden, max_tokens=200)
+
+
+def test_few_tokens(cluster):
+    for max_tokens in (0, 1, 3):
+        cluster.run("normal", seed=SEED + max_tokens, what=f"T<={max_tokens}", max_tokens=max_tokens, bias=True)
+
+
+def test_num_worst_tokens(cluster):
+    cluster.run("worst_tokens", seed=SEED)
+
+
+def test_stream_options(cluster):
+    cluster.run("stream_modes", seed=SEED)
+
+
+def test_config_and_hints(cluster):
+    cluster.run("configs", seed=SEED)
+
+
+def test_set_num_sms(cluster):
+    cluster.run("set_num_sms", seed=SEED)
+
+
+def test_cuda_graph(cluster):
+    cluster.run("graph", seed=SEED)
+
+
+def test_argument_errors(cluster):
+    cluster.run("errors", seed=SEED)
+
+
+def test_out_of_range_topk(cluster):
+    cluster.run("invalid_topk", seed=SEED)
+
+
+def test_lifetime_and_statics(cluster):
+    cluster.run("lifetime", seed=SEED)
+
+
+def test_moe_layer_example(cluster):
+    reports = cluster.run("moe_layer", seed=SEED % 1000)
+    print("\n".join(str(r) for r in reports))
