@@ -46,6 +46,9 @@ struct Report {
 };
 
 void run_gpu_normal(const Options& o, Report& report);
+// Low-latency mode (gpu_low_latency.cu): LL dispatch / combine, hook halves, buffer size vs DeepEP,
+// and the NCCL baseline at the same token count.
+void run_gpu_low_latency(const Options& o, Report& report);
 void run_nccl_baseline(const Options& o, Report& report);
 void run_cpu_reference(const Options& o, Report& report);
 

@@ -159,8 +159,7 @@ int main(int argc, char** argv) {
         run_gpu_normal(o, report);
         if (o.baseline) run_nccl_baseline(o, report);
       }
-      if (o.mode == "low-latency" || o.mode == "all")
-        std::printf("epcomm-bench: low-latency mode is not implemented yet\n");
+      if (o.mode == "low-latency" || o.mode == "all") run_gpu_low_latency(o, report);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "epcomm-bench: %s\n", e.what());

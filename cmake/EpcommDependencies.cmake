@@ -3,6 +3,8 @@
 find_package(CUDAToolkit 13 REQUIRED)
 message(STATUS "epcomm: CUDA ${CUDAToolkit_VERSION} at ${CUDAToolkit_BIN_DIR}")
 
+# The interpreter first: FindNCCL asks it where the nvidia-nccl-cu13 wheel lives.
+find_package(Python3 COMPONENTS Interpreter QUIET)
 find_package(NCCL REQUIRED)
 message(STATUS "epcomm: NCCL ${NCCL_VERSION} (${NCCL_LIBRARY}, headers ${NCCL_INCLUDE_DIR})")
 if(NCCL_VERSION VERSION_LESS 2.28)

@@ -12,7 +12,12 @@ if(CUDAToolkit_LIBRARY_ROOT)
 endif()
 list(APPEND _nccl_hints /usr/local/cuda)
 # The wheel comes before system locations: PyTorch loads it, and one process holds one libnccl.so.2.
-find_program(_nccl_python NAMES python3 python)
+# The interpreter this build uses (scikit-build-core passes it) knows the right wheel; else PATH's.
+if(Python3_EXECUTABLE)
+  set(_nccl_python "${Python3_EXECUTABLE}")
+else()
+  find_program(_nccl_python NAMES python3 python)
+endif()
 if(_nccl_python)
   execute_process(
     COMMAND "${_nccl_python}" -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__) if nvidia.nccl.__file__ else list(nvidia.nccl.__path__)[0])"

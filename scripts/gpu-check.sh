@@ -2,7 +2,7 @@
 # The GPU machine's job: build epcomm with every core (NCCL from the nvidia-nccl-cu13 wheel), run
 # the GPU tests and epcomm-bench, and leave logs under $OUT (or ./gpu-logs).
 #
-#   scripts/gpu-check.sh                 # build + tests + bench
+#   scripts/gpu-check.sh                 # build + tests + bench + python + ceiling
 #   EPCOMM_CHECK_STEPS="build tests" scripts/gpu-check.sh
 #   EPCOMM_GPU_TEST_FILTER='NormalGpu.*' EPCOMM_BENCH_ARGS='--sms 24,16' scripts/gpu-check.sh
 #
@@ -16,7 +16,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/gpu-logs}
 mkdir -p "$out"
 build=${EPCOMM_GPU_BUILD:-$root/build-gpu}
-steps=${EPCOMM_CHECK_STEPS:-build tests bench ceiling}
+steps=${EPCOMM_CHECK_STEPS:-build tests bench python ceiling}
 status=0
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$out/summary.txt"; }
 
@@ -62,6 +62,31 @@ if [[ " $steps " == *" bench "* ]]; then
     log "epcomm-bench --tokens $tokens rc=$rc"
     [[ $rc -ne 0 ]] && status=1
   done
+fi
+
+if [[ " $steps " == *" python "* ]]; then
+  # The drop-in layer: its GPU suite (one process per GPU), the MoE example, and the Python-level
+  # bandwidth beside the C++ figure (same run).
+  log "python: pytest tests/python/test_gpu.py"
+  export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
+  timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 -m pytest -rs -q "$root/tests/python/test_gpu.py" >"$out/python.log" 2>&1
+  rc=$?
+  tail -15 "$out/python.log"
+  log "python tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+  log "python: examples/moe_layer.py"
+  timeout 300 python3 "$root/examples/moe_layer.py" >>"$out/python.log" 2>&1
+  rc=$?
+  tail -5 "$out/python.log"
+  log "moe_layer rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+  log "python: bench_python.py"
+  timeout 600 python3 "$root/tests/python/bench_python.py" --cpp-bench "$build/bench/epcomm-bench" \
+    >"$out/bench-python.log" 2>&1
+  rc=$?
+  tail -12 "$out/bench-python.log"
+  log "bench_python rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
 fi
 
 if [[ " $steps " == *" ceiling "* ]]; then

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "epcomm/config.hpp"
@@ -120,6 +121,81 @@ struct CombineOutputs {
   std::optional<TensorView> combined_topk_weights;  // [T, K] f32
 };
 
+// ======================= low-latency mode (SPEC.md §3.3) =======================
+// Decoding: no host synchronization, fixed shapes (every size follows from Tmax =
+// num_max_dispatch_tokens_per_rank, hidden and num_experts), CUDA-graph capturable. The LL region
+// (BufferOptions::num_rdma_bytes, at least low_latency_size_hint()) holds two buffers: each
+// dispatch takes the next one, records it in the handle, and its combine uses the same one.
+//
+// Rules of use (all collective, same order on every rank):
+// - The first LL call fixes (Tmax, hidden, num_experts); another shape needs
+//   clean_low_latency_buffer(...) with the new one first (ArgumentError otherwise).
+// - A dispatch's buffer is used again by the dispatch after next. Its combine must come before
+//   that (any decode step does). Eager calls alternate buffers by themselves; a dispatch followed
+//   by its combine may also reuse one buffer (a CUDA graph with one dispatch + combine per replay).
+//   Two dispatches into one buffer with no combine of the first in between are not allowed (the
+//   second could overwrite rows a slow peer is still receiving): a graph of dispatches only must
+//   hold an even number of them. Repeating a combine with the same handle and the same x is fine.
+// - Hook mode: with return_recv_hook the call launches only the send half and returns; the
+//   *_recv call (same arguments, plus the handle) launches the receive half. No SM is held in
+//   between. Without the hook one launch does both halves.
+// - Calls without async_finish / previous_event run directly on `order.stream` (no hop through the
+//   comm stream: the caller's stream is ordered exactly as if they had); otherwise as every mode.
+// - topk_idx entries outside [-1, num_experts) are treated as -1 on the device (checking them on
+//   the host would need a sync).
+// - Shrink mode (masking ranks) is not implemented: see low_latency_update_mask_buffer.
+struct LowLatencyDispatchInputs {
+  TensorView x;                 // [T, hidden] bf16, rows contiguous, 16-byte aligned; T <= Tmax
+  TensorView topk_idx;          // [T, K] i64 contiguous, K <= min(16, num_experts)
+  int num_max_dispatch_tokens_per_rank = 0;  // Tmax, 1..4096
+  int num_experts = 0;          // divisible by the number of ranks
+  bool use_fp8 = true;          // cast to e4m3 per 128 channels in the kernel, else send BF16
+  bool round_scale = false;     // scales rounded up to powers of two
+  bool use_ue8m0 = false;       // scales as UE8M0 bytes packed 4 per int32 (needs round_scale)
+  std::optional<TensorView> cumulative_local_expert_recv_stats;  // [E/R] i32: += rows received
+  std::optional<TensorView> dispatch_wait_recv_cost_stats;       // [R] i64: += clock cycles spent
+                                                                 // waiting for each source
+  int num_sms = 0;              // blocks (one per SM); 0 = every SM of the device
+};
+
+// Caller-allocated outputs (RT = R * Tmax, G = hidden / 128). Rows of an expert past recv_count
+// are not written.
+struct LowLatencyDispatchOutputs {
+  TensorView recv_x;            // [E/R, RT, hidden] fp8 e4m3 (use_fp8) or bf16, contiguous
+  // use_fp8 && !use_ue8m0: f32 [E/R, RT, G] with strides (G*RT, 1, RT), i.e. stored [E/R][G][RT];
+  // use_ue8m0: i32 [E/R, RT, ceil(G/4)] with strides (ceil(G/4)*RT, 1, RT). Unused for BF16.
+  std::optional<TensorView> recv_x_scales;
+  TensorView recv_count;        // [E/R] i32
+  TensorView src_info;          // [E/R, RT] i32: source token index of each row
+  TensorView layout_range;      // [E/R, R] i64: (begin << 32) | count of the rows from each source
+};
+
+// What combine (and get_next_low_latency_combine_buffer) needs. DeepEP's Python handle is
+// (src_info, layout_range, Tmax, hidden, num_experts); epcomm's Python layer appends
+// buffer_index as a sixth element.
+struct LowLatencyHandle {
+  TensorView src_info;          // [E/R, RT] i32
+  TensorView layout_range;      // [E/R, R] i64
+  int num_max_dispatch_tokens_per_rank = 0;
+  int hidden = 0;
+  int num_experts = 0;
+  int buffer_index = 0;         // which of the two LL buffers the dispatch used (0 or 1)
+};
+
+struct LowLatencyCombineInputs {
+  // [E/R, RT, hidden] bf16 contiguous: expert outputs, rows as dispatch returned them. With
+  // zero_copy its data is not read (the caller wrote it into get_next_low_latency_combine_buffer);
+  // its shape is still checked.
+  TensorView x;
+  TensorView topk_idx;          // [T, K] i64: the dispatch's
+  TensorView topk_weights;      // [T, K] f32
+  bool zero_copy = false;
+  bool use_logfmt = false;      // accepted for compatibility; epcomm always sends BF16 (exact)
+  std::optional<TensorView> combine_wait_recv_cost_stats;  // [R] i64: += cycles waiting per rank
+  int num_sms = 0;              // 0 = every SM of the device
+};
+// ===================== end of low-latency mode structs =====================
+
 class Buffer {
  public:
   Buffer(std::shared_ptr<Group> group, const BufferOptions& options);
@@ -133,6 +209,10 @@ class Buffer {
   const Group& group() const;
   cudaStream_t comm_stream() const;
   const BufferOptions& options() const;
+
+  // This rank's part of the symmetric memory, for DeepEP's get_local_buffer_tensor: the normal-mode
+  // ring region (rdma = false) or the low-latency region (rdma = true). Calls overwrite it.
+  std::pair<void*, size_t> local_buffer(bool rdma) const;
 
   // Shapes of the handle pieces the caller allocates before dispatch_prepare.
   int chunk_offset_stride(const Config& config) const;
@@ -155,6 +235,39 @@ class Buffer {
                         const StreamOrder& order);
   Event combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                 const StreamOrder& order);
+
+  // ---------------- low-latency mode (see the structs above) ----------------
+  // Bytes of num_rdma_bytes low-latency mode needs for this problem (both buffers). Never more than
+  // DeepEP's get_low_latency_rdma_size_hint for the same arguments.
+  static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                      int num_experts);
+  // Collective and synchronous: waits for `stream` and this buffer's work, zeroes both LL buffers and
+  // the call counters on every rank, and fixes the LL shape. Also the way back after an LL timeout.
+  void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
+                                cudaStream_t stream = nullptr);
+  // Sends (and, without the hook, receives). Fills handle_out (views of out.src_info and
+  // out.layout_range, the shape, the buffer used).
+  Event low_latency_dispatch(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                             LowLatencyHandle& handle_out, bool return_recv_hook, const StreamOrder& order);
+  // The hook's receive half: the same arguments, and the handle the send half filled.
+  Event low_latency_dispatch_recv(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                                  const LowLatencyHandle& handle, const StreamOrder& order);
+  // out [T, hidden] bf16: out[t] = sum over k with topk_idx[t,k] valid of w[t,k] * y(expert, t),
+  // float32 in k order (multiply, then add), rounded once.
+  Event low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle, const TensorView& out,
+                            bool return_recv_hook, const StreamOrder& order);
+  Event low_latency_combine_recv(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle,
+                                 const TensorView& out, const StreamOrder& order);
+  // Where a zero_copy combine of `handle` reads y: [E/R, R*Tmax, hidden] bf16 inside the LL
+  // region of this rank (the dispatch's receive area, free once its receive half ran).
+  TensorView get_next_low_latency_combine_buffer(const LowLatencyHandle& handle) const;
+  // Shrink mode placeholders: masking is not implemented. update(rank, false) and clean() do
+  // nothing (no rank is ever masked); update(rank, true) throws RuntimeFailure; query writes 0
+  // (unmasked) for every rank into mask_status ([R] i32, on `stream`).
+  void low_latency_update_mask_buffer(int rank, bool mask);
+  void low_latency_query_mask_buffer(const TensorView& mask_status, cudaStream_t stream = nullptr);
+  void low_latency_clean_mask_buffer();
+  // -------------------------- end of low-latency mode --------------------------
 
   // Raises the error a GPU wait recorded (TimeoutError), if any, and clears it so the buffer can be
   // used again. Reads host memory only; every entry point calls it before it launches.

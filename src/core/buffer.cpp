@@ -70,7 +70,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts, /*ll_bytes=*/0);
   m.data_offset = m.ctl.total;
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
-  m.sym = m.group->allocate_symmetric(m.data_offset + m.data_bytes);
+  m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
+  m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
+  m.sym = m.group->allocate_symmetric(m.ll.offset + m.ll.bytes);
   for (int r = 0; r < m.num_ranks; ++r)
     if (m.sym->peers()[r] == nullptr)
       throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " is not reachable by NVLink load/store from rank " +
@@ -84,6 +86,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   init.invalid_topk = -1;
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.init_low_latency();
   EPCOMM_CUDA_CHECK(cudaHostAlloc(&m.record, sizeof(DeviceErrorRecord), cudaHostAllocMapped));
   std::memset(m.record, 0, sizeof(DeviceErrorRecord));
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.record_dev), m.record, 0));
@@ -105,6 +108,7 @@ Buffer::~Buffer() {
   }
   m.sym.reset();
   cudaFree(m.counters);
+  m.release_low_latency();
   cudaFreeHost(m.record);
   cudaFreeHost(m.host_result);
   cudaEventDestroy(m.order_event);
@@ -117,6 +121,11 @@ int Buffer::num_ranks() const { return impl_->num_ranks; }
 int Buffer::device() const { return impl_->device; }
 const Group& Buffer::group() const { return *impl_->group; }
 cudaStream_t Buffer::comm_stream() const { return impl_->comm; }
+std::pair<void*, size_t> Buffer::local_buffer(bool rdma) const {
+  char* base = static_cast<char*>(impl_->sym->local());
+  return rdma ? std::pair<void*, size_t>{base + impl_->ll.offset, impl_->ll.bytes}
+              : std::pair<void*, size_t>{base + impl_->data_offset, impl_->data_bytes};
+}
 const BufferOptions& Buffer::options() const { return impl_->options; }
 
 void Buffer::Impl::enter(const StreamOrder& order) {
@@ -158,6 +167,7 @@ CommonParams Buffer::Impl::common(KernelId kernel) const {
   c.done_counter = &counters->done;
   c.wait.record = record_dev;
   c.wait.abort_flag = &counters->abort;
+  c.wait.record_claimed = &counters->record_claimed;
   c.wait.timeout_ns = timeout_ns;
   c.wait.kernel = kernel;
   c.wait.rank = rank;
@@ -171,8 +181,9 @@ void Buffer::check_device_errors() {
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     const DeviceErrorRecord r = *m.record;
     std::memset(m.record, 0, sizeof(DeviceErrorRecord));
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, sizeof(int32_t), m.comm));
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, 2 * sizeof(int32_t), m.comm));  // abort, record_claimed
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    if (r.code == 3) throw ArgumentError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
     throw TimeoutError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
   }
 }

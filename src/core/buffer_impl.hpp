@@ -8,6 +8,7 @@
 #include "epcomm/buffer.hpp"
 #include "kernels/common/control.hpp"
 #include "kernels/common/diagnostics.hpp"
+#include "kernels/low_latency/params.hpp"
 #include "kernels/normal/params.hpp"
 
 namespace epcomm {
@@ -17,9 +18,10 @@ struct DeviceCounters {
   uint32_t seq;           // last finished call
   uint32_t done;          // blocks finished in the running call
   uint32_t notify_count;  // notifies so far (meta parity)
-  int32_t abort;          // set by a timed-out wait
-  int32_t invalid_topk;   // first out-of-range topk entry seen by a kernel (flat index), or -1
-  int32_t pad[3];
+  int32_t abort;           // set by a timed-out wait
+  int32_t record_claimed;  // the first error writes the record (cleared with abort)
+  int32_t invalid_topk;    // first out-of-range topk entry seen by a kernel (flat index), or -1
+  int32_t pad[2];
 };
 
 struct Buffer::Impl {
@@ -57,6 +59,11 @@ struct Buffer::Impl {
   size_t dispatch_ring_offset() const { return data_offset; }
   size_t combine_ring_offset() const { return data_offset + ring_region_bytes(); }
   bool capturing(cudaStream_t stream) const;
+  // Low-latency mode (buffer_low_latency.cpp): its region follows the data part.
+  LowLatencyHostState ll;
+  void init_low_latency();                       // constructor: the device counters
+  void release_low_latency();                    // destructor
+  void reset_low_latency(cudaStream_t stream);   // zero the LL region and counters (one rank; no barrier)
 };
 
 }  // namespace epcomm

@@ -227,6 +227,16 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     checks::device_tensor("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, m.device, {DType::kI32}, 1);
     checks::dim("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, 0, E / R, "local experts");
   }
+  {
+    // The ring must fit before anything is launched (the same check dispatch_run makes).
+    const int hidden = static_cast<int>(in.x.shape[1]);
+    const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
+    const int num_scales = in.x.dtype == DType::kFP8E4M3 ? num_scale_groups(hidden) : 0;
+    const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
+    ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
+               ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
+               dispatch_max_slots(), m.options.num_nvl_bytes);
+  }
   if (in.num_worst_tokens == 0 && m.capturing(order.stream))
     throw ArgumentError("num_worst_tokens: a dispatch captured in a CUDA graph cannot wait for counts on the host; "
                         "pass num_worst_tokens > 0");
@@ -333,6 +343,7 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.recv_topk_weights = out.recv_topk_weights ? out.recv_topk_weights->ptr<float>() : nullptr;
   p.recv_src_idx = handle.recv_src_idx.ptr<int32_t>();
   p.num_worst_tokens = num_worst_tokens;
+  p.num_rows = num_rows;
   (void)buffer;
   m.enter(order);
   launch_dispatch(p, shape.smem, m.comm);

@@ -28,12 +28,32 @@ const char* phase_name(WaitPhase p) {
     case WaitPhase::kCombineSlotFree: return "waiting for the peer to release a ring slot (combine send)";
     case WaitPhase::kLowLatencyRecv: return "waiting for the peer's tokens (low-latency receive)";
     case WaitPhase::kBarrier: return "waiting at a barrier";
+    case WaitPhase::kLowLatencyDispatchCount:
+      return "waiting for the peer's row count of a local expert (low-latency dispatch receive)";
+    case WaitPhase::kLowLatencyDispatchMessage:
+      return "waiting for a token row from the peer (low-latency dispatch receive)";
+    case WaitPhase::kLowLatencyCombineRow:
+      return "waiting for an expert output row from the peer (low-latency combine receive; was the combine "
+             "given the topk_idx and handle of its dispatch?)";
+    case WaitPhase::kLowLatencyCombineDone:
+      return "waiting for the peer to finish sending (low-latency combine)";
   }
   return "?";
 }
 
 std::string describe(const DeviceErrorRecord& r) {
   std::ostringstream s;
+  if (r.code == 3 && r.kernel == KernelId::kLowLatencyDispatch) {
+    s << "low_latency_dispatch on rank " << r.rank << ": topk_idx sends more than num_max_dispatch_tokens_per_rank = "
+      << r.expected << " rows to expert " << r.peer << " (some token lists it more than once); the rows past it were "
+      << "dropped";
+    return s.str();
+  }
+  if (r.code == 3) {
+    s << "num_worst_tokens = " << r.expected << " is smaller than the " << r.observed << " rows rank " << r.rank
+      << " received; the rows past it were dropped (kernel " << kernel_name(r.kernel) << ")";
+    return s.str();
+  }
   if (r.code == 2) {
     s << "ranks disagree on the call's parameters: kernel " << kernel_name(r.kernel) << ", rank " << r.rank
       << " expected 0x" << std::hex << r.expected << " but peer " << std::dec << r.peer << " sent 0x" << std::hex

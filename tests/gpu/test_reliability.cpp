@@ -151,3 +151,52 @@ TEST(ReliabilityGpu, StalledPeerInDataPhaseThenReset) {
 
 }  // namespace
 }  // namespace epcomm::test
+
+namespace epcomm::test {
+namespace {
+
+// num_worst_tokens smaller than what arrives: the device drops the extra rows, every rank finishes,
+// and the host raises an ArgumentError naming num_worst_tokens; the next call works.
+TEST(ReliabilityGpu, TooSmallWorstTokensIsReportedNotOverrun) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    BufferOptions bo;
+    bo.num_nvl_bytes = 64 << 20;
+    bo.timeout_ms = 5000;
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const StreamOrder order{stream, nullptr, false};
+    Round r = make_round(buf, rank, group->device(), seed);
+    buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
+                            order);
+    r.in.num_worst_tokens = 8;  // far fewer than the ~kT * 2 rows that arrive
+    const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+    ASSERT_EQ(plan.num_rows, 8);
+    // Guard rows after the 8 the kernel may write: they must keep their poison.
+    DeviceTensor recv(DType::kBF16, {plan.num_rows + 4, kH}, group->device());
+    TensorView recv_view = recv.view();
+    recv_view.shape[0] = plan.num_rows;
+    DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device()), src(DType::kI32, {plan.num_rows}, group->device());
+    r.handle.recv_src_idx = src.view();
+    DispatchOutputs dout;
+    dout.recv_x = recv_view;
+    dout.recv_topk_idx = ridx.view();
+    buf.dispatch_run(r.in, plan, r.handle, dout, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync");
+    try {
+      buf.check_device_errors();
+      ADD_FAILURE() << "expected an ArgumentError";
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("num_worst_tokens"), std::string::npos) << e.what();
+    }
+    const auto bytes = recv.download<uint8_t>();
+    for (size_t i = static_cast<size_t>(plan.num_rows) * kH * 2; i < bytes.size(); ++i)
+      ASSERT_EQ(bytes[i], 0xA5) << "byte " << i << " past the rows the caller allocated was written";
+    good_round(buf, rank, group->device(), stream, seed + 5);
+    cudaStreamDestroy(stream);
+  });
+}
+
+}  // namespace
+}  // namespace epcomm::test

@@ -27,10 +27,14 @@ enum class WaitPhase : int32_t {
   kCombineSlotFree,   // expert rank waiting for an origin to release a ring slot
   kLowLatencyRecv,    // LL receiver waiting for a sender's count
   kBarrier,
+  kLowLatencyDispatchCount,    // LL dispatch receive: a source's row count for a local expert
+  kLowLatencyDispatchMessage,  // LL dispatch receive: one message (token row) from a source
+  kLowLatencyCombineRow,       // LL combine receive: an expert rank's output row for (token, k)
+  kLowLatencyCombineDone,      // LL combine receive: an expert rank finishing its send half
 };
 
 struct DeviceErrorRecord {
-  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters
+  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters, 3 = bad argument
   KernelId kernel;
   WaitPhase phase;
   int32_t rank;
@@ -44,6 +48,7 @@ struct DeviceErrorRecord {
 struct WaitContext {
   DeviceErrorRecord* record;  // host-mapped
   int* abort_flag;            // device memory of this rank
+  int* record_claimed;        // device: set by whoever writes the record
   uint64_t timeout_ns;
   KernelId kernel;
   int rank;

@@ -12,10 +12,12 @@ using epcomm::WaitContext;
 
 __device__ __forceinline__ bool aborted(const WaitContext& ctx) { return ld_volatile(ctx.abort_flag) != 0; }
 
+// code: 1 timeout, 2 ranks disagree on parameters (both stop the kernel: the local abort flag), 3 an
+// argument only the device could check (the kernel goes on, so peers are not stranded).
 static __device__ __noinline__ void report(const WaitContext& ctx, int code, WaitPhase phase, int peer, uint64_t expected,
-                                    uint64_t observed) {
-  // The device flag decides who writes the record (no atomics on host memory over PCIe).
-  if (atomicCAS(ctx.abort_flag, 0, 1) == 0) {
+                                           uint64_t observed) {
+  // A device flag decides who writes the record (no atomics on host memory over PCIe).
+  if (atomicCAS(ctx.record_claimed, 0, 1) == 0) {
     volatile DeviceErrorRecord* r = ctx.record;
     r->kernel = ctx.kernel;
     r->phase = phase;
@@ -28,6 +30,7 @@ static __device__ __noinline__ void report(const WaitContext& ctx, int code, Wai
     r->code = code;
     __threadfence_system();
   }
+  if (code != 3) atomicExch(ctx.abort_flag, 1);
 }
 
 __device__ __forceinline__ void report_timeout(const WaitContext& ctx, WaitPhase phase, int peer, uint64_t expected,

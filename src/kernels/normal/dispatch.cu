@@ -201,21 +201,22 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
         if (!ok) break;
         const int64_t row = row_begin + k;
         uint8_t* stage = stages + static_cast<size_t>(st) * p.row_bytes;
-        if (lane == 0) {
+        const bool fits = row < p.num_rows;  // num_worst_tokens too small: reported, never overrun
+        if (lane == 0 && fits) {
           tma_store(p.recv_x + row * p.row_bytes, stage, p.row_bytes);
           bulk_commit();
         }
         const uint8_t* meta_row = meta_smem + static_cast<size_t>(pos) * p.ring.meta_row_bytes;
-        for (int g = lane; g < p.num_scales; g += 32)
+        for (int g = lane; fits && g < p.num_scales; g += 32)
           p.recv_scales[row * p.num_scales + g] = reinterpret_cast<const float*>(meta_row)[g];
-        if (lane < K) {
+        if (fits && lane < K) {
           const int32_t e = reinterpret_cast<const int32_t*>(meta_row)[p.num_scales + lane];
           const float w = reinterpret_cast<const float*>(meta_row)[p.num_scales + K + lane];
           const bool local = e >= expert_begin && e < expert_begin + p.experts_per_rank;
           p.recv_topk_idx[row * K + lane] = local ? e - expert_begin : -1;
           if (p.recv_topk_weights) p.recv_topk_weights[row * K + lane] = local ? w : 0.f;
         }
-        if (!p.cached && lane == 0) p.recv_src_idx[row] = chunk * p.chunk + pos;
+        if (fits && !p.cached && lane == 0) p.recv_src_idx[row] = chunk * p.chunk + pos;
         // Refill the previous row's stage (its store had an iteration to read it): two stores and
         // P - 1 loads stay in flight. With one stage, refill this one.
         const int prev = P > 1 ? k - 1 : k;
@@ -247,10 +248,12 @@ __device__ void pad_worst_rows(const DispatchParams& p) {
   const CommonParams& c = p.common;
   const int num_recv = p.chunk_offset[static_cast<int64_t>(c.num_ranks - 1) * p.chunk_offset_stride +
                                       p.chunk_offset_stride - 1];
+  if (num_recv > p.num_worst_tokens && blockIdx.x == 0 && threadIdx.x == 0)
+    report(c.wait, 3, WaitPhase::kNone, c.rank, p.num_worst_tokens, num_recv);
   const int K = p.num_topk;
   const int64_t begin = static_cast<int64_t>(num_recv) * K, end = static_cast<int64_t>(p.num_worst_tokens) * K;
   for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
-    p.recv_topk_idx[e] = -1;
+    if (p.recv_topk_idx) p.recv_topk_idx[e] = -1;
     if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
   }
 }
@@ -269,7 +272,7 @@ __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel
     fence_mbar_init();
   }
   __syncthreads();
-  if (p.num_worst_tokens > 0 && p.num_topk > 0) pad_worst_rows(p);
+  if (p.num_worst_tokens > 0) pad_worst_rows(p);
 
   uint8_t* dyn = smem + align_up(sizeof(DispatchShared), 128);
   const size_t stager_bytes = static_cast<size_t>(kStagerBufs) * p.stager_piece_bytes;

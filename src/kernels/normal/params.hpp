@@ -106,6 +106,7 @@ struct DispatchParams {
   float* recv_topk_weights = nullptr;     // [rows, K]
   int32_t* recv_src_idx = nullptr;        // [rows]; input when cached
   int num_worst_tokens = 0;               // > 0: pad rows past num_recv
+  int num_rows = 0;                       // rows the caller allocated (writes beyond are dropped)
 };
 
 // Combine ring slot: [R senders][chunk rows of hidden bf16] then [R senders][chunk][K] f32.

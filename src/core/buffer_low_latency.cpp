@@ -1,0 +1,420 @@
+// Buffer: low-latency mode (SPEC.md §3.3): size hint, argument checks, buffer alternation, launches.
+// The scheme is described in kernels/low_latency/params.hpp.
+//
+// Seam for the network: everything here addresses peers through CommonParams::peer_base (NVLink
+// load/store, one node). The GIN path will add a transport field to the params and a second send
+// routine in the kernels; the layout, the flags and the host side stay as they are.
+#include <algorithm>
+#include <string>
+
+#include "core/buffer_impl.hpp"
+#include "core/check.hpp"
+#include "core/checks.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+namespace {
+
+std::string shape_text(int tmax, int hidden, int num_ranks, int num_experts) {
+  return "num_max_dispatch_tokens_per_rank = " + std::to_string(tmax) + ", hidden = " + std::to_string(hidden) +
+         ", num_ranks = " + std::to_string(num_ranks) + ", num_experts = " + std::to_string(num_experts);
+}
+
+void check_problem(int tmax, int hidden, int num_ranks, int num_experts) {
+  checks::in_range("num_max_dispatch_tokens_per_rank", tmax, 1, kLowLatencyMaxTokens);
+  if (hidden <= 0 || hidden % kLowLatencyScaleGroup != 0)
+    throw ArgumentError("hidden = " + std::to_string(hidden) + " must be a positive multiple of " +
+                        std::to_string(kLowLatencyScaleGroup) + " in low-latency mode");
+  checks::positive("num_ranks", num_ranks);
+  checks::positive("num_experts", num_experts);
+  checks::divisible("num_experts", num_experts, "num_ranks", num_ranks);
+}
+
+// The layout of this call, checked against the buffer (size, and the shape fixed earlier). Not
+// committed: the caller commits it once every other check passed.
+LowLatencyLayout layout_for(const Buffer::Impl& m, int tmax, int hidden, int num_experts) {
+  check_problem(tmax, hidden, m.num_ranks, num_experts);
+  if (num_experts / m.num_ranks > m.max_local_experts)
+    throw ArgumentError("num_experts / num_ranks = " + std::to_string(num_experts / m.num_ranks) +
+                        " exceeds the buffer's max_experts_per_rank = " + std::to_string(m.max_local_experts) +
+                        " (EPCOMM_MAX_EXPERTS_PER_RANK)");
+  const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, m.num_ranks, num_experts);
+  if (l.total_bytes > m.options.num_rdma_bytes)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(m.options.num_rdma_bytes) +
+                        " is too small for low-latency mode with " +
+                        shape_text(tmax, hidden, m.num_ranks, num_experts) + ": it needs " +
+                        std::to_string(l.total_bytes) +
+                        " bytes (Buffer::low_latency_size_hint, Python get_low_latency_rdma_size_hint)");
+  if (m.ll.layout.max_tokens != 0 && !m.ll.layout.same_shape(l))
+    throw ArgumentError("low-latency shape changed from " +
+                        shape_text(m.ll.layout.max_tokens, m.ll.layout.hidden, m.num_ranks, m.ll.layout.num_experts) +
+                        " to " + shape_text(tmax, hidden, m.num_ranks, num_experts) +
+                        ": call clean_low_latency_buffer with the new shape on every rank first");
+  return l;
+}
+
+int blocks_for(const Buffer::Impl& m, int num_sms) {
+  if (num_sms == 0) return m.sm_count;
+  checks::in_range("num_sms", num_sms, 1, m.sm_count);
+  return num_sms;
+}
+
+void check_strided3(const char* name, const TensorView& t, int device, DType dtype, int64_t d0, int64_t d1, int64_t d2,
+                    int64_t s0, int64_t s1, int64_t s2, const char* layout) {
+  checks::device_tensor(name, t, device, {dtype}, 3, /*need_contiguous=*/false);
+  checks::dim(name, t, 0, d0, "num_experts / num_ranks");
+  checks::dim(name, t, 1, d1, "num_ranks * num_max_dispatch_tokens_per_rank");
+  checks::dim(name, t, 2, d2, "scale columns");
+  const int64_t want[3] = {s0, s1, s2}, size[3] = {d0, d1, d2};
+  for (int i = 0; i < 3; ++i)
+    if (size[i] > 1 && t.strides[i] != want[i])
+      throw ArgumentError(std::string(name) + ": strides must be (" + std::to_string(s0) + ", " + std::to_string(s1) +
+                          ", " + std::to_string(s2) + "), " + layout + " (got " + t.describe() + " with strides (" +
+                          std::to_string(t.strides[0]) + ", " + std::to_string(t.strides[1]) + ", " +
+                          std::to_string(t.strides[2]) + "))");
+}
+
+struct DispatchCall {
+  LowLatencyLayout layout;
+  int num_tokens = 0, num_topk = 0, blocks = 0;
+};
+
+DispatchCall check_dispatch(const Buffer::Impl& m, const LowLatencyDispatchInputs& in,
+                            const LowLatencyDispatchOutputs& out) {
+  DispatchCall call;
+  const int R = m.num_ranks;
+  checks::device_tensor("x", in.x, m.device, {DType::kBF16}, 2);
+  checks::aligned("x", in.x, 16);
+  const LowLatencyLayout l =
+      layout_for(m, in.num_max_dispatch_tokens_per_rank, static_cast<int>(in.x.shape[1]), in.num_experts);
+  const int EL = l.local_experts, H = l.hidden, G = H / kLowLatencyScaleGroup, W = (G + 3) / 4;
+  const int64_t RT = static_cast<int64_t>(R) * l.max_tokens;
+  const int T = static_cast<int>(in.x.shape[0]);
+  if (T > l.max_tokens)
+    throw ArgumentError("x: " + std::to_string(T) + " tokens exceed num_max_dispatch_tokens_per_rank = " +
+                        std::to_string(l.max_tokens));
+  checks::device_tensor("topk_idx", in.topk_idx, m.device, {DType::kI64}, 2);
+  checks::dim("topk_idx", in.topk_idx, 0, T, "tokens of x");
+  const int K = static_cast<int>(in.topk_idx.shape[1]);
+  if (K < 1 || K > l.kslots)
+    throw ArgumentError("num_topk = " + std::to_string(K) + " must be in [1, " + std::to_string(l.kslots) +
+                        "] (low-latency mode: at most min(16, num_experts))");
+  if (in.use_ue8m0 && !in.use_fp8) throw ArgumentError("use_ue8m0 = true requires use_fp8 = true");
+  if (in.use_ue8m0 && !in.round_scale)
+    throw ArgumentError("use_ue8m0 = true requires round_scale = true (UE8M0 scales are powers of two)");
+
+  checks::device_tensor("recv_x", out.recv_x, m.device, {in.use_fp8 ? DType::kFP8E4M3 : DType::kBF16}, 3);
+  checks::aligned("recv_x", out.recv_x, 16);
+  checks::dim("recv_x", out.recv_x, 0, EL, "num_experts / num_ranks");
+  checks::dim("recv_x", out.recv_x, 1, RT, "num_ranks * num_max_dispatch_tokens_per_rank");
+  checks::dim("recv_x", out.recv_x, 2, H, "hidden");
+  if (in.use_fp8) {
+    if (!out.recv_x_scales) throw ArgumentError("recv_x_scales: needed when use_fp8 = true");
+    if (in.use_ue8m0)
+      check_strided3("recv_x_scales", *out.recv_x_scales, m.device, DType::kI32, EL, RT, W, W * RT, 1, RT,
+                     "i.e. an [E/R][ceil(hidden/512)][R*Tmax] int32 tensor transposed");
+    else
+      check_strided3("recv_x_scales", *out.recv_x_scales, m.device, DType::kF32, EL, RT, G, G * RT, 1, RT,
+                     "i.e. an [E/R][hidden/128][R*Tmax] float32 tensor transposed");
+  }
+  checks::device_tensor("recv_count", out.recv_count, m.device, {DType::kI32}, 1);
+  checks::dim("recv_count", out.recv_count, 0, EL, "num_experts / num_ranks");
+  checks::device_tensor("src_info", out.src_info, m.device, {DType::kI32}, 2);
+  checks::dim("src_info", out.src_info, 0, EL, "num_experts / num_ranks");
+  checks::dim("src_info", out.src_info, 1, RT, "num_ranks * num_max_dispatch_tokens_per_rank");
+  checks::device_tensor("layout_range", out.layout_range, m.device, {DType::kI64}, 2);
+  checks::dim("layout_range", out.layout_range, 0, EL, "num_experts / num_ranks");
+  checks::dim("layout_range", out.layout_range, 1, R, "num_ranks");
+  if (in.cumulative_local_expert_recv_stats) {
+    checks::device_tensor("cumulative_local_expert_recv_stats", *in.cumulative_local_expert_recv_stats, m.device,
+                          {DType::kI32}, 1);
+    checks::dim("cumulative_local_expert_recv_stats", *in.cumulative_local_expert_recv_stats, 0, EL,
+                "num_experts / num_ranks");
+  }
+  if (in.dispatch_wait_recv_cost_stats) {
+    checks::device_tensor("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, m.device, {DType::kI64}, 1);
+    checks::dim("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, 0, R, "num_ranks");
+  }
+  call.blocks = blocks_for(m, in.num_sms);
+  if (low_latency_dispatch_shared_bytes(l, call.blocks, 1) > m.max_smem)
+    throw ArgumentError("hidden = " + std::to_string(H) + " with num_experts = " + std::to_string(l.num_experts) +
+                        " needs " + std::to_string(low_latency_dispatch_shared_bytes(l, call.blocks, 1)) +
+                        " bytes of shared memory per block in low-latency dispatch; the device has " +
+                        std::to_string(m.max_smem));
+  call.layout = l;
+  call.num_tokens = T;
+  call.num_topk = K;
+  return call;
+}
+
+void check_handle(const Buffer::Impl& m, const LowLatencyHandle& h, const LowLatencyLayout& l) {
+  const int64_t RT = static_cast<int64_t>(m.num_ranks) * l.max_tokens;
+  if (h.num_max_dispatch_tokens_per_rank != l.max_tokens || h.hidden != l.hidden || h.num_experts != l.num_experts)
+    throw ArgumentError("handle: made for " +
+                        shape_text(h.num_max_dispatch_tokens_per_rank, h.hidden, m.num_ranks, h.num_experts) +
+                        ", but this call has " + shape_text(l.max_tokens, l.hidden, m.num_ranks, l.num_experts));
+  checks::in_range("handle.buffer_index", h.buffer_index, 0, 1);
+  checks::device_tensor("handle.src_info", h.src_info, m.device, {DType::kI32}, 2);
+  checks::dim("handle.src_info", h.src_info, 0, l.local_experts, "num_experts / num_ranks");
+  checks::dim("handle.src_info", h.src_info, 1, RT, "num_ranks * num_max_dispatch_tokens_per_rank");
+  checks::device_tensor("handle.layout_range", h.layout_range, m.device, {DType::kI64}, 2);
+  checks::dim("handle.layout_range", h.layout_range, 0, l.local_experts, "num_experts / num_ranks");
+  checks::dim("handle.layout_range", h.layout_range, 1, m.num_ranks, "num_ranks");
+}
+
+// LL calls without async_finish / previous_event launch straight on the caller's stream: the same
+// order as enter()/leave() give, without two event hops (a few microseconds each on the GPU).
+bool direct(const StreamOrder& order) { return !order.async_finish && order.previous_event == nullptr; }
+
+cudaStream_t begin_call(Buffer::Impl& m, const StreamOrder& order) {
+  if (direct(order)) {
+    EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+    return order.stream;
+  }
+  m.enter(order);
+  return m.comm;
+}
+
+Event end_call(Buffer::Impl& m, const StreamOrder& order) {
+  if (!direct(order)) return m.leave(order);
+  // The comm stream follows the call too, so whatever synchronizes it (check_device_errors, reset,
+  // the destructor) also waits for this kernel. Not while capturing: that would pull the comm
+  // stream into the caller's graph.
+  if (!m.capturing(order.stream)) {
+    EPCOMM_CUDA_CHECK(cudaEventRecord(m.order_event, order.stream));
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(m.comm, m.order_event, 0));
+  }
+  return Event();
+}
+
+Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                             const DispatchCall& call, int buffer, int phases, const StreamOrder& order) {
+  const LowLatencyLayout& l = call.layout;
+  LowLatencyDispatchParams p;
+  p.common = m.common(KernelId::kLowLatencyDispatch);
+  p.layout = l;
+  p.region = m.ll.offset;
+  p.state = m.ll.state;
+  p.buffer = buffer;
+  p.phases = phases;
+  p.num_tokens = call.num_tokens;
+  p.num_topk = call.num_topk;
+  p.use_fp8 = in.use_fp8;
+  p.round_scale = in.round_scale;
+  p.use_ue8m0 = in.use_ue8m0;
+  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2) <= m.max_smem ? 2 : 1;
+  p.x = in.x.ptr<const uint16_t>();
+  p.topk_idx = in.topk_idx.ptr<const int64_t>();
+  p.recv_x = out.recv_x.ptr<uint8_t>();
+  if (in.use_fp8 && !in.use_ue8m0) p.recv_scales = out.recv_x_scales->ptr<float>();
+  if (in.use_fp8 && in.use_ue8m0) p.recv_scales_packed = out.recv_x_scales->ptr<int32_t>();
+  p.recv_count = out.recv_count.ptr<int32_t>();
+  p.src_info = out.src_info.ptr<int32_t>();
+  p.layout_range = out.layout_range.ptr<int64_t>();
+  if (in.cumulative_local_expert_recv_stats) p.cumulative_recv_stats = in.cumulative_local_expert_recv_stats->ptr<int32_t>();
+  if (in.dispatch_wait_recv_cost_stats) p.wait_cost_stats = in.dispatch_wait_recv_cost_stats->ptr<int64_t>();
+  const int smem = (phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers) : 0;
+  cudaStream_t stream = begin_call(m, order);
+  launch_low_latency_dispatch(p, call.blocks, smem, stream);
+  return end_call(m, order);
+}
+
+struct CombineCall {
+  LowLatencyLayout layout;
+  int num_tokens = 0, num_topk = 0, blocks = 0;
+};
+
+CombineCall check_combine(const Buffer::Impl& m, const LowLatencyCombineInputs& in, const LowLatencyHandle& h,
+                          const TensorView& out) {
+  CombineCall call;
+  const LowLatencyLayout l = layout_for(m, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts);
+  check_handle(m, h, l);
+  const int64_t RT = static_cast<int64_t>(m.num_ranks) * l.max_tokens;
+  checks::device_tensor("x", in.x, m.device, {DType::kBF16}, 3);
+  checks::aligned("x", in.x, 16);
+  checks::dim("x", in.x, 0, l.local_experts, "num_experts / num_ranks");
+  checks::dim("x", in.x, 1, RT, "num_ranks * num_max_dispatch_tokens_per_rank");
+  checks::dim("x", in.x, 2, l.hidden, "hidden");
+  checks::device_tensor("topk_idx", in.topk_idx, m.device, {DType::kI64}, 2);
+  const int T = static_cast<int>(in.topk_idx.shape[0]);
+  const int K = static_cast<int>(in.topk_idx.shape[1]);
+  if (T > l.max_tokens)
+    throw ArgumentError("topk_idx: " + std::to_string(T) + " tokens exceed num_max_dispatch_tokens_per_rank = " +
+                        std::to_string(l.max_tokens));
+  if (K < 1 || K > l.kslots)
+    throw ArgumentError("num_topk = " + std::to_string(K) + " must be in [1, " + std::to_string(l.kslots) +
+                        "] (low-latency mode: at most min(16, num_experts))");
+  checks::device_tensor("topk_weights", in.topk_weights, m.device, {DType::kF32}, 2);
+  checks::dim("topk_weights", in.topk_weights, 0, T, "tokens of topk_idx");
+  checks::dim("topk_weights", in.topk_weights, 1, K, "topk");
+  checks::device_tensor("out", out, m.device, {DType::kBF16}, 2);
+  checks::aligned("out", out, 16);
+  checks::dim("out", out, 0, T, "tokens of topk_idx");
+  checks::dim("out", out, 1, l.hidden, "hidden");
+  if (in.combine_wait_recv_cost_stats) {
+    checks::device_tensor("combine_wait_recv_cost_stats", *in.combine_wait_recv_cost_stats, m.device, {DType::kI64}, 1);
+    checks::dim("combine_wait_recv_cost_stats", *in.combine_wait_recv_cost_stats, 0, m.num_ranks, "num_ranks");
+  }
+  call.blocks = blocks_for(m, in.num_sms);
+  call.layout = l;
+  call.num_tokens = T;
+  call.num_topk = K;
+  return call;
+}
+
+Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, const LowLatencyHandle& h,
+                            const TensorView& out, const CombineCall& call, int phases, const StreamOrder& order) {
+  const LowLatencyLayout& l = call.layout;
+  LowLatencyCombineParams p;
+  p.common = m.common(KernelId::kLowLatencyCombine);
+  p.layout = l;
+  p.region = m.ll.offset;
+  p.state = m.ll.state;
+  p.buffer = h.buffer_index;
+  p.phases = phases;
+  p.num_tokens = call.num_tokens;
+  p.num_topk = call.num_topk;
+  p.y = in.zero_copy ? reinterpret_cast<const uint16_t*>(static_cast<const char*>(m.sym->local()) + m.ll.offset +
+                                                         l.message(h.buffer_index, 0, 0, 0))
+                     : in.x.ptr<const uint16_t>();
+  p.layout_range = h.layout_range.ptr<const int64_t>();
+  p.topk_idx = in.topk_idx.ptr<const int64_t>();
+  p.topk_weights = in.topk_weights.ptr<const float>();
+  p.out = out.ptr<uint16_t>();
+  if (in.combine_wait_recv_cost_stats) p.wait_cost_stats = in.combine_wait_recv_cost_stats->ptr<int64_t>();
+  cudaStream_t stream = begin_call(m, order);
+  launch_low_latency_combine(p, call.blocks, stream);
+  return end_call(m, order);
+}
+
+}  // namespace
+
+void Buffer::Impl::init_low_latency() {
+  EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
+}
+
+void Buffer::Impl::release_low_latency() {
+  if (ll.state) cudaFree(ll.state);
+  ll.state = nullptr;
+}
+
+void Buffer::Impl::reset_low_latency(cudaStream_t stream) {
+  if (ll.bytes > 0)
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + ll.offset, 0, ll.bytes, stream));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), stream));
+  ll.next_buffer = 0;
+}
+
+size_t Buffer::low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks, int num_experts) {
+  check_problem(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
+  return LowLatencyLayout::make(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes;
+}
+
+void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
+                                      cudaStream_t stream) {
+  Impl& m = *impl_;
+  LowLatencyHostState saved = m.ll;
+  m.ll.layout = LowLatencyLayout{};  // the new shape may differ from the fixed one
+  LowLatencyLayout l;
+  try {
+    l = layout_for(m, num_max_dispatch_tokens_per_rank, hidden, num_experts);
+  } catch (...) {
+    m.ll = saved;
+    throw;
+  }
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  // An error a failed LL call left is cleared as check_device_errors clears it (the record and the
+  // device flags); this is the way back after it, so it is not raised again here.
+  if (m.record->code != 0) {
+    try {
+      check_device_errors();
+    } catch (const Error&) {
+    }
+  }
+  // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
+  m.group->barrier();
+  m.reset_low_latency(m.comm);
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.ll.layout = l;
+  m.group->barrier();
+}
+
+Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                                   LowLatencyHandle& handle_out, bool return_recv_hook, const StreamOrder& order) {
+  Impl& m = *impl_;
+  check_device_errors();
+  const DispatchCall call = check_dispatch(m, in, out);
+  const int buffer = m.ll.next_buffer;
+  const int phases = return_recv_hook ? kLowLatencySend : (kLowLatencySend | kLowLatencyRecv);
+  Event e = launch_dispatch_phases(m, in, out, call, buffer, phases, order);
+  m.ll.layout = call.layout;
+  m.ll.next_buffer = buffer ^ 1;
+  handle_out.src_info = out.src_info;
+  handle_out.layout_range = out.layout_range;
+  handle_out.num_max_dispatch_tokens_per_rank = call.layout.max_tokens;
+  handle_out.hidden = call.layout.hidden;
+  handle_out.num_experts = call.layout.num_experts;
+  handle_out.buffer_index = buffer;
+  return e;
+}
+
+Event Buffer::low_latency_dispatch_recv(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
+                                        const LowLatencyHandle& handle, const StreamOrder& order) {
+  Impl& m = *impl_;
+  check_device_errors();
+  const DispatchCall call = check_dispatch(m, in, out);
+  check_handle(m, handle, call.layout);
+  return launch_dispatch_phases(m, in, out, call, handle.buffer_index, kLowLatencyRecv, order);
+}
+
+Event Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle, const TensorView& out,
+                                  bool return_recv_hook, const StreamOrder& order) {
+  Impl& m = *impl_;
+  check_device_errors();
+  const CombineCall call = check_combine(m, in, handle, out);
+  const int phases = return_recv_hook ? kLowLatencySend : (kLowLatencySend | kLowLatencyRecv);
+  Event e = launch_combine_phases(m, in, handle, out, call, phases, order);
+  m.ll.layout = call.layout;
+  return e;
+}
+
+Event Buffer::low_latency_combine_recv(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle,
+                                       const TensorView& out, const StreamOrder& order) {
+  Impl& m = *impl_;
+  check_device_errors();
+  const CombineCall call = check_combine(m, in, handle, out);
+  return launch_combine_phases(m, in, handle, out, call, kLowLatencyRecv, order);
+}
+
+TensorView Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& handle) const {
+  const Impl& m = *impl_;
+  const LowLatencyLayout l =
+      layout_for(m, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts);
+  check_handle(m, handle, l);
+  void* base = static_cast<char*>(m.sym->local()) + m.ll.offset + l.message(handle.buffer_index, 0, 0, 0);
+  return TensorView::contiguous(base, DType::kBF16,
+                                {l.local_experts, static_cast<int64_t>(m.num_ranks) * l.max_tokens, l.hidden}, m.device);
+}
+
+void Buffer::low_latency_update_mask_buffer(int rank, bool mask) {
+  checks::in_range("rank_to_mask", rank, 0, impl_->num_ranks - 1);
+  if (mask)
+    throw RuntimeFailure("low_latency_update_mask_buffer: masking ranks (shrink mode) is not implemented in this "
+                         "build; no rank is ever masked");
+}
+
+void Buffer::low_latency_query_mask_buffer(const TensorView& mask_status, cudaStream_t stream) {
+  Impl& m = *impl_;
+  checks::device_tensor("mask_status", mask_status, m.device, {DType::kI32}, 1);
+  checks::dim("mask_status", mask_status, 0, m.num_ranks, "num_ranks");
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(mask_status.data, 0, mask_status.nbytes(), stream));
+}
+
+void Buffer::low_latency_clean_mask_buffer() {}
+
+}  // namespace epcomm

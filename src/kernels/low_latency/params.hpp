@@ -1,0 +1,208 @@
+// Low-latency (LL) mode, SPEC.md §3.3: where things live in the LL region, the device-side call
+// counters, and the arguments of the two kernels. Plain data shared by host (core/
+// buffer_low_latency.cpp) and device code (kernels/low_latency/*.cu).
+//
+// The algorithm in one paragraph. The LL region holds two buffers; each dispatch takes the next one
+// (the handle records which) and its combine uses the same one. Dispatch: every block counts, from
+// topk_idx, how many rows each expert gets from this rank, tells the experts it owns their count
+// (one flag per (expert, source), `tag(seq, count + 1)`), then casts its own tokens (FP8 once per
+// token, in shared memory) and stores one message per (token, k) into the owner's slot
+// [local expert][source][slot], slot = rank of (token, k) among this rank's rows for that expert, so
+// the order is deterministic (ascending token, then k). Each message carries its own flag (its
+// header, `tag(seq, (t | k << 16) + 1)`), released after the message's stores, so receivers copy a
+// message out as soon as it lands, while others are still in flight. Receivers learn the counts
+// first, so each (expert, source) knows where its rows start in the packed output before any
+// message arrives. Combine pushes each packed row back to its origin's slot [t][k] (t and k from
+// the dispatch header the expert rank still holds), with a per-row flag; the origin sums a token as
+// soon as its rows are there. When an expert rank has pushed everything it tells every origin
+// (`done`), and an origin's combine ends only after all ranks said so: after that no rank reads its
+// buffer any more, so the next dispatch into it is safe even when a CUDA graph reuses one buffer.
+// Flags carry the call's sequence number (device counters, fresh at every graph replay) and are
+// never reset.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/common/control.hpp"
+#include "kernels/normal/params.hpp"  // CommonParams: peers, wait context
+
+namespace epcomm {
+
+constexpr int kLowLatencyMaxTokens = 4096;   // Tmax limit (token index fits 16 bits of a header)
+constexpr int kLowLatencyThreads = 512;      // threads per block of both LL kernels
+constexpr int kLowLatencyScaleGroup = 128;   // channels per FP8 scale
+constexpr int kLowLatencySend = 1;           // kernel phases
+constexpr int kLowLatencyRecv = 2;
+
+// One LL buffer (offsets inside it), and the two of them. Everything depends only on (Tmax,
+// hidden, R, E), so every rank computes the same layout.
+//
+//   combine_rows    [Tmax][kslots] rows of 2*hidden bytes   (origin side: expert outputs come here)
+//   dispatch_data   [E/R][R][Tmax] messages of 2*hidden bytes: FP8 row + f32 scales (padded to 16
+//                   bytes), or the BF16 row. Also the zero-copy combine input [E/R][R*Tmax][hidden]
+//   dispatch_header [E/R][R][Tmax] u64 tags: the message's flag and its (token, k)
+//   dispatch_count  [E/R][R] u64 tags: rows source r sends to local expert e
+//   combine_flags   [Tmax][kslots] u64 tags
+//   combine_done    [R] u64 tags: expert rank r has pushed all its rows of this combine
+struct LowLatencyLayout {
+  int num_ranks = 0;
+  int max_tokens = 0;  // Tmax
+  int hidden = 0;
+  int num_experts = 0;
+  int local_experts = 0;
+  int kslots = 0;      // combine rows per token = min(kMaxTopk, E): topk may not exceed it
+  size_t msg_bytes = 0;
+  size_t combine_rows = 0, dispatch_data = 0, dispatch_header = 0, dispatch_count = 0, combine_flags = 0,
+         combine_done = 0;
+  size_t buffer_bytes = 0;  // one buffer, 16-byte aligned
+  size_t total_bytes = 0;   // both buffers: the LL size hint
+
+  static LowLatencyLayout make(int max_tokens, int hidden, int num_ranks, int num_experts) {
+    LowLatencyLayout l;
+    l.num_ranks = num_ranks;
+    l.max_tokens = max_tokens;
+    l.hidden = hidden;
+    l.num_experts = num_experts;
+    l.local_experts = num_experts / num_ranks;
+    l.kslots = num_experts < kMaxTopk ? num_experts : kMaxTopk;
+    l.msg_bytes = 2 * static_cast<size_t>(hidden);
+    const size_t messages = static_cast<size_t>(num_experts) * max_tokens;
+    const size_t rows = static_cast<size_t>(max_tokens) * l.kslots;
+    size_t off = 0;
+    l.combine_rows = off;
+    off += rows * l.msg_bytes;
+    l.dispatch_data = off;
+    off += messages * l.msg_bytes;
+    l.dispatch_header = off;
+    off += messages * sizeof(uint64_t);
+    l.dispatch_count = off;
+    off += static_cast<size_t>(num_experts) * sizeof(uint64_t);
+    l.combine_flags = off;
+    off += rows * sizeof(uint64_t);
+    l.combine_done = off;
+    off += static_cast<size_t>(num_ranks) * sizeof(uint64_t);
+    l.buffer_bytes = align_up(off, 16);
+    l.total_bytes = align_up(2 * l.buffer_bytes, 128);
+    return l;
+  }
+
+  bool same_shape(const LowLatencyLayout& o) const {
+    return num_ranks == o.num_ranks && max_tokens == o.max_tokens && hidden == o.hidden && num_experts == o.num_experts;
+  }
+
+  EPCOMM_HD size_t buffer(int b) const { return static_cast<size_t>(b) * buffer_bytes; }
+  EPCOMM_HD size_t message_index(int le, int src, int slot) const {
+    return (static_cast<size_t>(le) * num_ranks + src) * max_tokens + slot;
+  }
+  EPCOMM_HD size_t message(int b, int le, int src, int slot) const {
+    return buffer(b) + dispatch_data + message_index(le, src, slot) * msg_bytes;
+  }
+  EPCOMM_HD size_t header(int b, int le, int src, int slot) const {
+    return buffer(b) + dispatch_header + message_index(le, src, slot) * sizeof(uint64_t);
+  }
+  EPCOMM_HD size_t count(int b, int le, int src) const {
+    return buffer(b) + dispatch_count + (static_cast<size_t>(le) * num_ranks + src) * sizeof(uint64_t);
+  }
+  EPCOMM_HD size_t combine_row(int b, int t, int k) const {
+    return buffer(b) + combine_rows + (static_cast<size_t>(t) * kslots + k) * msg_bytes;
+  }
+  EPCOMM_HD size_t combine_flag(int b, int t, int k) const {
+    return buffer(b) + combine_flags + (static_cast<size_t>(t) * kslots + k) * sizeof(uint64_t);
+  }
+  EPCOMM_HD size_t done(int b, int src) const {
+    return buffer(b) + combine_done + static_cast<size_t>(src) * sizeof(uint64_t);
+  }
+};
+
+// DeepEP 1.x's get_low_latency_rdma_size_hint for the same problem, restated from its published
+// formula (two send buffers, two receive buffers, two signal areas; messages of BF16 rows or FP8
+// rows + scales with a 16-byte header). Only used to show that epcomm's buffer is no larger.
+inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_ranks, int num_experts) {
+  (void)num_ranks;
+  const size_t T = static_cast<size_t>(max_tokens), E = static_cast<size_t>(num_experts);
+  const size_t H = static_cast<size_t>(hidden), scales = H / 128;
+  const size_t dispatch_msg = 16 + (2 * H > H + 4 * scales ? 2 * H : H + 4 * scales);
+  const size_t combine_msg = 4 * scales + 2 * H;
+  const size_t send = T * dispatch_msg > E * T * combine_msg ? T * dispatch_msg : E * T * combine_msg;
+  const size_t recv = E * T * dispatch_msg > E * T * combine_msg ? E * T * dispatch_msg : E * T * combine_msg;
+  const size_t signal = align_up(E * sizeof(int), 128);
+  const size_t total = 2 * (send + recv + signal);
+  return (total + 128) / 128 * 128;
+}
+
+// Counters of this rank's LL calls, in device memory, so a CUDA graph replay gets fresh numbers.
+// Every rank makes the same LL calls in the same order, so the numbers agree without exchange.
+struct LowLatencyDeviceState {
+  uint32_t dispatch_seq;            // last dispatch whose send half finished
+  uint32_t combine_seq;
+  uint32_t dispatch_blocks_done;    // blocks past the send half of the running dispatch
+  uint32_t combine_blocks_done;
+  uint32_t buffer_dispatch_seq[2];  // the dispatch that last sent into buffer b (read by its receive)
+  uint32_t buffer_combine_seq[2];
+};
+
+// What Buffer keeps on the host for LL mode (core/buffer_low_latency.cpp).
+struct LowLatencyHostState {
+  size_t offset = 0;         // of the LL region inside the symmetric allocation (after the data part)
+  size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
+  int next_buffer = 0;       // the buffer the next dispatch takes
+  LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
+  LowLatencyDeviceState* state = nullptr;  // device memory
+};
+
+struct LowLatencyDispatchParams {
+  CommonParams common;       // peers, rank, wait context (the control layout is not used)
+  LowLatencyLayout layout;
+  size_t region = 0;         // offset of the LL region inside the symmetric allocation
+  LowLatencyDeviceState* state = nullptr;
+  int buffer = 0;            // 0 or 1
+  int phases = 0;            // kLowLatencySend | kLowLatencyRecv
+  int num_tokens = 0;        // T of this rank
+  int num_topk = 0;
+  int staging_buffers = 2;   // token staging areas in shared memory (2: cast the next while sending)
+  bool use_fp8 = true;
+  bool round_scale = false;
+  bool use_ue8m0 = false;
+  // inputs (send half)
+  const uint16_t* x = nullptr;         // [T, hidden] bf16
+  const int64_t* topk_idx = nullptr;   // [T, K]
+  // outputs (receive half)
+  uint8_t* recv_x = nullptr;           // [E/R, R*Tmax, hidden] fp8 or bf16
+  float* recv_scales = nullptr;        // fp8: [E/R][G][R*Tmax] (transposed)
+  int32_t* recv_scales_packed = nullptr;  // ue8m0: [E/R][ceil(G/4)][R*Tmax]
+  int32_t* recv_count = nullptr;       // [E/R]
+  int32_t* src_info = nullptr;         // [E/R, R*Tmax]
+  int64_t* layout_range = nullptr;     // [E/R, R]
+  int32_t* cumulative_recv_stats = nullptr;  // [E/R], optional
+  int64_t* wait_cost_stats = nullptr;        // [R], optional: clock cycles spent waiting per source
+};
+
+struct LowLatencyCombineParams {
+  CommonParams common;
+  LowLatencyLayout layout;
+  size_t region = 0;
+  LowLatencyDeviceState* state = nullptr;
+  int buffer = 0;
+  int phases = 0;
+  int num_tokens = 0;        // T of this rank (origin side)
+  int num_topk = 0;
+  // expert side
+  const uint16_t* y = nullptr;            // [E/R, R*Tmax, hidden] bf16 (user tensor or the zero-copy area)
+  const int64_t* layout_range = nullptr;  // [E/R, R] from the dispatch handle
+  // origin side
+  const int64_t* topk_idx = nullptr;      // [T, K]
+  const float* topk_weights = nullptr;    // [T, K]
+  uint16_t* out = nullptr;                // [T, hidden] bf16
+  int64_t* wait_cost_stats = nullptr;     // [R], optional
+};
+
+// Host-side launchers (kernels/low_latency/*.cu). Grids of at most one block per SM: without a
+// hook a block waits for rows its sibling blocks send to this rank, so all of them must be resident
+// together (plain launches: several ranks' kernels share one GPU in the tests, each with a
+// share of the SMs).
+int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers);
+void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream);
+void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
+
+}  // namespace epcomm
