@@ -15,8 +15,8 @@ namespace {
 
 constexpr int kStagerPieceBytes = 16384;
 constexpr int kMaxPullerStages = 6;
-constexpr int kPusherWarps = 4;
-constexpr int kPusherStages = 3;
+constexpr int kPusherWarps = 2;
+constexpr int kPusherStages = 4;
 constexpr int kPusherPieceBytes = 16384;
 constexpr int kReducerWarps = 12;
 
