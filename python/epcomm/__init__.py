@@ -11,7 +11,7 @@ from . import _epcomm
 from ._epcomm import ArgumentError, Config, Error, TimeoutError  # noqa: A004 -- epcomm.TimeoutError
 from .buffer import Buffer
 from .event import EventHandle, EventOverlap
-from .handle import DispatchHandle, HandleMeta
+from .handle import DispatchHandle, HandleMeta, LowLatencyHandle
 
 # DeepEP exports the dtype of topk_idx; None where PyTorch is not installed.
 topk_idx_t = torch.int64 if torch is not None else None

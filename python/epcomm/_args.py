@@ -5,7 +5,7 @@ so they are tested where there is no torch; the C++ core checks dtypes, shapes a
 import operator
 
 from ._epcomm import ArgumentError, Config, Event
-from .handle import DispatchHandle, HandleMeta
+from .handle import DispatchHandle, HandleMeta, LowLatencyHandle
 
 
 def check_int(name, value, lo=None, hi=None) -> int:
@@ -77,6 +77,19 @@ def check_handle(handle, name="handle") -> DispatchHandle:
     raise ArgumentError(f"{name}: expected the handle an epcomm dispatch returned "
                         f"(rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank, meta), "
                         f"got {type(handle).__name__}")
+
+
+def check_low_latency_handle(handle, name="handle") -> LowLatencyHandle:
+    if isinstance(handle, LowLatencyHandle):
+        return handle
+    if isinstance(handle, (tuple, list)) and len(handle) == len(LowLatencyHandle._fields):
+        ints = handle[2:]
+        if all(not isinstance(v, bool) and hasattr(v, "__index__") for v in ints):
+            return LowLatencyHandle(handle[0], handle[1], *(int(v) for v in ints))
+    what = f"{len(handle)} items" if isinstance(handle, (tuple, list)) else type(handle).__name__
+    raise ArgumentError(f"{name}: expected the handle epcomm's low_latency_dispatch returned (src_info, layout_range, "
+                        f"num_max_dispatch_tokens_per_rank, hidden, num_experts, buffer_index), got {what}"
+                        + (" (a 5-item DeepEP handle lacks buffer_index)" if what == "5 items" else ""))
 
 
 def event_of(previous_event):

@@ -1,103 +1,280 @@
-"""Low-latency mode of epcomm.Buffer: DeepEP's signatures, defaults and return tuples (SPEC.md 3.3
-and 4), checked here; the C++ entry points are not in this build yet, so each call ends in
-NotImplementedError. Wiring one: give epcomm._epcomm.Runtime the method, then replace the
-``self._low_latency_missing(...)`` line with the allocation and call (the shapes are documented
-on each method)."""
+"""Low-latency mode of epcomm.Buffer (SPEC.md 3.3 and 4): DeepEP's signatures, defaults and return
+tuples over epcomm's C++ low-latency entry points (``epcomm._epcomm.Runtime.low_latency_*``).
+
+Decoding: no host synchronization, fixed shapes (every size follows from ``Tmax =
+num_max_dispatch_tokens_per_rank``, ``hidden`` and ``num_experts``), CUDA-graph capturable. The
+buffer's low-latency memory (``num_rdma_bytes``, at least ``get_low_latency_rdma_size_hint``) holds
+two buffers; each dispatch takes the next one and records it in the handle (``handle[5]``), and its
+combine uses the same one.
+
+Streams, as in DeepEP: without ``async_finish`` the kernels run on the caller's current stream (the
+same order as a hop through the communication stream, without its cost); with it they run on the
+communication stream after it waited for the caller's, the call returns an EventOverlap, and every
+tensor the call touched is ``record_stream``-ed there and held by the EventOverlap. With
+``return_recv_hook`` the call launches only the send half on the caller's stream and returns
+``hook``; ``hook()`` launches the receive half on that same stream (the one current at the send) and
+returns None. No SM is held in between, so two micro-batches can overlap; the hook holds every
+tensor of the call until it is dropped. ``async_finish`` and ``return_recv_hook`` exclude each
+other, as in DeepEP.
+
+Rules of use (all ranks make the same calls in the same order; SPEC.md 3.3):
+- The first low-latency call fixes ``(Tmax, hidden, num_experts)``; another shape needs
+  ``clean_low_latency_buffer`` with the new one first on every rank (ValueError otherwise).
+- A dispatch's combine must come before the dispatch after next (any decode step does); a CUDA graph
+  of dispatches only must hold an even number of them.
+- ``topk_idx`` entries outside ``[-1, num_experts)`` are treated as -1 on the device (checking them
+  on the host would need a sync). A token that lists one expert twice sends two rows.
+"""
 
 from typing import Tuple
 
-from ._args import check_bool, check_int, check_tensor
+from . import _epcomm
+from ._args import ArgumentError, check_bool, check_int, check_low_latency_handle, check_tensor
+from ._compat import torch
+from .handle import LowLatencyHandle
 
-_MISSING = "low-latency mode is not in this build yet (the C++ core has no low-latency entry points)"
+SCALE_GROUP = 128  # channels per FP8 scale
 
 
-def _missing(what: str):
-    raise NotImplementedError(f"{what}: {_MISSING}")
+class RecvHook:
+    """The ``hook`` of a low-latency call made with ``return_recv_hook=True``: calling it launches
+    the receive half (once) on the stream the send half ran on, and returns None. Holds the call's
+    tensors until it is dropped."""
+
+    __slots__ = ("_call", "_tensors", "_what")
+
+    def __init__(self, call, tensors: tuple, what: str) -> None:
+        self._call, self._tensors, self._what = call, tensors, what
+
+    def __call__(self) -> None:
+        self._call.recv()
+
+    def __repr__(self) -> str:
+        state = "pending" if self._call.recv_pending else "received"
+        return f"<epcomm {self._what} recv hook, {state}>"
+
+
+def _fp8_dtype():
+    dtype = getattr(torch, "float8_e4m3fn", None)
+    if dtype is None:
+        raise RuntimeError(f"use_fp8=True needs PyTorch with torch.float8_e4m3fn (2.1 or newer); this is "
+                           f"{torch.__version__}")
+    return dtype
+
+
+def _current_stream(device) -> int:
+    """cudaStream_t of the current stream of `device` (the fast accessor when torch has it: this is
+    on the decode path, and torch.cuda.current_stream() builds a Stream object)."""
+    if device.type == "cpu":  # tests of the Python layer over a host stand-in for the core
+        return 0
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _exclusive(async_finish: bool, return_recv_hook: bool) -> None:
+    if async_finish and return_recv_hook:
+        raise ArgumentError("async_finish, return_recv_hook: not both (as in DeepEP): a hook call's receive half "
+                            "runs on the caller's stream when hook() is called, there is no event to return")
 
 
 class LowLatencyMixin:
-    """The low-latency half of Buffer (decoding: fixed shapes, no host sync, hook mode)."""
+    """The low-latency half of Buffer (its state: ``_ll_shapes``, set in Buffer.__init__)."""
 
-    def _low_latency_missing(self, what: str):
-        self._rt()  # a destroyed buffer says so first
-        _missing(what)
-
+    # ------------------------------------------------------------------ sizes and cleaning
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """``num_rdma_bytes`` low-latency mode needs (BF16 sizing)."""
-        check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
-        check_int("hidden", hidden, lo=1)
-        check_int("num_ranks", num_ranks, lo=1)
-        check_int("num_experts", num_experts, lo=1)
-        _missing("get_low_latency_rdma_size_hint")
+        """``num_rdma_bytes`` low-latency mode needs for this problem (both buffers, BF16 or FP8),
+        never more than DeepEP's hint for the same arguments. Raises ValueError for a shape
+        low-latency mode cannot run (hidden not a multiple of 128, num_experts not divisible by
+        num_ranks, Tmax out of range)."""
+        return _epcomm.low_latency_size_hint(
+            check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1),
+            check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
+            check_int("num_experts", num_experts, lo=1))
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Zeroes the low-latency signalling memory (needed after normal-mode use of the buffer)."""
-        check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
-        check_int("hidden", hidden, lo=1)
-        check_int("num_experts", num_experts, lo=1)
-        self._low_latency_missing("clean_low_latency_buffer")
+        """Zeroes the low-latency memory and call counters on every rank and fixes the shape
+        ``(Tmax, hidden, num_experts)`` for later calls. Collective and synchronous: waits for the
+        current stream and the buffer's work. Needed to change the shape, after writing the region
+        through ``get_local_buffer_tensor(..., use_rdma_buffer=True)``, and to recover after a
+        low-latency error (a timeout, or more than Tmax rows for one expert)."""
+        runtime = self._rt()
+        tmax = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
+        hidden = check_int("hidden", hidden, lo=1)
+        num_experts = check_int("num_experts", num_experts, lo=1)
+        runtime.clean_low_latency_buffer(tmax, hidden, num_experts, _current_stream(self._device))
 
+    def _check_low_latency_shape(self, tmax: int, hidden: int, num_experts: int) -> None:
+        # The core checks every call; this runs once per shape, before the Python layer allocates
+        # tensors whose sizes follow from it (so a bad Tmax raises instead of allocating).
+        key = (tmax, hidden, num_experts)
+        if key not in self._ll_shapes:
+            _epcomm.low_latency_size_hint(tmax, hidden, self.group_size, num_experts)
+            self._ll_shapes.add(key)
+
+    # ------------------------------------------------------------------ dispatch / combine
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> Tuple:
-        """Sends each token once per selected expert.
+        """Sends each token once per selected expert (DeepEP's low-latency dispatch).
 
-        Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``(x_e4m3 [E/R, R*Tmax,
-        hidden], scales [E/R, R*Tmax, hidden/128] float32)`` (token dimension contiguous per expert;
-        int32 ``[.., hidden/512]`` with ``use_ue8m0``) or ``[E/R, R*Tmax, hidden]`` BF16 without
-        ``use_fp8``; ``recv_count [E/R] int32``; ``handle = (src_info [E/R, R*Tmax] int32,
-        layout_range [E/R, R] int64, Tmax, hidden, E)``; ``hook`` receives when
-        ``return_recv_hook``.
+        ``x`` is ``[T, hidden]`` BF16 (T <= Tmax, hidden a multiple of 128), ``topk_idx`` ``[T, K]``
+        int64 (K <= 16). With ``use_fp8`` each token is cast per 128 channels on the GPU: ``scale =
+        max(amax, 1e-4) / 448`` in float32 (rounded up to a power of two with ``round_scale``), ``q =
+        e4m3(x / scale)`` (round to nearest even, saturating).
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``:
+
+        - ``recv_x``: ``(x_e4m3 [E/R, R*Tmax, hidden], scales [E/R, R*Tmax, hidden/128] float32)``
+          with ``use_fp8``, the scales a transposed view (storage ``[E/R, hidden/128, R*Tmax]``, so
+          the token dimension is contiguous per expert); with ``use_ue8m0`` (needs ``round_scale``)
+          the scales are the exponent bytes packed 4 per int32, ``[E/R, R*Tmax, ceil(hidden/512)]``,
+          transposed the same way; ``[E/R, R*Tmax, hidden]`` BF16 without ``use_fp8``. Rows of local
+          expert ``e`` past ``recv_count[e]`` are not written.
+        - ``recv_count`` ``[E/R]`` int32: rows received per local expert.
+        - ``handle``: ``(src_info [E/R, R*Tmax] int32 (source token index of each row), layout_range
+          [E/R, R] int64 ((begin << 32) | count of the rows from each source rank), Tmax, hidden,
+          num_experts, buffer_index)`` (epcomm/handle.py, LowLatencyHandle); rows from one source
+          rank are contiguous, in no fixed order among themselves.
+        - ``event``: an EventOverlap (holding an event only with ``async_finish``).
+        - ``hook``: with ``return_recv_hook``, a callable that launches the receive half (the
+          outputs are valid after it ran); else None.
+
+        ``cumulative_local_expert_recv_stats`` (``[E/R]`` int32) gets ``+= recv_count``;
+        ``dispatch_wait_recv_cost_stats`` (``[R]`` int64) gets the GPU clock cycles spent waiting
+        for each source rank added.
         """
-        check_tensor("x", x, ndim=2)
-        check_tensor("topk_idx", topk_idx, ndim=2)
-        check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
-        check_int("num_experts", num_experts, lo=1)
-        check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, allow_none=True)
-        check_tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, allow_none=True)
-        for name, value in (("use_fp8", use_fp8), ("round_scale", round_scale), ("use_ue8m0", use_ue8m0),
-                            ("async_finish", async_finish), ("return_recv_hook", return_recv_hook)):
-            check_bool(name, value)
-        self._low_latency_missing("low_latency_dispatch")
+        runtime = self._rt()
+        x = check_tensor("x", x, ndim=2)
+        topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)
+        tmax = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
+        num_experts = check_int("num_experts", num_experts, lo=1)
+        cum_stats = check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
+                                 ndim=1, allow_none=True)
+        wait_stats = check_tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, ndim=1,
+                                  allow_none=True)
+        use_fp8 = check_bool("use_fp8", use_fp8)
+        round_scale = check_bool("round_scale", round_scale)
+        use_ue8m0 = check_bool("use_ue8m0", use_ue8m0)
+        async_finish = check_bool("async_finish", async_finish)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        _exclusive(async_finish, return_recv_hook)
+        hidden = x.size(1)
+        self._check_low_latency_shape(tmax, hidden, num_experts)
+
+        R, dev = self.group_size, self._device
+        EL, RT = num_experts // R, R * tmax
+        stream = _current_stream(dev)
+        recv_x = torch.empty((EL, RT, hidden), dtype=_fp8_dtype() if use_fp8 else torch.bfloat16, device=dev)
+        scales = None
+        if use_fp8:
+            groups = hidden // SCALE_GROUP
+            if use_ue8m0:
+                scales = torch.empty((EL, (groups + 3) // 4, RT), dtype=torch.int32, device=dev).transpose(1, 2)
+            else:
+                scales = torch.empty((EL, groups, RT), dtype=torch.float32, device=dev).transpose(1, 2)
+        recv_count = torch.empty((EL,), dtype=torch.int32, device=dev)
+        src_info = torch.empty((EL, RT), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((EL, R), dtype=torch.int64, device=dev)
+        call = runtime.low_latency_dispatch(
+            x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
+            recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),
+            src_info.data_ptr(), layout_range.data_ptr(), stream, async_finish, return_recv_hook)
+        handle = LowLatencyHandle(src_info, layout_range, tmax, hidden, num_experts, call.buffer_index)
+        inputs = (x, topk_idx, cum_stats, wait_stats)
+        outputs = (recv_x, scales, recv_count, src_info, layout_range)
+        overlap = self._finish(call.event, async_finish, False, None, inputs, outputs)
+        hook = RecvHook(call, inputs + outputs, "low_latency_dispatch") if return_recv_hook else None
+        return (recv_x, scales) if use_fp8 else recv_x, recv_count, handle, overlap, hook
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle: tuple, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
                             out=None, combine_wait_recv_cost_stats=None) -> Tuple:
-        """Weighted sum of the experts' outputs back on each token's rank.
+        """Weighted sum of the experts' outputs back on each token's rank (DeepEP's low-latency
+        combine).
 
-        ``x`` is ``[E/R, R*Tmax, hidden]`` BF16; returns ``(combined_x [T, hidden] bf16, event,
-        hook)``; ``out`` receives the result in place when given.
+        ``x`` is ``[E/R, R*Tmax, hidden]`` BF16, rows as the dispatch of ``handle`` returned them;
+        ``topk_idx`` and ``topk_weights`` (``[T, K]`` float32) are that dispatch's. Returns
+        ``(combined_x [T, hidden] bf16, event, hook)``: ``combined_x[t] = sum over k with
+        topk_idx[t, k] >= 0 of topk_weights[t, k] * x[row of (t, expert k)]``, in float32 in k
+        order, rounded once (a token sent nowhere gets zeros). ``out`` (``[T, hidden]`` BF16) receives
+        the result in place and is returned. With ``zero_copy`` the caller already wrote the
+        expert outputs into ``get_next_low_latency_combine_buffer(handle)``; ``x`` is then only
+        checked for its shape (it may be that buffer). ``use_logfmt`` is accepted and ignored:
+        epcomm always sends BF16 (exact). ``combine_wait_recv_cost_stats`` (``[R]`` int64) gets the
+        GPU clock cycles spent waiting for each rank added. ``event`` and ``hook`` as in
+        ``low_latency_dispatch``.
         """
-        check_tensor("x", x, ndim=3)
-        check_tensor("topk_idx", topk_idx, ndim=2)
-        check_tensor("topk_weights", topk_weights, ndim=2)
-        check_tensor("out", out, ndim=2, allow_none=True)
-        check_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, allow_none=True)
-        for name, value in (("use_logfmt", use_logfmt), ("zero_copy", zero_copy), ("async_finish", async_finish),
-                            ("return_recv_hook", return_recv_hook)):
-            check_bool(name, value)
-        self._low_latency_missing("low_latency_combine")
+        runtime = self._rt()
+        x = check_tensor("x", x, ndim=3)
+        topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)
+        topk_weights = check_tensor("topk_weights", topk_weights, ndim=2)
+        h = check_low_latency_handle(handle)
+        use_logfmt = check_bool("use_logfmt", use_logfmt)
+        zero_copy = check_bool("zero_copy", zero_copy)
+        async_finish = check_bool("async_finish", async_finish)
+        return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
+        out = check_tensor("out", out, ndim=2, allow_none=True)
+        wait_stats = check_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, ndim=1,
+                                  allow_none=True)
+        _exclusive(async_finish, return_recv_hook)
+        self._check_low_latency_shape(h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts)
+
+        stream = _current_stream(self._device)
+        combined_x = out if out is not None else \
+            torch.empty((topk_idx.size(0), h.hidden), dtype=torch.bfloat16, device=self._device)
+        call = runtime.low_latency_combine(
+            x, topk_idx, topk_weights, h.src_info, h.layout_range, h.num_max_dispatch_tokens_per_rank, h.hidden,
+            h.num_experts, h.buffer_index, out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt,
+            zero_copy, stream, async_finish, return_recv_hook)
+        inputs = (x, topk_idx, topk_weights, h.src_info, h.layout_range, wait_stats)
+        overlap = self._finish(call.event, async_finish, False, None, inputs, (combined_x,))
+        hook = RecvHook(call, inputs + (combined_x,), "low_latency_combine") if return_recv_hook else None
+        return combined_x, overlap, hook
 
     def get_next_low_latency_combine_buffer(self, handle: object):
-        """The ``[E/R, R*Tmax, hidden]`` BF16 buffer the next ``low_latency_combine(zero_copy=True)``
-        reads."""
-        self._low_latency_missing("get_next_low_latency_combine_buffer")
+        """The ``[E/R, R*Tmax, hidden]`` BF16 buffer a ``low_latency_combine(..., zero_copy=True)``
+        of ``handle`` reads: write the expert outputs there (rows as the dispatch returned them)
+        once that dispatch's receive half ran, then combine with ``zero_copy=True``. A view of this
+        rank's low-latency memory (the dispatch's receive area): it keeps the Buffer object alive,
+        and later dispatches into the same buffer overwrite it. After ``destroy()`` it must not be
+        used."""
+        runtime = self._rt()
+        h = check_low_latency_handle(handle)
+        ptr, nbytes, shape = runtime.next_combine_buffer(h.src_info, h.layout_range, h.num_max_dispatch_tokens_per_rank,
+                                                         h.hidden, h.num_experts, h.buffer_index)
+        return self._wrap_memory(ptr, nbytes).view(torch.bfloat16).view(shape)
 
+    # ------------------------------------------------------------------ shrink mode (placeholders)
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Masks (``mask=True``) or unmasks a rank for later low-latency calls (shrink mode)."""
-        check_int("rank_to_mask", rank_to_mask, lo=0)
-        check_bool("mask", mask)
-        self._low_latency_missing("low_latency_update_mask_buffer")
+        """Shrink mode is not implemented in this build: no rank is ever masked. ``mask=False``
+        (unmask) is accepted and does nothing; ``mask=True`` raises ``epcomm.Error`` (a
+        RuntimeError). ``rank_to_mask`` must be in ``[0, R)``."""
+        self._rt().low_latency_update_mask_buffer(check_int("rank_to_mask", rank_to_mask, lo=0),
+                                                  check_bool("mask", mask))
 
     def low_latency_query_mask_buffer(self, mask_status) -> None:
-        """Writes 1 for masked ranks, 0 otherwise, into ``mask_status [R] int32``."""
-        check_tensor("mask_status", mask_status, ndim=1)
-        self._low_latency_missing("low_latency_query_mask_buffer")
+        """Writes the mask into ``mask_status`` (``[R]`` int32, on the current stream): 1 for a
+        masked rank, 0 otherwise; always 0 in this build (no rank is ever masked)."""
+        runtime = self._rt()
+        mask_status = check_tensor("mask_status", mask_status, ndim=1)
+        runtime.low_latency_query_mask_buffer(mask_status, _current_stream(self._device))
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmasks every rank."""
-        self._low_latency_missing("low_latency_clean_mask_buffer")
+        """Unmasks every rank (nothing to do in this build: no rank is ever masked)."""
+        self._rt().low_latency_clean_mask_buffer()
 
+    # ------------------------------------------------------------------ raw memory
+    def _wrap_memory(self, ptr: int, nbytes: int):
+        """A ``[nbytes]`` uint8 tensor over epcomm's memory at ``ptr`` on this buffer's device,
+        keeping this Buffer object alive while any view of it lives (DLPack, no copy)."""
+        if nbytes == 0:
+            return torch.empty((0,), dtype=torch.uint8, device=self._device)
+        from torch.utils.dlpack import from_dlpack
+
+        device = -1 if self._device.type == "cpu" else self._device.index  # cpu: for tests without a GPU
+        return from_dlpack(_epcomm.wrap_memory(ptr, nbytes, device, self))

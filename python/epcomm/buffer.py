@@ -12,7 +12,8 @@ after that stream waits for the caller's current stream (or ``previous_event``).
 returns an EventOverlap and every tensor the call touched is ``record_stream``-ed on the
 communication stream (and held by the EventOverlap), so freeing it early is safe. With
 ``allocate_on_comm_stream`` the outputs come from the communication stream's memory pool and are
-``record_stream``-ed on the caller's stream.
+``record_stream``-ed on the caller's stream. The low-latency calls (``_low_latency.py``) run on the
+caller's stream unless ``async_finish``; their module docstring has their rules.
 """
 
 import warnings
@@ -45,13 +46,16 @@ class Buffer(LowLatencyMixin):
         group: the ``torch.distributed`` ProcessGroup of the EP ranks (any backend). It carries the
             NCCL unique id at construction; epcomm then talks through its own NCCL communicator.
         num_nvl_bytes: NVLink ring memory for normal mode; ``Config.get_nvl_buffer_size_hint``.
-        num_rdma_bytes: memory for low-latency mode and the network hop (passed to the core).
-        low_latency_mode: reserve low-latency memory (the low-latency calls are not in this build).
+        num_rdma_bytes: low-latency memory (both buffers): at least
+            ``Buffer.get_low_latency_rdma_size_hint(Tmax, hidden, num_ranks, num_experts)``.
+        low_latency_mode: DeepEP's switch for low-latency mode; recorded and passed to the core,
+            which runs the low-latency calls whenever ``num_rdma_bytes`` is large enough.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and
             ignored; they tune NVSHMEM/IBGDA, which epcomm does not use (NCCL GIN and LSA instead).
         explicitly_destroy: if True, resources are freed by ``destroy()`` only; otherwise when the
             buffer is garbage-collected.
-        enable_shrink: low-latency rank masking (shrink mode); recorded for the low-latency calls.
+        enable_shrink: low-latency rank masking (shrink mode); recorded. Masking is not implemented
+            in this build (see ``low_latency_update_mask_buffer``).
         comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
 
     The current CUDA device (``torch.cuda.current_device()``) is the buffer's device.
@@ -112,6 +116,7 @@ class Buffer(LowLatencyMixin):
         self._comm_stream = torch_.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
+        self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
 
     # ------------------------------------------------------------------ lifetime and statics
     def destroy(self) -> None:
@@ -158,12 +163,34 @@ class Buffer(LowLatencyMixin):
         return self._comm_stream
 
     def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0, use_rdma_buffer: bool = False):
-        """Not in this build: the C++ Buffer does not expose its local symmetric memory yet."""
-        self._rt()
-        check_int("offset", offset, lo=0)
-        check_bool("use_rdma_buffer", use_rdma_buffer)
-        raise NotImplementedError("get_local_buffer_tensor: epcomm's C++ Buffer does not expose its local "
-                                  "buffer memory in this build")
+        """This rank's part of the buffer's symmetric memory as a ``dtype`` tensor (no copy): the
+        normal-mode region (``num_nvl_bytes``), or the low-latency region (``num_rdma_bytes``) with
+        ``use_rdma_buffer``, starting ``offset`` bytes in (a multiple of the element size). 1-D
+        over the rest of the region, or the first ``prod(size)`` elements viewed as ``size``.
+        Epcomm's calls overwrite this memory, and writing it while a call is in flight corrupts
+        that call; after writing the low-latency region, ``clean_low_latency_buffer`` before the
+        next low-latency call. The tensor keeps this Buffer object alive; after ``destroy()`` it
+        must not be used."""
+        runtime = self._rt()
+        offset = check_int("offset", offset, lo=0)
+        use_rdma_buffer = check_bool("use_rdma_buffer", use_rdma_buffer)
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"dtype: expected a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        element = torch.empty((), dtype=dtype).element_size()
+        ptr, nbytes = runtime.local_buffer(use_rdma_buffer)
+        region = "num_rdma_bytes" if use_rdma_buffer else "num_nvl_bytes"
+        if offset > nbytes or offset % element:
+            raise ArgumentError(f"offset = {offset} must be a multiple of {element} (the size of {dtype}) and at most "
+                                f"the {nbytes} bytes of the region ({region})")
+        numel = (nbytes - offset) // element
+        tensor = self._wrap_memory(ptr + offset, numel * element).view(dtype)
+        if size is None:
+            return tensor
+        size = torch.Size([size] if isinstance(size, int) else size)
+        if size.numel() > numel:
+            raise ArgumentError(f"size = {list(size)}: {size.numel()} elements of {dtype} do not fit in the "
+                                f"{nbytes - offset} bytes past offset {offset} ({region} = {nbytes})")
+        return tensor[:size.numel()].view(size)
 
     # ------------------------------------------------------------------ helpers
     def _rt(self):

@@ -26,3 +26,18 @@ class DispatchHandle(NamedTuple):
     recv_src_idx: Any  # [num_rows] int32: source token index of each received row
     is_token_in_rank: Any  # [T, R] bool: this rank's tokens -> destination ranks (from the layout)
     meta: HandleMeta
+
+
+class LowLatencyHandle(NamedTuple):
+    """What ``low_latency_dispatch`` returns for its combine: DeepEP's ``(src_info, layout_range,
+    num_max_dispatch_tokens_per_rank, hidden, num_experts)`` plus ``buffer_index``, the one of the
+    two low-latency buffers the dispatch used (its combine and
+    ``get_next_low_latency_combine_buffer`` use the same one). A plain tuple to code that passes
+    it along."""
+
+    src_info: Any  # [E/R, R*Tmax] int32: source token index of each received row
+    layout_range: Any  # [E/R, R] int64: (begin << 32) | count of the rows from each source rank
+    num_max_dispatch_tokens_per_rank: int  # Tmax
+    hidden: int
+    num_experts: int
+    buffer_index: int  # 0 or 1

@@ -200,6 +200,7 @@ PYBIND11_MODULE(_epcomm, m) {
   bind_config(m);
   bind_event(m);
   python::bind_runtime(m);
+  python::bind_low_latency(m);
 
   m.def("get_unique_id", &get_unique_id, "A fresh ncclUniqueId as bytes (rank 0 makes it, every rank passes it).");
   m.def("nccl_version", [] {

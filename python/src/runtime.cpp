@@ -15,9 +15,44 @@
 #include "epcomm/buffer.hpp"
 #include "epcomm/error.hpp"
 #include "epcomm/group.hpp"
+#include "runtime.hpp"
 #include "views.hpp"
 
 namespace epcomm::python {
+
+Runtime::Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device, size_t num_nvl_bytes,
+                 size_t num_rdma_bytes, bool low_latency_mode, int max_tokens_per_rank, int max_experts_per_rank,
+                 int64_t timeout_ms) {
+  const std::string id_bytes = unique_id;
+  ncclUniqueId id;
+  if (id_bytes.size() != sizeof(id.internal))
+    throw ArgumentError("unique_id: must be the " + std::to_string(sizeof(id.internal)) +
+                        " bytes get_unique_id() returns, got " + std::to_string(id_bytes.size()));
+  std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
+  if (num_ranks < 1) throw ArgumentError("num_ranks = " + std::to_string(num_ranks) + " must be positive");
+  if (rank < 0 || rank >= num_ranks)
+    throw ArgumentError("rank = " + std::to_string(rank) + " must be in [0, " + std::to_string(num_ranks) + ")");
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    throw RuntimeFailure("epcomm.Buffer: no CUDA device is visible to this process; epcomm's normal and "
+                         "low-latency modes run on Hopper (sm_90) GPUs");
+  }
+  if (device < 0 || device >= count)
+    throw ArgumentError("device = " + std::to_string(device) + " must be in [0, " + std::to_string(count) + ")");
+  BufferOptions options;
+  options.num_nvl_bytes = num_nvl_bytes;
+  options.num_rdma_bytes = num_rdma_bytes;
+  options.low_latency_mode = low_latency_mode;
+  options.max_tokens_per_rank = max_tokens_per_rank;
+  options.max_experts_per_rank = max_experts_per_rank;
+  options.timeout_ms = timeout_ms;
+  // Collective and blocking (NCCL init, symmetric allocation, barrier): other Python threads run.
+  py::gil_scoped_release release;
+  group_ = Group::create_nccl(id, num_ranks, rank, device);
+  buffer_ = std::make_shared<Buffer>(group_, options);
+}
+
 namespace {
 
 // Handle metadata crosses to Python as a tuple of ints in this order (epcomm/handle.py, HandleMeta).
@@ -56,66 +91,6 @@ StreamOrder order_from(py::handle stream, py::handle previous_event, bool async_
   o.async_finish = async_finish;
   return o;
 }
-
-class Runtime {
- public:
-  Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device, size_t num_nvl_bytes,
-          size_t num_rdma_bytes, bool low_latency_mode, int max_tokens_per_rank, int max_experts_per_rank,
-          int64_t timeout_ms) {
-    const std::string id_bytes = unique_id;
-    ncclUniqueId id;
-    if (id_bytes.size() != sizeof(id.internal))
-      throw ArgumentError("unique_id: must be the " + std::to_string(sizeof(id.internal)) +
-                          " bytes get_unique_id() returns, got " + std::to_string(id_bytes.size()));
-    std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
-    if (num_ranks < 1) throw ArgumentError("num_ranks = " + std::to_string(num_ranks) + " must be positive");
-    if (rank < 0 || rank >= num_ranks)
-      throw ArgumentError("rank = " + std::to_string(rank) + " must be in [0, " + std::to_string(num_ranks) + ")");
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      cudaGetLastError();
-      throw RuntimeFailure("epcomm.Buffer: no CUDA device is visible to this process; epcomm's normal and "
-                           "low-latency modes run on Hopper (sm_90) GPUs");
-    }
-    if (device < 0 || device >= count)
-      throw ArgumentError("device = " + std::to_string(device) + " must be in [0, " + std::to_string(count) + ")");
-    BufferOptions options;
-    options.num_nvl_bytes = num_nvl_bytes;
-    options.num_rdma_bytes = num_rdma_bytes;
-    options.low_latency_mode = low_latency_mode;
-    options.max_tokens_per_rank = max_tokens_per_rank;
-    options.max_experts_per_rank = max_experts_per_rank;
-    options.timeout_ms = timeout_ms;
-    // Collective and blocking (NCCL init, symmetric allocation, barrier): other Python threads run.
-    py::gil_scoped_release release;
-    group_ = Group::create_nccl(id, num_ranks, rank, device);
-    buffer_ = std::make_shared<Buffer>(group_, options);
-  }
-
-  Buffer& buffer() const {
-    if (!buffer_) throw RuntimeFailure("epcomm.Buffer: this buffer was destroyed (destroy() was called)");
-    return *buffer_;
-  }
-  std::shared_ptr<Buffer> shared() const {
-    buffer();
-    return buffer_;
-  }
-  const Group& group() const {
-    buffer();
-    return *group_;
-  }
-  bool destroyed() const { return !buffer_; }
-
-  void destroy() {
-    py::gil_scoped_release release;  // the destructor synchronizes and runs a barrier
-    buffer_.reset();
-    group_.reset();
-  }
-
- private:
-  std::shared_ptr<Group> group_;
-  std::shared_ptr<Buffer> buffer_;
-};
 
 // A dispatch between its two phases: the counts are known (unless num_worst_tokens), the Python
 // layer allocates the receive tensors with that many rows, then run() moves the data.
@@ -302,6 +277,14 @@ void bind_runtime(py::module_& m) {
       .def("chunk_offset_stride", [](const Runtime& r, const Config& c) { return r.buffer().chunk_offset_stride(c); },
            py::arg("config"))
       .def("check_device_errors", [](const Runtime& r) { r.buffer().check_device_errors(); })
+      .def(
+          "local_buffer",
+          [](const Runtime& r, bool rdma) {
+            const auto [ptr, bytes] = r.buffer().local_buffer(rdma);
+            return py::make_tuple(reinterpret_cast<uintptr_t>(ptr), bytes);
+          },
+          py::arg("rdma"),
+          "(data pointer, bytes) of this rank's normal-mode region (rdma=False) or low-latency region (rdma=True)")
       .def("destroy", &Runtime::destroy)
       .def("get_dispatch_layout", &get_dispatch_layout, py::arg("topk_idx"), py::arg("num_experts"),
            py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_rdma_rank"), py::arg("num_tokens_per_expert"),

@@ -59,7 +59,8 @@ def _worker(rank: int, num_ranks: int, port: int, cases_module: str, commands, r
         except BaseException:  # noqa: BLE001 -- reported to the parent
             results.put((rank, "error", traceback.format_exc()))
     try:
-        del buffer
+        vars(ctx).pop("ll_buffer", None)  # made by the low-latency cases; freed (collectively) here
+        del ctx, buffer
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 -- shutting down
         pass

@@ -120,3 +120,101 @@ def same_bytes(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
     if diff.numel() == 0:
         return None
     return f"{diff.numel()} bytes differ, first at byte {int(diff[0])}"
+
+
+# ---------------------------------------------------------------------------- low-latency mode (SPEC.md 3.3)
+SCALE_GROUP = 128
+
+
+def fp8_scales(x: torch.Tensor, round_scale: bool = False) -> torch.Tensor:
+    """[T, hidden] BF16 -> [T, hidden/128] float32: max(amax, 1e-4) / 448 per 128 channels, as IEEE
+    float32 division (tensor by tensor: torch turns a division by a Python scalar into a multiplication
+    by its reciprocal on the GPU), rounded up to a power of two by exponent arithmetic with round_scale."""
+    T, H = x.shape
+    amax = x.float().abs().view(T, H // SCALE_GROUP, SCALE_GROUP).amax(dim=2)
+    scale = torch.maximum(amax, torch.full_like(amax, 1e-4)) / torch.full_like(amax, 448.0)
+    if round_scale:
+        bits = scale.view(torch.int32)
+        mantissa = bits & 0x7FFFFF
+        bits = torch.where(mantissa != 0, (bits & ~0x7FFFFF) + (1 << 23), bits)
+        scale = bits.view(torch.float32)
+    return scale
+
+
+def fp8_cast(x: torch.Tensor, round_scale: bool = False):
+    """[T, hidden] BF16 -> (q [T, hidden] float8_e4m3fn, scales [T, hidden/128] float32): q = e4m3(x /
+    scale), IEEE division, round to nearest even, saturating at +-448. torch's float -> e4m3fn cast
+    rounds to nearest even (subnormals included) but is not saturating (|v| >= 464 becomes NaN), so the
+    quotient is clamped to [-448, 448] first; on finite values that is exactly CUDA's __NV_SATFINITE
+    conversion. (|x / scale| <= 448 up to one rounding anyway, so the clamp never bites in practice.)"""
+    T, H = x.shape
+    scale = fp8_scales(x, round_scale)
+    xf = x.float().view(T, H // SCALE_GROUP, SCALE_GROUP)
+    q = (xf / scale.unsqueeze(2)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(T, H), scale
+
+
+def ue8m0_pack(scales: torch.Tensor) -> torch.Tensor:
+    """[..., G] power-of-two float32 scales -> [..., ceil(G/4)] int32: the exponent bytes, 4 per word,
+    group 4w+i in byte i (little-endian)."""
+    G = scales.size(-1)
+    W = (G + 3) // 4
+    exps = (scales.contiguous().view(torch.int32).to(torch.int64) >> 23) & 0xFF
+    padded = torch.zeros(scales.shape[:-1] + (W * 4,), dtype=torch.int64, device=scales.device)
+    padded[..., :G] = exps
+    padded = padded.view(scales.shape[:-1] + (W, 4))
+    words = padded[..., 0] | (padded[..., 1] << 8) | (padded[..., 2] << 16) | (padded[..., 3] << 24)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def ue8m0_unpack(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of ue8m0_pack: [..., W] int32 -> [..., groups] float32 powers of two."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    exps = torch.stack([(words >> (8 * i)) & 0xFF for i in range(4)], dim=-1).flatten(-2)[..., :groups]
+    return (exps << 23).to(torch.int32).view(torch.float32)
+
+
+def dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] e4m3 (or anything .float() takes) and [..., hidden/128] float32 -> float32 q * scale
+    (fixed shapes, no host sync: CUDA-graph capturable)."""
+    shape = q.shape
+    groups = scales.size(-1)
+    return (q.float().reshape(*shape[:-1], groups, SCALE_GROUP) * scales.float().unsqueeze(-1)).reshape(shape)
+
+
+def ll_tokens(all_topk: Sequence[torch.Tensor], num_experts: int, rank: int) -> List[List[torch.Tensor]]:
+    """What rank `rank` receives in low-latency mode: [local expert][source rank] -> the source's
+    token indices (int64, ascending, a token once per slot that names the expert)."""
+    R = len(all_topk)
+    per_rank = num_experts // R
+    out = []
+    for e in range(per_rank):
+        g = rank * per_rank + e
+        out.append([(t == g).nonzero()[:, 0] for t in all_topk])
+    return out
+
+
+def expert_scale(num_experts: int, device=None) -> torch.Tensor:
+    """[E] float32: the factor the tests' stand-in expert multiplies its rows by (distinct per expert,
+    so a row combined under the wrong expert shows)."""
+    return 0.5 + (torch.arange(num_experts, device=device) % 13).float() / 8
+
+
+def ll_expert(rows: torch.Tensor, factor) -> torch.Tensor:
+    """The tests' stand-in expert: BF16(float32 rows * factor); the same ops on either side give the
+    same bits."""
+    return (rows * factor).to(torch.bfloat16)
+
+
+def ll_combine(topk_idx: torch.Tensor, topk_weights: torch.Tensor, y_of_slot) -> torch.Tensor:
+    """low_latency_combine's output as float32: out[t] = sum over k with topk_idx[t, k] >= 0 of
+    w[t, k] * y_of_slot(k)[t].float(), multiply then add, in k order (as the kernel does)."""
+    T, K = topk_idx.shape
+    acc = None
+    for k in range(K):
+        y = y_of_slot(k).float()
+        if acc is None:
+            acc = torch.zeros_like(y)
+        valid = (topk_idx[:, k] >= 0).unsqueeze(1)
+        acc = torch.where(valid, acc + topk_weights[:, k:k + 1].float() * y, acc)
+    return acc

@@ -1,13 +1,23 @@
-"""Python-level bandwidth of epcomm's normal mode, as a DeepEP user sees it (tensors allocated per
-call, the caller's stream, the host waiting for the counts), on the standard problem of SPEC.md
-section 7: 4096 tokens per rank, hidden 7168, top-8, 256 experts, uniform routing. One process
-per GPU. Times each call with CUDA events on the caller's stream (median of --iters after
---warmup) and counts logical bytes: rows received by the rank x bytes per row (BF16 2*hidden,
-FP8 hidden + 4*hidden/128; combine and cached dispatch at BF16). Prints GB/s per rank and the
-minimum over ranks, the figure that counts.
+"""Python-level figures of epcomm as a DeepEP user sees them (tensors allocated per call, the
+caller's stream), on the standard problems of SPEC.md section 7, one process per GPU, each call
+timed with CUDA events on the caller's stream.
 
-With --cpp-bench PATH it first runs the C++ epcomm-bench on the same problem (same SMs, same
-iterations, no NCCL baseline) and prints the Python/C++ ratio per operation.
+Normal mode (--mode normal): 4096 tokens per rank, hidden 7168, top-8, 256 experts, uniform
+routing; median of --iters after --warmup; logical bytes = rows received by the rank x bytes per
+row (BF16 2*hidden, FP8 hidden + 4*hidden/128; combine and cached dispatch at BF16). Prints GB/s
+per rank and the minimum over ranks, the figure that counts.
+
+Low-latency mode (--mode low-latency): 128 tokens per rank (Tmax 128), hidden 7168, top-8, 288
+experts (rounded down to a multiple of the rank count), uniform routing; FP8 (and BF16) dispatch,
+BF16 combine; median microseconds of --ll-iters after --ll-warmup, per rank and the maximum over
+ranks: one call each (ll-dispatch-fp8, ll-dispatch-bf16, ll-combine, the host's Python work
+included when it is slower than the GPU), the two halves of hook mode with 50 us of other GPU work
+between them (ll-*-send / ll-*-recv, as epcomm-bench measures them), and calls replayed from one
+CUDA graph (ll-*-graph, no host work).
+
+--mode all (the default) runs both. With --cpp-bench PATH it first runs the C++ epcomm-bench on
+the same problems (same SMs and iterations, no NCCL baseline; `--mode normal` and `--mode
+low-latency`) and prints the Python/C++ ratio per operation.
 
     PYTHONPATH=python python tests/python/bench_python.py --cpp-bench build/bench/epcomm-bench
 """
@@ -25,6 +35,9 @@ import torch
 import torch.distributed as dist
 
 OPS = ("dispatch-bf16", "dispatch-fp8", "cached-dispatch-bf16", "combine")
+LL_OPS = ("ll-dispatch-fp8", "ll-dispatch-bf16", "ll-combine", "ll-dispatch-fp8-send", "ll-dispatch-fp8-recv",
+          "ll-combine-send", "ll-combine-recv", "ll-dispatch-fp8-graph", "ll-combine-graph")
+HOOK_GAP_US = 50.0  # GPU work between a hook call's send and receive halves (epcomm-bench's spin)
 
 
 def median_us(fn, warmup, iters):
@@ -41,12 +54,124 @@ def median_us(fn, warmup, iters):
     return times[len(times) // 2]
 
 
-def _worker(rank, num_ranks, port, args, results):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+def sleep_cycles(us):
+    """torch.cuda._sleep cycles that keep the GPU busy for about `us` microseconds."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return max(1, int(1_000_000 * us / (start.elapsed_time(end) * 1e3)))
+
+
+def median_halves_us(send, warmup, iters, gap_cycles):
+    """Median times of the send half (`send()` returns the call's tuple, hook last) and of the
+    receive half (the hook), with `gap_cycles` of other GPU work between them."""
+    for _ in range(warmup):
+        hook = send()[-1]
+        torch.cuda._sleep(gap_cycles)
+        hook()
+    torch.cuda.synchronize()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(iters)]
+    for ev in events:
+        ev[0].record()
+        hook = send()[-1]
+        ev[1].record()
+        torch.cuda._sleep(gap_cycles)
+        ev[2].record()
+        hook()
+        ev[3].record()
+    torch.cuda.synchronize()
+    sends = sorted(ev[0].elapsed_time(ev[1]) * 1e3 for ev in events)
+    recvs = sorted(ev[2].elapsed_time(ev[3]) * 1e3 for ev in events)
+    return sends[len(sends) // 2], recvs[len(recvs) // 2]
+
+
+def graph_us(fn, calls, replays=5):
+    """Per-call time of `calls` calls captured in one CUDA graph (median of `replays` replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def ll_experts(args, num_ranks):
+    return args.ll_experts // num_ranks * num_ranks
+
+
+def _low_latency(rank, num_ranks, args, out):
     import epcomm
 
+    T, H, K, E = args.ll_tokens, args.ll_hidden, args.ll_topk, ll_experts(args, num_ranks)
+    EL = E // num_ranks
+    nbytes = epcomm.Buffer.get_low_latency_rdma_size_hint(T, H, num_ranks, E)
+    buffer = epcomm.Buffer(dist.group.WORLD, num_rdma_bytes=nbytes, low_latency_mode=True, explicitly_destroy=True)
+    g = torch.Generator(device="cuda").manual_seed(2000 + rank)
+    dev = torch.device("cuda", rank)
+    x = torch.randn(T, H, generator=g, device=dev).to(torch.bfloat16)
+    topk_idx = torch.rand(T, E, generator=g, device=dev).topk(K, dim=1).indices  # uniform, distinct experts
+    topk_weights = torch.rand(T, K, generator=g, device=dev)
+    y = torch.randn(EL, num_ranks * T, H, generator=g, device=dev).to(torch.bfloat16)  # the experts' outputs
+    warmup, iters = args.ll_warmup, args.ll_iters
+    even = iters + (iters & 1)  # a graph of dispatches only holds an even number of them
+
+    def dispatch(fp8=True, hook=False):
+        return buffer.low_latency_dispatch(x, topk_idx, T, E, use_fp8=fp8, return_recv_hook=hook)
+
+    out["ll-dispatch-fp8"] = median_us(dispatch, warmup, iters)
+    out["ll-dispatch-bf16"] = median_us(lambda: dispatch(fp8=False), warmup, iters)
+    handle = dispatch()[2]  # a fresh dispatch, then combines of its handle (each rewrites the same rows)
+    out["ll-combine"] = median_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup, iters)
+    gap = sleep_cycles(HOOK_GAP_US)
+    out["ll-dispatch-fp8-send"], out["ll-dispatch-fp8-recv"] = median_halves_us(
+        lambda: dispatch(hook=True), warmup, iters, gap)
+    handle = dispatch()[2]
+    out["ll-combine-send"], out["ll-combine-recv"] = median_halves_us(
+        lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle, return_recv_hook=True), warmup, iters,
+        gap)
+    out["ll-dispatch-fp8-graph"] = graph_us(dispatch, even)
+    handle = dispatch()[2]
+    out["ll-combine-graph"] = graph_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), even)
+    out["ll-recv-count"] = int(dispatch()[1].sum())
+    torch.cuda.synchronize()
+    buffer.destroy()
+
+
+def _worker(rank, num_ranks, port, args, results):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
+    out = {"rank": rank}
+    if args.mode in ("normal", "all"):
+        _normal(rank, num_ranks, args, out)
+    if args.mode in ("low-latency", "all"):
+        _low_latency(rank, num_ranks, args, out)
+    results.put(out)
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+
+
+def _normal(rank, num_ranks, args, out):
+    import epcomm
+
     T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
     epcomm.Buffer.set_num_sms(args.sms)
     dcfg, ccfg = epcomm.Buffer.get_dispatch_config(num_ranks), epcomm.Buffer.get_combine_config(num_ranks)
@@ -70,7 +195,7 @@ def _worker(rank, num_ranks, port, args, results):
     recv_x, _, recv_w, _, handle, _ = dispatch(x)
     rows = handle.meta.num_rows
     fp8_row = H + 4 * H / 128
-    out = {"rank": rank, "rows": rows}
+    out["rows"] = rows
     ops = {
         "dispatch-bf16": (lambda: dispatch(x), 2 * H),
         "dispatch-fp8": (lambda: dispatch((x8, scales)), fp8_row),
@@ -80,10 +205,8 @@ def _worker(rank, num_ranks, port, args, results):
     for op, (fn, row_bytes) in ops.items():
         us = median_us(fn, args.warmup, args.iters)
         out[op] = (us, rows * row_bytes / us / 1e3)
-    results.put(out)
     torch.cuda.synchronize()
     buffer.destroy()
-    dist.destroy_process_group()
 
 
 def run_python(args, num_ranks):
@@ -113,14 +236,18 @@ def run_python(args, num_ranks):
     return sorted(got, key=lambda r: r["rank"])
 
 
-def run_cpp(args, num_ranks):
-    """{op: (max us, min GB/s)} over ranks from epcomm-bench's JSON."""
+def run_cpp(args, num_ranks, mode):
+    """{op: (max us, min GB/s)} over ranks from epcomm-bench's JSON, and the device it names."""
+    if mode == "normal":
+        problem = ["--tokens", args.tokens, "--hidden", args.hidden, "--topk", args.topk, "--experts", args.experts,
+                   "--sms", args.sms, "--iters", args.iters, "--warmup", args.warmup]
+    else:
+        problem = ["--tokens", args.ll_tokens, "--hidden", args.ll_hidden, "--topk", args.ll_topk, "--experts",
+                   ll_experts(args, num_ranks), "--iters", args.ll_iters, "--warmup", args.ll_warmup]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.json")
-        cmd = [args.cpp_bench, "--mode", "normal", "--ranks", str(num_ranks), "--tokens", str(args.tokens),
-               "--hidden", str(args.hidden), "--topk", str(args.topk), "--experts", str(args.experts),
-               "--sms", str(args.sms), "--iters", str(args.iters), "--warmup", str(args.warmup), "--no-baseline",
-               "--json", path]
+        cmd = [args.cpp_bench, "--mode", mode, "--ranks", str(num_ranks)] + [str(v) for v in problem] + [
+            "--no-baseline", "--json", path]
         print("C++:", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
@@ -128,43 +255,22 @@ def run_cpp(args, num_ranks):
             raise SystemExit(f"epcomm-bench failed with code {proc.returncode}")
         with open(path) as f:
             report = json.load(f)
+    ops = OPS if mode == "normal" else LL_OPS
     summary = {}
     for row in report["rows"]:
-        if row["system"] != "epcomm" or row["op"] not in OPS or row["sms"] != args.sms:
+        # Normal mode: the rows at --sms; low-latency kernels use every SM (one row per op and rank).
+        if row["system"] != "epcomm" or row["op"] not in ops or (mode == "normal" and row["sms"] != args.sms):
             continue
         us, gbps = summary.get(row["op"], (0.0, float("inf")))
         summary[row["op"]] = (max(us, row["us"]), min(gbps, row["gbps"]))
     return summary, report.get("device", "?")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=0, help="GPUs (default: every visible one)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=7168)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--sms", type=int, default=24)
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up on the ranks")
-    parser.add_argument("--cpp-bench", default="", help="path of epcomm-bench to run first, for the ratio")
-    parser.add_argument("--json", default="", help="also write the results as JSON to this file")
-    args = parser.parse_args()
-    num_ranks = args.ranks or torch.cuda.device_count()
-    if num_ranks < 1:
-        raise SystemExit("bench_python: no CUDA GPU")
-
-    cpp, device = ({}, torch.cuda.get_device_name(0))
-    if args.cpp_bench:
-        cpp, device = run_cpp(args, num_ranks)
-    results = run_python(args, num_ranks)
-
+def print_normal(args, num_ranks, device, results, cpp, summary):
     print(f"\n{num_ranks} x {device} | {args.sms} SMs | tokens {args.tokens}/rank, hidden {args.hidden}, "
           f"top-{args.topk}, {args.experts} experts | median of {args.iters}")
     print(f"{'op':<22}" + "".join(f"{'rank ' + str(r['rank']):>16}" for r in results) + f"{'min GB/s':>12}"
           + (f"{'C++ GB/s':>12}{'py/C++':>9}" if cpp else ""))
-    summary = {}
     for op in OPS:
         per_rank = [r[op] for r in results]
         worst = min(g for _, g in per_rank)
@@ -176,6 +282,69 @@ def main():
             line += f"{cpp[op][1]:12.1f}{ratio:9.3f}" + ("" if ratio >= 0.95 else "  < 0.95")
         print(line)
     print("rows received per rank:", [r["rows"] for r in results])
+
+
+def print_low_latency(args, num_ranks, device, results, cpp, summary):
+    E = ll_experts(args, num_ranks)
+    print(f"\n{num_ranks} x {device} | low-latency | tokens {args.ll_tokens}/rank (Tmax {args.ll_tokens}), "
+          f"hidden {args.ll_hidden}, top-{args.ll_topk}, {E} experts, FP8 dispatch, BF16 combine | "
+          f"median us of {args.ll_iters}" + ("" if E == args.ll_experts else f" ({args.ll_experts} rounded down to "
+                                                                           f"a multiple of {num_ranks})"))
+    print(f"{'op':<22}" + "".join(f"{'rank ' + str(r['rank']):>10}" for r in results) + f"{'max us':>10}"
+          + (f"{'C++ us':>10}{'py/C++':>9}" if cpp else ""))
+    for op in LL_OPS:
+        per_rank = [r[op] for r in results]
+        worst = max(per_rank)
+        summary[op] = {"python_us": worst}
+        line = f"{op:<22}" + "".join(f"{u:10.1f}" for u in per_rank) + f"{worst:10.1f}"
+        if op in cpp:
+            ratio = worst / cpp[op][0]
+            summary[op].update(cpp_us=cpp[op][0], ratio=ratio)
+            line += f"{cpp[op][0]:10.1f}{ratio:9.3f}"
+        print(line)
+    print("rows received per rank (one FP8 dispatch):", [r["ll-recv-count"] for r in results])
+    print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
+          f"ll-*-graph: per call, {args.ll_iters + (args.ll_iters & 1)} calls replayed from one CUDA graph; "
+          "py/C++ > 1: Python slower")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=0, help="GPUs (default: every visible one)")
+    parser.add_argument("--mode", choices=("normal", "low-latency", "all"), default="all")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--sms", type=int, default=24)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank (= Tmax)")
+    parser.add_argument("--ll-hidden", type=int, default=7168)
+    parser.add_argument("--ll-topk", type=int, default=8)
+    parser.add_argument("--ll-experts", type=int, default=288)
+    parser.add_argument("--ll-iters", type=int, default=200)
+    parser.add_argument("--ll-warmup", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up on the ranks")
+    parser.add_argument("--cpp-bench", default="", help="path of epcomm-bench to run first, for the ratio")
+    parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    args = parser.parse_args()
+    num_ranks = args.ranks or torch.cuda.device_count()
+    if num_ranks < 1:
+        raise SystemExit("bench_python: no CUDA GPU")
+    modes = ("normal", "low-latency") if args.mode == "all" else (args.mode,)
+
+    cpp, device = {}, torch.cuda.get_device_name(0)
+    if args.cpp_bench:
+        for mode in modes:
+            cpp[mode], device = run_cpp(args, num_ranks, mode)
+    results = run_python(args, num_ranks)
+
+    summary = {}
+    if "normal" in modes:
+        print_normal(args, num_ranks, device, results, cpp.get("normal", {}), summary)
+    if "low-latency" in modes:
+        print_low_latency(args, num_ranks, device, results, cpp.get("low-latency", {}), summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "ranks": num_ranks, "sms": args.sms, "ops": summary,

@@ -23,9 +23,11 @@ except ImportError:  # the runner at the bottom stands in
 
 import epcomm
 from epcomm import _epcomm
-from epcomm._args import check_bool, check_handle, check_int, check_tensor, event_of, split_x, unpack_bias
+from epcomm._args import (check_bool, check_handle, check_int, check_low_latency_handle, check_tensor, event_of,
+                          split_x, unpack_bias)
+from epcomm._low_latency import RecvHook
 from epcomm.event import EventOverlap
-from epcomm.handle import DispatchHandle, HandleMeta
+from epcomm.handle import DispatchHandle, HandleMeta, LowLatencyHandle
 
 try:
     import torch
@@ -81,6 +83,9 @@ class FakeTensor:
 
     def dim(self):
         return len(self.shape)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
 
 
 # ---------------------------------------------------------------------------- the extension
@@ -291,11 +296,142 @@ def test_signatures_match_spec():
     assert isinstance(epcomm.Buffer.num_sms, int)
 
 
-def test_low_latency_hint_not_in_this_build():
-    raises(NotImplementedError, lambda: epcomm.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 288),
-           "low-latency")
-    raises(ValueError, lambda: epcomm.Buffer.get_low_latency_rdma_size_hint(0, 7168, 8, 288),
-           "num_max_dispatch_tokens_per_rank")
+def _deepep_low_latency_size_hint(tmax, hidden, num_ranks, num_experts):
+    """DeepEP's get_low_latency_rdma_size_hint (csrc/config.hpp LowLatencyLayout), for comparison."""
+    scales = hidden // 128
+    dispatch_msg = 16 + max(2 * hidden, hidden + 4 * scales)
+    combine_msg = 4 * scales + 2 * hidden
+    send = max(tmax * dispatch_msg, num_experts * tmax * combine_msg)
+    recv = max(num_experts * tmax * dispatch_msg, num_experts * tmax * combine_msg)
+    signal = (num_experts * 4 + 127) // 128 * 128
+    return (2 * (send + recv + signal) + 128) // 128 * 128
+
+
+def test_low_latency_size_hint():
+    hint = epcomm.Buffer.get_low_latency_rdma_size_hint
+    for tmax, hidden, R, E in ((1, 128, 1, 1), (128, 7168, 8, 288), (128, 7168, 4, 288), (1024, 4096, 16, 256),
+                               (7, 640, 3, 12)):
+        got = hint(tmax, hidden, R, E)
+        assert 0 < got <= _deepep_low_latency_size_hint(tmax, hidden, R, E), (tmax, hidden, R, E, got)
+        assert got == _epcomm.low_latency_size_hint(tmax, hidden, R, E)
+    assert hint(128, 7168, 8, 288) < hint(256, 7168, 8, 288)
+    raises(ValueError, lambda: hint(0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
+    raises(ValueError, lambda: hint(5000, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
+    raises(ValueError, lambda: hint(128, 7000, 8, 288), "hidden", "128")
+    raises(ValueError, lambda: hint(128, 7168, 7, 288), "num_experts", "divisible")
+    raises(ValueError, lambda: hint(128, 7168, 0, 288), "num_ranks")
+    raises(ValueError, lambda: hint(128.0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
+
+
+def test_low_latency_handle_shape():
+    h = LowLatencyHandle("src", "range", 128, 7168, 288, 1)
+    assert isinstance(h, tuple) and len(h) == 6 and h[0] == "src" and h[5] == 1
+    src_info, layout_range, tmax, hidden, num_experts, _ = h  # DeepEP code unpacks the first five the same way
+    assert (tmax, hidden, num_experts) == (128, 7168, 288)
+    assert check_low_latency_handle(h) is h
+    rebuilt = check_low_latency_handle(["src", "range", 128, 7168, 288, 0])  # lost its class
+    assert isinstance(rebuilt, LowLatencyHandle) and rebuilt.buffer_index == 0
+    raises(ValueError, lambda: check_low_latency_handle(tuple(h[:5])), "handle", "buffer_index")
+    raises(ValueError, lambda: check_low_latency_handle(("a", "b", 1.5, 7168, 288, 0)), "handle")
+    raises(ValueError, lambda: check_low_latency_handle(("a", "b", True, 7168, 288, 0)), "handle")
+    raises(ValueError, lambda: check_low_latency_handle(None), "handle", "NoneType")
+
+
+class _NoCore:
+    """A Runtime stand-in that fails the test if the Python layer reaches the core."""
+
+    def __getattr__(self, name):
+        def reached(*args, **kwargs):
+            raise AssertionError(f"the argument error was not caught before Runtime.{name}")
+        return reached
+
+
+def _fake_buffer(runtime, num_ranks=4, device=None):
+    """A Buffer without a GPU or a group: only what the Python layer reads (tests of the checks)."""
+    b = object.__new__(epcomm.Buffer)
+    b.runtime, b.group_size, b._ll_shapes, b._device = runtime, num_ranks, set(), device
+    return b
+
+
+def test_low_latency_argument_checks():
+    b = _fake_buffer(_NoCore())
+    x, idx = FakeTensor((8, 1024)), FakeTensor((8, 4), "torch.int64")
+
+    def d(**kw):
+        args = dict(x=x, topk_idx=idx, num_max_dispatch_tokens_per_rank=16, num_experts=32)
+        args.update(kw)
+        return lambda: b.low_latency_dispatch(**args)
+
+    for fn, fragments in [
+        (d(x=FakeTensor((2, 8, 1024))), ("x", "2 dimensions")),
+        (d(x=[1, 2]), ("x", "list")),
+        (d(topk_idx=FakeTensor((8,))), ("topk_idx",)),
+        (d(num_max_dispatch_tokens_per_rank=0), ("num_max_dispatch_tokens_per_rank",)),
+        (d(num_max_dispatch_tokens_per_rank="16"), ("num_max_dispatch_tokens_per_rank",)),
+        (d(num_max_dispatch_tokens_per_rank=5000), ("num_max_dispatch_tokens_per_rank",)),
+        (d(num_experts=0), ("num_experts",)),
+        (d(num_experts=30), ("num_experts", "divisible")),
+        (d(x=FakeTensor((8, 1000))), ("hidden", "128")),
+        (d(cumulative_local_expert_recv_stats=FakeTensor((8, 1))), ("cumulative_local_expert_recv_stats",)),
+        (d(dispatch_wait_recv_cost_stats=3), ("dispatch_wait_recv_cost_stats",)),
+        (d(use_fp8="yes"), ("use_fp8",)),
+        (d(round_scale=2), ("round_scale",)),
+        (d(use_ue8m0=None), ("use_ue8m0",)),
+        (d(async_finish=True, return_recv_hook=True), ("async_finish", "return_recv_hook")),
+    ]:
+        raises(ValueError, fn, *fragments)
+
+    y, w = FakeTensor((8, 64, 1024)), FakeTensor((8, 4), "torch.float32")
+    h = LowLatencyHandle(FakeTensor((8, 64), "torch.int32"), FakeTensor((8, 4), "torch.int64"), 16, 1024, 32, 0)
+
+    def c(**kw):
+        args = dict(x=y, topk_idx=idx, topk_weights=w, handle=h)
+        args.update(kw)
+        return lambda: b.low_latency_combine(**args)
+
+    for fn, fragments in [
+        (c(x=FakeTensor((64, 1024))), ("x", "3 dimensions")),
+        (c(topk_idx=FakeTensor((8,))), ("topk_idx",)),
+        (c(topk_weights=None), ("topk_weights",)),
+        (c(handle=tuple(h[:5])), ("handle", "buffer_index")),
+        (c(handle=h._replace(hidden=100)), ("hidden",)),
+        (c(handle=h._replace(num_experts=30)), ("num_experts",)),
+        (c(out=FakeTensor((8,))), ("out",)),
+        (c(combine_wait_recv_cost_stats=FakeTensor((4, 1))), ("combine_wait_recv_cost_stats",)),
+        (c(zero_copy="no"), ("zero_copy",)),
+        (c(use_logfmt=1.0), ("use_logfmt",)),
+        (c(async_finish=True, return_recv_hook=True), ("return_recv_hook",)),
+    ]:
+        raises(ValueError, fn, *fragments)
+    raises(ValueError, lambda: b.get_next_low_latency_combine_buffer((1, 2, 3)), "handle")
+    raises(ValueError, lambda: b.clean_low_latency_buffer(16, 0, 32), "hidden")
+    raises(ValueError, lambda: b.low_latency_update_mask_buffer(-1), "rank_to_mask")
+    raises(ValueError, lambda: b.low_latency_update_mask_buffer(0, "yes"), "mask")
+    raises(ValueError, lambda: b.low_latency_query_mask_buffer([0, 0]), "mask_status")
+    raises(ValueError, lambda: b.get_local_buffer_tensor(None, offset=-1), "offset")
+    raises(ValueError, lambda: b.get_local_buffer_tensor(None, use_rdma_buffer="yes"), "use_rdma_buffer")
+
+    # A destroyed buffer says so before anything else.
+    gone = _fake_buffer(None)
+    for fn in (lambda: gone.low_latency_dispatch(x, idx, 16, 32), lambda: gone.low_latency_combine(y, idx, w, h),
+               lambda: gone.clean_low_latency_buffer(16, 1024, 32), lambda: gone.get_next_low_latency_combine_buffer(h),
+               lambda: gone.low_latency_update_mask_buffer(0), lambda: gone.low_latency_query_mask_buffer(x),
+               gone.low_latency_clean_mask_buffer, lambda: gone.get_local_buffer_tensor(None)):
+        raises(RuntimeError, fn, "destroy")
+
+
+def test_recv_hook_object():
+    class FakeCall:
+        recv_pending, received = True, 0
+
+        def recv(self):
+            FakeCall.received += 1
+            FakeCall.recv_pending = False
+
+    hook = RecvHook(FakeCall(), ("tensors",), "low_latency_dispatch")
+    assert "pending" in repr(hook)
+    assert hook() is None and FakeCall.received == 1
+    assert "received" in repr(hook)
 
 
 def test_buffer_without_torch_or_gpu_fails_clearly():
@@ -414,6 +550,322 @@ def test_moe_example_autograd_wiring():
         report = module.check_against_single_gpu(_OneRankBuffer(), group, seed=3, tokens=32, hidden=64, ffn=96,
                                                  num_topk=2, experts_per_rank=4, device=torch.device("cpu"))
     assert report["ok"], report
+
+
+# ---------------------------------------------------------------------------- low-latency, with PyTorch (CPU)
+class _MemoryRuntime:
+    """Runtime stand-in whose local buffers are host memory (what get_local_buffer_tensor and
+    get_next_low_latency_combine_buffer wrap)."""
+
+    def __init__(self):
+        self.memory = torch.arange(512, dtype=torch.int64).to(torch.uint8)
+
+    def local_buffer(self, rdma):
+        return self.memory.data_ptr() + (256 if rdma else 0), 256
+
+    def next_combine_buffer(self, src_info, layout_range, tmax, hidden, num_experts, buffer_index):
+        assert (tmax, hidden, num_experts, buffer_index) == (2, 32, 4, 1)
+        return self.memory.data_ptr() + 128, 2 * 2 * 32 * 2, (2, 2, 32)
+
+
+def test_wrap_memory_keeps_its_owner():
+    need_torch()
+    import gc
+    import weakref
+
+    from torch.utils.dlpack import from_dlpack
+
+    class Owner:
+        pass
+
+    data = torch.arange(16, dtype=torch.int32)
+    owner = Owner()
+    alive = weakref.ref(owner)
+    t = from_dlpack(_epcomm.wrap_memory(data.data_ptr(), 64, -1, owner))
+    del owner
+    gc.collect()
+    assert t.dtype == torch.uint8 and t.shape == (64,) and t.data_ptr() == data.data_ptr()
+    assert torch.equal(t.view(torch.int32), data)
+    part = t.view(torch.int32)[3:5]
+    del t
+    gc.collect()
+    assert alive() is not None and part.tolist() == [3, 4]
+    del part
+    gc.collect()
+    assert alive() is None
+    unused = _epcomm.wrap_memory(data.data_ptr(), 64, -1, Owner())  # a capsule nobody consumed frees itself
+    del unused
+    raises(ValueError, lambda: _epcomm.wrap_memory(0, 8, -1, None), "ptr")
+    raises(ValueError, lambda: _epcomm.wrap_memory(data.data_ptr(), -1, -1, None), "nbytes")
+
+
+def _local_buffer_errors(b):
+    raises(ValueError, lambda: b.get_local_buffer_tensor(torch.int32, offset=2), "offset", "multiple of 4")
+    raises(ValueError, lambda: b.get_local_buffer_tensor(torch.int32, offset=260), "offset")
+    raises(ValueError, lambda: b.get_local_buffer_tensor(torch.int32, size=(65,)), "size")
+    raises(ValueError, lambda: b.get_local_buffer_tensor("float32"), "dtype")
+
+
+def test_local_buffer_and_combine_buffer_views():
+    need_torch()
+    import gc
+    import weakref
+
+    rt = _MemoryRuntime()
+    b = _fake_buffer(rt, num_ranks=2, device=torch.device("cpu"))
+    whole = b.get_local_buffer_tensor(torch.int16, use_rdma_buffer=True)
+    assert whole.dtype == torch.int16 and whole.numel() == 128 and whole.data_ptr() == rt.memory.data_ptr() + 256
+    assert torch.equal(whole, rt.memory[256:].view(torch.int16))
+    part = b.get_local_buffer_tensor(torch.uint8, size=torch.Size([2, 3]), offset=4)
+    assert torch.equal(part, rt.memory[4:10].view(2, 3))
+    assert b.get_local_buffer_tensor(torch.int32, size=(64,)).numel() == 64
+    assert b.get_local_buffer_tensor(torch.uint8, size=7, offset=249).numel() == 7
+    assert b.get_local_buffer_tensor(torch.uint8, offset=256).numel() == 0
+    _local_buffer_errors(b)
+    part[0, 0] = 200
+    assert int(rt.memory[4]) == 200  # a view, not a copy
+
+    view = b.get_next_low_latency_combine_buffer(LowLatencyHandle(None, None, 2, 32, 4, 1))
+    assert view.dtype == torch.bfloat16 and view.shape == (2, 2, 32)
+    assert view.data_ptr() == rt.memory.data_ptr() + 128
+    alive = weakref.ref(b)
+    del b, whole, part
+    gc.collect()
+    assert alive() is not None  # the view keeps its Buffer
+    del view
+    gc.collect()
+    assert alive() is None
+
+
+def _le16(x):
+    values = x.contiguous().view(torch.int16).view(-1).tolist()
+    return b"".join((v & 0xFFFF).to_bytes(2, "little") for v in values)
+
+
+def _fp8_test_rows():
+    """BF16 rows over the cases the cast has: ordinary, tiny (below the 1e-4 scale floor, so
+    subnormal and zero codes), huge, zeros, exact ties of the e4m3 grid, negative zero."""
+    g = torch.Generator().manual_seed(11)
+    H = 512
+    rows = [torch.randn(24, H, generator=g) * torch.tensor([1e-7, 1e-5, 1e-3, 1.0, 30.0, 1e4]).repeat(4).unsqueeze(1)]
+    rows.append(torch.zeros(1, H))
+    rows.append(-torch.zeros(1, H))
+    ties = torch.linspace(-448, 448, H).unsqueeze(0)  # amax 448: scale 1, values spread over the grid
+    rows.append(ties)
+    rows.append(torch.full((1, H), 3.0))
+    return torch.cat(rows).to(torch.bfloat16), H
+
+
+def test_fp8_scales_match_the_cpp_reference():
+    need_torch()
+    import _reference as ref
+
+    x, H = _fp8_test_rows()
+    for round_scale in (False, True):
+        _, scale_bytes = _epcomm._reference_fp8_cast(_le16(x), H, round_scale)
+        want = torch.frombuffer(bytearray(scale_bytes), dtype=torch.int32).view(x.size(0), H // 128)
+        got = ref.fp8_scales(x, round_scale).view(torch.int32)
+        assert torch.equal(got, want), f"round_scale={round_scale}: {int((got != want).sum())} scales differ"
+        if round_scale:
+            mantissa = got & 0x7FFFFF
+            assert bool((mantissa == 0).all())
+            packed = ref.ue8m0_pack(got.view(torch.float32))
+            assert torch.equal(ref.ue8m0_unpack(packed, H // 128).view(torch.int32), got)
+
+
+def test_fp8_cast_matches_the_cpp_reference():
+    need_torch()
+    if not hasattr(torch, "float8_e4m3fn"):
+        skip(f"PyTorch {torch.__version__} has no float8_e4m3fn (2.1+)")
+    import _reference as ref
+
+    x, H = _fp8_test_rows()
+    for round_scale in (False, True):
+        q_bytes, _ = _epcomm._reference_fp8_cast(_le16(x), H, round_scale)
+        want = torch.frombuffer(bytearray(q_bytes), dtype=torch.uint8).view(x.shape)
+        got = ref.fp8_cast(x, round_scale)[0].view(torch.uint8)
+        bad = (got != want).nonzero()
+        assert bad.numel() == 0, (f"round_scale={round_scale}: {bad.size(0)} e4m3 codes differ, first at {bad[0].tolist()}"
+                                  f": torch {int(got[tuple(bad[0])])}, C++ {int(want[tuple(bad[0])])}")
+
+
+def test_ue8m0_packing():
+    need_torch()
+    import _reference as ref
+
+    exps = [127, 128, 129, 130, 1]
+    scales = torch.tensor([[2.0 ** (e - 127) for e in exps]], dtype=torch.float32)
+    packed = ref.ue8m0_pack(scales)
+    word0 = 127 | 128 << 8 | 129 << 16 | 130 << 24
+    assert packed.dtype == torch.int32 and packed.shape == (1, 2)
+    assert packed.tolist() == [[word0 - (1 << 32), 1]]
+    assert torch.equal(ref.ue8m0_unpack(packed, 5), scales)
+
+
+def test_low_latency_reference_is_consistent():
+    """The references the GPU tests use, against a direct per-slot simulation of SPEC.md 3.3."""
+    need_torch()
+    import _reference as ref
+
+    R, E, K, H = 3, 12, 4, 256
+    g = torch.Generator().manual_seed(2)
+    tokens = [9, 0, 5]
+    all_topk = [ref.random_topk(T, K, E, g, drop=0.3) for T in tokens]
+    all_x = [torch.randn(T, H, generator=g).to(torch.bfloat16) for T in tokens]
+    all_w = [torch.rand(T, K, generator=g) for T in tokens]
+    EL = E // R
+    factor = ref.expert_scale(E)
+    # Each expert's rows: sources in rank order, tokens ascending (one valid order of many).
+    y = []
+    for j in range(R):
+        want = ref.ll_tokens(all_topk, E, j)
+        rows = {}
+        for e in range(EL):
+            for s in range(R):
+                for t in want[e][s].tolist():
+                    assert int((all_topk[s][t] == j * EL + e).sum()) == 1
+                    rows[(e, s, t)] = ref.ll_expert(all_x[s][t].float(), factor[j * EL + e])
+        assert sum(len(w) for we in want for w in we) == len(rows)
+        y.append(rows)
+    for r in range(R):
+        got = ref.ll_combine(all_topk[r], all_w[r], lambda k: ref.ll_expert(
+            all_x[r].float(), factor[all_topk[r][:, k].clamp(min=0)].unsqueeze(1)))
+        want = torch.zeros(tokens[r], H)
+        for t in range(tokens[r]):
+            for k in range(K):
+                ge = int(all_topk[r][t, k])
+                if ge >= 0:
+                    want[t] = want[t] + all_w[r][t, k] * y[ge // EL][(ge % EL, r, t)].float()
+        assert torch.equal(got, want), f"rank {r}"
+    x = torch.randn(5, 384, generator=g)
+    s = torch.rand(5, 3, generator=g)
+    assert torch.equal(ref.dequant(x, s), x * s.repeat_interleave(128, dim=1))
+
+
+def _host_view(ptr, shape, dtype):
+    """A tensor over host memory the Python layer allocated and passed to the core as a pointer."""
+    from torch.utils.dlpack import from_dlpack
+
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return from_dlpack(_epcomm.wrap_memory(ptr, nbytes, -1, None)).view(dtype).view(shape)
+
+
+class _HostLowLatencyCall:
+    def __init__(self, buffer_index, receive, hook):
+        self.event, self.buffer_index, self._receive, self.recv_pending = None, buffer_index, receive, hook
+        if not hook:
+            receive()
+
+    def recv(self):
+        assert self.recv_pending, "the hook ran twice"
+        self._receive()
+        self.recv_pending = False
+
+
+class _HostLowLatencyRuntime:
+    """SPEC.md 3.3 for one rank on host memory, BF16 only, called exactly as the Python layer calls
+    epcomm._epcomm.Runtime (positional arguments, outputs as data pointers): the Python layer's
+    allocation, argument order, handle, hooks, zero_copy and out= are checked without a GPU. Rows of
+    an expert arrive shuffled, as a GPU may deliver them."""
+
+    def __init__(self):
+        self.next_buffer, self.combine_buffers = 0, {}
+
+    def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale,
+                             use_ue8m0, recv_x, recv_x_scales, recv_count, src_info, layout_range, stream,
+                             async_finish, return_recv_hook):
+        assert not use_fp8 and recv_x_scales is None and stream == 0 and not async_finish
+        EL, H = num_experts, x.size(1)
+        rx = _host_view(recv_x, (EL, tmax, H), torch.bfloat16)
+        count = _host_view(recv_count, (EL,), torch.int32)
+        src = _host_view(src_info, (EL, tmax), torch.int32)
+        ranges = _host_view(layout_range, (EL, 1), torch.int64)
+        gen = torch.Generator().manual_seed(self.next_buffer)
+
+        def receive():
+            for e in range(EL):
+                tokens = (topk_idx == e).nonzero()[:, 0]
+                tokens = tokens[torch.randperm(tokens.numel(), generator=gen)]
+                n = tokens.numel()
+                rx[e, :n], src[e, :n], ranges[e, 0], count[e] = x[tokens], tokens.int(), n, n
+            if cum_stats is not None:
+                cum_stats.add_(count)
+
+        self.next_buffer ^= 1
+        return _HostLowLatencyCall(self.next_buffer ^ 1, receive, return_recv_hook)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, src_info, layout_range, tmax, hidden, num_experts,
+                            buffer_index, out, wait_stats, use_logfmt, zero_copy, stream, async_finish,
+                            return_recv_hook):
+        T, K = topk_idx.shape
+        out = _host_view(out, (T, hidden), torch.bfloat16) if isinstance(out, int) else out
+        y = self.combine_buffers[buffer_index] if zero_copy else x
+
+        def receive():
+            acc = torch.zeros(T, hidden)
+            for t in range(T):
+                for k in range(K):
+                    e = int(topk_idx[t, k])
+                    if e >= 0:
+                        slot = int((src_info[e] == t).nonzero()[0])
+                        acc[t] = acc[t] + topk_weights[t, k] * y[e, slot].float()
+            out.copy_(acc.to(torch.bfloat16))
+
+        return _HostLowLatencyCall(buffer_index, receive, return_recv_hook)
+
+    def next_combine_buffer(self, src_info, layout_range, tmax, hidden, num_experts, buffer_index):
+        y = self.combine_buffers.setdefault(buffer_index, torch.zeros(num_experts, tmax, hidden,
+                                                                      dtype=torch.bfloat16))
+        return y.data_ptr(), y.numel() * 2, (num_experts, tmax, hidden)
+
+
+def test_low_latency_python_layer_over_a_host_core():
+    need_torch()
+    import _reference as ref
+
+    b = _fake_buffer(_HostLowLatencyRuntime(), num_ranks=1, device=torch.device("cpu"))
+    T, H, K, E, tmax = 12, 256, 4, 8, 16
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    topk, w = ref.random_topk(T, K, E, g, drop=0.2), torch.rand(T, K, generator=g)
+    cum = torch.zeros(E, dtype=torch.int32)
+    factor = ref.expert_scale(E)
+    want = ref.ll_combine(topk, w, lambda k: ref.ll_expert(x.float(), factor[topk[:, k].clamp(min=0)].unsqueeze(1)))
+    buffers, rounds = [], 0
+    for hook in (False, True):
+        for zero_copy in (False, True):
+            for use_out in (False, True):
+                what = f"hook={hook} zero_copy={zero_copy} out={use_out}"
+                recv, count, handle, event, recv_hook = b.low_latency_dispatch(
+                    x, topk, tmax, E, cumulative_local_expert_recv_stats=cum, use_fp8=False, return_recv_hook=hook)
+                assert event.event is None and (recv_hook is not None) == hook, what
+                if hook:
+                    assert recv_hook() is None
+                    raises(AssertionError, recv_hook, "twice")
+                assert recv.shape == (E, tmax, H) and recv.dtype == torch.bfloat16, what
+                assert isinstance(handle, LowLatencyHandle) and handle[2:5] == (tmax, H, E), what
+                assert handle.src_info.shape == (E, tmax) and handle.layout_range.shape == (E, 1), what
+                assert count.tolist() == [int((topk == e).sum()) for e in range(E)], what
+                buffers.append(handle.buffer_index)
+                y = torch.stack([ref.ll_expert(recv[e].float(), factor[e]) for e in range(E)])
+                if zero_copy:
+                    view = b.get_next_low_latency_combine_buffer(handle)
+                    assert view.shape == (E, tmax, H) and view.dtype == torch.bfloat16
+                    view.copy_(y)
+                    y = view
+                out = torch.empty(T, H, dtype=torch.bfloat16) if use_out else None
+                cx, event, recv_hook = b.low_latency_combine(y, topk, w, handle, zero_copy=zero_copy,
+                                                             return_recv_hook=hook, out=out)
+                if hook:
+                    recv_hook()
+                assert cx is out if use_out else cx.shape == (T, H), what
+                assert torch.equal(cx.float(), want.to(torch.bfloat16).float()), what
+                rounds += 1
+    assert buffers == [0, 1] * (rounds // 2)
+    assert cum.tolist() == [rounds * int((topk == e).sum()) for e in range(E)]
 
 
 # ---------------------------------------------------------------------------- without pytest

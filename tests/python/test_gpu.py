@@ -1,8 +1,11 @@
 """The DeepEP-compatible surface on GPUs, one process per GPU (torch.multiprocessing): layout,
 dispatch / combine in BF16 and FP8, with and without top-k, cached handle, num_worst_tokens,
 previous_event / async_finish / allocate_on_comm_stream, handle[0] as the prefix matrix, Config
-and size hints, set_num_sms, capture and CUDA graphs, destroy, argument errors, the MoE example.
-Every output is checked against a torch reference built from all-gathered inputs (_reference.py).
+and size hints, set_num_sms, capture and CUDA graphs, destroy, argument errors, the MoE example;
+low-latency dispatch / combine (BF16, FP8, round_scale, UE8M0), hooks, two micro-batches,
+async_finish, zero_copy, out=, the stats tensors, CUDA graphs, argument errors, the memory views
+(get_next_low_latency_combine_buffer, get_local_buffer_tensor). Every output is checked against a
+torch reference built from all-gathered inputs (_reference.py).
 
     PYTHONPATH=python python -m pytest -rs tests/python/test_gpu.py
 
@@ -103,6 +106,57 @@ def test_out_of_range_topk(cluster):
 
 def test_lifetime_and_statics(cluster):
     cluster.run("lifetime", seed=SEED)
+
+
+# ---------------------------------------------------------------------------- low-latency mode
+LL_MODES = {"bf16": dict(fp8=False), "fp8": dict(fp8=True), "fp8-round-scale": dict(fp8=True, round_scale=True),
+            "fp8-ue8m0": dict(fp8=True, round_scale=True, ue8m0=True, shape="ue8m0")}
+
+
+def _report(reports):
+    for r in reports:
+        print(r)
+
+
+@pytest.mark.parametrize("mode", list(LL_MODES))
+def test_low_latency(cluster, mode):
+    for reports in cluster.run("low_latency", seed=SEED, what=f"low-latency {mode}", rounds=2, **LL_MODES[mode]):
+        _report(reports)
+
+
+def test_low_latency_standard_problem(cluster):
+    # SPEC.md section 7: 128 tokens per rank, hidden 7168, top-8, 288 experts (the nearest multiple of
+    # the rank count when 288 is not one), FP8 dispatch, BF16 combine.
+    _report(cluster.run("low_latency", seed=SEED, what="low-latency standard problem", shape="standard",
+                        fixed_tokens=128, drop=0.0)[0])
+
+
+def test_low_latency_few_tokens(cluster):
+    for tokens in (0, 1):
+        cluster.run("low_latency", seed=SEED + tokens, what=f"low-latency T={tokens}", shape="small", num_topk=4,
+                    fixed_tokens=tokens)
+
+
+def test_low_latency_modes_and_stats(cluster):
+    _report(cluster.run("low_latency_modes", seed=SEED)[0])
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["copy", "zero-copy"])
+def test_low_latency_two_micro_batches(cluster, zero_copy):
+    cluster.run("low_latency_two_batches", seed=SEED, zero_copy=zero_copy, fp8=not zero_copy)
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["one-launch", "hook"])
+def test_low_latency_cuda_graph(cluster, hook):
+    _report(cluster.run("low_latency_graph", seed=SEED, hook=hook)[0])
+
+
+def test_low_latency_argument_errors(cluster):
+    cluster.run("low_latency_errors", seed=SEED)
+
+
+def test_low_latency_memory_views(cluster):
+    cluster.run("low_latency_memory", seed=SEED)
 
 
 def test_moe_layer_example(cluster):
