@@ -122,6 +122,15 @@ std::pair<double, double> split_dispatch_us(cudaStream_t first, cudaStream_t sec
   return {a[iters / 2], b[iters / 2]};
 }
 
+// Ranks of a GPU run: --ranks, or every visible GPU (up to 8); one GPU per rank.
+inline int gpu_ranks(int requested) {
+  int gpus = 0;
+  cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
+  const int R = requested > 0 ? requested : std::min(gpus, 8);
+  if (R > gpus) throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
+  return R;
+}
+
 // Runs fn(rank) on n threads; rethrows the first failure.
 inline void run_threads(int n, const std::function<void(int)>& fn) {
   std::vector<std::thread> th;

@@ -205,10 +205,7 @@ std::string verify(const std::vector<RankData>& data, const std::vector<RankResu
 }  // namespace
 
 void run_gpu_low_latency(const Options& o, Report& report) {
-  int gpus = 0;
-  cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
-  const int R = o.ranks > 0 ? o.ranks : std::min(gpus, 8);
-  if (R > gpus) throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
+  const int R = gpu_ranks(o.ranks);
   const int T = o.tokens >= 0 ? o.tokens : 128;
   const int Tmax = std::max(T, 1);
   const int H = o.hidden > 0 ? o.hidden : 7168;

@@ -44,10 +44,7 @@ RankData make_rank_data(uint64_t seed, int rank, int T, int H, int K, int E) {
 }  // namespace
 
 void run_gpu_normal(const Options& o, Report& report) {
-  int gpus = 0;
-  cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
-  const int R = o.ranks > 0 ? o.ranks : std::min(gpus, 8);
-  if (R > gpus) throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
+  const int R = gpu_ranks(o.ranks);
   const int T = o.tokens >= 0 ? o.tokens : 4096;
   const int H = o.hidden > 0 ? o.hidden : 7168;
   const int K = o.topk;
@@ -165,8 +162,8 @@ void run_gpu_normal(const Options& o, Report& report) {
         di.num_tokens_per_expert = lo.num_tokens_per_expert;
         di.config = cfg;
         int rows = 0;
-        auto dispatch = [&] {
-          const DispatchPlan plan = buf.dispatch_prepare(di, h, std::nullopt, order);
+        auto prepare = [&] { return buf.dispatch_prepare(di, h, std::nullopt, order); };
+        auto run = [&](const DispatchPlan& plan) {
           rows = plan.num_rows;
           h.recv_src_idx = view_i32(src_idx, {rows}, r);
           DispatchOutputs dout;
@@ -176,6 +173,7 @@ void run_gpu_normal(const Options& o, Report& report) {
           dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
           buf.dispatch_run(di, plan, h, dout, order);
         };
+        auto dispatch = [&] { run(prepare()); };
         dispatch();
         cuda_check(cudaStreamSynchronize(stream), "dispatch");
         std::string check;
@@ -196,19 +194,7 @@ void run_gpu_normal(const Options& o, Report& report) {
         const double us = time_us(stream, o.warmup, o.iters, dispatch);
         // Where the time goes: count exchange + host wait (start -> counts known on the comm
         // stream), then the data phase.
-        const auto split = split_dispatch_us(stream, buf.comm_stream(), o.iters, [&] {
-          const DispatchPlan plan = buf.dispatch_prepare(di, h, std::nullopt, order);
-          return plan;
-        }, [&](const DispatchPlan& plan) {
-          rows = plan.num_rows;
-          h.recv_src_idx = view_i32(src_idx, {rows}, r);
-          DispatchOutputs dout;
-          dout.recv_x = view(recv_x, di.x.dtype, {rows, H}, r);
-          if (fp8) dout.recv_x_scales = view(recv_sc, DType::kF32, {rows, G}, r);
-          dout.recv_topk_idx = view(recv_idx, DType::kI64, {rows, K}, r);
-          dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
-          buf.dispatch_run(di, plan, h, dout, order);
-        });
+        const auto split = split_dispatch_us(stream, buf.comm_stream(), o.iters, prepare, run);
         const double row_bytes = fp8 ? H + 4.0 * H / 128 : 2.0 * H;
         const std::string op = fp8 ? "dispatch-fp8" : "dispatch-bf16";
         {

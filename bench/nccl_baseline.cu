@@ -72,9 +72,7 @@ __global__ void to_bf16_kernel(const float* acc, int64_t n, __nv_bfloat16* out) 
 }  // namespace
 
 void run_nccl_baseline(const Options& o, Report& report) {
-  int gpus = 0;
-  cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
-  const int R = o.ranks > 0 ? o.ranks : std::min(gpus, 8);
+  const int R = gpu_ranks(o.ranks);
   const int T = o.tokens >= 0 ? o.tokens : 4096;
   const int H = o.hidden > 0 ? o.hidden : 7168;
   const int K = o.topk;

@@ -2,6 +2,7 @@
 // and after Buffer::reset() every rank carries on with correct results.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <random>
 #include <string>
 
@@ -49,12 +50,29 @@ Round make_round(Buffer& buf, int rank, int dev, uint64_t seed) {
   return r;
 }
 
+void run_layout(Buffer& buf, Round& r, const StreamOrder& order) {
+  buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
+                          order);
+}
+
+// A buffer with a short timeout and a stream of this rank's own, for fn.
+void with_buffer(const std::shared_ptr<Group>& group, int64_t timeout_ms,
+                 const std::function<void(Buffer&, cudaStream_t)>& fn) {
+  BufferOptions bo;
+  bo.num_nvl_bytes = 64 << 20;
+  bo.timeout_ms = timeout_ms;
+  Buffer buf(group, bo);
+  cudaStream_t stream;
+  cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  fn(buf, stream);
+  cudaStreamDestroy(stream);
+}
+
 // A full dispatch + identity combine, checked exactly.
 void good_round(Buffer& buf, int rank, int dev, cudaStream_t stream, uint64_t seed) {
   Round r = make_round(buf, rank, dev, seed);
   const StreamOrder order{stream, nullptr, false};
-  buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
-                          order);
+  run_layout(buf, r, order);
   const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
   DeviceTensor recv(DType::kBF16, {plan.num_rows, kH}, dev), ridx(DType::kI64, {plan.num_rows, kK}, dev);
   DeviceTensor src(DType::kI32, {plan.num_rows}, dev), out(DType::kBF16, {kT, kH}, dev);
@@ -96,56 +114,44 @@ void expect_timeout_naming(const std::function<void()>& call, const std::string&
 TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
   const uint64_t seed = std::random_device{}();
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
-    BufferOptions bo;
-    bo.num_nvl_bytes = 64 << 20;
-    bo.timeout_ms = 1000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
-    good_round(buf, rank, group->device(), stream, seed);
-    if (rank != 0) {  // rank 0 never makes this call
-      Round r = make_round(buf, rank, group->device(), seed + 1);
-      const StreamOrder order{stream, nullptr, false};
-      buf.get_dispatch_layout(r.topk.view(), kE,
-                              {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()}, order);
-      expect_timeout_naming([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); }, "peer 0",
-                            "notify_dispatch");
-    }
-    buf.reset();
-    good_round(buf, rank, group->device(), stream, seed + 2);
-    cudaStreamDestroy(stream);
+    with_buffer(group, 1000, [&](Buffer& buf, cudaStream_t stream) {
+      good_round(buf, rank, group->device(), stream, seed);
+      if (rank != 0) {  // rank 0 never makes this call
+        Round r = make_round(buf, rank, group->device(), seed + 1);
+        const StreamOrder order{stream, nullptr, false};
+        run_layout(buf, r, order);
+        expect_timeout_naming([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); }, "peer 0",
+                              "notify_dispatch");
+      }
+      buf.reset();
+      good_round(buf, rank, group->device(), stream, seed + 2);
+    });
   });
 }
 
 TEST(ReliabilityGpu, StalledPeerInDataPhaseThenReset) {
   const uint64_t seed = std::random_device{}();
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
-    BufferOptions bo;
-    bo.num_nvl_bytes = 64 << 20;
-    bo.timeout_ms = 1000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
-    const StreamOrder order{stream, nullptr, false};
-    Round r = make_round(buf, rank, group->device(), seed);
-    buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
-                            order);
-    const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
-    if (rank != 0) {  // rank 0 exchanged counts but never moves its data
-      DeviceTensor recv(DType::kBF16, {plan.num_rows, kH}, group->device());
-      DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device());
-      DeviceTensor src(DType::kI32, {plan.num_rows}, group->device());
-      r.handle.recv_src_idx = src.view();
-      DispatchOutputs dout;
-      dout.recv_x = recv.view();
-      dout.recv_topk_idx = ridx.view();
-      buf.dispatch_run(r.in, plan, r.handle, dout, order);
-      cuda_ok(cudaStreamSynchronize(stream), "sync");  // the kernel leaves after its timeout
-      expect_timeout_naming([&] { buf.check_device_errors(); }, "peer 0", "dispatch");
-    }
-    buf.reset();
-    good_round(buf, rank, group->device(), stream, seed + 3);
-    cudaStreamDestroy(stream);
+    with_buffer(group, 1000, [&](Buffer& buf, cudaStream_t stream) {
+      const StreamOrder order{stream, nullptr, false};
+      Round r = make_round(buf, rank, group->device(), seed);
+      run_layout(buf, r, order);
+      const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+      if (rank != 0) {  // rank 0 exchanged counts but never moves its data
+        DeviceTensor recv(DType::kBF16, {plan.num_rows, kH}, group->device());
+        DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device());
+        DeviceTensor src(DType::kI32, {plan.num_rows}, group->device());
+        r.handle.recv_src_idx = src.view();
+        DispatchOutputs dout;
+        dout.recv_x = recv.view();
+        dout.recv_topk_idx = ridx.view();
+        buf.dispatch_run(r.in, plan, r.handle, dout, order);
+        cuda_ok(cudaStreamSynchronize(stream), "sync");  // the kernel leaves after its timeout
+        expect_timeout_naming([&] { buf.check_device_errors(); }, "peer 0", "dispatch");
+      }
+      buf.reset();
+      good_round(buf, rank, group->device(), stream, seed + 3);
+    });
   });
 }
 
@@ -160,41 +166,35 @@ namespace {
 TEST(ReliabilityGpu, TooSmallWorstTokensIsReportedNotOverrun) {
   const uint64_t seed = std::random_device{}();
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
-    BufferOptions bo;
-    bo.num_nvl_bytes = 64 << 20;
-    bo.timeout_ms = 5000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
-    const StreamOrder order{stream, nullptr, false};
-    Round r = make_round(buf, rank, group->device(), seed);
-    buf.get_dispatch_layout(r.topk.view(), kE, {r.per_rank.view(), std::nullopt, r.per_expert.view(), r.in_rank.view()},
-                            order);
-    r.in.num_worst_tokens = 8;  // far fewer than the ~kT * 2 rows that arrive
-    const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
-    ASSERT_EQ(plan.num_rows, 8);
-    // Guard rows after the 8 the kernel may write: they must keep their poison.
-    DeviceTensor recv(DType::kBF16, {plan.num_rows + 4, kH}, group->device());
-    TensorView recv_view = recv.view();
-    recv_view.shape[0] = plan.num_rows;
-    DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device()), src(DType::kI32, {plan.num_rows}, group->device());
-    r.handle.recv_src_idx = src.view();
-    DispatchOutputs dout;
-    dout.recv_x = recv_view;
-    dout.recv_topk_idx = ridx.view();
-    buf.dispatch_run(r.in, plan, r.handle, dout, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync");
-    try {
-      buf.check_device_errors();
-      ADD_FAILURE() << "expected an ArgumentError";
-    } catch (const ArgumentError& e) {
-      EXPECT_NE(std::string(e.what()).find("num_worst_tokens"), std::string::npos) << e.what();
-    }
-    const auto bytes = recv.download<uint8_t>();
-    for (size_t i = static_cast<size_t>(plan.num_rows) * kH * 2; i < bytes.size(); ++i)
-      ASSERT_EQ(bytes[i], 0xA5) << "byte " << i << " past the rows the caller allocated was written";
-    good_round(buf, rank, group->device(), stream, seed + 5);
-    cudaStreamDestroy(stream);
+    with_buffer(group, 5000, [&](Buffer& buf, cudaStream_t stream) {
+      const StreamOrder order{stream, nullptr, false};
+      Round r = make_round(buf, rank, group->device(), seed);
+      run_layout(buf, r, order);
+      r.in.num_worst_tokens = 8;  // far fewer than the ~kT * 2 rows that arrive
+      const DispatchPlan plan = buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+      ASSERT_EQ(plan.num_rows, 8);
+      // Guard rows after the 8 the kernel may write: they must keep their poison.
+      DeviceTensor recv(DType::kBF16, {plan.num_rows + 4, kH}, group->device());
+      TensorView recv_view = recv.view();
+      recv_view.shape[0] = plan.num_rows;
+      DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device()), src(DType::kI32, {plan.num_rows}, group->device());
+      r.handle.recv_src_idx = src.view();
+      DispatchOutputs dout;
+      dout.recv_x = recv_view;
+      dout.recv_topk_idx = ridx.view();
+      buf.dispatch_run(r.in, plan, r.handle, dout, order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync");
+      try {
+        buf.check_device_errors();
+        ADD_FAILURE() << "expected an ArgumentError";
+      } catch (const ArgumentError& e) {
+        EXPECT_NE(std::string(e.what()).find("num_worst_tokens"), std::string::npos) << e.what();
+      }
+      const auto bytes = recv.download<uint8_t>();
+      for (size_t i = static_cast<size_t>(plan.num_rows) * kH * 2; i < bytes.size(); ++i)
+        ASSERT_EQ(bytes[i], 0xA5) << "byte " << i << " past the rows the caller allocated was written";
+      good_round(buf, rank, group->device(), stream, seed + 5);
+    });
   });
 }
 
