@@ -110,18 +110,6 @@ double time_graph_us(cudaStream_t s, int iters, const std::function<void()>& fn)
   return median(t);
 }
 
-std::vector<uint16_t> noise_bf16(uint64_t seed, size_t n) {
-  std::vector<uint16_t> v(n);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (auto& e : v) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    e = ref::float_to_bf16(static_cast<float>(static_cast<int>((s >> 40) % 2049) - 1024) / 256.0f);
-  }
-  return v;
-}
-
 struct RankData {
   std::vector<uint16_t> x, y;
   std::vector<int64_t> topk;
@@ -236,7 +224,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     data[r].x = random_bf16(rng, static_cast<size_t>(T) * H);
     data[r].topk = uniform_topk(rng, T, K, E);
     data[r].weights = random_floats(rng, static_cast<size_t>(T) * K);
-    data[r].y = noise_bf16(seed + r, static_cast<size_t>(EL) * RT * H);
+    data[r].y = testing::fast_bf16(seed + r, static_cast<size_t>(EL) * RT * H);
   });
 
   ncclUniqueId id;

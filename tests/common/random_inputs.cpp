@@ -58,4 +58,16 @@ std::vector<float> random_scales(std::mt19937_64& rng, size_t count) {
   return v;
 }
 
+std::vector<uint16_t> fast_bf16(uint64_t seed, size_t count) {
+  std::vector<uint16_t> v(count);
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& e : v) {  // xorshift64
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    e = ref::float_to_bf16(static_cast<float>(static_cast<int>((s >> 40) % 2049) - 1024) / 256.0f);
+  }
+  return v;
+}
+
 }  // namespace epcomm::testing

@@ -20,5 +20,7 @@ std::vector<float> random_weights(std::mt19937_64& rng, size_t count);   // in [
 std::vector<uint16_t> random_bf16(std::mt19937_64& rng, size_t count);  // normal(0, 1) as bf16
 std::vector<uint8_t> random_fp8(std::mt19937_64& rng, size_t count);    // any e4m3 pattern but NaN
 std::vector<float> random_scales(std::mt19937_64& rng, size_t count);   // in [1e-3, 4)
+// Cheap noise for large tensors (expert outputs): multiples of 1/256 in [-4, 4], from a seed.
+std::vector<uint16_t> fast_bf16(uint64_t seed, size_t count);
 
 }  // namespace epcomm::testing

@@ -76,19 +76,6 @@ struct RoundOutput {
   std::vector<uint16_t> out;
 };
 
-// Cheap noise for the large expert-output tensors: multiples of 1/256 in [-4, 4].
-std::vector<uint16_t> fast_bf16(uint64_t seed, size_t n) {
-  std::vector<uint16_t> v(n);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (auto& e : v) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    e = ref::float_to_bf16(static_cast<float>(static_cast<int>((s >> 40) % 2049) - 1024) / 256.0f);
-  }
-  return v;
-}
-
 RoundInput make_input(const LLCase& c, uint64_t seed, int round, int rank, int num_tokens) {
   std::mt19937_64 rng(seed * 1000003ull + round * 7919ull + rank);
   RoundInput in;
@@ -106,7 +93,8 @@ RoundInput make_input(const LLCase& c, uint64_t seed, int round, int rank, int n
       if (in.topk[i] < 0 && i % 3 == 0) in.topk[i] = (i % 2) ? c.num_experts + static_cast<int64_t>(i % 5) : -2 - static_cast<int64_t>(i % 7);
   in.weights = random_weights(rng, in.topk.size());
   const int64_t slots = static_cast<int64_t>(c.num_ranks) * c.max_tokens;
-  in.y = fast_bf16(seed * 31 + round * 1009 + rank, static_cast<size_t>(c.num_experts / c.num_ranks) * slots * c.hidden);
+  in.y = testing::fast_bf16(seed * 31 + round * 1009 + rank,
+                            static_cast<size_t>(c.num_experts / c.num_ranks) * slots * c.hidden);
   return in;
 }
 
