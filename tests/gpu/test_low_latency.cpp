@@ -76,6 +76,31 @@ struct RoundOutput {
   std::vector<uint16_t> out;
 };
 
+// A buffer sized for the case, with a stream of this rank's own (destroyed with it).
+struct RankBuffer {
+  RankBuffer(const std::shared_ptr<Group>& group, const LLCase& c, int64_t timeout_ms) {
+    BufferOptions bo;
+    bo.num_rdma_bytes = Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
+    bo.timeout_ms = timeout_ms;
+    buffer = std::make_unique<Buffer>(group, bo);
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  }
+  ~RankBuffer() { cudaStreamDestroy(stream); }
+  std::unique_ptr<Buffer> buffer;
+  cudaStream_t stream = nullptr;
+};
+
+// A small case for the error-path tests.
+LLCase small_case(int R, int Tmax, int H, int E, int K) {
+  LLCase c;
+  c.num_ranks = R;
+  c.hidden = H;
+  c.num_experts = E;
+  c.num_topk = K;
+  c.max_tokens = Tmax;
+  return c;
+}
+
 RoundInput make_input(const LLCase& c, uint64_t seed, int round, int rank, int num_tokens) {
   std::mt19937_64 rng(seed * 1000003ull + round * 7919ull + rank);
   RoundInput in;
@@ -308,12 +333,9 @@ void run_case(const LLCase& c) {
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     const int dev = group->device();
     const int sms = test_num_sms(R, 132);
-    BufferOptions bo;
-    bo.num_rdma_bytes = Buffer::low_latency_size_hint(c.max_tokens, c.hidden, R, c.num_experts);
-    bo.timeout_ms = c.timeout_ms;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    RankBuffer rb(group, c, c.timeout_ms);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
     const StreamOrder order{stream, nullptr, false};
     DeviceTensor cum_t(DType::kI32, {EL}, dev), dwait_t(DType::kI64, {R}, dev), cwait_t(DType::kI64, {R}, dev);
     cum_t.fill_bytes(0);
@@ -413,7 +435,6 @@ void run_case(const LLCase& c) {
     dwait[r] = dwait_t.download<int64_t>();
     cwait[r] = cwait_t.download<int64_t>();
     cudaEventDestroy(previous);
-    cudaStreamDestroy(stream);
   });
   if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
 
@@ -578,21 +599,13 @@ TEST(LowLatencyGpu, StandardShape) {
 
 TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
   const int R = 2, Tmax = 16, H = 256, E = 8, K = 4;
+  const LLCase c = small_case(R, Tmax, H, E, K);
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     const int dev = group->device();
-    BufferOptions bo;
-    bo.num_rdma_bytes = Buffer::low_latency_size_hint(Tmax, H, R, E);
-    bo.timeout_ms = 5000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    RankBuffer rb(group, c, 5000);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
     const StreamOrder order{stream, nullptr, false};
-    LLCase c;
-    c.num_ranks = R;
-    c.hidden = H;
-    c.num_experts = E;
-    c.num_topk = K;
-    c.max_tokens = Tmax;
     Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
     const RoundInput in = make_input(c, 99, 0, r, Tmax);
     upload_dispatch_inputs(b, in);
@@ -654,7 +667,6 @@ TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
     buf.low_latency_combine(b8.cin, b8.handle, b8.out.view(), false, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync");
     buf.check_device_errors();
-    cudaStreamDestroy(stream);
   });
 }
 
@@ -662,21 +674,13 @@ TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
 // dropped (never written past the slots), the call reports it, and clean brings the buffer back.
 TEST(LowLatencyGpu, TooManyRowsForOneExpertIsReported) {
   const int R = 2, Tmax = 4, H = 256, E = 4, K = 2;
+  const LLCase c = small_case(R, Tmax, H, E, K);
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     const int dev = group->device();
-    BufferOptions bo;
-    bo.num_rdma_bytes = Buffer::low_latency_size_hint(Tmax, H, R, E);
-    bo.timeout_ms = 5000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    RankBuffer rb(group, c, 5000);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
     const StreamOrder order{stream, nullptr, false};
-    LLCase c;
-    c.num_ranks = R;
-    c.hidden = H;
-    c.num_experts = E;
-    c.num_topk = K;
-    c.max_tokens = Tmax;
     Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
     RoundInput in = make_input(c, 5, 0, r, Tmax);
     upload_dispatch_inputs(b, in);
@@ -698,7 +702,6 @@ TEST(LowLatencyGpu, TooManyRowsForOneExpertIsReported) {
     buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync after clean");
     buf.check_device_errors();
-    cudaStreamDestroy(stream);
   });
 }
 
@@ -716,12 +719,9 @@ TEST(LowLatencyGpu, TimeoutNamesThePeerAndCleanRecovers) {
   c.drop_rate = 0.5;
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     const int dev = group->device();
-    BufferOptions bo;
-    bo.num_rdma_bytes = Buffer::low_latency_size_hint(c.max_tokens, c.hidden, R, c.num_experts);
-    bo.timeout_ms = 1000;
-    Buffer buf(group, bo);
-    cudaStream_t stream;
-    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    RankBuffer rb(group, c, 1000);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
     const StreamOrder order{stream, nullptr, false};
     Batch b = make_batch(c, R, c.max_tokens, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
     RoundInput in = make_input(c, 1234, 0, r, c.max_tokens);
@@ -764,7 +764,6 @@ TEST(LowLatencyGpu, TimeoutNamesThePeerAndCleanRecovers) {
     buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync after clean");
     buf.check_device_errors();
-    cudaStreamDestroy(stream);
   });
 }
 
