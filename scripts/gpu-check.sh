@@ -89,7 +89,27 @@ if [[ " $steps " == *" python "* ]]; then
   [[ $rc -ne 0 ]] && status=1
 fi
 
+if [[ " $steps " == *" tune "* ]]; then
+  # Kernel-shape sweeps on the standard problem, one line per setting, same binary and call:
+  # EPCOMM_TUNE_CONFIGS is a ';'-separated list of environment settings ("" = the defaults), e.g.
+  # "EPCOMM_COMBINE_PUSHER_WARPS=2 EPCOMM_COMBINE_PUSHER_STAGES=4;".
+  IFS=';' read -r -a configs <<<"${EPCOMM_TUNE_CONFIGS:-}"
+  for cfg in "${configs[@]}"; do
+    env $cfg "$build/bench/epcomm-bench" --no-baseline --no-verify ${EPCOMM_TUNE_ARGS:---sms 24} >"$out/tune-one.log" 2>&1
+    echo "== [${cfg:-defaults}] rc=$?" >>"$out/tune.log"
+    cat "$out/tune-one.log" >>"$out/tune.log"
+    sed -n '/^summary/,$p' "$out/tune-one.log" | grep -E " us " | sed "s|^ *|[${cfg:-defaults}] |" | tee -a "$out/summary.txt"
+  done
+  rm -f "$out/tune-one.log"
+fi
+
 if [[ " $steps " == *" ceiling "* ]]; then
+  # Each way of moving bytes that the kernels could use (SIMT or bulk copies, push or pull).
+  if [[ -x $build/bench/epcomm-wire-probe ]]; then
+    "$build/bench/epcomm-wire-probe" --sms 16,24,32 >"$out/wire-probe.log" 2>&1
+    "$build/bench/epcomm-wire-probe" --sms 24 --modes tma-push,tma-pull --warps 2 --bufs 6 >>"$out/wire-probe.log" 2>&1
+    tee -a "$out/summary.txt" <"$out/wire-probe.log"
+  fi
   # The wire's ceiling on this machine: the naive LSA store probe (../shared/tools, carried in
   # .prebuilt/tools), 64 MiB and 8 MiB per pair, 24 and 16 SMs.
   probe=${EPCOMM_PROBE_DIR:-$root/.prebuilt/tools}/nvlink_ceiling.cu

@@ -7,6 +7,7 @@
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
 #include "core/checks.hpp"
+#include "core/env.hpp"
 #include "core/ring_geometry.hpp"
 #include "epcomm/error.hpp"
 
@@ -15,8 +16,8 @@ namespace {
 
 constexpr int kStagerPieceBytes = 16384;
 constexpr int kMaxPullerStages = 6;
-constexpr int kPusherWarps = 2;
-constexpr int kPusherStages = 4;
+constexpr int kPusherWarps = 4;
+constexpr int kPusherStages = 3;
 constexpr int kPusherPieceBytes = 16384;
 constexpr int kReducerWarps = 12;
 
@@ -28,12 +29,20 @@ struct DispatchKernelShape {
   int smem = 0;
 };
 
+// A kernel-shape override from the environment (tuning sweeps), clamped to [1, limit]; 0 = unset.
+int shape_override(const char* name, int limit) {
+  const int64_t v = env_value(name);
+  return v <= 0 ? 0 : static_cast<int>(std::min<int64_t>(v, limit));
+}
+
 // As many puller warps as sources (up to 4), as many row stages each as shared memory allows;
 // fewer warps before fewer than two stages.
 DispatchKernelShape shape_dispatch_kernel(int num_ranks, int row_bytes, int chunk, int meta_row_bytes, int max_smem) {
   DispatchKernelShape k;
-  for (int warps = std::min({num_ranks, 4, dispatch_max_puller_warps()}); warps >= 1; --warps) {
-    int stages = kMaxPullerStages;
+  const int want_warps = shape_override("EPCOMM_DISPATCH_PULLER_WARPS", dispatch_max_puller_warps());
+  const int want_stages = shape_override("EPCOMM_DISPATCH_PULLER_STAGES", kMaxPullerStages);
+  for (int warps = want_warps ? want_warps : std::min({num_ranks, 4, dispatch_max_puller_warps()}); warps >= 1; --warps) {
+    int stages = want_stages ? want_stages : kMaxPullerStages;
     while (stages >= 1 &&
            dispatch_shared_bytes(warps, stages, row_bytes, chunk, meta_row_bytes, kStagerPieceBytes) > max_smem)
       --stages;
@@ -431,10 +440,16 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   p.ring.weights_offset = ring::combine_weights_offset(p.chunk, R, hidden);
   p.ring.slots = ring_slots("combine", m.ring_region_bytes(), in.config.num_sms, p.ring.slot_bytes,
                             in.config.ring_slots(), combine_max_slots(), m.options.num_nvl_bytes);
-  p.pusher_warps = std::min({kPusherWarps, R, combine_max_pusher_warps()});
-  p.pusher_stages = std::min(kPusherStages, combine_max_pusher_bufs());
+  // A pusher warp per origin (up to 4): one origin's end-of-chunk store drain stalls no other.
+  const int pushers = shape_override("EPCOMM_COMBINE_PUSHER_WARPS", combine_max_pusher_warps());
+  const int stages = shape_override("EPCOMM_COMBINE_PUSHER_STAGES", combine_max_pusher_bufs());
+  const int reducers = shape_override("EPCOMM_COMBINE_REDUCER_WARPS", combine_max_reducer_warps());
+  p.pusher_warps = std::min({pushers ? pushers : kPusherWarps, R, combine_max_pusher_warps()});
+  p.pusher_stages = std::max(2, stages ? stages : kPusherStages);
   p.piece_bytes = kPusherPieceBytes;
-  p.reducer_warps = std::min(kReducerWarps, combine_max_reducer_warps());
+  p.reducer_warps = reducers ? reducers : std::min(kReducerWarps, combine_max_reducer_warps());
+  while (p.pusher_stages > 2 && combine_shared_bytes(p.pusher_warps, p.pusher_stages, p.piece_bytes) > m.max_smem)
+    --p.pusher_stages;
   const int smem = combine_shared_bytes(p.pusher_warps, p.pusher_stages, p.piece_bytes);
   p.x = in.x.ptr<const uint16_t>();
   p.topk_weights = in.topk_weights ? in.topk_weights->ptr<const float>() : nullptr;

@@ -17,6 +17,12 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_NUM_SMS", 24, "SMs used by normal-mode kernels when the config does not say"},
       {"EPCOMM_MAX_TOKENS_PER_RANK", 65536, "largest T one rank may pass to normal-mode dispatch"},
       {"EPCOMM_MAX_EXPERTS_PER_RANK", 1024, "largest E/R the buffer supports"},
+      // Kernel shapes, for tuning sweeps (0: the built-in rule).
+      {"EPCOMM_DISPATCH_PULLER_WARPS", 0, "dispatch: puller warps per block (0: one per source, up to 4)"},
+      {"EPCOMM_DISPATCH_PULLER_STAGES", 0, "dispatch: rows in flight per puller warp (0: as many as fit, up to 6)"},
+      {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: one per origin, up to 4)"},
+      {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 3)"},
+      {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
   };
   return params;
 }

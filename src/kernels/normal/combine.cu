@@ -18,8 +18,8 @@ namespace {
 
 using namespace epcomm::dev;
 
-constexpr int kMaxPusherWarps = 2;
-constexpr int kMaxReducerWarps = 14;
+constexpr int kMaxPusherWarps = 4;
+constexpr int kMaxReducerWarps = 12;
 constexpr int kMaxPusherBufs = 8;
 constexpr int kMaxSlots = 16;
 constexpr int kReducerBarrier = 1;  // named barrier id (0 is __syncthreads)
