@@ -24,8 +24,9 @@ constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 struct NotifyHeader {
   int32_t num_tokens;
   int32_t num_experts;
-  int32_t chunk_tokens;
+  int32_t chunk_tokens;  // ring geometry: rows per slot, the same on every rank
   int32_t num_blocks;
+  int32_t cut_tokens;    // this rank's tokens per chunk (<= chunk_tokens; see balanced_chunk)
 };
 
 struct ControlLayout {

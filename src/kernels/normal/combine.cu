@@ -130,15 +130,16 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
   const int S = p.ring.slots, K = p.num_topk;
   const int num_threads = 32 * p.reducer_warps;
-  const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
+  const int cut = cut_of(p.chunk_offset, p.chunk_offset_stride, rank);  // this rank's tokens per chunk
+  const int num_chunks = (p.num_tokens + cut - 1) / cut;
   const int vecs = p.hidden / 8;
   const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
 
   for (int n = 0;; ++n) {
     const int chunk = block + n * p.num_blocks;
     if (chunk >= num_chunks) break;
-    const int t0 = chunk * p.chunk;
-    const int rows = min(p.chunk, p.num_tokens - t0);
+    const int t0 = chunk * cut;
+    const int rows = min(cut, p.num_tokens - t0);
     uint32_t dests = 0;
     if (lane < rows)
       for (int j = 0; j < R; ++j)

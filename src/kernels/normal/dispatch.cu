@@ -51,7 +51,8 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
   const CommonParams& c = p.common;
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
   const int S = p.ring.slots;
-  const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
+  const int cut = cut_of(p.chunk_offset, p.chunk_offset_stride, rank);
+  const int num_chunks = (p.num_tokens + cut - 1) / cut;
   BulkPipe pipe{bufs, sh.stager_bars, kStagerBufs, p.stager_piece_bytes, 0};
   if (is_copier && lane < R) sh.last_needed[lane] = -1;
 
@@ -60,8 +61,8 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
     const int chunk = block + n * p.num_blocks;
     if (chunk >= num_chunks) break;
     const int s = n % S;
-    const int t0 = chunk * p.chunk;
-    const int rows = min(p.chunk, p.num_tokens - t0);
+    const int t0 = chunk * cut;
+    const int rows = min(cut, p.num_tokens - t0);
     uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[rank]) + p.ring.slot(block, s);
 
     uint32_t needed = 0;
@@ -157,9 +158,10 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
       const int row_begin = offsets[chunk];
       const int rows = offsets[chunk + 1] - row_begin;
       if (rows == 0) continue;
+      const int first_token = chunk * offsets[p.chunk_offset_stride - 1];  // the source's cut
       uint32_t mask;
       if (p.cached) {
-        const uint32_t bit = lane < rows ? 1u << (p.recv_src_idx[row_begin + lane] - chunk * p.chunk) : 0u;
+        const uint32_t bit = lane < rows ? 1u << (p.recv_src_idx[row_begin + lane] - first_token) : 0u;
         mask = __reduce_or_sync(0xffffffffu, bit);
       } else {
         mask = reinterpret_cast<const uint32_t*>(c.peer_base[rank] + c.ctl.meta(parity, src) + c.ctl.meta_masks)[chunk];
@@ -216,7 +218,7 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
           p.recv_topk_idx[row * K + lane] = local ? e - expert_begin : -1;
           if (p.recv_topk_weights) p.recv_topk_weights[row * K + lane] = local ? w : 0.f;
         }
-        if (fits && !p.cached && lane == 0) p.recv_src_idx[row] = chunk * p.chunk + pos;
+        if (fits && !p.cached && lane == 0) p.recv_src_idx[row] = first_token + pos;
         // Refill the previous row's stage (its store had an iteration to read it): two stores and
         // P - 1 loads stay in flight. With one stage, refill this one.
         const int prev = P > 1 ? k - 1 : k;
@@ -247,7 +249,7 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
 __device__ void pad_worst_rows(const DispatchParams& p) {
   const CommonParams& c = p.common;
   const int num_recv = p.chunk_offset[static_cast<int64_t>(c.num_ranks - 1) * p.chunk_offset_stride +
-                                      p.chunk_offset_stride - 1];
+                                      p.chunk_offset_stride - 2];
   if (num_recv > p.num_worst_tokens && blockIdx.x == 0 && threadIdx.x == 0)
     report(c.wait, 3, WaitPhase::kNone, c.rank, p.num_worst_tokens, num_recv);
   const int K = p.num_topk;

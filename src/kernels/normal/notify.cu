@@ -31,14 +31,14 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
   const uint32_t notify_count = ld_volatile(p.parity_counter);
   const int parity = static_cast<int>(notify_count & 1);
   const int experts_per_rank = p.num_experts / R;
-  const int num_chunks = (p.num_tokens + p.chunk - 1) / p.chunk;
+  const int num_chunks = (p.num_tokens + p.cut - 1) / p.cut;
   char* const local = c.peer_base[rank];
 
   // 1. Write my meta into every peer's entry [parity][rank].
   for (int j = 0; j < R; ++j) {
     char* meta = c.peer_base[j] + c.ctl.meta(parity, rank);
     if (threadIdx.x == 0) {
-      NotifyHeader h{p.num_tokens, p.num_experts, p.chunk, p.num_blocks};
+      NotifyHeader h{p.num_tokens, p.num_experts, p.chunk, p.num_blocks, p.cut};
       *reinterpret_cast<NotifyHeader*>(meta) = h;
     }
     int32_t* counts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_counts);
@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
   }
   // Masks: a warp per chunk, a lane per token; lane j ends up holding the mask for destination j.
   for (int chunk = warp; chunk < num_chunks; chunk += num_warps) {
-    const int t = chunk * p.chunk + lane;
-    const bool valid = lane < p.chunk && t < p.num_tokens;
+    const int t = chunk * p.cut + lane;
+    const bool valid = lane < p.cut && t < p.num_tokens;
     uint32_t mine = 0;
     for (int j = 0; j < R; ++j) {
       const uint32_t m = __ballot_sync(0xffffffffu, valid && p.is_token_in_rank[static_cast<int64_t>(t) * R + j]);
@@ -78,11 +78,13 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
 
   __shared__ int32_t s_counts[kMaxNvlRanks][kMaxNvlRanks];  // [source][destination]
   __shared__ int32_t s_tokens[kMaxNvlRanks];
+  __shared__ int32_t s_cut[kMaxNvlRanks];
   if (ok_all) {
     // Every rank must agree on the call's shape; a mismatch would corrupt the rings.
     if (threadIdx.x < R) {
       const auto* h = reinterpret_cast<const NotifyHeader*>(local + c.ctl.meta(parity, threadIdx.x));
       s_tokens[threadIdx.x] = h->num_tokens;
+      s_cut[threadIdx.x] = max(1, min(h->cut_tokens, h->chunk_tokens));
       if (h->num_experts != p.num_experts || h->chunk_tokens != p.chunk || h->num_blocks != p.num_blocks)
         report_mismatch(c.wait, WaitPhase::kNotifyMeta, threadIdx.x,
                         (static_cast<uint64_t>(p.num_experts) << 32) | p.chunk,
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
     for (int i = warp; i < R; i += num_warps) {
       int32_t base = 0;
       for (int r = 0; r < i; ++r) base += s_counts[r][rank];
-      const int source_chunks = (s_tokens[i] + p.chunk - 1) / p.chunk;
+      const int source_chunks = (s_tokens[i] + s_cut[i] - 1) / s_cut[i];
       const auto* masks = reinterpret_cast<const uint32_t*>(local + c.ctl.meta(parity, i) + c.ctl.meta_masks);
       // The scan is a serial chain through `base`: only the source's real chunks go through it
       // (with the next mask word already loaded); the rest of the row is the end offset.
@@ -136,19 +138,20 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
         if (ci < source_chunks) row[ci] = base + inclusive - n;
         base += __shfl_sync(0xffffffffu, inclusive, 31);
       }
-      for (int ci = source_chunks + lane; ci < stride; ci += 32) row[ci] = base;
+      for (int ci = source_chunks + lane; ci < stride - 1; ci += 32) row[ci] = base;
+      if (lane == 0) row[stride - 1] = s_cut[i];
     }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     const bool ok = ok_all && !aborted(c.wait);
-    int max_tokens = 0;
-    for (int i = 0; ok && i < R; ++i) max_tokens = max(max_tokens, s_tokens[i]);
+    int max_chunks = 0;
+    for (int i = 0; ok && i < R; ++i) max_chunks = max(max_chunks, (s_tokens[i] + s_cut[i] - 1) / s_cut[i]);
     int32_t num_recv = 0;
     for (int i = 0; ok && i < R; ++i) num_recv += s_counts[i][rank];
     volatile int32_t* result = p.host_result;
     result[kNotifyNumRecv] = num_recv;
-    result[kNotifyMaxChunks] = (max_tokens + p.chunk - 1) / p.chunk;
+    result[kNotifyMaxChunks] = max_chunks;
     result[kNotifyInvalidTopk] = *p.invalid_topk;
     *p.invalid_topk = -1;
     __threadfence_system();

@@ -1,7 +1,10 @@
 // Arguments of the normal-mode kernels (notify, dispatch, combine): plain structs filled by the
 // host (core/buffer_normal.cpp) and passed by value.
 //
-// The algorithm in one paragraph. Tokens are cut into chunks of `chunk` tokens; chunk c is handled
+// The algorithm in one paragraph. Each rank cuts its tokens into chunks of its `cut` tokens (at
+// most `chunk`, the slot's row count, which every rank shares; the cut is chosen per call so that
+// every block gets nearly the same number of tokens, and travels in chunk_offset's last column);
+// chunk c is handled
 // by block c % num_blocks on every rank, as that block's iteration n = c / num_blocks. Dispatch is a
 // pull: each rank stages its own chunk into a ring slot of its symmetric region and tells the ranks
 // that need it; each receiver copies the rows it needs straight from the sender's slot into recv_x
@@ -47,7 +50,8 @@ struct NotifyParams {
   CommonParams common;
   int num_tokens = 0;
   int num_experts = 0;
-  int chunk = 0;
+  int chunk = 0;        // ring geometry (rows per slot), the same on every rank
+  int cut = 0;          // this rank's tokens per chunk, <= chunk
   int num_blocks = 0;
   int expert_alignment = 1;
   const uint8_t* is_token_in_rank = nullptr;    // [T, R]
@@ -56,7 +60,8 @@ struct NotifyParams {
   uint32_t* parity_counter = nullptr;           // device: notifies so far (selects the meta slot)
   // outputs
   int32_t* rank_prefix_matrix = nullptr;        // [R, R]
-  int32_t* chunk_offset = nullptr;              // [R, max_chunks + 1]: first recv row of (source, chunk)
+  int32_t* chunk_offset = nullptr;              // [R, stride]: first recv row of (source, chunk), then
+                                                // the end row, then (last column) the source's cut
   int32_t* num_recv_tokens_per_expert = nullptr;  // [E/R], aligned
   int chunk_offset_stride = 0;
   int32_t* invalid_topk = nullptr;              // device: first bad topk entry the layout saw, or -1
@@ -166,6 +171,13 @@ void launch_layout(const LayoutParams& p, void* stream);
 void launch_notify_dispatch(const NotifyParams& p, void* stream);
 void launch_dispatch(const DispatchParams& p, int smem_bytes, void* stream);
 void launch_combine(const CombineParams& p, int smem_bytes, void* stream);
+#ifdef __CUDACC__
+// Tokens per chunk of rank i: the last column of its chunk_offset row (the notify kernel writes it).
+__device__ __forceinline__ int cut_of(const int32_t* chunk_offset, int stride, int i) {
+  return chunk_offset[static_cast<int64_t>(i) * stride + stride - 1];
+}
+#endif
+
 int dispatch_shared_bytes(int puller_warps, int puller_stages, int row_bytes, int chunk, int meta_row_bytes,
                           int stager_piece_bytes);
 int dispatch_max_puller_warps();
