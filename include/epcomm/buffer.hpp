@@ -28,6 +28,7 @@ struct BufferOptions {
   int max_tokens_per_rank = 0;         // normal mode; 0 = EPCOMM_MAX_TOKENS_PER_RANK
   int max_experts_per_rank = 0;        // 0 = EPCOMM_MAX_EXPERTS_PER_RANK
   int64_t timeout_ms = 0;              // 0 = EPCOMM_TIMEOUT_MS
+  bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
 };
 
 // How a call orders itself with the caller's work.
@@ -143,7 +144,17 @@ struct CombineOutputs {
 //   comm stream: the caller's stream is ordered exactly as if they had); otherwise as every mode.
 // - topk_idx entries outside [-1, num_experts) are treated as -1 on the device (checking them on
 //   the host would need a sync).
-// - Shrink mode (masking ranks) is not implemented: see low_latency_update_mask_buffer.
+// - Shrink mode (BufferOptions::enable_shrink): an LL wait on a peer that times out masks that
+//   peer instead of failing the call. The call completes with what the live ranks sent (dispatch:
+//   no rows from a masked source; combine: a masked rank's experts contribute nothing), and later
+//   calls skip masked peers: nothing is sent to them and nothing is waited for. The mask is this
+//   rank's own view ([R] int32 on the device, read by every LL kernel, graph replays included);
+//   the mask API below queries, sets and clears it. A masked rank may only take part again after
+//   clean_low_latency_buffer on every rank (its call counters lag behind) and
+//   low_latency_clean_mask_buffer (clean_low_latency_buffer keeps the mask). Rows of a source
+//   masked while its rows of that call were arriving are not valid (its layout_range count is
+//   set to 0); in the call where a peer answers exactly at the timeout, outputs of tokens routed
+//   to it may or may not include its rows. Normal mode is not affected.
 struct LowLatencyDispatchInputs {
   TensorView x;                 // [T, hidden] bf16, rows contiguous, 16-byte aligned; T <= Tmax
   TensorView topk_idx;          // [T, K] i64 contiguous, K <= min(16, num_experts)
@@ -261,12 +272,13 @@ class Buffer {
   // Where a zero_copy combine of `handle` reads y: [E/R, R*Tmax, hidden] bf16 inside the LL
   // region of this rank (the dispatch's receive area, free once its receive half ran).
   TensorView get_next_low_latency_combine_buffer(const LowLatencyHandle& handle) const;
-  // Shrink mode placeholders: masking is not implemented. update(rank, false) and clean() do
-  // nothing (no rank is ever masked); update(rank, true) throws RuntimeFailure; query writes 0
-  // (unmasked) for every rank into mask_status ([R] i32, on `stream`).
-  void low_latency_update_mask_buffer(int rank, bool mask);
+  // Shrink mode's mask (see "Shrink mode" above), this rank's view, changed on `stream` (ordered
+  // with the LL calls on it, capturable). update masks (mask = true) or unmasks one rank; masking
+  // needs BufferOptions::enable_shrink (ArgumentError otherwise). query writes 1 (masked) or 0 for
+  // every rank into mask_status ([R] i32 on this device). clean unmasks every rank.
+  void low_latency_update_mask_buffer(int rank, bool mask, cudaStream_t stream = nullptr);
   void low_latency_query_mask_buffer(const TensorView& mask_status, cudaStream_t stream = nullptr);
-  void low_latency_clean_mask_buffer();
+  void low_latency_clean_mask_buffer(cudaStream_t stream = nullptr);
   // -------------------------- end of low-latency mode --------------------------
 
   // Raises the error a GPU wait recorded (TimeoutError), if any, and clears it so the buffer can be

@@ -107,6 +107,11 @@ struct LowLatencyOptions {
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
+  // Shrink mode: [R] 0/1, or empty (no rank masked). A masked rank takes no part: its inputs are
+  // not read (they may be empty), it sends nothing and its outputs are empty (dispatch: no rows,
+  // zero counts; combine: an empty vector). Live ranks get no rows from it, and their combine
+  // leaves out every (token, k) whose expert it owns.
+  std::vector<uint8_t> masked_ranks;
 };
 struct LowLatencyDispatchInput {
   int num_tokens = 0;

@@ -213,6 +213,10 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.layout_range = out.layout_range.ptr<int64_t>();
   if (in.cumulative_local_expert_recv_stats) p.cumulative_recv_stats = in.cumulative_local_expert_recv_stats->ptr<int32_t>();
   if (in.dispatch_wait_recv_cost_stats) p.wait_cost_stats = in.dispatch_wait_recv_cost_stats->ptr<int64_t>();
+  if (m.options.enable_shrink) {
+    p.mask = m.ll.mask;
+    p.count_decisions = m.ll.count_decisions;
+  }
   const int smem = (phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers) : 0;
   cudaStream_t stream = begin_call(m, order);
   launch_low_latency_dispatch(p, call.blocks, smem, stream);
@@ -282,29 +286,50 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
   p.topk_weights = in.topk_weights.ptr<const float>();
   p.out = out.ptr<uint16_t>();
   if (in.combine_wait_recv_cost_stats) p.wait_cost_stats = in.combine_wait_recv_cost_stats->ptr<int64_t>();
+  if (m.options.enable_shrink) p.mask = m.ll.mask;
   cudaStream_t stream = begin_call(m, order);
   launch_low_latency_combine(p, call.blocks, stream);
   return end_call(m, order);
+}
+
+// Zeroes the LL region, the call counters and shrink mode's count decisions (whose tags restart
+// with the counters), on `stream`. Not the mask: clean_low_latency_buffer keeps it.
+void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
+  if (m.ll.bytes > 0)
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.sym->local()) + m.ll.offset, 0, m.ll.bytes, stream));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
+  if (m.ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
+  m.ll.next_buffer = 0;
 }
 
 }  // namespace
 
 void Buffer::Impl::init_low_latency() {
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
+  EPCOMM_CUDA_CHECK(cudaMalloc(&ll.mask, sizeof(int32_t) * num_ranks));
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, comm));
+  if (options.enable_shrink) {
+    ll.count_decision_bytes = 2 * sizeof(uint64_t) * static_cast<size_t>(max_local_experts) * num_ranks;
+    EPCOMM_CUDA_CHECK(cudaMalloc(&ll.count_decisions, ll.count_decision_bytes));
+  }
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), comm));
+  if (ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.count_decisions, 0, ll.count_decision_bytes, comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
 }
 
 void Buffer::Impl::release_low_latency() {
   if (ll.state) cudaFree(ll.state);
+  if (ll.mask) cudaFree(ll.mask);
+  if (ll.count_decisions) cudaFree(ll.count_decisions);
   ll.state = nullptr;
+  ll.mask = nullptr;
+  ll.count_decisions = nullptr;
 }
 
+// Buffer::reset: as if new, the mask included.
 void Buffer::Impl::reset_low_latency(cudaStream_t stream) {
-  if (ll.bytes > 0)
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + ll.offset, 0, ll.bytes, stream));
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), stream));
-  ll.next_buffer = 0;
+  clear_low_latency_calls(*this, stream);
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, stream));
 }
 
 size_t Buffer::low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks, int num_experts) {
@@ -337,7 +362,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   }
   // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
   m.group->barrier();
-  m.reset_low_latency(m.comm);
+  clear_low_latency_calls(m, m.comm);
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   m.ll.layout = l;
   m.group->barrier();
@@ -400,11 +425,14 @@ TensorView Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& h
                                 {l.local_experts, static_cast<int64_t>(m.num_ranks) * l.max_tokens, l.hidden}, m.device);
 }
 
-void Buffer::low_latency_update_mask_buffer(int rank, bool mask) {
-  checks::in_range("rank_to_mask", rank, 0, impl_->num_ranks - 1);
-  if (mask)
-    throw RuntimeFailure("low_latency_update_mask_buffer: masking ranks (shrink mode) is not implemented in this "
-                         "build; no rank is ever masked");
+void Buffer::low_latency_update_mask_buffer(int rank, bool mask, cudaStream_t stream) {
+  Impl& m = *impl_;
+  checks::in_range("rank_to_mask", rank, 0, m.num_ranks - 1);
+  if (mask && !m.options.enable_shrink)
+    throw ArgumentError("low_latency_update_mask_buffer: masking rank " + std::to_string(rank) +
+                        " needs shrink mode (BufferOptions::enable_shrink = true, Python enable_shrink=True)");
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  launch_low_latency_set_mask(m.ll.mask, m.num_ranks, rank, mask ? 1 : 0, stream);
 }
 
 void Buffer::low_latency_query_mask_buffer(const TensorView& mask_status, cudaStream_t stream) {
@@ -412,9 +440,14 @@ void Buffer::low_latency_query_mask_buffer(const TensorView& mask_status, cudaSt
   checks::device_tensor("mask_status", mask_status, m.device, {DType::kI32}, 1);
   checks::dim("mask_status", mask_status, 0, m.num_ranks, "num_ranks");
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(mask_status.data, 0, mask_status.nbytes(), stream));
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(mask_status.data, m.ll.mask, sizeof(int32_t) * m.num_ranks,
+                                    cudaMemcpyDeviceToDevice, stream));
 }
 
-void Buffer::low_latency_clean_mask_buffer() {}
+void Buffer::low_latency_clean_mask_buffer(cudaStream_t stream) {
+  Impl& m = *impl_;
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  launch_low_latency_set_mask(m.ll.mask, m.num_ranks, -1, 0, stream);
+}
 
 }  // namespace epcomm

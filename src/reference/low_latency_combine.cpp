@@ -22,6 +22,7 @@ void check_low_latency_combine_source(const LowLatencyCombineSource& s, int num_
   const std::string who = rank_prefix(s.rank);
   const LowLatencyOptions& o = *s.options;
   check_low_latency_options(who, o, num_ranks);
+  if (is_masked(o, s.rank)) return;  // shrink mode: takes no part, its inputs are not read
   const LowLatencyCombineInput& in = *s.input;
   const int T = in.num_tokens;
   const int Tmax = o.num_max_dispatch_tokens_per_rank;
@@ -60,6 +61,7 @@ void check_low_latency_combine_sources(const std::vector<const LowLatencyCombine
     check_same(who, "num_experts", o.num_experts, o0.num_experts);
     check_same(who, "num_max_dispatch_tokens_per_rank", o.num_max_dispatch_tokens_per_rank,
                o0.num_max_dispatch_tokens_per_rank);
+    check_same_masks(who, o.masked_ranks, o0.masked_ranks);
   }
 }
 
@@ -68,6 +70,7 @@ std::vector<uint16_t> low_latency_combine_for_source(
   const int num_ranks = static_cast<int>(sources.size());
   const LowLatencyCombineInput& in = *sources[rank]->input;
   const LowLatencyOptions& o = *sources[rank]->options;
+  if (is_masked(o, rank)) return {};
   const int K = o.num_topk;
   const int hidden = o.hidden;
   const int experts_per_rank = o.num_experts / num_ranks;
@@ -84,6 +87,7 @@ std::vector<uint16_t> low_latency_combine_for_source(
       int occurrence = 0;
       for (int k2 = 0; k2 < k; ++k2) occurrence += idx[k2] == idx[k];
       const int owner = static_cast<int>(idx[k] / experts_per_rank);
+      if (is_masked(o, owner)) continue;  // shrink mode: a masked rank's experts contribute nothing
       const int local = static_cast<int>(idx[k] % experts_per_rank);
       const LowLatencyDispatchOutput& d = *sources[owner]->dispatch_output;
       const int64_t range = d.layout_range[static_cast<size_t>(local) * num_ranks + rank];

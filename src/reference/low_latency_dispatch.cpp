@@ -20,12 +20,17 @@ void check_low_latency_options(const std::string& who, const LowLatencyOptions& 
                   " must be >= 1"));
   if (o.use_ue8m0 && !o.round_scale)
     fail(who, "use_ue8m0 = true requires round_scale = true (UE8M0 scales are powers of two)");
+  if (!o.masked_ranks.empty()) {
+    check_size(who, "masked_ranks", o.masked_ranks.size(), num_ranks, "num_ranks (or empty)");
+    check_zero_one(who, "masked_ranks", o.masked_ranks);
+  }
 }
 
 LowLatencySource make_low_latency_source(int rank, int num_ranks, const LowLatencyDispatchInput& in,
                                          const LowLatencyOptions& o) {
   const std::string who = rank_prefix(rank);
   check_low_latency_options(who, o, num_ranks);
+  if (is_masked(o, rank)) return LowLatencySource{rank, &in, &o, {}, {}};  // takes no part: not read
   const int T = in.num_tokens;
   const int Tmax = o.num_max_dispatch_tokens_per_rank;
   if (T < 0 || T > Tmax)
@@ -80,6 +85,7 @@ void check_low_latency_sources(const std::vector<const LowLatencySource*>& sourc
     check_same(who, "use_fp8", o.use_fp8, o0.use_fp8);
     check_same(who, "round_scale", o.round_scale, o0.round_scale);
     check_same(who, "use_ue8m0", o.use_ue8m0, o0.use_ue8m0);
+    check_same_masks(who, o.masked_ranks, o0.masked_ranks);
   }
 }
 
@@ -111,7 +117,9 @@ LowLatencyDispatchOutput receive_low_latency_dispatch(
     for (int i = 0; i < num_ranks; ++i) {
       const LowLatencySource& s = *sources[i];
       const size_t begin = count;
-      for (int t = 0; t < s.input->num_tokens; ++t) {
+      // Shrink mode: nothing moves from or to a masked rank.
+      const int num_tokens = is_masked(o, i) || is_masked(o, rank) ? 0 : s.input->num_tokens;
+      for (int t = 0; t < num_tokens; ++t) {
         for (int k = 0; k < K; ++k) {
           if (s.input->topk_idx[static_cast<size_t>(t) * K + k] != global) continue;
           const size_t slot = e * slots + count++;

@@ -88,6 +88,10 @@ CombineOutput combine_for_source(int rank, const std::vector<const CombineSource
 // ---- low-latency (low_latency_dispatch.cpp, low_latency_combine.cpp) ----
 void check_low_latency_options(const std::string& who, const LowLatencyOptions& options,
                                int num_ranks);
+// Shrink mode: whether `rank` is in options.masked_ranks.
+inline bool is_masked(const LowLatencyOptions& options, int rank) {
+  return !options.masked_ranks.empty() && options.masked_ranks[rank] != 0;
+}
 struct LowLatencySource {
   int rank = 0;
   const LowLatencyDispatchInput* input = nullptr;
@@ -118,6 +122,19 @@ void check_same(const std::string& who, const char* name, const T& mine, const T
   if (!(mine == rank0s))
     fail(who, cat(name, " = ", mine, " differs from rank 0's ", rank0s,
                   "; every rank must pass the same value"));
+}
+
+// Shrink mode: every rank must pass the same masked_ranks.
+inline void check_same_masks(const std::string& who, const std::vector<uint8_t>& mine,
+                             const std::vector<uint8_t>& rank0s) {
+  if (mine == rank0s) return;
+  auto text = [](const std::vector<uint8_t>& m) {
+    std::string s = "[";
+    for (size_t i = 0; i < m.size(); ++i) s += (i ? ", " : "") + std::to_string(int{m[i]});
+    return s + "]";
+  };
+  fail(who, cat("masked_ranks = ", text(mine), " differs from rank 0's ", text(rank0s),
+                "; every rank must pass the same value"));
 }
 
 }  // namespace epcomm::ref::detail

@@ -11,6 +11,7 @@
 
 #include "core/check.hpp"
 #include "kernels/low_latency/ll_device.cuh"
+#include "kernels/low_latency/shrink.cuh"
 
 namespace epcomm {
 namespace {
@@ -33,6 +34,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq) {
   for (int item = gw; item < E * Q; item += total_warps) {
     const int u = item % E, q = item / E;
     const int le = u / R, src = u % R;
+    if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
     const int64_t range = p.layout_range[static_cast<int64_t>(le) * R + src];
     const int64_t begin = range >> 32;
     int count = static_cast<int>(range & 0xffffffff);
@@ -66,8 +68,9 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
       p.state->combine_blocks_done = 0;
       p.state->buffer_combine_seq[p.buffer] = seq;
       for (int r = 0; r < c.num_ranks; ++r)
-        st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
-                       tag(seq, 1));
+        if (!peer_masked(p.mask, r))
+          st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
+                         tag(seq, 1));
       __threadfence();
       atomicExch(&p.state->combine_seq, seq);
     }
@@ -97,14 +100,18 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
     }
     bool ok = true;
     long long cycles = 0;
+    const int owner = e >= 0 ? e / EL : 0;
     if (e >= 0) {
       uint64_t v;
-      ok = wait_tag(c.wait, reinterpret_cast<const uint64_t*>(mine + L.combine_flag(p.buffer, t, lane)), tag(seq, 1),
-                    WaitPhase::kLowLatencyCombineRow, e / EL, v, cycles);
+      const PeerWait got =
+          wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.combine_flag(p.buffer, t, lane)),
+                           tag(seq, 1), WaitPhase::kLowLatencyCombineRow, owner, v, cycles);
+      ok = got != PeerWait::kAborted;
+      if (got == PeerWait::kMasked) e = -1;  // shrink mode: a masked rank's experts contribute nothing
     }
     if (!__all_sync(0xffffffffu, ok)) return;
     if (p.wait_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + e / EL), static_cast<unsigned long long>(cycles));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner), static_cast<unsigned long long>(cycles));
     const uint32_t valid = __ballot_sync(0xffffffffu, e >= 0);
     const int c0 = s * kSliceChannels + lane * 8;
     const bool active = c0 < H;
@@ -148,8 +155,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
   if (blockIdx.x == 0 && warp_id() == 0 && lane < c.num_ranks && !aborted(c.wait)) {
     uint64_t v;
     long long cycles = 0;
-    wait_tag(c.wait, reinterpret_cast<const uint64_t*>(mine + L.done(p.buffer, lane)), tag(seq, 1),
-             WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
+    wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.done(p.buffer, lane)), tag(seq, 1),
+                     WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
   }
 }
 

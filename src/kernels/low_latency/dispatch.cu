@@ -17,6 +17,7 @@
 
 #include "core/check.hpp"
 #include "kernels/low_latency/ll_device.cuh"
+#include "kernels/low_latency/shrink.cuh"
 
 namespace epcomm {
 namespace {
@@ -68,6 +69,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
   for (int i = tid; i < owned_n; i += nthreads) {
     const int e = b + i * grid;
     if (e >= E) break;
+    if (peer_masked(p.mask, e / EL)) continue;  // shrink mode: nothing goes to a masked rank
     uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, e / EL) + L.count(p.buffer, e % EL, c.rank));
     // A source has Tmax slots per expert; only tokens that list an expert twice can exceed them.
     st_release_sys(flag, tag(seq, static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u));
@@ -101,7 +103,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     __syncthreads();
     for (int k = warp; k < K; k += kLowLatencyWarps) {
       const int e = expert[k];
-      if (e < 0) continue;
+      if (e < 0 || peer_masked(p.mask, e / EL)) continue;
       const int s = slot[k];
       char* region = peer_region(p, e / EL);
       warp_copy<4>(reinterpret_cast<int4*>(region + L.message(p.buffer, e % EL, c.rank, s)),
@@ -131,6 +133,23 @@ __device__ void publish_dispatch(const LowLatencyDispatchParams& p, uint32_t seq
   }
 }
 
+// The count of (local expert le, source src): its flag's payload (count + 1), or 0 when shrink mode
+// masked the source (then settled once per call, see shrink.cuh). False: the call was aborted.
+__device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p, const char* mine, int le, int src,
+                                              uint32_t seq, uint32_t& payload, long long& cycles) {
+  const LowLatencyLayout& L = p.layout;
+  uint64_t v = 0;
+  const PeerWait w = wait_tag_or_mask(p.common.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, src)),
+                                      tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
+  if (w == PeerWait::kAborted) return false;
+  payload = w == PeerWait::kArrived ? static_cast<uint32_t>(v) : 0u;
+  if (p.mask != nullptr)
+    payload = settle_count(p.count_decisions + static_cast<size_t>(p.buffer) * L.num_experts +
+                               static_cast<size_t>(le) * L.num_ranks + src,
+                           seq, tag(seq, payload));
+  return true;
+}
+
 __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
@@ -147,13 +166,11 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
     const int u = item % E, q = item / E;
     const int le = u / R, src = u % R;
     long long count_cycles = 0, message_cycles = 0;
-    uint64_t v = 0;
+    uint32_t payload = 0;
     bool ok = true;
-    if (lane <= src)
-      ok = wait_tag(c.wait, reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, lane)), tag(seq, 1),
-                    WaitPhase::kLowLatencyDispatchCount, lane, v, count_cycles);
+    if (lane <= src) ok = receive_count(p, mine, le, lane, seq, payload, count_cycles);
     if (!__all_sync(0xffffffffu, ok)) return;
-    const int cnt = lane <= src ? static_cast<int>(tag_payload(v)) : 0;
+    const int cnt = payload > 0 ? static_cast<int>(payload - 1u) : 0;
     int incl = cnt;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -172,10 +189,19 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
     }
     for (int j = q; j < count; j += Q) {
       uint64_t h = 0;
+      int got = static_cast<int>(PeerWait::kArrived);
       if (lane == 0)
-        ok = wait_tag(c.wait, reinterpret_cast<const uint64_t*>(mine + L.header(p.buffer, le, src, j)), tag(seq, 1),
-                      WaitPhase::kLowLatencyDispatchMessage, src, h, message_cycles);
-      if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+        got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
+                                                reinterpret_cast<const uint64_t*>(mine + L.header(p.buffer, le, src, j)),
+                                                tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h,
+                                                message_cycles));
+      got = __shfl_sync(0xffffffffu, got, 0);
+      if (got == static_cast<int>(PeerWait::kAborted)) return;
+      if (got == static_cast<int>(PeerWait::kMasked)) {
+        // Shrink mode: the source was masked in the middle of its rows; they are not valid.
+        if (lane == 0) p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin) << 32;
+        break;
+      }
       h = __shfl_sync(0xffffffffu, h, 0);
       const int t = static_cast<int>(tag_payload(h) & 0xffffu);
       const int64_t row = static_cast<int64_t>(le) * RT + begin + j;

@@ -149,6 +149,12 @@ struct LowLatencyHostState {
   int next_buffer = 0;       // the buffer the next dispatch takes
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
+  // Shrink mode (kernels/low_latency/shrink.cuh), device memory: the mask [R] int32 (1 = masked;
+  // always allocated, so the mask API works without shrink) and the dispatch's count decisions
+  // [2][max_local_experts * R] u64 (only with BufferOptions::enable_shrink).
+  int32_t* mask = nullptr;
+  uint64_t* count_decisions = nullptr;
+  size_t count_decision_bytes = 0;
 };
 
 struct LowLatencyDispatchParams {
@@ -176,6 +182,9 @@ struct LowLatencyDispatchParams {
   int64_t* layout_range = nullptr;     // [E/R, R]
   int32_t* cumulative_recv_stats = nullptr;  // [E/R], optional
   int64_t* wait_cost_stats = nullptr;        // [R], optional: clock cycles spent waiting per source
+  // shrink mode (nullptr when off): see kernels/low_latency/shrink.cuh
+  int32_t* mask = nullptr;                   // [R]: 1 = masked peer (skipped; a timed-out wait sets it)
+  uint64_t* count_decisions = nullptr;       // [2][E]: each count settled once per call
 };
 
 struct LowLatencyCombineParams {
@@ -195,6 +204,7 @@ struct LowLatencyCombineParams {
   const float* topk_weights = nullptr;    // [T, K]
   uint16_t* out = nullptr;                // [T, hidden] bf16
   int64_t* wait_cost_stats = nullptr;     // [R], optional
+  int32_t* mask = nullptr;                // shrink mode: [R] masked peers (nullptr when off)
 };
 
 // Host-side launchers (kernels/low_latency/*.cu). Grids of at most one block per SM: without a
@@ -204,5 +214,8 @@ struct LowLatencyCombineParams {
 int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers);
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream);
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
+// Shrink mode's mask API (kernels/low_latency/mask.cu): sets mask[rank] = value, or every entry
+// when rank < 0, on `stream`.
+void launch_low_latency_set_mask(int32_t* mask, int num_ranks, int rank, int value, void* stream);
 
 }  // namespace epcomm
