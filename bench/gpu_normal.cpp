@@ -104,9 +104,9 @@ void run_gpu_normal(const Options& o, Report& report) {
     auto group = Group::create_nccl(id, R, r, r);
     Config big = Config::dispatch_default(R);
     big.num_sms = max_sms;
-    if (o.ring > 0) big.nvl_buffer_size = o.ring;
     Config bigc = Config::combine_default(R);
     bigc.num_sms = max_sms;
+    if (o.ring > 0) big.nvl_buffer_size = bigc.nvl_buffer_size = o.ring;
     BufferOptions bo;
     bo.num_nvl_bytes = std::max(big.get_nvl_buffer_size_hint(H * 2, R), bigc.get_nvl_buffer_size_hint(H * 2, R));
     Buffer buf(group, bo);
@@ -146,7 +146,7 @@ void run_gpu_normal(const Options& o, Report& report) {
       Config ccfg = Config::combine_default(R);
       ccfg.num_sms = sms;
       if (o.chunk > 0) cfg.nvl_chunk_size = ccfg.nvl_chunk_size = o.chunk;
-      if (o.ring > 0) cfg.nvl_buffer_size = o.ring;
+      if (o.ring > 0) cfg.nvl_buffer_size = ccfg.nvl_buffer_size = o.ring;
       const int stride = buf.chunk_offset_stride(cfg);
       DispatchHandle h;
       h.rank_prefix_matrix = view_i32(prefix, {R, R}, r);

@@ -76,7 +76,7 @@ void usage() {
       "  --experts E      experts (default 256 normal, 288 low-latency; CPU 64)\n"
       "  --dtype bf16|fp8|both   dispatch input type (default both)\n"
       "  --sms A,B,...    SMs per normal-mode kernel to measure (default 24)\n"
-      "  --chunk N --ring N      Config.nvl_chunk_size / dispatch nvl_buffer_size (tokens)\n"
+      "  --chunk N --ring N      Config.nvl_chunk_size / nvl_buffer_size of dispatch and combine (tokens)\n"
       "  --iters N --warmup N    timed and warm-up iterations (default 30, 5)\n"
       "  --no-baseline    skip the NCCL all-to-all baseline\n"
       "  --no-verify      skip the comparison with the CPU reference\n"

@@ -12,10 +12,13 @@ after that stream waits for the caller's current stream (or ``previous_event``).
 returns an EventOverlap and every tensor the call touched is ``record_stream``-ed on the
 communication stream (and held by the EventOverlap), so freeing it early is safe. With
 ``allocate_on_comm_stream`` the outputs come from the communication stream's memory pool and are
-``record_stream``-ed on the caller's stream. The low-latency calls (``_low_latency.py``) run on the
-caller's stream unless ``async_finish``; their module docstring has their rules.
+``record_stream``-ed on the caller's stream (dispatch's receive tensors are allocated before its
+count exchange, on the same stream; ``dispatch`` says how they are sized). The low-latency calls
+(``_low_latency.py``) run on the caller's stream unless ``async_finish``; their module docstring
+has their rules.
 """
 
+import collections
 import warnings
 from typing import Callable, Optional
 
@@ -23,7 +26,7 @@ from . import _epcomm
 from ._args import (ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor, event_of,
                     split_x, unpack_bias)
 from ._compat import require_torch, torch
-from ._low_latency import LowLatencyMixin
+from ._low_latency import LowLatencyMixin, _current_stream
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle, HandleMeta
 
@@ -37,6 +40,19 @@ def _default_num_sms() -> int:
     except ValueError as e:
         warnings.warn(f"epcomm: {e}; Buffer.num_sms starts at 24")
         return 24
+
+
+def _first_rows(t, rows: int):
+    """The first ``rows`` rows of a reserved receive tensor, as a tensor of their own over its
+    storage (not a view, so autograd and in-place ops treat it as any fresh tensor; the storage
+    keeps the reserved size)."""
+    if t is None or t.size(0) == rows:
+        return t
+    storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+    try:
+        return t.new_empty((0,)).set_(storage, 0, (rows,) + tuple(t.shape[1:]), t.stride())
+    except (RuntimeError, TypeError):  # a torch whose set_ refuses this storage: a narrowed view
+        return t.narrow(0, 0, rows)
 
 
 class Buffer(LowLatencyMixin):
@@ -62,6 +78,10 @@ class Buffer(LowLatencyMixin):
     """
 
     num_sms: int = _default_num_sms()
+    # Allocate normal-mode receive tensors before the count exchange (see ``dispatch``); False: after
+    # it, with storage of exactly the rows received (the GPU then waits for the allocation).
+    reserve_recv_rows: bool = True
+    RESERVE_WINDOW = 8  # dispatches whose row counts size the reservation
 
     def __init__(self, group, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                  num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True,
@@ -117,6 +137,7 @@ class Buffer(LowLatencyMixin):
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
+        self._recent_rows = collections.deque(maxlen=Buffer.RESERVE_WINDOW)  # rows of recent dispatches
 
     # ------------------------------------------------------------------ lifetime and statics
     def destroy(self) -> None:
@@ -221,8 +242,11 @@ class Buffer(LowLatencyMixin):
 
     def _finish(self, event, async_finish: bool, on_comm_stream: bool, compute_stream, inputs: tuple,
                 outputs: tuple) -> EventOverlap:
-        """Applies the lifetime rules of the module docstring and wraps the event."""
+        """Applies the lifetime rules of the module docstring and wraps the event. ``compute_stream``
+        (the caller's current stream) is only needed with ``on_comm_stream``; None looks it up."""
         if on_comm_stream:
+            if compute_stream is None:
+                compute_stream = torch.cuda.current_stream(self._device)
             for t in outputs:
                 if t is not None:
                     t.record_stream(compute_stream)
@@ -247,15 +271,15 @@ class Buffer(LowLatencyMixin):
         async_finish = check_bool("async_finish", async_finish)
         on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         prev = event_of(previous_event)
-        compute = torch.cuda.current_stream(self._device)
+        stream = _current_stream(self._device)
         R, T, dev, i32 = self.group_size, topk_idx.size(0), self._device, torch.int32
         outputs = self._allocate(on_comm, lambda: (
             torch.empty((R,), dtype=i32, device=dev),
             torch.empty((self._num_nodes,), dtype=i32, device=dev) if self._num_nodes > 1 else None,
             torch.empty((num_experts,), dtype=i32, device=dev),
             torch.empty((T, R), dtype=torch.bool, device=dev)))
-        event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, compute.cuda_stream, prev, async_finish)
-        return (*outputs, self._finish(event, async_finish, on_comm, compute, (topk_idx,), outputs))
+        event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, stream, prev, async_finish)
+        return (*outputs, self._finish(event, async_finish, on_comm, None, (topk_idx,), outputs))
 
     # ------------------------------------------------------------------ normal mode
     def dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -280,6 +304,15 @@ class Buffer(LowLatencyMixin):
         ``num_worst_tokens > 0`` allocates that many rows and never waits for the host (CUDA-graph
         capturable); unused rows have ``recv_topk_idx = -1``. ``num_tokens_per_rdma_rank`` is
         accepted and unused (the core derives the per-node routing from ``is_token_in_rank``).
+
+        Receive memory: without ``num_worst_tokens`` the row count is known only after the count
+        exchange, and the GPU would wait while the host allocated the receive tensors. So the
+        buffer allocates them before the exchange, sized for the most rows one of its last 8
+        dispatches received (+1/32, rounded up to 128 rows), and returns tensors of exactly the
+        received rows over that storage (ordinary tensors, not views; ``untyped_storage()`` shows
+        the reserved size, and the storage goes with the last tensor using it). A dispatch that
+        receives more rows allocates after the exchange instead. ``Buffer.reserve_recv_rows =
+        False`` turns this off (storage of exactly the received rows, a slower dispatch).
         """
         return self._dispatch(x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                               topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
@@ -307,7 +340,7 @@ class Buffer(LowLatencyMixin):
         async_finish = check_bool("async_finish", async_finish)
         on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         prev = event_of(previous_event)
-        compute = torch.cuda.current_stream(self._device)
+        stream = _current_stream(self._device)
         dev, hidden = self._device, x.size(1)
 
         if handle is not None:
@@ -322,8 +355,8 @@ class Buffer(LowLatencyMixin):
                                                           device=dev)))
             event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                             h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
-                                            compute.cuda_stream, prev, async_finish)
-            overlap = self._finish(event, async_finish, on_comm, compute, (x, x_scales) + tuple(h[:4]),
+                                            stream, prev, async_finish)
+            overlap = self._finish(event, async_finish, on_comm, None, (x, x_scales) + tuple(h[:4]),
                                    (recv_x, recv_x_scales))
             return (recv_x if x_scales is None else (recv_x, recv_x_scales)), None, None, None, None, overlap
 
@@ -332,36 +365,60 @@ class Buffer(LowLatencyMixin):
                                 "handle needs all three (from get_dispatch_layout)")
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2, allow_none=True)
         R, stride = self.group_size, self._chunk_offset_stride(runtime, config)
-        rank_prefix_matrix, chunk_offset = self._allocate(on_comm, lambda: (
+        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        num_scales = 0 if x_scales is None else x_scales.size(1)
+
+        def receive_tensors(rows):
+            return (torch.empty((rows, hidden), dtype=x.dtype, device=dev),
+                    None if x_scales is None else torch.empty((rows, num_scales), dtype=torch.float32, device=dev),
+                    None if topk_idx is None else torch.empty((rows, num_topk), dtype=torch.int64, device=dev),
+                    None if topk_idx is None or topk_weights is None else
+                    torch.empty((rows, num_topk), dtype=torch.float32, device=dev),
+                    torch.empty((rows,), dtype=torch.int32, device=dev))
+
+        # Receive tensors are made before the count exchange (see _reserve_rows), so that nothing
+        # runs in Python between the host seeing the counts and the launch of the data kernel.
+        capacity = num_worst_tokens or self._reserve_rows()
+        rank_prefix_matrix, chunk_offset, *reserved = self._allocate(on_comm, lambda: (
             torch.empty((R, R), dtype=torch.int32, device=dev),
-            torch.empty((R, stride), dtype=torch.int32, device=dev)))
-        # Phase 1 exchanges the counts (the host waits for them unless num_worst_tokens > 0) ...
+            torch.empty((R, stride), dtype=torch.int32, device=dev)) + (receive_tensors(capacity) if capacity else ()))
+        pointers = None
+        if reserved:
+            pointers = tuple(None if t is None else t.data_ptr() for t in reserved) + (capacity,)
+        # Phase 1 exchanges the counts (the host waits for them unless num_worst_tokens > 0) and, when
+        # the rows fit the reserved tensors, phase 2 moves the data at once (in C++, without the GIL).
         call = runtime.dispatch_prepare(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                         num_tokens_per_expert, expert_alignment, num_worst_tokens, config,
-                                        rank_prefix_matrix, chunk_offset, compute.cuda_stream, prev, async_finish)
+                                        rank_prefix_matrix, chunk_offset, stream, prev, async_finish,
+                                        pointers)
         rows = call.num_rows
-        num_topk = 0 if topk_idx is None else topk_idx.size(1)
-        outputs = self._allocate(on_comm, lambda: (
-            torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-            None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=torch.float32, device=dev),
-            None if topk_idx is None else torch.empty((rows, num_topk), dtype=torch.int64, device=dev),
-            None if topk_idx is None or topk_weights is None else
-            torch.empty((rows, num_topk), dtype=torch.float32, device=dev),
-            torch.empty((rows,), dtype=torch.int32, device=dev)))
-        # ... phase 2 moves the data into tensors of exactly that many rows (passed as pointers:
-        # this stretch runs while the GPU waits, and the core knows their shapes).
+        if call.ran:
+            event = call.take_event()
+            outputs = tuple(_first_rows(t, rows) for t in reserved)
+        else:
+            # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
+            # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
+            outputs = self._allocate(on_comm, lambda: receive_tensors(rows))
+            event = call.run(*(None if t is None else t.data_ptr() for t in outputs))
+        if not num_worst_tokens:
+            self._recent_rows.append(rows)
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = outputs
-        event = call.run(recv_x.data_ptr(), None if recv_x_scales is None else recv_x_scales.data_ptr(),
-                         None if recv_topk_idx is None else recv_topk_idx.data_ptr(),
-                         None if recv_topk_weights is None else recv_topk_weights.data_ptr(), recv_src_idx.data_ptr())
         handle = DispatchHandle(rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank,
                                 HandleMeta._make(call.meta))
-        overlap = self._finish(event, async_finish, on_comm, compute,
+        overlap = self._finish(event, async_finish, on_comm, None,
                                (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                                 num_tokens_per_expert),
                                (rank_prefix_matrix, chunk_offset) + outputs)
         recv = recv_x if x_scales is None else (recv_x, recv_x_scales)
         return recv, recv_topk_idx, recv_topk_weights, call.num_recv_tokens_per_expert, handle, overlap
+
+    def _reserve_rows(self) -> int:
+        """Receive rows to allocate before the count exchange: the peak of the last
+        RESERVE_WINDOW dispatches' row counts plus 1/32, rounded up to 128 rows (0: none)."""
+        if not self.reserve_recv_rows or not self._recent_rows:
+            return 0
+        peak = max(self._recent_rows)
+        return -(-(peak + peak // 32) // 128) * 128
 
     def combine(self, x, handle: tuple, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
@@ -394,15 +451,15 @@ class Buffer(LowLatencyMixin):
         async_finish = check_bool("async_finish", async_finish)
         on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         prev = event_of(previous_event)
-        compute = torch.cuda.current_stream(self._device)
+        stream = _current_stream(self._device)
         dev, T = self._device, h.meta.num_tokens
         outputs = self._allocate(on_comm, lambda: (
             torch.empty((T, x.size(1)), dtype=torch.bfloat16, device=dev),
             None if topk_weights is None else
             torch.empty((T, topk_weights.size(1)), dtype=torch.float32, device=dev)))
         event = runtime.combine(x, topk_weights, bias0, bias1, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
-                                h.is_token_in_rank, h.meta, *outputs, config, compute.cuda_stream, prev, async_finish)
-        overlap = self._finish(event, async_finish, on_comm, compute,
+                                h.is_token_in_rank, h.meta, *outputs, config, stream, prev, async_finish)
+        overlap = self._finish(event, async_finish, on_comm, None,
                                (x, topk_weights, bias0, bias1) + tuple(h[:4]), outputs)
         return outputs[0], outputs[1], overlap
 

@@ -92,51 +92,87 @@ StreamOrder order_from(py::handle stream, py::handle previous_event, bool async_
   return o;
 }
 
-// A dispatch between its two phases: the counts are known (unless num_worst_tokens), the Python
-// layer allocates the receive tensors with that many rows, then run() moves the data.
+// Receive memory the Python layer reserved before the count exchange: data pointers of contiguous
+// tensors of `capacity` rows each (columns as DispatchCall::run expects; null for an output not
+// wanted). When the rows that arrive fit, the data kernel is launched right after the counts are
+// known, in the same GIL-free stretch: no Python runs while the GPU waits between the phases.
+struct ReservedOutputs {
+  void* recv_x = nullptr;
+  void* recv_x_scales = nullptr;
+  void* recv_topk_idx = nullptr;
+  void* recv_topk_weights = nullptr;
+  void* recv_src_idx = nullptr;
+  int64_t capacity = 0;
+};
+
+void* pointer_or_null(py::handle obj, const char* arg) {
+  if (obj.is_none()) return nullptr;
+  if (!py::isinstance<py::int_>(obj))
+    throw ArgumentError(std::string("reserved ") + arg + ": expected a data pointer (int) or None, got " +
+                        py::str(py::type::handle_of(obj).attr("__name__")).cast<std::string>());
+  return reinterpret_cast<void*>(obj.cast<uintptr_t>());
+}
+
+std::optional<ReservedOutputs> reserved_from(py::handle obj) {
+  if (obj.is_none()) return std::nullopt;
+  const py::sequence s = py::reinterpret_borrow<py::sequence>(obj);
+  if (py::len(s) != 6)
+    throw ArgumentError("reserved: expected (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, "
+                        "capacity), got " + std::to_string(py::len(s)) + " items");
+  ReservedOutputs r;
+  r.recv_x = pointer_or_null(s[0], "recv_x");
+  r.recv_x_scales = pointer_or_null(s[1], "recv_x_scales");
+  r.recv_topk_idx = pointer_or_null(s[2], "recv_topk_idx");
+  r.recv_topk_weights = pointer_or_null(s[3], "recv_topk_weights");
+  r.recv_src_idx = pointer_or_null(s[4], "recv_src_idx");
+  r.capacity = s[5].cast<int64_t>();
+  if (!r.recv_x || !r.recv_src_idx)
+    throw ArgumentError("reserved: recv_x and recv_src_idx are required");
+  if (r.capacity < 0) throw ArgumentError("reserved: capacity = " + std::to_string(r.capacity) + " must be >= 0");
+  return r;
+}
+
+// A dispatch between its two phases: the counts are known (unless num_worst_tokens). With reserved
+// outputs that are big enough, prepare() also ran the data phase; otherwise the Python layer
+// allocates the receive tensors with num_rows rows and run() moves the data.
 class DispatchCall {
  public:
   DispatchCall(std::shared_ptr<Buffer> buffer, DispatchInputs in, DispatchHandle handle, StreamOrder order)
       : buffer_(std::move(buffer)), in_(std::move(in)), handle_(std::move(handle)), order_(order) {}
 
-  void prepare() {
+  void prepare(const std::optional<ReservedOutputs>& reserved) {
     py::gil_scoped_release release;  // the host waits for the count exchange
     plan_ = buffer_->dispatch_prepare(in_, handle_, std::nullopt, order_);
+    if (reserved && plan_.num_rows <= reserved->capacity) {
+      const auto& r = *reserved;
+      launch(outputs_at(r.recv_x, r.recv_x_scales, r.recv_topk_idx, r.recv_topk_weights),
+             contiguous(r.recv_src_idx, DType::kI32, -1));
+    }
   }
 
-  // Each output is a tensor, or (cheaper, on the path between the count exchange and the data
-  // kernel) the data pointer of a contiguous tensor of the shape and dtype this call expects.
+  // Each output is a tensor, or the data pointer of a contiguous tensor of the shape and dtype this
+  // call expects (cheaper).
   py::object run(py::handle recv_x, py::handle recv_x_scales, py::handle recv_topk_idx,
                  py::handle recv_topk_weights, py::handle recv_src_idx) {
     if (ran_) throw RuntimeFailure("DispatchCall.run: already ran");
-    const int64_t rows = plan_.num_rows;
-    const int device = buffer_->device();
-    const int64_t topk = in_.topk_idx ? in_.topk_idx->shape[1] : 0;
-    auto out_view = [&](py::handle obj, const char* arg, DType dtype, int64_t cols) -> std::optional<TensorView> {
-      if (obj.is_none()) return std::nullopt;
-      if (!py::isinstance<py::int_>(obj)) return to_view(obj, arg);
-      void* ptr = reinterpret_cast<void*>(obj.cast<uintptr_t>());
-      return cols < 0 ? TensorView::contiguous(ptr, dtype, {rows}, device)
-                      : TensorView::contiguous(ptr, dtype, {rows, cols}, device);
-    };
     if (recv_x.is_none()) throw ArgumentError("recv_x: a tensor is required, got None");
     if (recv_src_idx.is_none()) throw ArgumentError("recv_src_idx: a tensor is required, got None");
     DispatchOutputs out;
     out.recv_x = *out_view(recv_x, "recv_x", in_.x.dtype, in_.x.shape[1]);
-    out.recv_x_scales = out_view(recv_x_scales, "recv_x_scales", DType::kF32,
-                                 in_.x_scales ? in_.x_scales->shape[1] : 0);
-    out.recv_topk_idx = out_view(recv_topk_idx, "recv_topk_idx", DType::kI64, topk);
-    out.recv_topk_weights = out_view(recv_topk_weights, "recv_topk_weights", DType::kF32, topk);
-    handle_.recv_src_idx = *out_view(recv_src_idx, "recv_src_idx", DType::kI32, -1);
-    ran_ = true;
-    Event e;
+    out.recv_x_scales = out_view(recv_x_scales, "recv_x_scales", DType::kF32, num_scales());
+    out.recv_topk_idx = out_view(recv_topk_idx, "recv_topk_idx", DType::kI64, num_topk());
+    out.recv_topk_weights = out_view(recv_topk_weights, "recv_topk_weights", DType::kF32, num_topk());
+    const TensorView src = *out_view(recv_src_idx, "recv_src_idx", DType::kI32, -1);
     {
       py::gil_scoped_release release;
-      e = buffer_->dispatch_run(in_, plan_, handle_, out, order_);
+      launch(std::move(out), src);
     }
-    return wrap_event(std::move(e), buffer_->device());
+    return take_event();
   }
 
+  bool ran() const { return ran_; }
+  // The event of the data phase (async_finish), once; None otherwise.
+  py::object take_event() { return wrap_event(std::move(event_), buffer_->device()); }
   int num_rows() const { return plan_.num_rows; }
   const std::vector<int>& num_recv_tokens_per_expert() const { return plan_.num_recv_tokens_per_expert; }
   py::tuple meta() const {
@@ -145,11 +181,45 @@ class DispatchCall {
   }
 
  private:
+  int64_t num_scales() const { return in_.x_scales ? in_.x_scales->shape[1] : 0; }
+  int64_t num_topk() const { return in_.topk_idx ? in_.topk_idx->shape[1] : 0; }
+
+  // A contiguous [num_rows, cols] (or [num_rows] when cols < 0) view at ptr.
+  TensorView contiguous(void* ptr, DType dtype, int64_t cols) const {
+    const int64_t rows = plan_.num_rows;
+    const int device = buffer_->device();
+    return cols < 0 ? TensorView::contiguous(ptr, dtype, {rows}, device)
+                    : TensorView::contiguous(ptr, dtype, {rows, cols}, device);
+  }
+
+  std::optional<TensorView> out_view(py::handle obj, const char* arg, DType dtype, int64_t cols) const {
+    if (obj.is_none()) return std::nullopt;
+    if (!py::isinstance<py::int_>(obj)) return to_view(obj, arg);
+    return contiguous(reinterpret_cast<void*>(obj.cast<uintptr_t>()), dtype, cols);
+  }
+
+  DispatchOutputs outputs_at(void* x, void* scales, void* idx, void* weights) const {
+    DispatchOutputs out;
+    out.recv_x = contiguous(x, in_.x.dtype, in_.x.shape[1]);
+    if (scales) out.recv_x_scales = contiguous(scales, DType::kF32, num_scales());
+    if (idx) out.recv_topk_idx = contiguous(idx, DType::kI64, num_topk());
+    if (weights) out.recv_topk_weights = contiguous(weights, DType::kF32, num_topk());
+    return out;
+  }
+
+  // Without the GIL.
+  void launch(DispatchOutputs out, const TensorView& recv_src_idx) {
+    handle_.recv_src_idx = recv_src_idx;
+    ran_ = true;
+    event_ = buffer_->dispatch_run(in_, plan_, handle_, out, order_);
+  }
+
   std::shared_ptr<Buffer> buffer_;
   DispatchInputs in_;
   DispatchHandle handle_;
   DispatchPlan plan_;
   StreamOrder order_;
+  Event event_;
   bool ran_ = false;
 };
 
@@ -177,7 +247,9 @@ std::unique_ptr<DispatchCall> dispatch_prepare(const Runtime& rt, py::handle x, 
                                                py::handle is_token_in_rank, py::handle num_tokens_per_expert,
                                                int expert_alignment, int num_worst_tokens, const Config& config,
                                                py::handle rank_prefix_matrix, py::handle chunk_offset,
-                                               py::handle stream, py::handle previous_event, bool async_finish) {
+                                               py::handle stream, py::handle previous_event, bool async_finish,
+                                               py::handle reserved) {
+  const std::optional<ReservedOutputs> reserve = reserved_from(reserved);
   DispatchInputs in;
   in.x = to_view(x, "x");
   in.x_scales = to_optional_view(x_scales, "x_scales");
@@ -194,7 +266,7 @@ std::unique_ptr<DispatchCall> dispatch_prepare(const Runtime& rt, py::handle x, 
   handle.chunk_offset = to_view(chunk_offset, "chunk_offset");
   auto call = std::make_unique<DispatchCall>(rt.shared(), std::move(in), std::move(handle),
                                              order_from(stream, previous_event, async_finish));
-  call->prepare();
+  call->prepare(reserve);
   return call;
 }
 
@@ -252,6 +324,11 @@ void bind_runtime(py::module_& m) {
                              "received tokens per local expert, aligned (empty with num_worst_tokens)")
       .def_property_readonly("meta", &DispatchCall::meta,
                              "(num_recv_tokens, num_rows, max_chunks, chunk, num_tokens, num_experts) after run()")
+      .def_property_readonly("ran", &DispatchCall::ran,
+                             "True once the data phase was launched (by dispatch_prepare into the reserved "
+                             "outputs, or by run())")
+      .def("take_event", &DispatchCall::take_event,
+           "The data phase's Event when async_finish (once; None afterwards and without async_finish)")
       .def("run", &DispatchCall::run, py::arg("recv_x"), py::arg("recv_x_scales"), py::arg("recv_topk_idx"),
            py::arg("recv_topk_weights"), py::arg("recv_src_idx"),
            "Moves the data; returns an Event when async_finish, else None. Each output is a tensor or the "
@@ -293,7 +370,11 @@ void bind_runtime(py::module_& m) {
            py::arg("topk_weights"), py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"),
            py::arg("num_tokens_per_expert"), py::arg("expert_alignment"), py::arg("num_worst_tokens"),
            py::arg("config"), py::arg("rank_prefix_matrix"), py::arg("chunk_offset"), py::arg("stream"),
-           py::arg("previous_event"), py::arg("async_finish"))
+           py::arg("previous_event"), py::arg("async_finish"), py::arg("reserved") = py::none(),
+           "Phase 1 of a dispatch (count exchange; the host waits for the counts unless num_worst_tokens). "
+           "`reserved` = (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, capacity): data "
+           "pointers of contiguous tensors of `capacity` rows; when num_rows <= capacity the data phase runs "
+           "into them at once (DispatchCall.ran), else the caller allocates num_rows rows and calls run().")
       .def("cached_dispatch", &cached_dispatch, py::arg("x"), py::arg("x_scales"), py::arg("rank_prefix_matrix"),
            py::arg("chunk_offset"), py::arg("recv_src_idx"), py::arg("is_token_in_rank"), py::arg("meta"),
            py::arg("recv_x"), py::arg("recv_x_scales"), py::arg("config"), py::arg("stream"),

@@ -8,6 +8,7 @@ wiring are checked too.
     PYTHONPATH=python python -m pytest tests/python/test_cpu.py    (or: python tests/python/test_cpu.py)
 """
 
+import collections
 import inspect
 import os
 import pickle
@@ -350,6 +351,8 @@ def _fake_buffer(runtime, num_ranks=4, device=None):
     """A Buffer without a GPU or a group: only what the Python layer reads (tests of the checks)."""
     b = object.__new__(epcomm.Buffer)
     b.runtime, b.group_size, b._ll_shapes, b._device = runtime, num_ranks, set(), device
+    b._num_nodes, b._chunk_offset_strides, b._default_configs = 1, {}, {}
+    b._recent_rows = collections.deque(maxlen=epcomm.Buffer.RESERVE_WINDOW)
     return b
 
 
@@ -866,6 +869,124 @@ def test_low_latency_python_layer_over_a_host_core():
                 rounds += 1
     assert buffers == [0, 1] * (rounds // 2)
     assert cum.tolist() == [rounds * int((topk == e).sum()) for e in range(E)]
+
+
+# ---------------------------------------------------------------------------- normal mode over a host core
+class _HostDispatchCall:
+    """DispatchCall of a one-rank group on host memory: the rows that arrive are this rank's tokens
+    with is_token_in_rank[:, 0], in order. Like the extension, it runs the data phase inside
+    dispatch_prepare when the reserved outputs have room, and otherwise waits for run()."""
+
+    def __init__(self, runtime, x, topk_idx, topk_weights, in_rank, num_worst_tokens, reserved):
+        self.runtime, self.x, self.topk_idx, self.topk_weights = runtime, x, topk_idx, topk_weights
+        self.src = in_rank[:, 0].nonzero().flatten()
+        self.num_rows = num_worst_tokens or self.src.numel()
+        self.num_recv_tokens_per_expert = [] if num_worst_tokens else [self.src.numel()]
+        self.meta_value = (-1 if num_worst_tokens else self.src.numel(), self.num_rows, 1, 32, x.size(0), 1)
+        self.ran = False
+        if reserved is not None and self.num_rows <= reserved[5]:
+            self._move(*reserved[:5])
+            runtime.launches.append("prepare+data")
+        else:
+            runtime.launches.append("prepare")
+
+    def _move(self, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx):
+        assert not self.ran, "the data phase ran twice"
+        rows, n, K = self.num_rows, self.src.numel(), 0 if self.topk_idx is None else self.topk_idx.size(1)
+        _host_view(recv_x, (rows, self.x.size(1)), self.x.dtype)[:n] = self.x[self.src]
+        _host_view(recv_src_idx, (rows,), torch.int32)[:n] = self.src.int()
+        if recv_topk_idx is not None:
+            _host_view(recv_topk_idx, (rows, K), torch.int64)[:n] = self.topk_idx[self.src]
+        if recv_topk_weights is not None:
+            _host_view(recv_topk_weights, (rows, K), torch.float32)[:n] = self.topk_weights[self.src]
+        assert recv_x_scales is None
+        self.ran = True
+
+    def take_event(self):
+        return None
+
+    def run(self, *outputs):
+        assert all(o is None or isinstance(o, int) for o in outputs)
+        self._move(*outputs)
+        self.runtime.launches.append("run")
+        return None
+
+    @property
+    def meta(self):
+        assert self.ran
+        return self.meta_value
+
+
+class _HostNormalRuntime:
+    def __init__(self):
+        self.launches, self.reserved = [], []
+
+    def chunk_offset_stride(self, config):
+        return 4
+
+    def dispatch_prepare(self, x, x_scales, topk_idx, topk_weights, ntpr, in_rank, ntpe, alignment, num_worst_tokens,
+                         config, rank_prefix_matrix, chunk_offset, stream, previous_event, async_finish, reserved):
+        assert x_scales is None and stream == 0 and previous_event is None and not async_finish
+        self.reserved.append(None if reserved is None else reserved[5])
+        return _HostDispatchCall(self, x, topk_idx, topk_weights, in_rank, num_worst_tokens, reserved)
+
+
+def test_dispatch_reserves_receive_tensors_before_the_count_exchange():
+    need_torch()
+    import _reference as ref
+
+    rt = _HostNormalRuntime()
+    b = _fake_buffer(rt, num_ranks=1, device=torch.device("cpu"))
+    H, K, E = 64, 2, 4
+    g = torch.Generator().manual_seed(5)
+
+    def dispatch(T, drop, **kw):
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+        topk, w = ref.random_topk(T, K, E, g, drop=drop, nowhere=drop), torch.rand(T, K, generator=g)
+        ntpr, ntpe, in_rank = ref.layout(topk, E, 1)
+        recv, ridx, rw, counts, handle, event = b.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank,
+                                                           num_tokens_per_expert=ntpe, topk_idx=topk, topk_weights=w,
+                                                           **kw)
+        src = in_rank[:, 0].nonzero().flatten()
+        n, rows = src.numel(), handle.meta.num_rows
+        assert event.event is None and rows == kw.get("num_worst_tokens", n)
+        for got, want in ((recv, x[src]), (ridx, topk[src]), (rw, w[src]), (handle.recv_src_idx, src.int())):
+            assert got.shape[0] == rows and got.is_contiguous() and got._base is None
+            assert torch.equal(got[:n], want)
+        return recv, handle
+
+    # The first dispatch has nothing to size a reservation by: allocated after the counts.
+    recv, handle = dispatch(300, 0.5)
+    rows0 = handle.meta.num_rows
+    assert rt.reserved == [None] and rt.launches == ["prepare", "run"]
+    assert recv.storage().size() == rows0 * H  # exactly the rows received
+    # Then the peak of recent row counts + 1/32, rounded up to 128 rows; the data phase runs inside
+    # dispatch_prepare, and the tensors have exactly the rows received.
+    recv, handle = dispatch(200, 0.5)
+    reserve = -(-(rows0 + rows0 // 32) // 128) * 128
+    assert rt.reserved[-1] == reserve and rt.launches[2:] == ["prepare+data"]
+    assert recv.storage().size() == reserve * H and recv.shape == (handle.meta.num_rows, H)
+    recv.mul_(2)  # an ordinary tensor: in-place ops work
+    # More rows than reserved: allocated after the counts, exactly.
+    recv, handle = dispatch(600, 0.0)
+    assert handle.meta.num_rows > reserve and recv.storage().size() == handle.meta.num_rows * H
+    assert rt.launches[3:] == ["prepare", "run"]
+    big = handle.meta.num_rows
+    assert dispatch(10, 0.0)[0].storage().size() == -(-(big + big // 32) // 128) * 128 * H
+    # num_worst_tokens: exactly that many rows, reserved up front.
+    recv, handle = dispatch(50, 0.2, num_worst_tokens=77)
+    assert rt.reserved[-1] == 77 and recv.shape == (77, H) and handle.meta.num_recv_tokens == -1
+    assert rt.launches[-1] == "prepare+data"
+    # The reservation follows the last RESERVE_WINDOW dispatches; switched off, nothing is reserved.
+    for _ in range(epcomm.Buffer.RESERVE_WINDOW):
+        dispatch(20, 0.0)
+    assert rt.reserved[-1] == 128
+    epcomm.Buffer.reserve_recv_rows = False
+    try:
+        recv, handle = dispatch(20, 0.0)
+        assert rt.reserved[-1] is None and recv.storage().size() == 20 * H
+    finally:
+        epcomm.Buffer.reserve_recv_rows = True
 
 
 # ---------------------------------------------------------------------------- without pytest
