@@ -1,7 +1,8 @@
 """One process per GPU for the Python GPU tests, started once and reused: each test sends a case
 name to every rank and collects each rank's result. A rank that fails reports its traceback; a
 rank that hangs is caught by a timeout, and the processes are replaced before the next test, so a
-broken case never hangs the suite."""
+broken case never hangs the suite. Each run records its wall time and the slowest rank's phase
+times (TIMINGS; conftest.py prints them at the end of the pytest run)."""
 
 import importlib
 import os
@@ -9,10 +10,13 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 # NVLink multicast stays off on shared machines (README "GPU machines"); set before NCCL starts.
 _QUIET_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+# (what ran, wall seconds seen by the parent, {phase: seconds on the slowest rank}), in run order.
+TIMINGS: List[Tuple[str, float, Dict[str, float]]] = []
 
 
 def free_port() -> int:
@@ -43,21 +47,24 @@ def _worker(rank: int, num_ranks: int, port: int, cases_module: str, commands, r
         buffer = epcomm.Buffer(group, num_nvl_bytes=buffer_bytes)
         ctx = Context(rank, num_ranks, buffer, group, torch.device("cuda", rank))
         cases = importlib.import_module(cases_module)
-        results.put((rank, "ready", None))
+        results.put((rank, "ready", None, {}))
     except BaseException:  # noqa: BLE001 -- reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc(), {}))
         return
+    take_timings = getattr(cases, "take_timings", dict)
     while True:
         command = commands.get()
         if command is None:
             break
         name, kwargs = command
+        start = time.perf_counter()
         try:
             out = getattr(cases, name)(ctx, **kwargs)
             torch.cuda.synchronize()
-            results.put((rank, "ok", out))
+            results.put((rank, "ok", out, dict(take_timings(), case=time.perf_counter() - start)))
         except BaseException:  # noqa: BLE001 -- reported to the parent
-            results.put((rank, "error", traceback.format_exc()))
+            take_timings()
+            results.put((rank, "error", traceback.format_exc(), {}))
     try:
         vars(ctx).pop("ll_buffer", None)  # made by the low-latency cases; freed (collectively) here
         del ctx, buffer
@@ -86,16 +93,19 @@ class Cluster:
                                         daemon=True) for r in range(self.num_ranks)]
         for p in self._procs:
             p.start()
+        start = time.monotonic()
         self._collect("startup", self.start_timeout, expect="ready")
+        TIMINGS.append((f"startup: {self.num_ranks} processes, process group, buffer", time.monotonic() - start, {}))
 
     def _collect(self, what: str, timeout: float, expect: str = "ok") -> List[Any]:
         deadline = time.monotonic() + timeout
         got: Dict[int, Any] = {}
         errors: List[str] = []
+        self._phases: Dict[str, float] = {}
         while len(got) + len(errors) < self.num_ranks:
             left = deadline - time.monotonic()
             try:
-                rank, status, payload = self._results.get(timeout=max(left, 0.01))
+                rank, status, payload, phases = self._results.get(timeout=max(left, 0.01))
             except queue.Empty:
                 missing = sorted(set(range(self.num_ranks)) - set(got))
                 self.close()
@@ -103,6 +113,8 @@ class Cluster:
                                      f"(hung or died); processes restarted for the next test\n" + "\n".join(errors))
             if status == expect:
                 got[rank] = payload
+                for k, v in phases.items():
+                    self._phases[k] = max(self._phases.get(k, 0.0), v)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 # The others may be stuck in a collective the failed rank left; don't wait long.
@@ -118,7 +130,11 @@ class Cluster:
             self._start()
         for q in self._commands:
             q.put((case, kwargs))
-        return self._collect(case, timeout)
+        start = time.monotonic()
+        out = self._collect(case, timeout)
+        what = kwargs.get("what")
+        TIMINGS.append((case + (f" ({what})" if what else ""), time.monotonic() - start, self._phases))
+        return out
 
     def close(self) -> None:
         for q in self._commands:

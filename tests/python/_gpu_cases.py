@@ -3,9 +3,11 @@ with epcomm, all-gathers the inputs, builds the expected result with _reference 
 AssertionError listing every mismatch. All collectives come before the first assertion, so a
 failing rank never leaves the others waiting."""
 
+import functools
 import gc
 import importlib.util
 import os
+import time
 import weakref
 
 import torch
@@ -18,6 +20,32 @@ FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
 # ---------------------------------------------------------------------------- helpers
+_TIMES = {}  # phase -> seconds this rank spent in it during the current case (_cluster reports them)
+
+
+def timed(phase):
+    """Adds the wall time of the decorated function (its GPU work included) to `phase`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                _TIMES[phase] = _TIMES.get(phase, 0.0) + time.perf_counter() - start
+        return run
+    return wrap
+
+
+def take_timings():
+    """The phase times of the case that just ran (and a fresh start for the next one)."""
+    out = dict(_TIMES)
+    _TIMES.clear()
+    return out
+
+
 class Checks:
     def __init__(self, ctx, what: str):
         self.prefix = f"rank {ctx.rank} of {ctx.num_ranks}: {what}"
@@ -48,6 +76,7 @@ class Checks:
             raise AssertionError(self.prefix + "\n  " + "\n  ".join(shown + more))
 
 
+@timed("gather")
 def gather(ctx, t):
     """Every rank's `t` (first dimensions may differ), as a list over ranks, on this device."""
     t = t.contiguous()
@@ -63,33 +92,41 @@ def gather(ctx, t):
     return [(o[:s].view(t.dtype) if wire is not t else o[:s]) for o, s in zip(outs, sizes)]
 
 
+def generators(ctx, seed):
+    """(CPU generator for sizes, GPU generator for the data): inputs are made on the GPU, where even
+    the standard problem's take milliseconds."""
+    return (torch.Generator().manual_seed(seed), torch.Generator(device=ctx.device).manual_seed(seed))
+
+
 class Inputs:
     """One rank's random inputs: BF16 and FP8 rows (two sets each, the second for cached dispatch),
     column-major FP8 scales, top-k ids and weights."""
 
+    @timed("inputs")
     def __init__(self, ctx, seed, max_tokens, hidden, num_topk, num_experts, fixed_tokens=None):
-        g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+        sizes, g = generators(ctx, seed * 7919 + ctx.rank)
         if fixed_tokens is not None:
             T = fixed_tokens
         else:
-            T = max_tokens if ctx.rank == 0 else int(torch.randint(0, max_tokens + 1, (1,), generator=g))
+            T = max_tokens if ctx.rank == 0 else int(torch.randint(0, max_tokens + 1, (1,), generator=sizes))
         groups = (hidden + 127) // 128
         dev = ctx.device
         self.num_tokens, self.hidden, self.num_experts = T, hidden, num_experts
-        self.topk = ref.random_topk(T, num_topk, num_experts, g).to(dev)
-        self.weights = torch.rand(T, num_topk, generator=g).to(dev)
-        self.x = torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev)
-        self.x2 = torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev)
-        self.x8 = torch.randint(0, 256, (T, hidden), generator=g, dtype=torch.uint8).to(dev).view(FP8)
-        self.x8_2 = torch.randint(0, 256, (T, hidden), generator=g, dtype=torch.uint8).to(dev).view(FP8)
+        self.topk = ref.random_topk(T, num_topk, num_experts, g)
+        self.weights = torch.rand(T, num_topk, generator=g, device=dev)
+        self.x = torch.randn(T, hidden, generator=g, device=dev).to(torch.bfloat16)
+        self.x2 = torch.randn(T, hidden, generator=g, device=dev).to(torch.bfloat16)
+        self.x8 = torch.randint(0, 256, (T, hidden), generator=g, dtype=torch.uint8, device=dev).view(FP8)
+        self.x8_2 = torch.randint(0, 256, (T, hidden), generator=g, dtype=torch.uint8, device=dev).view(FP8)
         # Column-major scales, as frameworks often hold them (dispatch takes any strides).
-        self.scales = torch.rand(groups, T, generator=g).to(dev).t()
-        self.scales2 = torch.rand(groups, T, generator=g).to(dev).t()
+        self.scales = torch.rand(groups, T, generator=g, device=dev).t()
+        self.scales2 = torch.rand(groups, T, generator=g, device=dev).t()
         self.y_seed = seed * 104729 + ctx.rank
-        self.bias = (torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev),
-                     torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev))
+        self.bias = (torch.randn(T, hidden, generator=g, device=dev).to(torch.bfloat16),
+                     torch.randn(T, hidden, generator=g, device=dev).to(torch.bfloat16))
 
 
+@timed("epcomm")
 def run_normal(ctx, inp, fp8=False, with_topk=True, alignment=1, num_worst=0, bias=False, dconfig=None,
                cconfig=None, prev=False, async_finish=False, on_comm=False, buffer=None):
     """layout -> dispatch -> combine -> cached dispatch, with the given stream options."""
@@ -121,8 +158,8 @@ def run_normal(ctx, inp, fp8=False, with_topk=True, alignment=1, num_worst=0, bi
     out.update(recv=recv, ridx=ridx, rw=rw, counts=counts, handle=handle)
     rows = handle.meta.num_rows
     if fp8:
-        g = torch.Generator().manual_seed(inp.y_seed)
-        y = torch.randn(rows, inp.hidden, generator=g).to(torch.bfloat16).to(ctx.device)
+        g = generators(ctx, inp.y_seed)[1]
+        y = torch.randn(rows, inp.hidden, generator=g, device=ctx.device).to(torch.bfloat16)
     else:
         y = recv
     out["y"] = y
@@ -138,6 +175,7 @@ def run_normal(ctx, inp, fp8=False, with_topk=True, alignment=1, num_worst=0, bi
     return out
 
 
+@timed("verify")
 def verify_normal(ctx, inp, out, what, fp8=False, with_topk=True, alignment=1, num_worst=0, bias=False):
     R, rank, E = ctx.num_ranks, ctx.rank, inp.num_experts
     # Collectives first.
@@ -451,6 +489,7 @@ def ll_shapes(R):
             "graph": (32, 512, 4 * R), "small": (16, 256, 4 * R)}
 
 
+@timed("buffers")
 def ll_buffer(ctx):
     """One low-latency buffer per rank process, made on first use (collective: every rank runs the
     same case) and big enough for every shape in ll_shapes; cases clean it to their shape."""
@@ -467,21 +506,22 @@ class LLInputs:
     per token with some -1 slots, weights, and BF16 rows with some tiny (below the 1e-4 scale floor)
     and some large rows."""
 
+    @timed("inputs")
     def __init__(self, ctx, seed, tmax, hidden, num_topk, num_experts, fixed_tokens=None, drop=0.1):
-        g = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
+        sizes, g = generators(ctx, seed * 7919 + ctx.rank)
         if fixed_tokens is not None:
             T = fixed_tokens
         else:
-            T = tmax if ctx.rank == 0 else int(torch.randint(0, tmax + 1, (1,), generator=g))
+            T = tmax if ctx.rank == 0 else int(torch.randint(0, tmax + 1, (1,), generator=sizes))
         dev = ctx.device
         self.num_tokens, self.tmax, self.hidden, self.num_experts = T, tmax, hidden, num_experts
-        self.topk = ref.random_topk(T, num_topk, num_experts, g, drop=drop).to(dev)
-        self.weights = torch.rand(T, num_topk, generator=g).to(dev)
-        mult = torch.ones(T, 1)
+        self.topk = ref.random_topk(T, num_topk, num_experts, g, drop=drop)
+        self.weights = torch.rand(T, num_topk, generator=g, device=dev)
+        mult = torch.ones(T, 1, device=dev)
         mult[::5] = 1e-6  # below the scale floor: small e4m3 codes
         mult[2::11] = 1e-9  # far below it: subnormal codes and zeros
         mult[1::7] = 300.0
-        self.x = (torch.randn(T, hidden, generator=g) * mult).to(torch.bfloat16).to(dev)
+        self.x = (torch.randn(T, hidden, generator=g, device=dev) * mult).to(torch.bfloat16)
 
 
 def ll_settle(problems, what, event, hook, async_finish, return_recv_hook):
@@ -494,6 +534,12 @@ def ll_settle(problems, what, event, hook, async_finish, return_recv_hook):
             problems.append(f"{what}: a hook call returned an event")
         if hook() is not None:
             problems.append(f"{what}: hook() must return None")
+        try:  # the receive half runs once
+            hook()
+            problems.append(f"{what}: a second hook() call must raise RuntimeError")
+        except RuntimeError as e:
+            if "already ran" not in str(e):
+                problems.append(f"{what}: a second hook() call raised '{e}', which does not say the hook already ran")
     elif async_finish:
         if hook is not None or event.event is None:
             problems.append(f"{what}: async_finish must return an event and no hook")
@@ -521,6 +567,7 @@ def ll_expert_y(ctx, num_experts, recv, fp8, ue8m0, hidden):
     return y
 
 
+@timed("epcomm")
 def ll_run(ctx, buf, inp, fp8=True, round_scale=False, ue8m0=False, hook=False, async_finish=False, zero_copy=False,
            use_out=False, stats=(None, None, None)):
     """One decode step: dispatch, the stand-in expert, combine, with the given options."""
@@ -551,6 +598,76 @@ def ll_gather(ctx, inp):
     return gather(ctx, inp.x), gather(ctx, inp.topk)
 
 
+def _same(a, b) -> bool:
+    """Bit-identical tensors of one shape."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.contiguous(), b.contiguous()
+    if a.dtype != b.dtype:
+        return False
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.numel() else True
+
+
+def _ll_rows_differ(ctx, s, experts, layout_range, src_info, x_q, sc, x_s, topk_s, cast_s, fp8, ue8m0):
+    """None when every row this rank received from source `s` for the local experts `experts`
+    (tokens from src_info inside each layout_range segment, data, scales) is what the reference
+    says, as a set per expert; else what differs first."""
+    EL, RT = x_q.size(0), x_q.size(1)
+    lo = ctx.rank * EL
+    if experts.numel() == 0:
+        return None
+    # Received: (expert, row) of every row in the segments of source s.
+    ranges = layout_range[experts, s]
+    begin, n = (ranges >> 32).unsqueeze(1), (ranges & 0xFFFFFFFF).unsqueeze(1)
+    rows = torch.arange(RT, device=x_q.device).unsqueeze(0)
+    which, r_got = ((rows >= begin) & (rows < begin + n)).nonzero(as_tuple=True)
+    e_got = experts[which]
+    t_got = src_info[e_got, r_got].long() & 0xFFFFFFFF
+    key_got, order_got = torch.sort((e_got << 32) | t_got, stable=True)
+    # Wanted: (expert, token) of every top-k slot of source s that names one of them.
+    local = torch.zeros(EL, dtype=torch.bool, device=x_q.device)
+    local[experts] = True
+    hit = (topk_s >= lo) & (topk_s < lo + EL) & local[(topk_s - lo).clamp(0, EL - 1)]
+    t_want, k_want = hit.nonzero(as_tuple=True)
+    key_want, order_want = torch.sort(((topk_s[t_want, k_want] - lo) << 32) | t_want, stable=True)
+    if not torch.equal(key_got, key_want):
+        return f"the (expert, source token) sets differ ({key_got.numel()} rows, want {key_want.numel()})"
+    e_got, r_got, t_want = e_got[order_got], r_got[order_got], t_want[order_want]
+    got = (x_q.view(torch.uint8) if fp8 else x_q)[e_got, r_got]
+    want = cast_s[0].view(torch.uint8)[t_want] if fp8 else x_s[t_want]
+    if not _same(got, want):
+        return "row data differs"
+    if fp8:
+        want_sc = cast_s[1][t_want]
+        if not _same(sc[e_got, r_got], ref.ue8m0_pack(want_sc) if ue8m0 else want_sc):
+            return "scales differ"
+    return None
+
+
+def _ll_check_rows(c, e, s, ranges, src_info, want_tokens, x_q, sc, all_x, casts, fp8, ue8m0):
+    """The rows of local expert `e` from source `s`, one message per kind of difference."""
+    begin, n = ranges[e][s] >> 32, ranges[e][s] & 0xFFFFFFFF
+    tokens = want_tokens[e][s]
+    where = f"local expert {e} from rank {s}"
+    if n == 0:
+        return
+    got_src = src_info[e, begin:begin + n].long().cpu()
+    got_sorted, order = torch.sort(got_src, stable=True)
+    if not torch.equal(got_sorted, tokens):
+        c.fails.append(f"src_info of {where}: tokens {got_sorted.tolist()[:16]}..., want {tokens.tolist()[:16]}...")
+        return
+    dev = x_q.device
+    rows = (begin + order).to(dev)
+    tok = tokens.to(dev)
+    # Compared as bytes (indexing needs no float8 kernels).
+    want_rows = casts[s][0].view(torch.uint8)[tok] if fp8 else all_x[s][tok]
+    c.bytes(f"recv_x rows of {where}", (x_q[e].view(torch.uint8) if fp8 else x_q[e])[rows], want_rows)
+    if fp8:
+        want_sc = casts[s][1][tok]
+        c.bytes(f"scales of {where}", sc[e][rows], ref.ue8m0_pack(want_sc) if ue8m0 else want_sc)
+
+
+@timed("verify")
 def ll_verify(ctx, inp, out, gathered, what, fp8=True, round_scale=False, ue8m0=False):
     """Raises AssertionError listing every difference from the reference; returns a summary."""
     R, rank, dev = ctx.num_ranks, ctx.rank, ctx.device
@@ -582,12 +699,15 @@ def ll_verify(ctx, inp, out, gathered, what, fp8=True, round_scale=False, ue8m0=
     if c.fails:
         c.done()
 
-    # Dispatch: per (local expert, source rank), rows as a set.
+    # Dispatch: per (local expert, source rank), rows as a set. Counts and segments on the host;
+    # the rows of each source in one vectorized comparison, and only where that finds a
+    # difference, per (expert, source) with a message naming it.
     want_tokens = ref.ll_tokens([t.cpu() for t in all_topk], E, rank)
     casts = [ref.fp8_cast(x, round_scale) for x in all_x] if fp8 else None
     counts = count.cpu().tolist()
     ranges = handle[1].cpu().tolist()
-    src_info = handle[0].cpu()
+    src_info = handle[0]
+    rows_to_check = [[] for _ in range(R)]  # per source: local experts whose counts are right
     for e in range(EL):
         total = sum(int(t.numel()) for t in want_tokens[e])
         if counts[e] != total:
@@ -596,28 +716,12 @@ def ll_verify(ctx, inp, out, gathered, what, fp8=True, round_scale=False, ue8m0=
         segments = []
         for s in range(R):
             begin, n = ranges[e][s] >> 32, ranges[e][s] & 0xFFFFFFFF
-            tokens = want_tokens[e][s]
-            where = f"local expert {e} from rank {s}"
-            if n != tokens.numel():
-                c.fails.append(f"layout_range count of {where} = {n}, want {tokens.numel()}")
+            if n != want_tokens[e][s].numel():
+                c.fails.append(f"layout_range count of local expert {e} from rank {s} = {n}, "
+                               f"want {want_tokens[e][s].numel()}")
                 continue
             segments.append((begin, n))
-            if n == 0:
-                continue
-            got_src = src_info[e, begin:begin + n].long()
-            got_sorted, order = torch.sort(got_src, stable=True)
-            if not torch.equal(got_sorted, tokens):
-                c.fails.append(f"src_info of {where}: tokens {got_sorted.tolist()[:16]}..., want "
-                               f"{tokens.tolist()[:16]}...")
-                continue
-            rows = (begin + order).to(dev)
-            tok = tokens.to(dev)
-            # Compared as bytes (indexing needs no float8 kernels).
-            want_rows = casts[s][0].view(torch.uint8)[tok] if fp8 else all_x[s][tok]
-            c.bytes(f"recv_x rows of {where}", (x_q[e].view(torch.uint8) if fp8 else x_q[e])[rows], want_rows)
-            if fp8:
-                want_sc = casts[s][1][tok]
-                c.bytes(f"scales of {where}", sc[e][rows], ref.ue8m0_pack(want_sc) if ue8m0 else want_sc)
+            rows_to_check[s].append(e)
         pos = 0
         for begin, n in sorted(segments):
             if begin < pos:
@@ -626,6 +730,16 @@ def ll_verify(ctx, inp, out, gathered, what, fp8=True, round_scale=False, ue8m0=
             pos = begin + n
         if pos > counts[e]:
             c.fails.append(f"layout_range segments of local expert {e} run past recv_count = {counts[e]}")
+    for s in range(R):
+        experts = torch.tensor(rows_to_check[s], dtype=torch.int64, device=dev)
+        problem = _ll_rows_differ(ctx, s, experts, handle[1], src_info, x_q, sc, all_x[s], all_topk[s],
+                                  casts[s] if fp8 else None, fp8, ue8m0)
+        if problem:
+            before = len(c.fails)
+            for e in rows_to_check[s]:
+                _ll_check_rows(c, e, s, ranges, src_info, want_tokens, x_q, sc, all_x, casts, fp8, ue8m0)
+            if len(c.fails) == before:  # only if the two comparisons disagreed
+                c.fails.append(f"rows from rank {s}: {problem}")
 
     # Combine: this rank's tokens, from its own inputs.
     rows = ref.dequant(*ref.fp8_cast(inp.x, round_scale)) if fp8 else inp.x.float()

@@ -9,11 +9,13 @@ import torch
 
 def random_topk(num_tokens: int, num_topk: int, num_experts: int, gen: torch.Generator, drop: float = 0.1,
                 nowhere: float = 0.02) -> torch.Tensor:
-    """[T, K] int64: distinct experts per token, some slots -1, a few tokens sent nowhere."""
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    """[T, K] int64 on the generator's device: distinct experts per token, some slots -1, a few
+    tokens sent nowhere."""
+    dev = gen.device
+    scores = torch.rand(num_tokens, num_experts, generator=gen, device=dev)
     idx = scores.topk(num_topk, dim=1).indices
-    drop_mask = torch.rand(num_tokens, num_topk, generator=gen) < drop
-    drop_mask |= (torch.rand(num_tokens, 1, generator=gen) < nowhere).expand(-1, num_topk)
+    drop_mask = torch.rand(num_tokens, num_topk, generator=gen, device=dev) < drop
+    drop_mask |= (torch.rand(num_tokens, 1, generator=gen, device=dev) < nowhere).expand(-1, num_topk)
     return torch.where(drop_mask, torch.full_like(idx, -1), idx)
 
 
@@ -65,11 +67,10 @@ def dispatch(rank: int, all_topk: Sequence[torch.Tensor], num_experts: int,
     if all_weights is not None:
         w = torch.cat([all_weights[s][sel[s]] for s in range(R)])
         out["recv_topk_weights"] = torch.where(local, w, torch.zeros_like(w))
-    counts = []
-    for e in range(per_rank):
-        n = sum(int((t == lo + e).sum()) for t in all_topk)
-        counts.append((n + expert_alignment - 1) // expert_alignment * expert_alignment)
-    out["num_recv_tokens_per_expert"] = counts
+    per_expert = sum(torch.bincount(t[t >= 0].flatten(), minlength=num_experts)[:num_experts] for t in all_topk)
+    counts = per_expert[lo:lo + per_rank].tolist()  # one host sync
+    out["num_recv_tokens_per_expert"] = [(n + expert_alignment - 1) // expert_alignment * expert_alignment
+                                         for n in counts]
     return out
 
 
