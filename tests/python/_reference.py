@@ -12,6 +12,8 @@ def random_topk(num_tokens: int, num_topk: int, num_experts: int, gen: torch.Gen
     """[T, K] int64 on the generator's device: distinct experts per token, some slots -1, a few
     tokens sent nowhere."""
     dev = gen.device
+    if num_tokens == 0:
+        return torch.empty((0, num_topk), dtype=torch.int64, device=dev)
     scores = torch.rand(num_tokens, num_experts, generator=gen, device=dev)
     idx = scores.topk(num_topk, dim=1).indices
     drop_mask = torch.rand(num_tokens, num_topk, generator=gen, device=dev) < drop
