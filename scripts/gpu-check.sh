@@ -5,6 +5,7 @@
 #   scripts/gpu-check.sh                 # build + tests + bench + python + ceiling
 #   EPCOMM_CHECK_STEPS="build tests" scripts/gpu-check.sh
 #   EPCOMM_GPU_TEST_FILTER='NormalGpu.*' EPCOMM_BENCH_ARGS='--sms 24,16' scripts/gpu-check.sh
+#   EPCOMM_CHECK_STEPS="build tests sanitizer" EPCOMM_GPU_TEST_FILTER='Shrink*:Stress*' scripts/gpu-check.sh
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -46,6 +47,32 @@ if [[ " $steps " == *" tests "* ]]; then
   grep -E "^\[  (FAILED|PASSED|  OK) |^\[==========\]|skipped|threw|Failure|mismatch|Expected" "$out/gpu-tests.log" | head -80
   log "GPU tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+fi
+
+if [[ " $steps " == *" sanitizer "* ]]; then
+  # compute-sanitizer (memcheck, racecheck, synccheck) over a small verified mix: StressGpu with
+  # EPCOMM_STRESS_CALLS calls (normal layout/dispatch/cached dispatch/combine and LL dispatch/combine,
+  # hooks, BF16/FP8, T from 0 to Tmax), 2 ranks on distinct GPUs (if there are 2) and 3 ranks sharing
+  # GPU 0, through the local group (peer pointers; no NCCL kernels under the tools). Instrumented
+  # kernels run 10-100x slower, so GPU waits get EPCOMM_SANITIZER_WAIT_MS. A tool that serializes
+  # kernels or blocks would leave the cross-rank waits spinning: the per-tool timeout says so.
+  #   EPCOMM_CHECK_STEPS="build sanitizer" EPCOMM_SANITIZER_TOOLS="memcheck" scripts/gpu-check.sh
+  sanitizer=${EPCOMM_SANITIZER:-/usr/local/cuda/bin/compute-sanitizer}
+  [[ -x $sanitizer ]] || sanitizer=$(command -v compute-sanitizer || echo compute-sanitizer)
+  for tool in ${EPCOMM_SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
+    log "compute-sanitizer --tool $tool (filter ${EPCOMM_SANITIZER_FILTER:-StressGpu.*})"
+    EPCOMM_TIMEOUT_MS=${EPCOMM_SANITIZER_WAIT_MS:-300000} EPCOMM_TEST_TRANSPORT=local \
+      EPCOMM_STRESS_CALLS=${EPCOMM_SANITIZER_CALLS:-24} EPCOMM_STRESS_RANKS=2 \
+      timeout ${EPCOMM_SANITIZER_TIMEOUT:-170} "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      "$build/tests/epcomm_gpu_tests" --gtest_filter="${EPCOMM_SANITIZER_FILTER:-StressGpu.*}" \
+      >"$out/sanitizer-$tool.log" 2>&1
+    rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY|^stress:|^\[  (FAILED|PASSED) |skipped|Error:" \
+      "$out/sanitizer-$tool.log" | head -20
+    [[ $rc -eq 124 ]] && log "compute-sanitizer $tool: timed out after ${EPCOMM_SANITIZER_TIMEOUT:-170} s (log: sanitizer-$tool.log)"
+    log "compute-sanitizer $tool rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+  done
 fi
 
 if [[ " $steps " == *" bench "* ]]; then

@@ -274,8 +274,9 @@ class Buffer {
   TensorView get_next_low_latency_combine_buffer(const LowLatencyHandle& handle) const;
   // Shrink mode's mask (see "Shrink mode" above), this rank's view, changed on `stream` (ordered
   // with the LL calls on it, capturable). update masks (mask = true) or unmasks one rank; masking
-  // needs BufferOptions::enable_shrink (ArgumentError otherwise). query writes 1 (masked) or 0 for
-  // every rank into mask_status ([R] i32 on this device). clean unmasks every rank.
+  // needs BufferOptions::enable_shrink and another rank than this one (ArgumentError). query
+  // writes 1 (masked) or 0 for every rank into mask_status ([R] i32 on this device). clean
+  // unmasks every rank.
   void low_latency_update_mask_buffer(int rank, bool mask, cudaStream_t stream = nullptr);
   void low_latency_query_mask_buffer(const TensorView& mask_status, cudaStream_t stream = nullptr);
   void low_latency_clean_mask_buffer(cudaStream_t stream = nullptr);

@@ -428,6 +428,8 @@ TensorView Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& h
 void Buffer::low_latency_update_mask_buffer(int rank, bool mask, cudaStream_t stream) {
   Impl& m = *impl_;
   checks::in_range("rank_to_mask", rank, 0, m.num_ranks - 1);
+  if (mask && rank == m.rank)
+    throw ArgumentError("rank_to_mask = " + std::to_string(rank) + " is this rank: a rank cannot mask itself");
   if (mask && !m.options.enable_shrink)
     throw ArgumentError("low_latency_update_mask_buffer: masking rank " + std::to_string(rank) +
                         " needs shrink mode (BufferOptions::enable_shrink = true, Python enable_shrink=True)");

@@ -172,8 +172,8 @@ RoundOutput download_dispatch(const LLCase& c, int R, const Batch& b) {
   return o;
 }
 
-void compare_round(const LLCase& c, int round, const std::vector<RoundInput>& in, const std::vector<RoundOutput>& got,
-                   const std::vector<uint8_t>& masked, bool masked_from_dispatch) {
+std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, const std::vector<RoundOutput>& got,
+                        const std::vector<uint8_t>& masked, bool masked_from_dispatch) {
   const int R = c.num_ranks, EL = c.num_experts / R;
   const int64_t RT = static_cast<int64_t>(R) * c.max_tokens;
   ref::LowLatencyOptions opt;
@@ -192,23 +192,21 @@ void compare_round(const LLCase& c, int round, const std::vector<RoundInput>& in
   auto live = [&](int r) { return masked.empty() || masked[r] == 0; };
   for (int j = 0; j < R; ++j) {
     if (!live(j)) continue;  // a masked rank took no part (shrink mode)
-    SCOPED_TRACE("round " + std::to_string(round) + ", rank " + std::to_string(j));
+    const std::string rank = "rank " + std::to_string(j) + ": ";
     const RoundOutput& g = got[j];
     const auto& w = want[j];
-    ASSERT_TRUE(same_values(g.recv_count, w.recv_count, "recv_count"));
-    bool rows_ok = true;
-    for (int e = 0; e < EL && rows_ok; ++e) {
+    if (auto r = same_values(g.recv_count, w.recv_count, "recv_count"); !r) return rank + r.message();
+    for (int e = 0; e < EL; ++e) {
       int64_t next_begin = 0;
-      for (int s = 0; s < R && rows_ok; ++s) {
+      for (int s = 0; s < R; ++s) {
         const int64_t gr = g.layout_range[e * R + s], wr = w.layout_range[e * R + s];
         const int64_t gb = gr >> 32, gn = gr & 0xffffffff, wb = wr >> 32, wn = wr & 0xffffffff;
-        EXPECT_EQ(gn, wn) << "layout_range count of local expert " << e << " from rank " << s;
-        EXPECT_EQ(gb, next_begin) << "layout_range begin of local expert " << e << " from rank " << s
-                                  << " (sources are packed in rank order)";
-        if (gn != wn || gb != next_begin) {
-          rows_ok = false;
-          break;
-        }
+        const std::string where = "local expert " + std::to_string(e) + " from rank " + std::to_string(s);
+        if (gn != wn)
+          return rank + "layout_range count of " + where + " is " + std::to_string(gn) + ", want " + std::to_string(wn);
+        if (gb != next_begin)
+          return rank + "layout_range begin of " + where + " is " + std::to_string(gb) + ", want " +
+                 std::to_string(next_begin) + " (sources are packed in rank order)";
         next_begin += gn;
         std::vector<Row> a, b;
         for (int64_t i = 0; i < gn; ++i) {
@@ -218,13 +216,11 @@ void compare_round(const LLCase& c, int round, const std::vector<RoundInput>& in
         }
         std::sort(a.begin(), a.end());
         std::sort(b.begin(), b.end());
-        for (size_t i = 0; i < a.size() && rows_ok; ++i)
-          if (!(a[i] == b[i])) {
-            ADD_FAILURE() << "rows of local expert " << e << " from rank " << s << " differ as a set: sorted row " << i
-                          << " has source token " << a[i].src << " (want " << b[i].src << ")"
-                          << (a[i].src == b[i].src ? ", same token, different data or scales" : "");
-            rows_ok = false;
-          }
+        for (size_t i = 0; i < a.size(); ++i)
+          if (!(a[i] == b[i]))
+            return rank + "rows of " + where + " differ as a set: sorted row " + std::to_string(i) +
+                   " has source token " + std::to_string(a[i].src) + " (want " + std::to_string(b[i].src) + ")" +
+                   (a[i].src == b[i].src ? ", same token, different data or scales" : "");
       }
     }
   }
@@ -241,9 +237,16 @@ void compare_round(const LLCase& c, int round, const std::vector<RoundInput>& in
   const auto want_out = ref::low_latency_combine(cin, handles, opt);
   for (int j = 0; j < R; ++j) {
     if (!live(j)) continue;
-    SCOPED_TRACE("round " + std::to_string(round) + ", rank " + std::to_string(j));
-    EXPECT_TRUE(same_values(got[j].out, want_out[j], "combined x (bit-exact)"));
+    if (auto r = same_values(got[j].out, want_out[j], "combined x (bit-exact)"); !r)
+      return "rank " + std::to_string(j) + ": " + r.message();
   }
+  return "";
+}
+
+void compare_round(const LLCase& c, int round, const std::vector<RoundInput>& in, const std::vector<RoundOutput>& got,
+                   const std::vector<uint8_t>& masked, bool masked_from_dispatch) {
+  const std::string mismatch = check_round(c, in, got, masked, masked_from_dispatch);
+  if (!mismatch.empty()) ADD_FAILURE() << "round " << round << ", " << mismatch;
 }
 
 }  // namespace epcomm::test

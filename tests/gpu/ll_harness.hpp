@@ -97,6 +97,11 @@ void upload_y(const LLCase& c, Buffer& buf, Batch& b, const RoundInput& in);
 
 RoundOutput download_dispatch(const LLCase& c, int R, const Batch& b);
 
+// The first difference between round `in` / `got` of every rank and the reference ("" if none);
+// masked as for compare_round. Thread-safe (no gtest assertions): the stress test's verifiers use it.
+std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, const std::vector<RoundOutput>& got,
+                        const std::vector<uint8_t>& masked = {}, bool masked_from_dispatch = true);
+
 // Compares round `round` of every rank (inputs `in`, what the GPU gave `got`) with the reference.
 // masked: shrink mode's masked ranks ([R] 0/1, or empty): left out, and absent for the others
 // (in the dispatch too unless masked_from_dispatch is false: a rank masked during the combine).
