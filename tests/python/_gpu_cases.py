@@ -312,6 +312,45 @@ def set_num_sms(ctx, seed):
     c.done()
 
 
+def reserve_paths(ctx, seed, hidden=1024, num_topk=8):
+    """Receive tensors reserved before the count exchange (Buffer.dispatch): a buffer's first
+    dispatch allocates after it, the next into the reservation (exactly the received rows over a
+    larger storage, not views), one that receives more than reserved after it again, and
+    reserve_recv_rows = False never reserves. Every step checked against the reference."""
+    buf, R = ctx.buffer, ctx.num_ranks
+    saved = list(buf._recent_rows)
+    c = Checks(ctx, f"receive reservation (seed {seed})")
+    steps = [("first", seed, 100, True), ("reserved", seed, 100, True), ("more rows", seed + 1, 400, True),
+             ("switched off", seed + 2, 100, False)]
+    try:
+        buf._recent_rows.clear()
+        for name, step_seed, tokens, reserve in steps:
+            buf.reserve_recv_rows = reserve
+            reserved = buf._reserve_rows()
+            inp = Inputs(ctx, step_seed, tokens, hidden, num_topk, 16 * R, fixed_tokens=tokens)
+            out = run_normal(ctx, inp)
+            verify_normal(ctx, inp, out, f"reservation step '{name}' (seed {step_seed})")
+            rows = out["handle"].meta.num_rows
+            want = reserved if 0 < reserved and rows <= reserved else rows
+            if name == "reserved":
+                c.true(f"{name}: rows fit the reservation", rows <= reserved, f"{rows} rows, {reserved} reserved")
+            if name in ("first", "more rows", "switched off"):
+                c.equal(f"{name}: storage of exactly the received rows", want, rows)
+            for what, t, cols in (("recv_x", out["recv"], hidden), ("recv_topk_idx", out["ridx"], num_topk),
+                                  ("recv_topk_weights", out["rw"], num_topk),
+                                  ("recv_src_idx", out["handle"].recv_src_idx, 1)):
+                c.equal(f"{name}: {what} shape[0]", t.size(0), rows)
+                c.true(f"{name}: {what} is not a view", t._base is None)
+                storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+                storage_rows = storage.nbytes() // (t.element_size() * cols)
+                c.equal(f"{name}: rows of {what}'s storage", storage_rows, want)
+    finally:
+        vars(buf).pop("reserve_recv_rows", None)
+        buf._recent_rows.clear()
+        buf._recent_rows.extend(saved)
+    c.done()
+
+
 def worst_tokens(ctx, seed):
     R = ctx.num_ranks
     for fp8 in (False, True):

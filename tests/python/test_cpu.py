@@ -898,7 +898,9 @@ class _HostDispatchCall:
         if recv_topk_idx is not None:
             _host_view(recv_topk_idx, (rows, K), torch.int64)[:n] = self.topk_idx[self.src]
         if recv_topk_weights is not None:
-            _host_view(recv_topk_weights, (rows, K), torch.float32)[:n] = self.topk_weights[self.src]
+            w = self.topk_weights[self.src]
+            _host_view(recv_topk_weights, (rows, K), torch.float32)[:n] = torch.where(
+                self.topk_idx[self.src] >= 0, w, torch.zeros_like(w))
         assert recv_x_scales is None
         self.ran = True
 
@@ -950,7 +952,8 @@ def test_dispatch_reserves_receive_tensors_before_the_count_exchange():
         src = in_rank[:, 0].nonzero().flatten()
         n, rows = src.numel(), handle.meta.num_rows
         assert event.event is None and rows == kw.get("num_worst_tokens", n)
-        for got, want in ((recv, x[src]), (ridx, topk[src]), (rw, w[src]), (handle.recv_src_idx, src.int())):
+        want_w = torch.where(topk[src] >= 0, w[src], torch.zeros_like(w[src]))
+        for got, want in ((recv, x[src]), (ridx, topk[src]), (rw, want_w), (handle.recv_src_idx, src.int())):
             assert got.shape[0] == rows and got.is_contiguous() and got._base is None
             assert torch.equal(got[:n], want)
         return recv, handle

@@ -1,11 +1,13 @@
 """The DeepEP-compatible surface on GPUs, one process per GPU (torch.multiprocessing): layout,
 dispatch / combine in BF16 and FP8, with and without top-k, cached handle, num_worst_tokens,
 previous_event / async_finish / allocate_on_comm_stream, handle[0] as the prefix matrix, Config
-and size hints, set_num_sms, capture and CUDA graphs, destroy, argument errors, the MoE example;
-low-latency dispatch / combine (BF16, FP8, round_scale, UE8M0), hooks, two micro-batches,
-async_finish, zero_copy, out=, the stats tensors, CUDA graphs, argument errors, the memory views
-(get_next_low_latency_combine_buffer, get_local_buffer_tensor). Every output is checked against a
-torch reference built from all-gathered inputs (_reference.py).
+and size hints, set_num_sms, capture and CUDA graphs, destroy, argument errors, the MoE example,
+receive tensors reserved before the count exchange (and not); low-latency dispatch / combine
+(BF16, FP8, round_scale, UE8M0), hooks, two micro-batches, async_finish, zero_copy, out=, the
+stats tensors, CUDA graphs, argument errors, the memory views (get_next_low_latency_combine_buffer,
+get_local_buffer_tensor). Every output is checked against a torch reference built from
+all-gathered inputs (_reference.py). After the run, a table shows where each case's time went
+(conftest.py); `--durations=0` adds pytest's per-test times.
 
     PYTHONPATH=python python -m pytest -rs tests/python/test_gpu.py
 
@@ -74,6 +76,10 @@ def test_hidden_sizes(cluster, hidden):
 def test_few_tokens(cluster):
     for max_tokens in (0, 1, 3):
         cluster.run("normal", seed=SEED + max_tokens, what=f"T<={max_tokens}", max_tokens=max_tokens, bias=True)
+
+
+def test_receive_reservation(cluster):
+    cluster.run("reserve_paths", seed=SEED)
 
 
 def test_num_worst_tokens(cluster):
