@@ -24,6 +24,16 @@ Rules of use (all ranks make the same calls in the same order; SPEC.md 3.3):
   of dispatches only must hold an even number of them.
 - ``topk_idx`` entries outside ``[-1, num_experts)`` are treated as -1 on the device (checking them
   on the host would need a sync). A token that lists one expert twice sends two rows.
+
+Shrink mode (``Buffer(..., enable_shrink=True)``): a low-latency wait on a rank that does not answer
+within the timeout (``EPCOMM_TIMEOUT_MS``) masks that rank instead of failing the call. The call
+completes with what the live ranks sent (dispatch: no rows from the masked rank; combine: its
+experts contribute nothing), and later calls skip masked ranks: nothing is sent to them and nothing
+is waited for. The mask is this rank's own view, on the GPU (CUDA graphs see it too):
+``low_latency_query_mask_buffer`` reads it, ``low_latency_update_mask_buffer`` masks or unmasks one
+rank, ``low_latency_clean_mask_buffer`` unmasks all (all on the current stream). A masked rank takes
+part again only after ``clean_low_latency_buffer`` on every rank (which keeps the mask) and
+``low_latency_clean_mask_buffer``. Without shrink mode a timeout raises ``epcomm.TimeoutError``.
 """
 
 from typing import Tuple
@@ -249,24 +259,32 @@ class LowLatencyMixin:
                                                          h.hidden, h.num_experts, h.buffer_index)
         return self._wrap_memory(ptr, nbytes).view(torch.bfloat16).view(shape)
 
-    # ------------------------------------------------------------------ shrink mode (placeholders)
+    # ------------------------------------------------------------------ shrink mode
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Shrink mode is not implemented in this build: no rank is ever masked. ``mask=False``
-        (unmask) is accepted and does nothing; ``mask=True`` raises ``epcomm.Error`` (a
-        RuntimeError). ``rank_to_mask`` must be in ``[0, R)``."""
-        self._rt().low_latency_update_mask_buffer(check_int("rank_to_mask", rank_to_mask, lo=0),
-                                                  check_bool("mask", mask))
+        """Masks (``mask=True``) or unmasks ``rank_to_mask`` in this rank's view, on the current
+        stream: low-latency calls after it skip a masked rank (send nothing to it, wait for nothing
+        from it). Masking needs ``enable_shrink=True`` and another rank than this one (ValueError
+        otherwise); unmasking is always accepted. ``rank_to_mask`` must be in ``[0, R)``."""
+        runtime = self._rt()
+        rank_to_mask = check_int("rank_to_mask", rank_to_mask, lo=0)
+        if rank_to_mask >= self.group_size:
+            raise ArgumentError(f"rank_to_mask = {rank_to_mask} must be in [0, {self.group_size})")
+        mask = check_bool("mask", mask)
+        runtime.low_latency_update_mask_buffer(rank_to_mask, mask, _current_stream(self._device))
 
     def low_latency_query_mask_buffer(self, mask_status) -> None:
-        """Writes the mask into ``mask_status`` (``[R]`` int32, on the current stream): 1 for a
-        masked rank, 0 otherwise; always 0 in this build (no rank is ever masked)."""
+        """Writes this rank's mask into ``mask_status`` (``[R]`` int32 on this buffer's GPU), on the
+        current stream: 1 for a masked rank (by a timed-out wait in shrink mode, or by
+        ``low_latency_update_mask_buffer``), 0 otherwise."""
         runtime = self._rt()
         mask_status = check_tensor("mask_status", mask_status, ndim=1)
         runtime.low_latency_query_mask_buffer(mask_status, _current_stream(self._device))
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmasks every rank (nothing to do in this build: no rank is ever masked)."""
-        self._rt().low_latency_clean_mask_buffer()
+        """Unmasks every rank in this rank's view, on the current stream. A rank that was masked
+        because it stopped answering also needs ``clean_low_latency_buffer`` on every rank before it
+        takes part again (its call counters are behind)."""
+        self._rt().low_latency_clean_mask_buffer(_current_stream(self._device))
 
     # ------------------------------------------------------------------ raw memory
     def _wrap_memory(self, ptr: int, nbytes: int):

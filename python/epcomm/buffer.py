@@ -70,8 +70,9 @@ class Buffer(LowLatencyMixin):
             ignored; they tune NVSHMEM/IBGDA, which epcomm does not use (NCCL GIN and LSA instead).
         explicitly_destroy: if True, resources are freed by ``destroy()`` only; otherwise when the
             buffer is garbage-collected.
-        enable_shrink: low-latency rank masking (shrink mode); recorded. Masking is not implemented
-            in this build (see ``low_latency_update_mask_buffer``).
+        enable_shrink: low-latency shrink mode: a rank that does not answer within the timeout
+            (``EPCOMM_TIMEOUT_MS``) is masked instead of failing the call, and later calls skip it
+            (see ``low_latency_update_mask_buffer`` and the module docstring of ``_low_latency``).
         comm: an mpi4py communicator to use instead of ``group`` for the unique-id exchange.
 
     The current CUDA device (``torch.cuda.current_device()``) is the buffer's device.
@@ -129,7 +130,8 @@ class Buffer(LowLatencyMixin):
         if not isinstance(unique_id, bytes):
             raise RuntimeError(f"epcomm.Buffer: rank 0 could not make the NCCL unique id ({unique_id})")
         self.runtime = _epcomm.Runtime(unique_id, self.group_size, self.rank, device, self.num_nvl_bytes,
-                                       self.num_rdma_bytes, self.low_latency_mode)
+                                       self.num_rdma_bytes, self.low_latency_mode,
+                                       enable_shrink=self.enable_shrink)
 
         self._device = torch_.device("cuda", device)
         self._num_nodes = self.runtime.num_nodes

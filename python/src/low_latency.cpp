@@ -333,17 +333,25 @@ void bind_low_latency(py::module_& m) {
             buf.clean_low_latency_buffer(tmax, hidden, num_experts, s);
           },
           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("stream"))
+      // Shrink mode's mask (this rank's view), changed and read on `stream`.
       .def(
           "low_latency_update_mask_buffer",
-          [](const Runtime& rt, int rank_to_mask, bool mask) { rt.buffer().low_latency_update_mask_buffer(rank_to_mask, mask); },
-          py::arg("rank_to_mask"), py::arg("mask"))
+          [](const Runtime& rt, int rank_to_mask, bool mask, py::handle stream) {
+            rt.buffer().low_latency_update_mask_buffer(rank_to_mask, mask, to_stream(stream, "stream"));
+          },
+          py::arg("rank_to_mask"), py::arg("mask"), py::arg("stream"))
       .def(
           "low_latency_query_mask_buffer",
           [](const Runtime& rt, py::handle mask_status, py::handle stream) {
             rt.buffer().low_latency_query_mask_buffer(to_view(mask_status, "mask_status"), to_stream(stream, "stream"));
           },
           py::arg("mask_status"), py::arg("stream"))
-      .def("low_latency_clean_mask_buffer", [](const Runtime& rt) { rt.buffer().low_latency_clean_mask_buffer(); });
+      .def(
+          "low_latency_clean_mask_buffer",
+          [](const Runtime& rt, py::handle stream) { rt.buffer().low_latency_clean_mask_buffer(to_stream(stream, "stream")); },
+          py::arg("stream"))
+      .def_property_readonly("enable_shrink", [](const Runtime& rt) { return rt.buffer().options().enable_shrink; },
+                             "whether low-latency shrink mode is on");
 
   m.def(
       "low_latency_size_hint",

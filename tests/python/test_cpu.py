@@ -423,6 +423,122 @@ def test_low_latency_argument_checks():
         raises(RuntimeError, fn, "destroy")
 
 
+class _CpuDevice:
+    """What the Python layer reads of a torch.device when there is no torch: a host stand-in."""
+    type, index = "cpu", None
+
+
+def _checks_buffer(runtime, num_ranks=4):
+    """_fake_buffer plus the normal-mode state the Python layer reads before it reaches the core."""
+    b = _fake_buffer(runtime, num_ranks=num_ranks, device=_CpuDevice())
+    b._num_nodes, b._chunk_offset_strides, b._default_configs = 1, {}, {}
+    return b
+
+
+def test_normal_argument_checks_before_the_core():
+    """SPEC.md section 6 on the Python side, normal mode: every bad value the Python layer can see
+    raises ValueError naming the argument before anything reaches the core (so the buffer is
+    untouched); type and shape rules of the tensors themselves are the core's (GPU tests)."""
+    b = _checks_buffer(_NoCore())
+    x, x8, s = FakeTensor((8, 256)), FakeTensor((8, 256), "torch.float8_e4m3fn"), FakeTensor((8, 2), "torch.float32")
+    idx, w = FakeTensor((8, 4), "torch.int64"), FakeTensor((8, 4), "torch.float32")
+    layout = dict(num_tokens_per_rank=FakeTensor((4,), "torch.int32"), is_token_in_rank=FakeTensor((8, 4), "torch.bool"),
+                  num_tokens_per_expert=FakeTensor((16,), "torch.int32"))
+    h = DispatchHandle("rpm", "co", "src", "in_rank", HandleMeta(10, 10, 1, 32, 8, 16))
+
+    def d(**kw):
+        args = dict(x=x, topk_idx=idx, topk_weights=w, **layout)
+        args.update(kw)
+        return lambda: b.dispatch(**args)
+
+    def c(**kw):
+        args = dict(x=FakeTensor((10, 256)), handle=h)
+        args.update(kw)
+        return lambda: b.combine(**args)
+
+    cases = [
+        (lambda: b.get_dispatch_layout([1, 2], 16), ("topk_idx", "list")),
+        (lambda: b.get_dispatch_layout(FakeTensor((8,), "torch.int64"), 16), ("topk_idx", "2 dimensions")),
+        (lambda: b.get_dispatch_layout(idx, 0), ("num_experts",)),
+        (lambda: b.get_dispatch_layout(idx, "16"), ("num_experts",)),
+        (lambda: b.get_dispatch_layout(idx, 16, async_finish="yes"), ("async_finish",)),
+        (lambda: b.get_dispatch_layout(idx, 16, allocate_on_comm_stream=2), ("allocate_on_comm_stream",)),
+        (lambda: b.get_dispatch_layout(idx, 16, previous_event=42), ("previous_event",)),
+        (d(x=[1, 2]), ("x",)),
+        (d(x=(x8,)), ("x", "pair")),
+        (d(x=(x8, None)), ("x_scales",)),
+        (d(x=(x8, s, s)), ("x",)),
+        (d(config="fast"), ("config",)),
+        (d(expert_alignment=0), ("expert_alignment",)),
+        (d(expert_alignment=1.5), ("expert_alignment",)),
+        (d(num_worst_tokens=-1), ("num_worst_tokens",)),
+        (d(async_finish="yes"), ("async_finish",)),
+        (d(allocate_on_comm_stream=None), ("allocate_on_comm_stream",)),
+        (d(previous_event=42), ("previous_event",)),
+        (d(num_tokens_per_rank=None), ("num_tokens_per_rank",)),
+        (d(topk_idx=FakeTensor((8,), "torch.int64")), ("topk_idx",)),
+        (d(handle=h), ("topk_idx", "cached")),
+        (d(handle=(1, 2, 3), topk_idx=None, topk_weights=None), ("handle",)),
+        (c(x=[1]), ("x",)),
+        (c(x=FakeTensor((10, 4, 256))), ("x", "2 dimensions")),
+        (c(handle=(1, 2, 3)), ("handle",)),
+        (c(handle=None), ("handle",)),
+        (c(topk_weights=FakeTensor((10,), "torch.float32")), ("topk_weights",)),
+        (c(bias=(x, x, x)), ("bias",)),
+        (c(config=3), ("config",)),
+        (c(async_finish=2), ("async_finish",)),
+        (c(previous_event="event"), ("previous_event",)),
+    ]
+    for fn, fragments in cases:
+        raises(ValueError, fn, *fragments)
+
+
+class _MaskRuntime:
+    """Records what the Python layer passes to the core's shrink-mode calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def low_latency_update_mask_buffer(self, rank, mask, stream):
+        self.calls.append(("update", rank, mask, stream))
+
+    def low_latency_query_mask_buffer(self, mask_status, stream):
+        self.calls.append(("query", mask_status, stream))
+
+    def low_latency_clean_mask_buffer(self, stream):
+        self.calls.append(("clean", stream))
+
+
+def test_shrink_mask_api():
+    """The shrink-mode mask calls reach the core with DeepEP's arguments and the current stream; a
+    bad value raises ValueError naming the argument and reaches nothing, and the next call works."""
+    rt = _MaskRuntime()
+    b = _checks_buffer(rt, num_ranks=4)
+    status = FakeTensor((4,), "torch.int32")
+    b.low_latency_update_mask_buffer(2, True)
+    b.low_latency_update_mask_buffer(2)  # DeepEP's default: mask=False unmasks
+    b.low_latency_query_mask_buffer(status)
+    b.low_latency_clean_mask_buffer()
+    assert rt.calls == [("update", 2, True, 0), ("update", 2, False, 0), ("query", status, 0), ("clean", 0)]
+    for fn, fragments in [
+        (lambda: b.low_latency_update_mask_buffer(4, True), ("rank_to_mask", "[0, 4)")),
+        (lambda: b.low_latency_update_mask_buffer(-1, True), ("rank_to_mask",)),
+        (lambda: b.low_latency_update_mask_buffer(1.0, True), ("rank_to_mask",)),
+        (lambda: b.low_latency_update_mask_buffer(1, "yes"), ("mask",)),
+        (lambda: b.low_latency_query_mask_buffer(None), ("mask_status",)),
+        (lambda: b.low_latency_query_mask_buffer(FakeTensor((4, 1), "torch.int32")), ("mask_status",)),
+    ]:
+        before = len(rt.calls)
+        raises(ValueError, fn, *fragments)
+        assert len(rt.calls) == before, "a bad argument reached the core"
+        b.low_latency_update_mask_buffer(1, True)
+        assert rt.calls[-1] == ("update", 1, True, 0)
+    # enable_shrink reaches the core's constructor (which then fails for want of a GPU here).
+    if _epcomm.device_count() == 0:
+        uid = _epcomm.get_unique_id()
+        raises(RuntimeError, lambda: _epcomm.Runtime(uid, 1, 0, 0, 1 << 20, enable_shrink=True), "no CUDA device")
+
+
 def test_recv_hook_object():
     class FakeCall:
         recv_pending, received = True, 0
