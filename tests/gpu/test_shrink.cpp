@@ -2,7 +2,8 @@
 // the middle of a run. The others finish their low-latency calls within the timeout, with the
 // results the reference gives when that rank is masked; the mask shows it; the next calls skip it
 // without waiting; after clean_low_latency_buffer + low_latency_clean_mask_buffer on every rank all
-// ranks work together again. Without shrink the same stall is a TimeoutError, as before.
+// ranks work together again. Without shrink the same stall is a TimeoutError, as before, and the
+// mask API refuses to mask.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -172,6 +173,12 @@ TEST(ShrinkGpu, WithoutShrinkAStallIsStillATimeoutError) {
       EXPECT_NE(std::string(e.what()).find("enable_shrink"), std::string::npos) << e.what();
     }
     buf.low_latency_update_mask_buffer(1 - r, false, s);  // unmasking is always fine
+    try {
+      buf.low_latency_update_mask_buffer(r, true, s);
+      ADD_FAILURE() << "a rank masked itself";
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("cannot mask itself"), std::string::npos) << e.what();
+    }
     if (r == 0) {
       try {
         dispatch_half(c, buf, s, b, make_input(c, seed, 0, r, c.max_tokens), false, out);
