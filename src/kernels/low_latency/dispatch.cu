@@ -138,9 +138,10 @@ __device__ void publish_dispatch(const LowLatencyDispatchParams& p, uint32_t seq
 __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p, const char* mine, int le, int src,
                                               uint32_t seq, uint32_t& payload, long long& cycles) {
   const LowLatencyLayout& L = p.layout;
+  const uint64_t* flag = reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, src));
   uint64_t v = 0;
-  const PeerWait w = wait_tag_or_mask(p.common.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, src)),
-                                      tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
+  const PeerWait w =
+      wait_tag_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
   if (w == PeerWait::kAborted) return false;
   payload = w == PeerWait::kArrived ? static_cast<uint32_t>(v) : 0u;
   if (p.mask != nullptr)
