@@ -282,6 +282,21 @@ class Buffer {
   void low_latency_clean_mask_buffer(cudaStream_t stream = nullptr);
   // -------------------------- end of low-latency mode --------------------------
 
+  // ---------------- across nodes (normal mode, hierarchical; README "Across nodes") ----------------
+  // With more than one node (Group::ranks_per_node < size, e.g. EPCOMM_RANKS_PER_NODE) dispatch and
+  // combine take the hierarchical path by themselves. It needs num_rdma_bytes of at least this
+  // (low_latency_mode buffers have no internode region). Same arguments on every rank.
+  static size_t internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
+                                    int num_topk, int max_experts_per_rank = 1024);
+  // Traffic counters of this rank's internode calls since the last reset (synchronizes the comm
+  // stream): puts to ranks of other nodes and their bytes (count meta, masks, rows), rows sent over
+  // the network, and bytes of rows this rank read from / wrote to node peers over NVLink.
+  struct InternodeStats {
+    uint64_t network_puts = 0, network_bytes = 0, network_rows = 0, nvlink_bytes = 0;
+  };
+  InternodeStats internode_stats(bool reset = false);
+  // ------------------------------- end of across nodes -------------------------------
+
   // Raises the error a GPU wait recorded (TimeoutError), if any, and clears it so the buffer can be
   // used again. Reads host memory only; every entry point calls it before it launches.
   void check_device_errors();

@@ -1,5 +1,6 @@
 // Buffer construction, memory, stream ordering and error reporting. The modes live in
 // buffer_normal.cpp and buffer_low_latency.cpp.
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -39,10 +40,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   if (m.group->ranks_per_node() > kMaxNvlRanks)
     throw ArgumentError("ranks per node = " + std::to_string(m.group->ranks_per_node()) + " exceeds the supported " +
                         std::to_string(kMaxNvlRanks));
-  if (m.group->num_nodes() > 1)
-    throw RuntimeFailure("Buffer: more than one node (" + std::to_string(m.group->num_nodes()) +
-                         " nodes of " + std::to_string(m.group->ranks_per_node()) +
-                         " ranks) is not supported by this build yet: the hierarchical path is not implemented");
+  m.inter.enabled = m.group->num_nodes() > 1;  // normal mode across nodes (buffer_internode.cpp)
+  // Across nodes, CommonParams still lists every rank's window (kMaxNvlRanks entries).
+  if (m.inter.enabled && m.num_ranks > std::min(kMaxInterRanks, kMaxNvlRanks))
+    throw ArgumentError("num_ranks = " + std::to_string(m.num_ranks) + " exceeds the " +
+                        std::to_string(std::min(kMaxInterRanks, kMaxNvlRanks)) + " ranks the internode path supports");
 
   int device_count = 0;
   if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -72,11 +74,18 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
   m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
-  m.sym = m.group->allocate_symmetric(m.ll.offset + m.ll.bytes);
+  m.inter.offset = m.ll.offset + m.ll.bytes;  // internode region: num_rdma_bytes again, only with several nodes
+  m.inter.bytes = m.inter.enabled ? align_up(options.num_rdma_bytes, 4096) : 0;
+  m.sym = m.group->allocate_symmetric(m.inter.offset + m.inter.bytes);
   for (int r = 0; r < m.num_ranks; ++r)
     if (m.sym->peers()[r] == nullptr)
       throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " is not reachable by NVLink load/store from rank " +
-                           std::to_string(m.rank));
+                           std::to_string(m.rank) +
+                           (m.inter.enabled ? std::string(" (ranks of other nodes: this build runs the network hop only "
+                                                          "through the emulated transport, i.e. virtual nodes of one "
+                                                          "machine; the GIN transport compiles but is not wired, see "
+                                                          "README \"Across nodes\")")
+                                            : std::string()));
 
   EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
@@ -94,6 +103,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   EPCOMM_CUDA_CHECK(cudaHostAlloc(&m.host_result, sizeof(int32_t) * result_ints, cudaHostAllocMapped));
   std::memset(m.host_result, 0, sizeof(int32_t) * result_ints);
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_result_dev), m.host_result, 0));
+  m.init_internode();
   // Every rank must have its region zeroed before anyone signals into it.
   m.group->barrier();
 }

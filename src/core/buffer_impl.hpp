@@ -8,6 +8,7 @@
 #include "epcomm/buffer.hpp"
 #include "kernels/common/control.hpp"
 #include "kernels/common/diagnostics.hpp"
+#include "kernels/internode/params.hpp"
 #include "kernels/low_latency/params.hpp"
 #include "kernels/normal/params.hpp"
 
@@ -64,6 +65,21 @@ struct Buffer::Impl {
   void init_low_latency();                       // constructor: the device counters
   void release_low_latency();                    // destructor
   void reset_low_latency(cudaStream_t stream);   // zero the LL region and counters (one rank; no barrier)
+  // Normal mode across nodes (buffer_internode.cpp): its region follows the LL region.
+  struct Internode {
+    bool enabled = false;  // more than one node
+    size_t offset = 0, bytes = 0;
+    InterLayout layout;
+  } inter;
+  void init_internode();                          // constructor (before the barrier)
+  void reset_internode(cudaStream_t stream);      // zero the region (one rank; no barrier)
+  InterCommon inter_common(KernelId kernel, int num_blocks) const;
+  // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
+  void check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const;
+  // The normal-mode entry points call these in place of the intranode launches (same params).
+  void launch_internode_notify(const NotifyParams& p);
+  Event run_internode_dispatch(const DispatchParams& p, const StreamOrder& order);
+  Event run_internode_combine(const CombineParams& p, const DispatchHandle& handle, const StreamOrder& order);
 };
 
 }  // namespace epcomm

@@ -258,9 +258,12 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
     const int num_scales = in.x.dtype == DType::kFP8E4M3 ? num_scale_groups(hidden) : 0;
     const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
-    ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
-               ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
-               dispatch_max_slots(), m.options.num_nvl_bytes);
+    if (m.inter.enabled)
+      m.check_internode_dispatch(row_bytes, num_scales, K);  // across nodes: the internode region instead
+    else
+      ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
+                 ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
+                 dispatch_max_slots(), m.options.num_nvl_bytes);
   }
   if (in.num_worst_tokens == 0 && m.capturing(order.stream))
     throw ArgumentError("num_worst_tokens: a dispatch captured in a CUDA graph cannot wait for counts on the host; "
@@ -290,7 +293,10 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   m.notify_token = m.notify_token % (1 << 30) + 1;
   p.host_token = m.notify_token;
   m.enter(order);
-  launch_notify_dispatch(p, m.comm);
+  if (m.inter.enabled)
+    m.launch_internode_notify(p);  // across nodes (buffer_internode.cpp)
+  else
+    launch_notify_dispatch(p, m.comm);
 
   DispatchPlan plan;
   handle.chunk = p.chunk;
@@ -345,9 +351,11 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.ring.slot_bytes = ring::dispatch_slot_bytes(p.chunk, row_bytes, num_scales, K);
   p.ring.meta_offset = align_up(static_cast<size_t>(p.chunk) * row_bytes, 128);
   p.ring.offset = m.dispatch_ring_offset();
-  p.ring.slots = ring_slots("dispatch", m.ring_region_bytes(), config.num_sms, p.ring.slot_bytes, config.ring_slots(),
-                            dispatch_max_slots(), m.options.num_nvl_bytes);
-  const DispatchKernelShape shape = shape_dispatch_kernel(R, row_bytes, p.chunk, p.ring.meta_row_bytes, m.max_smem);
+  const DispatchKernelShape shape =
+      m.inter.enabled ? DispatchKernelShape{} : shape_dispatch_kernel(R, row_bytes, p.chunk, p.ring.meta_row_bytes, m.max_smem);
+  if (!m.inter.enabled)
+    p.ring.slots = ring_slots("dispatch", m.ring_region_bytes(), config.num_sms, p.ring.slot_bytes, config.ring_slots(),
+                              dispatch_max_slots(), m.options.num_nvl_bytes);
   p.puller_warps = shape.puller_warps;
   p.puller_stages = shape.puller_stages;
   p.stager_piece_bytes = kStagerPieceBytes;
@@ -371,6 +379,7 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.num_worst_tokens = num_worst_tokens;
   p.num_rows = num_rows;
   (void)buffer;
+  if (m.inter.enabled) return m.run_internode_dispatch(p, order);  // across nodes (buffer_internode.cpp)
   m.enter(order);
   launch_dispatch(p, shape.smem, m.comm);
   return m.leave(order);
@@ -455,8 +464,9 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   p.ring.offset = m.combine_ring_offset();
   p.ring.slot_bytes = ring::combine_slot_bytes(p.chunk, R, hidden, K);
   p.ring.weights_offset = ring::combine_weights_offset(p.chunk, R, hidden);
-  p.ring.slots = ring_slots("combine", m.ring_region_bytes(), in.config.num_sms, p.ring.slot_bytes,
-                            in.config.ring_slots(), combine_max_slots(), m.options.num_nvl_bytes);
+  if (!m.inter.enabled)
+    p.ring.slots = ring_slots("combine", m.ring_region_bytes(), in.config.num_sms, p.ring.slot_bytes,
+                              in.config.ring_slots(), combine_max_slots(), m.options.num_nvl_bytes);
   // A pusher warp per origin (up to 4): one origin's end-of-chunk store drain stalls no other.
   const int pushers = shape_override("EPCOMM_COMBINE_PUSHER_WARPS", combine_max_pusher_warps());
   const int stages = shape_override("EPCOMM_COMBINE_PUSHER_STAGES", combine_max_pusher_bufs());
@@ -477,6 +487,7 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   p.bias1 = in.bias1 ? in.bias1->ptr<const uint16_t>() : nullptr;
   p.out = out.combined_x.ptr<uint16_t>();
   p.out_topk_weights = out.combined_topk_weights ? out.combined_topk_weights->ptr<float>() : nullptr;
+  if (m.inter.enabled) return m.run_internode_combine(p, handle, order);  // across nodes (buffer_internode.cpp)
   m.enter(order);
   launch_combine(p, smem, m.comm);
   return m.leave(order);

@@ -16,6 +16,7 @@ void Buffer::reset() {
   m.group->barrier();
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.sym->local(), 0, m.ctl.total, m.comm));
   m.reset_low_latency(m.comm);
+  m.reset_internode(m.comm);
   DeviceCounters init{};
   init.invalid_topk = -1;
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));

@@ -1,0 +1,185 @@
+// Buffer: normal mode across nodes (SPEC.md §3.2, hierarchical). buffer_normal.cpp checks the
+// arguments and fills the intranode params exactly as for one node; with several nodes it hands
+// them here instead of launching the intranode kernels. The algorithm is in
+// kernels/internode/dispatch.cuh; the network hop is the emulated transport (virtual nodes: every
+// rank load/store reachable). Real nodes need the GIN transport (transport/net_gin.cuh), which
+// compiles but is not wired here yet: the constructor's reachability check names that.
+#include <algorithm>
+#include <string>
+
+#include "core/buffer_impl.hpp"
+#include "core/check.hpp"
+#include "core/checks.hpp"
+#include "epcomm/error.hpp"
+
+namespace epcomm {
+namespace {
+
+size_t required_bytes(const InterLayout& l, size_t half) { return l.control_bytes + 2 * align_up(half, 4096); }
+
+}  // namespace
+
+void Buffer::Impl::init_internode() {
+  if (!inter.enabled) return;
+  const int max_chunks = (max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
+  inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, max_chunks, max_local_experts,
+                                   inter.bytes);
+}
+
+void Buffer::Impl::reset_internode(cudaStream_t stream) {
+  if (!inter.enabled || inter.bytes == 0) return;
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.bytes, stream));
+}
+
+size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
+                                   int num_topk, int max_experts_per_rank) {
+  checks::positive("max_tokens_per_rank", max_tokens_per_rank);
+  checks::positive("hidden", hidden);
+  checks::positive("ranks_per_node", ranks_per_node);
+  checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
+  const InterLayout l = InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
+                                          max_experts_per_rank, 0);
+  // The widest dispatch row: BF16 (FP8 rows plus scales are smaller).
+  const InterDispatchGeometry d = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk);
+  const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, num_topk);
+  return required_bytes(l, std::max(d.bytes, c.bytes));
+}
+
+InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
+  InterCommon ic;
+  ic.common = common(kernel);
+  ic.layout = inter.layout;
+  for (int r = 0; r < num_ranks; ++r) {
+    char* base = static_cast<char*>(sym->peers()[r]);
+    ic.net.window[r] = base ? base + inter.offset : nullptr;
+  }
+  ic.net.signals = inter.layout.signals;
+  ic.net.ranks_per_node = inter.layout.ranks_per_node;
+  ic.net.stats = reinterpret_cast<uint64_t*>(ic.net.window[rank] + inter.layout.stats);
+  ic.num_blocks = num_blocks;
+  return ic;
+}
+
+void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const {
+  if (options.low_latency_mode || inter.bytes == 0)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+                        ": normal mode across nodes needs the internode region (num_rdma_bytes > 0, "
+                        "low_latency_mode = false); see Buffer::internode_size_hint");
+  const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk);
+  if (g.bytes > inter.layout.half_bytes)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+                        " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) +
+                        " bytes for up to " + std::to_string(max_tokens) + " tokens per rank need " +
+                        std::to_string(required_bytes(inter.layout, g.bytes)) + " (Buffer::internode_size_hint)");
+}
+
+void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
+  InterNotifyParams p;
+  p.ic = inter_common(KernelId::kNotifyDispatch, np.num_blocks);
+  p.num_tokens = np.num_tokens;
+  p.num_experts = np.num_experts;
+  p.chunk = np.chunk;
+  p.expert_alignment = np.expert_alignment;
+  p.is_token_in_rank = np.is_token_in_rank;
+  p.num_tokens_per_rank = np.num_tokens_per_rank;
+  p.num_tokens_per_expert = np.num_tokens_per_expert;
+  p.parity_counter = np.parity_counter;
+  p.rank_prefix_matrix = np.rank_prefix_matrix;
+  p.chunk_offset = np.chunk_offset;
+  p.chunk_offset_stride = np.chunk_offset_stride;
+  p.num_recv_tokens_per_expert = np.num_recv_tokens_per_expert;
+  p.invalid_topk = np.invalid_topk;
+  p.host_result = np.host_result;
+  p.host_token = np.host_token;
+  launch_inter_notify(p, comm);
+}
+
+Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const StreamOrder& order) {
+  check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk);
+  InterDispatchParams p;
+  p.ic = inter_common(KernelId::kDispatch, dp.num_blocks);
+  p.geo = InterDispatchGeometry::make(inter.layout, dp.row_bytes, dp.num_scales, dp.num_topk);
+  p.chunk = dp.chunk;
+  p.max_chunks = dp.max_chunks;
+  p.num_tokens = dp.num_tokens;
+  p.row_bytes = dp.row_bytes;
+  p.num_scales = dp.num_scales;
+  p.num_topk = dp.num_topk;
+  p.experts_per_rank = dp.experts_per_rank;
+  p.cached = dp.cached;
+  p.x = dp.x;
+  p.x_scales = dp.x_scales;
+  p.scale_stride_token = dp.scale_stride_token;
+  p.scale_stride_group = dp.scale_stride_group;
+  p.topk_idx = dp.topk_idx;
+  p.topk_weights = dp.topk_weights;
+  p.is_token_in_rank = dp.is_token_in_rank;
+  p.chunk_offset = dp.chunk_offset;
+  p.chunk_offset_stride = dp.chunk_offset_stride;
+  p.recv_x = dp.recv_x;
+  p.recv_scales = dp.recv_scales;
+  p.recv_topk_idx = dp.recv_topk_idx;
+  p.recv_topk_weights = dp.recv_topk_weights;
+  p.recv_src_idx = dp.recv_src_idx;
+  p.num_worst_tokens = dp.num_worst_tokens;
+  p.num_rows = dp.num_rows;
+  enter(order);
+  launch_inter_dispatch(p, comm);
+  return leave(order);
+}
+
+Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const DispatchHandle& handle,
+                                          const StreamOrder& order) {
+  if (options.low_latency_mode || inter.bytes == 0)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+                        ": normal mode across nodes needs the internode region (num_rdma_bytes > 0, "
+                        "low_latency_mode = false); see Buffer::internode_size_hint");
+  InterCombineParams p;
+  p.ic = inter_common(KernelId::kCombine, cp.num_blocks);
+  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk);
+  if (p.geo.bytes > inter.layout.half_bytes)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+                        " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +
+                        " for up to " + std::to_string(max_tokens) + " tokens per rank needs " +
+                        std::to_string(required_bytes(inter.layout, p.geo.bytes)) + " (Buffer::internode_size_hint)");
+  checks::device_tensor("handle.recv_src_idx", handle.recv_src_idx, device, {DType::kI32}, 1);
+  checks::dim("handle.recv_src_idx", handle.recv_src_idx, 0, handle.num_rows, "received rows");
+  p.chunk = cp.chunk;
+  p.max_chunks = cp.max_chunks;
+  p.num_tokens = cp.num_tokens;
+  p.hidden = cp.hidden;
+  p.num_topk = cp.num_topk;
+  p.x = cp.x;
+  p.topk_weights = cp.topk_weights;
+  p.rank_prefix_matrix = handle.rank_prefix_matrix.ptr<const int32_t>();
+  p.recv_src_idx = handle.recv_src_idx.ptr<const int32_t>();
+  p.num_rows = handle.num_rows;
+  p.is_token_in_rank = cp.is_token_in_rank;
+  p.bias0 = cp.bias0;
+  p.bias1 = cp.bias1;
+  p.out = cp.out;
+  p.out_topk_weights = cp.out_topk_weights;
+  enter(order);
+  launch_inter_combine(p, comm);
+  return leave(order);
+}
+
+Buffer::InternodeStats Buffer::internode_stats(bool reset) {
+  Impl& m = *impl_;
+  InternodeStats s;
+  if (!m.inter.enabled || m.inter.bytes == 0) return s;
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  uint64_t* dev = reinterpret_cast<uint64_t*>(static_cast<char*>(m.sym->local()) + m.inter.offset + m.inter.layout.stats);
+  uint64_t host[kNumStats] = {};
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(host, dev, sizeof(host), cudaMemcpyDeviceToHost, m.comm));
+  if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  s.network_puts = host[kStatPuts];
+  s.network_bytes = host[kStatPutBytes];
+  s.network_rows = host[kStatRowsSent];
+  s.nvlink_bytes = host[kStatNvlBytes];
+  return s;
+}
+
+}  // namespace epcomm

@@ -1,0 +1,117 @@
+// Device helpers shared by the internode kernels: addressing inside the internode region, node
+// flags (LSA, between ranks of one node), the last-block pattern that ends a grid phase, and the
+// float32 row arithmetic of combine.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/wait.cuh"
+#include "kernels/internode/params.hpp"
+#include "transport/net_emulated.cuh"
+
+namespace epcomm::dev {
+
+constexpr int kInterThreads = 512;  // threads per block of the dispatch and combine kernels
+constexpr int kInterWarps = kInterThreads / 32;
+
+template <typename T = char>
+__device__ __forceinline__ T* at(char* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+template <typename T = char>
+__device__ __forceinline__ const T* at(const char* base, size_t offset) {
+  return reinterpret_cast<const T*>(base + offset);
+}
+
+struct Who {
+  int rank, node, local, R, P, N;
+};
+__device__ __forceinline__ Who who(const InterCommon& ic) {
+  const int rank = ic.common.rank, P = ic.layout.ranks_per_node;
+  return Who{rank, rank / P, rank % P, ic.layout.num_ranks, P, ic.layout.num_nodes};
+}
+
+// Every block calls it (all threads) after its part of a grid phase; returns true in one block, the
+// last to arrive, which then sees every other block's writes. The counter is left at zero.
+__device__ __forceinline__ bool grid_phase_last(uint32_t* counter) {
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned done = atomicAdd(counter, 1u);
+    last = done == gridDim.x - 1;
+    if (last) {
+      *counter = 0;
+      __threadfence();
+    }
+  }
+  __syncthreads();
+  return last != 0;
+}
+
+// The full destination mask of token t (bit r: rank r gets it), R <= 64. All lanes call it.
+__device__ __forceinline__ uint64_t token_ranks(const uint8_t* is_token_in_rank, int64_t t, int R, bool valid) {
+  uint64_t full = 0;
+  for (int base = 0; base < R; base += 32) {
+    const int r = base + lane_id();
+    const bool bit = valid && r < R && is_token_in_rank[t * R + r] != 0;
+    full |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, bit)) << base;
+  }
+  return full;
+}
+__device__ __forceinline__ uint32_t node_bits(uint64_t full, int node, int P) {
+  return static_cast<uint32_t>((full >> (node * P)) & (P >= 32 ? 0xffffffffull : ((1ull << P) - 1)));
+}
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
+  }
+}
+__device__ __forceinline__ void add_f32x8(float (&acc)[8], const float4* p) {
+  const float4 a = __ldcg(p), b = __ldcg(p + 1);
+  acc[0] = __fadd_rn(acc[0], a.x);
+  acc[1] = __fadd_rn(acc[1], a.y);
+  acc[2] = __fadd_rn(acc[2], a.z);
+  acc[3] = __fadd_rn(acc[3], a.w);
+  acc[4] = __fadd_rn(acc[4], b.x);
+  acc[5] = __fadd_rn(acc[5], b.y);
+  acc[6] = __fadd_rn(acc[6], b.z);
+  acc[7] = __fadd_rn(acc[7], b.w);
+}
+__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
+  int4 out;
+  auto* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  return out;
+}
+
+// Copies `bytes` (multiple of 16) with the whole warp, loads cached in L2 only (the data may come
+// from another GPU after an acquire).
+__device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  const int n = static_cast<int>(bytes / 16);
+  int i = lane_id();
+  for (; i + 96 < n; i += 128) {
+    const int4 a = __ldcg(s + i), b = __ldcg(s + i + 32), c = __ldcg(s + i + 64), e = __ldcg(s + i + 96);
+    d[i] = a;
+    d[i + 32] = b;
+    d[i + 64] = c;
+    d[i + 96] = e;
+  }
+  for (; i < n; i += 32) d[i] = __ldcg(s + i);
+}
+
+__device__ __forceinline__ void add_stat(const InterCommon& ic, int which, uint64_t v) {
+  if (v) atomicAdd(reinterpret_cast<unsigned long long*>(at<uint64_t>(ic.net.window[ic.common.rank], ic.layout.stats) + which),
+                   static_cast<unsigned long long>(v));
+}
+
+}  // namespace epcomm::dev

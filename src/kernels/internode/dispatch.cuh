@@ -1,0 +1,213 @@
+// Normal-mode dispatch across nodes (SPEC.md §3.2), hierarchical. Bodies are templates over the
+// network transport (EmulatedNet for virtual nodes, GinNet for real ones); dispatch.cu launches them.
+//
+// Design note.
+//   Rank (n, l) is local rank l of node n. A token crosses the network once per destination node:
+//   source (n, l) sends it to its *forwarder* (m, l) in each other node m that needs it, then every
+//   destination (m, d) of node m pulls it over NVLink from the forwarder. Tokens whose node is the
+//   source's own are pulled straight from the source (it is its own forwarder).
+//   - notify (notify.cu) exchanges counts and per-chunk masks through the transport and builds the
+//     same handle as the intranode path: rank_prefix_matrix and chunk_offset (first receive row of
+//     every (source, chunk)), so row order, handle and cached dispatch are exactly SPEC's.
+//   - send kernel: each rank stages every token that goes anywhere into its own region at
+//     rows[own node][t] (row, scales, topk) and its per-node masks; then puts rows[own][t] to
+//     forwarder (m, l) at the same offset for each other node m the token goes to (one put per
+//     token and node), and, from the last block, the mask array of node m. Each block signals each
+//     forwarder once after its puts (the last block twice), so a forwarder expects B + 1 per call.
+//   - receive kernel: the forwarder waits for those signals and raises a node flag per source node
+//     (LSA); every rank then, for each (source, chunk) it receives rows from, reads the chunk's
+//     masks at the forwarder, picks its bit and copies each row to its final position
+//     chunk_offset[source][chunk] + k. Buffers are whole (Tm rows per source node, no ring): a
+//     forwarder's rows are free again once all its node peers finished reading (a node barrier at
+//     the end of the receive kernel), and it then signals "free" to its remote sources, which wait
+//     for it before their next puts.
+//   Memory: the internode region (num_rdma_bytes) holds Tm rows per node in each half; see
+//   params.hpp and Buffer::internode_size_hint.
+#pragma once
+
+#include "kernels/common/sequence.cuh"
+#include "kernels/internode/common.cuh"
+
+namespace epcomm::dev {
+
+template <class Net>
+__device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net) {
+  const InterCommon& ic = p.ic;
+  const InterLayout& L = ic.layout;
+  const InterDispatchGeometry& g = p.geo;
+  const WaitContext& w = ic.common.wait;
+  const Who me = who(ic);
+  char* const mine = ic.net.window[me.rank];
+  const int lane = lane_id(), warp = warp_id(), B = gridDim.x;
+  const int T = p.num_tokens;
+  const int num_chunks = (T + p.chunk - 1) / p.chunk;
+
+  // 1. Every remote forwarder must have released what this rank put there last time.
+  int ok = 1;
+  if (threadIdx.x < me.N && threadIdx.x != me.node) {
+    const int f = threadIdx.x * me.P + me.local;
+    const uint64_t least = *at<uint64_t>(mine, L.shadow(kSigDispatchFree, f));
+    ok = net.wait_signal(w, L.signal_id(kSigDispatchFree, f), least, WaitPhase::kDispatchSlotFree, f);
+  }
+  ok = __syncthreads_and(ok);
+
+  // 2. Stage this block's chunks; put each token's row once to every other node it goes to.
+  uint64_t rows_sent = 0;
+  for (int c = blockIdx.x; ok && c < num_chunks; c += B) {
+    for (int t = c * p.chunk + warp; t < (c + 1) * p.chunk; t += kInterWarps) {
+      const bool valid = t < T;
+      const uint64_t full = token_ranks(p.is_token_in_rank, t, me.R, valid);
+      if (lane < me.N) {
+        const uint32_t bits = node_bits(full, lane, me.P);
+        *at<uint32_t>(mine, lane == me.node ? g.mask(L, me.node, t) : g.send_mask(L, lane, t)) = bits;
+      }
+      if (full == 0) continue;
+      char* row = mine + g.row(L, me.node, t);
+      warp_copy(row, p.x + static_cast<size_t>(t) * p.row_bytes, p.row_bytes);
+      const int G = p.num_scales, K = p.num_topk;
+      auto* meta = reinterpret_cast<uint32_t*>(row + p.row_bytes);
+      for (int f = lane; f < G + 2 * K; f += 32) {
+        uint32_t v;
+        if (f < G)
+          v = __float_as_uint(p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group]);
+        else if (f < G + K)
+          v = static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * K + (f - G)]));
+        else
+          v = p.topk_weights ? __float_as_uint(p.topk_weights[static_cast<int64_t>(t) * K + (f - G - K)]) : 0u;
+        meta[f] = v;
+      }
+      __syncwarp();
+      for (int m = 0; m < me.N; ++m) {
+        if (m == me.node || node_bits(full, m, me.P) == 0) continue;
+        net.put_warp(m * me.P + me.local, g.row(L, me.node, t), g.row(L, me.node, t), g.drow);
+        ++rows_sent;
+      }
+    }
+  }
+  if (lane == 0) add_stat(ic, kStatRowsSent, rows_sent);
+  net.fence_puts();
+  __syncthreads();
+  if (ok && threadIdx.x < me.N && threadIdx.x != me.node)
+    net.signal(threadIdx.x * me.P + me.local, L.signal_id(kSigDispatchData, me.rank), 1);
+
+  // 3. The last block sends the mask arrays (all blocks wrote theirs) and counts the call.
+  if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountSendDone)) {
+    const size_t bytes = align_up(static_cast<size_t>(num_chunks) * p.chunk * 4, 16);
+    if (ok && warp < me.N && warp != me.node) {
+      const int f = warp * me.P + me.local;
+      if (bytes > 0) net.put_warp(f, g.mask(L, me.node, 0), g.send_mask(L, warp, 0), bytes);
+      net.fence_puts();
+      __syncwarp();
+      if (lane == 0) net.signal(f, L.signal_id(kSigDispatchData, me.rank), 1);
+    }
+    if (threadIdx.x < me.N && threadIdx.x != me.node)
+      *at<uint64_t>(mine, L.shadow(kSigDispatchFree, threadIdx.x * me.P + me.local)) += 1;
+  }
+  net.flush();
+}
+
+template <class Net>
+__device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net, uint32_t seq) {
+  const InterCommon& ic = p.ic;
+  const InterLayout& L = ic.layout;
+  const InterDispatchGeometry& g = p.geo;
+  const WaitContext& w = ic.common.wait;
+  const Who me = who(ic);
+  char* const mine = ic.net.window[me.rank];
+  const int lane = lane_id(), warp = warp_id(), B = gridDim.x;
+
+  // Forwarder: once a source node's rows are here, tell the node (one flag per source node).
+  if (blockIdx.x == 0 && warp == 0 && lane < me.N) {
+    bool ok = true;
+    if (lane != me.node) {
+      const int src = lane * me.P + me.local;
+      uint64_t* shadow = at<uint64_t>(mine, L.shadow(kSigDispatchData, src));
+      const uint64_t least = *shadow + B + 1;
+      ok = net.wait_signal(w, L.signal_id(kSigDispatchData, src), least, WaitPhase::kDispatchReady, src);
+      if (ok) *shadow = least;
+    }
+    if (ok) st_release_sys(at<uint64_t>(mine, L.flag(kFlagForwardReady, lane)), tag(seq, 1));
+  }
+  __syncwarp();
+
+  // Receivers: a warp per (source, chunk).
+  const int K = p.num_topk, G = p.num_scales;
+  const int expert_begin = me.rank * p.experts_per_rank;
+  uint64_t ready = 0;  // sources whose forwarder flag this warp has seen
+  uint64_t nvl_bytes = 0;
+  bool ok = true;
+  const int items = me.R * p.max_chunks;
+  for (int item = blockIdx.x * kInterWarps + warp; ok && item < items; item += B * kInterWarps) {
+    const int i = item / p.max_chunks, c = item % p.max_chunks;
+    const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(i) * p.chunk_offset_stride;
+    const int row_begin = offsets[c];
+    const int rows = offsets[c + 1] - row_begin;
+    if (rows <= 0) continue;
+    const int n = i / me.P;
+    const int fwd = me.node * me.P + i % me.P;
+    const char* F = ic.net.window[fwd];
+    if (!((ready >> i) & 1u)) {
+      ok = warp_wait_flag(w, at<uint64_t>(F, L.flag(kFlagForwardReady, n)), tag(seq, 1), WaitPhase::kDispatchReady, fwd);
+      if (!ok) break;
+      __syncwarp();  // every lane's loads below come after lane 0's acquire
+      ready |= 1ull << i;
+    }
+    const int t0 = c * p.chunk;
+    const uint32_t mk = lane < p.chunk ? __ldcg(at<uint32_t>(F, g.mask(L, n, t0 + lane))) : 0u;
+    uint32_t sel = __ballot_sync(0xffffffffu, (mk >> me.local) & 1u);
+    if (__popc(sel) != rows) {
+      if (lane == 0) report_mismatch(w, WaitPhase::kDispatchReady, fwd, rows, __popc(sel));
+      ok = false;
+      break;
+    }
+    for (int k = 0; k < rows; ++k) {
+      const int pos = __ffs(sel) - 1;
+      sel &= sel - 1;
+      const int t = t0 + pos;
+      const int64_t row = row_begin + k;
+      if (row >= p.num_rows) continue;  // num_worst_tokens too small: reported by the host, never overrun
+      const char* src = F + g.row(L, n, t);
+      warp_copy(p.recv_x + row * p.row_bytes, src, p.row_bytes);
+      const auto* meta = reinterpret_cast<const uint32_t*>(src + p.row_bytes);
+      for (int f = lane; f < G; f += 32) p.recv_scales[row * G + f] = __uint_as_float(__ldcg(meta + f));
+      if (lane < K) {
+        const int32_t e = static_cast<int32_t>(__ldcg(meta + G + lane));
+        const float wt = __uint_as_float(__ldcg(meta + G + K + lane));
+        const bool local = e >= expert_begin && e < expert_begin + p.experts_per_rank;
+        p.recv_topk_idx[row * K + lane] = local ? e - expert_begin : -1;
+        if (p.recv_topk_weights) p.recv_topk_weights[row * K + lane] = local ? wt : 0.f;
+      }
+      if (!p.cached && lane == 0) p.recv_src_idx[row] = t;
+    }
+    if (fwd != me.rank) nvl_bytes += static_cast<uint64_t>(rows) * p.row_bytes;
+  }
+  if (lane == 0) add_stat(ic, kStatNvlBytes, nvl_bytes);
+
+  // num_worst_tokens: rows past the real count get topk -1 and weight 0.
+  if (p.num_worst_tokens > 0 && K > 0) {
+    const int num_recv = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 1];
+    const int64_t begin = static_cast<int64_t>(num_recv) * K, end = static_cast<int64_t>(p.num_worst_tokens) * K;
+    for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
+      p.recv_topk_idx[e] = -1;
+      if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
+    }
+  }
+
+  // Node barrier: once every node peer has read this rank's rows, the remote sources may send again.
+  if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountRecvDone)) {
+    if (threadIdx.x < me.P) {
+      char* peer = ic.net.window[me.node * me.P + threadIdx.x];
+      st_release_sys(at<uint64_t>(peer, L.flag(kFlagDispatchRead, me.local)), tag(seq, 1));
+    }
+    __syncthreads();
+    int done = 1;
+    if (threadIdx.x < me.P && !aborted(w))
+      done = wait_flag_geq(w, at<uint64_t>(mine, L.flag(kFlagDispatchRead, threadIdx.x)), tag(seq, 1),
+                           WaitPhase::kDispatchSlotFree, me.node * me.P + threadIdx.x);
+    done = __syncthreads_and(done);
+    if (done && threadIdx.x < me.N && threadIdx.x != me.node)
+      net.signal(threadIdx.x * me.P + me.local, L.signal_id(kSigDispatchFree, me.rank), 1);
+  }
+}
+
+}  // namespace epcomm::dev

@@ -1,0 +1,230 @@
+// Normal mode across nodes (SPEC.md §3.2, hierarchical): where things live in the internode region
+// and the arguments of its three kernels. Plain data shared by host (core/buffer_internode.cpp) and
+// device code (kernels/internode/*.cu). The design note is at the top of dispatch.cu.
+//
+// Rank r is (node r / P, local index r % P). Tm = max_tokens_per_rank + 32 rounded up to 32. Offsets are
+// relative to the internode region of each rank (same on every rank).
+//
+//   control (fixed at construction)
+//     signals  u64 [kNumSignals][R]   network signals, [kind][peer]; peers add into them
+//     shadows  u64 [kNumSignals][R]   local: running totals this rank has waited for
+//     flags    u64 [kNumFlags][max(N, P)]   node flags, set by node peers through LSA
+//     counters u32 [kNumCounters]     local: last-block counters of the grid phases
+//     stats    u64 [kNumStats]        local: network puts and bytes (tests, benchmarks)
+//     meta_in  [2 parities][R sources] meta entries (counts, expert counts, chunk masks)
+//     meta_out [R destinations]       staging of this rank's meta entries (put sources)
+//   dispatch half (first half of the rest)
+//     masks      u32 [N source nodes][Tm]  bit d: token goes to local rank d of *this* node;
+//                                          [own node] is this rank's staging for its own node
+//     send_masks u32 [N dest nodes][Tm]    staging: the masks for each destination node
+//     rows       [N source nodes][Tm] drow  row + scales + topk idx + weights; [own node] = staging
+//   combine half
+//     in   [N origin nodes][P expert ranks][Tm] crow: tag u32 (pad 16), bf16 row, K f32 weights
+//     out  [N origin nodes][Tm] prow: staging of node partial sums (f32 row, K f32)
+//     net  [N source nodes][Tm] prow: node partial sums received (own node's written locally)
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/common/control.hpp"
+#include "kernels/normal/params.hpp"
+#include "transport/net_params.hpp"
+
+namespace epcomm {
+
+enum InterSignal : int { kSigMeta = 0, kSigDispatchData, kSigDispatchFree, kSigCombineData, kSigCombineFree, kNumSignals };
+enum InterFlag : int {
+  kFlagForwardReady = 0,  // [source node]: this rank (forwarder) holds that node's dispatch rows
+  kFlagDispatchRead,      // [local rank]: that node peer finished reading this rank's dispatch rows
+  kFlagCombinePushed,     // [local rank]: that node peer finished pushing into this rank's combine input
+  kFlagCombineRead,       // [local rank]: that node peer finished reading the combine input it got
+  kFlagOwnPartial,        // [0]: this rank's own-node partial sums are written (local)
+  kNumFlags
+};
+enum InterCounter : int { kCountSendDone = 0, kCountRecvDone, kCountPushDone, kCountReduceDone, kCountFinalDone,
+                          kNumCounters = 8 };
+enum InterStat : int { kStatPuts = 0, kStatPutBytes, kStatNvlBytes, kStatRowsSent, kNumStats = 8 };
+
+struct InterLayout {
+  int num_ranks = 0, ranks_per_node = 0, num_nodes = 0;
+  int max_tokens = 0;  // Tm (multiple of 32)
+  int max_chunks = 0;  // per source in the meta masks
+  int max_local_experts = 0;
+  size_t signals = 0, shadows = 0, flags = 0, counters = 0, stats = 0;
+  size_t meta_in = 0, meta_out = 0, meta_stride = 0, meta_counts = 0, meta_experts = 0, meta_masks = 0;
+  size_t control_bytes = 0;
+  size_t half_bytes = 0;  // of each data half
+  int flag_stride = 0;
+
+  static InterLayout make(int R, int P, int max_tokens, int max_chunks, int max_local_experts, size_t region_bytes) {
+    InterLayout l;
+    l.num_ranks = R;
+    l.ranks_per_node = P;
+    l.num_nodes = R / P;
+    // One chunk of slack: the last chunk's masks are padded to a whole chunk.
+    l.max_tokens = static_cast<int>(align_up(static_cast<size_t>(max_tokens) + 32, 32));
+    l.max_chunks = max_chunks;
+    l.max_local_experts = max_local_experts;
+    l.flag_stride = l.num_nodes > P ? l.num_nodes : P;
+    size_t off = 0;
+    l.signals = off;
+    off = align_up(off + sizeof(uint64_t) * kNumSignals * R, 128);
+    l.shadows = off;
+    off = align_up(off + sizeof(uint64_t) * kNumSignals * R, 128);
+    l.flags = off;
+    off = align_up(off + sizeof(uint64_t) * kNumFlags * l.flag_stride, 128);
+    l.counters = off;
+    off = align_up(off + sizeof(uint32_t) * kNumCounters, 128);
+    l.stats = off;
+    off = align_up(off + sizeof(uint64_t) * kNumStats, 128);
+    l.meta_counts = 16;
+    l.meta_experts = align_up(l.meta_counts + sizeof(int32_t) * R, 16);
+    l.meta_masks = align_up(l.meta_experts + sizeof(int32_t) * max_local_experts, 16);
+    l.meta_stride = align_up(l.meta_masks + sizeof(uint32_t) * max_chunks, 128);
+    l.meta_in = off;
+    off += 2 * static_cast<size_t>(R) * l.meta_stride;
+    l.meta_out = off;
+    off += static_cast<size_t>(R) * l.meta_stride;
+    l.control_bytes = align_up(off, 4096);
+    l.half_bytes = region_bytes > l.control_bytes ? (region_bytes - l.control_bytes) / 2 / 4096 * 4096 : 0;
+    return l;
+  }
+
+  EPCOMM_HD size_t signal(int kind, int peer) const { return signals + (static_cast<size_t>(kind) * num_ranks + peer) * 8; }
+  EPCOMM_HD int signal_id(int kind, int peer) const { return kind * num_ranks + peer; }
+  EPCOMM_HD size_t shadow(int kind, int peer) const { return shadows + (static_cast<size_t>(kind) * num_ranks + peer) * 8; }
+  EPCOMM_HD size_t flag(int kind, int index) const { return flags + (static_cast<size_t>(kind) * flag_stride + index) * 8; }
+  EPCOMM_HD size_t meta(int parity, int source) const {
+    return meta_in + (static_cast<size_t>(parity) * num_ranks + source) * meta_stride;
+  }
+  EPCOMM_HD size_t meta_staging(int dest) const { return meta_out + static_cast<size_t>(dest) * meta_stride; }
+  EPCOMM_HD size_t dispatch_base() const { return control_bytes; }
+  EPCOMM_HD size_t combine_base() const { return control_bytes + half_bytes; }
+};
+
+// Sizes of one dispatch's rows and where its arrays sit in the dispatch half.
+struct InterDispatchGeometry {
+  size_t row_bytes = 0;   // x row
+  size_t drow = 0;        // row + scales + topk idx + weights, 16-aligned
+  size_t masks = 0, send_masks = 0, rows = 0;  // offsets in the region
+  size_t bytes = 0;       // of the dispatch half this needs
+
+  static InterDispatchGeometry make(const InterLayout& l, int row_bytes, int num_scales, int num_topk) {
+    InterDispatchGeometry g;
+    g.row_bytes = static_cast<size_t>(row_bytes);
+    g.drow = align_up(g.row_bytes + sizeof(float) * (num_scales + 2 * num_topk), 16);
+    const size_t mask_bytes = align_up(sizeof(uint32_t) * l.num_nodes * l.max_tokens, 128);
+    g.masks = l.dispatch_base();
+    g.send_masks = g.masks + mask_bytes;
+    g.rows = g.send_masks + mask_bytes;
+    g.bytes = 2 * mask_bytes + static_cast<size_t>(l.num_nodes) * l.max_tokens * g.drow;
+    return g;
+  }
+  EPCOMM_HD size_t mask(const InterLayout& l, int node, int t) const {
+    return masks + (static_cast<size_t>(node) * l.max_tokens + t) * 4;
+  }
+  EPCOMM_HD size_t send_mask(const InterLayout& l, int node, int t) const {
+    return send_masks + (static_cast<size_t>(node) * l.max_tokens + t) * 4;
+  }
+  EPCOMM_HD size_t row(const InterLayout& l, int node, int t) const {
+    return rows + (static_cast<size_t>(node) * l.max_tokens + t) * drow;
+  }
+};
+
+struct InterCombineGeometry {
+  size_t crow = 0;  // tag (16) + bf16 row + K f32, 16-aligned
+  size_t prow = 0;  // f32 row + K f32, 16-aligned
+  size_t in = 0, out = 0, net = 0;
+  size_t bytes = 0;
+
+  static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk) {
+    InterCombineGeometry g;
+    g.crow = 16 + align_up(static_cast<size_t>(hidden) * 2 + sizeof(float) * num_topk, 16);
+    g.prow = align_up(static_cast<size_t>(hidden) * 4 + sizeof(float) * num_topk, 16);
+    const size_t tm = static_cast<size_t>(l.max_tokens);
+    g.in = l.combine_base();
+    g.out = g.in + static_cast<size_t>(l.num_nodes) * l.ranks_per_node * tm * g.crow;
+    g.net = g.out + static_cast<size_t>(l.num_nodes) * tm * g.prow;
+    g.bytes = g.net + static_cast<size_t>(l.num_nodes) * tm * g.prow - g.in;
+    return g;
+  }
+  EPCOMM_HD size_t in_row(const InterLayout& l, int node, int expert_local, int t) const {
+    return in + ((static_cast<size_t>(node) * l.ranks_per_node + expert_local) * l.max_tokens + t) * crow;
+  }
+  EPCOMM_HD size_t out_row(const InterLayout& l, int node, int t) const {
+    return out + (static_cast<size_t>(node) * l.max_tokens + t) * prow;
+  }
+  EPCOMM_HD size_t net_row(const InterLayout& l, int node, int t) const {
+    return net + (static_cast<size_t>(node) * l.max_tokens + t) * prow;
+  }
+};
+
+// What every internode kernel carries.
+struct InterCommon {
+  CommonParams common;            // rank, wait context, call sequence (peer_base unused)
+  InterLayout layout;
+  EmulatedNetParams net;          // window[r]: internode region of rank r (LSA pointer where reachable)
+  int num_blocks = 0;
+};
+
+struct InterNotifyParams {
+  InterCommon ic;
+  int num_tokens = 0, num_experts = 0, chunk = 0, expert_alignment = 1;
+  const uint8_t* is_token_in_rank = nullptr;       // [T, R]
+  const int32_t* num_tokens_per_rank = nullptr;    // [R]
+  const int32_t* num_tokens_per_expert = nullptr;  // [E]
+  uint32_t* parity_counter = nullptr;
+  int32_t* rank_prefix_matrix = nullptr;           // [R, R]
+  int32_t* chunk_offset = nullptr;                 // [R, stride]
+  int chunk_offset_stride = 0;
+  int32_t* num_recv_tokens_per_expert = nullptr;
+  int32_t* invalid_topk = nullptr;
+  int32_t* host_result = nullptr;
+  int32_t host_token = 0;
+};
+
+struct InterDispatchParams {
+  InterCommon ic;
+  InterDispatchGeometry geo;
+  int chunk = 0, max_chunks = 0, num_tokens = 0, row_bytes = 0, num_scales = 0, num_topk = 0;
+  int experts_per_rank = 0;
+  bool cached = false;
+  const uint8_t* x = nullptr;
+  const float* x_scales = nullptr;
+  int64_t scale_stride_token = 0, scale_stride_group = 0;
+  const int64_t* topk_idx = nullptr;
+  const float* topk_weights = nullptr;
+  const uint8_t* is_token_in_rank = nullptr;  // [T, R]
+  const int32_t* chunk_offset = nullptr;      // [R, stride]
+  int chunk_offset_stride = 0;
+  uint8_t* recv_x = nullptr;
+  float* recv_scales = nullptr;
+  int64_t* recv_topk_idx = nullptr;
+  float* recv_topk_weights = nullptr;
+  int32_t* recv_src_idx = nullptr;
+  int num_worst_tokens = 0;
+  int num_rows = 0;
+};
+
+struct InterCombineParams {
+  InterCommon ic;
+  InterCombineGeometry geo;
+  int chunk = 0, max_chunks = 0, num_tokens = 0, hidden = 0, num_topk = 0;
+  const uint16_t* x = nullptr;                // [num_recv, hidden]
+  const float* topk_weights = nullptr;        // [num_recv, K]
+  const int32_t* rank_prefix_matrix = nullptr;
+  const int32_t* recv_src_idx = nullptr;
+  int num_rows = 0;
+  const uint8_t* is_token_in_rank = nullptr;  // [T, R]
+  const uint16_t* bias0 = nullptr;
+  const uint16_t* bias1 = nullptr;
+  uint16_t* out = nullptr;
+  float* out_topk_weights = nullptr;
+};
+
+void launch_inter_notify(const InterNotifyParams& p, void* stream);
+void launch_inter_dispatch(const InterDispatchParams& p, void* stream);  // send + receive kernels
+void launch_inter_combine(const InterCombineParams& p, void* stream);
+
+}  // namespace epcomm
