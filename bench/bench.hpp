@@ -18,6 +18,7 @@ struct Options {
   std::vector<int> sms = {24};  // normal mode: SM counts to measure
   int chunk = 0;                // normal mode: Config.nvl_chunk_size (0 = default)
   int ring = 0;                 // normal mode: Config.nvl_buffer_size for dispatch (0 = default)
+  int ranks_per_node = 0;       // normal mode: > 0 splits the GPUs into (virtual) nodes of this many
   int iters = 30;
   int warmup = 5;
   bool baseline = true;         // also run the NCCL all-to-all baseline

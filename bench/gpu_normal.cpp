@@ -5,6 +5,8 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -41,6 +43,43 @@ RankData make_rank_data(uint64_t seed, int rank, int T, int H, int K, int E) {
   return d;
 }
 
+// Hierarchical mode (--ranks-per-node): bytes a rank's tokens need on the network by DeepEP's
+// "RDMA" count (tokens x destination nodes x row bytes, own node included) and the rows that really
+// cross it (other nodes only), from the routing.
+struct NodeTraffic {
+  double deepep_rdma_rows = 0, network_rows = 0;
+};
+NodeTraffic node_traffic(const RankData& d, int rank, int K, int E, int R, int P) {
+  NodeTraffic n;
+  const int per_rank = E / R;
+  for (int t = 0; t < d.num_tokens; ++t) {
+    uint64_t nodes = 0;
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = d.topk[static_cast<size_t>(t) * K + k];
+      if (e >= 0) nodes |= 1ull << ((e / per_rank) / P);
+    }
+    n.deepep_rdma_rows += __builtin_popcountll(nodes);
+    n.network_rows += __builtin_popcountll(nodes & ~(1ull << (rank / P)));
+  }
+  return n;
+}
+
+// BF16 outputs equal within one rounding step (the hierarchical combine sums node by node).
+bool close_bf16_bytes(const DevMem& m, const std::vector<uint16_t>& want) {
+  std::vector<uint16_t> got(want.size());
+  if (!got.empty())
+    cuda_check(cudaMemcpy(got.data(), m.get(), got.size() * 2, cudaMemcpyDeviceToHost), "download");
+  auto f = [](uint16_t b) {
+    uint32_t u = static_cast<uint32_t>(b) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  };
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::abs(f(got[i]) - f(want[i])) > 1e-2f * std::max(1.f, std::abs(f(want[i])))) return false;
+  return true;
+}
+
 }  // namespace
 
 void run_gpu_normal(const Options& o, Report& report) {
@@ -54,6 +93,9 @@ void run_gpu_normal(const Options& o, Report& report) {
   report.ranks = R;
   report.problem = "normal: tokens " + std::to_string(T) + "/rank, hidden " + std::to_string(H) + ", top-" +
                    std::to_string(K) + ", " + std::to_string(E) + " experts, uniform routing";
+  const int P = o.ranks_per_node > 0 ? o.ranks_per_node : R;
+  const bool internode = P < R;
+  if (internode) report.problem += ", " + std::to_string(R / P) + " (virtual) nodes x " + std::to_string(P);
   const uint64_t seed = std::random_device{}();
   std::vector<RankData> data(R);
   for (int r = 0; r < R; ++r) data[r] = make_rank_data(seed, r, T, H, K, E);
@@ -101,7 +143,7 @@ void run_gpu_normal(const Options& o, Report& report) {
   std::mutex mu;
   run_threads(R, [&](int r) {
     cuda_check(cudaSetDevice(r), "cudaSetDevice");
-    auto group = Group::create_nccl(id, R, r, r);
+    auto group = Group::create_nccl(id, R, r, r, o.ranks_per_node);
     Config big = Config::dispatch_default(R);
     big.num_sms = max_sms;
     Config bigc = Config::combine_default(R);
@@ -109,6 +151,10 @@ void run_gpu_normal(const Options& o, Report& report) {
     if (o.ring > 0) big.nvl_buffer_size = bigc.nvl_buffer_size = o.ring;
     BufferOptions bo;
     bo.num_nvl_bytes = std::max(big.get_nvl_buffer_size_hint(H * 2, R), bigc.get_nvl_buffer_size_hint(H * 2, R));
+    if (internode) {  // the internode region holds whole per-node buffers: size it for this T only
+      bo.max_tokens_per_rank = std::max(T, 1);
+      bo.num_rdma_bytes = Buffer::internode_size_hint(bo.max_tokens_per_rank, H, R, P, K);
+    }
     Buffer buf(group, bo);
     cudaStream_t stream;
     cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
@@ -174,8 +220,24 @@ void run_gpu_normal(const Options& o, Report& report) {
           buf.dispatch_run(di, plan, h, dout, order);
         };
         auto dispatch = [&] { run(prepare()); };
+        if (internode) buf.internode_stats(/*reset=*/true);
         dispatch();
         cuda_check(cudaStreamSynchronize(stream), "dispatch");
+        if (internode) {
+          const Buffer::InternodeStats s = buf.internode_stats(true);
+          const NodeTraffic nt = node_traffic(d, r, K, E, R, P);
+          const double rb = fp8 ? H + 4.0 * G : 2.0 * H;
+          char note[256];
+          std::snprintf(note, sizeof note,
+                        "network %.1f MB (%llu rows, expected %.0f; %llu puts), NVLink %.1f MB; DeepEP RDMA bytes %.1f MB",
+                        s.network_bytes / 1e6, static_cast<unsigned long long>(s.network_rows), nt.network_rows,
+                        static_cast<unsigned long long>(s.network_puts), s.nvlink_bytes / 1e6,
+                        nt.deepep_rdma_rows * rb / 1e6);
+          std::lock_guard<std::mutex> lock(mu);
+          report.rows.push_back({"epcomm", std::string(fp8 ? "dispatch-fp8" : "dispatch-bf16") + ":traffic", r, sms, 0, 0,
+                                 note});
+          if (s.network_rows != static_cast<uint64_t>(nt.network_rows)) report.ok = false;
+        }
         std::string check;
         if (o.verify) {
           const auto& want = fp8 ? want_fp8[r] : want_bf16[r];
@@ -218,10 +280,20 @@ void run_gpu_normal(const Options& o, Report& report) {
         ci.config = ccfg;
         CombineOutputs co{view(out, DType::kBF16, {T, H}, r), view(out_w, DType::kF32, {T, K}, r)};
         auto combine = [&] { buf.combine(ci, h, co, order); };
+        if (internode) buf.internode_stats(/*reset=*/true);
         combine();
         cuda_check(cudaStreamSynchronize(stream), "combine");
+        if (internode) {
+          const Buffer::InternodeStats s = buf.internode_stats(true);
+          char note[160];
+          std::snprintf(note, sizeof note, "network %.1f MB (%llu partial rows, f32), NVLink %.1f MB", s.network_bytes / 1e6,
+                        static_cast<unsigned long long>(s.network_rows), s.nvlink_bytes / 1e6);
+          std::lock_guard<std::mutex> lock(mu);
+          report.rows.push_back({"epcomm", "combine:traffic", r, sms, 0, 0, note});
+        }
         if (o.verify) {
-          const bool ok = equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2) &&
+          const bool ok = (internode ? close_bf16_bytes(out, want_comb[r].combined_x)
+                                     : equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2)) &&
                           equal_bytes(out_w, want_comb[r].combined_topk_weights.data(), sizeof(float) * T * K);
           std::lock_guard<std::mutex> lock(mu);
           report.checks.push_back("combine @" + std::to_string(sms) + " SMs rank " + std::to_string(r) +

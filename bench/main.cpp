@@ -77,6 +77,8 @@ void usage() {
       "  --dtype bf16|fp8|both   dispatch input type (default both)\n"
       "  --sms A,B,...    SMs per normal-mode kernel to measure (default 24)\n"
       "  --chunk N --ring N      Config.nvl_chunk_size / nvl_buffer_size of dispatch and combine (tokens)\n"
+      "  --ranks-per-node P      normal mode across nodes: the GPUs as nodes of P ranks (virtual nodes;\n"
+      "                   reports network-hop and NVLink bytes per rank)\n"
       "  --iters N --warmup N    timed and warm-up iterations (default 30, 5)\n"
       "  --no-baseline    skip the NCCL all-to-all baseline\n"
       "  --no-verify      skip the comparison with the CPU reference\n"
@@ -117,6 +119,7 @@ int main(int argc, char** argv) {
     else if (a == "--sms") o.sms = parse_list(next());
     else if (a == "--chunk") o.chunk = std::atoi(next());
     else if (a == "--ring") o.ring = std::atoi(next());
+    else if (a == "--ranks-per-node") o.ranks_per_node = std::atoi(next());
     else if (a == "--iters") o.iters = std::atoi(next());
     else if (a == "--warmup") o.warmup = std::atoi(next());
     else if (a == "--no-baseline") o.baseline = false;
