@@ -44,13 +44,14 @@ struct EmulatedNet {
     const int lane = lane_id();
     int i = lane;
     for (; i + 96 < n; i += 128) {
-      const int4 a = src[i], b = src[i + 32], c = src[i + 64], d = src[i + 96];
+      // L2 loads: the source may hold what other blocks of this rank just wrote.
+      const int4 a = __ldcg(src + i), b = __ldcg(src + i + 32), c = __ldcg(src + i + 64), d = __ldcg(src + i + 96);
       dst[i] = a;
       dst[i + 32] = b;
       dst[i + 64] = c;
       dst[i + 96] = d;
     }
-    for (; i < n; i += 32) dst[i] = src[i];
+    for (; i < n; i += 32) dst[i] = __ldcg(src + i);
     if (lane == 0 && p.stats && peer / p.ranks_per_node != rank / p.ranks_per_node) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&p.stats[0]), 1ull);
       atomicAdd(reinterpret_cast<unsigned long long*>(&p.stats[1]), static_cast<unsigned long long>(bytes));
