@@ -93,9 +93,10 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
   // 3. The last block sends the mask arrays (all blocks wrote theirs) and counts the call.
   if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountSendDone)) {
     const size_t bytes = align_up(static_cast<size_t>(num_chunks) * p.chunk * 4, 16);
-    if (ok && warp < me.N && warp != me.node) {
-      const int f = warp * me.P + me.local;
-      if (bytes > 0) net.put_warp(f, g.mask(L, me.node, 0), g.send_mask(L, warp, 0), bytes);
+    for (int m = warp; ok && m < me.N; m += kInterWarps) {
+      if (m == me.node) continue;
+      const int f = m * me.P + me.local;
+      if (bytes > 0) net.put_warp(f, g.mask(L, me.node, 0), g.send_mask(L, m, 0), bytes);
       net.fence_puts();
       __syncwarp();
       if (lane == 0) net.signal(f, L.signal_id(kSigDispatchData, me.rank), 1);
