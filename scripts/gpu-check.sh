@@ -98,7 +98,7 @@ if [[ " $steps " == *" python "* ]]; then
   export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
   timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 -m pytest -rs -q --durations=0 "$root/tests/python/test_gpu.py" >"$out/python.log" 2>&1
   rc=$?
-  sed -n '/epcomm GPU case timings/,$p' "$out/python.log" | head -60; tail -5 "$out/python.log"
+  grep "^\[epcomm case\]" "$out/python.log" | head -80; tail -5 "$out/python.log"
   log "python tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
   log "python: examples/moe_layer.py"

@@ -8,6 +8,7 @@ import importlib
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Dict, List, Tuple
@@ -96,6 +97,7 @@ class Cluster:
         start = time.monotonic()
         self._collect("startup", self.start_timeout, expect="ready")
         TIMINGS.append((f"startup: {self.num_ranks} processes, process group, buffer", time.monotonic() - start, {}))
+        print(f"[epcomm case] {TIMINGS[-1][1]:7.2f} s  {TIMINGS[-1][0]}", file=sys.__stderr__, flush=True)
 
     def _collect(self, what: str, timeout: float, expect: str = "ok") -> List[Any]:
         deadline = time.monotonic() + timeout
@@ -134,6 +136,10 @@ class Cluster:
         out = self._collect(case, timeout)
         what = kwargs.get("what")
         TIMINGS.append((case + (f" ({what})" if what else ""), time.monotonic() - start, self._phases))
+        # Also as it happens (past pytest's capture), so a run cut short still shows where time went.
+        label, wall, phases = TIMINGS[-1]
+        print(f"[epcomm case] {wall:7.2f} s  {label}  " + " ".join(f"{k}={v:.2f}" for k, v in sorted(phases.items())),
+              file=sys.__stderr__, flush=True)
         return out
 
     def close(self) -> None:
