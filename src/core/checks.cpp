@@ -1,7 +1,7 @@
 #include "core/checks.hpp"
 
 #include <cstdint>
-#include <sstream>
+#include <string>
 
 #include "epcomm/error.hpp"
 
@@ -16,11 +16,13 @@ namespace {
 void dtype_in(const char* name, const TensorView& t, std::initializer_list<DType> allowed) {
   for (DType d : allowed)
     if (t.dtype == d) return;
-  std::ostringstream s;
-  s << "dtype must be ";
+  std::string s = "dtype must be ";  // no iostreams in error paths (see TensorView::describe)
   int i = 0;
-  for (DType d : allowed) s << (i++ ? " or " : "") << dtype_name(d);
-  fail(name, t, s.str());
+  for (DType d : allowed) {
+    if (i++) s += " or ";
+    s += dtype_name(d);
+  }
+  fail(name, t, s);
 }
 
 void ndim(const char* name, const TensorView& t, int expected) {

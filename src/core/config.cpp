@@ -1,7 +1,7 @@
 #include "epcomm/config.hpp"
 
 #include <algorithm>
-#include <sstream>
+#include <string>
 
 #include "core/env.hpp"
 #include "core/ring_geometry.hpp"
@@ -41,10 +41,9 @@ void Config::validate(int device_sm_count) const {
 }
 
 std::string Config::describe() const {
-  std::ostringstream s;
-  s << "Config(num_sms=" << num_sms << ", nvl_chunk_size=" << nvl_chunk_size << ", nvl_buffer_size=" << nvl_buffer_size
-    << ", rdma_chunk_size=" << rdma_chunk_size << ", rdma_buffer_size=" << rdma_buffer_size << ")";
-  return s.str();
+  return "Config(num_sms=" + std::to_string(num_sms) + ", nvl_chunk_size=" + std::to_string(nvl_chunk_size) +
+         ", nvl_buffer_size=" + std::to_string(nvl_buffer_size) + ", rdma_chunk_size=" + std::to_string(rdma_chunk_size) +
+         ", rdma_buffer_size=" + std::to_string(rdma_buffer_size) + ")";
 }
 
 // Rule: EPCOMM_NUM_SMS SMs (24 by default: DeepEP's budget, leaving the rest of an H100/H200 to

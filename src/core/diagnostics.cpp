@@ -1,6 +1,7 @@
 #include "kernels/common/diagnostics.hpp"
 
-#include <sstream>
+#include <cstdint>
+#include <string>
 
 namespace epcomm {
 
@@ -41,30 +42,42 @@ const char* phase_name(WaitPhase p) {
   return "?";
 }
 
+namespace {
+
+// Lowercase hex without leading zeros (what `std::hex << v` printed).
+std::string hex(uint64_t v) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  do {
+    out.insert(out.begin(), digits[v & 15]);
+    v >>= 4;
+  } while (v != 0);
+  return out;
+}
+
+}  // namespace
+
+// Built with std::string and std::to_string, no iostreams: the text ends up in exceptions raised in
+// the Python process (see TensorView::describe).
 std::string describe(const DeviceErrorRecord& r) {
-  std::ostringstream s;
-  if (r.code == 3 && r.kernel == KernelId::kLowLatencyDispatch) {
-    s << "low_latency_dispatch on rank " << r.rank << ": topk_idx sends more than num_max_dispatch_tokens_per_rank = "
-      << r.expected << " rows to expert " << r.peer << " (some token lists it more than once); the rows past it were "
-      << "dropped";
-    return s.str();
-  }
-  if (r.code == 3) {
-    s << "num_worst_tokens = " << r.expected << " is smaller than the " << r.observed << " rows rank " << r.rank
-      << " received; the rows past it were dropped (kernel " << kernel_name(r.kernel) << ")";
-    return s.str();
-  }
-  if (r.code == 2) {
-    s << "ranks disagree on the call's parameters: kernel " << kernel_name(r.kernel) << ", rank " << r.rank
-      << " expected 0x" << std::hex << r.expected << " but peer " << std::dec << r.peer << " sent 0x" << std::hex
-      << r.observed << " (every rank must pass the same num_experts, config and chunk size)";
-    return s.str();
-  }
-  s << "GPU wait timed out: kernel " << kernel_name(r.kernel) << ", phase '" << phase_name(r.phase) << "', rank "
-    << r.rank << ", peer " << r.peer << ", block " << r.block << ", expected flag >= 0x" << std::hex << r.expected
-    << ", saw 0x" << r.observed << std::dec << " (is peer " << r.peer
-    << " alive and making the same calls? raise EPCOMM_TIMEOUT_MS if it is only slow)";
-  return s.str();
+  using std::to_string;
+  if (r.code == 3 && r.kernel == KernelId::kLowLatencyDispatch)
+    return "low_latency_dispatch on rank " + to_string(r.rank) +
+           ": topk_idx sends more than num_max_dispatch_tokens_per_rank = " + to_string(r.expected) +
+           " rows to expert " + to_string(r.peer) + " (some token lists it more than once); the rows past it were " +
+           "dropped";
+  if (r.code == 3)
+    return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
+           " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +
+           kernel_name(r.kernel) + ")";
+  if (r.code == 2)
+    return std::string("ranks disagree on the call's parameters: kernel ") + kernel_name(r.kernel) + ", rank " +
+           to_string(r.rank) + " expected 0x" + hex(r.expected) + " but peer " + to_string(r.peer) + " sent 0x" +
+           hex(r.observed) + " (every rank must pass the same num_experts, config and chunk size)";
+  return std::string("GPU wait timed out: kernel ") + kernel_name(r.kernel) + ", phase '" + phase_name(r.phase) +
+         "', rank " + to_string(r.rank) + ", peer " + to_string(r.peer) + ", block " + to_string(r.block) +
+         ", expected flag >= 0x" + hex(r.expected) + ", saw 0x" + hex(r.observed) + " (is peer " + to_string(r.peer) +
+         " alive and making the same calls? raise EPCOMM_TIMEOUT_MS if it is only slow)";
 }
 
 }  // namespace epcomm

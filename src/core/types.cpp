@@ -1,6 +1,6 @@
 #include "epcomm/types.hpp"
 
-#include <sstream>
+#include <string>
 
 #include "epcomm/error.hpp"
 
@@ -51,11 +51,18 @@ bool TensorView::is_contiguous() const {
 }
 
 std::string TensorView::describe() const {
-  std::ostringstream s;
-  s << "[";
-  for (int i = 0; i < ndim; ++i) s << (i ? ", " : "") << shape[i];
-  s << "] " << dtype_name(dtype) << (device < 0 ? " on cpu" : " on cuda:" + std::to_string(device));
-  return s.str();
+  // Plain string building, no iostreams: this text goes into exceptions raised inside the Python
+  // process, where the error paths that built messages with an ostringstream segfaulted (GPU runs
+  // 9-12) while those built with std::to_string worked.
+  std::string s = "[";
+  for (int i = 0; i < ndim; ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  s += "] ";
+  s += dtype_name(dtype);
+  s += device < 0 ? std::string(" on cpu") : " on cuda:" + std::to_string(device);
+  return s;
 }
 
 void throw_argument_error(const std::string& message) { throw ArgumentError(message); }
