@@ -66,6 +66,10 @@ std::string describe(const DeviceErrorRecord& r) {
            ": topk_idx sends more than num_max_dispatch_tokens_per_rank = " + to_string(r.expected) +
            " rows to expert " + to_string(r.peer) + " (some token lists it more than once); the rows past it were " +
            "dropped";
+  if (r.code == 3 && r.kernel == KernelId::kCombine)
+    return "combine on rank " + to_string(r.rank) + ": handle.recv_src_idx holds token " +
+           to_string(static_cast<int32_t>(r.observed)) + ", outside [0, " + to_string(r.expected) +
+           "); is the handle from a dispatch that failed or from another buffer? (those rows were skipped)";
   if (r.code == 3)
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
            " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +

@@ -43,6 +43,10 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
       i += __popc(below);
     }
     const int t = p.recv_src_idx[r];
+    if (t < 0 || t >= L.max_tokens) {  // a handle from a failed dispatch: report, never write out of bounds
+      if (lane == 0) report(w, 3, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens), static_cast<uint64_t>(t));
+      continue;
+    }
     const int fwd = me.node * me.P + i % me.P;
     char* dst = ic.net.window[fwd] + g.in_row(L, i / me.P, me.local, t);
     warp_copy(dst + 16, p.x + static_cast<size_t>(r) * H, row_bytes);
