@@ -24,6 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/common/vec.cuh"
 #include "kernels/common/wait.cuh"
 #include "transport/net_params.hpp"
 
@@ -38,21 +39,10 @@ struct EmulatedNet {
 
   // Warp-cooperative: all 32 lanes call it with the same arguments. 16-byte aligned sizes/offsets.
   __device__ __forceinline__ void put_warp(int peer, size_t dst_offset, size_t src_offset, size_t bytes) const {
-    const int4* src = reinterpret_cast<const int4*>(p.window[rank] + src_offset);
-    int4* dst = reinterpret_cast<int4*>(p.window[peer] + dst_offset);
-    const int n = static_cast<int>(bytes / 16);
-    const int lane = lane_id();
-    int i = lane;
-    for (; i + 96 < n; i += 128) {
-      // L2 loads: the source may hold what other blocks of this rank just wrote.
-      const int4 a = __ldcg(src + i), b = __ldcg(src + i + 32), c = __ldcg(src + i + 64), d = __ldcg(src + i + 96);
-      dst[i] = a;
-      dst[i + 32] = b;
-      dst[i + 64] = c;
-      dst[i + 96] = d;
-    }
-    for (; i < n; i += 32) dst[i] = __ldcg(src + i);
-    if (lane == 0 && p.stats && peer / p.ranks_per_node != rank / p.ranks_per_node) {
+    // L2 loads: the source may hold what other blocks of this rank just wrote.
+    warp_copy<4>(reinterpret_cast<int4*>(p.window[peer] + dst_offset),
+                 reinterpret_cast<const int4*>(p.window[rank] + src_offset), static_cast<int>(bytes / 16), LoadCg{});
+    if (lane_id() == 0 && p.stats && peer / p.ranks_per_node != rank / p.ranks_per_node) {
       atomicAdd(reinterpret_cast<unsigned long long*>(&p.stats[0]), 1ull);
       atomicAdd(reinterpret_cast<unsigned long long*>(&p.stats[1]), static_cast<unsigned long long>(bytes));
     }

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/common/bulk_copy.cuh"
+#include "kernels/common/vec.cuh"
 #include "kernels/common/wait.cuh"
 #include "kernels/internode/params.hpp"
 #include "transport/net_emulated.cuh"
@@ -64,15 +65,6 @@ __device__ __forceinline__ uint32_t node_bits(uint64_t full, int node, int P) {
   return static_cast<uint32_t>((full >> (node * P)) & (P >= 32 ? 0xffffffffull : ((1ull << P) - 1)));
 }
 
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
-  }
-}
 __device__ __forceinline__ void add_f32x8(float (&acc)[8], const float4* p) {
   const float4 a = __ldcg(p), b = __ldcg(p + 1);
   acc[0] = __fadd_rn(acc[0], a.x);
@@ -84,29 +76,11 @@ __device__ __forceinline__ void add_f32x8(float (&acc)[8], const float4* p) {
   acc[6] = __fadd_rn(acc[6], b.z);
   acc[7] = __fadd_rn(acc[7], b.w);
 }
-__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  auto* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
-}
 
 // Copies `bytes` (multiple of 16) with the whole warp, loads cached in L2 only (the data may come
 // from another GPU after an acquire).
 __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t bytes) {
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
-  const int n = static_cast<int>(bytes / 16);
-  int i = lane_id();
-  for (; i + 96 < n; i += 128) {
-    const int4 a = __ldcg(s + i), b = __ldcg(s + i + 32), c = __ldcg(s + i + 64), e = __ldcg(s + i + 96);
-    d[i] = a;
-    d[i + 32] = b;
-    d[i + 64] = c;
-    d[i + 96] = e;
-  }
-  for (; i < n; i += 32) d[i] = __ldcg(s + i);
+  warp_copy<4>(static_cast<int4*>(dst), static_cast<const int4*>(src), static_cast<int>(bytes / 16), LoadCg{});
 }
 
 __device__ __forceinline__ void add_stat(const InterCommon& ic, int which, uint64_t v) {

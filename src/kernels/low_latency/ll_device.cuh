@@ -1,10 +1,11 @@
 // Device building blocks of the low-latency kernels: bounded waits that return the flag's value and
-// count the cycles spent, warp-wide 16-byte copies, the FP8 cast of one token, and addressing.
+// count the cycles spent, the FP8 cast of one token, and addressing (copies: common/vec.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include "kernels/common/vec.cuh"
 #include "kernels/common/wait.cuh"
 #include "kernels/low_latency/params.hpp"
 
@@ -42,33 +43,6 @@ __device__ __forceinline__ bool wait_tag(const WaitContext& ctx, const uint64_t*
 
 // The low half of a tag: what the sender put there (count + 1, or header + 1).
 __device__ __forceinline__ uint32_t tag_payload(uint64_t v) { return static_cast<uint32_t>(v) - 1u; }
-
-// Loads for the copies: from shared memory, from global memory written by another GPU (L2 only:
-// the L1 may hold a previous call's line), and read-only global input.
-struct LoadShared {
-  __device__ __forceinline__ int4 operator()(const int4* p) const { return *p; }
-};
-struct LoadCg {
-  __device__ __forceinline__ int4 operator()(const int4* p) const { return __ldcg(p); }
-};
-struct LoadNc {
-  __device__ __forceinline__ int4 operator()(const int4* p) const { return __ldg(p); }
-};
-
-// A warp copies n 16-byte vectors, U loads in flight per lane before the stores.
-template <int U, typename Load>
-__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src, int n, Load load) {
-  const int lane = lane_id();
-  int i = lane;
-  for (; i + (U - 1) * 32 < n; i += U * 32) {
-    int4 v[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = load(src + i + u * 32);
-#pragma unroll
-    for (int u = 0; u < U; ++u) dst[i + u * 32] = v[u];
-  }
-  for (; i < n; i += 32) dst[i] = load(src + i);
-}
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 

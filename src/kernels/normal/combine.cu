@@ -11,6 +11,7 @@
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
+#include "kernels/common/vec.cuh"
 #include "kernels/normal/params.hpp"
 
 namespace epcomm {
@@ -95,24 +96,6 @@ __device__ void run_pusher(const CombineParams& p, uint32_t seq, int pw, Combine
                            tag(seq, sh.last_any[origin] + 1), WaitPhase::kCombineSlotFree, origin);
     }
   if (lane == 0) bulk_wait_all();
-}
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 v) {
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] = __fadd_rn(acc[2 * i], f.x);
-    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], f.y);
-  }
-}
-
-__device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
-  int4 out;
-  auto* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-  return out;
 }
 
 __device__ __forceinline__ bool reducers_all(bool pred, int num_threads) {
