@@ -14,6 +14,7 @@
 #include <string>
 
 #include "bench.hpp"
+#include "cli.hpp"
 #include "core/env.hpp"
 
 namespace epcomm::bench {
@@ -85,14 +86,6 @@ void usage() {
       "  --cpu            run the CPU reference backend even with a GPU\n"
       "  --json PATH      also write the results as JSON (- for stdout)\n"
       "  --print-env      list the EPCOMM_* environment variables and exit\n");
-}
-
-std::vector<int> parse_list(const char* s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::atoi(item.c_str()));
-  return v;
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
 #include "kernels/common/ptx.cuh"
 
 namespace {
@@ -124,13 +125,6 @@ __global__ void __launch_bounds__(256) tma_kernel(const Args a) {
   bulk_wait_all();
 }
 
-std::vector<int> int_list(const std::string& s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');) v.push_back(std::atoi(item.c_str()));
-  return v;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -141,7 +135,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--mib-per-pair") mib = std::strtoull(v.c_str(), nullptr, 10);
-    else if (k == "--sms") sms = int_list(v);
+    else if (k == "--sms") sms = epcomm::bench::parse_list(v);
     else if (k == "--modes") modes = v;
     else if (k == "--warps") warps = std::atoi(v.c_str());
     else if (k == "--bufs") bufs = std::atoi(v.c_str());
