@@ -186,7 +186,8 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
 
   // num_worst_tokens: rows past the real count get topk -1 and weight 0.
   if (p.num_worst_tokens > 0 && K > 0) {
-    const int num_recv = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 1];
+    // The end row of the last source (the column before its cut, see receive_plan.cuh).
+    const int num_recv = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];
     const int64_t begin = static_cast<int64_t>(num_recv) * K, end = static_cast<int64_t>(p.num_worst_tokens) * K;
     for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
       p.recv_topk_idx[e] = -1;

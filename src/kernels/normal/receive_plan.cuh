@@ -1,0 +1,106 @@
+// The second half of a dispatch's count exchange, shared by the intranode notify (normal/notify.cu)
+// and the internode one (internode/notify.cuh), which differ only in how the meta entries travel.
+#pragma once
+
+#include "kernels/common/control.hpp"
+#include "kernels/common/wait.cuh"
+#include "kernels/normal/params.hpp"
+
+namespace epcomm::dev {
+
+// Every source's meta entry of this call is readable at entry(i): a NotifyHeader, then counts [R],
+// experts [E/R] and masks [chunks] at layout.meta_counts / meta_experts / meta_masks. One block;
+// `ok` (the same on every thread): every entry arrived. Checks that all ranks agree on the call's
+// shape, builds this rank's receive plan (rank_prefix_matrix; per-expert counts rounded up to the
+// alignment; chunk_offset: the first receive row of each (source, chunk), then the end row, and
+// the source's cut in the last column) and hands the totals to the host, status last.
+template <class Params, class Layout, class Entry>
+__device__ void build_receive_plan(const Params& p, const WaitContext& w, const Layout& layout, int R, int rank,
+                                   int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
+  const int lane = lane_id(), warp = warp_id(), num_warps = blockDim.x / 32;
+  const int experts_per_rank = p.num_experts / R;
+  __shared__ int32_t s_counts[kMaxNvlRanks][kMaxNvlRanks];  // [source][destination]
+  __shared__ int32_t s_tokens[kMaxNvlRanks];
+  __shared__ int32_t s_cut[kMaxNvlRanks];
+  if (ok) {
+    // Every rank must agree on the call's shape; a mismatch would corrupt the rings.
+    if (threadIdx.x < R) {
+      const auto* h = reinterpret_cast<const NotifyHeader*>(entry(threadIdx.x));
+      s_tokens[threadIdx.x] = h->num_tokens;
+      s_cut[threadIdx.x] = max(1, min(h->cut_tokens, h->chunk_tokens));
+      if (h->num_experts != p.num_experts || h->chunk_tokens != p.chunk || h->num_blocks != num_blocks)
+        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x, (static_cast<uint64_t>(p.num_experts) << 32) | p.chunk,
+                        (static_cast<uint64_t>(h->num_experts) << 32) | h->chunk_tokens);
+    }
+    for (int x = threadIdx.x; x < R * R; x += blockDim.x) {
+      const int i = x / R, j = x % R;
+      s_counts[i][j] = reinterpret_cast<const int32_t*>(entry(i) + layout.meta_counts)[j];
+    }
+  }
+  __syncthreads();
+  if (ok && !aborted(w)) {
+    // rank_prefix_matrix[i][j] = sum over i' <= i of counts[i'][j].
+    if (threadIdx.x < R) {
+      int32_t acc = 0;
+      for (int i = 0; i < R; ++i) {
+        acc += s_counts[i][threadIdx.x];
+        p.rank_prefix_matrix[i * R + threadIdx.x] = acc;
+      }
+    }
+    // Per local expert: received entries, rounded up to the alignment.
+    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+      int32_t sum = 0;
+      for (int i = 0; i < R; ++i) sum += reinterpret_cast<const int32_t*>(entry(i) + layout.meta_experts)[e];
+      const int32_t aligned = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
+      p.num_recv_tokens_per_expert[e] = aligned;
+      p.host_result[kNotifyExpertCounts + e] = aligned;
+    }
+    // First receive row of each (source, chunk): a warp per source scans popcounts of its masks.
+    const int stride = p.chunk_offset_stride;
+    for (int i = warp; i < R; i += num_warps) {
+      int32_t base = 0;
+      for (int r = 0; r < i; ++r) base += s_counts[r][rank];
+      const int source_chunks = (s_tokens[i] + s_cut[i] - 1) / s_cut[i];
+      const auto* masks = reinterpret_cast<const uint32_t*>(entry(i) + layout.meta_masks);
+      // The scan is a serial chain through `base`: only the source's real chunks go through it
+      // (with the next mask word already loaded); the rest of the row is the end offset.
+      int32_t* row = p.chunk_offset + static_cast<int64_t>(i) * stride;
+      uint32_t next = lane < source_chunks ? masks[lane] : 0u;
+      for (int c0 = 0; c0 < source_chunks; c0 += 32) {
+        const int ci = c0 + lane;
+        const int32_t n = __popc(next);
+        next = ci + 32 < source_chunks ? masks[ci + 32] : 0u;
+        int32_t inclusive = n;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, d);
+          if (lane >= d) inclusive += v;
+        }
+        if (ci < source_chunks) row[ci] = base + inclusive - n;
+        base += __shfl_sync(0xffffffffu, inclusive, 31);
+      }
+      for (int ci = source_chunks + lane; ci < stride - 1; ci += 32) row[ci] = base;
+      if (lane == 0) row[stride - 1] = s_cut[i];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool good = ok && !aborted(w);
+    int max_chunks = 0;
+    int32_t num_recv = 0;
+    for (int i = 0; good && i < R; ++i) {
+      max_chunks = max(max_chunks, (s_tokens[i] + s_cut[i] - 1) / s_cut[i]);
+      num_recv += s_counts[i][rank];
+    }
+    volatile int32_t* result = p.host_result;
+    result[kNotifyNumRecv] = num_recv;
+    result[kNotifyMaxChunks] = max_chunks;
+    result[kNotifyInvalidTopk] = *p.invalid_topk;
+    *p.invalid_topk = -1;
+    __threadfence_system();
+    result[kNotifyStatus] = good ? p.host_token : -p.host_token;
+    atomicExch(reinterpret_cast<unsigned*>(p.parity_counter), notify_count + 1);
+  }
+}
+
+}  // namespace epcomm::dev
