@@ -1,5 +1,5 @@
-// Device building blocks of the low-latency kernels: bounded waits that return the flag's value and
-// count the cycles spent, the FP8 cast of one token, and addressing (copies: common/vec.cuh).
+// Device building blocks of the low-latency kernels: the FP8 cast of one token and addressing
+// (bounded waits: shrink.cuh; copies: common/vec.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,34 +12,6 @@
 namespace epcomm::dev {
 
 constexpr int kLowLatencyWarps = kLowLatencyThreads / 32;
-
-// Spins until *flag >= target (acquire, system scope); `value` gets what was seen and `cycles`
-// grows by the clock cycles spent (0 when the flag was already there). Bounded like wait_flag_geq.
-__device__ __forceinline__ bool wait_tag(const WaitContext& ctx, const uint64_t* flag, uint64_t target,
-                                         WaitPhase phase, int peer, uint64_t& value, long long& cycles) {
-  uint64_t v = ld_acquire_sys(flag);
-  if (v >= target) {
-    value = v;
-    return true;
-  }
-  const long long c0 = clock64();
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    v = ld_acquire_sys(flag);
-    if (v >= target) {
-      value = v;
-      cycles += clock64() - c0;
-      return true;
-    }
-    if ((spins & 255) == 0) {
-      if (aborted(ctx)) return false;
-      if (global_timer_ns() - start > ctx.timeout_ns) {
-        report_timeout(ctx, phase, peer, target, v);
-        return false;
-      }
-    }
-  }
-}
 
 // The low half of a tag: what the sender put there (count + 1, or header + 1).
 __device__ __forceinline__ uint32_t tag_payload(uint64_t v) { return static_cast<uint32_t>(v) - 1u; }

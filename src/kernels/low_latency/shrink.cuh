@@ -24,15 +24,16 @@ __device__ __forceinline__ bool peer_masked(const int32_t* mask, int peer) {
   return mask != nullptr && ld_volatile(mask + peer) != 0;
 }
 
-// wait_tag with shrink mode: ends early when the peer is (or becomes) masked, and on timeout masks
-// the peer instead of failing (never this rank itself: its own flags not arriving is a bug, and
-// fails as before). Without a mask it is wait_tag.
+// Spins until *flag >= target (acquire, system scope); `value` gets what was seen and `cycles`
+// grows by the clock cycles spent (0 when the flag was already there). Bounded like wait_flag_geq.
+// With shrink mode (mask != nullptr) it ends early when the peer is (or becomes) masked, and on
+// timeout masks the peer instead of failing; never for this rank itself: its own flags not arriving
+// is a bug, and fails with a record like every wait without a mask.
 __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int32_t* mask, const uint64_t* flag,
                                                      uint64_t target, WaitPhase phase, int peer, uint64_t& value,
                                                      long long& cycles) {
-  if (mask == nullptr || peer == ctx.rank)
-    return wait_tag(ctx, flag, target, phase, peer, value, cycles) ? PeerWait::kArrived : PeerWait::kAborted;
-  if (peer_masked(mask, peer)) return PeerWait::kMasked;
+  int32_t* const m = peer == ctx.rank ? nullptr : mask;
+  if (peer_masked(m, peer)) return PeerWait::kMasked;
   uint64_t v = ld_acquire_sys(flag);
   if (v >= target) {
     value = v;
@@ -49,9 +50,13 @@ __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int
     }
     if ((spins & 255) == 0) {
       if (aborted(ctx)) return PeerWait::kAborted;
-      if (peer_masked(mask, peer)) return PeerWait::kMasked;
+      if (peer_masked(m, peer)) return PeerWait::kMasked;
       if (global_timer_ns() - start > ctx.timeout_ns) {
-        atomicExch(mask + peer, 1);
+        if (m == nullptr) {
+          report_timeout(ctx, phase, peer, target, v);
+          return PeerWait::kAborted;
+        }
+        atomicExch(m + peer, 1);
         __threadfence();
         cycles += clock64() - c0;
         return PeerWait::kMasked;
