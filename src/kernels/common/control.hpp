@@ -29,6 +29,18 @@ struct NotifyHeader {
   int32_t cut_tokens;    // this rank's tokens per chunk (<= chunk_tokens; see balanced_chunk)
 };
 
+// Byte offsets inside one meta entry: the header, counts_to_rank[R], expert_counts[max_local_experts],
+// masks[max_chunks]. The intranode and internode exchanges use the same entry (receive_plan.cuh).
+struct MetaEntryLayout {
+  size_t counts, experts, masks, stride;
+};
+constexpr MetaEntryLayout meta_entry_layout(int num_ranks, int max_local_experts, int max_chunks) {
+  const size_t counts = align_up(sizeof(NotifyHeader), 16);
+  const size_t experts = align_up(counts + sizeof(int32_t) * num_ranks, 16);
+  const size_t masks = align_up(experts + sizeof(int32_t) * max_local_experts, 16);
+  return {counts, experts, masks, align_up(masks + sizeof(uint32_t) * max_chunks, 128)};
+}
+
 struct ControlLayout {
   int num_ranks = 0;
   int max_chunks = 0;          // per source, = ceil(max tokens per rank / chunk)
@@ -56,10 +68,11 @@ struct ControlLayout {
     size_t off = 0;
     c.notify_flags = off;
     off = align_up(off + sizeof(uint64_t) * num_ranks, 128);
-    c.meta_counts = align_up(sizeof(NotifyHeader), 16);
-    c.meta_experts = align_up(c.meta_counts + sizeof(int32_t) * num_ranks, 16);
-    c.meta_masks = align_up(c.meta_experts + sizeof(int32_t) * max_local_experts, 16);
-    c.meta_stride = align_up(c.meta_masks + sizeof(uint32_t) * max_chunks, 128);
+    const MetaEntryLayout e = meta_entry_layout(num_ranks, max_local_experts, max_chunks);
+    c.meta_counts = e.counts;
+    c.meta_experts = e.experts;
+    c.meta_masks = e.masks;
+    c.meta_stride = e.stride;
     c.notify_meta = off;
     off += 2 * num_ranks * c.meta_stride;
     const size_t flags_bytes = sizeof(uint64_t) * num_ranks * kMaxBlocks;

@@ -78,12 +78,12 @@ struct InterLayout {
     off = align_up(off + sizeof(uint32_t) * kNumCounters, 128);
     l.stats = off;
     off = align_up(off + sizeof(uint64_t) * kNumStats, 128);
-    // Counts start after the whole NotifyHeader (20 bytes since cut_tokens was added; a fixed 16
-    // put its last field on counts[0], harmless only because counts[0] is stored after it).
-    l.meta_counts = align_up(sizeof(NotifyHeader), 16);
-    l.meta_experts = align_up(l.meta_counts + sizeof(int32_t) * R, 16);
-    l.meta_masks = align_up(l.meta_experts + sizeof(int32_t) * max_local_experts, 16);
-    l.meta_stride = align_up(l.meta_masks + sizeof(uint32_t) * max_chunks, 128);
+    // The meta entry of the intranode exchange (counts start after the whole NotifyHeader).
+    const MetaEntryLayout e = meta_entry_layout(R, max_local_experts, max_chunks);
+    l.meta_counts = e.counts;
+    l.meta_experts = e.experts;
+    l.meta_masks = e.masks;
+    l.meta_stride = e.stride;
     l.meta_in = off;
     off += 2 * static_cast<size_t>(R) * l.meta_stride;
     l.meta_out = off;
