@@ -12,38 +12,20 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstring>
-#include <functional>
 #include <random>
 
 #include "epcomm/error.hpp"
 #include "harness.hpp"
 #include "ll_harness.hpp"
+#include "normal_problem.hpp"
 
 namespace epcomm::test {
 namespace {
 
-struct InterCase {
-  int num_ranks = 4;
-  int ranks_per_node = 2;
-  DType dtype = DType::kBF16;
-  int hidden = 1024;
-  int num_topk = 8;
-  int num_experts = 64;
-  int max_tokens = 300;   // T of each rank drawn from [0, max_tokens]; rank 0 gets max_tokens
-  int fixed_tokens = -1;
-  bool with_topk = true;
-  bool skewed = false;
-  bool worst = false;     // num_worst_tokens = R * max_tokens
-  bool with_bias = true;
-  bool graph = false;     // also capture layout + dispatch + combine in a CUDA graph and replay
-  int steps = 2;          // dispatch / combine / cached dispatch repeated on one buffer (flow control)
-  int num_sms = 8;
-  int chunk = 0;          // Config::nvl_chunk_size (0: default)
-  int expert_alignment = 4;
-  // Optional routing: topk of rank r with T tokens (else random).
-  std::function<std::vector<int64_t>(int rank, int num_tokens)> routing;
-  std::function<int(int rank)> tokens;  // optional T per rank
+struct InterCase : NormalProblem {
+  InterCase() { ranks_per_node = 2; }
+  int steps = 2;  // dispatch / combine / cached dispatch repeated on one buffer (flow control)
+  int chunk = 0;  // Config::nvl_chunk_size (0: default)
 };
 
 std::string describe(const InterCase& c) {
@@ -57,30 +39,6 @@ std::string describe(const InterCase& c) {
   if (c.worst) s += " worst";
   if (c.graph) s += " graph";
   return s;
-}
-
-struct RankInputs {
-  int num_tokens = 0;
-  std::vector<uint8_t> x, x2;
-  std::vector<float> scales, scales2;  // row-major; column-major on the device
-  std::vector<int64_t> topk;
-  std::vector<float> weights;
-  ref::Layout layout;
-};
-
-std::vector<float> column_major(const std::vector<float>& row_major, int rows, int cols) {
-  std::vector<float> out(row_major.size());
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
-  return out;
-}
-
-TensorView column_major_view(const DeviceTensor& t, int rows, int cols) {
-  TensorView v = t.view();
-  v.ndim = 2;
-  v.shape = {rows, cols, 0, 0};
-  v.strides = {1, rows, 0, 0};
-  return v;
 }
 
 // Traffic the hierarchical algorithm must produce, from every rank's routing.
@@ -125,70 +83,8 @@ void run_inter_case(const InterCase& c) {
   const int G = (H + 127) / 128;
   const int sms = test_num_sms(R, c.num_sms);
 
-  std::vector<RankInputs> in(R);
-  std::vector<ref::NormalInput> ref_in(R), ref_in2(R);
-  for (int r = 0; r < R; ++r) {
-    std::mt19937_64 rng(seed * 1000003ull + r);
-    RankInputs& ri = in[r];
-    ri.num_tokens = c.tokens ? c.tokens(r)
-                    : c.fixed_tokens >= 0
-                        ? c.fixed_tokens
-                        : (r == 0 ? c.max_tokens : std::uniform_int_distribution<int>(0, c.max_tokens)(rng));
-    const size_t n = static_cast<size_t>(ri.num_tokens) * H;
-    if (c.dtype == DType::kBF16) {
-      auto a = random_bf16(rng, n), b = random_bf16(rng, n);
-      ri.x.resize(n * 2);
-      ri.x2.resize(n * 2);
-      std::memcpy(ri.x.data(), a.data(), n * 2);
-      std::memcpy(ri.x2.data(), b.data(), n * 2);
-    } else {
-      ri.x = random_fp8(rng, n);
-      ri.x2 = random_fp8(rng, n);
-      ri.scales = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
-      ri.scales2 = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
-    }
-    RoutingSpec spec{E, K, c.skewed, 0.1};
-    ri.topk = c.routing ? c.routing(r, ri.num_tokens) : random_topk(rng, ri.num_tokens, spec);
-    ri.weights = random_weights(rng, static_cast<size_t>(ri.num_tokens) * K);
-    ri.layout = ref::get_dispatch_layout(ri.topk, ri.num_tokens, K, E, R, P);
-    ref_in[r].num_tokens = ri.num_tokens;
-    ref_in[r].x = ri.x;
-    ref_in[r].scales = ri.scales;
-    if (c.with_topk) {
-      ref_in[r].topk_idx = ri.topk;
-      ref_in[r].topk_weights = ri.weights;
-    }
-    ref_in[r].is_token_in_rank = ri.layout.is_token_in_rank;
-    ref_in2[r] = ref_in[r];
-    ref_in2[r].topk_idx.clear();
-    ref_in2[r].topk_weights.clear();
-    ref_in2[r].x = ri.x2;
-    ref_in2[r].scales = ri.scales2;
-  }
-  ref::NormalOptions opt;
-  opt.dtype = c.dtype;
-  opt.hidden = H;
-  opt.num_topk = c.with_topk ? K : 0;
-  opt.num_experts = E;
-  opt.expert_alignment = c.expert_alignment;
-  opt.num_worst_tokens = c.worst ? R * c.max_tokens : 0;
-  const auto ref_out = ref::normal_dispatch(ref_in, opt);
-  std::vector<ref::NormalHandle> handles;
-  for (const auto& o : ref_out) handles.push_back(o.handle);
-  std::vector<ref::CombineInput> comb_in(R);
-  for (int r = 0; r < R; ++r) {
-    std::mt19937_64 rng(seed * 7919ull + r);
-    comb_in[r].x = random_bf16(rng, static_cast<size_t>(ref_out[r].num_rows) * H);
-    if (c.with_topk) comb_in[r].topk_weights = ref_out[r].recv_topk_weights;
-    if (c.with_bias) {
-      comb_in[r].bias0 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
-      comb_in[r].bias1 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
-    }
-  }
-  const auto ref_comb = ref::normal_combine(comb_in, handles, H, c.with_topk ? K : 0);
-  ref::NormalOptions opt2 = opt;
-  opt2.num_topk = 0;
-  const auto ref_cached = ref::normal_cached_dispatch(ref_in2, handles, opt2);
+  const NormalReference reference = make_normal_reference(c, seed);
+  const std::vector<RankInputs>& in = reference.in;
   const Traffic traffic = expected_traffic(in, R, P);
 
   run_ranks(
@@ -226,7 +122,7 @@ void run_inter_case(const InterCase& c) {
         DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
         topk.upload(ri.topk);
         weights.upload(ri.weights);
-        const auto& want = ref_out[r];
+        const auto& want = reference.dispatch[r];
         const int nrecv = want.handle.num_recv;
 
         for (int step = 0; step < c.steps; ++step) {
@@ -253,7 +149,7 @@ void run_inter_case(const InterCase& c) {
           di.is_token_in_rank = in_rank.view();
           di.num_tokens_per_expert = per_expert.view();
           di.expert_alignment = c.expert_alignment;
-          di.num_worst_tokens = opt.num_worst_tokens;
+          di.num_worst_tokens = reference.num_worst_tokens;
           di.config = cfg;
           const int stride = buf.chunk_offset_stride(cfg);
           DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
@@ -301,12 +197,12 @@ void run_inter_case(const InterCase& c) {
 
           // combine
           DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
-          y.upload(comb_in[r].x);
-          if (c.with_topk) cw.upload(comb_in[r].topk_weights);
+          y.upload(reference.combine_in[r].x);
+          if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
           DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
           if (c.with_bias) {
-            b0.upload(comb_in[r].bias0);
-            b1.upload(comb_in[r].bias1);
+            b0.upload(reference.combine_in[r].bias0);
+            b1.upload(reference.combine_in[r].bias1);
           }
           DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
           CombineInputs ci;
@@ -325,9 +221,10 @@ void run_inter_case(const InterCase& c) {
           const Buffer::InternodeStats cs = buf.internode_stats(true);
           EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
           // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
-          EXPECT_TRUE(close_bf16(out.download<uint16_t>(), ref_comb[r].combined_x, "combined_x", 1e-2));
+          EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x", 1e-2));
           if (c.with_topk)
-            EXPECT_TRUE(same_values(out_w.download<float>(), ref_comb[r].combined_topk_weights, "combined_topk_weights"));
+            EXPECT_TRUE(same_values(out_w.download<float>(), reference.combine[r].combined_topk_weights,
+                "combined_topk_weights"));
 
           // cached dispatch with new x
           DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
@@ -339,10 +236,10 @@ void run_inter_case(const InterCase& c) {
           buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
           cuda_ok(cudaStreamSynchronize(stream), "sync cached");
           EXPECT_EQ(buf.internode_stats(true).network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
-          EXPECT_TRUE(same_values(cx.download<uint8_t>(), ref_cached[r].recv_x, "cached recv_x",
+          EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x, "cached recv_x",
                                   static_cast<size_t>(nrecv) * H * elt));
           if (c.dtype == DType::kFP8E4M3)
-            EXPECT_TRUE(same_values(csc.download<float>(), ref_cached[r].recv_scales, "cached recv_x_scales",
+            EXPECT_TRUE(same_values(csc.download<float>(), reference.cached[r].recv_scales, "cached recv_x_scales",
                                     static_cast<size_t>(nrecv) * G));
 
           if (c.graph && step == 0) {
@@ -364,10 +261,11 @@ void run_inter_case(const InterCase& c) {
               x.upload(replay % 2 ? ri.x : ri.x2);
               cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
               cuda_ok(cudaStreamSynchronize(stream), "graph sync");
-              const auto& want_x = replay % 2 ? want.recv_x : ref_cached[r].recv_x;
+              const auto& want_x = replay % 2 ? want.recv_x : reference.cached[r].recv_x;
               EXPECT_TRUE(
                   same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
-              EXPECT_TRUE(close_bf16(out.download<uint16_t>(), ref_comb[r].combined_x, "graph combined_x", 1e-2));
+              EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x,
+                  "graph combined_x", 1e-2));
             }
             x.upload(ri.x);
             cudaGraphExecDestroy(exec);

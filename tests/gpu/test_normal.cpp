@@ -4,30 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstring>
 #include <random>
 
 #include "harness.hpp"
+#include "normal_problem.hpp"
 
 namespace epcomm::test {
 namespace {
 
-struct NormalCase {
-  int num_ranks = 4;
-  DType dtype = DType::kBF16;
-  int hidden = 1024;
-  int num_topk = 8;
-  int num_experts = 64;
-  int max_tokens = 300;       // T of each rank drawn from [0, max_tokens]; rank 0 gets max_tokens
-  int fixed_tokens = -1;      // >= 0: every rank has exactly this many tokens
-  bool with_topk = true;
-  bool skewed = false;
-  bool worst = false;         // num_worst_tokens = R * max_tokens
-  bool with_bias = true;
-  bool graph = false;         // also capture layout + dispatch + combine in a CUDA graph and replay
-  int num_sms = 8;
-  int expert_alignment = 4;
-};
+using NormalCase = NormalProblem;
 
 std::string describe(const NormalCase& c) {
   std::string s = "R=" + std::to_string(c.num_ranks) + (c.dtype == DType::kBF16 ? " bf16" : " fp8") +
@@ -41,29 +26,6 @@ std::string describe(const NormalCase& c) {
   return s;
 }
 
-struct RankInputs {
-  int num_tokens = 0;
-  std::vector<uint8_t> x, x2;              // dispatch input, and a second one for the cached dispatch
-  std::vector<float> scales, scales2;      // fp8 scales, stored column-major on the device
-  std::vector<int64_t> topk;
-  std::vector<float> weights;
-};
-
-std::vector<float> column_major(const std::vector<float>& row_major, int rows, int cols) {
-  std::vector<float> out(row_major.size());
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
-  return out;
-}
-
-TensorView column_major_view(const DeviceTensor& t, int rows, int cols) {
-  TensorView v = t.view();
-  v.ndim = 2;
-  v.shape = {rows, cols, 0, 0};
-  v.strides = {1, rows, 0, 0};
-  return v;
-}
-
 void run_normal_case(const NormalCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
@@ -73,69 +35,8 @@ void run_normal_case(const NormalCase& c) {
   const int sms = test_num_sms(R, c.num_sms);
 
   // ---- inputs of every rank, and the reference results ----
-  std::vector<RankInputs> in(R);
-  std::vector<ref::NormalInput> ref_in(R), ref_in2(R);
-  for (int r = 0; r < R; ++r) {
-    std::mt19937_64 rng(seed * 1000003ull + r);
-    RankInputs& ri = in[r];
-    ri.num_tokens = c.fixed_tokens >= 0 ? c.fixed_tokens
-                                        : (r == 0 ? c.max_tokens
-                                                  : std::uniform_int_distribution<int>(0, c.max_tokens)(rng));
-    const size_t n = static_cast<size_t>(ri.num_tokens) * H;
-    if (c.dtype == DType::kBF16) {
-      auto a = random_bf16(rng, n), b = random_bf16(rng, n);
-      ri.x.resize(n * 2);
-      ri.x2.resize(n * 2);
-      std::memcpy(ri.x.data(), a.data(), n * 2);
-      std::memcpy(ri.x2.data(), b.data(), n * 2);
-    } else {
-      ri.x = random_fp8(rng, n);
-      ri.x2 = random_fp8(rng, n);
-      ri.scales = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
-      ri.scales2 = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
-    }
-    RoutingSpec spec{E, K, c.skewed, 0.1};
-    ri.topk = random_topk(rng, ri.num_tokens, spec);
-    ri.weights = random_weights(rng, ri.num_tokens * K);
-    const ref::Layout lay = ref::get_dispatch_layout(ri.topk, ri.num_tokens, K, E, R, R);
-    ref_in[r].num_tokens = ri.num_tokens;
-    ref_in[r].x = ri.x;
-    ref_in[r].scales = ri.scales;
-    if (c.with_topk) {
-      ref_in[r].topk_idx = ri.topk;
-      ref_in[r].topk_weights = ri.weights;
-    }
-    ref_in[r].is_token_in_rank = lay.is_token_in_rank;
-    ref_in2[r] = ref_in[r];
-    ref_in2[r].topk_idx.clear();
-    ref_in2[r].topk_weights.clear();
-    ref_in2[r].x = ri.x2;
-    ref_in2[r].scales = ri.scales2;
-  }
-  ref::NormalOptions opt;
-  opt.dtype = c.dtype;
-  opt.hidden = H;
-  opt.num_topk = c.with_topk ? K : 0;
-  opt.num_experts = E;
-  opt.expert_alignment = c.expert_alignment;
-  opt.num_worst_tokens = c.worst ? R * c.max_tokens : 0;
-  const auto ref_out = ref::normal_dispatch(ref_in, opt);
-  std::vector<ref::NormalHandle> handles;
-  for (const auto& o : ref_out) handles.push_back(o.handle);
-  std::vector<ref::CombineInput> comb_in(R);
-  for (int r = 0; r < R; ++r) {
-    std::mt19937_64 rng(seed * 7919ull + r);
-    comb_in[r].x = random_bf16(rng, static_cast<size_t>(ref_out[r].num_rows) * H);
-    if (c.with_topk) comb_in[r].topk_weights = ref_out[r].recv_topk_weights;
-    if (c.with_bias) {
-      comb_in[r].bias0 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
-      comb_in[r].bias1 = random_bf16(rng, static_cast<size_t>(in[r].num_tokens) * H);
-    }
-  }
-  const auto ref_comb = ref::normal_combine(comb_in, handles, H, c.with_topk ? K : 0);
-  ref::NormalOptions opt2 = opt;
-  opt2.num_topk = 0;
-  const auto ref_cached = ref::normal_cached_dispatch(ref_in2, handles, opt2);
+  const NormalReference reference = make_normal_reference(c, seed);
+  const std::vector<RankInputs>& in = reference.in;
 
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     const RankInputs& ri = in[r];
@@ -170,7 +71,7 @@ void run_normal_case(const NormalCase& c) {
     DeviceTensor per_rank(DType::kI32, {R}, dev), per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
     buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync layout");
-    const ref::Layout lay = ref::get_dispatch_layout(ri.topk, T, K, E, R, R);
+    const ref::Layout& lay = ri.layout;
     EXPECT_TRUE(same_values(per_rank.download<int32_t>(), lay.num_tokens_per_rank, "num_tokens_per_rank"));
     EXPECT_TRUE(same_values(per_expert.download<int32_t>(), lay.num_tokens_per_expert, "num_tokens_per_expert"));
     EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), lay.is_token_in_rank, "is_token_in_rank"));
@@ -187,7 +88,7 @@ void run_normal_case(const NormalCase& c) {
     di.is_token_in_rank = in_rank.view();
     di.num_tokens_per_expert = per_expert.view();
     di.expert_alignment = c.expert_alignment;
-    di.num_worst_tokens = opt.num_worst_tokens;
+    di.num_worst_tokens = reference.num_worst_tokens;
     di.config = cfg;
     const int stride = buf.chunk_offset_stride(cfg);
     DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
@@ -196,7 +97,7 @@ void run_normal_case(const NormalCase& c) {
     h.rank_prefix_matrix = prefix.view();
     h.chunk_offset = chunk_off.view();
     const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
-    const auto& want = ref_out[r];
+    const auto& want = reference.dispatch[r];
     ASSERT_EQ(plan.num_rows, want.num_rows);
     if (!c.worst && c.with_topk)
       EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
@@ -231,12 +132,12 @@ void run_normal_case(const NormalCase& c) {
 
     // combine
     DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
-    y.upload(comb_in[r].x);
-    if (c.with_topk) cw.upload(comb_in[r].topk_weights);
+    y.upload(reference.combine_in[r].x);
+    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
     DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
     if (c.with_bias) {
-      b0.upload(comb_in[r].bias0);
-      b1.upload(comb_in[r].bias1);
+      b0.upload(reference.combine_in[r].bias0);
+      b1.upload(reference.combine_in[r].bias1);
     }
     DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
     CombineInputs ci;
@@ -252,10 +153,11 @@ void run_normal_case(const NormalCase& c) {
     if (c.with_topk) co.combined_topk_weights = out_w.view();
     buf.combine(ci, h, co, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync combine");
-    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), ref_comb[r].combined_x, "combined_x", 1e-2));
-    EXPECT_TRUE(same_values(out.download<uint16_t>(), ref_comb[r].combined_x, "combined_x (bit-exact)"));
+    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x", 1e-2));
+    EXPECT_TRUE(same_values(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x (bit-exact)"));
     if (c.with_topk)
-      EXPECT_TRUE(same_values(out_w.download<float>(), ref_comb[r].combined_topk_weights, "combined_topk_weights"));
+      EXPECT_TRUE(same_values(out_w.download<float>(), reference.combine[r].combined_topk_weights,
+          "combined_topk_weights"));
 
     // cached dispatch with new x
     DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
@@ -266,9 +168,10 @@ void run_normal_case(const NormalCase& c) {
     if (c.dtype == DType::kFP8E4M3) sc2v = column_major_view(sc2, T, G);
     buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync cached");
-    EXPECT_TRUE(same_values(cx.download<uint8_t>(), ref_cached[r].recv_x, "cached recv_x", static_cast<size_t>(nrecv) * H * elt));
+    EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x,
+        "cached recv_x", static_cast<size_t>(nrecv) * H * elt));
     if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_values(csc.download<float>(), ref_cached[r].recv_scales, "cached recv_x_scales",
+      EXPECT_TRUE(same_values(csc.download<float>(), reference.cached[r].recv_scales, "cached recv_x_scales",
                               static_cast<size_t>(nrecv) * G));
 
     // CUDA graph: the whole step captured once, replayed with new inputs each time.
@@ -291,9 +194,9 @@ void run_normal_case(const NormalCase& c) {
         x.upload(replay % 2 ? ri.x : ri.x2);
         cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
         cuda_ok(cudaStreamSynchronize(stream), "graph sync");
-        const auto& want_x = replay % 2 ? want.recv_x : ref_cached[r].recv_x;
+        const auto& want_x = replay % 2 ? want.recv_x : reference.cached[r].recv_x;
         EXPECT_TRUE(same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
-        EXPECT_TRUE(same_values(out.download<uint16_t>(), ref_comb[r].combined_x, "graph combined_x"));
+        EXPECT_TRUE(same_values(out.download<uint16_t>(), reference.combine[r].combined_x, "graph combined_x"));
       }
       cudaGraphExecDestroy(exec);
       cudaGraphDestroy(graph);

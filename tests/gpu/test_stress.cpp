@@ -30,6 +30,7 @@
 #include "epcomm/error.hpp"
 #include "harness.hpp"
 #include "ll_harness.hpp"
+#include "normal_problem.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -195,13 +196,6 @@ TensorView column_major_scales(const DeviceTensor& t, int T, int G) {
   return v;
 }
 
-std::vector<float> to_column_major(const std::vector<float>& row_major, int rows, int cols) {
-  std::vector<float> out(row_major.size());
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
-  return out;
-}
-
 NormalRankResult run_normal(const Problem& p, const Step& s, int step, int rank, Buffer& buf, NormalDevice& d,
                             cudaStream_t stream, int sms) {
   const int R = p.num_ranks, E = p.normal_experts(), T = s.tokens[rank], H = s.hidden, K = s.num_topk;
@@ -213,8 +207,8 @@ NormalRankResult run_normal(const Problem& p, const Step& s, int step, int rank,
   upload_prefix(d.x, in.in.x);
   upload_prefix(d.cached_x, in.cached.x);
   if (s.fp8) {
-    upload_prefix(d.scales, to_column_major(in.in.scales, T, G));
-    upload_prefix(d.cached_scales, to_column_major(in.cached.scales, T, G));
+    upload_prefix(d.scales, column_major(in.in.scales, T, G));
+    upload_prefix(d.cached_scales, column_major(in.cached.scales, T, G));
   }
   upload_prefix(d.topk, in.in.topk_idx);
   upload_prefix(d.weights, in.in.topk_weights);
