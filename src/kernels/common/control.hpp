@@ -47,11 +47,8 @@ struct ControlLayout {
   int max_local_experts = 0;
 
   size_t notify_flags = 0;     // uint64 [R]: source i sets entry i after writing its meta
-  size_t notify_meta = 0;      // meta [2 parities][R sources], meta_stride bytes each
-  size_t meta_stride = 0;      // header, counts_to_rank[R], expert_counts[max_local_experts], masks[max_chunks]
-  size_t meta_counts = 0;      // offsets inside one meta entry
-  size_t meta_experts = 0;
-  size_t meta_masks = 0;
+  size_t notify_meta = 0;      // meta [2 parities][R sources], meta_entry.stride bytes each
+  MetaEntryLayout meta_entry{};  // offsets inside one meta entry
   size_t dispatch_ready = 0;   // uint64 [R][kMaxBlocks]: sender i staged iteration n of block b
   size_t dispatch_ack = 0;     // uint64 [R][kMaxBlocks]: receiver j released iteration n of block b
   size_t combine_ready = 0;    // uint64 [R][kMaxBlocks]: expert rank j pushed iteration n of block b
@@ -68,13 +65,9 @@ struct ControlLayout {
     size_t off = 0;
     c.notify_flags = off;
     off = align_up(off + sizeof(uint64_t) * num_ranks, 128);
-    const MetaEntryLayout e = meta_entry_layout(num_ranks, max_local_experts, max_chunks);
-    c.meta_counts = e.counts;
-    c.meta_experts = e.experts;
-    c.meta_masks = e.masks;
-    c.meta_stride = e.stride;
+    c.meta_entry = meta_entry_layout(num_ranks, max_local_experts, max_chunks);
     c.notify_meta = off;
-    off += 2 * num_ranks * c.meta_stride;
+    off += 2 * num_ranks * c.meta_entry.stride;
     const size_t flags_bytes = sizeof(uint64_t) * num_ranks * kMaxBlocks;
     c.dispatch_ready = off;
     off = align_up(off + flags_bytes, 128);
@@ -92,7 +85,7 @@ struct ControlLayout {
   }
 
   EPCOMM_HD size_t meta(int parity, int source) const {
-    return notify_meta + (static_cast<size_t>(parity) * num_ranks + source) * meta_stride;
+    return notify_meta + (static_cast<size_t>(parity) * num_ranks + source) * meta_entry.stride;
   }
   EPCOMM_HD size_t flag(size_t base, int peer, int block) const {
     return base + (static_cast<size_t>(peer) * kMaxBlocks + block) * sizeof(uint64_t);

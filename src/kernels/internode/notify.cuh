@@ -30,17 +30,17 @@ __device__ void inter_notify(const InterNotifyParams& p, const Net& net) {
   for (int j = warp; j < R; j += num_warps) {
     char* meta = mine + L.meta_staging(j);
     if (lane == 0) *reinterpret_cast<NotifyHeader*>(meta) = NotifyHeader{p.num_tokens, p.num_experts, p.chunk, ic.num_blocks, p.chunk};
-    for (int r = lane; r < R; r += 32) at<int32_t>(meta, L.meta_counts)[r] = p.num_tokens_per_rank[r];
+    for (int r = lane; r < R; r += 32) at<int32_t>(meta, L.meta_entry.counts)[r] = p.num_tokens_per_rank[r];
     for (int e = lane; e < experts_per_rank; e += 32)
-      at<int32_t>(meta, L.meta_experts)[e] = p.num_tokens_per_expert[j * experts_per_rank + e];
+      at<int32_t>(meta, L.meta_entry.experts)[e] = p.num_tokens_per_expert[j * experts_per_rank + e];
     for (int c = 0; c < num_chunks; ++c) {
       const int t = c * p.chunk + lane;
       const bool bit = lane < p.chunk && t < p.num_tokens && p.is_token_in_rank[static_cast<int64_t>(t) * R + j] != 0;
       const uint32_t m = __ballot_sync(0xffffffffu, bit);
-      if (lane == 0) at<uint32_t>(meta, L.meta_masks)[c] = m;
+      if (lane == 0) at<uint32_t>(meta, L.meta_entry.masks)[c] = m;
     }
     __syncwarp();
-    const size_t bytes = align_up(L.meta_masks + sizeof(uint32_t) * num_chunks, 16);
+    const size_t bytes = align_up(L.meta_entry.masks + sizeof(uint32_t) * num_chunks, 16);
     net.put_warp(j, L.meta(parity, me.rank), L.meta_staging(j), bytes);
     net.fence_puts();
     __syncwarp();
@@ -58,7 +58,7 @@ __device__ void inter_notify(const InterNotifyParams& p, const Net& net) {
   ok = __syncthreads_and(ok);
 
   // 3. The receive plan, the per-expert counts and the host's totals (as inside a node).
-  build_receive_plan(p, w, L, R, me.rank, ic.num_blocks, ok != 0, notify_count,
+  build_receive_plan(p, w, L.meta_entry, R, me.rank, ic.num_blocks, ok != 0, notify_count,
                      [&](int i) { return static_cast<const char*>(mine + L.meta(parity, i)); });
   net.flush();
 }

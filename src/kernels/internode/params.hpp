@@ -52,7 +52,8 @@ struct InterLayout {
   int max_chunks = 0;  // per source in the meta masks
   int max_local_experts = 0;
   size_t signals = 0, shadows = 0, flags = 0, counters = 0, stats = 0;
-  size_t meta_in = 0, meta_out = 0, meta_stride = 0, meta_counts = 0, meta_experts = 0, meta_masks = 0;
+  size_t meta_in = 0, meta_out = 0;
+  MetaEntryLayout meta_entry{};  // offsets inside one meta entry (as inside a node)
   size_t control_bytes = 0;
   size_t half_bytes = 0;  // of each data half
   int flag_stride = 0;
@@ -79,15 +80,11 @@ struct InterLayout {
     l.stats = off;
     off = align_up(off + sizeof(uint64_t) * kNumStats, 128);
     // The meta entry of the intranode exchange (counts start after the whole NotifyHeader).
-    const MetaEntryLayout e = meta_entry_layout(R, max_local_experts, max_chunks);
-    l.meta_counts = e.counts;
-    l.meta_experts = e.experts;
-    l.meta_masks = e.masks;
-    l.meta_stride = e.stride;
+    l.meta_entry = meta_entry_layout(R, max_local_experts, max_chunks);
     l.meta_in = off;
-    off += 2 * static_cast<size_t>(R) * l.meta_stride;
+    off += 2 * static_cast<size_t>(R) * l.meta_entry.stride;
     l.meta_out = off;
-    off += static_cast<size_t>(R) * l.meta_stride;
+    off += static_cast<size_t>(R) * l.meta_entry.stride;
     l.control_bytes = align_up(off, 4096);
     l.half_bytes = region_bytes > l.control_bytes ? (region_bytes - l.control_bytes) / 2 / 4096 * 4096 : 0;
     return l;
@@ -98,9 +95,9 @@ struct InterLayout {
   EPCOMM_HD size_t shadow(int kind, int peer) const { return shadows + (static_cast<size_t>(kind) * num_ranks + peer) * 8; }
   EPCOMM_HD size_t flag(int kind, int index) const { return flags + (static_cast<size_t>(kind) * flag_stride + index) * 8; }
   EPCOMM_HD size_t meta(int parity, int source) const {
-    return meta_in + (static_cast<size_t>(parity) * num_ranks + source) * meta_stride;
+    return meta_in + (static_cast<size_t>(parity) * num_ranks + source) * meta_entry.stride;
   }
-  EPCOMM_HD size_t meta_staging(int dest) const { return meta_out + static_cast<size_t>(dest) * meta_stride; }
+  EPCOMM_HD size_t meta_staging(int dest) const { return meta_out + static_cast<size_t>(dest) * meta_entry.stride; }
   EPCOMM_HD size_t dispatch_base() const { return control_bytes; }
   EPCOMM_HD size_t combine_base() const { return control_bytes + half_bytes; }
 };

@@ -164,7 +164,8 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
         const uint32_t bit = lane < rows ? 1u << (p.recv_src_idx[row_begin + lane] - first_token) : 0u;
         mask = __reduce_or_sync(0xffffffffu, bit);
       } else {
-        mask = reinterpret_cast<const uint32_t*>(c.peer_base[rank] + c.ctl.meta(parity, src) + c.ctl.meta_masks)[chunk];
+        const char* meta = c.peer_base[rank] + c.ctl.meta(parity, src);
+        mask = reinterpret_cast<const uint32_t*>(meta + c.ctl.meta_entry.masks)[chunk];
       }
       ok = warp_wait_flag(c.wait, flag_at(c, rank, c.ctl.dispatch_ready, src, block), tag(seq, n + 1),
                           WaitPhase::kDispatchReady, src);

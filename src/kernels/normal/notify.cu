@@ -42,9 +42,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
       NotifyHeader h{p.num_tokens, p.num_experts, p.chunk, p.num_blocks, p.cut};
       *reinterpret_cast<NotifyHeader*>(meta) = h;
     }
-    int32_t* counts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_counts);
+    int32_t* counts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_entry.counts);
     for (int r = threadIdx.x; r < R; r += blockDim.x) counts[r] = p.num_tokens_per_rank[r];
-    int32_t* experts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_experts);
+    int32_t* experts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_entry.experts);
     for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x)
       experts[e] = p.num_tokens_per_expert[j * experts_per_rank + e];
   }
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
       if (lane == j) mine = m;
     }
     if (lane < R) {
-      auto* masks = reinterpret_cast<uint32_t*>(c.peer_base[lane] + c.ctl.meta(parity, rank) + c.ctl.meta_masks);
+      auto* masks = reinterpret_cast<uint32_t*>(c.peer_base[lane] + c.ctl.meta(parity, rank) + c.ctl.meta_entry.masks);
       masks[chunk] = mine;
     }
   }
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
   __syncthreads();
 
   // 3. The receive plan, the per-expert counts and the host's totals.
-  build_receive_plan(p, c.wait, c.ctl, R, rank, p.num_blocks, ok_all != 0, notify_count,
+  build_receive_plan(p, c.wait, c.ctl.meta_entry, R, rank, p.num_blocks, ok_all != 0, notify_count,
                      [&](int i) { return static_cast<const char*>(local + c.ctl.meta(parity, i)); });
   finish_call(c, seq);
 }

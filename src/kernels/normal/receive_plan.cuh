@@ -9,13 +9,13 @@
 namespace epcomm::dev {
 
 // Every source's meta entry of this call is readable at entry(i): a NotifyHeader, then counts [R],
-// experts [E/R] and masks [chunks] at layout.meta_counts / meta_experts / meta_masks. One block;
+// experts [E/R] and masks [chunks] at the offsets of `layout`. One block;
 // `ok` (the same on every thread): every entry arrived. Checks that all ranks agree on the call's
 // shape, builds this rank's receive plan (rank_prefix_matrix; per-expert counts rounded up to the
 // alignment; chunk_offset: the first receive row of each (source, chunk), then the end row, and
 // the source's cut in the last column) and hands the totals to the host, status last.
-template <class Params, class Layout, class Entry>
-__device__ void build_receive_plan(const Params& p, const WaitContext& w, const Layout& layout, int R, int rank,
+template <class Params, class Entry>
+__device__ void build_receive_plan(const Params& p, const WaitContext& w, const MetaEntryLayout& layout, int R, int rank,
                                    int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
   const int lane = lane_id(), warp = warp_id(), num_warps = blockDim.x / 32;
   const int experts_per_rank = p.num_experts / R;
@@ -34,7 +34,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
     }
     for (int x = threadIdx.x; x < R * R; x += blockDim.x) {
       const int i = x / R, j = x % R;
-      s_counts[i][j] = reinterpret_cast<const int32_t*>(entry(i) + layout.meta_counts)[j];
+      s_counts[i][j] = reinterpret_cast<const int32_t*>(entry(i) + layout.counts)[j];
     }
   }
   __syncthreads();
@@ -50,7 +50,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
     // Per local expert: received entries, rounded up to the alignment.
     for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
       int32_t sum = 0;
-      for (int i = 0; i < R; ++i) sum += reinterpret_cast<const int32_t*>(entry(i) + layout.meta_experts)[e];
+      for (int i = 0; i < R; ++i) sum += reinterpret_cast<const int32_t*>(entry(i) + layout.experts)[e];
       const int32_t aligned = (sum + p.expert_alignment - 1) / p.expert_alignment * p.expert_alignment;
       p.num_recv_tokens_per_expert[e] = aligned;
       p.host_result[kNotifyExpertCounts + e] = aligned;
@@ -61,7 +61,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
       int32_t base = 0;
       for (int r = 0; r < i; ++r) base += s_counts[r][rank];
       const int source_chunks = (s_tokens[i] + s_cut[i] - 1) / s_cut[i];
-      const auto* masks = reinterpret_cast<const uint32_t*>(entry(i) + layout.meta_masks);
+      const auto* masks = reinterpret_cast<const uint32_t*>(entry(i) + layout.masks);
       // The scan is a serial chain through `base`: only the source's real chunks go through it
       // (with the next mask word already loaded); the rest of the row is the end offset.
       int32_t* row = p.chunk_offset + static_cast<int64_t>(i) * stride;
