@@ -58,20 +58,7 @@ struct GinNet {
   __device__ __forceinline__ bool wait_signal(const WaitContext& ctx, int id, uint64_t least, WaitPhase phase,
                                               int peer) const {
     const ncclGinSignal_t s = p.signal_base + static_cast<uint32_t>(id);
-    uint64_t v = gin.readSignal(s);
-    if (v >= least) return true;
-    const uint64_t start = global_timer_ns();
-    for (uint32_t spins = 1;; ++spins) {
-      v = gin.readSignal(s);
-      if (v >= least) return true;
-      if ((spins & 255) == 0) {
-        if (aborted(ctx)) return false;
-        if (global_timer_ns() - start > ctx.timeout_ns) {
-          report_timeout(ctx, phase, peer, least, v);
-          return false;
-        }
-      }
-    }
+    return wait_geq(ctx, [&] { return gin.readSignal(s); }, least, phase, peer);
   }
 
   // Called by every thread of the block.

@@ -44,14 +44,15 @@ __device__ __forceinline__ void report_mismatch(const WaitContext& ctx, WaitPhas
   report(ctx, 2, phase, peer, expected, observed);
 }
 
-// Spins until *flag >= target (acquire, system scope). One thread calls it.
-__device__ __forceinline__ bool wait_flag_geq(const WaitContext& ctx, const uint64_t* flag, uint64_t target,
-                                              WaitPhase phase, int peer) {
-  uint64_t v = ld_acquire_sys(flag);
+// Spins until load() >= target. Bounded: false when the call was aborted, or after the timeout with
+// a record naming the phase and the awaited peer. One thread calls it.
+template <class Load>
+__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, Load load, uint64_t target, WaitPhase phase, int peer) {
+  uint64_t v = load();
   if (v >= target) return true;
   const uint64_t start = global_timer_ns();
   for (uint32_t spins = 1;; ++spins) {
-    v = ld_acquire_sys(flag);
+    v = load();
     if (v >= target) return true;
     if ((spins & 255) == 0) {
       if (aborted(ctx)) return false;
@@ -61,6 +62,12 @@ __device__ __forceinline__ bool wait_flag_geq(const WaitContext& ctx, const uint
       }
     }
   }
+}
+
+// Spins until *flag >= target (acquire, system scope). One thread calls it.
+__device__ __forceinline__ bool wait_flag_geq(const WaitContext& ctx, const uint64_t* flag, uint64_t target,
+                                              WaitPhase phase, int peer) {
+  return wait_geq(ctx, [flag] { return ld_acquire_sys(flag); }, target, phase, peer);
 }
 
 // Spins on an mbarrier phase (local, but bounded too: a lost bulk copy must not hang the GPU).
