@@ -357,6 +357,21 @@ def worst_tokens(ctx, seed):
         normal_case(ctx, seed, f"num_worst_tokens fp8={fp8}", num_worst=R * 300, fp8=fp8, bias=True)
 
 
+def capture_graph(step):
+    """Runs step() once on a side stream (warm-up outside the graph), then captures it in a CUDA graph;
+    returns (graph, what the captured step returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    # thread_local: other threads (the NCCL process group's watchdog) may query events meanwhile.
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        out = step()
+    return g, out
+
+
 def graph(ctx, seed, tokens=128, hidden=2048, num_topk=8, num_experts=None):
     """layout + dispatch(num_worst_tokens) + combine captured in a CUDA graph, replayed on new data."""
     R = ctx.num_ranks
@@ -373,15 +388,7 @@ def graph(ctx, seed, tokens=128, hidden=2048, num_topk=8, num_experts=None):
         cx, cw, _ = buf.combine(recv, handle, topk_weights=rw)
         return (ntpr, ntprdma, ntpe, itir), recv, ridx, rw, handle, cx, cw
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    # thread_local: other threads (the NCCL process group's watchdog) may query events meanwhile.
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
-        layout, recv, ridx, rw, handle, cx, cw = step()
+    g, (layout, recv, ridx, rw, handle, cx, cw) = capture_graph(step)
     for it in range(3):
         fresh = Inputs(ctx, seed + 1000 * (it + 1), tokens, hidden, num_topk, num_experts, fixed_tokens=tokens)
         static_x.copy_(fresh.x)
@@ -907,15 +914,7 @@ def low_latency_graph(ctx, seed, hook=False, replays=3):
             hk()
         return recv, count, handle, cx
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    # thread_local: other threads (the NCCL process group's watchdog) may query events meanwhile.
-    with torch.cuda.graph(g, capture_error_mode="thread_local"):
-        recv, count, handle, cx = step()
+    g, (recv, count, handle, cx) = capture_graph(step)
     reports = []
     for it in range(replays):
         fresh = LLInputs(ctx, seed + 1000 * (it + 1), tmax, hidden, K, E, fixed_tokens=tmax)
