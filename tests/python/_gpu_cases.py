@@ -491,10 +491,20 @@ def lifetime(ctx, seed):
     idx = torch.zeros(4, 2, dtype=torch.int64, device=ctx.device)
     expect_error(c, "low_latency_dispatch with num_rdma_bytes too small",
                  lambda: ll.low_latency_dispatch(x, idx, 64, 8 * R), ValueError, "num_rdma_bytes")
-    expect_error(c, "low_latency_update_mask_buffer(mask=True)", lambda: ll.low_latency_update_mask_buffer(0, True),
-                 RuntimeError, "not implemented")
+    # Shrink mode: a rank masks another one (seen by query), never itself; clean unmasks all.
+    other = (ctx.rank + 1) % R
+    status = torch.full((R,), 7, dtype=torch.int32, device=ctx.device)
+    if R > 1:
+        ll.low_latency_update_mask_buffer(other, True)
+        ll.low_latency_query_mask_buffer(status)
+        want = [1 if r == other else 0 for r in range(R)]
+        c.true("mask another rank", status.tolist() == want, f"mask {status.tolist()}, want {want}")
+    expect_error(c, "low_latency_update_mask_buffer(this rank, True)",
+                 lambda: ll.low_latency_update_mask_buffer(ctx.rank, True), ValueError, "itself")
     ll.low_latency_update_mask_buffer(R - 1, False)
     ll.low_latency_clean_mask_buffer()
+    ll.low_latency_query_mask_buffer(status)
+    c.true("clean unmasks", bool((status == 0).all()), f"mask after clean {status.tolist()}")
     ll.destroy()
     expect_error(c, "low_latency_dispatch after destroy", lambda: ll.low_latency_dispatch(x, idx, 8, 8 * R),
                  RuntimeError, "destroy")
@@ -1011,7 +1021,8 @@ def low_latency_errors(ctx, seed):
     c = Checks(ctx, "low-latency argument errors")
     for name, fn, fragment in bad:
         expect_error(c, name, fn, ValueError, fragment)
-    expect_error(c, "mask=True", lambda: buf.low_latency_update_mask_buffer(0, True), RuntimeError, "not implemented")
+    expect_error(c, "mask=True without shrink mode",
+                 lambda: buf.low_latency_update_mask_buffer((ctx.rank + 1) % R, True), ValueError, "shrink mode")
     buf.low_latency_update_mask_buffer(0, False)
     buf.low_latency_clean_mask_buffer()
     status = torch.full((R,), 7, dtype=torch.int32, device=dev)
