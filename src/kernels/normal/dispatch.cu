@@ -46,7 +46,7 @@ __device__ __forceinline__ bool stagers_all(bool pred) {
 }
 
 // Warp 0 copies the chunk's x rows into the slot (bulk copies) and signals the receivers; warp 1
-// meanwhile writes the per-token fields, a lane per token, eight loads in flight per lane.
+// meanwhile writes the per-token fields (scales, topk), coalesced whichever the scales' layout.
 __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier, DispatchShared& sh, uint8_t* bufs) {
   const CommonParams& c = p.common;
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
@@ -96,27 +96,48 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
         __threadfence_system();
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
-    } else if (p.ring.meta_row_bytes > 0 && lane < rows) {
-      // Meta row: [scales f32][topk idx i32][topk weights f32].
-      const int t = t0 + lane;
-      const int G = p.num_scales, K = p.num_topk, per_row = G + 2 * K;
-      uint32_t* row = reinterpret_cast<uint32_t*>(slot + p.ring.meta_offset + static_cast<size_t>(lane) * p.ring.meta_row_bytes);
-      for (int f0 = 0; f0 < per_row; f0 += 8) {
-        uint32_t v[8];
+    } else if (p.ring.meta_row_bytes > 0) {
+      // Meta rows: [scales f32][topk idx i32][topk weights f32] per token. The warp walks the
+      // (token, field) pairs so that consecutive lanes load consecutive addresses, whichever the
+      // scales' layout (token-major [G][T] or row-major [T][G]), four loads in flight per lane.
+      const int G = p.num_scales, K = p.num_topk;
+      uint8_t* meta = slot + p.ring.meta_offset;
+      const auto field = [&](int r, int f) -> uint32_t& {
+        return reinterpret_cast<uint32_t*>(meta + static_cast<size_t>(r) * p.ring.meta_row_bytes)[f];
+      };
+      const bool token_major = p.scale_stride_token == 1 && rows > 1;
+      for (int i0 = lane; i0 < rows * G; i0 += 4 * 32) {
+        uint32_t v[4];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int f = f0 + u;
-          if (f < G) {
-            v[u] = __float_as_uint(p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group]);
-          } else if (f < G + K) {
-            v[u] = static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * K + (f - G)]));
-          } else if (f < per_row) {
-            v[u] = p.topk_weights ? __float_as_uint(p.topk_weights[static_cast<int64_t>(t) * K + (f - G - K)]) : 0u;
-          }
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u * 32;
+          const int r = token_major ? i % rows : i / G, f = token_major ? i / rows : i % G;
+          v[u] = i < rows * G ? __float_as_uint(p.x_scales[static_cast<int64_t>(t0 + r) * p.scale_stride_token +
+                                                           static_cast<int64_t>(f) * p.scale_stride_group])
+                              : 0u;
         }
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-          if (f0 + u < per_row) row[f0 + u] = v[u];
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u * 32;
+          if (i < rows * G) field(token_major ? i % rows : i / G, token_major ? i / rows : i % G) = v[u];
+        }
+      }
+      for (int i0 = lane; i0 < rows * K; i0 += 2 * 32) {
+        uint32_t idx[2], wt[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int i = i0 + u * 32;
+          const int64_t e = static_cast<int64_t>(t0) * K + i;  // token t0 + i / K, slot i % K
+          idx[u] = i < rows * K ? static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[e])) : 0u;
+          wt[u] = i < rows * K && p.topk_weights ? __float_as_uint(p.topk_weights[e]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int i = i0 + u * 32;
+          if (i >= rows * K) continue;
+          field(i / K, G + i % K) = idx[u];
+          field(i / K, G + K + i % K) = wt[u];
+        }
       }
       fence_proxy_async_global();
       __threadfence_system();
