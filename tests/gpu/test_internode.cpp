@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <random>
 
 #include "epcomm/error.hpp"
@@ -74,6 +75,25 @@ Traffic expected_traffic(const std::vector<RankInputs>& in, int R, int P) {
   return tr;
 }
 
+// The receive plan the count exchange must build for rank r (handle.chunk_offset): per source i,
+// the first receive row of each chunk of `chunk` tokens, the end row in every later column, and the
+// chunk (the source's cut: internode chunks are not balanced) in the last column.
+std::vector<int32_t> expected_chunk_offset(const std::vector<RankInputs>& in, int r, int R, int chunk, int stride) {
+  std::vector<int32_t> want(static_cast<size_t>(R) * stride);
+  int32_t row = 0;
+  for (int i = 0; i < R; ++i) {
+    const int T = in[i].num_tokens, chunks = (T + chunk - 1) / chunk;
+    for (int c = 0; c < stride - 1; ++c) {
+      want[static_cast<size_t>(i) * stride + c] = row;
+      if (c >= chunks) continue;
+      for (int t = c * chunk; t < std::min(T, (c + 1) * chunk); ++t)
+        row += in[i].layout.is_token_in_rank[static_cast<size_t>(t) * R + r] ? 1 : 0;
+    }
+    want[static_cast<size_t>(i) * stride + stride - 1] = chunk;
+  }
+  return want;
+}
+
 void run_inter_case(const InterCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
@@ -105,7 +125,7 @@ void run_inter_case(const InterCase& c) {
         bo.max_tokens_per_rank = std::max(c.max_tokens, 1);
         bo.max_experts_per_rank = std::max(E / R, 8);
         bo.num_rdma_bytes = Buffer::internode_size_hint(bo.max_tokens_per_rank, H, R, P, K, bo.max_experts_per_rank);
-        bo.timeout_ms = 5000;
+        bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
         Buffer buf(group, bo);
         cudaStream_t stream;
         cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
@@ -182,6 +202,9 @@ void run_inter_case(const InterCase& c) {
           EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
               << "dispatch: bytes read from node peers";
           EXPECT_TRUE(same_values(prefix.download<int32_t>(), want.handle.rank_prefix_matrix, "rank_prefix_matrix"));
+          EXPECT_TRUE(same_values(chunk_off.download<int32_t>(), expected_chunk_offset(in, r, R, cfg.chunk_tokens(), stride),
+                                  "chunk_offset [source][chunk] (the receive plan)"))
+              << "plan.max_chunks " << plan.max_chunks << ", stride " << stride;
           if (c.with_topk)
             EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
                                     "num_recv_tokens_per_expert (device)"));
@@ -434,7 +457,7 @@ TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
         BufferOptions bo;
         bo.max_tokens_per_rank = 64;
         bo.num_rdma_bytes = Buffer::internode_size_hint(64, 256, 2, 1, 4);
-        bo.timeout_ms = 5000;
+        bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
         Buffer buf(group, bo);
         const int dev = group->device();
         DeviceTensor x(DType::kBF16, {8, 4096}, dev), per_rank(DType::kI32, {2}, dev), in_rank(DType::kBool, {8, 2}, dev),

@@ -136,6 +136,7 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
   const int expert_begin = me.rank * p.experts_per_rank;
   uint64_t ready = 0;  // sources whose forwarder flag this warp has seen
   uint64_t nvl_bytes = 0;
+  uint32_t rows_done = 0;  // rows of the (source, chunk) items this warp copied
   bool ok = true;
   const int items = me.R * p.max_chunks;
   for (int item = blockIdx.x * kInterWarps + warp; ok && item < items; item += B * kInterWarps) {
@@ -181,8 +182,10 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
       if (!p.cached && lane == 0) p.recv_src_idx[row] = t;
     }
     if (fwd != me.rank) nvl_bytes += static_cast<uint64_t>(rows) * p.row_bytes;
+    rows_done += rows;
   }
   if (lane == 0) add_stat(ic, kStatNvlBytes, nvl_bytes);
+  if (lane == 0 && rows_done) atomicAdd(at<uint32_t>(mine, L.counters) + kCountRowsReceived, rows_done);
 
   // num_worst_tokens: rows past the real count get topk -1 and weight 0.
   if (p.num_worst_tokens > 0 && K > 0) {
@@ -197,6 +200,13 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
 
   // Node barrier: once every node peer has read this rank's rows, the remote sources may send again.
   if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountRecvDone)) {
+    // Every row of the plan must have been copied: a skipped item is an error, never silent.
+    if (threadIdx.x == 0) {
+      const uint32_t got = atomicExch(at<uint32_t>(mine, L.counters) + kCountRowsReceived, 0u);
+      const int32_t end = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];
+      if (!aborted(w) && got != static_cast<uint32_t>(end))
+        report_mismatch(w, WaitPhase::kDispatchReady, me.rank, static_cast<uint64_t>(end), got);
+    }
     if (threadIdx.x < me.P) {
       char* peer = ic.net.window[me.node * me.P + threadIdx.x];
       st_release_sys(at<uint64_t>(peer, L.flag(kFlagDispatchRead, me.local)), tag(seq, 1));

@@ -43,7 +43,7 @@ enum InterFlag : int {
   kNumFlags
 };
 enum InterCounter : int { kCountSendDone = 0, kCountRecvDone, kCountPushDone, kCountReduceDone, kCountFinalDone,
-                          kNumCounters = 8 };
+                          kCountRowsReceived, kNumCounters = 8 };
 enum InterStat : int { kStatPuts = 0, kStatPutBytes, kStatNvlBytes, kStatRowsSent, kNumStats = 8 };
 
 struct InterLayout {
