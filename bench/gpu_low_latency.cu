@@ -215,6 +215,17 @@ void run_gpu_low_latency(const Options& o, Report& report) {
                           std::to_string(deepep) + " bytes (" + std::to_string(deepep >> 20) + " MiB), ratio " +
                           std::to_string(static_cast<double>(ours) / static_cast<double>(deepep)));
   if (ours > deepep) report.ok = false;
+  {
+    // Which dispatch path ran (EPCOMM_LL_PER_RANK, read by the library as here): per-rank where the
+    // staging slots fit the layout, per-expert otherwise (the fp8 and bf16 calls may differ).
+    const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
+    auto path = [&](bool fp8) {
+      return low_latency_per_rank_requested() && l.per_rank_fits(fp8) ? std::string("per-rank") : std::string("per-expert");
+    };
+    report.checks.push_back("low-latency dispatch path (EPCOMM_LL_PER_RANK=" +
+                            std::string(low_latency_per_rank_requested() ? "1" : "0") + "): fp8 " + path(true) +
+                            ", bf16 " + path(false) + "; combine per (token, expert)");
+  }
 
   const uint64_t seed = std::random_device{}();
   std::vector<RankData> data(R);

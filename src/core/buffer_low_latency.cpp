@@ -187,8 +187,17 @@ Event end_call(Buffer::Impl& m, const StreamOrder& order) {
   return Event();
 }
 
+// The per-rank dispatch (EPCOMM_LL_PER_RANK=1) where its staging slots fit the layout (E/R >= 2, or FP8)
+// and its shared memory fits the device; otherwise the per-expert path. Every rank decides alike.
+bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8, int blocks) {
+  // Entries carry the local expert in 16 bits.
+  return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff &&
+         low_latency_dispatch_shared_bytes(l, blocks, 1, true) <= m.max_smem &&
+         low_latency_dispatch_recv_shared_bytes(l, true) <= m.max_smem;
+}
+
 Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
-                             const DispatchCall& call, int buffer, int phases, const StreamOrder& order) {
+                             const DispatchCall& call, int buffer, int phases, bool per_rank, const StreamOrder& order) {
   const LowLatencyLayout& l = call.layout;
   LowLatencyDispatchParams p;
   p.common = m.common(KernelId::kLowLatencyDispatch);
@@ -202,7 +211,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.use_fp8 = in.use_fp8;
   p.round_scale = in.round_scale;
   p.use_ue8m0 = in.use_ue8m0;
-  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2) <= m.max_smem ? 2 : 1;
+  p.per_rank = per_rank;
+  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2, per_rank) <= m.max_smem ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
   p.topk_idx = in.topk_idx.ptr<const int64_t>();
   p.recv_x = out.recv_x.ptr<uint8_t>();
@@ -217,7 +227,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     p.mask = m.ll.mask;
     p.count_decisions = m.ll.count_decisions;
   }
-  const int smem = (phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers) : 0;
+  const int smem = std::max((phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers, per_rank) : 0,
+                            (phases & kLowLatencyRecv) ? low_latency_dispatch_recv_shared_bytes(l, per_rank) : 0);
   cudaStream_t stream = begin_call(m, order);
   launch_low_latency_dispatch(p, call.blocks, smem, stream);
   return end_call(m, order);
@@ -375,8 +386,10 @@ Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const Low
   const DispatchCall call = check_dispatch(m, in, out);
   const int buffer = m.ll.next_buffer;
   const int phases = return_recv_hook ? kLowLatencySend : (kLowLatencySend | kLowLatencyRecv);
-  Event e = launch_dispatch_phases(m, in, out, call, buffer, phases, order);
+  const bool per_rank = use_per_rank(m, call.layout, in.use_fp8, call.blocks);
+  Event e = launch_dispatch_phases(m, in, out, call, buffer, phases, per_rank, order);
   m.ll.layout = call.layout;
+  m.ll.per_rank[buffer] = per_rank;
   m.ll.next_buffer = buffer ^ 1;
   handle_out.src_info = out.src_info;
   handle_out.layout_range = out.layout_range;
@@ -393,7 +406,8 @@ Event Buffer::low_latency_dispatch_recv(const LowLatencyDispatchInputs& in, cons
   check_device_errors();
   const DispatchCall call = check_dispatch(m, in, out);
   check_handle(m, handle, call.layout);
-  return launch_dispatch_phases(m, in, out, call, handle.buffer_index, kLowLatencyRecv, order);
+  return launch_dispatch_phases(m, in, out, call, handle.buffer_index, kLowLatencyRecv,
+                                m.ll.per_rank[handle.buffer_index], order);
 }
 
 Event Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle, const TensorView& out,

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -307,6 +308,46 @@ TEST(LowLatencyGpu, StandardShape) {
   c.fixed_tokens = 128;
   c.drop_rate = 0.0;
   run_case(c);
+}
+
+// The per-rank dispatch (EPCOMM_LL_PER_RANK=1) stages a token once per destination rank inside the
+// per-expert messages' area: it must fit there for every E/R >= 2 (and FP8 always), so the buffer
+// does not grow. The cases after it run through whichever path the environment selects.
+TEST(LowLatencyGpu, PerRankStagingFitsTheLayout) {
+  std::printf("low-latency dispatch path: %s (EPCOMM_LL_PER_RANK)\n",
+              low_latency_per_rank_requested() ? "per-rank where it fits" : "per-expert");
+  for (int tmax : {1, 7, 128})
+    for (int hidden : {128, 256, 7168})
+      for (int R : {1, 2, 4, 8, 32})
+        for (int per_rank : {1, 2, 9, 72}) {
+          const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, R, R * per_rank);
+          EXPECT_TRUE(l.per_rank_fits(true)) << "fp8 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
+          EXPECT_EQ(l.per_rank_fits(false), per_rank >= 2) << "bf16 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
+        }
+}
+
+// Tokens whose experts fall on every rank, several per rank (and twice the same), with drops: the
+// per-rank path's fan-out of one staged token into several rows of one rank.
+TEST(LowLatencyGpu, SeveralExpertsOfOneRankPerToken) {
+  for (bool fp8 : {true, false}) {
+    LLCase c;
+    c.num_ranks = 4;
+    c.num_experts = 16;
+    c.num_topk = 12;
+    c.use_fp8 = fp8;
+    c.hidden = fp8 ? 1024 : 384;
+    c.duplicates = true;
+    c.drop_rate = 0.1;
+    run_case(c);
+  }
+  LLCase one;  // one expert per rank: FP8 takes the per-rank path, BF16 the per-expert one
+  one.num_ranks = 4;
+  one.num_experts = 4;
+  one.num_topk = 4;
+  one.hidden = 256;
+  run_case(one);
+  one.use_fp8 = false;
+  run_case(one);
 }
 
 TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {

@@ -11,6 +11,21 @@
 //          to recv_x, scales transposed, the source token to src_info.
 //
 // Without a hook both halves run in one launch; with a hook, two launches.
+//
+// Per-rank path (p.per_rank, EPCOMM_LL_PER_RANK=1): a token's experts fall on few ranks, so the
+// sender stores it once per destination rank instead of once per expert:
+// send:    as above, plus a histogram of the destination ranks of the tokens (a token counts once
+//          per rank); each count flag also carries how many tokens this source sends to the rank
+//          (payload (count + 1) | tokens << 16). A staged token is its payload, then one entry per
+//          (k) that selects an expert of that rank (local expert, its slot in [le][source] exactly
+//          as the per-expert path computes it, k), then a flag tag(seq, (t | entries << 16) + 1).
+//          The token's destinations share the block's warps (16 / destinations each, parts of the
+//          row); the flags are released by one thread per destination after the next barrier.
+// receive: every block reads all count flags (a thread each) and computes every (expert, source)
+//          begin in shared memory; then warps take (staged token, part of the row) items: wait for
+//          the flag, copy the part once from the staging slot into every row its entries name
+//          (recv_x [le][begin + slot]: the same rows as the per-expert path), and part 0 writes
+//          the scales, src_info and the per-(expert, source, slot) header the combine reads.
 #include <cuda_runtime.h>
 
 #include <mutex>
@@ -40,6 +55,31 @@ __host__ __device__ inline size_t send_smem_ints(int num_experts, int num_blocks
 
 __device__ __forceinline__ char* peer_region(const LowLatencyDispatchParams& p, int rank) {
   return p.common.peer_base[rank] + p.region;
+}
+
+// Per-rank path: one token's destinations, in shared memory. Three sets rotate: set it % 3 is
+// written by thread 0 before token it's barrier, read by the copies after it and by the flag
+// releases after token it + 1's barrier, so it is rewritten only after token it + 2's barrier.
+struct RankMeta {
+  uint32_t entries[kMaxTopk][kMaxTopk];  // per destination: le | slot << 16 | k << 28 (16-byte rows)
+  int32_t dest[kMaxTopk];                // destination rank
+  int32_t dslot[kMaxTopk];               // staging slot there (tokens before this one to that rank)
+  int32_t nent[kMaxTopk];                // entries
+  int32_t ndest;
+  int32_t token;
+  int32_t pad[2];
+};
+static_assert(sizeof(RankMeta) % 16 == 0, "RankMeta rows are copied as 16-byte vectors");
+
+// Per-rank send's extra shared memory after the per-expert path's ints: [rank_hist: R][rank_total: R]
+// (16-byte aligned), then three RankMeta sets.
+__host__ __device__ inline size_t rank_meta_offset(int num_experts, int num_blocks, int num_ranks) {
+  return align_up(sizeof(int32_t) * (send_smem_ints(num_experts, num_blocks) + 2 * static_cast<size_t>(num_ranks)), 16);
+}
+
+// Per-rank receive's shared memory: [cnt: E][begin: E][rtot: R][ipre: R + 1][abort: 1][dead: R].
+__host__ __device__ inline size_t recv_smem_ints(int num_experts, int num_ranks) {
+  return 2 * static_cast<size_t>(num_experts) + 3 * static_cast<size_t>(num_ranks) + 2;
 }
 
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm) {
@@ -116,6 +156,137 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     // With one staging area the next token may not overwrite it before every warp sent it; with
     // two, the barrier after the next cast orders it.
     if (p.staging_buffers != 2) __syncthreads();
+  }
+}
+
+// Per-rank path: releases the flags of one token's staged copies (a thread per destination), after a
+// barrier that follows every warp's stores of that token.
+__device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p, uint32_t seq, const RankMeta& m) {
+  const LowLatencyLayout& L = p.layout;
+  for (int di = static_cast<int>(threadIdx.x); di < m.ndest; di += static_cast<int>(blockDim.x)) {
+    const int d = m.dest[di];
+    if (peer_masked(p.mask, d)) continue;
+    uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, d) + L.staged(p.buffer, p.common.rank, m.dslot[di], p.use_fp8) +
+                                                 L.staged_flag_offset(p.use_fp8));
+    st_release_sys(flag, tag(seq, (static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16)) + 1u));
+  }
+}
+
+__device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm,
+                                       int32_t* rank_hist, RankMeta* meta) {
+  const CommonParams& c = p.common;
+  const LowLatencyLayout& L = p.layout;
+  const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, T = p.num_tokens, H = L.hidden, R = c.num_ranks;
+  const int grid = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int warp = warp_id(), lane = lane_id();
+  const int t_begin = static_cast<int>(static_cast<int64_t>(b) * T / grid);
+  const int t_end = static_cast<int>(static_cast<int64_t>(b + 1) * T / grid);
+  const int owned_n = (E + grid - 1) / grid;
+  int32_t* rank_total = rank_hist + R;
+
+  for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
+  for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
+  __syncthreads();
+  const int64_t entries = static_cast<int64_t>(T) * K;
+  for (int64_t i = tid; i < entries; i += nthreads) {
+    const int64_t e = p.topk_idx[i];
+    if (e < 0 || e >= E) continue;  // out of range counts as -1 (no host check without a sync)
+    const int t = static_cast<int>(i / K);
+    if (t < t_begin) atomicAdd(&sm.hist[e], 1);
+    if (static_cast<int>(e) % grid == b) atomicAdd(&sm.owned[static_cast<int>(e) / grid], 1);
+  }
+  // Tokens per destination rank: a token counts once for each rank holding any of its experts.
+  for (int t = tid; t < T; t += nthreads) {
+    const int64_t* row = p.topk_idx + static_cast<int64_t>(t) * K;
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = row[k];
+      if (e < 0 || e >= E) continue;
+      const int d = static_cast<int>(e) / EL;
+      bool seen = false;
+      for (int k2 = 0; k2 < k && !seen; ++k2) {
+        const int64_t e2 = row[k2];
+        seen = e2 >= 0 && e2 < E && static_cast<int>(e2) / EL == d;
+      }
+      if (seen) continue;
+      atomicAdd(&rank_total[d], 1);
+      if (t < t_begin) atomicAdd(&rank_hist[d], 1);
+    }
+  }
+  __syncthreads();
+
+  // Counts first, each with the number of tokens this rank stages at the expert's owner.
+  for (int i = tid; i < owned_n; i += nthreads) {
+    const int e = b + i * grid;
+    if (e >= E) break;
+    const int d = e / EL;
+    if (peer_masked(p.mask, d)) continue;  // shrink mode: nothing goes to a masked rank
+    uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, d) + L.count(p.buffer, e % EL, c.rank));
+    const uint32_t count = static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u;
+    st_release_sys(flag, tag(seq, count | (static_cast<uint32_t>(rank_total[d]) << 16)));
+  }
+
+  const int payload16 = L.staged_payload16(p.use_fp8), entry16 = L.staged_entry16();
+  int pending = -1;  // the meta set whose flags wait for the next barrier
+  for (int t = t_begin, it = 0; t < t_end; ++t, ++it) {
+    const int sb = p.staging_buffers == 2 ? (it & 1) : 0;
+    uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
+    RankMeta& m = meta[it % 3];
+    if (tid == 0) {
+      // Same slots as the per-expert path: k order within the token, tokens in order.
+      int nd = 0;
+      for (int k = 0; k < K; ++k) {
+        const int64_t e = p.topk_idx[static_cast<int64_t>(t) * K + k];
+        if (e < 0 || e >= E) continue;
+        const int d = static_cast<int>(e) / EL;
+        int di = 0;
+        while (di < nd && m.dest[di] != d) ++di;
+        if (di == nd) {
+          m.dest[nd] = d;
+          m.dslot[nd] = rank_hist[d]++;
+          m.nent[nd] = 0;
+          ++nd;
+        }
+        const int s = sm.hist[e]++;
+        if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
+          report(c.wait, 3, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
+          continue;
+        }
+        m.entries[di][m.nent[di]++] = static_cast<uint32_t>(static_cast<int>(e) % EL) |
+                                      (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(k) << 28);
+      }
+      m.ndest = nd;
+      m.token = t;
+    }
+    const uint16_t* row = p.x + static_cast<size_t>(t) * H;
+    if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
+    else stage_bf16(row, H, msg);
+    __syncthreads();
+    if (pending >= 0) release_staged(p, seq, meta[pending]);
+    const int nd = m.ndest;
+    if (nd > 0) {
+      // The destinations share the warps: P warps each copy a part of the row.
+      const int P = max(1, kLowLatencyWarps / nd);
+      const int di = warp / P, part = warp % P;
+      if (di < nd && !peer_masked(p.mask, m.dest[di])) {
+        int4* dst = reinterpret_cast<int4*>(peer_region(p, m.dest[di]) +
+                                            L.staged(p.buffer, c.rank, m.dslot[di], p.use_fp8));
+        const int v0 = part * payload16 / P, v1 = (part + 1) * payload16 / P;
+        warp_copy<4>(dst + v0, reinterpret_cast<const int4*>(msg) + v0, v1 - v0, LoadShared{});
+        if (part == 0 && lane < entry16)
+          dst[payload16 + lane] = reinterpret_cast<const int4*>(m.entries[di])[lane];
+      }
+    }
+    pending = it % 3;
+    if (p.staging_buffers != 2) {
+      __syncthreads();
+      release_staged(p, seq, meta[pending]);
+      pending = -1;
+    }
+  }
+  if (pending >= 0) {
+    __syncthreads();
+    release_staged(p, seq, meta[pending]);
   }
 }
 
@@ -235,6 +406,164 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
   }
 }
 
+// Per-rank path, receive half (see the top of this file). `ints`: recv_smem_ints of shared memory.
+__device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, int32_t* ints) {
+  const CommonParams& c = p.common;
+  const LowLatencyLayout& L = p.layout;
+  const int R = c.num_ranks, EL = L.local_experts, E = EL * R, H = L.hidden;
+  const int64_t RT = static_cast<int64_t>(R) * L.max_tokens;
+  const int G = H / kLowLatencyScaleGroup, W = (G + 3) / 4;
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int lane = lane_id();
+  const bool first = blockIdx.x == 0;
+  char* mine = c.peer_base[c.rank] + p.region;
+  int32_t* cnt = ints;          // [le][src] rows
+  int32_t* begin = cnt + E;     // [le][src] first packed row
+  int32_t* rtot = begin + E;    // [src] staged tokens
+  int32_t* ipre = rtot + R;     // [src + 1] prefix of rtot: the items
+  int32_t* stop = ipre + R + 1; // a count wait was aborted
+  int32_t* dead = stop + 1;     // [src] shrink mode: some count of src settled as masked
+
+  for (int i = tid; i < R + 1; i += nthreads) stop[i] = 0;  // dead follows stop
+  __syncthreads();
+  for (int i = tid; i < E; i += nthreads) {
+    const int le = i / R, src = i % R;
+    uint32_t payload = 0;
+    long long cycles = 0;
+    if (!receive_count(p, mine, le, src, seq, payload, cycles)) {
+      stop[0] = 1;
+      continue;
+    }
+    cnt[i] = payload > 0 ? static_cast<int>((payload & 0xffffu) - 1u) : 0;
+    if (payload == 0) dead[src] = 1;
+    if (le == 0) rtot[src] = min(static_cast<int>(payload >> 16), L.max_tokens);
+    if (first && p.wait_cost_stats && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+  }
+  __syncthreads();
+  if (stop[0]) return;
+  // A source that is masked in any count is masked in all: its rows are not valid anywhere.
+  for (int le = tid; le < EL; le += nthreads) {
+    int run = 0;
+    for (int src = 0; src < R; ++src) {
+      const int i = le * R + src;
+      if (dead[src]) cnt[i] = 0;
+      begin[i] = run;
+      run += cnt[i];
+      if (first) p.layout_range[i] = (static_cast<int64_t>(begin[i]) << 32) | cnt[i];
+    }
+    if (first) {
+      p.recv_count[le] = run;
+      if (p.cumulative_recv_stats) p.cumulative_recv_stats[le] += run;
+    }
+  }
+  if (tid == 0) {
+    int run = 0;
+    for (int src = 0; src < R; ++src) {
+      ipre[src] = run;
+      run += dead[src] ? 0 : rtot[src];
+    }
+    ipre[R] = run;
+  }
+  __syncthreads();
+
+  const int N = ipre[R];
+  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
+  const int P = max(1, min(min(total_warps / max(N, 1), 4), data16 / 32));  // parts per staged token
+  const size_t flag_off = L.staged_flag_offset(p.use_fp8);
+  const int payload16 = L.staged_payload16(p.use_fp8);
+  constexpr int U = 4;
+
+  for (int w = gw; w < N * P; w += total_warps) {
+    const int item = w / P, part = w % P;
+    int src = 0;
+    while (item >= ipre[src + 1]) ++src;
+    const int j = item - ipre[src];
+    const uint8_t* msg = reinterpret_cast<const uint8_t*>(mine + L.staged(p.buffer, src, j, p.use_fp8));
+    uint64_t h = 0;
+    long long cycles = 0;
+    int got = static_cast<int>(PeerWait::kArrived);
+    if (lane == 0)
+      got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(msg + flag_off),
+                                              tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h, cycles));
+    got = __shfl_sync(0xffffffffu, got, 0);
+    if (got == static_cast<int>(PeerWait::kAborted)) return;
+    if (got == static_cast<int>(PeerWait::kMasked)) {
+      // Shrink mode: the source was masked in the middle of its tokens; its rows are not valid.
+      for (int le = lane; le < EL; le += 32)
+        p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin[le * R + src]) << 32;
+      continue;
+    }
+    if (p.wait_cost_stats && lane == 0 && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+    h = __shfl_sync(0xffffffffu, h, 0);
+    const uint32_t v = tag_payload(h);
+    const int t = static_cast<int>(v & 0xffffu);
+    const int n = min(static_cast<int>((v >> 16) & 0xffu), L.kslots);
+    // Lane e < n holds entry e's row in recv_x (-1: not valid, e.g. a count settled as masked).
+    int64_t row = -1;
+    uint32_t ent = 0;
+    if (lane < n) {
+      ent = __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane);
+      const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
+      if (le < EL && slot < cnt[le * R + src]) row = static_cast<int64_t>(le) * RT + begin[le * R + src] + slot;
+    }
+    // This part of the row: read once, stored to every row.
+    const int v0 = part * data16 / P, v1 = (part + 1) * data16 / P;
+    const int4* from = reinterpret_cast<const int4*>(msg);
+    int4* to = reinterpret_cast<int4*>(p.recv_x);
+    for (int base = v0; base < v1; base += 32 * U) {
+      int4 vec[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + lane + u * 32;
+        if (i < v1) vec[u] = __ldcg(from + i);
+      }
+      for (int e = 0; e < n; ++e) {
+        const int64_t r = __shfl_sync(0xffffffffu, row, e);
+        if (r < 0) continue;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = base + lane + u * 32;
+          if (i < v1) to[r * data16 + i] = vec[u];
+        }
+      }
+    }
+    if (part != 0) continue;
+    if (p.use_fp8) {
+      const float* scales = reinterpret_cast<const float*>(msg + H);
+      for (int e = 0; e < n; ++e) {
+        const int64_t r = __shfl_sync(0xffffffffu, row, e);
+        if (r < 0) continue;
+        const int64_t le = r / RT, col = r % RT;
+        if (!p.use_ue8m0) {
+          for (int g = lane; g < G; g += 32) p.recv_scales[(le * G + g) * RT + col] = __ldcg(scales + g);
+        } else {
+          for (int wd = lane; wd < W; wd += 32) {
+            uint32_t word = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              if (4 * wd + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * wd + i)) >> 23) & 0xffu) << (8 * i);
+            p.recv_scales_packed[(le * W + wd) * RT + col] = static_cast<int32_t>(word);
+          }
+        }
+      }
+    }
+    if (row >= 0) {
+      // src_info, and the header the combine reads (the per-expert path's senders write it there).
+      const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
+      const uint32_t k = ent >> 28;
+      p.src_info[row] = t;
+      *reinterpret_cast<uint64_t*>(mine + L.header(p.buffer, le, src, slot)) =
+          tag(seq, (static_cast<uint32_t>(t) | (k << 16)) + 1u);
+    }
+  }
+}
+
+// kPerRank == p.per_rank: the two paths are separate kernels (each its own registers).
+template <bool kPerRank>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -251,18 +580,35 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     sm.owned = ints + L.num_experts;
     sm.slots = sm.owned + owned_n;
     sm.experts = sm.slots + 2 * kMaxTopk;
-    sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
-    dispatch_send(p, seq, sm);
-    publish_dispatch(p, seq);
+    if constexpr (kPerRank) {
+      const size_t meta_off = rank_meta_offset(L.num_experts, static_cast<int>(gridDim.x), p.common.num_ranks);
+      sm.staging = smem + meta_off + 3 * sizeof(RankMeta);
+      dispatch_send_per_rank(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
+    } else {
+      sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
+      dispatch_send(p, seq, sm);
+    }
+    publish_dispatch(p, seq);  // starts with a barrier: the receive half may reuse the shared memory
   }
-  if (recv) dispatch_recv(p, seq);
+  if (recv) {
+    if constexpr (kPerRank) dispatch_recv_per_rank(p, seq, reinterpret_cast<int32_t*>(smem));
+    else dispatch_recv(p, seq);
+  }
 }
 
 }  // namespace
 
-int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers) {
+int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
+                                      bool per_rank) {
+  if (per_rank)
+    return static_cast<int>(rank_meta_offset(layout.num_experts, num_blocks, layout.num_ranks) + 3 * sizeof(RankMeta) +
+                            static_cast<size_t>(staging_buffers) * layout.msg_bytes);
   return static_cast<int>(align_up(sizeof(int32_t) * send_smem_ints(layout.num_experts, num_blocks), 16) +
                           static_cast<size_t>(staging_buffers) * layout.msg_bytes);
+}
+
+int low_latency_dispatch_recv_shared_bytes(const LowLatencyLayout& layout, bool per_rank) {
+  return per_rank ? static_cast<int>(sizeof(int32_t) * recv_smem_ints(layout.num_experts, layout.num_ranks)) : 0;
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream) {
@@ -277,12 +623,17 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
     int dev = 0, max_smem = 0;
     EPCOMM_CUDA_CHECK(cudaGetDevice(&dev));
     EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    EPCOMM_CUDA_CHECK(
-        cudaFuncSetAttribute(low_latency_dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel<false>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel<true>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
   };
   if (device >= 0 && device < kMaxDevices) std::call_once(configured[device], configure);
   else configure();
-  low_latency_dispatch_kernel<<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  if (p.per_rank)
+    low_latency_dispatch_kernel<true><<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  else
+    low_latency_dispatch_kernel<false><<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("low_latency_dispatch_kernel");
 }
 

@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/common/control.hpp"
 #include "kernels/normal/params.hpp"  // CommonParams: peers, wait context
@@ -87,6 +88,31 @@ struct LowLatencyLayout {
     return l;
   }
 
+  // Per-rank dispatch (EPCOMM_LL_PER_RANK=1, see dispatch.cu): a source stores each token once per
+  // destination rank into the destination's staging slot [source][slot] = [payload: FP8 row +
+  // scales, or the BF16 row][entries: kslots u32, padded to 16 bytes][flag u64, padded to 16]. The
+  // staging slots overlay dispatch_data of the same buffer (free until the receiver fanned them out
+  // into recv_x; the zero-copy combine input is written only after that), so the region does not
+  // grow: the path is used only where they fit (always for E/R >= 2).
+  EPCOMM_HD int staged_payload16(bool use_fp8) const {
+    const int groups = hidden / kLowLatencyScaleGroup;
+    return use_fp8 ? (hidden + ((4 * groups + 15) / 16) * 16) / 16 : hidden / 8;
+  }
+  EPCOMM_HD int staged_entry16() const { return (kslots + 3) / 4; }
+  EPCOMM_HD size_t staged_stride(bool use_fp8) const {
+    return static_cast<size_t>(staged_payload16(use_fp8) + staged_entry16() + 1) * 16;
+  }
+  EPCOMM_HD size_t staged(int b, int src, int slot, bool use_fp8) const {
+    return buffer(b) + dispatch_data + (static_cast<size_t>(src) * max_tokens + slot) * staged_stride(use_fp8);
+  }
+  EPCOMM_HD size_t staged_flag_offset(bool use_fp8) const {
+    return static_cast<size_t>(staged_payload16(use_fp8) + staged_entry16()) * 16;
+  }
+  bool per_rank_fits(bool use_fp8) const {
+    // [R][Tmax] staged messages inside [E/R][R][Tmax] messages of msg_bytes
+    return staged_stride(use_fp8) <= static_cast<size_t>(local_experts) * msg_bytes;
+  }
+
   bool same_shape(const LowLatencyLayout& o) const {
     return num_ranks == o.num_ranks && max_tokens == o.max_tokens && hidden == o.hidden && num_experts == o.num_experts;
   }
@@ -131,6 +157,16 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
   return (total + 128) / 128 * 128;
 }
 
+// EPCOMM_LL_PER_RANK=1 asks for the per-rank dispatch (read once per process, on the host; default
+// off until it has run on a GPU). A call uses it only where the layout and shared memory allow.
+inline bool low_latency_per_rank_requested() {
+  static const bool on = [] {
+    const char* s = std::getenv("EPCOMM_LL_PER_RANK");
+    return s != nullptr && s[0] == '1';
+  }();
+  return on;
+}
+
 // Counters of this rank's LL calls, in device memory, so a CUDA graph replay gets fresh numbers.
 // Every rank makes the same LL calls in the same order, so the numbers agree without exchange.
 struct LowLatencyDeviceState {
@@ -147,6 +183,7 @@ struct LowLatencyHostState {
   size_t offset = 0;         // of the LL region inside the symmetric allocation (after the data part)
   size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
   int next_buffer = 0;       // the buffer the next dispatch takes
+  bool per_rank[2] = {false, false};  // buffer b's dispatch used the per-rank path (its hook receive must too)
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
   // Shrink mode (kernels/low_latency/shrink.cuh), device memory: the mask [R] int32 (1 = masked;
@@ -170,6 +207,7 @@ struct LowLatencyDispatchParams {
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
+  bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch.cu
   // inputs (send half)
   const uint16_t* x = nullptr;         // [T, hidden] bf16
   const int64_t* topk_idx = nullptr;   // [T, K]
@@ -211,7 +249,10 @@ struct LowLatencyCombineParams {
 // hook a block waits for rows its sibling blocks send to this rank, so all of them must be resident
 // together (plain launches: several ranks' kernels share one GPU in the tests, each with a
 // share of the SMs).
-int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers);
+int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
+                                      bool per_rank = false);
+// Shared memory of the per-rank path's receive half (0 for the per-expert path, whose receive uses none).
+int low_latency_dispatch_recv_shared_bytes(const LowLatencyLayout& layout, bool per_rank);
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream);
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
 // Shrink mode's mask API (kernels/low_latency/mask.cu): sets mask[rank] = value, or every entry
