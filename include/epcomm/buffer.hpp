@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -291,8 +292,11 @@ class Buffer {
   // Traffic counters of this rank's internode calls since the last reset (synchronizes the comm
   // stream): puts to ranks of other nodes and their bytes (count meta, masks, rows), rows sent over
   // the network, and bytes of rows this rank read from / wrote to node peers over NVLink.
+  // `control`: the region's signal counters, shadows, node flags and call counters, as text (for
+  // diagnosing a failed call).
   struct InternodeStats {
     uint64_t network_puts = 0, network_bytes = 0, network_rows = 0, nvlink_bytes = 0;
+    std::string control;
   };
   InternodeStats internode_stats(bool reset = false);
   // ------------------------------- end of across nodes -------------------------------

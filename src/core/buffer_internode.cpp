@@ -6,6 +6,7 @@
 // compiles but is not wired here yet: the constructor's reachability check names that.
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
@@ -175,6 +176,33 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(host, dev, sizeof(host), cudaMemcpyDeviceToHost, m.comm));
   if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  {
+    // The control words, read back for diagnostics.
+    const InterLayout& L = m.inter.layout;
+    std::vector<uint64_t> words(L.stats / 8);
+    EPCOMM_CUDA_CHECK(cudaMemcpy(words.data(), static_cast<char*>(m.sym->local()) + m.inter.offset, words.size() * 8,
+                                 cudaMemcpyDeviceToHost));
+    DeviceCounters dc{};
+    EPCOMM_CUDA_CHECK(cudaMemcpy(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost));
+    std::string& t = s.control;
+    t = "rank " + std::to_string(m.rank) + " seq " + std::to_string(dc.seq) + " notify_count " +
+        std::to_string(dc.notify_count) + " abort " + std::to_string(dc.abort);
+    const char* kinds[kNumSignals] = {"meta", "dispatch_data", "dispatch_free", "combine_data", "combine_free"};
+    for (int k = 0; k < kNumSignals; ++k) {
+      t += std::string("\n  ") + kinds[k] + " signal/shadow by peer:";
+      for (int r = 0; r < m.num_ranks; ++r)
+        t += " " + std::to_string(words[L.signal(k, r) / 8]) + "/" + std::to_string(words[L.shadow(k, r) / 8]);
+    }
+    t += "\n  flags (seq.value):";
+    for (int k = 0; k < kNumFlags; ++k)
+      for (int i = 0; i < L.flag_stride; ++i) {
+        const uint64_t f = words[L.flag(k, i) / 8];
+        t += " " + std::to_string(f >> 32) + "." + std::to_string(f & 0xffffffffu);
+      }
+    t += "\n  counters:";
+    const auto* counters = reinterpret_cast<const uint32_t*>(words.data() + L.counters / 8);
+    for (int i = 0; i < kNumCounters; ++i) t += " " + std::to_string(counters[i]);
+  }
   s.network_puts = host[kStatPuts];
   s.network_bytes = host[kStatPutBytes];
   s.network_rows = host[kStatRowsSent];

@@ -12,6 +12,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
 
@@ -145,6 +146,11 @@ void run_inter_case(const InterCase& c) {
         const auto& want = reference.dispatch[r];
         const int nrecv = want.handle.num_recv;
 
+        // On a failure, each rank prints its control words (signals, shadows, flags, counters).
+        const auto dump = [&](const char* when) {
+          std::fprintf(stderr, "[internode %s] %s\n", when, buf.internode_stats(false).control.c_str());
+        };
+        try {
         for (int step = 0; step < c.steps; ++step) {
           SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
           // layout (per-node counts included)
@@ -209,6 +215,7 @@ void run_inter_case(const InterCase& c) {
             EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
                                     "num_recv_tokens_per_expert (device)"));
           EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
+          if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
           EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
           if (c.dtype == DType::kFP8E4M3)
             EXPECT_TRUE(
@@ -294,6 +301,10 @@ void run_inter_case(const InterCase& c) {
             cudaGraphExecDestroy(exec);
             cudaGraphDestroy(graph);
           }
+        }
+        } catch (...) {
+          dump("after an error");
+          throw;
         }
         buf.check_device_errors();
         cudaStreamDestroy(stream);
