@@ -38,6 +38,8 @@ const char* phase_name(WaitPhase p) {
              "given the topk_idx and handle of its dispatch?)";
     case WaitPhase::kLowLatencyCombineDone:
       return "waiting for the peer to finish sending (low-latency combine)";
+    case WaitPhase::kLowLatencyCombineWeights:
+      return "waiting for the peer's topk_weights (low-latency per-rank combine send)";
   }
   return "?";
 }

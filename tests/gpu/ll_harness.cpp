@@ -1,9 +1,13 @@
 // See ll_harness.hpp.
 #include "ll_harness.hpp"
 
+#include "kernels/low_latency/params.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <random>
 #include <tuple>
 
@@ -172,6 +176,38 @@ RoundOutput download_dispatch(const LLCase& c, int R, const Batch& b) {
   return o;
 }
 
+float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// EPCOMM_LL_PER_RANK=2 sends BF16 partial sums per (token, rank) where the layout allows
+// (kernels/low_latency/combine.cu): the library decides alike (its shared-memory limits hold for
+// every case here).
+bool per_rank_combine_in_use(const LLCase& c) {
+  const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
+  return low_latency_per_rank_combine_requested() && l.per_rank_fits(c.use_fp8) && l.local_experts <= 0xffff &&
+         l.per_rank_combine_fits();
+}
+
+// The per-rank combine's bound: one BF16 rounding per partial (|error| <= 2^-9 sum_k |w_k y_k|,
+// `absref` = that sum as the reference computes it from |w| and |y|) and the final rounding of
+// both results (<= 2^-8 |want| together).
+std::string close_combine(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
+                          const std::vector<uint16_t>& absref) {
+  if (got.size() != want.size()) return "combined x: size " + std::to_string(got.size()) + ", want " + std::to_string(want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float g = bf16_value(got[i]), w = bf16_value(want[i]), a = bf16_value(absref[i]);
+    const float tol = a * (1.0f / 256.0f) + std::fabs(w) * (1.0f / 128.0f);
+    if (!(std::fabs(g - w) <= tol))
+      return "combined x (per-rank partials, tolerance) differs at element " + std::to_string(i) + ": got " +
+             std::to_string(g) + ", want " + std::to_string(w) + ", tolerance " + std::to_string(tol);
+  }
+  return "";
+}
+
 std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, const std::vector<RoundOutput>& got,
                         const std::vector<uint8_t>& masked, bool masked_from_dispatch) {
   const int R = c.num_ranks, EL = c.num_experts / R;
@@ -235,6 +271,19 @@ std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, cons
   }
   opt.masked_ranks = masked;
   const auto want_out = ref::low_latency_combine(cin, handles, opt);
+  if (per_rank_combine_in_use(c)) {
+    std::vector<ref::LowLatencyCombineInput> abs_in = cin;
+    for (auto& a : abs_in) {
+      for (auto& v : a.y) v &= 0x7fff;
+      for (auto& w : a.topk_weights) w = std::fabs(w);
+    }
+    const auto abs_out = ref::low_latency_combine(abs_in, handles, opt);
+    for (int j = 0; j < R; ++j) {
+      if (!live(j)) continue;
+      if (auto r = close_combine(got[j].out, want_out[j], abs_out[j]); !r.empty()) return "rank " + std::to_string(j) + ": " + r;
+    }
+    return "";
+  }
   for (int j = 0; j < R; ++j) {
     if (!live(j)) continue;
     if (auto r = same_values(got[j].out, want_out[j], "combined x (bit-exact)"); !r)

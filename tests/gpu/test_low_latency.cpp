@@ -324,6 +324,39 @@ TEST(LowLatencyGpu, PerRankStagingFitsTheLayout) {
           EXPECT_TRUE(l.per_rank_fits(true)) << "fp8 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
           EXPECT_EQ(l.per_rank_fits(false), per_rank >= 2) << "bf16 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
         }
+  // The per-rank combine's plan takes the per-expert headers' place: E/R > kslots, about.
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).per_rank_combine_fits());
+  EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());
+  EXPECT_TRUE(LowLatencyLayout::make(32, 256, 3, 54).per_rank_combine_fits());
+  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
+}
+
+// Shapes where EPCOMM_LL_PER_RANK=2 also takes the per-rank combine (E/R > kslots): plain, hook,
+// two micro-batches with zero copy and BF16, CUDA graph replays with top-16 and duplicates. With the
+// variable unset they run the per-expert paths (bit-exact combine); with 2 the combine is checked
+// within the BF16-partials bound (ll_harness.cpp).
+TEST(LowLatencyGpu, PerRankCombineShapes) {
+  LLCase c;
+  c.num_ranks = 4;
+  c.num_experts = 80;
+  c.hidden = 512;
+  run_case(c);
+  c.hook = true;
+  run_case(c);
+  c.hook = false;
+  c.two_batches = true;
+  c.zero_copy = true;
+  c.use_fp8 = false;
+  run_case(c);
+  LLCase g;
+  g.num_ranks = 3;
+  g.num_experts = 54;
+  g.num_topk = 16;
+  g.hidden = 256;
+  g.max_tokens = 32;
+  g.graph_replays = 20;
+  g.duplicates = true;
+  run_case(g);
 }
 
 // Tokens whose experts fall on every rank, several per rank (and twice the same), with drops: the

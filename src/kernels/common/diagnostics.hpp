@@ -31,6 +31,7 @@ enum class WaitPhase : int32_t {
   kLowLatencyDispatchMessage,  // LL dispatch receive: one message (token row) from a source
   kLowLatencyCombineRow,       // LL combine receive: an expert rank's output row for (token, k)
   kLowLatencyCombineDone,      // LL combine receive: an expert rank finishing its send half
+  kLowLatencyCombineWeights,   // LL per-rank combine send: an origin's topk_weights
 };
 
 struct DeviceErrorRecord {

@@ -7,6 +7,22 @@
 // receive: a warp per (token, 256-channel slice) waits for the flags of the token's valid k, then
 //          sums w * y in k order with separate multiply and add (no FMA: bit for bit the
 //          reference), rounds once to BF16. Block 0 finally waits for every rank's `done`.
+//
+// Per-rank combine (p.per_rank, EPCOMM_LL_PER_RANK=2 where it fits, see params.hpp): the expert
+// rank sends one row per (token, origin rank) instead of one per (token, expert), about 2.4x fewer
+// bytes at the standard shape.
+// send:    the first R warps push this rank's topk_weights to every rank (one flag each); then a
+//          warp per (staged token of the dispatch's plan, part of the row) waits for that origin's
+//          weights and sums w[t][k] * y over the token's rows on this rank (float32, k order, no
+//          FMA), rounds once to BF16 and stores the part into the origin's combine row [t][d] (d:
+//          this rank's place among the token's destination ranks), with a flag per part.
+// receive: a warp per (token, slice) finds the token's destination ranks (first occurrence in k
+//          order, as the dispatch numbered them), waits for every part flag of each, and sums the
+//          partials in that order in float32, rounded once to BF16.
+// Accuracy: BF16 partials add one rounding per (token, rank) before the final one, so the result
+// is not bit-identical to the per-expert sum: |error| <= 2^-9 * sum_k |w_k y_k| + the final
+// rounding. Float32 partials would keep the error at float32 level but send 28 KB rows, about the
+// bytes of the per-expert path's BF16 rows; the point of the path is the bytes, so it sends BF16.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
@@ -74,6 +90,20 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
       __threadfence();
       atomicExch(&p.state->combine_seq, seq);
     }
+  }
+}
+
+// Leave only when every expert rank is past its send half: then no rank still reads its own
+// buffer for this combine, so this rank's next dispatch may write into it.
+__device__ void wait_all_done(const LowLatencyCombineParams& p, uint32_t seq) {
+  const CommonParams& c = p.common;
+  const int lane = lane_id();
+  if (blockIdx.x == 0 && warp_id() == 0 && lane < c.num_ranks && !aborted(c.wait)) {
+    uint64_t v;
+    long long cycles = 0;
+    wait_tag_or_mask(c.wait, p.mask,
+                     reinterpret_cast<const uint64_t*>(c.peer_base[c.rank] + p.region + p.layout.done(p.buffer, lane)),
+                     tag(seq, 1), WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
   }
 }
 
@@ -150,32 +180,211 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
     }
   }
 
-  // Leave only when every expert rank is past its send half: then no rank still reads its own
-  // buffer for this combine, so this rank's next dispatch may write into it.
-  if (blockIdx.x == 0 && warp_id() == 0 && lane < c.num_ranks && !aborted(c.wait)) {
-    uint64_t v;
+  wait_all_done(p, seq);
+}
+
+// Per-rank combine, send half (see the top of this file).
+__device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
+  const CommonParams& c = p.common;
+  const LowLatencyLayout& L = p.layout;
+  const int R = c.num_ranks, EL = L.local_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
+  const int KS = L.kslots, D = L.pr_dests(), P = L.pr_parts();
+  const int64_t RT = static_cast<int64_t>(R) * L.max_tokens;
+  const int lane = lane_id();
+  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  char* mine = c.peer_base[c.rank] + p.region;
+
+  // This rank's weights to every rank (its tokens' experts may sit anywhere), one warp each.
+  if (gw < R && !peer_masked(p.mask, gw)) {
+    char* dst_region = c.peer_base[gw] + p.region;
+    float* dst = reinterpret_cast<float*>(dst_region + L.pr_weights(p.buffer, c.rank));
+    for (int i = lane; i < T * K; i += 32) dst[(i / K) * KS + i % K] = p.topk_weights[i];
+    __syncwarp();
+    if (lane == 0) st_release_sys(reinterpret_cast<uint64_t*>(dst_region + L.pr_weight_flag(p.buffer, c.rank)), tag(seq, 1));
+  }
+
+  // The plan's staged tokens, source by source (masked sources have none).
+  int cnt = 0;
+  if (lane < R && !peer_masked(p.mask, lane))
+    cnt = min(static_cast<int>(*reinterpret_cast<const volatile uint32_t*>(mine + L.pr_count(p.buffer, lane))),
+              L.max_tokens);
+  int incl = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += n;
+  }
+  const int N = __shfl_sync(0xffffffffu, incl, 31);
+  const int V = H / 8;  // 16-byte vectors of a row
+  constexpr int U = 2;
+
+  for (int w = gw; w < N * P; w += total_warps) {
+    const int item = w / P, part = w % P;
+    const int src = __popc(__ballot_sync(0xffffffffu, incl <= item));  // first source whose prefix passes item
+    const int j = item - (__shfl_sync(0xffffffffu, incl, src) - __shfl_sync(0xffffffffu, cnt, src));
+    uint64_t v = 0;
     long long cycles = 0;
-    wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.done(p.buffer, lane)), tag(seq, 1),
-                     WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
+    int got = static_cast<int>(PeerWait::kArrived);
+    if (lane == 0)
+      got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
+                                              reinterpret_cast<const uint64_t*>(mine + L.pr_weight_flag(p.buffer, src)),
+                                              tag(seq, 1), WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
+    got = __shfl_sync(0xffffffffu, got, 0);
+    if (got == static_cast<int>(PeerWait::kAborted)) return;
+    if (got == static_cast<int>(PeerWait::kMasked)) continue;  // shrink mode: nothing goes to a masked rank
+    if (p.wait_cost_stats && lane == 0 && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+    const uint32_t head = __ldcg(reinterpret_cast<const unsigned int*>(mine + L.pr_head(p.buffer, src, j)));
+    const int t = static_cast<int>(head & 0xffffu);
+    const int n = min(static_cast<int>((head >> 16) & 0x1fu), KS);
+    const int d = static_cast<int>((head >> 21) & 0x1fu);
+    if (t >= L.max_tokens || d >= D) continue;  // not a plan of this layout: dropped, the origin times out
+    // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range).
+    int64_t row = -1;
+    float wt = 0.0f;
+    if (lane < n) {
+      const uint32_t ent = __ldcg(reinterpret_cast<const unsigned int*>(mine + L.pr_entries(p.buffer, src, j)) + lane);
+      const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
+      const int k = static_cast<int>(ent >> 28);
+      if (le < EL) {
+        const int64_t range = p.layout_range[static_cast<int64_t>(le) * R + src];
+        const int64_t begin = range >> 32, count = range & 0xffffffff;
+        if (slot < count && begin + count <= RT) {
+          row = static_cast<int64_t>(le) * RT + begin + slot;
+          wt = __ldcg(reinterpret_cast<const float*>(mine + L.pr_weights(p.buffer, src)) + static_cast<size_t>(t) * KS + k);
+        }
+      }
+    }
+    char* origin = c.peer_base[src] + p.region;
+    int4* dst = reinterpret_cast<int4*>(origin + L.combine_row(p.buffer, t, d));
+    const int4* y = reinterpret_cast<const int4*>(p.y);
+    const int v0 = part * V / P, v1 = (part + 1) * V / P;
+    for (int base = v0; base < v1; base += 32 * U) {
+      float acc[U][8];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+      for (int e = 0; e < n; ++e) {
+        const int64_t r = __shfl_sync(0xffffffffu, row, e);
+        const float we = __shfl_sync(0xffffffffu, wt, e);
+        if (r < 0) continue;
+        int4 vec[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = base + lane + u * 32;
+          if (i < v1) vec[u] = __ldg(y + r * V + i);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const uint32_t words[4] = {static_cast<uint32_t>(vec[u].x), static_cast<uint32_t>(vec[u].y),
+                                     static_cast<uint32_t>(vec[u].z), static_cast<uint32_t>(vec[u].w)};
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            acc[u][2 * i] = __fadd_rn(acc[u][2 * i], __fmul_rn(we, bf16_bits_to_float(words[i] & 0xffffu)));
+            acc[u][2 * i + 1] = __fadd_rn(acc[u][2 * i + 1], __fmul_rn(we, bf16_bits_to_float(words[i] >> 16)));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + lane + u * 32;
+        if (i < v1) dst[i] = to_bf16x8(acc[u]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0)
+      st_release_sys(reinterpret_cast<uint64_t*>(origin + L.combine_flag(p.buffer, t, d * P + part)), tag(seq, 1));
   }
 }
 
+// Per-rank combine, receive half: out[t] = the sum of the token's per-rank partials.
+__device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
+  const CommonParams& c = p.common;
+  const LowLatencyLayout& L = p.layout;
+  const int EL = L.local_experts, E = L.num_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
+  const int P = L.pr_parts();
+  const int lane = lane_id();
+  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  const int slices = (H + kSliceChannels - 1) / kSliceChannels;
+  const char* mine = c.peer_base[c.rank] + p.region;
+
+  for (int item = gw; item < T * slices; item += total_warps) {
+    const int t = item / slices, s = item % slices;
+    int e = -1;
+    if (lane < K) {
+      const int64_t id = p.topk_idx[static_cast<int64_t>(t) * K + lane];
+      if (id >= 0 && id < E) e = static_cast<int>(id);
+    }
+    // The destination ranks in order of first occurrence (the dispatch's numbering).
+    const int dest = e >= 0 ? e / EL : -1 - lane;  // distinct for lanes without an expert
+    const uint32_t same = __match_any_sync(0xffffffffu, dest);
+    const uint32_t leaders = __ballot_sync(0xffffffffu, e >= 0 && __ffs(same) - 1 == lane);
+    const int nd = __popc(leaders);
+    // Lane l < nd * P waits for part l % P of destination l / P.
+    int owner = 0;
+    bool ok = true, arrived = false;
+    long long cycles = 0;
+    if (lane < nd * P) {
+      uint32_t x = leaders;
+      for (int i = 0; i < lane / P; ++i) x &= x - 1;
+      owner = __ffs(x) - 1;  // the leader lane; its rank below
+    }
+    owner = __shfl_sync(0xffffffffu, dest, owner);
+    if (lane < nd * P) {
+      uint64_t v;
+      const PeerWait got =
+          wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.combine_flag(p.buffer, t, lane)),
+                           tag(seq, 1), WaitPhase::kLowLatencyCombineRow, owner, v, cycles);
+      ok = got != PeerWait::kAborted;
+      arrived = got == PeerWait::kArrived;  // shrink mode: a masked rank's partial contributes nothing
+    }
+    if (!__all_sync(0xffffffffu, ok)) return;
+    if (p.wait_cost_stats && cycles > 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner), static_cast<unsigned long long>(cycles));
+    const uint32_t arrived_mask = __ballot_sync(0xffffffffu, arrived);
+    const uint32_t part_mask = (1u << P) - 1u;
+    const int c0 = s * kSliceChannels + lane * 8;
+    const bool active = c0 < H;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int d = 0; d < nd; ++d) {
+      if (((arrived_mask >> (d * P)) & part_mask) != part_mask) continue;  // every part, or none of it
+      if (active)
+        add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(mine + L.combine_row(p.buffer, t, d)) + c0 / 8));
+    }
+    if (active) *reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H + c0) = to_bf16x8(acc);
+  }
+  wait_all_done(p, seq);
+}
+
+template <bool kPerRank>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send) {
-    combine_send(p, seq);
+    if constexpr (kPerRank) combine_send_per_rank(p, seq);
+    else combine_send(p, seq);
     finish_combine_send(p, seq);
   }
-  if (recv) combine_recv(p, seq);
+  if (recv) {
+    if constexpr (kPerRank) combine_recv_per_rank(p, seq);
+    else combine_recv(p, seq);
+  }
 }
 
 }  // namespace
 
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream) {
-  low_latency_combine_kernel<<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  if (p.per_rank)
+    low_latency_combine_kernel<true><<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  else
+    low_latency_combine_kernel<false><<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("low_latency_combine_kernel");
 }
 

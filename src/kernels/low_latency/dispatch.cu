@@ -168,7 +168,10 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
     if (peer_masked(p.mask, d)) continue;
     uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, d) + L.staged(p.buffer, p.common.rank, m.dslot[di], p.use_fp8) +
                                                  L.staged_flag_offset(p.use_fp8));
-    st_release_sys(flag, tag(seq, (static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16)) + 1u));
+    // t (16 bits) | entries (5) | the rank's place among the token's destinations (5), for the combine
+    st_release_sys(flag, tag(seq, (static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16) |
+                                   (static_cast<uint32_t>(di) << 21)) +
+                                      1u));
   }
 }
 
@@ -462,6 +465,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     for (int src = 0; src < R; ++src) {
       ipre[src] = run;
       run += dead[src] ? 0 : rtot[src];
+      if (first && p.per_rank_combine)
+        *reinterpret_cast<uint32_t*>(mine + L.pr_count(p.buffer, src)) = static_cast<uint32_t>(dead[src] ? 0 : rtot[src]);
     }
     ipre[R] = run;
   }
@@ -501,7 +506,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     h = __shfl_sync(0xffffffffu, h, 0);
     const uint32_t v = tag_payload(h);
     const int t = static_cast<int>(v & 0xffffu);
-    const int n = min(static_cast<int>((v >> 16) & 0xffu), L.kslots);
+    const int n = min(static_cast<int>((v >> 16) & 0x1fu), L.kslots);
     // Lane e < n holds entry e's row in recv_x (-1: not valid, e.g. a count settled as masked).
     int64_t row = -1;
     uint32_t ent = 0;
@@ -551,11 +556,16 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
         }
       }
     }
-    if (row >= 0) {
-      // src_info, and the header the combine reads (the per-expert path's senders write it there).
+    if (row >= 0) p.src_info[row] = t;
+    if (p.per_rank_combine) {
+      // The per-rank combine's plan: this staged token as it came (the combine checks the slots
+      // against the handle's layout_range).
+      if (lane < n) reinterpret_cast<uint32_t*>(mine + L.pr_entries(p.buffer, src, j))[lane] = ent;
+      if (lane == 0) *reinterpret_cast<uint32_t*>(mine + L.pr_head(p.buffer, src, j)) = v;
+    } else if (row >= 0) {
+      // The header the per-expert combine reads (the per-expert path's senders write it there).
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
       const uint32_t k = ent >> 28;
-      p.src_info[row] = t;
       *reinterpret_cast<uint64_t*>(mine + L.header(p.buffer, le, src, slot)) =
           tag(seq, (static_cast<uint32_t>(t) | (k << 16)) + 1u);
     }

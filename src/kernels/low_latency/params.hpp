@@ -113,6 +113,44 @@ struct LowLatencyLayout {
     return staged_stride(use_fp8) <= static_cast<size_t>(local_experts) * msg_bytes;
   }
 
+  // Per-rank combine (EPCOMM_LL_PER_RANK=2, see combine.cu): the expert rank sums, per (token,
+  // origin), its local experts' rows weighted by the origin's topk_weights and sends one BF16
+  // partial row to the origin's combine row [t][d], d = the rank's place among the token's
+  // destination ranks (first occurrence in k order), in pr_parts parts with a flag each
+  // ([t][d * parts + part]). Its plan lives where the per-expert path's headers are (unused then):
+  //   pr_head    [R][Tmax] u32: t | entries << 16 | d << 21 of the source's staged token j
+  //   pr_entries [R][Tmax][kslots] u32: the staged token's entries (le | slot << 16 | k << 28)
+  //   pr_weights [R][Tmax * kslots] f32: origin r's topk_weights[t][k] at t * kslots + k
+  //   pr_count   [R] u32: staged tokens of each source;  pr_weight_flag [R] u64
+  // Used only where that fits (E/R > kslots, roughly), so the region does not grow.
+  EPCOMM_HD int pr_dests() const { return kslots < num_ranks ? kslots : num_ranks; }
+  EPCOMM_HD int pr_parts() const {
+    const int p = kslots / pr_dests();
+    return p < 1 ? 1 : (p > 4 ? 4 : p);
+  }
+  EPCOMM_HD size_t pr_head(int b, int src, int j) const {
+    return buffer(b) + dispatch_header + (static_cast<size_t>(src) * max_tokens + j) * 4;
+  }
+  EPCOMM_HD size_t pr_entries(int b, int src, int j) const {
+    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 +
+           (static_cast<size_t>(src) * max_tokens + j) * kslots * 4;
+  }
+  EPCOMM_HD size_t pr_weights(int b, int src) const {
+    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) +
+           static_cast<size_t>(src) * max_tokens * kslots * 4;
+  }
+  EPCOMM_HD size_t pr_count(int b, int src) const {
+    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) +
+           static_cast<size_t>(src) * 4;
+  }
+  EPCOMM_HD size_t pr_weight_flag(int b, int src) const {
+    const size_t counts_end = static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) + 4 * static_cast<size_t>(num_ranks);
+    return buffer(b) + dispatch_header + (counts_end + 7) / 8 * 8 + static_cast<size_t>(src) * 8;
+  }
+  bool per_rank_combine_fits() const {
+    return pr_weight_flag(0, num_ranks) <= dispatch_header + static_cast<size_t>(num_experts) * max_tokens * 8;
+  }
+
   bool same_shape(const LowLatencyLayout& o) const {
     return num_ranks == o.num_ranks && max_tokens == o.max_tokens && hidden == o.hidden && num_experts == o.num_experts;
   }
@@ -157,15 +195,19 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
   return (total + 128) / 128 * 128;
 }
 
-// EPCOMM_LL_PER_RANK=1 asks for the per-rank dispatch (read once per process, on the host; default
-// off until it has run on a GPU). A call uses it only where the layout and shared memory allow.
-inline bool low_latency_per_rank_requested() {
-  static const bool on = [] {
+// EPCOMM_LL_PER_RANK (read once per process, on the host; default 0 until it has run on a GPU):
+// 1 asks for the per-rank dispatch, 2 for the per-rank dispatch and the per-rank combine (whose
+// BF16 partials are not bit-identical to the per-expert sum: see combine.cu). A call uses them only
+// where the layout and shared memory allow.
+inline int low_latency_per_rank_level() {
+  static const int level = [] {
     const char* s = std::getenv("EPCOMM_LL_PER_RANK");
-    return s != nullptr && s[0] == '1';
+    return s == nullptr ? 0 : (s[0] == '1' ? 1 : (s[0] == '2' ? 2 : 0));
   }();
-  return on;
+  return level;
 }
+inline bool low_latency_per_rank_requested() { return low_latency_per_rank_level() >= 1; }
+inline bool low_latency_per_rank_combine_requested() { return low_latency_per_rank_level() >= 2; }
 
 // Counters of this rank's LL calls, in device memory, so a CUDA graph replay gets fresh numbers.
 // Every rank makes the same LL calls in the same order, so the numbers agree without exchange.
@@ -184,6 +226,7 @@ struct LowLatencyHostState {
   size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
   int next_buffer = 0;       // the buffer the next dispatch takes
   bool per_rank[2] = {false, false};  // buffer b's dispatch used the per-rank path (its hook receive must too)
+  bool per_rank_combine[2] = {false, false};  // ... and wrote the per-rank combine's plan (its combine uses it)
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
   // Shrink mode (kernels/low_latency/shrink.cuh), device memory: the mask [R] int32 (1 = masked;
@@ -208,6 +251,7 @@ struct LowLatencyDispatchParams {
   bool round_scale = false;
   bool use_ue8m0 = false;
   bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch.cu
+  bool per_rank_combine = false;  // (per_rank only) write the per-rank combine's plan instead of headers
   // inputs (send half)
   const uint16_t* x = nullptr;         // [T, hidden] bf16
   const int64_t* topk_idx = nullptr;   // [T, K]
@@ -237,6 +281,7 @@ struct LowLatencyCombineParams {
   // expert side
   const uint16_t* y = nullptr;            // [E/R, R*Tmax, hidden] bf16 (user tensor or the zero-copy area)
   const int64_t* layout_range = nullptr;  // [E/R, R] from the dispatch handle
+  bool per_rank = false;                  // per-rank combine (the dispatch wrote its plan), see combine.cu
   // origin side
   const int64_t* topk_idx = nullptr;      // [T, K]
   const float* topk_weights = nullptr;    // [T, K]
