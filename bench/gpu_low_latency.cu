@@ -12,6 +12,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -132,9 +133,9 @@ std::vector<T> download(const DevMem& m, size_t count) {
 }
 
 // Rows per (local expert, source) as sets, counts exactly; combine bit for bit through the GPU's
-// handles. Returns "" or what differs.
+// handles (per-rank combine: within its bound). Returns "" or what differs.
 std::string verify(const std::vector<RankData>& data, const std::vector<RankResult>& got, int T, int Tmax, int H, int K,
-                   int E) {
+                   int E, bool per_rank_combine) {
   const int R = static_cast<int>(data.size()), EL = E / R, G = H / 128;
   const int64_t RT = static_cast<int64_t>(R) * Tmax;
   ref::LowLatencyOptions opt;
@@ -184,6 +185,32 @@ std::string verify(const std::vector<RankData>& data, const std::vector<RankResu
     cin[r] = {T, data[r].y, data[r].topk, data[r].weights};
   }
   const auto out = ref::low_latency_combine(cin, handles, opt);
+  if (per_rank_combine) {
+    // BF16 partials per (token, rank): within 2^-9 sum_k |w_k y_k| (the reference's sum of |w| |y|,
+    // with slack) plus the two final roundings (tests/gpu/ll_harness.cpp checks the same bound).
+    std::vector<ref::LowLatencyCombineInput> abs_in = cin;
+    for (auto& a : abs_in) {
+      for (auto& v : a.y) v &= 0x7fff;
+      for (auto& w : a.topk_weights) w = std::fabs(w);
+    }
+    const auto abs_out = ref::low_latency_combine(abs_in, handles, opt);
+    auto value = [](uint16_t b) {
+      const uint32_t u = static_cast<uint32_t>(b) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      return f;
+    };
+    for (int r = 0; r < R; ++r) {
+      if (got[r].out.size() != out[r].size()) return "rank " + std::to_string(r) + ": combined x size differs";
+      for (size_t i = 0; i < out[r].size(); ++i) {
+        const float g = value(got[r].out[i]), w = value(out[r][i]), a = value(abs_out[r][i]);
+        if (!(std::fabs(g - w) <= a / 256.0f + std::fabs(w) / 128.0f))
+          return "rank " + std::to_string(r) + ": combined x (per-rank partials) outside the bound at element " +
+                 std::to_string(i);
+      }
+    }
+    return "";
+  }
   for (int r = 0; r < R; ++r)
     if (got[r].out != out[r]) return "rank " + std::to_string(r) + ": combined x differs";
   (void)EL;
@@ -222,9 +249,13 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     auto path = [&](bool fp8) {
       return low_latency_per_rank_requested() && l.per_rank_fits(fp8) ? std::string("per-rank") : std::string("per-expert");
     };
-    report.checks.push_back("low-latency dispatch path (EPCOMM_LL_PER_RANK=" +
-                            std::string(low_latency_per_rank_requested() ? "1" : "0") + "): fp8 " + path(true) +
-                            ", bf16 " + path(false) + "; combine per (token, expert)");
+    // The combine follows the dispatch it combines (fp8 here): per-rank partials with level 2 where
+    // the plan fits, else one row per (token, expert).
+    const bool combine_per_rank = low_latency_per_rank_combine_requested() && l.per_rank_fits(true) &&
+                                  l.per_rank_combine_fits();
+    report.checks.push_back("low-latency paths (EPCOMM_LL_PER_RANK=" + std::to_string(low_latency_per_rank_level()) +
+                            "): dispatch fp8 " + path(true) + ", dispatch bf16 " + path(false) + ", combine " +
+                            (combine_per_rank ? "per-rank (BF16 partials per token and rank)" : "per (token, expert)"));
   }
 
   const uint64_t seed = std::random_device{}();
@@ -338,7 +369,10 @@ void run_gpu_low_latency(const Options& o, Report& report) {
   });
 
   if (o.verify) {
-    const std::string diff = verify(data, got, T, Tmax, H, K, E);
+    const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
+    const bool per_rank_combine =
+        low_latency_per_rank_combine_requested() && l.per_rank_fits(true) && l.per_rank_combine_fits();
+    const std::string diff = verify(data, got, T, Tmax, H, K, E, per_rank_combine);
     report.checks.push_back("low-latency dispatch fp8 + combine, ranks 0.." + std::to_string(R - 1) +
                             (diff.empty() ? ": match the reference" : ": MISMATCH: " + diff));
     report.ok = report.ok && diff.empty();
