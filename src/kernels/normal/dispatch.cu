@@ -97,29 +97,42 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
     } else if (p.ring.meta_row_bytes > 0) {
-      // Meta rows: [scales f32][topk idx i32][topk weights f32] per token. The warp walks the
-      // (token, field) pairs so that consecutive lanes load consecutive addresses, whichever the
-      // scales' layout (token-major [G][T] or row-major [T][G]), four loads in flight per lane.
+      // Meta rows: [scales f32][topk idx i32][topk weights f32] per token, written so that
+      // consecutive lanes load consecutive addresses whichever the scales' layout (token-major
+      // [G][T] as DeepEP's kernels take it, or row-major [T][G] as Python callers pass it).
       const int G = p.num_scales, K = p.num_topk;
       uint8_t* meta = slot + p.ring.meta_offset;
       const auto field = [&](int r, int f) -> uint32_t& {
         return reinterpret_cast<uint32_t*>(meta + static_cast<size_t>(r) * p.ring.meta_row_bytes)[f];
       };
-      const bool token_major = p.scale_stride_token == 1 && rows > 1;
-      for (int i0 = lane; i0 < rows * G; i0 += 4 * 32) {
-        uint32_t v[4];
+      if (p.scale_stride_token == 1) {
+        // Token-major scales: a lane per token (rows <= 32), eight groups in flight.
+        for (int f0 = 0; lane < rows && f0 < G; f0 += 8) {
+          uint32_t v[8];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = i0 + u * 32;
-          const int r = token_major ? i % rows : i / G, f = token_major ? i / rows : i % G;
-          v[u] = i < rows * G ? __float_as_uint(p.x_scales[static_cast<int64_t>(t0 + r) * p.scale_stride_token +
-                                                           static_cast<int64_t>(f) * p.scale_stride_group])
+          for (int u = 0; u < 8; ++u)
+            v[u] = f0 + u < G ? __float_as_uint(p.x_scales[t0 + lane + static_cast<int64_t>(f0 + u) * p.scale_stride_group])
                               : 0u;
-        }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = i0 + u * 32;
-          if (i < rows * G) field(token_major ? i % rows : i / G, token_major ? i / rows : i % G) = v[u];
+          for (int u = 0; u < 8; ++u)
+            if (f0 + u < G) field(lane, f0 + u) = v[u];
+        }
+      } else {
+        // Row-major (or other) scales: the warp walks (token, group) pairs, four loads in flight.
+        for (int i0 = lane; i0 < rows * G; i0 += 4 * 32) {
+          uint32_t v[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int i = i0 + u * 32;
+            v[u] = i < rows * G ? __float_as_uint(p.x_scales[static_cast<int64_t>(t0 + i / G) * p.scale_stride_token +
+                                                             static_cast<int64_t>(i % G) * p.scale_stride_group])
+                                : 0u;
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int i = i0 + u * 32;
+            if (i < rows * G) field(i / G, i % G) = v[u];
+          }
         }
       }
       for (int i0 = lane; i0 < rows * K; i0 += 2 * 32) {
