@@ -217,7 +217,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   }
   const int N = __shfl_sync(0xffffffffu, incl, 31);
   const int V = H / 8;  // 16-byte vectors of a row
-  constexpr int U = 2;
+  constexpr int U = 4;  // loads in flight per lane and entry
 
   for (int w = gw; w < N * P; w += total_warps) {
     const int item = w / P, part = w % P;
