@@ -19,6 +19,10 @@
 // buffer any more, so the next dispatch into it is safe even when a CUDA graph reuses one buffer.
 // Flags carry the call's sequence number (device counters, fresh at every graph replay) and are
 // never reset.
+//
+// EPCOMM_LL_PER_RANK=1 / 2 switch to the per-rank variants (dispatch.cu, combine.cu): a token goes
+// once to each destination rank (staged, then fanned out by the receiver into the same rows), and
+// with 2 the expert rank returns one pre-weighted BF16 partial per (token, rank). Same layout.
 #pragma once
 
 #include <cstddef>
