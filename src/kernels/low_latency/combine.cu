@@ -11,7 +11,7 @@
 // Per-rank combine (p.per_rank, EPCOMM_LL_PER_RANK=2 where it fits, see params.hpp): the expert
 // rank sends one row per (token, origin rank) instead of one per (token, expert), about 2.4x fewer
 // bytes at the standard shape.
-// send:    the first R warps push this rank's topk_weights to every rank (one flag each); then a
+// send:    block 0 pushes this rank's topk_weights to every rank (one flag each); then a
 //          warp per (staged token of the dispatch's plan, part of the row) waits for that origin's
 //          weights and sums w[t][k] * y over the token's rows on this rank (float32, k order, no
 //          FMA), rounds once to BF16 and stores the part into the origin's combine row [t][d] (d:
@@ -195,13 +195,22 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   char* mine = c.peer_base[c.rank] + p.region;
 
-  // This rank's weights to every rank (its tokens' experts may sit anywhere), one warp each.
-  if (gw < R && !peer_masked(p.mask, gw)) {
-    char* dst_region = c.peer_base[gw] + p.region;
-    float* dst = reinterpret_cast<float*>(dst_region + L.pr_weights(p.buffer, c.rank));
-    for (int i = lane; i < T * K; i += 32) dst[(i / K) * KS + i % K] = p.topk_weights[i];
-    __syncwarp();
-    if (lane == 0) st_release_sys(reinterpret_cast<uint64_t*>(dst_region + L.pr_weight_flag(p.buffer, c.rank)), tag(seq, 1));
+  // Block 0 pushes this rank's weights to every rank (its tokens' experts may sit anywhere): each
+  // thread loads a few and stores them to every rank; after the barrier, a thread per rank
+  // releases that rank's flag.
+  if (blockIdx.x == 0) {
+    for (int i = static_cast<int>(threadIdx.x); i < T * K; i += static_cast<int>(blockDim.x)) {
+      const float wv = __ldg(p.topk_weights + i);
+      const size_t at = static_cast<size_t>(i / K) * KS + i % K;
+      for (int d = 0; d < R; ++d)
+        if (!peer_masked(p.mask, d))
+          reinterpret_cast<float*>(c.peer_base[d] + p.region + L.pr_weights(p.buffer, c.rank))[at] = wv;
+    }
+    __syncthreads();
+    for (int d = static_cast<int>(threadIdx.x); d < R; d += static_cast<int>(blockDim.x))
+      if (!peer_masked(p.mask, d))
+        st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[d] + p.region + L.pr_weight_flag(p.buffer, c.rank)),
+                       tag(seq, 1));
   }
 
   // The plan's staged tokens, source by source (masked sources have none).
