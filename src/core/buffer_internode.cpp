@@ -185,23 +185,40 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
     DeviceCounters dc{};
     EPCOMM_CUDA_CHECK(cudaMemcpy(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost));
     std::string& t = s.control;
-    t = "rank " + std::to_string(m.rank) + " seq " + std::to_string(dc.seq) + " notify_count " +
-        std::to_string(dc.notify_count) + " abort " + std::to_string(dc.abort);
+    const auto num = [&t](uint64_t v) { t.append(std::to_string(v)); };
+    t.append("rank ");
+    num(static_cast<uint64_t>(m.rank));
+    t.append(" seq ");
+    num(dc.seq);
+    t.append(" notify_count ");
+    num(dc.notify_count);
+    t.append(" abort ");
+    num(static_cast<uint64_t>(dc.abort));
     const char* kinds[kNumSignals] = {"meta", "dispatch_data", "dispatch_free", "combine_data", "combine_free"};
     for (int k = 0; k < kNumSignals; ++k) {
-      t += std::string("\n  ") + kinds[k] + " signal/shadow by peer:";
-      for (int r = 0; r < m.num_ranks; ++r)
-        t += " " + std::to_string(words[L.signal(k, r) / 8]) + "/" + std::to_string(words[L.shadow(k, r) / 8]);
+      t.append("\n  ").append(kinds[k]).append(" signal/shadow by peer:");
+      for (int r = 0; r < m.num_ranks; ++r) {
+        t.push_back(' ');
+        num(words[L.signal(k, r) / 8]);
+        t.push_back('/');
+        num(words[L.shadow(k, r) / 8]);
+      }
     }
-    t += "\n  flags (seq.value):";
+    t.append("\n  flags (seq.value):");
     for (int k = 0; k < kNumFlags; ++k)
       for (int i = 0; i < L.flag_stride; ++i) {
         const uint64_t f = words[L.flag(k, i) / 8];
-        t += " " + std::to_string(f >> 32) + "." + std::to_string(f & 0xffffffffu);
+        t.push_back(' ');
+        num(f >> 32);
+        t.push_back('.');
+        num(f & 0xffffffffu);
       }
-    t += "\n  counters:";
+    t.append("\n  counters:");
     const auto* counters = reinterpret_cast<const uint32_t*>(words.data() + L.counters / 8);
-    for (int i = 0; i < kNumCounters; ++i) t += " " + std::to_string(counters[i]);
+    for (int i = 0; i < kNumCounters; ++i) {
+      t.push_back(' ');
+      num(counters[i]);
+    }
   }
   s.network_puts = host[kStatPuts];
   s.network_bytes = host[kStatPutBytes];
