@@ -12,9 +12,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <thread>
 
 #include "epcomm/error.hpp"
 #include "harness.hpp"
@@ -150,12 +152,58 @@ void run_inter_case(const InterCase& c) {
         const auto dump = [&](const char* when) {
           std::fprintf(stderr, "[internode %s] %s\n", when, buf.internode_stats(false).control.c_str());
         };
+
+        // Every tensor of a step is allocated once, before the first step, and poisoned again at the
+        // start of each step. Ranks that share a GPU are threads of one process (one CUDA context),
+        // and cudaFree waits until the whole device is idle: a rank that freed its step-k tensors
+        // while a co-resident rank's step-(k+1) notify kernel was already spinning for this rank's
+        // count entry waited for that kernel, which waited for this rank: both stood still until the
+        // GPU timeout (the "lost" step-1 meta signals, which in fact arrived after the waiters gave
+        // up). EPCOMM_TEST_FREE_EACH_STEP=1 brings that pattern back (fresh tensors each step, the
+        // old ones freed at the step boundary) to show the hang on ranks sharing a GPU.
+        const bool free_each_step = std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr &&
+                                    std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
+        const int stride = buf.chunk_offset_stride(cfg);
+        const int rows = want.num_rows;
+        DeviceTensor per_rank, per_node, per_expert, in_rank, prefix, chunk_off, per_expert_recv;
+        DeviceTensor rx, rsc, ridx, rw, src, y, cw, b0, b1, out, out_w, cx, csc;
+        const auto allocate_step_tensors = [&] {
+          per_rank = DeviceTensor(DType::kI32, {R}, dev);
+          per_node = DeviceTensor(DType::kI32, {R / P}, dev);
+          per_expert = DeviceTensor(DType::kI32, {E}, dev);
+          in_rank = DeviceTensor(DType::kBool, {T, R}, dev);
+          prefix = DeviceTensor(DType::kI32, {R, R}, dev);
+          chunk_off = DeviceTensor(DType::kI32, {R, stride}, dev);
+          per_expert_recv = DeviceTensor(DType::kI32, {E / R}, dev);
+          rx = DeviceTensor(c.dtype, {rows, H}, dev);
+          rsc = DeviceTensor(DType::kF32, {rows, G}, dev);
+          ridx = DeviceTensor(DType::kI64, {rows, K}, dev);
+          rw = DeviceTensor(DType::kF32, {rows, K}, dev);
+          src = DeviceTensor(DType::kI32, {rows}, dev);
+          y = DeviceTensor(DType::kBF16, {rows, H}, dev);
+          cw = DeviceTensor(DType::kF32, {rows, K}, dev);
+          b0 = DeviceTensor(DType::kBF16, {T, H}, dev);
+          b1 = DeviceTensor(DType::kBF16, {T, H}, dev);
+          out = DeviceTensor(DType::kBF16, {T, H}, dev);
+          out_w = DeviceTensor(DType::kF32, {T, K}, dev);
+          cx = DeviceTensor(c.dtype, {rows, H}, dev);
+          csc = DeviceTensor(DType::kF32, {rows, G}, dev);
+        };
+        allocate_step_tensors();
         try {
         for (int step = 0; step < c.steps; ++step) {
           SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
+          if (step > 0) {
+            if (free_each_step) {
+              allocate_step_tensors();  // frees the previous step's (cudaFree: device-wide wait)
+            } else {
+              // Outputs must be written again by this step (no stale results from the last one).
+              for (const DeviceTensor* t : {&per_rank, &per_node, &per_expert, &in_rank, &prefix, &chunk_off,
+                                            &per_expert_recv, &rx, &rsc, &ridx, &rw, &src, &out, &out_w, &cx, &csc})
+                t->fill_bytes(0xA5);
+            }
+          }
           // layout (per-node counts included)
-          DeviceTensor per_rank(DType::kI32, {R}, dev), per_node(DType::kI32, {R / P}, dev),
-              per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
           buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), per_node.view(), per_expert.view(), in_rank.view()},
                                   order);
           cuda_ok(cudaStreamSynchronize(stream), "sync layout");
@@ -177,9 +225,6 @@ void run_inter_case(const InterCase& c) {
           di.expert_alignment = c.expert_alignment;
           di.num_worst_tokens = reference.num_worst_tokens;
           di.config = cfg;
-          const int stride = buf.chunk_offset_stride(cfg);
-          DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
-          DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
           DispatchHandle h;
           h.rank_prefix_matrix = prefix.view();
           h.chunk_offset = chunk_off.view();
@@ -189,9 +234,6 @@ void run_inter_case(const InterCase& c) {
             EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
                                                          plan.num_recv_tokens_per_expert.end()),
                                     want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
-          const int rows = plan.num_rows;
-          DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(DType::kF32, {rows, G}, dev);
-          DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
           h.recv_src_idx = src.view();
           DispatchOutputs dout;
           dout.recv_x = rx.view();
@@ -226,15 +268,12 @@ void run_inter_case(const InterCase& c) {
           }
 
           // combine
-          DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
           y.upload(reference.combine_in[r].x);
           if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
-          DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
           if (c.with_bias) {
             b0.upload(reference.combine_in[r].bias0);
             b1.upload(reference.combine_in[r].bias1);
           }
-          DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
           CombineInputs ci;
           ci.x = y.view();
           if (c.with_topk) ci.topk_weights = cw.view();
@@ -257,7 +296,6 @@ void run_inter_case(const InterCase& c) {
                 "combined_topk_weights"));
 
           // cached dispatch with new x
-          DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
           DispatchOutputs cout_;
           cout_.recv_x = cx.view();
           if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
@@ -304,6 +342,10 @@ void run_inter_case(const InterCase& c) {
         }
         } catch (...) {
           dump("after an error");
+          // Again a little later: a signal that rose in between (or stands above its shadow) was not
+          // lost but late, i.e. its sender was held up (e.g. on the host) until this rank gave up.
+          std::this_thread::sleep_for(std::chrono::seconds(2));
+          dump("2 s after the error");
           throw;
         }
         buf.check_device_errors();
