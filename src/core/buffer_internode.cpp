@@ -177,13 +177,15 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   {
-    // The control words, read back for diagnostics.
+    // The control words, read back for diagnostics. On the comm stream, never the legacy default
+    // stream: ranks that share a GPU (threads of one process) must not wait for each other's work.
     const InterLayout& L = m.inter.layout;
     std::vector<uint64_t> words(L.stats / 8);
-    EPCOMM_CUDA_CHECK(cudaMemcpy(words.data(), static_cast<char*>(m.sym->local()) + m.inter.offset, words.size() * 8,
-                                 cudaMemcpyDeviceToHost));
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(words.data(), static_cast<char*>(m.sym->local()) + m.inter.offset,
+                                      words.size() * 8, cudaMemcpyDeviceToHost, m.comm));
     DeviceCounters dc{};
-    EPCOMM_CUDA_CHECK(cudaMemcpy(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost));
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost, m.comm));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     std::string& t = s.control;
     const auto num = [&t](uint64_t v) { t.append(std::to_string(v)); };
     t.append("rank ");
