@@ -18,9 +18,10 @@
 //          per rank); each count flag also carries how many tokens this source sends to the rank
 //          (payload (count + 1) | tokens << 16). A staged token is its payload, then one entry per
 //          (k) that selects an expert of that rank (local expert, its slot in [le][source] exactly
-//          as the per-expert path computes it, k), then a flag tag(seq, (t | entries << 16) + 1).
+//          as the per-expert path computes it, k), then its head (t | entries << 16 | d << 21).
 //          The token's destinations share the block's warps (16 / destinations each, parts of the
-//          row); the flags are released by one thread per destination after the next barrier.
+//          row); one thread per destination stores the head and releases the token's flag (seq,
+//          u32, outside the slot: LowLatencyLayout::staged_flag says why) after the next barrier.
 // receive: every block reads all count flags (a thread each) and computes every (expert, source)
 //          begin in shared memory; then warps take (staged token, part of the row) items: wait for
 //          the flag, copy the part once from the staging slot into every row its entries name
@@ -159,19 +160,19 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
   }
 }
 
-// Per-rank path: releases the flags of one token's staged copies (a thread per destination), after a
-// barrier that follows every warp's stores of that token.
+// Per-rank path: stores the heads of one token's staged copies and releases their flags (a thread
+// per destination), after a barrier that follows every warp's stores of that token.
 __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p, uint32_t seq, const RankMeta& m) {
   const LowLatencyLayout& L = p.layout;
   for (int di = static_cast<int>(threadIdx.x); di < m.ndest; di += static_cast<int>(blockDim.x)) {
     const int d = m.dest[di];
     if (peer_masked(p.mask, d)) continue;
-    uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, d) + L.staged(p.buffer, p.common.rank, m.dslot[di], p.use_fp8) +
-                                                 L.staged_flag_offset(p.use_fp8));
+    char* region = peer_region(p, d);
     // t (16 bits) | entries (5) | the rank's place among the token's destinations (5), for the combine
-    st_release_sys(flag, tag(seq, (static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16) |
-                                   (static_cast<uint32_t>(di) << 21)) +
-                                      1u));
+    *reinterpret_cast<uint32_t*>(region + L.staged(p.buffer, p.common.rank, m.dslot[di], p.use_fp8) +
+                                 L.staged_head_offset(p.use_fp8)) =
+        static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16) | (static_cast<uint32_t>(di) << 21);
+    st_release_sys_u32(reinterpret_cast<uint32_t*>(region + L.staged_flag(p.buffer, p.common.rank, m.dslot[di])), seq);
   }
 }
 
@@ -477,7 +478,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
   const int P = max(1, min(min(total_warps / max(N, 1), 4), data16 / 32));  // parts per staged token
-  const size_t flag_off = L.staged_flag_offset(p.use_fp8);
+  const size_t head_off = L.staged_head_offset(p.use_fp8);
   const int payload16 = L.staged_payload16(p.use_fp8);
   constexpr int U = 4;
 
@@ -487,12 +488,15 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     while (item >= ipre[src + 1]) ++src;
     const int j = item - ipre[src];
     const uint8_t* msg = reinterpret_cast<const uint8_t*>(mine + L.staged(p.buffer, src, j, p.use_fp8));
-    uint64_t h = 0;
+    uint32_t v = 0;
     long long cycles = 0;
     int got = static_cast<int>(PeerWait::kArrived);
-    if (lane == 0)
-      got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(msg + flag_off),
-                                              tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h, cycles));
+    if (lane == 0) {
+      got = static_cast<int>(wait_seq_or_mask(c.wait, p.mask,
+                                              reinterpret_cast<const uint32_t*>(mine + L.staged_flag(p.buffer, src, j)),
+                                              seq, WaitPhase::kLowLatencyDispatchMessage, src, cycles));
+      if (got == static_cast<int>(PeerWait::kArrived)) v = __ldcg(reinterpret_cast<const unsigned int*>(msg + head_off));
+    }
     got = __shfl_sync(0xffffffffu, got, 0);
     if (got == static_cast<int>(PeerWait::kAborted)) return;
     if (got == static_cast<int>(PeerWait::kMasked)) {
@@ -503,8 +507,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     if (p.wait_cost_stats && lane == 0 && cycles > 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
-    h = __shfl_sync(0xffffffffu, h, 0);
-    const uint32_t v = tag_payload(h);
+    v = __shfl_sync(0xffffffffu, v, 0);
     const int t = static_cast<int>(v & 0xffffu);
     const int n = min(static_cast<int>((v >> 16) & 0x1fu), L.kslots);
     // Lane e < n holds entry e's row in recv_x (-1: not valid, e.g. a count settled as masked).
@@ -563,11 +566,12 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
       if (lane < n) reinterpret_cast<uint32_t*>(mine + L.pr_entries(p.buffer, src, j))[lane] = ent;
       if (lane == 0) *reinterpret_cast<uint32_t*>(mine + L.pr_head(p.buffer, src, j)) = v;
     } else if (row >= 0) {
-      // The header the per-expert combine reads (the per-expert path's senders write it there).
+      // The header the per-expert combine reads (the per-expert path's senders write it there):
+      // its low half only, the payload that combine reads. The high halves of the row le = 0 are
+      // the staged tokens' flags (LowLatencyLayout::staged_flag), which peers are releasing.
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
       const uint32_t k = ent >> 28;
-      *reinterpret_cast<uint64_t*>(mine + L.header(p.buffer, le, src, slot)) =
-          tag(seq, (static_cast<uint32_t>(t) | (k << 16)) + 1u);
+      *reinterpret_cast<uint32_t*>(mine + L.header(p.buffer, le, src, slot)) = (static_cast<uint32_t>(t) | (k << 16)) + 1u;
     }
   }
 }

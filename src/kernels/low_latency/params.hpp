@@ -94,10 +94,20 @@ struct LowLatencyLayout {
 
   // Per-rank dispatch (EPCOMM_LL_PER_RANK=1, see dispatch.cu): a source stores each token once per
   // destination rank into the destination's staging slot [source][slot] = [payload: FP8 row +
-  // scales, or the BF16 row][entries: kslots u32, padded to 16 bytes][flag u64, padded to 16]. The
-  // staging slots overlay dispatch_data of the same buffer (free until the receiver fanned them out
-  // into recv_x; the zero-copy combine input is written only after that), so the region does not
-  // grow: the path is used only where they fit (always for E/R >= 2).
+  // scales, or the BF16 row][entries: kslots u32, padded to 16 bytes][head u32: t | entries << 16 |
+  // d << 21, padded to 16]. The staging slots overlay dispatch_data of the same buffer (free until
+  // the receiver fanned them out into recv_x; the zero-copy combine input is written only after
+  // that), so the region does not grow: the path is used only where they fit (always for E/R >= 2).
+  //
+  // The slot's arrival flag is NOT in the slot: dispatch_data also holds the other format's slots
+  // (FP8 and BF16 strides differ), the per-expert path's messages and the zero-copy combine input,
+  // so whatever word a flag had there may hold row data at the next call into the buffer, which
+  // compares >= any tag and passes for an arrived token (the bench's 400-call runs hung in the
+  // combine after such reads). The flag is a u32 call number (>= seq: arrived) in the high half of
+  // the per-expert header [0][source][slot]: only flags ever land there (the per-expert path's
+  // senders store whole headers of earlier calls, with smaller numbers; the per-rank receiver
+  // stores only the low half, the (t, k) the per-expert combine reads; the per-rank combine's
+  // plan starts after that header row, see pr_base).
   EPCOMM_HD int staged_payload16(bool use_fp8) const {
     const int groups = hidden / kLowLatencyScaleGroup;
     return use_fp8 ? (hidden + ((4 * groups + 15) / 16) * 16) / 16 : hidden / 8;
@@ -109,9 +119,10 @@ struct LowLatencyLayout {
   EPCOMM_HD size_t staged(int b, int src, int slot, bool use_fp8) const {
     return buffer(b) + dispatch_data + (static_cast<size_t>(src) * max_tokens + slot) * staged_stride(use_fp8);
   }
-  EPCOMM_HD size_t staged_flag_offset(bool use_fp8) const {
+  EPCOMM_HD size_t staged_head_offset(bool use_fp8) const {
     return static_cast<size_t>(staged_payload16(use_fp8) + staged_entry16()) * 16;
   }
+  EPCOMM_HD size_t staged_flag(int b, int src, int slot) const { return header(b, 0, src, slot) + 4; }
   bool per_rank_fits(bool use_fp8) const {
     // [R][Tmax] staged messages inside [E/R][R][Tmax] messages of msg_bytes
     return staged_stride(use_fp8) <= static_cast<size_t>(local_experts) * msg_bytes;
@@ -121,7 +132,8 @@ struct LowLatencyLayout {
   // origin), its local experts' rows weighted by the origin's topk_weights and sends one BF16
   // partial row to the origin's combine row [t][d], d = the rank's place among the token's
   // destination ranks (first occurrence in k order), in pr_parts parts with a flag each
-  // ([t][d * parts + part]). Its plan lives where the per-expert path's headers are (unused then):
+  // ([t][d * parts + part]). Its plan lives where the per-expert path's headers are (unused then),
+  // after their first row [0][R][Tmax] (pr_base), whose high halves hold the staged tokens' flags:
   //   pr_head    [R][Tmax] u32: t | entries << 16 | d << 21 of the source's staged token j
   //   pr_entries [R][Tmax][kslots] u32: the staged token's entries (le | slot << 16 | k << 28)
   //   pr_weights [R][Tmax * kslots] f32: origin r's topk_weights[t][k] at t * kslots + k
@@ -132,24 +144,27 @@ struct LowLatencyLayout {
     const int p = kslots / pr_dests();
     return p < 1 ? 1 : (p > 4 ? 4 : p);
   }
+  EPCOMM_HD size_t pr_base() const {  // past the header row [0][R][Tmax] (the staged flags)
+    return dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * sizeof(uint64_t);
+  }
   EPCOMM_HD size_t pr_head(int b, int src, int j) const {
-    return buffer(b) + dispatch_header + (static_cast<size_t>(src) * max_tokens + j) * 4;
+    return buffer(b) + pr_base() + (static_cast<size_t>(src) * max_tokens + j) * 4;
   }
   EPCOMM_HD size_t pr_entries(int b, int src, int j) const {
-    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 +
+    return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 +
            (static_cast<size_t>(src) * max_tokens + j) * kslots * 4;
   }
   EPCOMM_HD size_t pr_weights(int b, int src) const {
-    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) +
+    return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) +
            static_cast<size_t>(src) * max_tokens * kslots * 4;
   }
   EPCOMM_HD size_t pr_count(int b, int src) const {
-    return buffer(b) + dispatch_header + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) +
+    return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) +
            static_cast<size_t>(src) * 4;
   }
   EPCOMM_HD size_t pr_weight_flag(int b, int src) const {
     const size_t counts_end = static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) + 4 * static_cast<size_t>(num_ranks);
-    return buffer(b) + dispatch_header + (counts_end + 7) / 8 * 8 + static_cast<size_t>(src) * 8;
+    return buffer(b) + pr_base() + (counts_end + 7) / 8 * 8 + static_cast<size_t>(src) * 8;
   }
   bool per_rank_combine_fits() const {
     return pr_weight_flag(0, num_ranks) <= dispatch_header + static_cast<size_t>(num_experts) * max_tokens * 8;

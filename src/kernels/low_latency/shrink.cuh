@@ -24,17 +24,17 @@ __device__ __forceinline__ bool peer_masked(const int32_t* mask, int peer) {
   return mask != nullptr && ld_volatile(mask + peer) != 0;
 }
 
-// Spins until *flag >= target (acquire, system scope); `value` gets what was seen and `cycles`
+// Spins until load() >= target (load: an acquire at system scope); `value` gets what was seen and `cycles`
 // grows by the clock cycles spent (0 when the flag was already there). Bounded like wait_flag_geq.
 // With shrink mode (mask != nullptr) it ends early when the peer is (or becomes) masked, and on
 // timeout masks the peer instead of failing; never for this rank itself: its own flags not arriving
 // is a bug, and fails with a record like every wait without a mask.
-__device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int32_t* mask, const uint64_t* flag,
-                                                     uint64_t target, WaitPhase phase, int peer, uint64_t& value,
-                                                     long long& cycles) {
+template <typename Load>
+__device__ __forceinline__ PeerWait wait_geq_or_mask(const WaitContext& ctx, int32_t* mask, Load load, uint64_t target,
+                                                     WaitPhase phase, int peer, uint64_t& value, long long& cycles) {
   int32_t* const m = peer == ctx.rank ? nullptr : mask;
   if (peer_masked(m, peer)) return PeerWait::kMasked;
-  uint64_t v = ld_acquire_sys(flag);
+  uint64_t v = load();
   if (v >= target) {
     value = v;
     return PeerWait::kArrived;
@@ -42,7 +42,7 @@ __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int
   const long long c0 = clock64();
   const uint64_t start = global_timer_ns();
   for (uint32_t spins = 1;; ++spins) {
-    v = ld_acquire_sys(flag);
+    v = load();
     if (v >= target) {
       value = v;
       cycles += clock64() - c0;
@@ -63,6 +63,21 @@ __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int
       }
     }
   }
+}
+
+// The usual 64-bit flag: *flag >= target.
+__device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int32_t* mask, const uint64_t* flag,
+                                                     uint64_t target, WaitPhase phase, int peer, uint64_t& value,
+                                                     long long& cycles) {
+  return wait_geq_or_mask(ctx, mask, [flag] { return ld_acquire_sys(flag); }, target, phase, peer, value, cycles);
+}
+
+// The same for a 32-bit flag holding a call number: arrived when *flag >= seq.
+__device__ __forceinline__ PeerWait wait_seq_or_mask(const WaitContext& ctx, int32_t* mask, const uint32_t* flag,
+                                                     uint32_t seq, WaitPhase phase, int peer, long long& cycles) {
+  uint64_t value = 0;
+  return wait_geq_or_mask(ctx, mask, [flag] { return static_cast<uint64_t>(ld_acquire_sys_u32(flag)); }, seq, phase,
+                          peer, value, cycles);
 }
 
 // Settles one count of a dispatch: `proposal` is tag(seq, count + 1) when the count arrived, or
