@@ -1,5 +1,6 @@
 #include "core/env.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -23,6 +24,10 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: one per origin, up to 4)"},
       {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 3)"},
       {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
+      // Experimental low-latency paths (off by default: not yet proven on a GPU).
+      {"EPCOMM_LL_PER_RANK", 0,
+       "low-latency: 1 sends each token once per destination rank (dispatch), 2 also pre-reduces per rank "
+       "in combine (BF16 partials); 0 = once per expert"},
   };
   return params;
 }
@@ -39,6 +44,11 @@ int64_t env_value(const char* name) {
     return v;
   }
   throw Error(std::string("unknown epcomm environment parameter ") + name);
+}
+
+int low_latency_per_rank_level() {
+  static const int level = static_cast<int>(std::min<int64_t>(env_value("EPCOMM_LL_PER_RANK"), 2));
+  return level;
 }
 
 }  // namespace epcomm

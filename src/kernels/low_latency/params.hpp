@@ -218,13 +218,8 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
 // 1 asks for the per-rank dispatch, 2 for the per-rank dispatch and the per-rank combine (whose
 // BF16 partials are not bit-identical to the per-expert sum: see combine.cu). A call uses them only
 // where the layout and shared memory allow.
-inline int low_latency_per_rank_level() {
-  static const int level = [] {
-    const char* s = std::getenv("EPCOMM_LL_PER_RANK");
-    return s == nullptr ? 0 : (s[0] == '1' ? 1 : (s[0] == '2' ? 2 : 0));
-  }();
-  return level;
-}
+// EPCOMM_LL_PER_RANK (core/env.cpp), read once per process; host only.
+int low_latency_per_rank_level();
 inline bool low_latency_per_rank_requested() { return low_latency_per_rank_level() >= 1; }
 inline bool low_latency_per_rank_combine_requested() { return low_latency_per_rank_level() >= 2; }
 
