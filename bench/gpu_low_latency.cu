@@ -5,7 +5,7 @@
 //   ll-*-send / ll-*-recv                             hook mode: the two halves, with a 50 us spin
 //                                                     kernel between them (the overlapped compute)
 //                                                     so the receive half does not measure peer skew
-// checks the first FP8 dispatch and combine against the CPU reference, prints the LL buffer size
+// checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer size
 // beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same
 // token count.
 #include <cuda_runtime.h>
@@ -117,7 +117,7 @@ struct RankData {
   std::vector<float> weights;
 };
 
-struct RankResult {  // first FP8 dispatch and first combine, for the check
+struct RankResult {  // one checked FP8 dispatch and combine
   std::vector<int32_t> recv_count, src_info;
   std::vector<int64_t> layout_range;
   std::vector<uint8_t> recv_x;
@@ -260,7 +260,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
 
   const uint64_t seed = std::random_device{}();
   std::vector<RankData> data(R);
-  std::vector<RankResult> got(R);
+  std::vector<RankResult> got(R), got_last(R);  // first checked round, and the one after the timed loops
   run_threads(R, [&](int r) {
     std::mt19937_64 rng(seed * 31 + r);
     data[r].x = random_bf16(rng, static_cast<size_t>(T) * H);
@@ -314,18 +314,21 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     const TensorView outv = view(out, DType::kBF16, {T, H}, r);
     LowLatencyHandle h8, h16, hh;
 
-    // First calls, checked.
-    buf.low_latency_dispatch(din, d8, h8, false, order);
-    cuda_check(cudaStreamSynchronize(stream), "dispatch");
-    RankResult& g = got[r];
-    g.recv_count = download<int32_t>(count, EL);
-    g.src_info = download<int32_t>(src, static_cast<size_t>(EL) * RT);
-    g.layout_range = download<int64_t>(range, static_cast<size_t>(EL) * R);
-    g.recv_x = download<uint8_t>(recv8, static_cast<size_t>(EL) * RT * H);
-    g.scales = download<float>(scales, static_cast<size_t>(EL) * G * RT);
-    buf.low_latency_combine(cin, h8, outv, false, order);
-    cuda_check(cudaStreamSynchronize(stream), "combine");
-    g.out = download<uint16_t>(out, static_cast<size_t>(T) * H);
+    // A dispatch and a combine whose outputs are checked: the first calls, and again after every
+    // timed loop (a path that goes wrong only after many calls must not be timed silently).
+    const auto checked_round = [&](RankResult& g) {
+      buf.low_latency_dispatch(din, d8, h8, false, order);
+      cuda_check(cudaStreamSynchronize(stream), "dispatch");
+      g.recv_count = download<int32_t>(count, EL);
+      g.src_info = download<int32_t>(src, static_cast<size_t>(EL) * RT);
+      g.layout_range = download<int64_t>(range, static_cast<size_t>(EL) * R);
+      g.recv_x = download<uint8_t>(recv8, static_cast<size_t>(EL) * RT * H);
+      g.scales = download<float>(scales, static_cast<size_t>(EL) * G * RT);
+      buf.low_latency_combine(cin, h8, outv, false, order);
+      cuda_check(cudaStreamSynchronize(stream), "combine");
+      g.out = download<uint16_t>(out, static_cast<size_t>(T) * H);
+    };
+    checked_round(got[r]);
 
     auto row = [&](const std::string& op, double us, const std::string& note) {
       std::lock_guard<std::mutex> lock(mu);
@@ -363,6 +366,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
         [&] { buf.low_latency_combine_recv(cin, h8, outv, order); });
     row("ll-combine-send", ch.first, "hook mode");
     row("ll-combine-recv", ch.second, "hook mode, after 50 us of other work");
+    checked_round(got_last[r]);
     cuda_check(cudaStreamSynchronize(stream), "final");
     buf.check_device_errors();
     cudaStreamDestroy(stream);
@@ -372,10 +376,13 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
     const bool per_rank_combine =
         low_latency_per_rank_combine_requested() && l.per_rank_fits(true) && l.per_rank_combine_fits();
-    const std::string diff = verify(data, got, T, Tmax, H, K, E, per_rank_combine);
-    report.checks.push_back("low-latency dispatch fp8 + combine, ranks 0.." + std::to_string(R - 1) +
-                            (diff.empty() ? ": match the reference" : ": MISMATCH: " + diff));
-    report.ok = report.ok && diff.empty();
+    for (const auto* results : {&got, &got_last}) {
+      const std::string diff = verify(data, *results, T, Tmax, H, K, E, per_rank_combine);
+      report.checks.push_back(std::string("low-latency dispatch fp8 + combine, ") +
+                              (results == &got ? "first calls" : "after the timed calls") + ", ranks 0.." +
+                              std::to_string(R - 1) + (diff.empty() ? ": match the reference" : ": MISMATCH: " + diff));
+      report.ok = report.ok && diff.empty();
+    }
   }
 
   if (o.baseline) {
