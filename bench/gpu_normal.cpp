@@ -1,6 +1,7 @@
 // Normal-mode benchmark on the GPUs: one thread per GPU, an NCCL group, the standard problem.
 // Times layout, dispatch (BF16 / FP8, counts exchange and host sync included, as users see it),
-// cached dispatch and combine; checks the first results of each against the CPU reference.
+// cached dispatch and combine; checks the results against the CPU reference after the first call and
+// again after the timed calls.
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
@@ -238,8 +239,10 @@ void run_gpu_normal(const Options& o, Report& report) {
                                  note});
           if (s.network_rows != static_cast<uint64_t>(nt.network_rows)) report.ok = false;
         }
-        std::string check;
-        if (o.verify) {
+        // The outputs against the reference: after the first call, and again after the timed calls
+        // (every timed call writes the same tensors; a path that goes wrong late must not pass).
+        const auto verify_dispatch = [&](const char* when) {
+          if (!o.verify) return;
           const auto& want = fp8 ? want_fp8[r] : want_bf16[r];
           const size_t row_bytes = static_cast<size_t>(H) * (fp8 ? 1 : 2);
           bool ok = rows == want.num_rows && equal_bytes(recv_x, want.recv_x.data(), rows * row_bytes) &&
@@ -247,16 +250,20 @@ void run_gpu_normal(const Options& o, Report& report) {
                     equal_bytes(recv_w, want.recv_topk_weights.data(), sizeof(float) * rows * K) &&
                     equal_bytes(src_idx, want.handle.recv_src_idx.data(), sizeof(int32_t) * rows) &&
                     (!fp8 || equal_bytes(recv_sc, want.recv_scales.data(), sizeof(float) * rows * G));
-          check = std::string(fp8 ? "dispatch fp8" : "dispatch bf16") + " @" + std::to_string(sms) + " SMs rank " +
-                  std::to_string(r) + (ok ? ": matches the reference" : ": MISMATCH");
+          const std::string check = std::string(fp8 ? "dispatch fp8" : "dispatch bf16") + " @" + std::to_string(sms) +
+                                    " SMs rank " + std::to_string(r) + ", " + when +
+                                    (ok ? ": matches the reference" : ": MISMATCH");
           std::lock_guard<std::mutex> lock(mu);
           report.checks.push_back(check);
           report.ok = report.ok && ok;
-        }
+        };
+        verify_dispatch("first call");
         const double us = time_us(stream, o.warmup, o.iters, dispatch);
         // Where the time goes: count exchange + host wait (start -> counts known on the comm
         // stream), then the data phase.
         const auto split = split_dispatch_us(stream, buf.comm_stream(), o.iters, prepare, run);
+        cuda_check(cudaStreamSynchronize(stream), "timed dispatch");
+        verify_dispatch("after the timed calls");
         const double row_bytes = fp8 ? H + 4.0 * H / 128 : 2.0 * H;
         const std::string op = fp8 ? "dispatch-fp8" : "dispatch-bf16";
         {
@@ -291,16 +298,27 @@ void run_gpu_normal(const Options& o, Report& report) {
           std::lock_guard<std::mutex> lock(mu);
           report.rows.push_back({"epcomm", "combine:traffic", r, sms, 0, 0, note});
         }
-        if (o.verify) {
+        const auto verify_combine = [&](const char* when) {
+          if (!o.verify) return;
           const bool ok = (internode ? close_bf16_bytes(out, want_comb[r].combined_x)
                                      : equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2)) &&
                           equal_bytes(out_w, want_comb[r].combined_topk_weights.data(), sizeof(float) * T * K);
           std::lock_guard<std::mutex> lock(mu);
-          report.checks.push_back("combine @" + std::to_string(sms) + " SMs rank " + std::to_string(r) +
+          report.checks.push_back("combine @" + std::to_string(sms) + " SMs rank " + std::to_string(r) + ", " + when +
                                   (ok ? ": matches the reference" : ": MISMATCH"));
           report.ok = report.ok && ok;
-        }
+        };
+        verify_combine("first call");
         const double comb_us = time_us(stream, o.warmup, o.iters, combine);
+        cuda_check(cudaStreamSynchronize(stream), "timed combine");
+        verify_combine("after the timed calls");
+        if (o.verify) {  // the timed cached dispatches moved the same x: the same rows as the dispatch
+          const bool ok = equal_bytes(cached_x, want_bf16[r].recv_x.data(), static_cast<size_t>(rows) * H * 2);
+          std::lock_guard<std::mutex> lock(mu);
+          report.checks.push_back("cached dispatch bf16 @" + std::to_string(sms) + " SMs rank " + std::to_string(r) +
+                                  ", after the timed calls" + (ok ? ": matches the reference" : ": MISMATCH"));
+          report.ok = report.ok && ok;
+        }
         std::lock_guard<std::mutex> lock(mu);
         report.rows.push_back({"epcomm", "cached-dispatch-bf16", r, sms, cus, rows * 2.0 * H / cus / 1e3, ""});
         report.rows.push_back({"epcomm", "combine", r, sms, comb_us, rows * 2.0 * H / comb_us / 1e3, ""});
