@@ -67,8 +67,29 @@ void run_normal_case(const NormalCase& c) {
     topk.upload(ri.topk);
     weights.upload(ri.weights);
 
-    // layout
+    // Every device tensor of the case is allocated (and filled) before the first call: ranks that
+    // share a GPU are threads of one process, and an allocation that synchronizes the device would
+    // wait for a co-resident rank's kernel that waits for this rank (README "Limits").
+    const auto& want = reference.dispatch[r];
+    const int rows = want.num_rows;
+    const int stride = buf.chunk_offset_stride(cfg);
     DeviceTensor per_rank(DType::kI32, {R}, dev), per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
+    DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
+    DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
+    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(DType::kF32, {rows, G}, dev);
+    DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
+    DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
+    y.upload(reference.combine_in[r].x);
+    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
+    DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
+    if (c.with_bias) {
+      b0.upload(reference.combine_in[r].bias0);
+      b1.upload(reference.combine_in[r].bias1);
+    }
+    DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
+    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
+
+    // layout
     buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync layout");
     const ref::Layout& lay = ri.layout;
@@ -90,22 +111,15 @@ void run_normal_case(const NormalCase& c) {
     di.expert_alignment = c.expert_alignment;
     di.num_worst_tokens = reference.num_worst_tokens;
     di.config = cfg;
-    const int stride = buf.chunk_offset_stride(cfg);
-    DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
-    DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
     DispatchHandle h;
     h.rank_prefix_matrix = prefix.view();
     h.chunk_offset = chunk_off.view();
     const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
-    const auto& want = reference.dispatch[r];
     ASSERT_EQ(plan.num_rows, want.num_rows);
     if (!c.worst && c.with_topk)
       EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
                                                    plan.num_recv_tokens_per_expert.end()),
                               want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
-    const int rows = plan.num_rows;
-    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(DType::kF32, {rows, G}, dev);
-    DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
     h.recv_src_idx = src.view();
     DispatchOutputs dout;
     dout.recv_x = rx.view();
@@ -131,15 +145,6 @@ void run_normal_case(const NormalCase& c) {
     }
 
     // combine
-    DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
-    y.upload(reference.combine_in[r].x);
-    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
-    DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
-    if (c.with_bias) {
-      b0.upload(reference.combine_in[r].bias0);
-      b1.upload(reference.combine_in[r].bias1);
-    }
-    DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
     CombineInputs ci;
     ci.x = y.view();
     if (c.with_topk) ci.topk_weights = cw.view();
@@ -160,7 +165,6 @@ void run_normal_case(const NormalCase& c) {
           "combined_topk_weights"));
 
     // cached dispatch with new x
-    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
     DispatchOutputs cout_;
     cout_.recv_x = cx.view();
     if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
