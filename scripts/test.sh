@@ -8,6 +8,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 export PATH=/usr/local/cuda/bin:$PATH
 build=${EPCOMM_BUILD_DIR:-$root/build}
 jobs=${EPCOMM_JOBS:-$(nproc)}
+# libepcomm and the Python module build their messages without iostreams: GCC iostream code called
+# in a process that has PyTorch loaded segfaults on the GPU machines (BENCHMARKS.md, run 13).
+if grep -rlE '#include <(sstream|iostream|fstream|ostream)>' "$root/src" "$root/include" "$root/python/src"; then
+  echo "test.sh: the files above include iostreams; build strings with std::string / std::to_string" >&2
+  exit 1
+fi
 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build "$build" -j "$jobs"
 (cd "$build" && ctest --output-on-failure -j "$jobs" -LE gpu)

@@ -12,8 +12,8 @@
 #pragma once
 
 #include <cstdint>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "epcomm/error.hpp"
@@ -26,11 +26,21 @@ inline constexpr int kScaleGroup = 128;     // channels per FP8 scale
 inline constexpr int kNormalRowAlign = 16;  // bytes a normal-mode row must be a multiple of
 
 // ---- argument checking (validate.cpp) ----
+// Messages are built without iostreams: GCC-built iostream code called from a process that has
+// PyTorch loaded segfaults on the GPU machines (BENCHMARKS.md run 13), and the Python module calls
+// into the reference.
+inline void append_piece(std::string& s, const std::string& v) { s += v; }
+inline void append_piece(std::string& s, const char* v) { s += v; }
+inline void append_piece(std::string& s, char v) { s += v; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+void append_piece(std::string& s, T v) {
+  s += std::to_string(v);
+}
 template <typename... Args>
 std::string cat(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  return s.str();
+  std::string s;
+  (append_piece(s, args), ...);
+  return s;
 }
 std::string rank_prefix(int rank);  // "rank 3: "
 [[noreturn]] void fail(const std::string& who, const std::string& message);
