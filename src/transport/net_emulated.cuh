@@ -63,6 +63,12 @@ struct EmulatedNet {
     return wait_flag_geq(ctx, reinterpret_cast<const uint64_t*>(p.window[rank] + p.signals) + id, least, phase, peer);
   }
 
+  // The current value of this rank's own signal `id` (acquire), for waits with their own policy
+  // (the low-latency kernels' shrink mode).
+  __device__ __forceinline__ uint64_t read_signal(int id) const {
+    return ld_acquire_sys(reinterpret_cast<const uint64_t*>(p.window[rank] + p.signals) + id);
+  }
+
   __device__ __forceinline__ void flush() const {}
 };
 

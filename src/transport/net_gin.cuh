@@ -61,6 +61,10 @@ struct GinNet {
     return wait_geq(ctx, [&] { return gin.readSignal(s); }, least, phase, peer);
   }
 
+  __device__ __forceinline__ uint64_t read_signal(int id) const {
+    return gin.readSignal(p.signal_base + static_cast<uint32_t>(id));
+  }
+
   // Called by every thread of the block.
   __device__ __forceinline__ void flush() const { gin.flush(ncclCoopCta{}); }
 };

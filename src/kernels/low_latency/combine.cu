@@ -27,7 +27,9 @@
 
 #include "core/check.hpp"
 #include "kernels/low_latency/ll_device.cuh"
+#include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
+#include "transport/net_gin.cuh"
 
 namespace epcomm {
 namespace {
@@ -36,7 +38,16 @@ using namespace epcomm::dev;
 
 constexpr int kSliceChannels = 256;  // 8 per lane
 
-__device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq) {
+// Network path's shared memory (static, inside kLowLatencyNetStaticSmem).
+struct NetCombineSmem {
+  int32_t rows[kMaxInterRanks];  // send: rows this block put to each origin; receive: rows each rank owes
+  int32_t dead[kMaxInterRanks];  // receive: that rank was masked (its rows contribute nothing)
+  int32_t stop;                  // receive: a wait was aborted
+  int32_t last;
+};
+
+template <class NetT>
+__device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net, NetCombineSmem* ns) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, E = EL * R, H = L.hidden;
@@ -46,6 +57,10 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq) {
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   const int Q = total_warps >= E ? total_warps / E : 1;
   const char* mine = c.peer_base[c.rank] + p.region;
+  if constexpr (NetT::kEnabled) {
+    for (int i = static_cast<int>(threadIdx.x); i < kMaxInterRanks; i += static_cast<int>(blockDim.x)) ns->rows[i] = 0;
+    __syncthreads();
+  }
 
   for (int item = gw; item < E * Q; item += total_warps) {
     const int u = item % E, q = item / E;
@@ -64,17 +79,41 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq) {
       const int t = static_cast<int>(v & 0xffffu), k = static_cast<int>(v >> 16);
       if (t >= L.max_tokens || k >= L.kslots) continue;
       const int4* row = reinterpret_cast<const int4*>(p.y + (static_cast<int64_t>(le) * RT + begin + j) * H);
+      if constexpr (NetT::kEnabled) {
+        if (net.remote(src)) {
+          // Put source: the row's zero-copy place in this rank's window (staged there unless y is
+          // that area; the dispatch's messages there were consumed by its receive).
+          const size_t zc = L.message(p.buffer, 0, 0, 0) + (static_cast<size_t>(le) * RT + begin + j) * L.msg_bytes;
+          if (!net.a.y_in_window) {
+            warp_copy<8>(reinterpret_cast<int4*>(net.mine + zc), row, H / 8, LoadNc{});
+            __syncwarp();
+          }
+          net.net.put_warp(src, L.combine_row(p.buffer, t, k), zc, L.msg_bytes);
+          if (lane == 0) atomicAdd(&ns->rows[src], 1);
+          continue;
+        }
+      }
       warp_copy<8>(reinterpret_cast<int4*>(origin + L.combine_row(p.buffer, t, k)), row, H / 8, LoadNc{});
       __syncwarp();
       if (lane == 0)
         st_release_sys(reinterpret_cast<uint64_t*>(origin + L.combine_flag(p.buffer, t, k)), tag(seq, 1));
     }
   }
+  if constexpr (NetT::kEnabled) {
+    // Each block signals the origins it put to (a signal orders this block's puts before it).
+    net.net.fence_puts();
+    __syncthreads();
+    for (int r = static_cast<int>(threadIdx.x); r < R; r += static_cast<int>(blockDim.x))
+      if (ns->rows[r] > 0)
+        net.net.signal(r, net.L().signal_id(p.buffer, kLLNetCombineData, c.rank), static_cast<uint64_t>(ns->rows[r]));
+    net.net.flush();
+  }
 }
 
 // The last block past the send half publishes the call's number and tells every origin that this
 // rank neither writes to it nor reads its own buffer for this combine any more.
-__device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t seq) {
+template <class NetT>
+__device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net) {
   const CommonParams& c = p.common;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -83,10 +122,17 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
       __threadfence_system();
       p.state->combine_blocks_done = 0;
       p.state->buffer_combine_seq[p.buffer] = seq;
-      for (int r = 0; r < c.num_ranks; ++r)
-        if (!peer_masked(p.mask, r))
-          st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
+      for (int r = 0; r < c.num_ranks; ++r) {
+        if (peer_masked(p.mask, r)) continue;
+        if constexpr (NetT::kEnabled) {
+          if (net.remote(r)) {
+            net.net.signal(r, net.L().signal_id(p.buffer, kLLNetCombineDone, c.rank), 1);
+            continue;
+          }
+        }
+        st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
                          tag(seq, 1));
+      }
       __threadfence();
       atomicExch(&p.state->combine_seq, seq);
     }
@@ -95,19 +141,28 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
 
 // Leave only when every expert rank is past its send half: then no rank still reads its own
 // buffer for this combine, so this rank's next dispatch may write into it.
-__device__ void wait_all_done(const LowLatencyCombineParams& p, uint32_t seq) {
+template <class NetT>
+__device__ void wait_all_done(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net) {
   const CommonParams& c = p.common;
   const int lane = lane_id();
   if (blockIdx.x == 0 && warp_id() == 0 && lane < c.num_ranks && !aborted(c.wait)) {
     uint64_t v;
     long long cycles = 0;
+    if constexpr (NetT::kEnabled) {
+      if (net.remote(lane)) {
+        net.wait(c.wait, p.mask, p.buffer, kLLNetCombineDone, lane,
+                 net.shadow_value(p.buffer, kLLNetCombineDone, lane) + 1, WaitPhase::kLowLatencyCombineDone, cycles);
+        return;
+      }
+    }
     wait_tag_or_mask(c.wait, p.mask,
                      reinterpret_cast<const uint64_t*>(c.peer_base[c.rank] + p.region + p.layout.done(p.buffer, lane)),
                      tag(seq, 1), WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
   }
 }
 
-__device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
+template <class NetT>
+__device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net, NetCombineSmem* ns) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int EL = L.local_experts, E = L.num_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
@@ -116,6 +171,32 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
   const char* mine = c.peer_base[c.rank] + p.region;
+  if constexpr (NetT::kEnabled) {
+    // The rows each rank of another node owes this rank (one per valid (t, k) on its experts),
+    // then one wait per such rank for all of them.
+    const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+    for (int i = tid; i < kMaxInterRanks; i += nthreads) ns->rows[i] = ns->dead[i] = 0;
+    if (tid == 0) ns->stop = 0;
+    __syncthreads();
+    for (int64_t i = tid; i < static_cast<int64_t>(T) * K; i += nthreads) {
+      const int64_t id = p.topk_idx[i];
+      if (id >= 0 && id < E && net.remote(static_cast<int>(id) / EL)) atomicAdd(&ns->rows[static_cast<int>(id) / EL], 1);
+    }
+    __syncthreads();
+    for (int r = tid; r < c.num_ranks; r += nthreads) {
+      if (ns->rows[r] == 0) continue;
+      long long cycles = 0;
+      const PeerWait got = net.wait(c.wait, p.mask, p.buffer, kLLNetCombineData, r,
+                                    net.shadow_value(p.buffer, kLLNetCombineData, r) + static_cast<uint64_t>(ns->rows[r]),
+                                    WaitPhase::kLowLatencyCombineRow, cycles);
+      if (got == PeerWait::kAborted) ns->stop = 1;
+      if (got == PeerWait::kMasked) ns->dead[r] = 1;
+      if (p.wait_cost_stats && blockIdx.x == 0 && cycles > 0)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + r), static_cast<unsigned long long>(cycles));
+    }
+    __syncthreads();
+    if (ns->stop) return;
+  }
 
   for (int item = gw; item < T * slices; item += total_warps) {
     const int t = item / slices, s = item % slices;
@@ -131,7 +212,12 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
     bool ok = true;
     long long cycles = 0;
     const int owner = e >= 0 ? e / EL : 0;
-    if (e >= 0) {
+    bool via_net = false;
+    if constexpr (NetT::kEnabled) {
+      via_net = e >= 0 && net.remote(owner);
+      if (via_net && ns->dead[owner]) e = -1;  // shrink mode: a masked rank's experts contribute nothing
+    }
+    if (e >= 0 && !via_net) {
       uint64_t v;
       const PeerWait got =
           wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.combine_flag(p.buffer, t, lane)),
@@ -180,7 +266,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq) {
     }
   }
 
-  wait_all_done(p, seq);
+  wait_all_done(p, seq, net);
 }
 
 // Per-rank combine, send half (see the top of this file).
@@ -367,7 +453,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     }
     if (active) *reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H + c0) = to_bf16x8(acc);
   }
-  wait_all_done(p, seq);
+  wait_all_done(p, seq, LLNoNet{});
 }
 
 template <bool kPerRank>
@@ -378,14 +464,58 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send) {
     if constexpr (kPerRank) combine_send_per_rank(p, seq);
-    else combine_send(p, seq);
-    finish_combine_send(p, seq);
+    else combine_send(p, seq, LLNoNet{}, nullptr);
+    finish_combine_send(p, seq, LLNoNet{});
   }
   if (recv) {
     if constexpr (kPerRank) combine_recv_per_rank(p, seq);
-    else combine_recv(p, seq);
+    else combine_recv(p, seq, LLNoNet{}, nullptr);
   }
 }
+
+// Network path: the last block past the receive half advances the shadows by what each rank of
+// another node was to send this call (its rows for this rank's tokens, one `done`).
+template <class NetT>
+__device__ void finish_combine_recv_net(const LowLatencyCombineParams& p, const NetT& net, NetCombineSmem* ns) {
+  if (!ll_net_last_block(&p.state->net_blocks_done[2], &ns->last)) return;
+  for (int r = static_cast<int>(threadIdx.x); r < p.common.num_ranks; r += static_cast<int>(blockDim.x)) {
+    if (!net.remote(r)) continue;
+    *net.shadow(p.buffer, kLLNetCombineData, r) =
+        net.shadow_value(p.buffer, kLLNetCombineData, r) + static_cast<uint64_t>(ns->rows[r]);
+    *net.shadow(p.buffer, kLLNetCombineDone, r) = net.shadow_value(p.buffer, kLLNetCombineDone, r) + 1;
+  }
+}
+
+__device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                                          const EmulatedNetParams& np) {
+  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
+__device__ __forceinline__ LLNet<GinNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                                     const GinNetParams& g) {
+  return LLNet<GinNet>{GinNet(g, p.common.rank), a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
+
+// Network path (ll_net.cuh): the per-expert combine with rows to origins of other nodes through
+// the transport. NetParams: EmulatedNetParams (launched) or GinNetParams (compiled only).
+template <class NetParams>
+__global__ void __launch_bounds__(kLowLatencyThreads, 1)
+    low_latency_combine_net_kernel(const __grid_constant__ LowLatencyCombineParams p,
+                                   const __grid_constant__ LowLatencyNetArgs a, const __grid_constant__ NetParams np) {
+  __shared__ NetCombineSmem ns;
+  const auto net = make_ll_net(p, a, np);
+  const bool send = (p.phases & kLowLatencySend) != 0;
+  const bool recv = (p.phases & kLowLatencyRecv) != 0;
+  const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  if (send) {
+    combine_send(p, seq, net, &ns);
+    finish_combine_send(p, seq, net);
+  }
+  if (recv) {
+    combine_recv(p, seq, net, &ns);
+    finish_combine_recv_net(p, net, &ns);
+  }
+}
+static_assert(sizeof(NetCombineSmem) <= kLowLatencyNetStaticSmem, "kLowLatencyNetStaticSmem");
 
 }  // namespace
 
@@ -395,6 +525,21 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
   else
     low_latency_combine_kernel<false><<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("low_latency_combine_kernel");
+}
+
+void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                    const EmulatedNetParams& net, int num_blocks, void* stream) {
+  low_latency_combine_net_kernel<EmulatedNetParams>
+      <<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, a, net);
+  EPCOMM_LAUNCH_CHECK("low_latency_combine_net_kernel");
+}
+
+// The same over NCCL GIN: compiled so CI checks it against NCCL's device API; not launched yet.
+void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                    const GinNetParams& g, int num_blocks, void* stream) {
+  low_latency_combine_net_kernel<GinNetParams>
+      <<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, a, g);
+  EPCOMM_LAUNCH_CHECK("low_latency_combine_gin_kernel");
 }
 
 }  // namespace epcomm

@@ -33,7 +33,9 @@
 
 #include "core/check.hpp"
 #include "kernels/low_latency/ll_device.cuh"
+#include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
+#include "transport/net_gin.cuh"
 
 namespace epcomm {
 namespace {
@@ -83,7 +85,16 @@ __host__ __device__ inline size_t recv_smem_ints(int num_experts, int num_ranks)
   return 2 * static_cast<size_t>(num_experts) + 3 * static_cast<size_t>(num_ranks) + 2;
 }
 
-__device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm) {
+// Network path's shared memory of the send half (static, inside kLowLatencyNetStaticSmem).
+struct NetSendSmem {
+  int32_t sent[kMaxInterRanks];  // messages this block put to each rank
+  int32_t any_remote[2];         // per staging area: the token has a k on a rank of another node
+  int32_t last;
+};
+
+template <class NetT>
+__device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm, const NetT& net,
+                              NetSendSmem* ns) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, T = p.num_tokens, H = L.hidden;
@@ -95,6 +106,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
   const int owned_n = (E + grid - 1) / grid;
 
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
+  if constexpr (NetT::kEnabled)
+    for (int i = tid; i < kMaxInterRanks; i += nthreads) ns->sent[i] = 0;
   __syncthreads();
   const int64_t entries = static_cast<int64_t>(T) * K;
   for (int64_t i = tid; i < entries; i += nthreads) {
@@ -111,6 +124,13 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     const int e = b + i * grid;
     if (e >= E) break;
     if (peer_masked(p.mask, e / EL)) continue;  // shrink mode: nothing goes to a masked rank
+    if constexpr (NetT::kEnabled) {
+      if (net.remote(e / EL)) {  // into this rank's staging entry for that rank (put by the last block)
+        reinterpret_cast<uint32_t*>(net.mine + net.L().out_entry(p.buffer, e / EL))[e % EL] =
+            static_cast<uint32_t>(min(sm.owned[i], L.max_tokens));
+        continue;
+      }
+    }
     uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, e / EL) + L.count(p.buffer, e % EL, c.rank));
     // A source has Tmax slots per expert; only tokens that list an expert twice can exceed them.
     st_release_sys(flag, tag(seq, static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u));
@@ -124,6 +144,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     int32_t* slot = sm.slots + sb * kMaxTopk;
     int32_t* expert = sm.experts + sb * kMaxTopk;
     if (tid == 0) {
+      if constexpr (NetT::kEnabled) ns->any_remote[sb] = 0;
       // In k order, so a token that names an expert twice gets increasing slots: rows stay in
       // (token, k) order inside each source, as the reference lays them out.
       for (int k = 0; k < K; ++k) {
@@ -136,16 +157,40 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
         }
         expert[k] = s >= 0 ? static_cast<int>(e) : -1;
         slot[k] = s;
+        if constexpr (NetT::kEnabled) {
+          if (s >= 0 && net.remote(static_cast<int>(e) / EL)) {
+            const int d = static_cast<int>(e) / EL, le = static_cast<int>(e) % EL;
+            *reinterpret_cast<uint32_t*>(net.mine + net.L().out_entry(p.buffer, d) + net.L().header_in_entry(le, s)) =
+                static_cast<uint32_t>(t) | (static_cast<uint32_t>(k) << 16);
+            ns->any_remote[sb] = 1;
+          }
+        }
       }
     }
     const uint16_t* row = p.x + static_cast<size_t>(t) * H;
     if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
     else stage_bf16(row, H, msg);
     __syncthreads();
+    if constexpr (NetT::kEnabled) {
+      // A token with a k on another node: its message goes into this rank's window (put source).
+      if (ns->any_remote[sb]) {
+        int4* to = reinterpret_cast<int4*>(net.mine + net.L().token(p.buffer, t));
+        for (int v = tid; v < payload16; v += nthreads) to[v] = reinterpret_cast<const int4*>(msg)[v];
+        __syncthreads();
+      }
+    }
     for (int k = warp; k < K; k += kLowLatencyWarps) {
       const int e = expert[k];
       if (e < 0 || peer_masked(p.mask, e / EL)) continue;
       const int s = slot[k];
+      if constexpr (NetT::kEnabled) {
+        if (net.remote(e / EL)) {
+          net.net.put_warp(e / EL, L.message(p.buffer, e % EL, c.rank, s), net.L().token(p.buffer, t),
+                           static_cast<size_t>(payload16) * 16);
+          if (lane == 0) atomicAdd(&ns->sent[e / EL], 1);
+          continue;
+        }
+      }
       char* region = peer_region(p, e / EL);
       warp_copy<4>(reinterpret_cast<int4*>(region + L.message(p.buffer, e % EL, c.rank, s)),
                    reinterpret_cast<const int4*>(msg), payload16, LoadShared{});
@@ -157,6 +202,25 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     // With one staging area the next token may not overwrite it before every warp sent it; with
     // two, the barrier after the next cast orders it.
     if (p.staging_buffers != 2) __syncthreads();
+  }
+  if constexpr (NetT::kEnabled) {
+    // Each block signals the ranks it put to (a signal orders this block's puts before it).
+    net.net.fence_puts();
+    __syncthreads();
+    for (int d = tid; d < c.num_ranks; d += nthreads)
+      if (ns->sent[d] > 0)
+        net.net.signal(d, net.L().signal_id(p.buffer, kLLNetData, c.rank), static_cast<uint64_t>(ns->sent[d]));
+    // The last block puts every remote rank its counts and headers (all blocks wrote theirs).
+    if (ll_net_last_block(&p.state->net_blocks_done[0], &ns->last)) {
+      for (int d = warp; d < c.num_ranks; d += kLowLatencyWarps) {
+        if (!net.remote(d) || peer_masked(p.mask, d)) continue;
+        net.net.put_warp(d, net.L().in_entry(p.buffer, c.rank), net.L().out_entry(p.buffer, d), net.L().entry_bytes);
+        net.net.fence_puts();
+        __syncwarp();
+        if (lane == 0) net.net.signal(d, net.L().signal_id(p.buffer, kLLNetMeta, c.rank), 1);
+      }
+    }
+    net.net.flush();
   }
 }
 
@@ -326,7 +390,28 @@ __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p,
   return true;
 }
 
-__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
+// Network path: the count of (le, src) for a source of another node, from its meta entry once its
+// kLLNetMeta signal passed the shadow (same payload and shrink settling as receive_count).
+template <class NetT>
+__device__ __forceinline__ bool receive_count_net(const LowLatencyDispatchParams& p, const NetT& net, int le, int src,
+                                                  uint32_t seq, uint32_t& payload, long long& cycles) {
+  const LowLatencyLayout& L = p.layout;
+  const uint64_t target = net.shadow_value(p.buffer, kLLNetMeta, src) + 1;
+  const PeerWait w = net.wait(p.common.wait, p.mask, p.buffer, kLLNetMeta, src, target,
+                              WaitPhase::kLowLatencyDispatchCount, cycles);
+  if (w == PeerWait::kAborted) return false;
+  payload = w == PeerWait::kArrived
+                ? static_cast<uint32_t>(min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens)) + 1u
+                : 0u;
+  if (p.mask != nullptr)
+    payload = settle_count(p.count_decisions + static_cast<size_t>(p.buffer) * L.num_experts +
+                               static_cast<size_t>(le) * L.num_ranks + src,
+                           seq, tag(seq, payload));
+  return true;
+}
+
+template <class NetT>
+__device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, const NetT& net) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, E = EL * R, H = L.hidden;
@@ -344,7 +429,15 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
     long long count_cycles = 0, message_cycles = 0;
     uint32_t payload = 0;
     bool ok = true;
-    if (lane <= src) ok = receive_count(p, mine, le, lane, seq, payload, count_cycles);
+    if (lane <= src) {
+      bool via_net = false;
+      if constexpr (NetT::kEnabled) via_net = net.remote(lane);
+      if (via_net) {
+        if constexpr (NetT::kEnabled) ok = receive_count_net(p, net, le, lane, seq, payload, count_cycles);
+      } else {
+        ok = receive_count(p, mine, le, lane, seq, payload, count_cycles);
+      }
+    }
     if (!__all_sync(0xffffffffu, ok)) return;
     const int cnt = payload > 0 ? static_cast<int>(payload - 1u) : 0;
     int incl = cnt;
@@ -363,14 +456,47 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq) {
         if (p.cumulative_recv_stats) p.cumulative_recv_stats[le] += begin + count;
       }
     }
+    bool via_net = false;
+    if constexpr (NetT::kEnabled) {
+      via_net = net.remote(src);
+      if (via_net && count > 0) {
+        // Every message of src to this rank (all local experts) is in once its kLLNetData signal
+        // passed the shadow by the sum of its counts.
+        int total = 0;
+        for (int e2 = lane; e2 < EL; e2 += 32)
+          total += min(static_cast<int>(net.count_in(p.buffer, src, e2)), L.max_tokens);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+        int got = static_cast<int>(PeerWait::kArrived);
+        if (lane == 0)
+          got = static_cast<int>(net.wait(c.wait, p.mask, p.buffer, kLLNetData, src,
+                                          net.shadow_value(p.buffer, kLLNetData, src) + static_cast<uint64_t>(total),
+                                          WaitPhase::kLowLatencyDispatchMessage, message_cycles));
+        got = __shfl_sync(0xffffffffu, got, 0);
+        if (got == static_cast<int>(PeerWait::kAborted)) return;
+        if (got == static_cast<int>(PeerWait::kMasked)) {
+          if (q == 0 && lane == 0) p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin) << 32;
+          continue;
+        }
+      }
+    }
     for (int j = q; j < count; j += Q) {
       uint64_t h = 0;
       int got = static_cast<int>(PeerWait::kArrived);
-      if (lane == 0)
+      if (via_net) {
+        if constexpr (NetT::kEnabled) {
+          // The header came in the meta entry; the combine reads it from the per-expert header.
+          const uint32_t hv = net.header_in(p.buffer, src, le, j);
+          h = static_cast<uint64_t>(hv) + 1u;
+          if (lane == 0)
+            *reinterpret_cast<uint64_t*>(net.mine + L.header(p.buffer, le, src, j)) = tag(seq, hv + 1u);
+        }
+      } else if (lane == 0) {
         got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
                                                 reinterpret_cast<const uint64_t*>(mine + L.header(p.buffer, le, src, j)),
                                                 tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h,
                                                 message_cycles));
+      }
       got = __shfl_sync(0xffffffffu, got, 0);
       if (got == static_cast<int>(PeerWait::kAborted)) return;
       if (got == static_cast<int>(PeerWait::kMasked)) {
@@ -576,6 +702,33 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   }
 }
 
+// Network path: the last block past the receive half advances the shadows by what each source of
+// another node sent this call (one meta signal; its counts' sum of data). A source whose meta never
+// came (masked) advances only the meta shadow (ll_net.cuh: a masked peer needs a clean to return).
+template <class NetT>
+__device__ void finish_dispatch_recv_net(const LowLatencyDispatchParams& p, const NetT& net, NetSendSmem* ns) {
+  if (!ll_net_last_block(&p.state->net_blocks_done[1], &ns->last)) return;
+  const LowLatencyLayout& L = p.layout;
+  for (int src = static_cast<int>(threadIdx.x); src < p.common.num_ranks; src += static_cast<int>(blockDim.x)) {
+    if (!net.remote(src)) continue;
+    const uint64_t meta = net.shadow_value(p.buffer, kLLNetMeta, src) + 1;
+    *net.shadow(p.buffer, kLLNetMeta, src) = meta;
+    if (net.signal_value(p.buffer, kLLNetMeta, src) < meta) continue;
+    uint64_t total = 0;
+    for (int le = 0; le < L.local_experts; ++le) total += min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens);
+    *net.shadow(p.buffer, kLLNetData, src) = net.shadow_value(p.buffer, kLLNetData, src) + total;
+  }
+}
+
+__device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                                          const EmulatedNetParams& np) {
+  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
+__device__ __forceinline__ LLNet<GinNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                                     const GinNetParams& g) {
+  return LLNet<GinNet>{GinNet(g, p.common.rank), a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
+
 // kPerRank == p.per_rank: the two paths are separate kernels (each its own registers).
 template <bool kPerRank>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
@@ -600,14 +753,68 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
       dispatch_send_per_rank(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
     } else {
       sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
-      dispatch_send(p, seq, sm);
+      dispatch_send(p, seq, sm, LLNoNet{}, nullptr);
     }
     publish_dispatch(p, seq);  // starts with a barrier: the receive half may reuse the shared memory
   }
   if (recv) {
     if constexpr (kPerRank) dispatch_recv_per_rank(p, seq, reinterpret_cast<int32_t*>(smem));
-    else dispatch_recv(p, seq);
+    else dispatch_recv(p, seq, LLNoNet{});
   }
+}
+
+// Network path (ll_net.cuh): the per-expert kernel with sends to ranks of other nodes through the
+// transport. NetParams: EmulatedNetParams (launched) or GinNetParams (compiled only).
+template <class NetParams>
+__global__ void __launch_bounds__(kLowLatencyThreads, 1)
+    low_latency_dispatch_net_kernel(const __grid_constant__ LowLatencyDispatchParams p,
+                                    const __grid_constant__ LowLatencyNetArgs a, const __grid_constant__ NetParams np) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ NetSendSmem ns;
+  const auto net = make_ll_net(p, a, np);
+  const bool send = (p.phases & kLowLatencySend) != 0;
+  const bool recv = (p.phases & kLowLatencyRecv) != 0;
+  const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  if (send) {
+    const LowLatencyLayout& L = p.layout;
+    int32_t* ints = reinterpret_cast<int32_t*>(smem);
+    const int owned_n = (L.num_experts + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+    SendSmem sm;
+    sm.hist = ints;
+    sm.owned = ints + L.num_experts;
+    sm.slots = sm.owned + owned_n;
+    sm.experts = sm.slots + 2 * kMaxTopk;
+    sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
+    dispatch_send(p, seq, sm, net, &ns);
+    publish_dispatch(p, seq);
+  }
+  if (recv) {
+    dispatch_recv(p, seq, net);
+    finish_dispatch_recv_net(p, net, &ns);
+  }
+}
+static_assert(sizeof(NetSendSmem) <= kLowLatencyNetStaticSmem, "kLowLatencyNetStaticSmem");
+
+template <class NetParams>
+void launch_dispatch_net_kernel(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a, const NetParams& np,
+                                int num_blocks, int smem_bytes, void* stream) {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag configured[kMaxDevices];
+  int device = 0;
+  EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+  auto configure = [] {
+    int dev = 0, max_smem = 0;
+    EPCOMM_CUDA_CHECK(cudaGetDevice(&dev));
+    EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_net_kernel<NetParams>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           max_smem - kLowLatencyNetStaticSmem));
+  };
+  if (device >= 0 && device < kMaxDevices) std::call_once(configured[device], configure);
+  else configure();
+  low_latency_dispatch_net_kernel<NetParams>
+      <<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p, a, np);
+  EPCOMM_LAUNCH_CHECK("low_latency_dispatch_net_kernel");
 }
 
 }  // namespace
@@ -649,6 +856,18 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
   else
     low_latency_dispatch_kernel<false><<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
   EPCOMM_LAUNCH_CHECK("low_latency_dispatch_kernel");
+}
+
+void launch_low_latency_dispatch_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                     const EmulatedNetParams& net, int num_blocks, int smem_bytes, void* stream) {
+  launch_dispatch_net_kernel(p, a, net, num_blocks, smem_bytes, stream);
+}
+
+// The same over NCCL GIN: compiled so CI checks it against NCCL's device API; not launched yet
+// (Buffer does not create the GIN device communicator; README "Across nodes").
+void launch_low_latency_dispatch_gin(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                     const GinNetParams& g, int num_blocks, int smem_bytes, void* stream) {
+  launch_dispatch_net_kernel(p, a, g, num_blocks, smem_bytes, stream);
 }
 
 }  // namespace epcomm
