@@ -30,6 +30,10 @@ struct BufferOptions {
   int max_experts_per_rank = 0;        // 0 = EPCOMM_MAX_EXPERTS_PER_RANK
   int64_t timeout_ms = 0;              // 0 = EPCOMM_TIMEOUT_MS
   bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
+  // Low-latency mode with more than one node: 1 sends to ranks of other nodes only through the
+  // network transport (puts + signals; README "Across nodes"), 0 by LSA stores to every rank,
+  // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint.
+  int low_latency_net = -1;
 };
 
 // How a call orders itself with the caller's work.
@@ -253,6 +257,18 @@ class Buffer {
   // DeepEP's get_low_latency_rdma_size_hint for the same arguments.
   static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
                                       int num_experts);
+  // The same with the network path's area (BufferOptions::low_latency_net / EPCOMM_LL_NET): the two
+  // buffers plus staging and signals (about 2 * Tmax rows and the counts more).
+  static size_t low_latency_net_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                          int num_experts);
+  // Whether this buffer's LL calls send to ranks of other nodes through the network transport, and
+  // its traffic counters since the last reset (synchronizes the comm stream): puts to ranks of other
+  // nodes and their bytes.
+  bool low_latency_uses_network() const;
+  struct LowLatencyNetStats {
+    uint64_t puts = 0, bytes = 0;
+  };
+  LowLatencyNetStats low_latency_net_stats(bool reset = false);
   // Collective and synchronous: waits for `stream` and this buffer's work, zeroes both LL buffers and
   // the call counters on every rank, and fixes the LL shape. Also the way back after an LL timeout.
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

@@ -11,6 +11,7 @@
 #include "core/check.hpp"
 #include "core/checks.hpp"
 #include "epcomm/error.hpp"
+#include "transport/net_params.hpp"
 
 namespace epcomm {
 namespace {
@@ -45,6 +46,12 @@ LowLatencyLayout layout_for(const Buffer::Impl& m, int tmax, int hidden, int num
                         shape_text(tmax, hidden, m.num_ranks, num_experts) + ": it needs " +
                         std::to_string(l.total_bytes) +
                         " bytes (Buffer::low_latency_size_hint, Python get_low_latency_rdma_size_hint)");
+  if (m.ll.net && LowLatencyNetLayout::make(l).end > m.options.num_rdma_bytes)
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(m.options.num_rdma_bytes) +
+                        " is too small for low-latency mode through the network transport (EPCOMM_LL_NET / "
+                        "BufferOptions::low_latency_net) with " + shape_text(tmax, hidden, m.num_ranks, num_experts) +
+                        ": it needs " + std::to_string(LowLatencyNetLayout::make(l).end) +
+                        " bytes (Buffer::low_latency_net_size_hint)");
   if (m.ll.layout.max_tokens != 0 && !m.ll.layout.same_shape(l))
     throw ArgumentError("low-latency shape changed from " +
                         shape_text(m.ll.layout.max_tokens, m.ll.layout.hidden, m.num_ranks, m.ll.layout.num_experts) +
@@ -189,7 +196,19 @@ Event end_call(Buffer::Impl& m, const StreamOrder& order) {
 
 // The per-rank dispatch (EPCOMM_LL_PER_RANK=1) where its staging slots fit the layout (E/R >= 2, or FP8)
 // and its shared memory fits the device; otherwise the per-expert path. Every rank decides alike.
+// The network path's transport arguments: every rank's LL region as its window (virtual nodes:
+// all load/store reachable), the signal array, the traffic counters in the device state.
+EmulatedNetParams ll_net_params(const Buffer::Impl& m, const CommonParams& c, const LowLatencyNetLayout& nl) {
+  EmulatedNetParams n;
+  for (int r = 0; r < m.num_ranks && r < kMaxInterRanks; ++r) n.window[r] = c.peer_base[r] + m.ll.offset;
+  n.signals = nl.signals;
+  n.stats = reinterpret_cast<uint64_t*>(&m.ll.state->net_stats[0]);
+  n.ranks_per_node = m.group->ranks_per_node();
+  return n;
+}
+
 bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8, int blocks) {
+  if (m.ll.net) return false;  // the network path has the per-expert kernels only
   // Entries carry the local expert in 16 bits.
   return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff &&
          low_latency_dispatch_shared_bytes(l, blocks, 1, true) <= m.max_smem &&
@@ -218,7 +237,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.use_ue8m0 = in.use_ue8m0;
   p.per_rank = per_rank;
   p.per_rank_combine = use_per_rank_combine(per_rank, l);
-  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2, per_rank) <= m.max_smem ? 2 : 1;
+  const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
+  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2, per_rank) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
   p.topk_idx = in.topk_idx.ptr<const int64_t>();
   p.recv_x = out.recv_x.ptr<uint8_t>();
@@ -236,7 +256,14 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   const int smem = std::max((phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers, per_rank) : 0,
                             (phases & kLowLatencyRecv) ? low_latency_dispatch_recv_shared_bytes(l, per_rank) : 0);
   cudaStream_t stream = begin_call(m, order);
-  launch_low_latency_dispatch(p, call.blocks, smem, stream);
+  if (m.ll.net) {
+    LowLatencyNetArgs a;
+    a.layout = LowLatencyNetLayout::make(l);
+    a.ranks_per_node = m.group->ranks_per_node();
+    launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
+  } else {
+    launch_low_latency_dispatch(p, call.blocks, smem, stream);
+  }
   return end_call(m, order);
 }
 
@@ -306,7 +333,15 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
   if (in.combine_wait_recv_cost_stats) p.wait_cost_stats = in.combine_wait_recv_cost_stats->ptr<int64_t>();
   if (m.options.enable_shrink) p.mask = m.ll.mask;
   cudaStream_t stream = begin_call(m, order);
-  launch_low_latency_combine(p, call.blocks, stream);
+  if (m.ll.net) {
+    LowLatencyNetArgs a;
+    a.layout = LowLatencyNetLayout::make(l);
+    a.ranks_per_node = m.group->ranks_per_node();
+    a.y_in_window = in.zero_copy;
+    launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
+  } else {
+    launch_low_latency_combine(p, call.blocks, stream);
+  }
   return end_call(m, order);
 }
 
@@ -323,6 +358,8 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
 }  // namespace
 
 void Buffer::Impl::init_low_latency() {
+  ll.net = (options.low_latency_net < 0 ? low_latency_net_requested() : options.low_latency_net != 0) &&
+           group->ranks_per_node() < num_ranks;
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.mask, sizeof(int32_t) * num_ranks));
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, comm));
@@ -353,6 +390,33 @@ void Buffer::Impl::reset_low_latency(cudaStream_t stream) {
 size_t Buffer::low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks, int num_experts) {
   check_problem(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
   return LowLatencyLayout::make(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts).total_bytes;
+}
+
+size_t Buffer::low_latency_net_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                         int num_experts) {
+  check_problem(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts);
+  return LowLatencyNetLayout::make(
+             LowLatencyLayout::make(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts))
+      .end;
+}
+
+bool Buffer::low_latency_uses_network() const { return impl_->ll.net; }
+
+Buffer::LowLatencyNetStats Buffer::low_latency_net_stats(bool reset) {
+  Impl& m = *impl_;
+  LowLatencyNetStats s;
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  unsigned long long host[2] = {};
+  unsigned long long* dev = &m.ll.state->net_stats[0];
+  // On the comm stream (never the legacy default stream: ranks sharing a GPU must not wait for
+  // each other's kernels).
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(host, dev, sizeof(host), cudaMemcpyDeviceToHost, m.comm));
+  if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  s.puts = host[0];
+  s.bytes = host[1];
+  return s;
 }
 
 void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

@@ -28,6 +28,9 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_LL_PER_RANK", 0,
        "low-latency: 1 sends each token once per destination rank (dispatch), 2 also pre-reduces per rank "
        "in combine (BF16 partials); 0 = once per expert"},
+      {"EPCOMM_LL_NET", 0,
+       "low-latency with more than one node: 1 sends to ranks of other nodes only through the network "
+       "transport (puts + signals), 0 by LSA stores to every rank"},
   };
   return params;
 }
@@ -44,6 +47,11 @@ int64_t env_value(const char* name) {
     return v;
   }
   throw Error(std::string("unknown epcomm environment parameter ") + name);
+}
+
+bool low_latency_net_requested() {
+  static const bool on = env_value("EPCOMM_LL_NET") != 0;
+  return on;
 }
 
 int low_latency_per_rank_level() {
