@@ -52,6 +52,8 @@ std::string describe(const LLCase& c) {
   if (c.graph_replays) s += " graph x" + std::to_string(c.graph_replays);
   if (c.out_of_range) s += " out-of-range-ids";
   if (c.duplicates) s += " duplicate-experts";
+  if (c.ranks_per_node > 0) s += " P=" + std::to_string(c.ranks_per_node);
+  if (c.low_latency_net >= 0) s += " ll_net=" + std::to_string(c.low_latency_net);
   if (c.order_mode == 1) s += " async_finish";
   if (c.order_mode == 2) s += " previous_event";
   return s;

@@ -35,6 +35,8 @@ struct LLCase {
   int order_mode = 0;         // 0: on the caller's stream, 1: async_finish + event, 2: previous_event
   double drop_rate = 0.1;
   int64_t timeout_ms = 5000;
+  int ranks_per_node = 0;     // > 0: virtual nodes of this many ranks (Group::ranks_per_node)
+  int low_latency_net = -1;   // BufferOptions::low_latency_net (1: sized with low_latency_net_size_hint)
 };
 
 struct RoundInput {
@@ -62,7 +64,10 @@ struct RankBuffer {
     BufferOptions bo;
     bo.enable_shrink = enable_shrink;
     bo.num_nvl_bytes = num_nvl_bytes;
-    bo.num_rdma_bytes = Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
+    bo.num_rdma_bytes = c.low_latency_net == 1
+                            ? Buffer::low_latency_net_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts)
+                            : Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
+    bo.low_latency_net = c.low_latency_net;
     bo.timeout_ms = timeout_ms;
     buffer = std::make_unique<Buffer>(group, bo);
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");

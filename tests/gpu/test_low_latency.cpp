@@ -42,6 +42,9 @@ void run_case(const LLCase& c) {
   std::vector<std::vector<RoundOutput>> got(rounds, std::vector<RoundOutput>(R));
   std::vector<std::vector<int32_t>> cum(R);
   std::vector<std::vector<int64_t>> dwait(R), cwait(R);
+  // Network path (c.low_latency_net == 1 over virtual nodes): what each rank's buffer reports.
+  std::vector<int> net_used(R, 0);
+  std::vector<uint64_t> net_puts(R, 0), net_bytes(R, 0), lsa_remote_words(R, 0);
 
   const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
   const int parts_before = result->total_part_count();
@@ -150,10 +153,66 @@ void run_case(const LLCase& c) {
     dwait[r] = dwait_t.download<int64_t>();
     cwait[r] = cwait_t.download<int64_t>();
     cudaEventDestroy(previous);
-  });
+    if (c.low_latency_net == 1) {
+      net_used[r] = buf.low_latency_uses_network() ? 1 : 0;
+      const Buffer::LowLatencyNetStats st = buf.low_latency_net_stats();
+      net_puts[r] = st.puts;
+      net_bytes[r] = st.bytes;
+      // The LSA words a source of another node would have stored here (its count flags and its
+      // combine `done`) must still be zero: on the network path they travel as puts and signals.
+      // Every peer's writes into this region ended before this rank's combine returned.
+      const int P = group->ranks_per_node();
+      const LowLatencyLayout L = LowLatencyLayout::make(c.max_tokens, c.hidden, R, c.num_experts);
+      const char* region = static_cast<const char*>(buf.local_buffer(true).first);
+      for (int bi = 0; bi < 2; ++bi) {
+        std::vector<uint64_t> counts(static_cast<size_t>(EL) * R), done(R);
+        cuda_ok(cudaMemcpyAsync(counts.data(), region + L.count(bi, 0, 0), counts.size() * 8, cudaMemcpyDeviceToHost,
+                                cudaStreamPerThread), "read counts");
+        cuda_ok(cudaMemcpyAsync(done.data(), region + L.done(bi, 0), done.size() * 8, cudaMemcpyDeviceToHost,
+                                cudaStreamPerThread), "read done");
+        cuda_ok(cudaStreamSynchronize(cudaStreamPerThread), "read region");
+        for (int src = 0; src < R; ++src) {
+          if (src / P == r / P) continue;
+          lsa_remote_words[r] += done[src] != 0;
+          for (int le = 0; le < EL; ++le) lsa_remote_words[r] += counts[static_cast<size_t>(le) * R + src] != 0;
+        }
+      }
+    }
+  }, c.ranks_per_node);
   if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
 
   for (int k = 0; k < rounds; ++k) compare_round(c, k, in[k], got[k]);
+  if (c.low_latency_net == 1 && c.ranks_per_node > 0 && c.ranks_per_node < R) {
+    // Puts each rank made to ranks of other nodes: one per (token, k) message it dispatched there,
+    // one per row it returned there in the combine, one meta entry per rank of another node and
+    // dispatch. Bytes: message payloads, BF16 rows, meta entries.
+    const int P = c.ranks_per_node, K = c.num_topk, H = c.hidden, G = H / 128;
+    const LowLatencyNetLayout NL = LowLatencyNetLayout::make(LowLatencyLayout::make(c.max_tokens, H, R, c.num_experts));
+    const uint64_t payload = c.use_fp8 ? static_cast<uint64_t>(H) + (4 * G + 15) / 16 * 16 : 2ull * H;
+    std::vector<uint64_t> want_puts(R, 0), want_bytes(R, 0);
+    for (int k = 0; k < rounds; ++k)
+      for (int r = 0; r < R; ++r) {
+        want_puts[r] += R - P;
+        want_bytes[r] += static_cast<uint64_t>(R - P) * NL.entry_bytes;
+        const RoundInput& x = in[k][r];
+        for (int i = 0; i < x.num_tokens * K; ++i) {
+          const int64_t e = x.ref_topk[i];
+          if (e < 0) continue;
+          const int owner = static_cast<int>(e) / EL;
+          if (owner / P == r / P) continue;
+          want_puts[r] += 1;
+          want_bytes[r] += payload;
+          want_puts[owner] += 1;
+          want_bytes[owner] += 2ull * H;
+        }
+      }
+    for (int r = 0; r < R; ++r) {
+      EXPECT_EQ(net_used[r], 1) << "rank " << r << " did not take the network path";
+      EXPECT_EQ(net_puts[r], want_puts[r]) << "network puts of rank " << r;
+      EXPECT_EQ(net_bytes[r], want_bytes[r]) << "network bytes of rank " << r;
+      EXPECT_EQ(lsa_remote_words[r], 0u) << "LSA flags from ranks of other nodes in rank " << r << "'s region";
+    }
+  }
   for (int r = 0; r < R; ++r) {
     std::vector<int32_t> want(EL, 0);
     for (int k = 0; k < rounds; ++k)
@@ -163,6 +222,87 @@ void run_case(const LLCase& c) {
       EXPECT_GE(dwait[r][s], 0) << "dispatch_wait_recv_cost_stats of rank " << r << " for source " << s;
       EXPECT_GE(cwait[r][s], 0) << "combine_wait_recv_cost_stats of rank " << r << " for rank " << s;
     }
+  }
+}
+
+// Low-latency mode across (virtual) nodes through the network transport (BufferOptions::
+// low_latency_net = 1, EPCOMM_LL_NET): ranks of other nodes get puts and signals only, ranks of the
+// same node LSA stores. Every LL feature once per split (2 nodes of 2, 4 nodes of 1; ranks share
+// GPUs where there are fewer than 4): outputs against the reference, stats, and the puts counted.
+std::vector<LLCase> net_cases(int P) {
+  LLCase base;
+  base.num_ranks = 4;
+  base.num_experts = 16;
+  base.max_tokens = 48;
+  base.hidden = 512;
+  base.ranks_per_node = P;
+  base.low_latency_net = 1;
+  std::vector<LLCase> cases;
+  cases.push_back(base);  // FP8
+  LLCase bf16 = base;
+  bf16.use_fp8 = false;
+  cases.push_back(bf16);
+  LLCase ue8m0 = base;
+  ue8m0.round_scale = ue8m0.use_ue8m0 = true;
+  ue8m0.out_of_range = true;
+  cases.push_back(ue8m0);
+  LLCase hook = base;
+  hook.hook = true;
+  hook.order_mode = 1;
+  cases.push_back(hook);
+  LLCase two = base;
+  two.two_batches = true;
+  two.use_fp8 = false;
+  cases.push_back(two);
+  LLCase zc = base;
+  zc.zero_copy = true;
+  zc.order_mode = 2;
+  cases.push_back(zc);
+  LLCase graph = base;
+  graph.graph_replays = 3;
+  cases.push_back(graph);
+  LLCase graph_hook = base;
+  graph_hook.graph_replays = 2;
+  graph_hook.hook = true;
+  graph_hook.zero_copy = true;
+  cases.push_back(graph_hook);
+  LLCase wide = base;  // several experts per rank, a bigger row, topk 6
+  wide.num_experts = 32;
+  wide.hidden = 2048;
+  wide.num_topk = 6;
+  wide.max_tokens = 33;
+  cases.push_back(wide);
+  return cases;
+}
+
+TEST(InternodeLowLatencyNet, TwoNodesOfTwo) {
+  for (const LLCase& c : net_cases(2)) run_case(c);
+}
+
+TEST(InternodeLowLatencyNet, FourNodesOfOne) {
+  for (const LLCase& c : net_cases(1)) run_case(c);
+}
+
+TEST(InternodeLowLatencyNet, TwoNodesOfOne) {
+  LLCase c = net_cases(1)[0];
+  c.num_ranks = 2;
+  c.num_experts = 8;
+  run_case(c);
+  c.use_fp8 = false;
+  c.hook = true;
+  run_case(c);
+}
+
+// The switch: one node, or low_latency_net = 0, keeps the LSA path (no puts).
+TEST(InternodeLowLatencyNet, OneNodeOrSwitchOffKeepsLsa) {
+  for (int P : {4, 2}) {
+    LLCase c = net_cases(P)[0];
+    c.low_latency_net = P == 4 ? 1 : 0;
+    run_ranks(4, [&](int, std::shared_ptr<Group> group) {
+      RankBuffer rb(group, c, c.timeout_ms);
+      EXPECT_FALSE(rb.buffer->low_latency_uses_network()) << "P=" << P;
+    }, P);
+    run_case(c);
   }
 }
 
