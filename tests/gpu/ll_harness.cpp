@@ -150,7 +150,11 @@ void upload_y(const LLCase& c, Buffer& buf, Batch& b, const RoundInput& in) {
   }
   const TensorView zc = buf.get_next_low_latency_combine_buffer(b.handle);
   ASSERT_EQ(zc.nbytes(), in.y.size() * 2);
-  cuda_ok(cudaMemcpy(zc.data, in.y.data(), zc.nbytes(), cudaMemcpyHostToDevice), "zero-copy upload");
+  // On the thread's stream, never the legacy default stream: a co-resident rank's kernel may be
+  // waiting for this rank (README "Limits").
+  cuda_ok(cudaMemcpyAsync(zc.data, in.y.data(), zc.nbytes(), cudaMemcpyHostToDevice, cudaStreamPerThread),
+          "zero-copy upload");
+  cuda_ok(cudaStreamSynchronize(cudaStreamPerThread), "sync after zero-copy upload");
 }
 
 RoundOutput download_dispatch(const LLCase& c, int R, const Batch& b) {

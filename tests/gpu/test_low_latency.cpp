@@ -261,10 +261,10 @@ std::vector<LLCase> net_cases(int P) {
   LLCase graph = base;
   graph.graph_replays = 3;
   cases.push_back(graph);
-  LLCase graph_hook = base;
+  LLCase graph_hook = base;  // (run_case's graph path has no zero copy: y is written in the graph)
   graph_hook.graph_replays = 2;
   graph_hook.hook = true;
-  graph_hook.zero_copy = true;
+  graph_hook.use_fp8 = false;
   cases.push_back(graph_hook);
   LLCase wide = base;  // several experts per rank, a bigger row, topk 6
   wide.num_experts = 32;

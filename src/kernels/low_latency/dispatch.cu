@@ -461,7 +461,9 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
       via_net = net.remote(src);
       if (via_net && count > 0) {
         // Every message of src to this rank (all local experts) is in once its kLLNetData signal
-        // passed the shadow by the sum of its counts.
+        // passed the shadow by the sum of its counts. (Lane src acquired the meta signal; the warp
+        // barrier orders the other lanes' reads of the counts after it.)
+        __syncwarp();
         int total = 0;
         for (int e2 = lane; e2 < EL; e2 += 32)
           total += min(static_cast<int>(net.count_in(p.buffer, src, e2)), L.max_tokens);
@@ -473,6 +475,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
                                           net.shadow_value(p.buffer, kLLNetData, src) + static_cast<uint64_t>(total),
                                           WaitPhase::kLowLatencyDispatchMessage, message_cycles));
         got = __shfl_sync(0xffffffffu, got, 0);
+        __syncwarp();  // lane 0 acquired the data signal: the messages and headers are read after it
         if (got == static_cast<int>(PeerWait::kAborted)) return;
         if (got == static_cast<int>(PeerWait::kMasked)) {
           if (q == 0 && lane == 0) p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin) << 32;
