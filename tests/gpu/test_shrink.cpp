@@ -60,8 +60,11 @@ void combine_half(const LLCase& c, Buffer& buf, cudaStream_t stream, Batch& b, c
   out.out = b.out.download<uint16_t>();
 }
 
-LLCase shrink_case(int R) {
+// P > 0: virtual nodes of P ranks; net = 1: LL through the network transport to other nodes.
+LLCase shrink_case(int R, int P = 0, int net = -1) {
   LLCase c;
+  c.ranks_per_node = P;
+  c.low_latency_net = net;
   c.num_ranks = R;
   c.hidden = 512;
   c.num_topk = 4;
@@ -73,9 +76,9 @@ LLCase shrink_case(int R) {
 
 // stop_in_combine: the dead rank still makes round 1's dispatch and stops before its combine (so the
 // others mask it in the combine), else it makes no call of round 1 at all.
-void run_dead_rank(int R, int dead, bool stop_in_combine) {
+void run_dead_rank(int R, int dead, bool stop_in_combine, int P = 0, int net = -1) {
   const uint64_t seed = std::random_device{}();
-  const LLCase c = shrink_case(R);
+  const LLCase c = shrink_case(R, P, net);
   SCOPED_TRACE(describe(c) + " dead rank " + std::to_string(dead) + (stop_in_combine ? " (stops in combine)" : "") +
                " seed=" + std::to_string(seed));
   constexpr int kRounds = 5;  // 0: all; 1: dead rank stops; 2: it stays away (hooks); 3: all again; 4: masked by hand
@@ -124,7 +127,7 @@ void run_dead_rank(int R, int dead, bool stop_in_combine) {
       buf.low_latency_update_mask_buffer(dead, false, s);
       EXPECT_EQ(query_mask(buf, s), mask_of(R, -1)) << "rank " << r << ": unmasked by hand";
     }
-  });
+  }, c.ranks_per_node);
   if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
 
   std::vector<uint8_t> masked(R, 0);
@@ -153,6 +156,15 @@ void run_dead_rank(int R, int dead, bool stop_in_combine) {
 TEST(ShrinkGpu, RankThatStopsIsMaskedSkippedAndCleanBringsItBack) { run_dead_rank(4, 1, /*stop_in_combine=*/false); }
 
 TEST(ShrinkGpu, RankThatStopsBeforeCombineIsMaskedThere) { run_dead_rank(3, 2, /*stop_in_combine=*/true); }
+
+// The same through the network transport (BufferOptions::low_latency_net = 1) over virtual nodes:
+// the dead rank is on another node for some ranks (2 x 2) or for all (4 x 1).
+TEST(ShrinkGpu, NetworkPathRankThatStopsIsMaskedSkippedAndCleanBringsItBack) {
+  run_dead_rank(4, 1, /*stop_in_combine=*/false, /*P=*/2, /*net=*/1);
+}
+TEST(ShrinkGpu, NetworkPathRankThatStopsBeforeCombineIsMaskedThere) {
+  run_dead_rank(4, 2, /*stop_in_combine=*/true, /*P=*/1, /*net=*/1);
+}
 
 // The mask is device memory read by every kernel, so a captured CUDA graph follows it: ranks that
 // mask a rank by hand replay the same graph without it (and without waiting), and after clean on
