@@ -276,9 +276,16 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     cuda_check(cudaSetDevice(r), "cudaSetDevice");
     auto group = Group::create_nccl(id, R, r, r);
     BufferOptions bo;
-    bo.num_rdma_bytes = ours;
+    // EPCOMM_LL_NET=1 (with several nodes, e.g. EPCOMM_RANKS_PER_NODE) takes the network path,
+    // whose area follows the two buffers.
+    bo.num_rdma_bytes = low_latency_net_requested() ? Buffer::low_latency_net_size_hint(Tmax, H, R, E) : ours;
     bo.low_latency_mode = true;
     Buffer buf(group, bo);
+    if (r == 0 && buf.low_latency_uses_network()) {
+      std::lock_guard<std::mutex> lock(mu);
+      report.checks.push_back("low-latency path: ranks of other nodes through the network transport (EPCOMM_LL_NET=1, " +
+                              std::to_string(group->ranks_per_node()) + " ranks per node)");
+    }
     cudaStream_t stream;
     cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     const StreamOrder order{stream, nullptr, false};
