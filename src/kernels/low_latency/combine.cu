@@ -29,7 +29,7 @@
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
-#include "transport/net_gin.cuh"
+#include "kernels/low_latency/ll_net_gin.cuh"
 
 namespace epcomm {
 namespace {
@@ -490,9 +490,9 @@ __device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyCombin
                                                           const EmulatedNetParams& np) {
   return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
 }
-__device__ __forceinline__ LLNet<GinNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
-                                                     const GinNetParams& g) {
-  return LLNet<GinNet>{GinNet(g, p.common.rank), a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+__device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                                       const GinNetParams& g) {
+  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
 }
 
 // Network path (ll_net.cuh): the per-expert combine with rows to origins of other nodes through

@@ -35,7 +35,7 @@
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
-#include "transport/net_gin.cuh"
+#include "kernels/low_latency/ll_net_gin.cuh"
 
 namespace epcomm {
 namespace {
@@ -727,9 +727,9 @@ __device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyDispat
                                                           const EmulatedNetParams& np) {
   return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
 }
-__device__ __forceinline__ LLNet<GinNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
-                                                     const GinNetParams& g) {
-  return LLNet<GinNet>{GinNet(g, p.common.rank), a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+__device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                                       const GinNetParams& g) {
+  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
 }
 
 // kPerRank == p.per_rank: the two paths are separate kernels (each its own registers).
