@@ -143,11 +143,13 @@ DispatchCall check_dispatch(const Buffer::Impl& m, const LowLatencyDispatchInput
     checks::dim("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, 0, R, "num_ranks");
   }
   call.blocks = blocks_for(m, in.num_sms);
-  if (low_latency_dispatch_shared_bytes(l, call.blocks, 1) > m.max_smem)
+  // The network path's kernel has kLowLatencyNetStaticSmem of static shared memory besides.
+  const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
+  if (low_latency_dispatch_shared_bytes(l, call.blocks, 1) > smem_limit)
     throw ArgumentError("hidden = " + std::to_string(H) + " with num_experts = " + std::to_string(l.num_experts) +
                         " needs " + std::to_string(low_latency_dispatch_shared_bytes(l, call.blocks, 1)) +
                         " bytes of shared memory per block in low-latency dispatch; the device has " +
-                        std::to_string(m.max_smem));
+                        std::to_string(smem_limit));
   call.layout = l;
   call.num_tokens = T;
   call.num_topk = K;
