@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,8 +65,10 @@ struct RankBuffer {
     BufferOptions bo;
     bo.enable_shrink = enable_shrink;
     bo.num_nvl_bytes = num_nvl_bytes;
-    bo.num_rdma_bytes = c.low_latency_net == 1
-                            ? Buffer::low_latency_net_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts)
+    // The network path's size where it may be taken (the option, or EPCOMM_LL_NET for -1).
+    const char* env_net = std::getenv("EPCOMM_LL_NET");
+    const bool net = c.low_latency_net == 1 || (c.low_latency_net < 0 && env_net && std::atoi(env_net) != 0);
+    bo.num_rdma_bytes = net ? Buffer::low_latency_net_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts)
                             : Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
     bo.low_latency_net = c.low_latency_net;
     bo.timeout_ms = timeout_ms;
