@@ -486,15 +486,6 @@ __device__ void finish_combine_recv_net(const LowLatencyCombineParams& p, const 
   }
 }
 
-__device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
-                                                          const EmulatedNetParams& np) {
-  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
-}
-__device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
-                                                       const GinNetParams& g) {
-  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
-}
-
 // Network path (ll_net.cuh): the per-expert combine with rows to origins of other nodes through
 // the transport. NetParams: EmulatedNetParams (launched) or GinNetParams (compiled only).
 template <class NetParams>

@@ -372,6 +372,17 @@ __device__ void publish_dispatch(const LowLatencyDispatchParams& p, uint32_t seq
   }
 }
 
+// Shrink mode: every block of this rank settles (le, src)'s count once per call (shrink.cuh), so
+// a source masked part-way gives all blocks the same answer. Without a mask, the count as seen.
+__device__ __forceinline__ uint32_t settled_count(const LowLatencyDispatchParams& p, int le, int src, uint32_t seq,
+                                                  uint32_t payload) {
+  if (p.mask == nullptr) return payload;
+  const LowLatencyLayout& L = p.layout;
+  return settle_count(p.count_decisions + static_cast<size_t>(p.buffer) * L.num_experts +
+                          static_cast<size_t>(le) * L.num_ranks + src,
+                      seq, tag(seq, payload));
+}
+
 // The count of (local expert le, source src): its flag's payload (count + 1), or 0 when shrink mode
 // masked the source (then settled once per call, see shrink.cuh). False: the call was aborted.
 __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p, const char* mine, int le, int src,
@@ -383,10 +394,7 @@ __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p,
       wait_tag_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
   if (w == PeerWait::kAborted) return false;
   payload = w == PeerWait::kArrived ? static_cast<uint32_t>(v) : 0u;
-  if (p.mask != nullptr)
-    payload = settle_count(p.count_decisions + static_cast<size_t>(p.buffer) * L.num_experts +
-                               static_cast<size_t>(le) * L.num_ranks + src,
-                           seq, tag(seq, payload));
+  payload = settled_count(p, le, src, seq, payload);
   return true;
 }
 
@@ -403,10 +411,7 @@ __device__ __forceinline__ bool receive_count_net(const LowLatencyDispatchParams
   payload = w == PeerWait::kArrived
                 ? static_cast<uint32_t>(min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens)) + 1u
                 : 0u;
-  if (p.mask != nullptr)
-    payload = settle_count(p.count_decisions + static_cast<size_t>(p.buffer) * L.num_experts +
-                               static_cast<size_t>(le) * L.num_ranks + src,
-                           seq, tag(seq, payload));
+  payload = settled_count(p, le, src, seq, payload);
   return true;
 }
 
@@ -721,15 +726,6 @@ __device__ void finish_dispatch_recv_net(const LowLatencyDispatchParams& p, cons
     for (int le = 0; le < L.local_experts; ++le) total += min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens);
     *net.shadow(p.buffer, kLLNetData, src) = net.shadow_value(p.buffer, kLLNetData, src) + total;
   }
-}
-
-__device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
-                                                          const EmulatedNetParams& np) {
-  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
-}
-__device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
-                                                       const GinNetParams& g) {
-  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
 }
 
 // kPerRank == p.per_rank: the two paths are separate kernels (each its own registers).

@@ -3,6 +3,7 @@
 // the LL kernels (already at 128 registers) keep no GIN state live across their loops.
 #pragma once
 
+#include "kernels/low_latency/ll_net.cuh"
 #include "transport/net_gin.cuh"
 
 namespace epcomm::dev {
@@ -20,5 +21,18 @@ struct LLGinNet {
   __device__ __forceinline__ uint64_t read_signal(int id) const { return make().read_signal(id); }
   __device__ __forceinline__ void flush() const { make().flush(); }
 };
+
+// The LL kernels' view of the network path over either transport (Params: the dispatch's or the
+// combine's kernel parameters; both carry `common` and the LL `region`).
+template <class Params>
+__device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const Params& p, const LowLatencyNetArgs& a,
+                                                          const EmulatedNetParams& np) {
+  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
+template <class Params>
+__device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const Params& p, const LowLatencyNetArgs& a,
+                                                       const GinNetParams& g) {
+  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+}
 
 }  // namespace epcomm::dev
