@@ -75,6 +75,7 @@ struct Buffer::Impl {
   void reset_internode(cudaStream_t stream);      // zero the region (one rank; no barrier)
   InterCommon inter_common(KernelId kernel, int num_blocks) const;
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
+  void require_internode_region() const;  // ArgumentError unless normal mode has the region
   void check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const;
   // The normal-mode entry points call these in place of the intranode launches (same params).
   void launch_internode_notify(const NotifyParams& p);

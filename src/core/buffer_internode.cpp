@@ -61,11 +61,15 @@ InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
   return ic;
 }
 
-void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const {
+void Buffer::Impl::require_internode_region() const {
   if (options.low_latency_mode || inter.bytes == 0)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         ": normal mode across nodes needs the internode region (num_rdma_bytes > 0, "
                         "low_latency_mode = false); see Buffer::internode_size_hint");
+}
+
+void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const {
+  require_internode_region();
   const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk);
   if (g.bytes > inter.layout.half_bytes)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
@@ -131,10 +135,7 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Strea
 
 Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const DispatchHandle& handle,
                                           const StreamOrder& order) {
-  if (options.low_latency_mode || inter.bytes == 0)
-    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
-                        ": normal mode across nodes needs the internode region (num_rdma_bytes > 0, "
-                        "low_latency_mode = false); see Buffer::internode_size_hint");
+  require_internode_region();
   InterCombineParams p;
   p.ic = inter_common(KernelId::kCombine, cp.num_blocks);
   p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk);
