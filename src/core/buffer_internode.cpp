@@ -171,22 +171,19 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   InternodeStats s;
   if (!m.inter.enabled || m.inter.bytes == 0) return s;
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  // One read of the region's control words and traffic counters (the counters follow them), after
+  // this rank's calls on the comm stream; never the legacy default stream: ranks that share a GPU
+  // (threads of one process) must not wait for each other's work.
+  const InterLayout& L = m.inter.layout;
+  char* region = static_cast<char*>(m.sym->local()) + m.inter.offset;
+  std::vector<uint64_t> words(L.stats / 8 + kNumStats);
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(words.data(), region, words.size() * 8, cudaMemcpyDeviceToHost, m.comm));
+  if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(region + L.stats, 0, sizeof(uint64_t) * kNumStats, m.comm));
+  DeviceCounters dc{};
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
-  uint64_t* dev = reinterpret_cast<uint64_t*>(static_cast<char*>(m.sym->local()) + m.inter.offset + m.inter.layout.stats);
-  uint64_t host[kNumStats] = {};
-  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(host, dev, sizeof(host), cudaMemcpyDeviceToHost, m.comm));
-  if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  const uint64_t* host = words.data() + L.stats / 8;
   {
-    // The control words, read back for diagnostics. On the comm stream, never the legacy default
-    // stream: ranks that share a GPU (threads of one process) must not wait for each other's work.
-    const InterLayout& L = m.inter.layout;
-    std::vector<uint64_t> words(L.stats / 8);
-    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(words.data(), static_cast<char*>(m.sym->local()) + m.inter.offset,
-                                      words.size() * 8, cudaMemcpyDeviceToHost, m.comm));
-    DeviceCounters dc{};
-    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost, m.comm));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     std::string& t = s.control;
     const auto num = [&t](uint64_t v) { t.append(std::to_string(v)); };
     t.append("rank ");
