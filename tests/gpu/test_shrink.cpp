@@ -24,8 +24,10 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-std::vector<int32_t> query_mask(Buffer& buf, cudaStream_t stream) {
-  DeviceTensor m(DType::kI32, {buf.num_ranks()}, buf.device());
+// `m` is allocated once per rank, before its first call: ranks that share a GPU are threads of one
+// process, and a cudaFree here would wait for a co-resident rank's kernel that may be waiting (up to
+// the timeout) for a masked rank, making this rank late enough to be masked as well.
+std::vector<int32_t> query_mask(Buffer& buf, cudaStream_t stream, DeviceTensor& m) {
   buf.low_latency_query_mask_buffer(m.view(), stream);
   cuda_ok(cudaStreamSynchronize(stream), "sync after query");
   return m.download<int32_t>();
@@ -101,12 +103,13 @@ void run_dead_rank(int R, int dead, bool stop_in_combine, int P = 0, int net = -
     Buffer& buf = *rb.buffer;
     cudaStream_t s = rb.stream;
     Batch b = make_batch(c, R, tokens[r], group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
+    DeviceTensor mask_t(DType::kI32, {R}, group->device());
     auto round = [&](int k, bool hook) {
       const auto t0 = std::chrono::steady_clock::now();
       dispatch_half(c, buf, s, b, in[k][r], hook, got[k][r]);
       combine_half(c, buf, s, b, in[k][r], hook, got[k][r]);
       secs[k][r] = seconds_since(t0);
-      masks[k][r] = query_mask(buf, s);
+      masks[k][r] = query_mask(buf, s, mask_t);
     };
     round(0, false);
     if (r != dead) {
@@ -117,7 +120,7 @@ void run_dead_rank(int R, int dead, bool stop_in_combine, int P = 0, int net = -
     }
     // Every rank, the dead one included, brings the group back: counters and regions, then the mask.
     buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, s);
-    EXPECT_EQ(query_mask(buf, s), mask_of(R, r == dead ? -1 : dead)) << "rank " << r << ": clean keeps the mask";
+    EXPECT_EQ(query_mask(buf, s, mask_t), mask_of(R, r == dead ? -1 : dead)) << "rank " << r << ": clean keeps the mask";
     buf.low_latency_clean_mask_buffer(s);
     round(3, false);
     // Masking by hand: the live ranks mask the dead rank before it stops; nobody waits for it.
@@ -125,7 +128,7 @@ void run_dead_rank(int R, int dead, bool stop_in_combine, int P = 0, int net = -
       buf.low_latency_update_mask_buffer(dead, true, s);
       round(4, false);
       buf.low_latency_update_mask_buffer(dead, false, s);
-      EXPECT_EQ(query_mask(buf, s), mask_of(R, -1)) << "rank " << r << ": unmasked by hand";
+      EXPECT_EQ(query_mask(buf, s, mask_t), mask_of(R, -1)) << "rank " << r << ": unmasked by hand";
     }
   }, c.ranks_per_node);
   if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
@@ -238,6 +241,7 @@ TEST(ShrinkGpu, WithoutShrinkAStallIsStillATimeoutError) {
     Buffer& buf = *rb.buffer;
     cudaStream_t s = rb.stream;
     Batch b = make_batch(c, R, c.max_tokens, group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
+    DeviceTensor mask_t(DType::kI32, {R}, group->device());
     RoundOutput out;
     try {
       buf.low_latency_update_mask_buffer(1 - r, true, s);
@@ -259,7 +263,7 @@ TEST(ShrinkGpu, WithoutShrinkAStallIsStillATimeoutError) {
       } catch (const TimeoutError& e) {
         EXPECT_NE(std::string(e.what()).find("peer 1"), std::string::npos) << e.what();
       }
-      EXPECT_EQ(query_mask(buf, s), mask_of(R, -1));
+      EXPECT_EQ(query_mask(buf, s, mask_t), mask_of(R, -1));
     }
     buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, s);
     const RoundInput in = make_input(c, seed, 1, r, c.max_tokens);
