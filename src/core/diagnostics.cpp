@@ -72,6 +72,10 @@ std::string describe(const DeviceErrorRecord& r) {
     return "combine on rank " + to_string(r.rank) + ": handle.recv_src_idx holds token " +
            to_string(static_cast<int32_t>(r.observed)) + ", outside [0, " + to_string(r.expected) +
            "); is the handle from a dispatch that failed or from another buffer? (those rows were skipped)";
+  if (r.code == 3 && static_cast<int32_t>(r.observed) < 0)
+    return "dispatch on rank " + to_string(r.rank) + " (kernel " + kernel_name(r.kernel) + "): the receive plan's row count is " +
+           to_string(static_cast<int32_t>(r.observed)) + " (handle.chunk_offset was not written by this dispatch's count "
+           "exchange); the num_worst_tokens padding was skipped";
   if (r.code == 3)
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
            " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +

@@ -190,9 +190,13 @@ void run_inter_case(const InterCase& c) {
           csc = DeviceTensor(DType::kF32, {rows, G}, dev);
         };
         allocate_step_tensors();
+        int at_step = 0;
+        const char* at_part = "start";
         try {
         for (int step = 0; step < c.steps; ++step) {
           SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
+          at_step = step;
+          at_part = "layout";
           if (step > 0) {
             if (free_each_step) {
               allocate_step_tensors();  // frees the previous step's (cudaFree: device-wide wait)
@@ -213,6 +217,7 @@ void run_inter_case(const InterCase& c) {
           EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), ri.layout.is_token_in_rank, "is_token_in_rank"));
 
           DispatchInputs di;
+          at_part = "dispatch";
           di.x = x.view();
           if (c.dtype == DType::kFP8E4M3) di.x_scales = column_major_view(sc, T, G);
           if (c.with_topk) {
@@ -268,6 +273,7 @@ void run_inter_case(const InterCase& c) {
           }
 
           // combine
+          at_part = "combine";
           y.upload(reference.combine_in[r].x);
           if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
           if (c.with_bias) {
@@ -296,6 +302,7 @@ void run_inter_case(const InterCase& c) {
                 "combined_topk_weights"));
 
           // cached dispatch with new x
+          at_part = "cached dispatch";
           DispatchOutputs cout_;
           cout_.recv_x = cx.view();
           if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
@@ -311,6 +318,7 @@ void run_inter_case(const InterCase& c) {
                                     static_cast<size_t>(nrecv) * G));
 
           if (c.graph && step == 0) {
+          at_part = "graph";
             cudaGraph_t graph;
             cudaGraphExec_t exec;
             cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
@@ -341,6 +349,7 @@ void run_inter_case(const InterCase& c) {
           }
         }
         } catch (...) {
+          std::fprintf(stderr, "[internode] rank %d: error in step %d, %s\n", r, at_step, at_part);
           dump("after an error");
           // Again a little later: a signal that rose in between (or stands above its shadow) was not
           // lost but late, i.e. its sender was held up (e.g. on the host) until this rank gave up.

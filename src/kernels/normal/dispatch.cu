@@ -285,10 +285,12 @@ __device__ void pad_worst_rows(const DispatchParams& p) {
   const CommonParams& c = p.common;
   const int num_recv = p.chunk_offset[static_cast<int64_t>(c.num_ranks - 1) * p.chunk_offset_stride +
                                       p.chunk_offset_stride - 2];
-  if (num_recv > p.num_worst_tokens && blockIdx.x == 0 && threadIdx.x == 0)
-    report(c.wait, 3, WaitPhase::kNone, c.rank, p.num_worst_tokens, num_recv);
+  // A count outside [0, num_worst_tokens] is reported (the host names it), never used as an index.
+  const bool sane = num_recv >= 0 && num_recv <= p.num_worst_tokens;
+  if (!sane && blockIdx.x == 0 && threadIdx.x == 0)
+    report(c.wait, 3, WaitPhase::kNone, c.rank, p.num_worst_tokens, static_cast<uint32_t>(num_recv));
   const int K = p.num_topk;
-  const int64_t begin = static_cast<int64_t>(num_recv) * K, end = static_cast<int64_t>(p.num_worst_tokens) * K;
+  const int64_t begin = sane ? static_cast<int64_t>(num_recv) * K : 0, end = sane ? static_cast<int64_t>(p.num_worst_tokens) * K : 0;
   for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
     if (p.recv_topk_idx) p.recv_topk_idx[e] = -1;
     if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
