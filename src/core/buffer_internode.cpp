@@ -177,6 +177,11 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   const InterLayout& L = m.inter.layout;
   char* region = static_cast<char*>(m.sym->local()) + m.inter.offset;
   std::vector<uint64_t> words(L.stats / 8 + kNumStats);
+  // Wait for this rank's calls first, with a plain stream sync: a copy into pageable memory blocks
+  // inside the driver until the stream reaches it, and while it waits there other threads of the
+  // process cannot launch on the same GPU (seen with ranks sharing a GPU: a rank blocked here on its
+  // own notify kept a co-resident rank from launching the notify it was waiting for).
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(words.data(), region, words.size() * 8, cudaMemcpyDeviceToHost, m.comm));
   if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(region + L.stats, 0, sizeof(uint64_t) * kNumStats, m.comm));
   DeviceCounters dc{};
