@@ -8,6 +8,7 @@
 // checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer size
 // beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same
 // token count.
+#include <cstdio>
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -341,9 +342,19 @@ void run_gpu_low_latency(const Options& o, Report& report) {
       std::lock_guard<std::mutex> lock(mu);
       report.rows.push_back({"epcomm", op, r, sms, us, 0, note});
     };
-    if (o.dtype != "bf16")
+    // EPCOMM_LL_PROBE=1: where one dispatch's time goes, per phase (ranks 0 and R-1).
+    const auto probe = [&](const char* what) {
+      const std::string s = buf.low_latency_probe_report();
+      if (s.empty() || (r != 0 && r != R - 1)) return;
+      std::lock_guard<std::mutex> lock(mu);
+      std::fprintf(stderr, "[%s] %s\n", what, s.c_str());
+    };
+    if (o.dtype != "bf16") {
       row("ll-dispatch-fp8", time_us(stream, o.warmup, o.iters, [&] { buf.low_latency_dispatch(din, d8, h8, false, order); }),
           "one launch");
+      buf.low_latency_dispatch(din, d8, h8, false, order);
+      probe("fp8 dispatch, one launch, after the timed loop");
+    }
     if (o.dtype != "fp8")
       row("ll-dispatch-bf16",
           time_us(stream, o.warmup, o.iters, [&] { buf.low_latency_dispatch(din16, d16, h16, false, order); }),
@@ -365,6 +376,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     const auto dh = time_halves(
         stream, o.warmup, o.iters, [&] { buf.low_latency_dispatch(din, d8, hh, true, order); },
         [&] { buf.low_latency_dispatch_recv(din, d8, hh, order); });
+    probe("fp8 dispatch, hook mode (send, 50 us of other work, receive)");
     row("ll-dispatch-fp8-send", dh.first, "hook mode");
     row("ll-dispatch-fp8-recv", dh.second, "hook mode, after 50 us of other work");
     buf.low_latency_dispatch(din, d8, h8, false, order);

@@ -269,6 +269,10 @@ class Buffer {
     uint64_t puts = 0, bytes = 0;
   };
   LowLatencyNetStats low_latency_net_stats(bool reset = false);
+  // Diagnostics: with EPCOMM_LL_PROBE=1 (read when the buffer is made) every LL dispatch kernel stamps
+  // per-block phase times; this waits for the comm stream and summarizes the last dispatch (send and
+  // receive halves; a hook's receive counts as the last one's). Empty when the probe is off.
+  std::string low_latency_probe_report();
   // Collective and synchronous: waits for `stream` and this buffer's work, zeroes both LL buffers and
   // the call counters on every rank, and fixes the LL shape. Also the way back after an LL timeout.
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,

@@ -5,11 +5,14 @@
 // load/store, one node). The GIN path will add a transport field to the params and a second send
 // routine in the kernels; the layout, the flags and the host side stay as they are.
 #include <algorithm>
+#include <cstdio>
+#include <vector>
 #include <string>
 
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
 #include "core/checks.hpp"
+#include "core/env.hpp"
 #include "epcomm/error.hpp"
 #include "transport/net_params.hpp"
 
@@ -255,6 +258,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     p.mask = m.ll.mask;
     p.count_decisions = m.ll.count_decisions;
   }
+  p.probe = m.ll.probe;
   const int smem = std::max((phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers, per_rank) : 0,
                             (phases & kLowLatencyRecv) ? low_latency_dispatch_recv_shared_bytes(l, per_rank) : 0);
   cudaStream_t stream = begin_call(m, order);
@@ -369,6 +373,11 @@ void Buffer::Impl::init_low_latency() {
     ll.count_decision_bytes = 2 * sizeof(uint64_t) * static_cast<size_t>(max_local_experts) * num_ranks;
     EPCOMM_CUDA_CHECK(cudaMalloc(&ll.count_decisions, ll.count_decision_bytes));
   }
+  if (env_value("EPCOMM_LL_PROBE") != 0) {
+    const size_t bytes = sizeof(unsigned long long) * kLowLatencyProbeSlots * static_cast<size_t>(sm_count);
+    EPCOMM_CUDA_CHECK(cudaMalloc(&ll.probe, bytes));
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.probe, 0, bytes, comm));
+  }
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), comm));
   if (ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.count_decisions, 0, ll.count_decision_bytes, comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
@@ -378,6 +387,8 @@ void Buffer::Impl::release_low_latency() {
   if (ll.state) cudaFree(ll.state);
   if (ll.mask) cudaFree(ll.mask);
   if (ll.count_decisions) cudaFree(ll.count_decisions);
+  if (ll.probe) cudaFree(ll.probe);
+  ll.probe = nullptr;
   ll.state = nullptr;
   ll.mask = nullptr;
   ll.count_decisions = nullptr;
@@ -538,6 +549,56 @@ void Buffer::low_latency_clean_mask_buffer(cudaStream_t stream) {
   Impl& m = *impl_;
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   launch_low_latency_set_mask(m.ll.mask, m.num_ranks, -1, 0, stream);
+}
+
+}  // namespace epcomm
+
+namespace epcomm {
+
+std::string Buffer::low_latency_probe_report() {
+  Impl& m = *impl_;
+  if (m.ll.probe == nullptr) return {};
+  EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  std::vector<unsigned long long> v(static_cast<size_t>(kLowLatencyProbeSlots) * m.sm_count);
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(v.data(), m.ll.probe, v.size() * sizeof(v[0]), cudaMemcpyDeviceToHost, m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  int khz = 0;
+  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, m.device));
+  static const char* const names[] = {"entry", "histogram", "counts", "tokens", "published", "recv entry", "recv done"};
+  unsigned long long t0 = ~0ull;
+  for (int b = 0; b < m.sm_count; ++b) {
+    const unsigned long long e = v[static_cast<size_t>(b) * kLowLatencyProbeSlots + kProbeEntry];
+    if (e != 0) t0 = std::min(t0, e);
+  }
+  if (t0 == ~0ull) return "LL probe: no dispatch recorded";
+  const auto fmt = [](double x) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.2f", x);
+    return std::string(buf);
+  };
+  std::string s = "LL dispatch probe, rank " + std::to_string(m.rank) +
+                  " (us after the first block's entry: min / median / max over blocks; then SM-clock median since the previous mark)";
+  for (int mark = 0; mark <= kProbeRecvDone; ++mark) {
+    std::vector<double> at, since;
+    for (int b = 0; b < m.sm_count; ++b) {
+      const unsigned long long* row = v.data() + static_cast<size_t>(b) * kLowLatencyProbeSlots;
+      if (row[mark] == 0 || row[mark] < t0) continue;
+      at.push_back(static_cast<double>(row[mark] - t0) / 1000.0);
+      int prev = mark - 1;
+      while (prev >= 0 && row[prev] == 0) --prev;
+      if (prev >= 0 && khz > 0) since.push_back(static_cast<double>(row[8 + mark] - row[8 + prev]) / khz * 1000.0);
+    }
+    if (at.empty()) continue;
+    std::sort(at.begin(), at.end());
+    std::sort(since.begin(), since.end());
+    s += "\n  " + std::string(names[mark]) + ": " + fmt(at.front()) + " / " + fmt(at[at.size() / 2]) + " / " +
+         fmt(at.back()) + " (" + std::to_string(at.size()) + " blocks)";
+    if (!since.empty()) s += ", +" + fmt(since[since.size() / 2]) + " us";
+  }
+  EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.probe, 0, v.size() * sizeof(v[0]), m.comm));
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  return s;
 }
 
 }  // namespace epcomm

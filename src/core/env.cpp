@@ -28,6 +28,9 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_LL_PER_RANK", 0,
        "low-latency: 1 sends each token once per destination rank (dispatch), 2 also pre-reduces per rank "
        "in combine (BF16 partials); 0 = once per expert"},
+      {"EPCOMM_LL_PROBE", 0,
+       "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
+       "(Buffer::low_latency_probe_report)"},
       {"EPCOMM_LL_NET", 0,
        "low-latency with more than one node: 1 sends to ranks of other nodes only through the network "
        "transport (puts + signals), 0 by LSA stores to every rank"},

@@ -92,7 +92,19 @@ struct NetSendSmem {
   int32_t last;
 };
 
-template <class NetT>
+// EPCOMM_LL_PROBE: thread 0 of each block stamps a phase mark (global timer and SM clock).
+// A kernel instance of its own (kProbe), so the kernels without it keep their registers.
+template <bool kProbe>
+__device__ __forceinline__ void probe_mark(const LowLatencyDispatchParams& p, int mark) {
+  if constexpr (kProbe) {
+    if (threadIdx.x == 0) {
+      p.probe[blockIdx.x * kLowLatencyProbeSlots + mark] = global_timer_ns();
+      p.probe[blockIdx.x * kLowLatencyProbeSlots + 8 + mark] = static_cast<unsigned long long>(clock64());
+    }
+  }
+}
+
+template <class NetT, bool kProbe = false>
 __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm, const NetT& net,
                               NetSendSmem* ns) {
   const CommonParams& c = p.common;
@@ -118,6 +130,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     if (static_cast<int>(e) % grid == b) atomicAdd(&sm.owned[static_cast<int>(e) / grid], 1);
   }
   __syncthreads();
+  probe_mark<kProbe>(p, kProbeHistogram);
 
   // Counts first: receivers then know where each source's rows start before any message lands.
   for (int i = tid; i < owned_n; i += nthreads) {
@@ -136,6 +149,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     st_release_sys(flag, tag(seq, static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u));
   }
 
+  probe_mark<kProbe>(p, kProbeCounts);
   const int G = H / kLowLatencyScaleGroup;
   const int payload16 = p.use_fp8 ? static_cast<int>((H + align_up(4 * G, 16)) / 16) : H / 8;
   for (int t = t_begin, it = 0; t < t_end; ++t, ++it) {
@@ -203,6 +217,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     // two, the barrier after the next cast orders it.
     if (p.staging_buffers != 2) __syncthreads();
   }
+  probe_mark<kProbe>(p, kProbeTokens);
   if constexpr (NetT::kEnabled) {
     // Each block signals the ranks it put to (a signal orders this block's puts before it).
     net.net.fence_puts();
@@ -729,13 +744,14 @@ __device__ void finish_dispatch_recv_net(const LowLatencyDispatchParams& p, cons
 }
 
 // kPerRank == p.per_rank: the two paths are separate kernels (each its own registers).
-template <bool kPerRank>
+template <bool kPerRank, bool kProbe>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_dispatch_kernel(const __grid_constant__ LowLatencyDispatchParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   // Every block reads the number before any block can publish it (publishing waits for all).
+  probe_mark<kProbe>(p, send ? kProbeEntry : kProbeRecvEntry);
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send) {
     const LowLatencyLayout& L = p.layout;
@@ -752,13 +768,19 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
       dispatch_send_per_rank(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
     } else {
       sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
-      dispatch_send(p, seq, sm, LLNoNet{}, nullptr);
+      dispatch_send<LLNoNet, kProbe>(p, seq, sm, LLNoNet{}, nullptr);
     }
     publish_dispatch(p, seq);  // starts with a barrier: the receive half may reuse the shared memory
+    probe_mark<kProbe>(p, kProbePublished);
   }
   if (recv) {
+    if (send) probe_mark<kProbe>(p, kProbeRecvEntry);
     if constexpr (kPerRank) dispatch_recv_per_rank(p, seq, reinterpret_cast<int32_t*>(smem));
     else dispatch_recv(p, seq, LLNoNet{});
+    if constexpr (kProbe) {
+      __syncthreads();
+      probe_mark<kProbe>(p, kProbeRecvDone);
+    }
   }
 }
 
@@ -843,17 +865,23 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
     int dev = 0, max_smem = 0;
     EPCOMM_CUDA_CHECK(cudaGetDevice(&dev));
     EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel<false>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(low_latency_dispatch_kernel<true>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+    for (const void* kernel : {reinterpret_cast<const void*>(low_latency_dispatch_kernel<false, false>),
+                               reinterpret_cast<const void*>(low_latency_dispatch_kernel<true, false>),
+                               reinterpret_cast<const void*>(low_latency_dispatch_kernel<false, true>),
+                               reinterpret_cast<const void*>(low_latency_dispatch_kernel<true, true>)})
+      EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
   };
   if (device >= 0 && device < kMaxDevices) std::call_once(configured[device], configure);
   else configure();
-  if (p.per_rank)
-    low_latency_dispatch_kernel<true><<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
-  else
-    low_latency_dispatch_kernel<false><<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p);
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.probe != nullptr) {
+    if (p.per_rank) low_latency_dispatch_kernel<true, true><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
+    else low_latency_dispatch_kernel<false, true><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
+  } else if (p.per_rank) {
+    low_latency_dispatch_kernel<true, false><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
+  } else {
+    low_latency_dispatch_kernel<false, false><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
+  }
   EPCOMM_LAUNCH_CHECK("low_latency_dispatch_kernel");
 }
 

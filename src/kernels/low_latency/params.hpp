@@ -314,6 +314,9 @@ struct LowLatencyHostState {
   int32_t* mask = nullptr;
   uint64_t* count_decisions = nullptr;
   size_t count_decision_bytes = 0;
+  // EPCOMM_LL_PROBE=1: per-block phase times of the last LL dispatch (kLowLatencyProbeSlots u64 per
+  // block, device memory), read by Buffer::low_latency_probe_report. nullptr when off.
+  unsigned long long* probe = nullptr;
 };
 
 struct LowLatencyDispatchParams {
@@ -346,7 +349,20 @@ struct LowLatencyDispatchParams {
   // shrink mode (nullptr when off): see kernels/low_latency/shrink.cuh
   int32_t* mask = nullptr;                   // [R]: 1 = masked peer (skipped; a timed-out wait sets it)
   uint64_t* count_decisions = nullptr;       // [2][E]: each count settled once per call
+  unsigned long long* probe = nullptr;       // diagnostics (EPCOMM_LL_PROBE): see LowLatencyHostState
 };
+
+// Probe marks of the LL dispatch kernel: global-timer ns in slot m, SM clock in slot 8 + m.
+enum LowLatencyProbeMark : int {
+  kProbeEntry = 0,      // kernel entry
+  kProbeHistogram = 1,  // send: the topk histogram is built
+  kProbeCounts = 2,     // send: counts released
+  kProbeTokens = 3,     // send: every message stored and released
+  kProbePublished = 4,  // send: publish_dispatch done
+  kProbeRecvEntry = 5,  // receive half starts
+  kProbeRecvDone = 6,   // receive half done
+};
+constexpr int kLowLatencyProbeSlots = 16;
 
 struct LowLatencyCombineParams {
   CommonParams common;
