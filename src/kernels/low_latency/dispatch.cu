@@ -146,7 +146,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     }
     uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, e / EL) + L.count(p.buffer, e % EL, c.rank));
     // A source has Tmax slots per expert; only tokens that list an expert twice can exceed them.
-    st_release_sys(flag, tag(seq, static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u));
+    // Relaxed: the count guards no data (every message has its own released header), so no fence.
+    st_relaxed_sys(flag, tag(seq, static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u));
   }
 
   probe_mark<kProbe>(p, kProbeCounts);
@@ -157,12 +158,15 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
     int32_t* slot = sm.slots + sb * kMaxTopk;
     int32_t* expert = sm.experts + sb * kMaxTopk;
-    if (tid == 0) {
-      if constexpr (NetT::kEnabled) ns->any_remote[sb] = 0;
+    if (warp == 0) {
+      // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
+      const int64_t mine = lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+      if constexpr (NetT::kEnabled) if (lane == 0) ns->any_remote[sb] = 0;
       // In k order, so a token that names an expert twice gets increasing slots: rows stay in
       // (token, k) order inside each source, as the reference lays them out.
       for (int k = 0; k < K; ++k) {
-        const int64_t e = p.topk_idx[static_cast<int64_t>(t) * K + k];
+        const int64_t e = __shfl_sync(0xffffffffu, mine, k);
+        if (lane != 0) continue;
         const bool ok = e >= 0 && e < E;
         int s = ok ? sm.hist[e]++ : -1;
         if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
@@ -281,16 +285,21 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   }
   // Tokens per destination rank: a token counts once for each rank holding any of its experts.
   for (int t = tid; t < T; t += nthreads) {
+    // The token's destination ranks, from its K ids loaded once (independent loads, in registers).
     const int64_t* row = p.topk_idx + static_cast<int64_t>(t) * K;
-    for (int k = 0; k < K; ++k) {
-      const int64_t e = row[k];
-      if (e < 0 || e >= E) continue;
-      const int d = static_cast<int>(e) / EL;
+    int dest[kMaxTopk];
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+      const int64_t e = k < K ? row[k] : -1;
+      dest[k] = e >= 0 && e < E ? static_cast<int>(e) / EL : -1;
+    }
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+      const int d = dest[k];
+      if (d < 0) continue;
       bool seen = false;
-      for (int k2 = 0; k2 < k && !seen; ++k2) {
-        const int64_t e2 = row[k2];
-        seen = e2 >= 0 && e2 < E && static_cast<int>(e2) / EL == d;
-      }
+#pragma unroll
+      for (int k2 = 0; k2 < k; ++k2) seen = seen || dest[k2] == d;
       if (seen) continue;
       atomicAdd(&rank_total[d], 1);
       if (t < t_begin) atomicAdd(&rank_hist[d], 1);
@@ -306,7 +315,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     if (peer_masked(p.mask, d)) continue;  // shrink mode: nothing goes to a masked rank
     uint64_t* flag = reinterpret_cast<uint64_t*>(peer_region(p, d) + L.count(p.buffer, e % EL, c.rank));
     const uint32_t count = static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u;
-    st_release_sys(flag, tag(seq, count | (static_cast<uint32_t>(rank_total[d]) << 16)));
+    st_relaxed_sys(flag, tag(seq, count | (static_cast<uint32_t>(rank_total[d]) << 16)));  // guards no data
   }
 
   const int payload16 = L.staged_payload16(p.use_fp8), entry16 = L.staged_entry16();
@@ -315,12 +324,14 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     const int sb = p.staging_buffers == 2 ? (it & 1) : 0;
     uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
     RankMeta& m = meta[it % 3];
-    if (tid == 0) {
+    if (warp == 0) {
+      // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
+      const int64_t mine = lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
       // Same slots as the per-expert path: k order within the token, tokens in order.
       int nd = 0;
       for (int k = 0; k < K; ++k) {
-        const int64_t e = p.topk_idx[static_cast<int64_t>(t) * K + k];
-        if (e < 0 || e >= E) continue;
+        const int64_t e = __shfl_sync(0xffffffffu, mine, k);
+        if (lane != 0 || e < 0 || e >= E) continue;
         const int d = static_cast<int>(e) / EL;
         int di = 0;
         while (di < nd && m.dest[di] != d) ++di;
@@ -338,8 +349,10 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
         m.entries[di][m.nent[di]++] = static_cast<uint32_t>(static_cast<int>(e) % EL) |
                                       (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(k) << 28);
       }
-      m.ndest = nd;
-      m.token = t;
+      if (lane == 0) {
+        m.ndest = nd;
+        m.token = t;
+      }
     }
     const uint16_t* row = p.x + static_cast<size_t>(t) * H;
     if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
