@@ -259,6 +259,7 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
   }
 }
 
+template <bool kProbe = false>
 __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm,
                                        int32_t* rank_hist, RankMeta* meta) {
   const CommonParams& c = p.common;
@@ -306,6 +307,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     }
   }
   __syncthreads();
+  probe_mark<kProbe>(p, kProbeHistogram);
 
   // Counts first, each with the number of tokens this rank stages at the expert's owner.
   for (int i = tid; i < owned_n; i += nthreads) {
@@ -317,6 +319,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     const uint32_t count = static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u;
     st_relaxed_sys(flag, tag(seq, count | (static_cast<uint32_t>(rank_total[d]) << 16)));  // guards no data
   }
+  probe_mark<kProbe>(p, kProbeCounts);
 
   const int payload16 = L.staged_payload16(p.use_fp8), entry16 = L.staged_entry16();
   int pending = -1;  // the meta set whose flags wait for the next barrier
@@ -380,6 +383,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
       pending = -1;
     }
   }
+  probe_mark<kProbe>(p, kProbeTokens);
   if (pending >= 0) {
     __syncthreads();
     release_staged(p, seq, meta[pending]);
@@ -778,7 +782,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     if constexpr (kPerRank) {
       const size_t meta_off = rank_meta_offset(L.num_experts, static_cast<int>(gridDim.x), p.common.num_ranks);
       sm.staging = smem + meta_off + 3 * sizeof(RankMeta);
-      dispatch_send_per_rank(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
+      dispatch_send_per_rank<kProbe>(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
     } else {
       sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
       dispatch_send<LLNoNet, kProbe>(p, seq, sm, LLNoNet{}, nullptr);
