@@ -276,34 +276,35 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   __syncthreads();
-  const int64_t entries = static_cast<int64_t>(T) * K;
-  for (int64_t i = tid; i < entries; i += nthreads) {
-    const int64_t e = p.topk_idx[i];
-    if (e < 0 || e >= E) continue;  // out of range counts as -1 (no host check without a sync)
-    const int t = static_cast<int>(i / K);
-    if (t < t_begin) atomicAdd(&sm.hist[e], 1);
-    if (static_cast<int>(e) % grid == b) atomicAdd(&sm.owned[static_cast<int>(e) / grid], 1);
-  }
-  // Tokens per destination rank: a token counts once for each rank holding any of its experts.
-  for (int t = tid; t < T; t += nthreads) {
-    // The token's destination ranks, from its K ids loaded once (independent loads, in registers).
-    const int64_t* row = p.topk_idx + static_cast<int64_t>(t) * K;
-    int dest[kMaxTopk];
+  // One pass, a thread per token (its K ids loaded once, independent loads into registers): rows
+  // per expert before this block's tokens, the totals of the experts whose count flag this block
+  // owns, and tokens per destination rank (a token counts once for each rank holding any of its
+  // experts), the latter summed per warp with ballots (one shared atomic per warp and rank).
+  static_assert(kMaxNvlRanks <= 32, "destination ranks as a 32-bit mask");
+  for (int t0 = warp * 32; t0 < T; t0 += nthreads) {
+    const int t = t0 + lane;
+    uint32_t dests = 0;
+    if (t < T) {
+      const int64_t* row = p.topk_idx + static_cast<int64_t>(t) * K;
+      int64_t ids[kMaxTopk];
 #pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
-      const int64_t e = k < K ? row[k] : -1;
-      dest[k] = e >= 0 && e < E ? static_cast<int>(e) / EL : -1;
+      for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < K ? row[k] : -1;
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) {
+        const int64_t e = ids[k];
+        if (e < 0 || e >= E) continue;  // out of range counts as -1 (no host check without a sync)
+        if (t < t_begin) atomicAdd(&sm.hist[e], 1);
+        if (static_cast<int>(e) % grid == b) atomicAdd(&sm.owned[static_cast<int>(e) / grid], 1);
+        dests |= 1u << (static_cast<int>(e) / EL);
+      }
     }
-#pragma unroll
-    for (int k = 0; k < kMaxTopk; ++k) {
-      const int d = dest[k];
-      if (d < 0) continue;
-      bool seen = false;
-#pragma unroll
-      for (int k2 = 0; k2 < k; ++k2) seen = seen || dest[k2] == d;
-      if (seen) continue;
-      atomicAdd(&rank_total[d], 1);
-      if (t < t_begin) atomicAdd(&rank_hist[d], 1);
+    const uint32_t before = __ballot_sync(0xffffffffu, t < t_begin);
+    for (int d = 0; d < R; ++d) {
+      const uint32_t to_d = __ballot_sync(0xffffffffu, (dests >> d) & 1u);
+      if (lane == 0 && to_d != 0) {
+        atomicAdd(&rank_total[d], __popc(to_d));
+        if (to_d & before) atomicAdd(&rank_hist[d], __popc(to_d & before));
+      }
     }
   }
   __syncthreads();
