@@ -24,10 +24,11 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: one per origin, up to 4)"},
       {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 3)"},
       {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
-      // Experimental low-latency paths (off by default: not yet proven on a GPU).
-      {"EPCOMM_LL_PER_RANK", 0,
-       "low-latency: 1 sends each token once per destination rank (dispatch), 2 also pre-reduces per rank "
-       "in combine (BF16 partials); 0 = once per expert"},
+      // Low-latency paths: 1 (default) is exact; 2 trades a BF16 rounding of per-rank partial sums
+      // for fewer combine bytes (opt-in, like a compressed combine).
+      {"EPCOMM_LL_PER_RANK", 1,
+       "low-latency: 1 sends each token once per destination rank (dispatch; the default), 2 also "
+       "pre-reduces per rank in combine (BF16 partials: one extra rounding); 0 = once per expert"},
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
        "(Buffer::low_latency_probe_report)"},

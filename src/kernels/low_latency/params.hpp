@@ -214,11 +214,10 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
   return (total + 128) / 128 * 128;
 }
 
-// EPCOMM_LL_PER_RANK (read once per process, on the host; default 0 until it has run on a GPU):
-// 1 asks for the per-rank dispatch, 2 for the per-rank dispatch and the per-rank combine (whose
-// BF16 partials are not bit-identical to the per-expert sum: see combine.cu). A call uses them only
-// where the layout and shared memory allow.
-// EPCOMM_LL_PER_RANK (core/env.cpp), read once per process; host only.
+// EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 1): 0 keeps the
+// per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
+// per-rank combine (whose BF16 partials are not bit-identical to the per-expert sum: see
+// combine.cu). A call uses them only where the layout and shared memory allow.
 int low_latency_per_rank_level();
 inline bool low_latency_per_rank_requested() { return low_latency_per_rank_level() >= 1; }
 inline bool low_latency_per_rank_combine_requested() { return low_latency_per_rank_level() >= 2; }
