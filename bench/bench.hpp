@@ -16,6 +16,7 @@ struct Options {
   int experts = -1;             // -1: 256 (LL: 288; CPU: 64)
   std::string dtype = "both";   // bf16 | fp8 | both
   std::vector<int> sms = {24};  // normal mode: SM counts to measure
+  bool sms_given = false;       // --sms on the command line (low-latency mode: its first value; else every SM)
   int chunk = 0;                // normal mode: Config.nvl_chunk_size (0 = default)
   int ring = 0;                 // normal mode: Config.nvl_buffer_size for dispatch (0 = default)
   int ranks_per_node = 0;       // normal mode: > 0 splits the GPUs into (virtual) nodes of this many

@@ -292,7 +292,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     const StreamOrder order{stream, nullptr, false};
     cudaDeviceProp prop{};
     cuda_check(cudaGetDeviceProperties(&prop, r), "props");
-    const int sms = prop.multiProcessorCount;
+    const int sms = o.sms_given && !o.sms.empty() ? std::min(o.sms.front(), prop.multiProcessorCount) : prop.multiProcessorCount;
     const RankData& d = data[r];
     DevMem x(d.x), topk(d.topk), weights(d.weights), y(d.y);
     DevMem recv8(static_cast<size_t>(EL) * RT * H), recv16(static_cast<size_t>(EL) * RT * H * 2);
@@ -304,6 +304,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     din.topk_idx = view(topk, DType::kI64, {T, K}, r);
     din.num_max_dispatch_tokens_per_rank = Tmax;
     din.num_experts = E;
+    din.num_sms = sms;
     LowLatencyDispatchOutputs d8;
     d8.recv_x = view(recv8, DType::kFP8E4M3, {EL, RT, H}, r);
     d8.recv_x_scales = strided(scales, DType::kF32, {EL, RT, G}, {G * RT, 1, RT}, r);
@@ -319,6 +320,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     cin.x = view(y, DType::kBF16, {EL, RT, H}, r);
     cin.topk_idx = din.topk_idx;
     cin.topk_weights = view(weights, DType::kF32, {T, K}, r);
+    cin.num_sms = sms;
     const TensorView outv = view(out, DType::kBF16, {T, H}, r);
     LowLatencyHandle h8, h16, hh;
 

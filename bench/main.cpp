@@ -76,7 +76,8 @@ void usage() {
       "  --topk K         experts per token (default 8)\n"
       "  --experts E      experts (default 256 normal, 288 low-latency; CPU 64)\n"
       "  --dtype bf16|fp8|both   dispatch input type (default both)\n"
-      "  --sms A,B,...    SMs per normal-mode kernel to measure (default 24)\n"
+      "  --sms A,B,...    SMs per normal-mode kernel to measure (default 24); low-latency mode: the\n"
+      "                   first value, for dispatch and combine (default every SM)\n"
       "  --chunk N --ring N      Config.nvl_chunk_size / nvl_buffer_size of dispatch and combine (tokens)\n"
       "  --ranks-per-node P      normal mode across nodes: the GPUs as nodes of P ranks (virtual nodes;\n"
       "                   reports network-hop and NVLink bytes per rank)\n"
@@ -109,7 +110,10 @@ int main(int argc, char** argv) {
     else if (a == "--topk") o.topk = std::atoi(next());
     else if (a == "--experts") o.experts = std::atoi(next());
     else if (a == "--dtype") o.dtype = next();
-    else if (a == "--sms") o.sms = parse_list(next());
+    else if (a == "--sms") {
+      o.sms = parse_list(next());
+      o.sms_given = true;
+    }
     else if (a == "--chunk") o.chunk = std::atoi(next());
     else if (a == "--ring") o.ring = std::atoi(next());
     else if (a == "--ranks-per-node") o.ranks_per_node = std::atoi(next());
