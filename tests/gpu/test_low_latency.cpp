@@ -306,20 +306,7 @@ TEST(InternodeLowLatencyNet, OneNodeOrSwitchOffKeepsLsa) {
   }
 }
 
-TEST(LowLatencyGpu, SizeHintNoLargerThanDeepEP) {
-  for (int tmax : {1, 2, 7, 128, 1024})
-    for (int hidden : {128, 256, 2048, 7168})
-      for (int R : {1, 2, 3, 4, 8, 16, 32})
-        for (int per_rank : {1, 2, 5, 9, 72})
-          for (int extra : {0, 1}) {
-            const int E = R * per_rank + extra * R;
-            const size_t ours = Buffer::low_latency_size_hint(tmax, hidden, R, E);
-            const size_t theirs = deepep_low_latency_size_hint(tmax, hidden, R, E);
-            EXPECT_LE(ours, theirs) << "Tmax=" << tmax << " hidden=" << hidden << " R=" << R << " E=" << E;
-          }
-  // The standard problem: about half of DeepEP's.
-  EXPECT_LT(Buffer::low_latency_size_hint(128, 7168, 4, 288), deepep_low_latency_size_hint(128, 7168, 4, 288) * 6 / 10);
-}
+// The size hint against DeepEP's and the per-rank overlays are host-only: tests/cpu/test_geometry_ranks.cpp.
 
 TEST(LowLatencyGpu, Fp8AllRankCounts) {
   for (int R : {2, 3, 4}) {
@@ -455,24 +442,6 @@ TEST(LowLatencyGpu, StandardShape) {
 // The per-rank dispatch (EPCOMM_LL_PER_RANK=1) stages a token once per destination rank inside the
 // per-expert messages' area: it must fit there for every E/R >= 2 (and FP8 always), so the buffer
 // does not grow. The cases after it run through whichever path the environment selects.
-TEST(LowLatencyGpu, PerRankStagingFitsTheLayout) {
-  std::printf("low-latency dispatch path: %s (EPCOMM_LL_PER_RANK)\n",
-              low_latency_per_rank_requested() ? "per-rank where it fits" : "per-expert");
-  for (int tmax : {1, 7, 128})
-    for (int hidden : {128, 256, 7168})
-      for (int R : {1, 2, 4, 8, 32})
-        for (int per_rank : {1, 2, 9, 72}) {
-          const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, R, R * per_rank);
-          EXPECT_TRUE(l.per_rank_fits(true)) << "fp8 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
-          EXPECT_EQ(l.per_rank_fits(false), per_rank >= 2) << "bf16 Tmax=" << tmax << " hidden=" << hidden << " R=" << R;
-        }
-  // The per-rank combine's plan takes the per-expert headers' place: E/R > kslots, about.
-  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).per_rank_combine_fits());
-  EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());
-  EXPECT_TRUE(LowLatencyLayout::make(32, 256, 3, 54).per_rank_combine_fits());
-  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
-}
-
 // Shapes where EPCOMM_LL_PER_RANK=2 also takes the per-rank combine (E/R > kslots): plain, hook,
 // two micro-batches with zero copy and BF16, CUDA graph replays with top-16 and duplicates. With the
 // variable unset they run the per-expert paths (bit-exact combine); with 2 the combine is checked

@@ -1,0 +1,178 @@
+// Every host-side geometry that depends on the number of ranks, at R = 1..8 (EP8, the deployment
+// shape) and beyond: the low-latency buffer layout and its per-rank overlays, the internode region
+// for the virtual-node splits of 8 ranks (2 x 4, 4 x 2, 8 x 1), and the normal-mode ring slots
+// against the Config size hints. The kernels index these offsets without bounds checks, so a part
+// that overlaps the next one or runs past the size hint would corrupt memory on the GPU. Host only.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "core/ring_geometry.hpp"
+#include "epcomm/buffer.hpp"
+#include "epcomm/config.hpp"
+#include "kernels/internode/params.hpp"
+#include "kernels/low_latency/params.hpp"
+
+namespace epcomm {
+namespace {
+
+const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32};
+
+// One LL buffer's parts in order, each inside its own range; the last entry of every array ends
+// before the next part starts.
+void expect_low_latency_layout(const LowLatencyLayout& l) {
+  const int R = l.num_ranks, EL = l.local_experts, T = l.max_tokens, K = l.kslots;
+  EXPECT_EQ(EL * R, l.num_experts);
+  EXPECT_EQ(l.combine_rows, 0u);
+  for (int b = 0; b < 2; ++b) {
+    const size_t base = l.buffer(b);
+    EXPECT_LE(l.combine_row(b, T - 1, K - 1) + l.msg_bytes, base + l.dispatch_data);
+    EXPECT_LE(l.message(b, EL - 1, R - 1, T - 1) + l.msg_bytes, base + l.dispatch_header);
+    EXPECT_LE(l.header(b, EL - 1, R - 1, T - 1) + 8, base + l.dispatch_count);
+    EXPECT_LE(l.count(b, EL - 1, R - 1) + 8, base + l.combine_flags);
+    EXPECT_LE(l.combine_flag(b, T - 1, K - 1) + 8, base + l.combine_done);
+    EXPECT_LE(l.done(b, R - 1) + 8, base + l.buffer_bytes);
+    // 16-byte stores of messages and rows; 8-byte flags.
+    EXPECT_EQ(l.message(b, EL - 1, R - 1, T - 1) % 16, 0u);
+    EXPECT_EQ(l.combine_row(b, T - 1, K - 1) % 16, 0u);
+    EXPECT_EQ(l.header(b, 0, 0, 0) % 8, 0u);
+    EXPECT_EQ(l.count(b, 0, 0) % 8, 0u);
+    EXPECT_EQ(l.combine_flag(b, 0, 0) % 8, 0u);
+    EXPECT_EQ(l.done(b, 0) % 8, 0u);
+  }
+  EXPECT_LE(l.buffer(1) + l.buffer_bytes, l.total_bytes);
+  EXPECT_EQ(Buffer::low_latency_size_hint(T, l.hidden, R, l.num_experts), l.total_bytes);
+}
+
+TEST(GeometryRanks, LowLatencyLayoutPartsAreDisjointAtEveryR) {
+  for (int R : kRanks)
+    for (int per_rank : {1, 2, 9, 36})
+      for (int tmax : {1, 7, 128})
+        for (int hidden : {128, 7168}) {
+          SCOPED_TRACE("R=" + std::to_string(R) + " E/R=" + std::to_string(per_rank) + " Tmax=" + std::to_string(tmax) +
+                       " hidden=" + std::to_string(hidden));
+          expect_low_latency_layout(LowLatencyLayout::make(tmax, hidden, R, R * per_rank));
+        }
+}
+
+// The per-rank dispatch (EPCOMM_LL_PER_RANK >= 1, the default) overlays its staging slots on the
+// messages of the same buffer, and the per-rank combine (= 2) its plan on the headers after their
+// first row; both only where they fit, never past the part they borrow.
+TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
+  for (int tmax : {1, 7, 128})
+    for (int hidden : {128, 256, 7168})
+      for (int R : kRanks)
+        for (int per_rank : {1, 2, 9, 72}) {
+          SCOPED_TRACE("R=" + std::to_string(R) + " E/R=" + std::to_string(per_rank) + " Tmax=" + std::to_string(tmax) +
+                       " hidden=" + std::to_string(hidden));
+          const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, R, R * per_rank);
+          EXPECT_TRUE(l.per_rank_fits(true));
+          EXPECT_EQ(l.per_rank_fits(false), per_rank >= 2);
+          for (bool fp8 : {true, false}) {
+            if (!l.per_rank_fits(fp8)) continue;
+            for (int b = 0; b < 2; ++b) {
+              EXPECT_LE(l.staged(b, R - 1, tmax - 1, fp8) + l.staged_stride(fp8), l.buffer(b) + l.dispatch_header);
+              EXPECT_EQ(l.staged(b, R - 1, tmax - 1, fp8) % 16, 0u);
+              EXPECT_LT(l.staged_head_offset(fp8), l.staged_stride(fp8));
+              // The staged token's flag: the high half of a header of the first header row.
+              EXPECT_LT(l.staged_flag(b, R - 1, tmax - 1), l.buffer(b) + l.pr_base());
+            }
+          }
+          if (l.per_rank_combine_fits()) {
+            for (int b = 0; b < 2; ++b) {
+              EXPECT_GE(l.pr_head(b, 0, 0), l.buffer(b) + l.pr_base());
+              EXPECT_LE(l.pr_weight_flag(b, R - 1) + 8, l.buffer(b) + l.dispatch_count);
+              EXPECT_EQ(l.pr_weight_flag(b, 0) % 8, 0u);
+            }
+          }
+        }
+  // The per-rank combine's plan takes the per-expert headers' place: E/R > kslots, about.
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).per_rank_combine_fits());
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).per_rank_combine_fits());  // DeepSeek-V3 EP8
+  EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());
+  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
+}
+
+TEST(GeometryRanks, LowLatencySizeHintNoLargerThanDeepEP) {
+  for (int tmax : {1, 2, 7, 128, 1024})
+    for (int hidden : {128, 256, 2048, 7168})
+      for (int R : kRanks)
+        for (int per_rank : {1, 2, 5, 9, 72})
+          for (int extra : {0, 1}) {
+            const int E = R * per_rank + extra * R;
+            EXPECT_LE(Buffer::low_latency_size_hint(tmax, hidden, R, E), deepep_low_latency_size_hint(tmax, hidden, R, E))
+                << "Tmax=" << tmax << " hidden=" << hidden << " R=" << R << " E=" << E;
+          }
+  // The standard problem: about half of DeepEP's; EP8 (DeepSeek-V3 shape) likewise.
+  EXPECT_LT(Buffer::low_latency_size_hint(128, 7168, 4, 288), deepep_low_latency_size_hint(128, 7168, 4, 288) * 6 / 10);
+  EXPECT_LT(Buffer::low_latency_size_hint(128, 7168, 8, 256), deepep_low_latency_size_hint(128, 7168, 8, 256) * 6 / 10);
+}
+
+// The internode region at every split of up to 8 ranks: control words in order, and the dispatch
+// and combine halves large enough for the widest rows when sized by internode_size_hint.
+TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
+  struct Split {
+    int R, P;
+  };
+  for (const Split s : {Split{8, 4}, Split{8, 2}, Split{8, 1}, Split{4, 2}, Split{4, 1}, Split{6, 3}, Split{6, 2},
+                        Split{2, 1}, Split{16, 8}, Split{32, 8}}) {
+    for (int tokens : {1, 300, 4096}) {
+      const int hidden = 7168, K = 8, EL = 32;
+      SCOPED_TRACE(std::to_string(s.R / s.P) + " nodes x " + std::to_string(s.P) + ", T=" + std::to_string(tokens));
+      const size_t hint = Buffer::internode_size_hint(tokens, hidden, s.R, s.P, K, EL);
+      const int max_chunks = (tokens + 7) / 8;  // as Buffer::Impl::init_internode
+      const InterLayout l = InterLayout::make(s.R, s.P, tokens, max_chunks, EL, hint);
+      EXPECT_EQ(l.num_nodes * l.ranks_per_node, s.R);
+      EXPECT_GE(l.max_tokens, tokens + 32);
+      EXPECT_EQ(l.max_tokens % 32, 0);
+      EXPECT_LE(l.signal(kNumSignals - 1, s.R - 1) + 8, l.shadows);
+      EXPECT_LE(l.shadow(kNumSignals - 1, s.R - 1) + 8, l.flags);
+      EXPECT_GE(l.flag_stride, l.num_nodes);
+      EXPECT_GE(l.flag_stride, l.ranks_per_node);
+      EXPECT_LE(l.flag(kNumFlags - 1, l.flag_stride - 1) + 8, l.counters);
+      EXPECT_LE(l.counters + 4 * kNumCounters, l.stats);
+      EXPECT_LE(l.stats + 8 * kNumStats, l.meta_in);
+      EXPECT_LE(l.meta(1, s.R - 1) + l.meta_entry.stride, l.meta_out);
+      EXPECT_LE(l.meta_staging(s.R - 1) + l.meta_entry.stride, l.control_bytes);
+      EXPECT_EQ(l.control_bytes % 4096, 0u);
+      EXPECT_GT(l.half_bytes, 0u);
+      EXPECT_LE(l.control_bytes + 2 * l.half_bytes, hint);
+      for (const bool fp8 : {false, true}) {
+        const int row_bytes = fp8 ? hidden : 2 * hidden, scales = fp8 ? hidden / 128 : 0;
+        const InterDispatchGeometry d = InterDispatchGeometry::make(l, row_bytes, scales, K);
+        EXPECT_LE(d.bytes, l.half_bytes) << (fp8 ? "fp8" : "bf16");
+        EXPECT_LE(d.row(l, l.num_nodes - 1, l.max_tokens - 1) + d.drow, l.dispatch_base() + l.half_bytes);
+        EXPECT_LE(d.send_mask(l, l.num_nodes - 1, l.max_tokens - 1) + 4, d.rows);
+        EXPECT_EQ(d.drow % 16, 0u);
+      }
+      const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K);
+      EXPECT_LE(c.bytes, l.half_bytes);
+      EXPECT_LE(c.in_row(l, l.num_nodes - 1, s.P - 1, l.max_tokens - 1) + c.crow, c.out);
+      EXPECT_LE(c.out_row(l, l.num_nodes - 1, l.max_tokens - 1) + c.prow, c.net);
+      EXPECT_LE(c.net_row(l, l.num_nodes - 1, l.max_tokens - 1) + c.prow, l.combine_base() + l.half_bytes);
+      EXPECT_EQ(c.crow % 16, 0u);
+      EXPECT_EQ(c.prow % 16, 0u);
+    }
+  }
+}
+
+// Normal mode: every R from 2 to 8 gets a valid default config, and its NVL size hint holds at
+// least one ring slot per block of the widest BF16 row for dispatch and for combine.
+TEST(GeometryRanks, NormalConfigAndRingSlotsFromTwoToEightRanks) {
+  const int hidden = 7168, K = 8;
+  for (int R = 2; R <= 8; ++R) {
+    SCOPED_TRACE("R=" + std::to_string(R));
+    const Config d = Config::dispatch_default(R), c = Config::combine_default(R);
+    EXPECT_NO_THROW(d.validate(132));
+    EXPECT_NO_THROW(c.validate(132));
+    const size_t dslot = ring::dispatch_slot_bytes(d.chunk_tokens(), hidden * 2, 0, K);
+    const size_t cslot = ring::combine_slot_bytes(c.chunk_tokens(), R, hidden, K);
+    EXPECT_GE(d.get_nvl_buffer_size_hint(hidden * 2, R), dslot * d.num_sms) << "dispatch ring";
+    EXPECT_GE(c.get_nvl_buffer_size_hint(hidden * 2, R), cslot * c.num_sms) << "combine ring";
+    EXPECT_EQ(ring::dispatch_meta_row_bytes(hidden / 128, K) % 16, 0);
+    EXPECT_EQ(ring::combine_weights_offset(c.chunk_tokens(), R, hidden) % 128, 0u);
+  }
+}
+
+}  // namespace
+}  // namespace epcomm
