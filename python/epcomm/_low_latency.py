@@ -130,7 +130,9 @@ class LowLatencyMixin:
                              cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False) -> Tuple:
-        """Sends each token once per selected expert (DeepEP's low-latency dispatch).
+        """Delivers each token to every selected expert (DeepEP's low-latency dispatch). Over NVLink a
+        token crosses once per destination rank and the receiver fills its experts' rows
+        (``EPCOMM_LL_PER_RANK=1``, the default; ``0`` sends it once per expert; same outputs).
 
         ``x`` is ``[T, hidden]`` BF16 (T <= Tmax, hidden a multiple of 128), ``topk_idx`` ``[T, K]``
         int64 (K <= 16). With ``use_fp8`` each token is cast per 128 channels on the GPU: ``scale =
