@@ -6,6 +6,7 @@
 #   EPCOMM_CHECK_STEPS="build tests" scripts/gpu-check.sh
 #   EPCOMM_GPU_TEST_FILTER='NormalGpu.*' EPCOMM_BENCH_ARGS='--sms 24,16' scripts/gpu-check.sh
 #   EPCOMM_CHECK_STEPS="build tests sanitizer" EPCOMM_GPU_TEST_FILTER='Shrink*:Stress*' scripts/gpu-check.sh
+#   EPCOMM_CHECK_STEPS="build isolated" scripts/gpu-check.sh   # each test in its own process
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -47,6 +48,29 @@ if [[ " $steps " == *" tests "* ]]; then
   grep -E "^\[  (FAILED|PASSED|  OK) |^\[==========\]|skipped|threw|Failure|mismatch|Expected" "$out/gpu-tests.log" | head -80
   log "GPU tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+fi
+
+if [[ " $steps " == *" isolated "* ]]; then
+  # Every GPU test (matching EPCOMM_GPU_TEST_FILTER) in a process of its own: a sticky CUDA error
+  # (an illegal address) ends only its own test, so one fault cannot fail every test after it.
+  log "GPU tests, one process each"
+  "$build/tests/epcomm_gpu_tests" --gtest_list_tests --gtest_filter="${EPCOMM_GPU_TEST_FILTER:-*}" |
+    awk '/^[A-Za-z]/{s=$1} /^  /{print s $1}' >"$out/isolated-list.txt"
+  : >"$out/isolated.txt"
+  : >"$out/isolated-failures.log"
+  while read -r t; do
+    s0=$(date +%s)
+    timeout ${EPCOMM_ISOLATED_TIMEOUT:-120} "$build/tests/epcomm_gpu_tests" --gtest_filter="$t" >"$out/isolated-one.log" 2>&1
+    rc=$?
+    echo "$t rc=$rc $(( $(date +%s) - s0 )) s" >>"$out/isolated.txt"
+    if [[ $rc -ne 0 ]]; then
+      status=1
+      { echo "=== $t rc=$rc"; head -c 8000 "$out/isolated-one.log"; } >>"$out/isolated-failures.log"
+    fi
+  done <"$out/isolated-list.txt"
+  rm -f "$out/isolated-one.log"
+  log "isolated: $(grep -c ' rc=0 ' "$out/isolated.txt") of $(wc -l <"$out/isolated.txt") passed"
+  grep -v ' rc=0 ' "$out/isolated.txt" | head -20
 fi
 
 if [[ " $steps " == *" sanitizer "* ]]; then
