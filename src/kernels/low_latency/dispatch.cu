@@ -255,7 +255,7 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
     *reinterpret_cast<uint32_t*>(region + L.staged(p.buffer, p.common.rank, m.dslot[di], p.use_fp8) +
                                  L.staged_head_offset(p.use_fp8)) =
         static_cast<uint32_t>(m.token) | (static_cast<uint32_t>(m.nent[di]) << 16) | (static_cast<uint32_t>(di) << 21);
-    st_release_sys_u32(reinterpret_cast<uint32_t*>(region + L.staged_flag(p.buffer, p.common.rank, m.dslot[di])), seq);
+    st_release_sys(reinterpret_cast<uint32_t*>(region + L.staged_flag(p.buffer, p.common.rank, m.dslot[di])), seq);
   }
 }
 

@@ -16,16 +16,6 @@ constexpr int kLowLatencyWarps = kLowLatencyThreads / 32;
 // The low half of a tag: what the sender put there (count + 1, or header + 1).
 __device__ __forceinline__ uint32_t tag_payload(uint64_t v) { return static_cast<uint32_t>(v) - 1u; }
 
-// 32-bit flags (the per-rank dispatch's staged-token flags: a call number in the high half of a
-// per-expert header word, see LowLatencyLayout::staged_flag), system scope like the 64-bit ones.
-__device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys_u32(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 

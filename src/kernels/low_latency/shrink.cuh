@@ -76,7 +76,7 @@ __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int
 __device__ __forceinline__ PeerWait wait_seq_or_mask(const WaitContext& ctx, int32_t* mask, const uint32_t* flag,
                                                      uint32_t seq, WaitPhase phase, int peer, long long& cycles) {
   uint64_t value = 0;
-  return wait_geq_or_mask(ctx, mask, [flag] { return static_cast<uint64_t>(ld_acquire_sys_u32(flag)); }, seq, phase,
+  return wait_geq_or_mask(ctx, mask, [flag] { return static_cast<uint64_t>(ld_acquire_sys(flag)); }, seq, phase,
                           peer, value, cycles);
 }
 
