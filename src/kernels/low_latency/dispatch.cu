@@ -80,6 +80,21 @@ __host__ __device__ inline size_t rank_meta_offset(int num_experts, int num_bloc
   return align_up(sizeof(int32_t) * (send_smem_ints(num_experts, num_blocks) + 2 * static_cast<size_t>(num_ranks)), 16);
 }
 
+// The send half's arrays at the start of the dynamic shared memory (SendSmem's layout), and the
+// per-expert path's staging after them (the per-rank path puts its RankMeta sets in between and
+// moves staging past them).
+__device__ __forceinline__ SendSmem carve_send_smem(const LowLatencyLayout& L, uint8_t* smem) {
+  const int grid = static_cast<int>(gridDim.x);
+  int32_t* ints = reinterpret_cast<int32_t*>(smem);
+  SendSmem sm;
+  sm.hist = ints;
+  sm.owned = ints + L.num_experts;
+  sm.slots = sm.owned + (L.num_experts + grid - 1) / grid;
+  sm.experts = sm.slots + 2 * kMaxTopk;
+  sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, grid), 16);
+  return sm;
+}
+
 // Per-rank receive's shared memory: [cnt: E][begin: E][rtot: R][ipre: R + 1][abort: 1][dead: R].
 __host__ __device__ inline size_t recv_smem_ints(int num_experts, int num_ranks) {
   return 2 * static_cast<size_t>(num_experts) + 3 * static_cast<size_t>(num_ranks) + 2;
@@ -773,19 +788,12 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send) {
     const LowLatencyLayout& L = p.layout;
-    int32_t* ints = reinterpret_cast<int32_t*>(smem);
-    const int owned_n = (L.num_experts + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-    SendSmem sm;
-    sm.hist = ints;
-    sm.owned = ints + L.num_experts;
-    sm.slots = sm.owned + owned_n;
-    sm.experts = sm.slots + 2 * kMaxTopk;
+    SendSmem sm = carve_send_smem(L, smem);
     if constexpr (kPerRank) {
       const size_t meta_off = rank_meta_offset(L.num_experts, static_cast<int>(gridDim.x), p.common.num_ranks);
       sm.staging = smem + meta_off + 3 * sizeof(RankMeta);
       dispatch_send_per_rank<kProbe>(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
     } else {
-      sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
       dispatch_send<LLNoNet, kProbe>(p, seq, sm, LLNoNet{}, nullptr);
     }
     publish_dispatch(p, seq);  // starts with a barrier: the receive half may reuse the shared memory
@@ -815,15 +823,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send) {
-    const LowLatencyLayout& L = p.layout;
-    int32_t* ints = reinterpret_cast<int32_t*>(smem);
-    const int owned_n = (L.num_experts + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
-    SendSmem sm;
-    sm.hist = ints;
-    sm.owned = ints + L.num_experts;
-    sm.slots = sm.owned + owned_n;
-    sm.experts = sm.slots + 2 * kMaxTopk;
-    sm.staging = smem + align_up(sizeof(int32_t) * send_smem_ints(L.num_experts, static_cast<int>(gridDim.x)), 16);
+    const SendSmem sm = carve_send_smem(p.layout, smem);
     dispatch_send(p, seq, sm, net, &ns);
     publish_dispatch(p, seq);
   }
