@@ -27,6 +27,7 @@
 
 #include "kernels/common/sequence.cuh"
 #include "kernels/internode/common.cuh"
+#include "kernels/normal/receive_plan.cuh"
 
 namespace epcomm::dev {
 
@@ -188,19 +189,9 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
   if (lane == 0 && rows_done) atomicAdd(at<uint32_t>(mine, L.counters) + kCountRowsReceived, rows_done);
 
   // num_worst_tokens: rows past the real count get topk -1 and weight 0.
-  if (p.num_worst_tokens > 0 && K > 0) {
-    // The end row of the last source (the column before its cut, see receive_plan.cuh).
-    const int num_recv = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];
-    // A count outside [0, num_worst_tokens] is reported (the host names it), never used as an index.
-    const bool sane = num_recv >= 0 && num_recv <= p.num_worst_tokens;
-    if (!sane && blockIdx.x == 0 && threadIdx.x == 0)
-      report(w, 3, WaitPhase::kNone, me.rank, static_cast<uint64_t>(p.num_worst_tokens), static_cast<uint64_t>(static_cast<uint32_t>(num_recv)));
-    const int64_t begin = sane ? static_cast<int64_t>(num_recv) * K : 0, end = sane ? static_cast<int64_t>(p.num_worst_tokens) * K : 0;
-    for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
-      p.recv_topk_idx[e] = -1;
-      if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
-    }
-  }
+  if (p.num_worst_tokens > 0 && K > 0)
+    pad_worst_topk(w, me.rank, p.chunk_offset, p.chunk_offset_stride, me.R, p.num_worst_tokens, K, p.recv_topk_idx,
+                   p.recv_topk_weights);
 
   // Node barrier: once every node peer has read this rank's rows, the remote sources may send again.
   if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountRecvDone)) {

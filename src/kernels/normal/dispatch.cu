@@ -11,6 +11,7 @@
 #include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
 #include "kernels/normal/params.hpp"
+#include "kernels/normal/receive_plan.cuh"
 
 namespace epcomm {
 namespace {
@@ -280,23 +281,6 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
   if (lane == 0) bulk_wait_all();
 }
 
-// num_worst_tokens: rows past the real count get topk -1 and weight 0.
-__device__ void pad_worst_rows(const DispatchParams& p) {
-  const CommonParams& c = p.common;
-  const int num_recv = p.chunk_offset[static_cast<int64_t>(c.num_ranks - 1) * p.chunk_offset_stride +
-                                      p.chunk_offset_stride - 2];
-  // A count outside [0, num_worst_tokens] is reported (the host names it), never used as an index.
-  const bool sane = num_recv >= 0 && num_recv <= p.num_worst_tokens;
-  if (!sane && blockIdx.x == 0 && threadIdx.x == 0)
-    report(c.wait, 3, WaitPhase::kNone, c.rank, p.num_worst_tokens, static_cast<uint32_t>(num_recv));
-  const int K = p.num_topk;
-  const int64_t begin = sane ? static_cast<int64_t>(num_recv) * K : 0, end = sane ? static_cast<int64_t>(p.num_worst_tokens) * K : 0;
-  for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
-    if (p.recv_topk_idx) p.recv_topk_idx[e] = -1;
-    if (p.recv_topk_weights) p.recv_topk_weights[e] = 0.f;
-  }
-}
-
 __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   auto& sh = *reinterpret_cast<DispatchShared*>(smem);
@@ -311,7 +295,9 @@ __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel
     fence_mbar_init();
   }
   __syncthreads();
-  if (p.num_worst_tokens > 0) pad_worst_rows(p);
+  if (p.num_worst_tokens > 0)
+    pad_worst_topk(c.wait, c.rank, p.chunk_offset, p.chunk_offset_stride, c.num_ranks, p.num_worst_tokens, p.num_topk,
+                   p.recv_topk_idx, p.recv_topk_weights);
 
   uint8_t* dyn = smem + align_up(sizeof(DispatchShared), 128);
   const size_t stager_bytes = static_cast<size_t>(kStagerBufs) * p.stager_piece_bytes;

@@ -103,4 +103,24 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
   }
 }
 
+// num_worst_tokens: receive rows past the plan's row count (the end row of the last source, the
+// column before its cut in chunk_offset) get topk -1 and weight 0, the whole grid striding over
+// [num_recv * K, num_worst_tokens * K). A count outside [0, num_worst_tokens] is reported (the host
+// names it) and never used as an index. Shared by the intranode and internode dispatch kernels.
+__device__ __forceinline__ void pad_worst_topk(const WaitContext& w, int rank, const int32_t* chunk_offset, int stride,
+                                               int num_ranks, int num_worst_tokens, int K, int64_t* recv_topk_idx,
+                                               float* recv_topk_weights) {
+  const int num_recv = chunk_offset[static_cast<int64_t>(num_ranks - 1) * stride + stride - 2];
+  const bool sane = num_recv >= 0 && num_recv <= num_worst_tokens;
+  if (!sane && blockIdx.x == 0 && threadIdx.x == 0)
+    report(w, 3, WaitPhase::kNone, rank, static_cast<uint64_t>(num_worst_tokens),
+           static_cast<uint64_t>(static_cast<uint32_t>(num_recv)));
+  const int64_t begin = sane ? static_cast<int64_t>(num_recv) * K : 0;
+  const int64_t end = sane ? static_cast<int64_t>(num_worst_tokens) * K : 0;
+  for (int64_t e = begin + blockIdx.x * blockDim.x + threadIdx.x; e < end; e += gridDim.x * blockDim.x) {
+    if (recv_topk_idx) recv_topk_idx[e] = -1;
+    if (recv_topk_weights) recv_topk_weights[e] = 0.f;
+  }
+}
+
 }  // namespace epcomm::dev
