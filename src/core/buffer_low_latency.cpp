@@ -220,9 +220,9 @@ bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8
          low_latency_dispatch_recv_shared_bytes(l, true) <= m.max_smem;
 }
 
-// The per-rank combine (EPCOMM_LL_PER_RANK=2) needs the per-rank dispatch's plan, where it fits.
-bool use_per_rank_combine(bool per_rank_dispatch, const LowLatencyLayout& l) {
-  return per_rank_dispatch && low_latency_per_rank_combine_requested() && l.per_rank_combine_fits();
+// The per-rank combine (EPCOMM_LL_PER_RANK=2, 3) needs the per-rank dispatch's plan, where it fits.
+LowLatencyPartials combine_partials(bool per_rank_dispatch, const LowLatencyLayout& l) {
+  return per_rank_dispatch ? low_latency_partials(l) : LowLatencyPartials::kNone;
 }
 
 Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
@@ -241,7 +241,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.round_scale = in.round_scale;
   p.use_ue8m0 = in.use_ue8m0;
   p.per_rank = per_rank;
-  p.per_rank_combine = use_per_rank_combine(per_rank, l);
+  p.per_rank_combine = combine_partials(per_rank, l) != LowLatencyPartials::kNone;
   const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
   p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2, per_rank) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
@@ -332,7 +332,7 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
                                                          l.message(h.buffer_index, 0, 0, 0))
                      : in.x.ptr<const uint16_t>();
   p.layout_range = h.layout_range.ptr<const int64_t>();
-  p.per_rank = m.ll.per_rank_combine[h.buffer_index];
+  p.partials = m.ll.partials[h.buffer_index];
   p.topk_idx = in.topk_idx.ptr<const int64_t>();
   p.topk_weights = in.topk_weights.ptr<const float>();
   p.out = out.ptr<uint16_t>();
@@ -474,7 +474,7 @@ Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const Low
   Event e = launch_dispatch_phases(m, in, out, call, buffer, phases, per_rank, order);
   m.ll.layout = call.layout;
   m.ll.per_rank[buffer] = per_rank;
-  m.ll.per_rank_combine[buffer] = use_per_rank_combine(per_rank, call.layout);
+  m.ll.partials[buffer] = combine_partials(per_rank, call.layout);
   m.ll.next_buffer = buffer ^ 1;
   handle_out.src_info = out.src_info;
   handle_out.layout_range = out.layout_range;

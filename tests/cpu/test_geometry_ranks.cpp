@@ -5,6 +5,9 @@
 // that overlaps the next one or runs past the size hint would corrupt memory on the GPU. Host only.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
+#include <random>
 #include <string>
 
 #include "core/ring_geometry.hpp"
@@ -83,6 +86,16 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
               EXPECT_GE(l.pr_head(b, 0, 0), l.buffer(b) + l.pr_base());
               EXPECT_LE(l.pr_weight_flag(b, R - 1) + 8, l.buffer(b) + l.dispatch_count);
               EXPECT_EQ(l.pr_weight_flag(b, 0) % 8, 0u);
+              // Fine partials: pr_dests rows of 3 * hidden bytes inside the token's kslots rows,
+              // 16-byte aligned (the 8-byte plane too); a part's flag stays in the token's flags.
+              if (l.pr_fine_fits()) {
+                const int D = l.pr_dests();
+                EXPECT_LE(l.pr_fine_row(b, tmax - 1, D - 1) + 3 * static_cast<size_t>(l.hidden),
+                          l.combine_row(b, tmax - 1, 0) + l.kslots * l.msg_bytes);
+                EXPECT_EQ(l.pr_fine_row(b, tmax - 1, D - 1) % 16, 0u);
+                EXPECT_EQ((l.pr_fine_row(b, 0, 0) + 2 * static_cast<size_t>(l.hidden)) % 16, 0u);
+              }
+              EXPECT_LE(l.pr_dests() * l.pr_parts(), l.kslots);
             }
           }
         }
@@ -91,6 +104,60 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
   EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).per_rank_combine_fits());  // DeepSeek-V3 EP8
   EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());
   EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
+  // Fine partials need 3 * pr_dests <= 2 * kslots (kslots = 16 where E >= 16): up to 10 ranks.
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).pr_fine_fits());
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).pr_fine_fits());  // DeepSeek-V3 EP8
+  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 16, 256).pr_fine_fits());
+}
+
+// The fine partials' rounding (kernels/low_latency/params.hpp, used by the LL combine): nearest at
+// 16 significant bits against a double computation, the bound 2^-16 |x|, the carry into the
+// exponent, Inf, NaN, signed zeros and subnormals.
+float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+TEST(FinePartials, RoundsToNearestAtSixteenBits) {
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<uint32_t> any;
+  int checked = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t bits = any(rng);
+    const float x = from_bits(bits);
+    if (!std::isfinite(x)) continue;
+    const uint32_t r = fine_round_bits(bits);
+    ASSERT_EQ(r & 0xffu, 0u);
+    const float y = from_bits(r);
+    if (!std::isfinite(y)) {  // only within half a unit of the largest finite value
+      ASSERT_GE(std::fabs(static_cast<double>(x)), 3.4027e38);
+      continue;
+    }
+    // The two neighbours at 16 significant bits: y is the nearer (ties away from zero).
+    const uint32_t down = bits & 0xffffff00u;
+    const double e_down = std::fabs(static_cast<double>(from_bits(down)) - x);
+    const double e_up = std::fabs(static_cast<double>(from_bits(down + 0x100u)) - x);
+    const double err = std::fabs(static_cast<double>(y) - x);
+    ASSERT_EQ(err, std::min(e_down, e_up)) << std::hex << bits;
+    if (e_down == e_up) ASSERT_EQ(r, down + 0x100u) << std::hex << bits;
+    if (std::fabs(x) >= 1.17549435e-38f) ASSERT_LE(err, std::ldexp(std::fabs(static_cast<double>(x)), -16)) << std::hex << bits;
+    ++checked;
+  }
+  EXPECT_GT(checked, 190000);
+  EXPECT_EQ(fine_round_bits(0x3fffff80u), 0x40000000u);  // 1.99999... -> 2: carry into the exponent
+  EXPECT_EQ(fine_round_bits(0xbfffff7fu), 0xbfffff00u);  // below half a unit: down (negative)
+  EXPECT_EQ(fine_round_bits(0x7f800000u), 0x7f800000u);  // Inf
+  EXPECT_EQ(fine_round_bits(0xff800000u), 0xff800000u);  // -Inf
+  EXPECT_EQ(fine_round_bits(0x7f800001u), 0x7fc00000u);  // a NaN whose payload is in the dropped bits
+  EXPECT_EQ(fine_round_bits(0x80000000u), 0x80000000u);  // -0
+  EXPECT_EQ(fine_round_bits(0x00000080u), 0x00000100u);  // subnormal, tie away from zero
+  EXPECT_EQ(fine_round_bits(to_bits(1.0f)), to_bits(1.0f));
 }
 
 TEST(GeometryRanks, LowLatencySizeHintNoLargerThanDeepEP) {

@@ -189,27 +189,33 @@ float bf16_value(uint16_t b) {
   return f;
 }
 
-// EPCOMM_LL_PER_RANK=2 sends BF16 partial sums per (token, rank) where the layout allows
+// EPCOMM_LL_PER_RANK=2 / 3 send partial sums per (token, rank) where the layout allows
 // (kernels/low_latency/combine.cu): the library decides alike (its shared-memory limits hold for
 // every case here).
-bool per_rank_combine_in_use(const LLCase& c) {
+LowLatencyPartials partials_in_use(const LLCase& c) {
   const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
-  return low_latency_per_rank_combine_requested() && l.per_rank_fits(c.use_fp8) && l.local_experts <= 0xffff &&
-         l.per_rank_combine_fits();
+  if (!low_latency_per_rank_requested() || !l.per_rank_fits(c.use_fp8) || l.local_experts > 0xffff)
+    return LowLatencyPartials::kNone;
+  return low_latency_partials(l);
 }
 
-// The per-rank combine's bound: one BF16 rounding per partial (|error| <= 2^-9 sum_k |w_k y_k|,
-// `absref` = that sum as the reference computes it from |w| and |y|) and the final rounding of
-// both results (<= 2^-8 |want| together).
+// The per-rank combine's bounds (`absref` = sum_k |w_k y_k| as the reference computes it from |w|
+// and |y|), plus the final rounding of both results (<= one BF16 unit of |want|, 2^-7 |want|):
+// BF16 partials: one BF16 rounding per partial (|error| <= 2^-9 absref, tested with 2^-8);
+// fine partials: one rounding at 16 significant bits per partial and float32 reordering
+// (|error| <= (2^-16 + 16 * 2^-24) absref, tested with 2^-14).
 std::string close_combine(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
-                          const std::vector<uint16_t>& absref) {
+                          const std::vector<uint16_t>& absref, LowLatencyPartials kind) {
   if (got.size() != want.size()) return "combined x: size " + std::to_string(got.size()) + ", want " + std::to_string(want.size());
+  const float rel = kind == LowLatencyPartials::kFine ? 1.0f / 16384.0f : 1.0f / 256.0f;
+  const char* what = kind == LowLatencyPartials::kFine ? "fine" : "BF16";
   for (size_t i = 0; i < got.size(); ++i) {
     const float g = bf16_value(got[i]), w = bf16_value(want[i]), a = bf16_value(absref[i]);
-    const float tol = a * (1.0f / 256.0f) + std::fabs(w) * (1.0f / 128.0f);
+    const float tol = a * rel + std::fabs(w) * (1.0f / 128.0f);
     if (!(std::fabs(g - w) <= tol))
-      return "combined x (per-rank partials, tolerance) differs at element " + std::to_string(i) + ": got " +
-             std::to_string(g) + ", want " + std::to_string(w) + ", tolerance " + std::to_string(tol);
+      return std::string("combined x (per-rank ") + what + " partials, tolerance) differs at element " +
+             std::to_string(i) + ": got " + std::to_string(g) + ", want " + std::to_string(w) + ", tolerance " +
+             std::to_string(tol);
   }
   return "";
 }
@@ -277,7 +283,7 @@ std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, cons
   }
   opt.masked_ranks = masked;
   const auto want_out = ref::low_latency_combine(cin, handles, opt);
-  if (per_rank_combine_in_use(c)) {
+  if (const LowLatencyPartials kind = partials_in_use(c); kind != LowLatencyPartials::kNone) {
     std::vector<ref::LowLatencyCombineInput> abs_in = cin;
     for (auto& a : abs_in) {
       for (auto& v : a.y) v &= 0x7fff;
@@ -286,7 +292,8 @@ std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, cons
     const auto abs_out = ref::low_latency_combine(abs_in, handles, opt);
     for (int j = 0; j < R; ++j) {
       if (!live(j)) continue;
-      if (auto r = close_combine(got[j].out, want_out[j], abs_out[j]); !r.empty()) return "rank " + std::to_string(j) + ": " + r;
+      if (auto r = close_combine(got[j].out, want_out[j], abs_out[j], kind); !r.empty())
+        return "rank " + std::to_string(j) + ": " + r;
     }
     return "";
   }

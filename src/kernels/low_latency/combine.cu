@@ -8,21 +8,28 @@
 //          sums w * y in k order with separate multiply and add (no FMA: bit for bit the
 //          reference), rounds once to BF16. Block 0 finally waits for every rank's `done`.
 //
-// Per-rank combine (p.per_rank, EPCOMM_LL_PER_RANK=2 where it fits, see params.hpp): the expert
-// rank sends one row per (token, origin rank) instead of one per (token, expert), about 2.4x fewer
-// bytes at the standard shape.
+// Per-rank combine (p.partials != kNone: EPCOMM_LL_PER_RANK=2 or 3 where it fits, see params.hpp):
+// the expert rank sends one row per (token, origin rank) instead of one per (token, expert).
 // send:    block 0 pushes this rank's topk_weights to every rank (one flag each); then a
-//          warp per (staged token of the dispatch's plan, part of the row) waits for that origin's
-//          weights and sums w[t][k] * y over the token's rows on this rank (float32, k order, no
-//          FMA), rounds once to BF16 and stores the part into the origin's combine row [t][d] (d:
-//          this rank's place among the token's destination ranks), with a flag per part.
+//          warp per (staged token of the dispatch's plan, part of the row) sums w[t][k] * y over the
+//          token's rows on this rank (float32, k order, no FMA; it waits for that origin's weights
+//          first) and stores the part into the origin's combine row for (t, d) (d: this rank's
+//          place among the token's destination ranks), with a flag per part.
 // receive: a warp per (token, slice) finds the token's destination ranks (first occurrence in k
 //          order, as the dispatch numbered them), waits for every part flag of each, and sums the
 //          partials in that order in float32, rounded once to BF16.
-// Accuracy: BF16 partials add one rounding per (token, rank) before the final one, so the result
-// is not bit-identical to the per-expert sum: |error| <= 2^-9 * sum_k |w_k y_k| + the final
-// rounding. Float32 partials would keep the error at float32 level but send 28 KB rows, about the
-// bytes of the per-expert path's BF16 rows; the point of the path is the bytes, so it sends BF16.
+// Partials (LowLatencyPartials):
+// - kBf16 (=2): the partial rounded to BF16. |error| <= 2^-9 * sum_k |w_k y_k| + the final rounding;
+//   about 2.4x fewer bytes than per-expert rows at the standard shape.
+// - kFine (=3): a token with ONE expert on the rank gets that BF16 row of y unchanged and the origin
+//   multiplies it by its weight (exactly the per-expert path's operations); with several, the float32
+//   partial rounded to nearest at 16 significant bits, sent as its high 16 bits (one plane) and the
+//   next 8 (another). Per partial |error| <= 2^-16 |partial|, 2^8 below the output's own BF16
+//   rounding: the result differs from the per-expert sum by at most one BF16 unit, rarely; about 1.6x
+//   fewer bytes than per-expert rows at the standard shape. Where every token has at most one expert
+//   per rank the result is bit-identical to the per-expert path.
+// Float32 partials would keep the error at float32 level but send 28 KB rows, about the bytes of
+// the per-expert path's BF16 rows.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
@@ -37,6 +44,44 @@ namespace {
 using namespace epcomm::dev;
 
 constexpr int kSliceChannels = 256;  // 8 per lane
+
+// Fine partials (kFine): eight float32 sums rounded by fine_round_bits (params.hpp), as their high
+// 16 bits (hi, like BF16) and the next 8 (lo).
+__device__ __forceinline__ void to_fine_x8(const float (&acc)[8], int4& hi, uint2& lo) {
+  uint32_t h[4] = {0, 0, 0, 0}, l[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = fine_round_bits(__float_as_uint(acc[i]));
+    h[i / 2] |= (bits >> 16) << (16 * (i % 2));
+    l[i / 4] |= ((bits >> 8) & 0xffu) << (8 * (i % 4));
+  }
+  hi = make_int4(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]), static_cast<int>(h[3]));
+  lo = make_uint2(l[0], l[1]);
+}
+
+// acc[i] += the i-th fine partial of (hi, lo).
+__device__ __forceinline__ void add_fine_x8(float (&acc)[8], int4 hi, uint2 lo) {
+  const uint32_t h[4] = {static_cast<uint32_t>(hi.x), static_cast<uint32_t>(hi.y), static_cast<uint32_t>(hi.z),
+                         static_cast<uint32_t>(hi.w)};
+  const uint32_t l[2] = {lo.x, lo.y};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t bits = (((h[i / 2] >> (16 * (i % 2))) & 0xffffu) << 16) | (((l[i / 4] >> (8 * (i % 4))) & 0xffu) << 8);
+    acc[i] = __fadd_rn(acc[i], __uint_as_float(bits));
+  }
+}
+
+// acc[i] = acc[i] + w * (the i-th BF16 of v), multiply and add rounded separately (the reference's
+// operations, no FMA).
+__device__ __forceinline__ void add_weighted_bf16x8(float (&acc)[8], float w, int4 v) {
+  const uint32_t words[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                             static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_bits_to_float(words[i] & 0xffffu)));
+    acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_bits_to_float(words[i] >> 16)));
+  }
+}
 
 // Network path's shared memory (static, inside kLowLatencyNetStaticSmem).
 struct NetCombineSmem {
@@ -242,15 +287,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
 #pragma unroll
     for (int k = 0; k < kMaxTopk; ++k) {
       const float wk = __shfl_sync(0xffffffffu, w, k);
-      if (active && ((valid >> k) & 1u)) {
-        const uint32_t words[4] = {static_cast<uint32_t>(v[k].x), static_cast<uint32_t>(v[k].y),
-                                   static_cast<uint32_t>(v[k].z), static_cast<uint32_t>(v[k].w)};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(wk, bf16_bits_to_float(words[i] & 0xffffu)));
-          acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(wk, bf16_bits_to_float(words[i] >> 16)));
-        }
-      }
+      if (active && ((valid >> k) & 1u)) add_weighted_bf16x8(acc, wk, v[k]);
     }
     if (active) {
       uint32_t packed[4];
@@ -270,7 +307,9 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
 }
 
 // Per-rank combine, send half (see the top of this file).
+template <LowLatencyPartials kP>
 __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
+  constexpr bool kFine = kP == LowLatencyPartials::kFine;
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
@@ -318,23 +357,30 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     const int item = w / P, part = w % P;
     const int src = __popc(__ballot_sync(0xffffffffu, incl <= item));  // first source whose prefix passes item
     const int j = item - (__shfl_sync(0xffffffffu, incl, src) - __shfl_sync(0xffffffffu, cnt, src));
-    uint64_t v = 0;
-    long long cycles = 0;
-    int got = static_cast<int>(PeerWait::kArrived);
-    if (lane == 0)
-      got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
-                                              reinterpret_cast<const uint64_t*>(mine + L.pr_weight_flag(p.buffer, src)),
-                                              tag(seq, 1), WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
-    got = __shfl_sync(0xffffffffu, got, 0);
-    if (got == static_cast<int>(PeerWait::kAborted)) return;
-    if (got == static_cast<int>(PeerWait::kMasked)) continue;  // shrink mode: nothing goes to a masked rank
-    if (p.wait_cost_stats && lane == 0 && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
     const uint32_t head = __ldcg(reinterpret_cast<const unsigned int*>(mine + L.pr_head(p.buffer, src, j)));
     const int t = static_cast<int>(head & 0xffffu);
     const int n = min(static_cast<int>((head >> 16) & 0x1fu), KS);
     const int d = static_cast<int>((head >> 21) & 0x1fu);
     if (t >= L.max_tokens || d >= D) continue;  // not a plan of this layout: dropped, the origin times out
+    // Fine partials: a token with one expert here gets its row as it is (the origin weighs it), so
+    // it needs no weights and goes at once.
+    const bool single = kFine && n == 1;
+    if (single) {
+      if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
+    } else {
+      uint64_t v = 0;
+      long long cycles = 0;
+      int got = static_cast<int>(PeerWait::kArrived);
+      if (lane == 0)
+        got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
+                                                reinterpret_cast<const uint64_t*>(mine + L.pr_weight_flag(p.buffer, src)),
+                                                tag(seq, 1), WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
+      got = __shfl_sync(0xffffffffu, got, 0);
+      if (got == static_cast<int>(PeerWait::kAborted)) return;
+      if (got == static_cast<int>(PeerWait::kMasked)) continue;  // shrink mode: nothing goes to a masked rank
+      if (p.wait_cost_stats && lane == 0 && cycles > 0)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+    }
     // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range).
     int64_t row = -1;
     float wt = 0.0f;
@@ -347,45 +393,67 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
         const int64_t begin = range >> 32, count = range & 0xffffffff;
         if (slot < count && begin + count <= RT) {
           row = static_cast<int64_t>(le) * RT + begin + slot;
-          wt = __ldcg(reinterpret_cast<const float*>(mine + L.pr_weights(p.buffer, src)) + static_cast<size_t>(t) * KS + k);
+          if (!single)
+            wt = __ldcg(reinterpret_cast<const float*>(mine + L.pr_weights(p.buffer, src)) + static_cast<size_t>(t) * KS + k);
         }
       }
     }
     char* origin = c.peer_base[src] + p.region;
-    int4* dst = reinterpret_cast<int4*>(origin + L.combine_row(p.buffer, t, d));
+    char* dst_row = origin + (kFine ? L.pr_fine_row(p.buffer, t, d) : L.combine_row(p.buffer, t, d));
+    int4* dst = reinterpret_cast<int4*>(dst_row);
     const int4* y = reinterpret_cast<const int4*>(p.y);
     const int v0 = part * V / P, v1 = (part + 1) * V / P;
-    for (int base = v0; base < v1; base += 32 * U) {
-      float acc[U][8];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
-      for (int e = 0; e < n; ++e) {
-        const int64_t r = __shfl_sync(0xffffffffu, row, e);
-        const float we = __shfl_sync(0xffffffffu, wt, e);
-        if (r < 0) continue;
+    if (single) {
+      // The row itself (zeros when its slot is not in the handle's range: it contributes nothing).
+      const int64_t r = __shfl_sync(0xffffffffu, row, 0);
+      for (int base = v0; base < v1; base += 32 * U) {
         int4 vec[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int i = base + lane + u * 32;
-          if (i < v1) vec[u] = __ldg(y + r * V + i);
+          vec[u] = make_int4(0, 0, 0, 0);
+          if (i < v1 && r >= 0) vec[u] = __ldg(y + r * V + i);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          const uint32_t words[4] = {static_cast<uint32_t>(vec[u].x), static_cast<uint32_t>(vec[u].y),
-                                     static_cast<uint32_t>(vec[u].z), static_cast<uint32_t>(vec[u].w)};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            acc[u][2 * i] = __fadd_rn(acc[u][2 * i], __fmul_rn(we, bf16_bits_to_float(words[i] & 0xffffu)));
-            acc[u][2 * i + 1] = __fadd_rn(acc[u][2 * i + 1], __fmul_rn(we, bf16_bits_to_float(words[i] >> 16)));
-          }
+          const int i = base + lane + u * 32;
+          if (i < v1) dst[i] = vec[u];
         }
       }
+    } else {
+      for (int base = v0; base < v1; base += 32 * U) {
+        float acc[U][8];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = base + lane + u * 32;
-        if (i < v1) dst[i] = to_bf16x8(acc[u]);
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[u][i] = 0.0f;
+        for (int e = 0; e < n; ++e) {
+          const int64_t r = __shfl_sync(0xffffffffu, row, e);
+          const float we = __shfl_sync(0xffffffffu, wt, e);
+          if (r < 0) continue;
+          int4 vec[U];
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const int i = base + lane + u * 32;
+            if (i < v1) vec[u] = __ldg(y + r * V + i);
+          }
+#pragma unroll
+          for (int u = 0; u < U; ++u) add_weighted_bf16x8(acc[u], we, vec[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int i = base + lane + u * 32;
+          if (i >= v1) continue;
+          if constexpr (kFine) {
+            int4 hi;
+            uint2 lo;
+            to_fine_x8(acc[u], hi, lo);
+            dst[i] = hi;
+            reinterpret_cast<uint2*>(dst_row + 2 * static_cast<size_t>(H))[i] = lo;
+          } else {
+            dst[i] = to_bf16x8(acc[u]);
+          }
+        }
       }
     }
     __syncwarp();
@@ -395,7 +463,9 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
 }
 
 // Per-rank combine, receive half: out[t] = the sum of the token's per-rank partials.
+template <LowLatencyPartials kP>
 __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
+  constexpr bool kFine = kP == LowLatencyPartials::kFine;
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int EL = L.local_experts, E = L.num_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
@@ -409,9 +479,13 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
   for (int item = gw; item < T * slices; item += total_warps) {
     const int t = item / slices, s = item % slices;
     int e = -1;
+    float w = 0.0f;  // fine partials: the weight of a rank's single expert is applied here
     if (lane < K) {
       const int64_t id = p.topk_idx[static_cast<int64_t>(t) * K + lane];
-      if (id >= 0 && id < E) e = static_cast<int>(id);
+      if (id >= 0 && id < E) {
+        e = static_cast<int>(id);
+        if constexpr (kFine) w = p.topk_weights[static_cast<int64_t>(t) * K + lane];
+      }
     }
     // The destination ranks in order of first occurrence (the dispatch's numbering).
     const int dest = e >= 0 ? e / EL : -1 - lane;  // distinct for lanes without an expert
@@ -446,29 +520,43 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    uint32_t rest = leaders;  // fine partials: destination d's leader lane is the lowest bit left
     for (int d = 0; d < nd; ++d) {
-      if (((arrived_mask >> (d * P)) & part_mask) != part_mask) continue;  // every part, or none of it
-      if (active)
-        add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(mine + L.combine_row(p.buffer, t, d)) + c0 / 8));
+      if constexpr (kFine) {
+        const int lead = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const bool single = __popc(__shfl_sync(0xffffffffu, same, lead)) == 1;
+        const float wd = __shfl_sync(0xffffffffu, w, lead);
+        if (((arrived_mask >> (d * P)) & part_mask) != part_mask || !active) continue;  // every part, or none of it
+        const char* row = mine + L.pr_fine_row(p.buffer, t, d);
+        const int4 hi = __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8);
+        if (single) add_weighted_bf16x8(acc, wd, hi);
+        else add_fine_x8(acc, hi, __ldcg(reinterpret_cast<const uint2*>(row + 2 * static_cast<size_t>(H)) + c0 / 8));
+      } else {
+        if (((arrived_mask >> (d * P)) & part_mask) != part_mask) continue;  // every part, or none of it
+        if (active)
+          add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(mine + L.combine_row(p.buffer, t, d)) + c0 / 8));
+      }
     }
     if (active) *reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H + c0) = to_bf16x8(acc);
   }
   wait_all_done(p, seq, LLNoNet{});
 }
 
-template <bool kPerRank>
+template <LowLatencyPartials kP>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
+  constexpr bool kPerRank = kP != LowLatencyPartials::kNone;
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send) {
-    if constexpr (kPerRank) combine_send_per_rank(p, seq);
+    if constexpr (kPerRank) combine_send_per_rank<kP>(p, seq);
     else combine_send(p, seq, LLNoNet{}, nullptr);
     finish_combine_send(p, seq, LLNoNet{});
   }
   if (recv) {
-    if constexpr (kPerRank) combine_recv_per_rank(p, seq);
+    if constexpr (kPerRank) combine_recv_per_rank<kP>(p, seq);
     else combine_recv(p, seq, LLNoNet{}, nullptr);
   }
 }
@@ -511,10 +599,17 @@ static_assert(sizeof(NetCombineSmem) <= kLowLatencyNetStaticSmem, "kLowLatencyNe
 }  // namespace
 
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream) {
-  if (p.per_rank)
-    low_latency_combine_kernel<true><<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  else
-    low_latency_combine_kernel<false><<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (p.partials) {
+    case LowLatencyPartials::kBf16:
+      low_latency_combine_kernel<LowLatencyPartials::kBf16><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);
+      break;
+    case LowLatencyPartials::kFine:
+      low_latency_combine_kernel<LowLatencyPartials::kFine><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);
+      break;
+    default:
+      low_latency_combine_kernel<LowLatencyPartials::kNone><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);
+  }
   EPCOMM_LAUNCH_CHECK("low_latency_combine_kernel");
 }
 

@@ -75,9 +75,14 @@ struct RankMeta {
 static_assert(sizeof(RankMeta) % 16 == 0, "RankMeta rows are copied as 16-byte vectors");
 
 // Per-rank send's extra shared memory after the per-expert path's ints: [rank_hist: R][rank_total: R]
-// (16-byte aligned), then three RankMeta sets.
+// (16-byte aligned), then three RankMeta sets, then each token's destination-rank mask
+// [max_tokens] (16-byte aligned), then the staging areas.
 __host__ __device__ inline size_t rank_meta_offset(int num_experts, int num_blocks, int num_ranks) {
   return align_up(sizeof(int32_t) * (send_smem_ints(num_experts, num_blocks) + 2 * static_cast<size_t>(num_ranks)), 16);
+}
+__host__ __device__ inline size_t per_rank_staging_offset(const LowLatencyLayout& L, int num_blocks) {
+  return rank_meta_offset(L.num_experts, num_blocks, L.num_ranks) + 3 * sizeof(RankMeta) +
+         align_up(sizeof(uint32_t) * static_cast<size_t>(L.max_tokens), 16);
 }
 
 // The send half's arrays at the start of the dynamic shared memory (SendSmem's layout), and the
@@ -276,7 +281,7 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
 
 template <bool kProbe = false>
 __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm,
-                                       int32_t* rank_hist, RankMeta* meta) {
+                                       int32_t* rank_hist, RankMeta* meta, uint32_t* tok_dests) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, T = p.num_tokens, H = L.hidden, R = c.num_ranks;
@@ -290,29 +295,38 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
 
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
+  for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
   __syncthreads();
-  // One pass, a thread per token (its K ids loaded once, independent loads into registers): rows
-  // per expert before this block's tokens, the totals of the experts whose count flag this block
-  // owns, and tokens per destination rank (a token counts once for each rank holding any of its
-  // experts), the latter summed per warp with ballots (one shared atomic per warp and rank).
+  // Pass 1, the (token, k) pairs spread over every thread (coalesced loads, a few in flight per
+  // thread): rows per expert before this block's tokens, the totals of the experts whose count flag
+  // this block owns, and each token's destination ranks as a mask.
   static_assert(kMaxNvlRanks <= 32, "destination ranks as a 32-bit mask");
+  constexpr int kIdsInFlight = 4;
+  const int TK = T * K;
+  for (int base = 0; base < TK; base += kIdsInFlight * nthreads) {
+    int64_t ids[kIdsInFlight];
+#pragma unroll
+    for (int u = 0; u < kIdsInFlight; ++u) {
+      const int i = base + u * nthreads + tid;
+      ids[u] = i < TK ? p.topk_idx[i] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kIdsInFlight; ++u) {
+      const int64_t e = ids[u];
+      if (e < 0 || e >= E) continue;  // out of range counts as -1 (no host check without a sync)
+      const int ei = static_cast<int>(e), t = (base + u * nthreads + tid) / K;
+      if (t < t_begin) atomicAdd(&sm.hist[ei], 1);
+      if (ei % grid == b) atomicAdd(&sm.owned[ei / grid], 1);
+      atomicOr(&tok_dests[t], 1u << (ei / EL));
+    }
+  }
+  __syncthreads();
+  // Pass 2, a thread per token: tokens per destination rank (a token counts once for each rank
+  // holding any of its experts), before this block's tokens and in all, summed per warp with
+  // ballots (one shared atomic per warp and rank).
   for (int t0 = warp * 32; t0 < T; t0 += nthreads) {
     const int t = t0 + lane;
-    uint32_t dests = 0;
-    if (t < T) {
-      const int64_t* row = p.topk_idx + static_cast<int64_t>(t) * K;
-      int64_t ids[kMaxTopk];
-#pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < K ? row[k] : -1;
-#pragma unroll
-      for (int k = 0; k < kMaxTopk; ++k) {
-        const int64_t e = ids[k];
-        if (e < 0 || e >= E) continue;  // out of range counts as -1 (no host check without a sync)
-        if (t < t_begin) atomicAdd(&sm.hist[e], 1);
-        if (static_cast<int>(e) % grid == b) atomicAdd(&sm.owned[static_cast<int>(e) / grid], 1);
-        dests |= 1u << (static_cast<int>(e) / EL);
-      }
-    }
+    const uint32_t dests = t < T ? tok_dests[t] : 0u;
     const uint32_t before = __ballot_sync(0xffffffffu, t < t_begin);
     for (int d = 0; d < R; ++d) {
       const uint32_t to_d = __ballot_sync(0xffffffffu, (dests >> d) & 1u);
@@ -791,8 +805,9 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     SendSmem sm = carve_send_smem(L, smem);
     if constexpr (kPerRank) {
       const size_t meta_off = rank_meta_offset(L.num_experts, static_cast<int>(gridDim.x), p.common.num_ranks);
-      sm.staging = smem + meta_off + 3 * sizeof(RankMeta);
-      dispatch_send_per_rank<kProbe>(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off));
+      sm.staging = smem + per_rank_staging_offset(L, static_cast<int>(gridDim.x));
+      dispatch_send_per_rank<kProbe>(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off),
+                                     reinterpret_cast<uint32_t*>(smem + meta_off + 3 * sizeof(RankMeta)));
     } else {
       dispatch_send<LLNoNet, kProbe>(p, seq, sm, LLNoNet{}, nullptr);
     }
@@ -861,8 +876,7 @@ void launch_dispatch_net_kernel(const LowLatencyDispatchParams& p, const LowLate
 int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
                                       bool per_rank) {
   if (per_rank)
-    return static_cast<int>(rank_meta_offset(layout.num_experts, num_blocks, layout.num_ranks) + 3 * sizeof(RankMeta) +
-                            static_cast<size_t>(staging_buffers) * layout.msg_bytes);
+    return static_cast<int>(per_rank_staging_offset(layout, num_blocks) + static_cast<size_t>(staging_buffers) * layout.msg_bytes);
   return static_cast<int>(align_up(sizeof(int32_t) * send_smem_ints(layout.num_experts, num_blocks), 16) +
                           static_cast<size_t>(staging_buffers) * layout.msg_bytes);
 }

@@ -169,6 +169,13 @@ struct LowLatencyLayout {
   bool per_rank_combine_fits() const {
     return pr_weight_flag(0, num_ranks) <= dispatch_header + static_cast<size_t>(num_experts) * max_tokens * 8;
   }
+  // Fine partials (EPCOMM_LL_PER_RANK=3, see combine.cu): destination d's row of token t is 3 *
+  // hidden bytes ([high 16 bits of each float32 partial: 2 * hidden][next 8 bits: hidden]) at
+  // d * 3 * hidden inside the token's kslots combine rows; they must hold pr_dests() such rows.
+  EPCOMM_HD size_t pr_fine_row(int b, int t, int d) const {
+    return combine_row(b, t, 0) + static_cast<size_t>(d) * 3 * static_cast<size_t>(hidden);
+  }
+  bool pr_fine_fits() const { return 3 * pr_dests() <= 2 * kslots; }
 
   bool same_shape(const LowLatencyLayout& o) const {
     return num_ranks == o.num_ranks && max_tokens == o.max_tokens && hidden == o.hidden && num_experts == o.num_experts;
@@ -216,11 +223,35 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
 
 // EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 1): 0 keeps the
 // per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
-// per-rank combine (whose BF16 partials are not bit-identical to the per-expert sum: see
-// combine.cu). A call uses them only where the layout and shared memory allow.
+// per-rank combine with BF16 partials, 3 for the per-rank combine with fine partials (neither is
+// bit-identical to the per-expert sum; combine.cu gives their error bounds). A call uses them only
+// where the layout and shared memory allow.
 int low_latency_per_rank_level();
 inline bool low_latency_per_rank_requested() { return low_latency_per_rank_level() >= 1; }
 inline bool low_latency_per_rank_combine_requested() { return low_latency_per_rank_level() >= 2; }
+
+// What the expert rank returns to an origin in the combine of a per-rank dispatch.
+enum class LowLatencyPartials : int {
+  kNone = 0,  // per-expert rows (bit-exact)
+  kBf16 = 1,  // one BF16 partial per (token, destination rank)
+  kFine = 2,  // per (token, destination rank): the BF16 row itself when one expert of the rank was
+              // selected, else the float32 partial rounded to 16 significant bits (24-bit float)
+};
+// A fine partial's rounding: float32 bits rounded to nearest at 16 significant bits (ties away
+// from zero; a carry moves into the exponent, so it stays nearest), low 8 bits zero. Inf stays Inf
+// (and a finite value within half a unit of the largest rounds to it); NaN becomes the canonical
+// NaN, whose payload could sit in the dropped bits.
+EPCOMM_HD inline uint32_t fine_round_bits(uint32_t bits) {
+  if ((bits & 0x7f800000u) != 0x7f800000u) return (bits + 0x80u) & 0xffffff00u;
+  return (bits & 0x007fffffu) != 0u ? 0x7fc00000u : bits;
+}
+
+inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l) {
+  const int level = low_latency_per_rank_level();
+  if (level < 2 || !l.per_rank_combine_fits()) return LowLatencyPartials::kNone;
+  if (level == 2) return LowLatencyPartials::kBf16;
+  return l.pr_fine_fits() ? LowLatencyPartials::kFine : LowLatencyPartials::kNone;
+}
 
 // LL across nodes through the network transport (EPCOMM_LL_NET=1 / BufferOptions::low_latency_net,
 // with more than one node; see ll_net.cuh for the protocol). Ranks of the same node keep the LSA
@@ -303,7 +334,8 @@ struct LowLatencyHostState {
   size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
   int next_buffer = 0;       // the buffer the next dispatch takes
   bool per_rank[2] = {false, false};  // buffer b's dispatch used the per-rank path (its hook receive must too)
-  bool per_rank_combine[2] = {false, false};  // ... and wrote the per-rank combine's plan (its combine uses it)
+  LowLatencyPartials partials[2] = {LowLatencyPartials::kNone, LowLatencyPartials::kNone};  // ... and wrote the
+                                                 // per-rank combine's plan (its combine returns these)
   bool net = false;          // network path for ranks of other nodes (LowLatencyNetLayout)
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
@@ -375,7 +407,8 @@ struct LowLatencyCombineParams {
   // expert side
   const uint16_t* y = nullptr;            // [E/R, R*Tmax, hidden] bf16 (user tensor or the zero-copy area)
   const int64_t* layout_range = nullptr;  // [E/R, R] from the dispatch handle
-  bool per_rank = false;                  // per-rank combine (the dispatch wrote its plan), see combine.cu
+  LowLatencyPartials partials = LowLatencyPartials::kNone;  // kNone: per-expert rows; else the per-rank
+                                                             // combine (the dispatch wrote its plan), see combine.cu
   // origin side
   const int64_t* topk_idx = nullptr;      // [T, K]
   const float* topk_weights = nullptr;    // [T, K]
