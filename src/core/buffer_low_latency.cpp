@@ -216,8 +216,7 @@ bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8
   if (m.ll.net) return false;  // the network path has the per-expert kernels only
   // Entries carry the local expert in 16 bits.
   return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff &&
-         low_latency_dispatch_shared_bytes(l, blocks, 1, true) <= m.max_smem &&
-         low_latency_dispatch_recv_shared_bytes(l, true) <= m.max_smem;
+         low_latency_dispatch_launch_shared_bytes(l, blocks, 1, true, kLowLatencySend | kLowLatencyRecv) <= m.max_smem;
 }
 
 // The per-rank combine (EPCOMM_LL_PER_RANK=2, 3) needs the per-rank dispatch's plan, where it fits.
@@ -243,7 +242,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.per_rank = per_rank;
   p.per_rank_combine = combine_partials(per_rank, l) != LowLatencyPartials::kNone;
   const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
-  p.staging_buffers = low_latency_dispatch_shared_bytes(l, call.blocks, 2, per_rank) <= smem_limit ? 2 : 1;
+  p.staging_buffers = low_latency_dispatch_launch_shared_bytes(l, call.blocks, 2, per_rank, phases) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
   p.topk_idx = in.topk_idx.ptr<const int64_t>();
   p.recv_x = out.recv_x.ptr<uint8_t>();
@@ -259,8 +258,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     p.count_decisions = m.ll.count_decisions;
   }
   p.probe = m.ll.probe;
-  const int smem = std::max((phases & kLowLatencySend) ? low_latency_dispatch_shared_bytes(l, call.blocks, p.staging_buffers, per_rank) : 0,
-                            (phases & kLowLatencyRecv) ? low_latency_dispatch_recv_shared_bytes(l, per_rank) : 0);
+  const int smem = low_latency_dispatch_launch_shared_bytes(l, call.blocks, p.staging_buffers, per_rank, phases);
   cudaStream_t stream = begin_call(m, order);
   if (m.ll.net) {
     LowLatencyNetArgs a;

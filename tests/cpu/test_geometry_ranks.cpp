@@ -84,8 +84,10 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
           if (l.per_rank_combine_fits()) {
             for (int b = 0; b < 2; ++b) {
               EXPECT_GE(l.pr_head(b, 0, 0), l.buffer(b) + l.pr_base());
-              EXPECT_LE(l.pr_weight_flag(b, R - 1) + 8, l.buffer(b) + l.dispatch_count);
-              EXPECT_EQ(l.pr_weight_flag(b, 0) % 8, 0u);
+              EXPECT_LE(l.pr_count(b, R - 1) + 4, l.buffer(b) + l.dispatch_count);
+              EXPECT_LE(l.pr_entries(b, R - 1, tmax - 1) + 4 * static_cast<size_t>(l.kslots), l.pr_weights(b, 0));
+              EXPECT_LE(l.pr_weights(b, R - 1) + 8 * static_cast<size_t>(tmax) * l.kslots, l.pr_count(b, 0));
+              EXPECT_EQ(l.pr_weights(b, 0) % 8, 0u);  // 8-byte tagged weights
               // Fine partials: pr_dests rows of 3 * hidden bytes inside the token's kslots rows,
               // 16-byte aligned (the 8-byte plane too); a part's flag stays in the token's flags.
               if (l.pr_fine_fits()) {
@@ -99,10 +101,12 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
             }
           }
         }
-  // The per-rank combine's plan takes the per-expert headers' place: E/R > kslots, about.
+  // The per-rank combine's plan takes the per-expert headers' place: E/R >= 1.6 kslots, about
+  // (kslots = 16 where E >= 16).
   EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).per_rank_combine_fits());
   EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).per_rank_combine_fits());  // DeepSeek-V3 EP8
-  EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());
+  EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 128).per_rank_combine_fits());
+  EXPECT_FALSE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());  // 20 experts per rank: too few
   EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
   // Fine partials need 3 * pr_dests <= 2 * kslots (kslots = 16 where E >= 16): up to 10 ranks.
   EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).pr_fine_fits());

@@ -442,14 +442,15 @@ TEST(LowLatencyGpu, StandardShape) {
 // The per-rank dispatch (EPCOMM_LL_PER_RANK=1) stages a token once per destination rank inside the
 // per-expert messages' area: it must fit there for every E/R >= 2 (and FP8 always), so the buffer
 // does not grow. The cases after it run through whichever path the environment selects.
-// Shapes where EPCOMM_LL_PER_RANK=2 also takes the per-rank combine (E/R > kslots): plain, hook,
-// two micro-batches with zero copy and BF16, CUDA graph replays with top-16 and duplicates. With the
-// variable unset they run the per-expert paths (bit-exact combine); with 2 the combine is checked
-// within the BF16-partials bound (ll_harness.cpp).
+// Shapes where EPCOMM_LL_PER_RANK=2 or 3 also takes the per-rank combine (E/R >= 26 with kslots =
+// 16, LowLatencyLayout::per_rank_combine_fits): plain, hook, two micro-batches with zero copy and
+// BF16, CUDA graph replays with top-16 and duplicates. With the variable unset they run the
+// per-expert paths (bit-exact combine); with 2 or 3 the combine is checked within the partials'
+// bound (ll_harness.cpp).
 TEST(LowLatencyGpu, PerRankCombineShapes) {
   LLCase c;
   c.num_ranks = 4;
-  c.num_experts = 80;
+  c.num_experts = 128;
   c.hidden = 512;
   run_case(c);
   c.hook = true;
@@ -461,7 +462,7 @@ TEST(LowLatencyGpu, PerRankCombineShapes) {
   run_case(c);
   LLCase g;
   g.num_ranks = 3;
-  g.num_experts = 54;
+  g.num_experts = 84;
   g.num_topk = 16;
   g.hidden = 256;
   g.max_tokens = 32;

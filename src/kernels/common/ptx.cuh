@@ -49,6 +49,16 @@ __device__ __forceinline__ uint32_t ld_volatile(const uint32_t* p) {
   return v;
 }
 __device__ __forceinline__ void fence_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Named barrier `id` (1..15; 0 is __syncthreads') over `count` threads, a multiple of 32: sync
+// waits for all of them (acquire), arrive only counts this warp in (release: its earlier memory
+// accesses are ordered before what the waiting threads do after their sync).
+__device__ __forceinline__ void bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
 // Orders generic-proxy accesses against bulk-copy (async proxy) accesses to global memory.
 __device__ __forceinline__ void fence_proxy_async_global() {
   asm volatile("fence.proxy.async.global;" ::: "memory");

@@ -320,22 +320,17 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   char* mine = c.peer_base[c.rank] + p.region;
 
-  // Block 0 pushes this rank's weights to every rank (its tokens' experts may sit anywhere): each
-  // thread loads a few and stores them to every rank; after the barrier, a thread per rank
-  // releases that rank's flag.
-  if (blockIdx.x == 0) {
-    for (int i = static_cast<int>(threadIdx.x); i < T * K; i += static_cast<int>(blockDim.x)) {
-      const float wv = __ldg(p.topk_weights + i);
-      const size_t at = static_cast<size_t>(i / K) * KS + i % K;
-      for (int d = 0; d < R; ++d)
-        if (!peer_masked(p.mask, d))
-          reinterpret_cast<float*>(c.peer_base[d] + p.region + L.pr_weights(p.buffer, c.rank))[at] = wv;
-    }
-    __syncthreads();
-    for (int d = static_cast<int>(threadIdx.x); d < R; d += static_cast<int>(blockDim.x))
-      if (!peer_masked(p.mask, d))
-        st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[d] + p.region + L.pr_weight_flag(p.buffer, c.rank)),
-                       tag(seq, 1));
+  // This rank's weights go to the ranks that hold their experts, a thread of the grid per (t, k):
+  // one 8-byte store each, tagged with the call's number, so it is its own flag.
+  for (int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); i < T * K;
+       i += static_cast<int>(gridDim.x * blockDim.x)) {
+    const int64_t e = p.topk_idx[i];
+    if (e < 0 || e >= static_cast<int64_t>(EL) * R) continue;
+    const int d = static_cast<int>(e) / EL;
+    if (peer_masked(p.mask, d)) continue;
+    const size_t at = static_cast<size_t>(i / K) * KS + i % K;
+    st_relaxed_sys(reinterpret_cast<uint64_t*>(c.peer_base[d] + p.region + L.pr_weights(p.buffer, c.rank)) + at,
+                   tag(seq, __float_as_uint(__ldg(p.topk_weights + i))));
   }
 
   // The plan's staged tokens, source by source (masked sources have none).
@@ -365,25 +360,12 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     // Fine partials: a token with one expert here gets its row as it is (the origin weighs it), so
     // it needs no weights and goes at once.
     const bool single = kFine && n == 1;
-    if (single) {
-      if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
-    } else {
-      uint64_t v = 0;
-      long long cycles = 0;
-      int got = static_cast<int>(PeerWait::kArrived);
-      if (lane == 0)
-        got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
-                                                reinterpret_cast<const uint64_t*>(mine + L.pr_weight_flag(p.buffer, src)),
-                                                tag(seq, 1), WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
-      got = __shfl_sync(0xffffffffu, got, 0);
-      if (got == static_cast<int>(PeerWait::kAborted)) return;
-      if (got == static_cast<int>(PeerWait::kMasked)) continue;  // shrink mode: nothing goes to a masked rank
-      if (p.wait_cost_stats && lane == 0 && cycles > 0)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
-    }
-    // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range).
+    if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
+    // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range). The
+    // weights are waited for only where they are used (not for a single row of fine partials).
     int64_t row = -1;
     float wt = 0.0f;
+    int got = static_cast<int>(PeerWait::kArrived);
     if (lane < n) {
       const uint32_t ent = __ldcg(reinterpret_cast<const unsigned int*>(mine + L.pr_entries(p.buffer, src, j)) + lane);
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
@@ -393,11 +375,21 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
         const int64_t begin = range >> 32, count = range & 0xffffffff;
         if (slot < count && begin + count <= RT) {
           row = static_cast<int64_t>(le) * RT + begin + slot;
-          if (!single)
-            wt = __ldcg(reinterpret_cast<const float*>(mine + L.pr_weights(p.buffer, src)) + static_cast<size_t>(t) * KS + k);
+          if (!single) {
+            uint64_t v = 0;
+            long long cycles = 0;
+            const auto* w64 = reinterpret_cast<const uint64_t*>(mine + L.pr_weights(p.buffer, src));
+            got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask, w64 + static_cast<size_t>(t) * KS + k, tag(seq, 0),
+                                                    WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
+            wt = __uint_as_float(static_cast<uint32_t>(v));
+            if (p.wait_cost_stats && cycles > 0)
+              atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+          }
         }
       }
     }
+    if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) return;
+    if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kMasked))) continue;  // shrink mode, as above
     char* origin = c.peer_base[src] + p.region;
     char* dst_row = origin + (kFine ? L.pr_fine_row(p.buffer, t, d) : L.combine_row(p.buffer, t, d));
     int4* dst = reinterpret_cast<int4*>(dst_row);

@@ -84,6 +84,10 @@ __host__ __device__ inline size_t per_rank_staging_offset(const LowLatencyLayout
   return rank_meta_offset(L.num_experts, num_blocks, L.num_ranks) + 3 * sizeof(RankMeta) +
          align_up(sizeof(uint32_t) * static_cast<size_t>(L.max_tokens), 16);
 }
+// A launch with both halves puts the receive half's ints past the send half's shared memory.
+__host__ __device__ inline size_t per_rank_recv_offset(const LowLatencyLayout& L, int num_blocks, int staging_buffers) {
+  return align_up(per_rank_staging_offset(L, num_blocks) + static_cast<size_t>(staging_buffers) * L.msg_bytes, 16);
+}
 
 // The send half's arrays at the start of the dynamic shared memory (SendSmem's layout), and the
 // per-expert path's staging after them (the per-rank path puts its RankMeta sets in between and
@@ -115,9 +119,9 @@ struct NetSendSmem {
 // EPCOMM_LL_PROBE: thread 0 of each block stamps a phase mark (global timer and SM clock).
 // A kernel instance of its own (kProbe), so the kernels without it keep their registers.
 template <bool kProbe>
-__device__ __forceinline__ void probe_mark(const LowLatencyDispatchParams& p, int mark) {
+__device__ __forceinline__ void probe_mark(const LowLatencyDispatchParams& p, int mark, int thread = 0) {
   if constexpr (kProbe) {
-    if (threadIdx.x == 0) {
+    if (static_cast<int>(threadIdx.x) == thread) {
       p.probe[blockIdx.x * kLowLatencyProbeSlots + mark] = global_timer_ns();
       p.probe[blockIdx.x * kLowLatencyProbeSlots + 8 + mark] = static_cast<unsigned long long>(clock64());
     }
@@ -279,7 +283,11 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
   }
 }
 
-template <bool kProbe = false>
+// kSplit (a launch with both halves): the final release is warp 0's alone. The other warps count
+// themselves in at named barrier 1 after their last stores and go on to the receive half at once
+// (dispatch_recv_per_rank without warp 0), while warp 0 waits for them, releases the last token's
+// flags (a fence that lasts until its stores reached the peers) and publishes.
+template <bool kProbe = false, bool kSplit = false>
 __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, const SendSmem& sm,
                                        int32_t* rank_hist, RankMeta* meta, uint32_t* tok_dests) {
   const CommonParams& c = p.common;
@@ -296,6 +304,12 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
+  // The first token's cast needs no histogram: its loads overlap the histogram's.
+  if (t_begin < t_end) {
+    const uint16_t* row = p.x + static_cast<size_t>(t_begin) * H;
+    if (p.use_fp8) stage_fp8(row, H, p.round_scale, sm.staging);
+    else stage_bf16(row, H, sm.staging);
+  }
   __syncthreads();
   // Pass 1, the (token, k) pairs spread over every thread (coalesced loads, a few in flight per
   // thread): rows per expert before this block's tokens, the totals of the experts whose count flag
@@ -387,9 +401,11 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
         m.token = t;
       }
     }
-    const uint16_t* row = p.x + static_cast<size_t>(t) * H;
-    if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
-    else stage_bf16(row, H, msg);
+    if (it > 0) {  // the first token was staged before the histogram
+      const uint16_t* row = p.x + static_cast<size_t>(t) * H;
+      if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
+      else stage_bf16(row, H, msg);
+    }
     __syncthreads();
     if (pending >= 0) release_staged(p, seq, meta[pending]);
     const int nd = m.ndest;
@@ -414,15 +430,27 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     }
   }
   probe_mark<kProbe>(p, kProbeTokens);
-  if (pending >= 0) {
+  if constexpr (kSplit) {
+    if (warp != 0) {
+      if (pending >= 0) bar_arrive(1, nthreads);
+      return;
+    }
+    if (pending >= 0) {
+      bar_sync(1, nthreads);
+      release_staged(p, seq, meta[pending]);
+    }
+  } else if (pending >= 0) {
     __syncthreads();
     release_staged(p, seq, meta[pending]);
   }
 }
 
 // The last block past the send half publishes the call's number (the receive of a hook reads it).
+// kBarrier: the block's threads meet first; without it the caller has made thread 0 come after
+// every thread's send (kSplit's warp 0).
+template <bool kBarrier = true>
 __device__ void publish_dispatch(const LowLatencyDispatchParams& p, uint32_t seq) {
-  __syncthreads();
+  if constexpr (kBarrier) __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&p.state->dispatch_blocks_done, 1u) == gridDim.x - 1) {
@@ -607,13 +635,21 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
 }
 
 // Per-rank path, receive half (see the top of this file). `ints`: recv_smem_ints of shared memory.
+// kSplit: run by warps 1.. only (warp 0 is still releasing the send half's last flags, see
+// dispatch_send_per_rank), which meet at named barrier 2; else by the whole block.
+template <bool kSplit = false>
 __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, int32_t* ints) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, E = EL * R, H = L.hidden;
   const int64_t RT = static_cast<int64_t>(R) * L.max_tokens;
   const int G = H / kLowLatencyScaleGroup, W = (G + 3) / 4;
-  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  constexpr int kFirstWarp = kSplit ? 1 : 0, kWarps = kLowLatencyWarps - kFirstWarp;
+  const int tid = static_cast<int>(threadIdx.x) - 32 * kFirstWarp, nthreads = 32 * kWarps;
+  const auto barrier = [nthreads] {
+    if constexpr (kSplit) bar_sync(2, nthreads);
+    else __syncthreads();
+  };
   const int lane = lane_id();
   const bool first = blockIdx.x == 0;
   char* mine = c.peer_base[c.rank] + p.region;
@@ -625,7 +661,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   int32_t* dead = stop + 1;     // [src] shrink mode: some count of src settled as masked
 
   for (int i = tid; i < R + 1; i += nthreads) stop[i] = 0;  // dead follows stop
-  __syncthreads();
+  barrier();
   for (int i = tid; i < E; i += nthreads) {
     const int le = i / R, src = i % R;
     uint32_t payload = 0;
@@ -640,7 +676,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     if (first && p.wait_cost_stats && cycles > 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
   }
-  __syncthreads();
+  barrier();
   if (stop[0]) return;
   // A source that is masked in any count is masked in all: its rows are not valid anywhere.
   for (int le = tid; le < EL; le += nthreads) {
@@ -667,11 +703,11 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     ipre[R] = run;
   }
-  __syncthreads();
+  barrier();
 
   const int N = ipre[R];
-  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  const int total_warps = static_cast<int>(gridDim.x) * kWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
   const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
   const int P = max(1, min(min(total_warps / max(N, 1), 4), data16 / 32));  // parts per staged token
   const size_t head_off = L.staged_head_offset(p.use_fp8);
@@ -804,10 +840,31 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     const LowLatencyLayout& L = p.layout;
     SendSmem sm = carve_send_smem(L, smem);
     if constexpr (kPerRank) {
-      const size_t meta_off = rank_meta_offset(L.num_experts, static_cast<int>(gridDim.x), p.common.num_ranks);
-      sm.staging = smem + per_rank_staging_offset(L, static_cast<int>(gridDim.x));
-      dispatch_send_per_rank<kProbe>(p, seq, sm, sm.experts + 2 * kMaxTopk, reinterpret_cast<RankMeta*>(smem + meta_off),
-                                     reinterpret_cast<uint32_t*>(smem + meta_off + 3 * sizeof(RankMeta)));
+      const int grid = static_cast<int>(gridDim.x);
+      const size_t meta_off = rank_meta_offset(L.num_experts, grid, p.common.num_ranks);
+      sm.staging = smem + per_rank_staging_offset(L, grid);
+      int32_t* rank_hist = sm.experts + 2 * kMaxTopk;
+      auto* meta = reinterpret_cast<RankMeta*>(smem + meta_off);
+      auto* tok_dests = reinterpret_cast<uint32_t*>(smem + meta_off + 3 * sizeof(RankMeta));
+      if (recv) {
+        // One launch: warp 0 finishes the send half while the others receive (their shared memory
+        // follows the send half's, which warp 0 still reads).
+        dispatch_send_per_rank<kProbe, true>(p, seq, sm, rank_hist, meta, tok_dests);
+        if (warp_id() == 0) {
+          publish_dispatch<false>(p, seq);
+          probe_mark<kProbe>(p, kProbePublished);
+          return;
+        }
+        probe_mark<kProbe>(p, kProbeRecvEntry, 32);
+        dispatch_recv_per_rank<true>(
+            p, seq, reinterpret_cast<int32_t*>(smem + per_rank_recv_offset(L, grid, p.staging_buffers)));
+        if constexpr (kProbe) {
+          bar_sync(2, kLowLatencyThreads - 32);
+          probe_mark<kProbe>(p, kProbeRecvDone, 32);
+        }
+        return;
+      }
+      dispatch_send_per_rank<kProbe>(p, seq, sm, rank_hist, meta, tok_dests);
     } else {
       dispatch_send<LLNoNet, kProbe>(p, seq, sm, LLNoNet{}, nullptr);
     }
@@ -816,7 +873,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   }
   if (recv) {
     if (send) probe_mark<kProbe>(p, kProbeRecvEntry);
-    if constexpr (kPerRank) dispatch_recv_per_rank(p, seq, reinterpret_cast<int32_t*>(smem));
+    if constexpr (kPerRank) dispatch_recv_per_rank<false>(p, seq, reinterpret_cast<int32_t*>(smem));
     else dispatch_recv(p, seq, LLNoNet{});
     if constexpr (kProbe) {
       __syncthreads();
@@ -883,6 +940,16 @@ int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_bl
 
 int low_latency_dispatch_recv_shared_bytes(const LowLatencyLayout& layout, bool per_rank) {
   return per_rank ? static_cast<int>(sizeof(int32_t) * recv_smem_ints(layout.num_experts, layout.num_ranks)) : 0;
+}
+
+int low_latency_dispatch_launch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
+                                             bool per_rank, int phases) {
+  const bool send = (phases & kLowLatencySend) != 0, recv = (phases & kLowLatencyRecv) != 0;
+  const int recv_bytes = recv ? low_latency_dispatch_recv_shared_bytes(layout, per_rank) : 0;
+  if (!send) return recv_bytes;
+  if (per_rank && recv)  // the receive half's ints follow the send half's (low_latency_dispatch_kernel)
+    return static_cast<int>(per_rank_recv_offset(layout, num_blocks, staging_buffers)) + recv_bytes;
+  return std::max(low_latency_dispatch_shared_bytes(layout, num_blocks, staging_buffers, per_rank), recv_bytes);
 }
 
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream) {

@@ -136,8 +136,9 @@ struct LowLatencyLayout {
   // after their first row [0][R][Tmax] (pr_base), whose high halves hold the staged tokens' flags:
   //   pr_head    [R][Tmax] u32: t | entries << 16 | d << 21 of the source's staged token j
   //   pr_entries [R][Tmax][kslots] u32: the staged token's entries (le | slot << 16 | k << 28)
-  //   pr_weights [R][Tmax * kslots] f32: origin r's topk_weights[t][k] at t * kslots + k
-  //   pr_count   [R] u32: staged tokens of each source;  pr_weight_flag [R] u64
+  //   pr_weights [R][Tmax * kslots] u64: tag(seq, bits of origin r's topk_weights[t][k]) at
+  //              t * kslots + k, each its own flag (one 8-byte store, no release needed)
+  //   pr_count   [R] u32: staged tokens of each source
   // Used only where that fits (E/R > kslots, roughly), so the region does not grow.
   EPCOMM_HD int pr_dests() const { return kslots < num_ranks ? kslots : num_ranks; }
   EPCOMM_HD int pr_parts() const {
@@ -154,20 +155,18 @@ struct LowLatencyLayout {
     return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 +
            (static_cast<size_t>(src) * max_tokens + j) * kslots * 4;
   }
-  EPCOMM_HD size_t pr_weights(int b, int src) const {
-    return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) +
-           static_cast<size_t>(src) * max_tokens * kslots * 4;
+  EPCOMM_HD size_t pr_weights(int b, int src) const {  // 8-byte aligned
+    return buffer(b) + pr_base() + pr_weights_begin() + static_cast<size_t>(src) * max_tokens * kslots * 8;
   }
   EPCOMM_HD size_t pr_count(int b, int src) const {
-    return buffer(b) + pr_base() + static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) +
+    return buffer(b) + pr_base() + pr_weights_begin() + static_cast<size_t>(num_ranks) * max_tokens * kslots * 8 +
            static_cast<size_t>(src) * 4;
   }
-  EPCOMM_HD size_t pr_weight_flag(int b, int src) const {
-    const size_t counts_end = static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + 2 * kslots) + 4 * static_cast<size_t>(num_ranks);
-    return buffer(b) + pr_base() + (counts_end + 7) / 8 * 8 + static_cast<size_t>(src) * 8;
-  }
   bool per_rank_combine_fits() const {
-    return pr_weight_flag(0, num_ranks) <= dispatch_header + static_cast<size_t>(num_experts) * max_tokens * 8;
+    return pr_count(0, num_ranks) <= dispatch_header + static_cast<size_t>(num_experts) * max_tokens * 8;
+  }
+  EPCOMM_HD size_t pr_weights_begin() const {  // past pr_head and pr_entries, 8-byte aligned
+    return (static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) + 7) / 8 * 8;
   }
   // Fine partials (EPCOMM_LL_PER_RANK=3, see combine.cu): destination d's row of token t is 3 *
   // hidden bytes ([high 16 bits of each float32 partial: 2 * hidden][next 8 bits: hidden]) at
@@ -425,6 +424,9 @@ int low_latency_dispatch_shared_bytes(const LowLatencyLayout& layout, int num_bl
                                       bool per_rank = false);
 // Shared memory of the per-rank path's receive half (0 for the per-expert path, whose receive uses none).
 int low_latency_dispatch_recv_shared_bytes(const LowLatencyLayout& layout, bool per_rank);
+// Dynamic shared memory of one dispatch launch with these phases (kLowLatencySend | kLowLatencyRecv).
+int low_latency_dispatch_launch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
+                                             bool per_rank, int phases);
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream);
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
 // Network path (LowLatencyNetLayout): the same kernels with sends to ranks of other nodes through
