@@ -583,8 +583,10 @@ std::string Buffer::low_latency_probe_report() {
       const unsigned long long* row = v.data() + static_cast<size_t>(b) * kLowLatencyProbeSlots;
       if (row[mark] == 0 || row[mark] < t0) continue;
       at.push_back(static_cast<double>(row[mark] - t0) / 1000.0);
+      // The latest earlier mark stamped before this one (a split launch's receive half starts
+      // before its warp 0 publishes).
       int prev = mark - 1;
-      while (prev >= 0 && row[prev] == 0) --prev;
+      while (prev >= 0 && (row[prev] == 0 || row[prev] > row[mark])) --prev;
       if (prev >= 0 && khz > 0) since.push_back(static_cast<double>(row[8 + mark] - row[8 + prev]) / khz * 1000.0);
     }
     if (at.empty()) continue;

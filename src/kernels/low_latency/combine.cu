@@ -157,10 +157,12 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
 
 // The last block past the send half publishes the call's number and tells every origin that this
 // rank neither writes to it nor reads its own buffer for this combine any more.
-template <class NetT>
+// kBarrier: the block's threads meet first; without it the caller has made thread 0 come after
+// every thread's send (the split launch's warp 0).
+template <class NetT, bool kBarrier = true>
 __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net) {
   const CommonParams& c = p.common;
-  __syncthreads();
+  if constexpr (kBarrier) __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
     if (atomicAdd(&p.state->combine_blocks_done, 1u) == gridDim.x - 1) {
@@ -206,14 +208,18 @@ __device__ void wait_all_done(const LowLatencyCombineParams& p, uint32_t seq, co
   }
 }
 
-template <class NetT>
+// kFirstWarp = 1: run by warps 1.. only (a split launch, see low_latency_combine_kernel), whose
+// warp 0 waits for every rank's `done` instead.
+template <class NetT, int kFirstWarp = 0>
 __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net, NetCombineSmem* ns) {
+  static_assert(kFirstWarp == 0 || !NetT::kEnabled, "the network path's receive uses the whole block");
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int EL = L.local_experts, E = L.num_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
   const int lane = lane_id();
-  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  constexpr int kWarps = kLowLatencyWarps - kFirstWarp;
+  const int total_warps = static_cast<int>(gridDim.x) * kWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
   const char* mine = c.peer_base[c.rank] + p.region;
   if constexpr (NetT::kEnabled) {
@@ -303,7 +309,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
     }
   }
 
-  wait_all_done(p, seq, net);
+  if constexpr (kFirstWarp == 0) wait_all_done(p, seq, net);
 }
 
 // Per-rank combine, send half (see the top of this file).
@@ -388,7 +394,8 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
         }
       }
     }
-    if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) return;
+    // Aborted (reported): stop sending, but leave normally (a split launch's barrier follows).
+    if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) break;
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kMasked))) continue;  // shrink mode, as above
     char* origin = c.peer_base[src] + p.region;
     char* dst_row = origin + (kFine ? L.pr_fine_row(p.buffer, t, d) : L.combine_row(p.buffer, t, d));
@@ -455,16 +462,17 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
 }
 
 // Per-rank combine, receive half: out[t] = the sum of the token's per-rank partials.
-template <LowLatencyPartials kP>
+template <LowLatencyPartials kP, int kFirstWarp = 0>
 __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
   constexpr bool kFine = kP == LowLatencyPartials::kFine;
+  constexpr int kWarps = kLowLatencyWarps - kFirstWarp;
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int EL = L.local_experts, E = L.num_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
   const int P = L.pr_parts();
   const int lane = lane_id();
-  const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  const int total_warps = static_cast<int>(gridDim.x) * kWarps;
+  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
   const char* mine = c.peer_base[c.rank] + p.region;
 
@@ -532,7 +540,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     }
     if (active) *reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H + c0) = to_bf16x8(acc);
   }
-  wait_all_done(p, seq, LLNoNet{});
+  if constexpr (kFirstWarp == 0) wait_all_done(p, seq, LLNoNet{});
 }
 
 template <LowLatencyPartials kP>
@@ -545,6 +553,20 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   if (send) {
     if constexpr (kPerRank) combine_send_per_rank<kP>(p, seq);
     else combine_send(p, seq, LLNoNet{}, nullptr);
+    if (recv) {
+      // One launch: warps 1.. count themselves in and receive at once; warp 0 waits for them, tells
+      // the origins this rank is done (finish_combine_send) and waits for every rank's `done`.
+      if (warp_id() != 0) {
+        bar_arrive(1, kLowLatencyThreads);
+        if constexpr (kPerRank) combine_recv_per_rank<kP, 1>(p, seq);
+        else combine_recv<LLNoNet, 1>(p, seq, LLNoNet{}, nullptr);
+      } else {
+        bar_sync(1, kLowLatencyThreads);
+        finish_combine_send<LLNoNet, false>(p, seq, LLNoNet{});
+        wait_all_done(p, seq, LLNoNet{});
+      }
+      return;
+    }
     finish_combine_send(p, seq, LLNoNet{});
   }
   if (recv) {

@@ -835,6 +835,11 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   // Every block reads the number before any block can publish it (publishing waits for all).
   probe_mark<kProbe>(p, send ? kProbeEntry : kProbeRecvEntry);
+  if constexpr (kProbe && kPerRank) {  // a split launch's warps raise "recv done" with atomicMax
+    if (send && recv && threadIdx.x == 0)
+      p.probe[blockIdx.x * kLowLatencyProbeSlots + kProbeRecvDone] =
+          p.probe[blockIdx.x * kLowLatencyProbeSlots + 8 + kProbeRecvDone] = 0;
+  }
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send) {
     const LowLatencyLayout& L = p.layout;
@@ -858,9 +863,12 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
         probe_mark<kProbe>(p, kProbeRecvEntry, 32);
         dispatch_recv_per_rank<true>(
             p, seq, reinterpret_cast<int32_t*>(smem + per_rank_recv_offset(L, grid, p.staging_buffers)));
-        if constexpr (kProbe) {
-          bar_sync(2, kLowLatencyThreads - 32);
-          probe_mark<kProbe>(p, kProbeRecvDone, 32);
+        if constexpr (kProbe) {  // the last warp of the block to finish (no barrier: a warp may have aborted)
+          if (lane_id() == 0) {
+            atomicMax(p.probe + blockIdx.x * kLowLatencyProbeSlots + kProbeRecvDone, global_timer_ns());
+            atomicMax(p.probe + blockIdx.x * kLowLatencyProbeSlots + 8 + kProbeRecvDone,
+                      static_cast<unsigned long long>(clock64()));
+          }
         }
         return;
       }
