@@ -301,6 +301,19 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   const int owned_n = (E + grid - 1) / grid;
   int32_t* rank_total = rank_hist + R;
 
+  // The histogram's ids are read a few per thread at a time (coalesced); the first few are loaded
+  // before anything else, so their latency overlaps the zeroing, the first cast and the barrier.
+  constexpr int kIdsInFlight = 4;
+  const int TK = T * K;
+  int64_t ids[kIdsInFlight];
+  const auto load_ids = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < kIdsInFlight; ++u) {
+      const int i = base + u * nthreads + tid;
+      ids[u] = i < TK ? p.topk_idx[i] : -1;
+    }
+  };
+  load_ids(0);
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
@@ -311,19 +324,12 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     else stage_bf16(row, H, sm.staging);
   }
   __syncthreads();
-  // Pass 1, the (token, k) pairs spread over every thread (coalesced loads, a few in flight per
-  // thread): rows per expert before this block's tokens, the totals of the experts whose count flag
-  // this block owns, and each token's destination ranks as a mask.
+  // Pass 1, the (token, k) pairs spread over every thread: rows per expert before this block's
+  // tokens, the totals of the experts whose count flag this block owns, and each token's
+  // destination ranks as a mask.
   static_assert(kMaxNvlRanks <= 32, "destination ranks as a 32-bit mask");
-  constexpr int kIdsInFlight = 4;
-  const int TK = T * K;
   for (int base = 0; base < TK; base += kIdsInFlight * nthreads) {
-    int64_t ids[kIdsInFlight];
-#pragma unroll
-    for (int u = 0; u < kIdsInFlight; ++u) {
-      const int i = base + u * nthreads + tid;
-      ids[u] = i < TK ? p.topk_idx[i] : -1;
-    }
+    if (base > 0) load_ids(base);
 #pragma unroll
     for (int u = 0; u < kIdsInFlight; ++u) {
       const int64_t e = ids[u];
@@ -720,15 +726,12 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     while (item >= ipre[src + 1]) ++src;
     const int j = item - ipre[src];
     const uint8_t* msg = reinterpret_cast<const uint8_t*>(mine + L.staged(p.buffer, src, j, p.use_fp8));
-    uint32_t v = 0;
     long long cycles = 0;
     int got = static_cast<int>(PeerWait::kArrived);
-    if (lane == 0) {
+    if (lane == 0)
       got = static_cast<int>(wait_seq_or_mask(c.wait, p.mask,
                                               reinterpret_cast<const uint32_t*>(mine + L.staged_flag(p.buffer, src, j)),
                                               seq, WaitPhase::kLowLatencyDispatchMessage, src, cycles));
-      if (got == static_cast<int>(PeerWait::kArrived)) v = __ldcg(reinterpret_cast<const unsigned int*>(msg + head_off));
-    }
     got = __shfl_sync(0xffffffffu, got, 0);
     if (got == static_cast<int>(PeerWait::kAborted)) return;
     if (got == static_cast<int>(PeerWait::kMasked)) {
@@ -739,27 +742,41 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     if (p.wait_cost_stats && lane == 0 && cycles > 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
-    v = __shfl_sync(0xffffffffu, v, 0);
+    // Every read of this part at once (none depends on another): the first vectors of the part,
+    // the head, the entries (all kslots; those past the head's count are ignored) and, for part 0
+    // of an FP8 token, its first 64 scales.
+    const int v0 = part * data16 / P, v1 = (part + 1) * data16 / P;
+    const int4* from = reinterpret_cast<const int4*>(msg);
+    int4* to = reinterpret_cast<int4*>(p.recv_x);
+    int4 vec[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = v0 + lane + u * 32;
+      if (i < v1) vec[u] = __ldcg(from + i);
+    }
+    const uint32_t v = __ldcg(reinterpret_cast<const unsigned int*>(msg + head_off));
+    const uint32_t ent =
+        lane < L.kslots ? __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane) : 0u;
+    const float* scales = reinterpret_cast<const float*>(msg + H);
+    const bool plain_scales = part == 0 && p.use_fp8 && !p.use_ue8m0;
+    const float sc0 = plain_scales && lane < G ? __ldcg(scales + lane) : 0.0f;
+    const float sc1 = plain_scales && lane + 32 < G ? __ldcg(scales + lane + 32) : 0.0f;
     const int t = static_cast<int>(v & 0xffffu);
     const int n = min(static_cast<int>((v >> 16) & 0x1fu), L.kslots);
     // Lane e < n holds entry e's row in recv_x (-1: not valid, e.g. a count settled as masked).
     int64_t row = -1;
-    uint32_t ent = 0;
     if (lane < n) {
-      ent = __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane);
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
       if (le < EL && slot < cnt[le * R + src]) row = static_cast<int64_t>(le) * RT + begin[le * R + src] + slot;
     }
     // This part of the row: read once, stored to every row.
-    const int v0 = part * data16 / P, v1 = (part + 1) * data16 / P;
-    const int4* from = reinterpret_cast<const int4*>(msg);
-    int4* to = reinterpret_cast<int4*>(p.recv_x);
     for (int base = v0; base < v1; base += 32 * U) {
-      int4 vec[U];
+      if (base != v0) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = base + lane + u * 32;
-        if (i < v1) vec[u] = __ldcg(from + i);
+        for (int u = 0; u < U; ++u) {
+          const int i = base + lane + u * 32;
+          if (i < v1) vec[u] = __ldcg(from + i);
+        }
       }
       for (int e = 0; e < n; ++e) {
         const int64_t r = __shfl_sync(0xffffffffu, row, e);
@@ -773,20 +790,26 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     if (part != 0) continue;
     if (p.use_fp8) {
-      const float* scales = reinterpret_cast<const float*>(msg + H);
-      for (int e = 0; e < n; ++e) {
-        const int64_t r = __shfl_sync(0xffffffffu, row, e);
-        if (r < 0) continue;
-        const int64_t le = r / RT, col = r % RT;
-        if (!p.use_ue8m0) {
-          for (int g = lane; g < G; g += 32) p.recv_scales[(le * G + g) * RT + col] = __ldcg(scales + g);
-        } else {
-          for (int wd = lane; wd < W; wd += 32) {
-            uint32_t word = 0;
+      // Scales transposed ([le][group][RT]): each group read once, stored for every row.
+      if (!p.use_ue8m0) {
+        for (int g0 = 0; g0 < G; g0 += 32) {
+          const int g = g0 + lane;
+          const float val = g0 == 0 ? sc0 : g0 == 32 ? sc1 : (g < G ? __ldcg(scales + g) : 0.0f);
+          for (int e = 0; e < n; ++e) {
+            const int64_t r = __shfl_sync(0xffffffffu, row, e);
+            if (r >= 0 && g < G) p.recv_scales[(r / RT * G + g) * RT + r % RT] = val;
+          }
+        }
+      } else {
+        for (int w0 = 0; w0 < W; w0 += 32) {
+          const int wd = w0 + lane;
+          uint32_t word = 0;
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-              if (4 * wd + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * wd + i)) >> 23) & 0xffu) << (8 * i);
-            p.recv_scales_packed[(le * W + wd) * RT + col] = static_cast<int32_t>(word);
+          for (int i = 0; i < 4; ++i)
+            if (wd < W && 4 * wd + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * wd + i)) >> 23) & 0xffu) << (8 * i);
+          for (int e = 0; e < n; ++e) {
+            const int64_t r = __shfl_sync(0xffffffffu, row, e);
+            if (r >= 0 && wd < W) p.recv_scales_packed[(r / RT * W + wd) * RT + r % RT] = static_cast<int32_t>(word);
           }
         }
       }
