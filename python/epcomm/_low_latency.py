@@ -213,7 +213,9 @@ class LowLatencyMixin:
         ``topk_idx`` and ``topk_weights`` (``[T, K]`` float32) are that dispatch's. Returns
         ``(combined_x [T, hidden] bf16, event, hook)``: ``combined_x[t] = sum over k with
         topk_idx[t, k] >= 0 of topk_weights[t, k] * x[row of (t, expert k)]``, in float32 in k
-        order, rounded once (a token sent nowhere gets zeros). ``out`` (``[T, hidden]`` BF16) receives
+        order, rounded once (a token sent nowhere gets zeros; ``EPCOMM_LL_PER_RANK=3`` or ``2``
+        pre-sum each rank's rows, within the bounds README "How it works (low-latency mode)"
+        gives). ``out`` (``[T, hidden]`` BF16) receives
         the result in place and is returned. With ``zero_copy`` the caller already wrote the
         expert outputs into ``get_next_low_latency_combine_buffer(handle)``; ``x`` is then only
         checked for its shape (it may be that buffer). ``use_logfmt`` is accepted and ignored:
