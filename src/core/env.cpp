@@ -29,7 +29,8 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_LL_PER_RANK", 1,
        "low-latency: 1 sends each token once per destination rank (dispatch; the default), 2 also "
        "pre-reduces per rank in combine (BF16 partials: one extra rounding), 3 pre-reduces with fine "
-       "partials (24-bit floats, error <= 2^-16 of a partial); 0 = once per expert"},
+       "partials (24-bit floats, error <= 2^-16 of a partial), 4 with float32 partials (float32 "
+       "reordering only); 0 = once per expert"},
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
        "(Buffer::low_latency_probe_report)"},
@@ -60,7 +61,7 @@ bool low_latency_net_requested() {
 }
 
 int low_latency_per_rank_level() {
-  static const int level = static_cast<int>(std::min<int64_t>(env_value("EPCOMM_LL_PER_RANK"), 3));
+  static const int level = static_cast<int>(std::min<int64_t>(env_value("EPCOMM_LL_PER_RANK"), 4));
   return level;
 }
 

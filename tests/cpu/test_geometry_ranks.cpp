@@ -88,14 +88,15 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
               EXPECT_LE(l.pr_entries(b, R - 1, tmax - 1) + 4 * static_cast<size_t>(l.kslots), l.pr_weights(b, 0));
               EXPECT_LE(l.pr_weights(b, R - 1) + 8 * static_cast<size_t>(tmax) * l.kslots, l.pr_count(b, 0));
               EXPECT_EQ(l.pr_weights(b, 0) % 8, 0u);  // 8-byte tagged weights
-              // Fine partials: pr_dests rows of 3 * hidden bytes inside the token's kslots rows,
-              // 16-byte aligned (the 8-byte plane too); a part's flag stays in the token's flags.
-              if (l.pr_fine_fits()) {
+              // Wide partials (fine: 3 bytes per element, float32: 4): pr_dests rows inside the
+              // token's kslots rows, 16-byte aligned (the fine rows' 8-byte plane too).
+              for (int bytes : {3, 4}) {
+                if (!l.pr_wide_fits(bytes)) continue;
                 const int D = l.pr_dests();
-                EXPECT_LE(l.pr_fine_row(b, tmax - 1, D - 1) + 3 * static_cast<size_t>(l.hidden),
+                EXPECT_LE(l.pr_wide_row(b, tmax - 1, D - 1, bytes) + bytes * static_cast<size_t>(l.hidden),
                           l.combine_row(b, tmax - 1, 0) + l.kslots * l.msg_bytes);
-                EXPECT_EQ(l.pr_fine_row(b, tmax - 1, D - 1) % 16, 0u);
-                EXPECT_EQ((l.pr_fine_row(b, 0, 0) + 2 * static_cast<size_t>(l.hidden)) % 16, 0u);
+                EXPECT_EQ(l.pr_wide_row(b, tmax - 1, D - 1, bytes) % 16, 0u);
+                EXPECT_EQ((l.pr_wide_row(b, 0, 0, bytes) + 2 * static_cast<size_t>(l.hidden)) % 16, 0u);
               }
               EXPECT_LE(l.pr_dests() * l.pr_parts(), l.kslots);
             }
@@ -108,10 +109,13 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
   EXPECT_TRUE(LowLatencyLayout::make(64, 512, 4, 128).per_rank_combine_fits());
   EXPECT_FALSE(LowLatencyLayout::make(64, 512, 4, 80).per_rank_combine_fits());  // 20 experts per rank: too few
   EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 4, 32).per_rank_combine_fits());
-  // Fine partials need 3 * pr_dests <= 2 * kslots (kslots = 16 where E >= 16): up to 10 ranks.
-  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).pr_fine_fits());
-  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).pr_fine_fits());  // DeepSeek-V3 EP8
-  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 16, 256).pr_fine_fits());
+  // Wide partials need bytes * pr_dests <= 2 * kslots (kslots = 16 where E >= 16): fine partials
+  // up to 10 ranks, float32 partials up to 8.
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 4, 288).pr_wide_fits(3));
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).pr_wide_fits(3));  // DeepSeek-V3 EP8
+  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 16, 256).pr_wide_fits(3));
+  EXPECT_TRUE(LowLatencyLayout::make(128, 7168, 8, 256).pr_wide_fits(4));
+  EXPECT_FALSE(LowLatencyLayout::make(128, 7168, 9, 288).pr_wide_fits(4));
 }
 
 // The fine partials' rounding (kernels/low_latency/params.hpp, used by the LL combine): nearest at

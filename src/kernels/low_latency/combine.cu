@@ -28,8 +28,10 @@
 //   rounding: the result differs from the per-expert sum by at most one BF16 unit, rarely; about 1.6x
 //   fewer bytes than per-expert rows at the standard shape. Where every token has at most one expert
 //   per rank the result is bit-identical to the per-expert path.
-// Float32 partials would keep the error at float32 level but send 28 KB rows, about the bytes of
-// the per-expert path's BF16 rows.
+// - kF32 (=4): as kFine with the float32 partial as it is (4 bytes per element): only float32
+//   reordering (a rank's rows summed first, then the ranks in first-occurrence order); about 1.3x
+//   fewer bytes than per-expert rows at the standard shape (a token with two experts on a rank sends
+//   as many bytes as their two rows).
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
@@ -315,7 +317,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
 // Per-rank combine, send half (see the top of this file).
 template <LowLatencyPartials kP>
 __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
-  constexpr bool kFine = kP == LowLatencyPartials::kFine;
+  constexpr bool kFine = kP == LowLatencyPartials::kFine, kF32 = kP == LowLatencyPartials::kF32;
+  constexpr bool kWide = kFine || kF32;  // single-expert rows as they are, wider partials
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
@@ -365,7 +368,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     if (t >= L.max_tokens || d >= D) continue;  // not a plan of this layout: dropped, the origin times out
     // Fine partials: a token with one expert here gets its row as it is (the origin weighs it), so
     // it needs no weights and goes at once.
-    const bool single = kFine && n == 1;
+    const bool single = kWide && n == 1;
     if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
     // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range). The
     // weights are waited for only where they are used (not for a single row of fine partials).
@@ -398,7 +401,8 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) break;
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kMasked))) continue;  // shrink mode, as above
     char* origin = c.peer_base[src] + p.region;
-    char* dst_row = origin + (kFine ? L.pr_fine_row(p.buffer, t, d) : L.combine_row(p.buffer, t, d));
+    char* dst_row =
+        origin + (kWide ? L.pr_wide_row(p.buffer, t, d, partial_bytes(kP)) : L.combine_row(p.buffer, t, d));
     int4* dst = reinterpret_cast<int4*>(dst_row);
     const int4* y = reinterpret_cast<const int4*>(p.y);
     const int v0 = part * V / P, v1 = (part + 1) * V / P;
@@ -449,6 +453,10 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
             to_fine_x8(acc[u], hi, lo);
             dst[i] = hi;
             reinterpret_cast<uint2*>(dst_row + 2 * static_cast<size_t>(H))[i] = lo;
+          } else if constexpr (kF32) {
+            float4* f = reinterpret_cast<float4*>(dst_row);
+            f[2 * i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            f[2 * i + 1] = make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
           } else {
             dst[i] = to_bf16x8(acc[u]);
           }
@@ -464,7 +472,8 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
 // Per-rank combine, receive half: out[t] = the sum of the token's per-rank partials.
 template <LowLatencyPartials kP, int kFirstWarp = 0>
 __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
-  constexpr bool kFine = kP == LowLatencyPartials::kFine;
+  constexpr bool kFine = kP == LowLatencyPartials::kFine, kF32 = kP == LowLatencyPartials::kF32;
+  constexpr bool kWide = kFine || kF32;
   constexpr int kWarps = kLowLatencyWarps - kFirstWarp;
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
@@ -484,7 +493,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
       const int64_t id = p.topk_idx[static_cast<int64_t>(t) * K + lane];
       if (id >= 0 && id < E) {
         e = static_cast<int>(id);
-        if constexpr (kFine) w = p.topk_weights[static_cast<int64_t>(t) * K + lane];
+        if constexpr (kWide) w = p.topk_weights[static_cast<int64_t>(t) * K + lane];
       }
     }
     // The destination ranks in order of first occurrence (the dispatch's numbering).
@@ -522,16 +531,25 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     uint32_t rest = leaders;  // fine partials: destination d's leader lane is the lowest bit left
     for (int d = 0; d < nd; ++d) {
-      if constexpr (kFine) {
+      if constexpr (kWide) {
         const int lead = __ffs(rest) - 1;
         rest &= rest - 1;
         const bool single = __popc(__shfl_sync(0xffffffffu, same, lead)) == 1;
         const float wd = __shfl_sync(0xffffffffu, w, lead);
         if (((arrived_mask >> (d * P)) & part_mask) != part_mask || !active) continue;  // every part, or none of it
-        const char* row = mine + L.pr_fine_row(p.buffer, t, d);
-        const int4 hi = __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8);
-        if (single) add_weighted_bf16x8(acc, wd, hi);
-        else add_fine_x8(acc, hi, __ldcg(reinterpret_cast<const uint2*>(row + 2 * static_cast<size_t>(H)) + c0 / 8));
+        const char* row = mine + L.pr_wide_row(p.buffer, t, d, partial_bytes(kP));
+        if (single) {
+          add_weighted_bf16x8(acc, wd, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8));
+        } else if constexpr (kFine) {
+          add_fine_x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8),
+                      __ldcg(reinterpret_cast<const uint2*>(row + 2 * static_cast<size_t>(H)) + c0 / 8));
+        } else {
+          const float4 a = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 4);
+          const float4 b = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 4 + 1);
+          const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
+        }
       } else {
         if (((arrived_mask >> (d * P)) & part_mask) != part_mask) continue;  // every part, or none of it
         if (active)
@@ -620,6 +638,9 @@ void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks
       break;
     case LowLatencyPartials::kFine:
       low_latency_combine_kernel<LowLatencyPartials::kFine><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);
+      break;
+    case LowLatencyPartials::kF32:
+      low_latency_combine_kernel<LowLatencyPartials::kF32><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);
       break;
     default:
       low_latency_combine_kernel<LowLatencyPartials::kNone><<<num_blocks, kLowLatencyThreads, 0, s>>>(p);

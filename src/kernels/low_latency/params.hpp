@@ -168,13 +168,14 @@ struct LowLatencyLayout {
   EPCOMM_HD size_t pr_weights_begin() const {  // past pr_head and pr_entries, 8-byte aligned
     return (static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) + 7) / 8 * 8;
   }
-  // Fine partials (EPCOMM_LL_PER_RANK=3, see combine.cu): destination d's row of token t is 3 *
-  // hidden bytes ([high 16 bits of each float32 partial: 2 * hidden][next 8 bits: hidden]) at
-  // d * 3 * hidden inside the token's kslots combine rows; they must hold pr_dests() such rows.
-  EPCOMM_HD size_t pr_fine_row(int b, int t, int d) const {
-    return combine_row(b, t, 0) + static_cast<size_t>(d) * 3 * static_cast<size_t>(hidden);
+  // Wide per-rank rows (fine partials, EPCOMM_LL_PER_RANK=3: 3 bytes per element, [high 16 bits of
+  // each float32 partial: 2 * hidden][next 8 bits: hidden]; float32 partials, =4: 4 bytes, [hidden]
+  // floats): destination d's row of token t is at d * bytes * hidden inside the token's kslots
+  // combine rows, which must hold pr_dests() such rows.
+  EPCOMM_HD size_t pr_wide_row(int b, int t, int d, int bytes_per_element) const {
+    return combine_row(b, t, 0) + static_cast<size_t>(d) * bytes_per_element * static_cast<size_t>(hidden);
   }
-  bool pr_fine_fits() const { return 3 * pr_dests() <= 2 * kslots; }
+  bool pr_wide_fits(int bytes_per_element) const { return bytes_per_element * pr_dests() <= 2 * kslots; }
 
   bool same_shape(const LowLatencyLayout& o) const {
     return num_ranks == o.num_ranks && max_tokens == o.max_tokens && hidden == o.hidden && num_experts == o.num_experts;
@@ -222,7 +223,7 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
 
 // EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 1): 0 keeps the
 // per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
-// per-rank combine with BF16 partials, 3 for the per-rank combine with fine partials (neither is
+// per-rank combine with BF16 partials, 3 with fine partials, 4 with float32 partials (none is
 // bit-identical to the per-expert sum; combine.cu gives their error bounds). A call uses them only
 // where the layout and shared memory allow.
 int low_latency_per_rank_level();
@@ -235,7 +236,12 @@ enum class LowLatencyPartials : int {
   kBf16 = 1,  // one BF16 partial per (token, destination rank)
   kFine = 2,  // per (token, destination rank): the BF16 row itself when one expert of the rank was
               // selected, else the float32 partial rounded to 16 significant bits (24-bit float)
+  kF32 = 3,   // the same with the float32 partial as it is (only float32 reordering)
 };
+// Bytes per element of a partial's row (the single-expert rows are BF16 in every kind).
+EPCOMM_HD constexpr int partial_bytes(LowLatencyPartials k) {
+  return k == LowLatencyPartials::kF32 ? 4 : k == LowLatencyPartials::kFine ? 3 : 2;
+}
 // A fine partial's rounding: float32 bits rounded to nearest at 16 significant bits (ties away
 // from zero; a carry moves into the exponent, so it stays nearest), low 8 bits zero. Inf stays Inf
 // (and a finite value within half a unit of the largest rounds to it); NaN becomes the canonical
@@ -249,7 +255,8 @@ inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l) {
   const int level = low_latency_per_rank_level();
   if (level < 2 || !l.per_rank_combine_fits()) return LowLatencyPartials::kNone;
   if (level == 2) return LowLatencyPartials::kBf16;
-  return l.pr_fine_fits() ? LowLatencyPartials::kFine : LowLatencyPartials::kNone;
+  const LowLatencyPartials k = level == 3 ? LowLatencyPartials::kFine : LowLatencyPartials::kF32;
+  return l.pr_wide_fits(partial_bytes(k)) ? k : LowLatencyPartials::kNone;
 }
 
 // LL across nodes through the network transport (EPCOMM_LL_NET=1 / BufferOptions::low_latency_net,
