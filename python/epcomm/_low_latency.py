@@ -132,7 +132,7 @@ class LowLatencyMixin:
                              async_finish: bool = False, return_recv_hook: bool = False) -> Tuple:
         """Delivers each token to every selected expert (DeepEP's low-latency dispatch). Over NVLink a
         token crosses once per destination rank and the receiver fills its experts' rows
-        (``EPCOMM_LL_PER_RANK=1``, the default; ``0`` sends it once per expert; same outputs).
+        (``EPCOMM_LL_PER_RANK`` >= 1, the default; ``0`` sends it once per expert; same outputs).
 
         ``x`` is ``[T, hidden]`` BF16 (T <= Tmax, hidden a multiple of 128), ``topk_idx`` ``[T, K]``
         int64 (K <= 16). With ``use_fp8`` each token is cast per 128 channels on the GPU: ``scale =
@@ -213,9 +213,10 @@ class LowLatencyMixin:
         ``topk_idx`` and ``topk_weights`` (``[T, K]`` float32) are that dispatch's. Returns
         ``(combined_x [T, hidden] bf16, event, hook)``: ``combined_x[t] = sum over k with
         topk_idx[t, k] >= 0 of topk_weights[t, k] * x[row of (t, expert k)]``, in float32 in k
-        order, rounded once (a token sent nowhere gets zeros; ``EPCOMM_LL_PER_RANK=3`` or ``2``
-        pre-sum each rank's rows, within the bounds README "How it works (low-latency mode)"
-        gives). ``out`` (``[T, hidden]`` BF16) receives
+        order, rounded once (a token sent nowhere gets zeros). By default (``EPCOMM_LL_PER_RANK=4``)
+        each expert rank first sums its rows of a token in float32, so the sum's order differs from
+        k order (float32 rounding only); ``1`` keeps k order bit for bit; ``3`` and ``2`` send
+        narrower partials (README "How it works (low-latency mode)"). ``out`` (``[T, hidden]`` BF16) receives
         the result in place and is returned. With ``zero_copy`` the caller already wrote the
         expert outputs into ``get_next_low_latency_combine_buffer(handle)``; ``x`` is then only
         checked for its shape (it may be that buffer). ``use_logfmt`` is accepted and ignored:

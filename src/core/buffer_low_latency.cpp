@@ -199,7 +199,7 @@ Event end_call(Buffer::Impl& m, const StreamOrder& order) {
   return Event();
 }
 
-// The per-rank dispatch (EPCOMM_LL_PER_RANK=1) where its staging slots fit the layout (E/R >= 2, or FP8)
+// The per-rank dispatch (EPCOMM_LL_PER_RANK >= 1) where its staging slots fit the layout (E/R >= 2, or FP8)
 // and its shared memory fits the device; otherwise the per-expert path. Every rank decides alike.
 // The network path's transport arguments: every rank's LL region as its window (virtual nodes:
 // all load/store reachable), the signal array, the traffic counters in the device state.
@@ -219,7 +219,7 @@ bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8
          low_latency_dispatch_launch_shared_bytes(l, blocks, 1, true, kLowLatencySend | kLowLatencyRecv) <= m.max_smem;
 }
 
-// The per-rank combine (EPCOMM_LL_PER_RANK=2, 3) needs the per-rank dispatch's plan, where it fits.
+// The per-rank combine (EPCOMM_LL_PER_RANK=2, 3, 4) needs the per-rank dispatch's plan, where it fits.
 LowLatencyPartials combine_partials(bool per_rank_dispatch, const LowLatencyLayout& l) {
   return per_rank_dispatch ? low_latency_partials(l) : LowLatencyPartials::kNone;
 }

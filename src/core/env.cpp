@@ -26,11 +26,11 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
       // Low-latency paths: 1 (default) is exact; 2 trades a BF16 rounding of per-rank partial sums
       // for fewer combine bytes (opt-in, like a compressed combine).
-      {"EPCOMM_LL_PER_RANK", 1,
-       "low-latency: 1 sends each token once per destination rank (dispatch; the default), 2 also "
-       "pre-reduces per rank in combine (BF16 partials: one extra rounding), 3 pre-reduces with fine "
-       "partials (24-bit floats, error <= 2^-16 of a partial), 4 with float32 partials (float32 "
-       "reordering only); 0 = once per expert"},
+      {"EPCOMM_LL_PER_RANK", 4,
+       "low-latency: 4 (the default) sends each token once per destination rank in dispatch and "
+       "pre-reduces per rank in combine with float32 partials (float32 reordering only); 1 keeps the "
+       "combine once per expert (bit for bit the k-order sum); 3 fine partials (24-bit floats, error "
+       "<= 2^-16 of a partial), 2 BF16 partials (one extra rounding); 0 = once per expert throughout"},
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
        "(Buffer::low_latency_probe_report)"},

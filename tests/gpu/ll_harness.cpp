@@ -189,7 +189,7 @@ float bf16_value(uint16_t b) {
   return f;
 }
 
-// EPCOMM_LL_PER_RANK=2 / 3 send partial sums per (token, rank) where the layout allows
+// EPCOMM_LL_PER_RANK=2, 3, 4 (the default) send partial sums per (token, rank) where the layout allows
 // (kernels/low_latency/combine.cu): the library decides alike (its shared-memory limits hold for
 // every case here).
 LowLatencyPartials partials_in_use(const LLCase& c) {

@@ -1,8 +1,9 @@
 // Low-latency dispatch / combine on the GPU against the CPU reference, on fresh random inputs with
 // -1 (and out-of-range) topk entries. Every rank runs its rounds on the GPU and keeps what it got;
 // the comparison runs afterwards on the host: dispatch rows per (local expert, source rank) as sets
-// (data and scales bit for bit), counts and ranges exactly; combine bit for bit against the
-// reference evaluated through the GPU's own handle (src_info, layout_range).
+// (data and scales bit for bit), counts and ranges exactly; combine against the reference evaluated
+// through the GPU's own handle (src_info, layout_range): bit for bit on the per-expert combine, within
+// the partials' bound on the per-rank one (the default where it fits, ll_harness.cpp).
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -439,14 +440,14 @@ TEST(LowLatencyGpu, StandardShape) {
   run_case(c);
 }
 
-// The per-rank dispatch (EPCOMM_LL_PER_RANK=1) stages a token once per destination rank inside the
+// The per-rank dispatch (EPCOMM_LL_PER_RANK >= 1) stages a token once per destination rank inside the
 // per-expert messages' area: it must fit there for every E/R >= 2 (and FP8 always), so the buffer
 // does not grow. The cases after it run through whichever path the environment selects.
-// Shapes where EPCOMM_LL_PER_RANK=2 or 3 also takes the per-rank combine (E/R >= 26 with kslots =
+// Shapes where EPCOMM_LL_PER_RANK=2, 3 or 4 also takes the per-rank combine (E/R >= 26 with kslots =
 // 16, LowLatencyLayout::per_rank_combine_fits): plain, hook, two micro-batches with zero copy and
-// BF16, CUDA graph replays with top-16 and duplicates. With the variable unset they run the
-// per-expert paths (bit-exact combine); with 2 or 3 the combine is checked within the partials'
-// bound (ll_harness.cpp).
+// BF16, CUDA graph replays with top-16 and duplicates. With 2, 3 or 4 (the default) the combine is
+// checked within the partials' bound (ll_harness.cpp); with 0 or 1 they run the per-expert combine
+// (bit-exact).
 TEST(LowLatencyGpu, PerRankCombineShapes) {
   LLCase c;
   c.num_ranks = 4;
@@ -629,12 +630,12 @@ void run_many_calls(const LLCase& base, int eager_rounds, int graph_replays) {
   }
 }
 
-// The bench's call sequence in small (EPCOMM_LL_PER_RANK=2 also takes the per-rank combine here:
-// E/R > kslots) and with few experts per rank (per-rank dispatch, per-expert combine).
+// The bench's call sequence in small (EPCOMM_LL_PER_RANK=2..4 also take the per-rank combine here:
+// E/R >= 26) and with few experts per rank (per-rank dispatch, per-expert combine).
 TEST(LowLatencyGpu, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
   LLCase c;
   c.num_ranks = 4;
-  c.num_experts = 80;
+  c.num_experts = 128;
   c.hidden = 256;
   c.max_tokens = 32;
   run_many_calls(c, 16, 3);

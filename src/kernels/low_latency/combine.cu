@@ -8,7 +8,8 @@
 //          sums w * y in k order with separate multiply and add (no FMA: bit for bit the
 //          reference), rounds once to BF16. Block 0 finally waits for every rank's `done`.
 //
-// Per-rank combine (p.partials != kNone: EPCOMM_LL_PER_RANK=2 or 3 where it fits, see params.hpp):
+// Per-rank combine (p.partials != kNone: EPCOMM_LL_PER_RANK=2, 3 or 4 (the default) where it fits,
+// see params.hpp):
 // the expert rank sends one row per (token, origin rank) instead of one per (token, expert).
 // send:    block 0 pushes this rank's topk_weights to every rank (one flag each); then a
 //          warp per (staged token of the dispatch's plan, part of the row) sums w[t][k] * y over the

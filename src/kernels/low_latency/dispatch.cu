@@ -12,7 +12,7 @@
 //
 // Without a hook both halves run in one launch; with a hook, two launches.
 //
-// Per-rank path (p.per_rank, EPCOMM_LL_PER_RANK=1): a token's experts fall on few ranks, so the
+// Per-rank path (p.per_rank, EPCOMM_LL_PER_RANK >= 1): a token's experts fall on few ranks, so the
 // sender stores it once per destination rank instead of once per expert:
 // send:    as above, plus a histogram of the destination ranks of the tokens (a token counts once
 //          per rank); each count flag also carries how many tokens this source sends to the rank

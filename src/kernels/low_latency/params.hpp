@@ -20,9 +20,10 @@
 // Flags carry the call's sequence number (device counters, fresh at every graph replay) and are
 // never reset.
 //
-// EPCOMM_LL_PER_RANK=1 / 2 switch to the per-rank variants (dispatch.cu, combine.cu): a token goes
+// EPCOMM_LL_PER_RANK >= 1 switches to the per-rank variants (dispatch.cu, combine.cu): a token goes
 // once to each destination rank (staged, then fanned out by the receiver into the same rows), and
-// with 2 the expert rank returns one pre-weighted BF16 partial per (token, rank). Same layout.
+// with 2, 3 or 4 (the default) the expert rank returns one pre-weighted partial per (token, rank).
+// Same layout.
 #pragma once
 
 #include <cstddef>
@@ -128,7 +129,7 @@ struct LowLatencyLayout {
     return staged_stride(use_fp8) <= static_cast<size_t>(local_experts) * msg_bytes;
   }
 
-  // Per-rank combine (EPCOMM_LL_PER_RANK=2, see combine.cu): the expert rank sums, per (token,
+  // Per-rank combine (EPCOMM_LL_PER_RANK=2..4, see combine.cu): the expert rank sums, per (token,
   // origin), its local experts' rows weighted by the origin's topk_weights and sends one BF16
   // partial row to the origin's combine row [t][d], d = the rank's place among the token's
   // destination ranks (first occurrence in k order), in pr_parts parts with a flag each
@@ -221,7 +222,7 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
   return (total + 128) / 128 * 128;
 }
 
-// EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 1): 0 keeps the
+// EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 4): 0 keeps the
 // per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
 // per-rank combine with BF16 partials, 3 with fine partials, 4 with float32 partials (none is
 // bit-identical to the per-expert sum; combine.cu gives their error bounds). A call uses them only
