@@ -29,7 +29,8 @@
 //   rounding: the result differs from the per-expert sum by at most one BF16 unit, rarely; about 1.6x
 //   fewer bytes than per-expert rows at the standard shape. Where every token has at most one expert
 //   per rank the result is bit-identical to the per-expert path.
-// - kF32 (=4): as kFine with the float32 partial as it is (4 bytes per element): only float32
+// - kF32 (=4): as kFine with the float32 partial as it is (4 bytes per element, in two planes of
+//   four channels per 8-channel group, so a warp's stores stay contiguous): only float32
 //   reordering (a rank's rows summed first, then the ranks in first-occurrence order); about 1.3x
 //   fewer bytes than per-expert rows at the standard shape (a token with two experts on a rank sends
 //   as many bytes as their two rows).
@@ -455,9 +456,11 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
             dst[i] = hi;
             reinterpret_cast<uint2*>(dst_row + 2 * static_cast<size_t>(H))[i] = lo;
           } else if constexpr (kF32) {
-            float4* f = reinterpret_cast<float4*>(dst_row);
-            f[2 * i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-            f[2 * i + 1] = make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
+            // Two planes (channels 8i..8i+3, then 8i+4..8i+7): each store instruction of the warp
+            // covers 512 contiguous bytes (interleaved, each would write half of every sector).
+            reinterpret_cast<float4*>(dst_row)[i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            reinterpret_cast<float4*>(dst_row + 2 * static_cast<size_t>(H))[i] =
+                make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
           } else {
             dst[i] = to_bf16x8(acc[u]);
           }
@@ -545,8 +548,8 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
           add_fine_x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8),
                       __ldcg(reinterpret_cast<const uint2*>(row + 2 * static_cast<size_t>(H)) + c0 / 8));
         } else {
-          const float4 a = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 4);
-          const float4 b = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 4 + 1);
+          const float4 a = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 8);
+          const float4 b = __ldcg(reinterpret_cast<const float4*>(row + 2 * static_cast<size_t>(H)) + c0 / 8);
           const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);

@@ -170,9 +170,10 @@ struct LowLatencyLayout {
     return (static_cast<size_t>(num_ranks) * max_tokens * 4 * (1 + kslots) + 7) / 8 * 8;
   }
   // Wide per-rank rows (fine partials, EPCOMM_LL_PER_RANK=3: 3 bytes per element, [high 16 bits of
-  // each float32 partial: 2 * hidden][next 8 bits: hidden]; float32 partials, =4: 4 bytes, [hidden]
-  // floats): destination d's row of token t is at d * bytes * hidden inside the token's kslots
-  // combine rows, which must hold pr_dests() such rows.
+  // each float32 partial: 2 * hidden][next 8 bits: hidden]; float32 partials, =4: 4 bytes,
+  // [channels 8g..8g+3 of every 8-channel group g: 2 * hidden][channels 8g+4..8g+7: 2 * hidden]):
+  // destination d's row of token t is at d * bytes * hidden inside the token's kslots combine rows,
+  // which must hold pr_dests() such rows.
   EPCOMM_HD size_t pr_wide_row(int b, int t, int d, int bytes_per_element) const {
     return combine_row(b, t, 0) + static_cast<size_t>(d) * bytes_per_element * static_cast<size_t>(hidden);
   }
