@@ -368,12 +368,12 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     const int n = min(static_cast<int>((head >> 16) & 0x1fu), KS);
     const int d = static_cast<int>((head >> 21) & 0x1fu);
     if (t >= L.max_tokens || d >= D) continue;  // not a plan of this layout: dropped, the origin times out
-    // Fine partials: a token with one expert here gets its row as it is (the origin weighs it), so
-    // it needs no weights and goes at once.
+    // Fine and float32 partials: a token with one expert here gets its row as it is (the origin
+    // weighs it), so it needs no weights and goes at once.
     const bool single = kWide && n == 1;
     if (peer_masked(p.mask, src)) continue;  // shrink mode: nothing goes to a masked rank
     // Lane e < n: entry e's row of y and its weight (row -1: not in the handle's range). The
-    // weights are waited for only where they are used (not for a single row of fine partials).
+    // weights are waited for only where they are used (not for a single row of wide partials).
     int64_t row = -1;
     float wt = 0.0f;
     int got = static_cast<int>(PeerWait::kArrived);
@@ -492,7 +492,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
   for (int item = gw; item < T * slices; item += total_warps) {
     const int t = item / slices, s = item % slices;
     int e = -1;
-    float w = 0.0f;  // fine partials: the weight of a rank's single expert is applied here
+    float w = 0.0f;  // wide partials: the weight of a rank's single expert is applied here
     if (lane < K) {
       const int64_t id = p.topk_idx[static_cast<int64_t>(t) * K + lane];
       if (id >= 0 && id < E) {
@@ -533,7 +533,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    uint32_t rest = leaders;  // fine partials: destination d's leader lane is the lowest bit left
+    uint32_t rest = leaders;  // wide partials: destination d's leader lane is the lowest bit left
     for (int d = 0; d < nd; ++d) {
       if constexpr (kWide) {
         const int lead = __ffs(rest) - 1;
