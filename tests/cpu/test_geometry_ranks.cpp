@@ -6,11 +6,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <random>
 #include <string>
 
 #include "core/ring_geometry.hpp"
+#include "cpu/test_reference_util.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "kernels/internode/params.hpp"
@@ -121,19 +121,10 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
 // The fine partials' rounding (kernels/low_latency/params.hpp, used by the LL combine): nearest at
 // 16 significant bits against a double computation, the bound 2^-16 |x|, the carry into the
 // exponent, Inf, NaN, signed zeros and subnormals.
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint32_t to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+using ref::testing_util::from_bits;
 
 TEST(FinePartials, RoundsToNearestAtSixteenBits) {
-  std::mt19937 rng(std::random_device{}());
+  EPCOMM_SEEDED_RNG(rng);
   std::uniform_int_distribution<uint32_t> any;
   int checked = 0;
   for (int i = 0; i < 200000; ++i) {
@@ -165,7 +156,7 @@ TEST(FinePartials, RoundsToNearestAtSixteenBits) {
   EXPECT_EQ(fine_round_bits(0x7f800001u), 0x7fc00000u);  // a NaN whose payload is in the dropped bits
   EXPECT_EQ(fine_round_bits(0x80000000u), 0x80000000u);  // -0
   EXPECT_EQ(fine_round_bits(0x00000080u), 0x00000100u);  // subnormal, tie away from zero
-  EXPECT_EQ(fine_round_bits(to_bits(1.0f)), to_bits(1.0f));
+  EXPECT_EQ(fine_round_bits(ref::testing_util::bits(1.0f)), ref::testing_util::bits(1.0f));
 }
 
 TEST(GeometryRanks, LowLatencySizeHintNoLargerThanDeepEP) {

@@ -11,16 +11,8 @@
 namespace epcomm::ref {
 namespace {
 
-uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using testing_util::bits;
+using testing_util::from_bits;
 
 uint16_t cuda_bf16(float f) {
   __nv_bfloat16_raw raw = __float2bfloat16_rn(f);

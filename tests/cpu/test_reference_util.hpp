@@ -37,6 +37,18 @@ inline int uniform(std::mt19937& rng, int lo, int hi) {  // [lo, hi]
 
 inline uint16_t bf16(float f) { return float_to_bf16(f); }
 
+// A float's bits and back.
+inline uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // Small nonzero integers: sums of a few of them are exact in float32 and in BF16.
 inline std::vector<uint16_t> random_small_bf16(std::mt19937& rng, size_t n, int magnitude = 8) {
   std::vector<uint16_t> v(n);
