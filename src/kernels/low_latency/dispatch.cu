@@ -60,6 +60,13 @@ __device__ __forceinline__ char* peer_region(const LowLatencyDispatchParams& p, 
   return p.common.peer_base[rank] + p.region;
 }
 
+// Token t of x into a staging area of shared memory: cast to FP8 (scales after the row) or as BF16.
+__device__ __forceinline__ void stage_token(const LowLatencyDispatchParams& p, int t, uint8_t* msg) {
+  const uint16_t* row = p.x + static_cast<size_t>(t) * p.layout.hidden;
+  if (p.use_fp8) stage_fp8(row, p.layout.hidden, p.round_scale, msg);
+  else stage_bf16(row, p.layout.hidden, msg);
+}
+
 // Per-rank path: one token's destinations, in shared memory. Three sets rotate: set it % 3 is
 // written by thread 0 before token it's barrier, read by the copies after it and by the flag
 // releases after token it + 1's barrier, so it is rewritten only after token it + 2's barrier.
@@ -209,9 +216,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
         }
       }
     }
-    const uint16_t* row = p.x + static_cast<size_t>(t) * H;
-    if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
-    else stage_bf16(row, H, msg);
+    stage_token(p, t, msg);
     __syncthreads();
     if constexpr (NetT::kEnabled) {
       // A token with a k on another node: its message goes into this rank's window (put source).
@@ -292,7 +297,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
                                        int32_t* rank_hist, RankMeta* meta, uint32_t* tok_dests) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
-  const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, T = p.num_tokens, H = L.hidden, R = c.num_ranks;
+  const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, T = p.num_tokens, R = c.num_ranks;
   const int grid = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
   const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
   const int warp = warp_id(), lane = lane_id();
@@ -318,11 +323,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
   // The first token's cast needs no histogram: its loads overlap the histogram's.
-  if (t_begin < t_end) {
-    const uint16_t* row = p.x + static_cast<size_t>(t_begin) * H;
-    if (p.use_fp8) stage_fp8(row, H, p.round_scale, sm.staging);
-    else stage_bf16(row, H, sm.staging);
-  }
+  if (t_begin < t_end) stage_token(p, t_begin, sm.staging);
   __syncthreads();
   // Pass 1, the (token, k) pairs spread over every thread: rows per expert before this block's
   // tokens, the totals of the experts whose count flag this block owns, and each token's
@@ -407,11 +408,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
         m.token = t;
       }
     }
-    if (it > 0) {  // the first token was staged before the histogram
-      const uint16_t* row = p.x + static_cast<size_t>(t) * H;
-      if (p.use_fp8) stage_fp8(row, H, p.round_scale, msg);
-      else stage_bf16(row, H, msg);
-    }
+    if (it > 0) stage_token(p, t, msg);  // the first token was staged before the histogram
     __syncthreads();
     if (pending >= 0) release_staged(p, seq, meta[pending]);
     const int nd = m.ndest;
