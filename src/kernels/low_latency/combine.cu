@@ -49,29 +49,56 @@ using namespace epcomm::dev;
 
 constexpr int kSliceChannels = 256;  // 8 per lane
 
-// Fine partials (kFine): eight float32 sums rounded by fine_round_bits (params.hpp), as their high
-// 16 bits (hi, like BF16) and the next 8 (lo).
-__device__ __forceinline__ void to_fine_x8(const float (&acc)[8], int4& hi, uint2& lo) {
-  uint32_t h[4] = {0, 0, 0, 0}, l[2] = {0, 0};
+// A partial's eight channels of group g (channels 8g..8g+7) in its row, written by the expert
+// rank and added by the origin; one place for each kind's row layout (params.hpp, pr_wide_row):
+// kBf16: [BF16: 2H bytes]; kFine: [high 16 bits of each float, rounded by fine_round_bits: 2H]
+// [next 8 bits: H]; kF32: [channels 8g..8g+3 of every group: 2H][8g+4..8g+7: 2H]. Each warp store
+// covers contiguous bytes (interleaving a lane's two float4 would write half of every sector).
+template <LowLatencyPartials kP>
+__device__ __forceinline__ void store_partial_x8(char* row, int hidden, int g, const float (&acc)[8]) {
+  char* plane2 = row + 2 * static_cast<size_t>(hidden);
+  if constexpr (kP == LowLatencyPartials::kFine) {
+    uint32_t h[4] = {0, 0, 0, 0}, l[2] = {0, 0};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t bits = fine_round_bits(__float_as_uint(acc[i]));
-    h[i / 2] |= (bits >> 16) << (16 * (i % 2));
-    l[i / 4] |= ((bits >> 8) & 0xffu) << (8 * (i % 4));
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t bits = fine_round_bits(__float_as_uint(acc[i]));
+      h[i / 2] |= (bits >> 16) << (16 * (i % 2));
+      l[i / 4] |= ((bits >> 8) & 0xffu) << (8 * (i % 4));
+    }
+    reinterpret_cast<int4*>(row)[g] =
+        make_int4(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]), static_cast<int>(h[3]));
+    reinterpret_cast<uint2*>(plane2)[g] = make_uint2(l[0], l[1]);
+  } else if constexpr (kP == LowLatencyPartials::kF32) {
+    reinterpret_cast<float4*>(row)[g] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    reinterpret_cast<float4*>(plane2)[g] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  } else {
+    reinterpret_cast<int4*>(row)[g] = to_bf16x8(acc);
   }
-  hi = make_int4(static_cast<int>(h[0]), static_cast<int>(h[1]), static_cast<int>(h[2]), static_cast<int>(h[3]));
-  lo = make_uint2(l[0], l[1]);
 }
 
-// acc[i] += the i-th fine partial of (hi, lo).
-__device__ __forceinline__ void add_fine_x8(float (&acc)[8], int4 hi, uint2 lo) {
-  const uint32_t h[4] = {static_cast<uint32_t>(hi.x), static_cast<uint32_t>(hi.y), static_cast<uint32_t>(hi.z),
-                         static_cast<uint32_t>(hi.w)};
-  const uint32_t l[2] = {lo.x, lo.y};
+template <LowLatencyPartials kP>
+__device__ __forceinline__ void add_partial_x8(float (&acc)[8], const char* row, int hidden, int g) {
+  const char* plane2 = row + 2 * static_cast<size_t>(hidden);
+  if constexpr (kP == LowLatencyPartials::kFine) {
+    const int4 hi = __ldcg(reinterpret_cast<const int4*>(row) + g);
+    const uint2 lo = __ldcg(reinterpret_cast<const uint2*>(plane2) + g);
+    const uint32_t h[4] = {static_cast<uint32_t>(hi.x), static_cast<uint32_t>(hi.y), static_cast<uint32_t>(hi.z),
+                           static_cast<uint32_t>(hi.w)};
+    const uint32_t l[2] = {lo.x, lo.y};
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const uint32_t bits = (((h[i / 2] >> (16 * (i % 2))) & 0xffffu) << 16) | (((l[i / 4] >> (8 * (i % 4))) & 0xffu) << 8);
-    acc[i] = __fadd_rn(acc[i], __uint_as_float(bits));
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t bits =
+          (((h[i / 2] >> (16 * (i % 2))) & 0xffffu) << 16) | (((l[i / 4] >> (8 * (i % 4))) & 0xffu) << 8);
+      acc[i] = __fadd_rn(acc[i], __uint_as_float(bits));
+    }
+  } else if constexpr (kP == LowLatencyPartials::kF32) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(row) + g);
+    const float4 b = __ldcg(reinterpret_cast<const float4*>(plane2) + g);
+    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
+  } else {
+    add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + g));
   }
 }
 
@@ -319,8 +346,7 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
 // Per-rank combine, send half (see the top of this file).
 template <LowLatencyPartials kP>
 __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
-  constexpr bool kFine = kP == LowLatencyPartials::kFine, kF32 = kP == LowLatencyPartials::kF32;
-  constexpr bool kWide = kFine || kF32;  // single-expert rows as they are, wider partials
+  constexpr bool kWide = partial_bytes(kP) > 2;  // fine or float32: single-expert rows as they are
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
   const int R = c.num_ranks, EL = L.local_experts, H = L.hidden, K = p.num_topk, T = p.num_tokens;
@@ -411,19 +437,10 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     if (single) {
       // The row itself (zeros when its slot is not in the handle's range: it contributes nothing).
       const int64_t r = __shfl_sync(0xffffffffu, row, 0);
-      for (int base = v0; base < v1; base += 32 * U) {
-        int4 vec[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int i = base + lane + u * 32;
-          vec[u] = make_int4(0, 0, 0, 0);
-          if (i < v1 && r >= 0) vec[u] = __ldg(y + r * V + i);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int i = base + lane + u * 32;
-          if (i < v1) dst[i] = vec[u];
-        }
+      if (r >= 0) {
+        warp_copy<U>(dst + v0, y + r * V + v0, v1 - v0, LoadNc{});
+      } else {
+        for (int i = v0 + lane; i < v1; i += 32) dst[i] = make_int4(0, 0, 0, 0);
       }
     } else {
       for (int base = v0; base < v1; base += 32 * U) {
@@ -448,22 +465,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int i = base + lane + u * 32;
-          if (i >= v1) continue;
-          if constexpr (kFine) {
-            int4 hi;
-            uint2 lo;
-            to_fine_x8(acc[u], hi, lo);
-            dst[i] = hi;
-            reinterpret_cast<uint2*>(dst_row + 2 * static_cast<size_t>(H))[i] = lo;
-          } else if constexpr (kF32) {
-            // Two planes (channels 8i..8i+3, then 8i+4..8i+7): each store instruction of the warp
-            // covers 512 contiguous bytes (interleaved, each would write half of every sector).
-            reinterpret_cast<float4*>(dst_row)[i] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-            reinterpret_cast<float4*>(dst_row + 2 * static_cast<size_t>(H))[i] =
-                make_float4(acc[u][4], acc[u][5], acc[u][6], acc[u][7]);
-          } else {
-            dst[i] = to_bf16x8(acc[u]);
-          }
+          if (i < v1) store_partial_x8<kP>(dst_row, H, i, acc[u]);
         }
       }
     }
@@ -476,8 +478,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
 // Per-rank combine, receive half: out[t] = the sum of the token's per-rank partials.
 template <LowLatencyPartials kP, int kFirstWarp = 0>
 __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t seq) {
-  constexpr bool kFine = kP == LowLatencyPartials::kFine, kF32 = kP == LowLatencyPartials::kF32;
-  constexpr bool kWide = kFine || kF32;
+  constexpr bool kWide = partial_bytes(kP) > 2;  // fine or float32: single-expert rows as they are
   constexpr int kWarps = kLowLatencyWarps - kFirstWarp;
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
@@ -542,22 +543,11 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
         const float wd = __shfl_sync(0xffffffffu, w, lead);
         if (((arrived_mask >> (d * P)) & part_mask) != part_mask || !active) continue;  // every part, or none of it
         const char* row = mine + L.pr_wide_row(p.buffer, t, d, partial_bytes(kP));
-        if (single) {
-          add_weighted_bf16x8(acc, wd, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8));
-        } else if constexpr (kFine) {
-          add_fine_x8(acc, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8),
-                      __ldcg(reinterpret_cast<const uint2*>(row + 2 * static_cast<size_t>(H)) + c0 / 8));
-        } else {
-          const float4 a = __ldcg(reinterpret_cast<const float4*>(row) + c0 / 8);
-          const float4 b = __ldcg(reinterpret_cast<const float4*>(row + 2 * static_cast<size_t>(H)) + c0 / 8);
-          const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], f[i]);
-        }
+        if (single) add_weighted_bf16x8(acc, wd, __ldcg(reinterpret_cast<const int4*>(row) + c0 / 8));
+        else add_partial_x8<kP>(acc, row, H, c0 / 8);
       } else {
         if (((arrived_mask >> (d * P)) & part_mask) != part_mask) continue;  // every part, or none of it
-        if (active)
-          add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(mine + L.combine_row(p.buffer, t, d)) + c0 / 8));
+        if (active) add_partial_x8<kP>(acc, mine + L.combine_row(p.buffer, t, d), H, c0 / 8);
       }
     }
     if (active) *reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H + c0) = to_bf16x8(acc);
