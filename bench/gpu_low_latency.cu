@@ -192,9 +192,7 @@ std::string verify(const std::vector<RankData>& data, const std::vector<RankResu
     // tested with 2^-8), fine within 2^-16 of it (tested with 2^-14), float32 within float32
     // reordering (tested with 2^-18), plus the two final roundings (tests/gpu/ll_harness.cpp checks
     // the same bounds).
-    const float rel = partials == LowLatencyPartials::kF32    ? 1.0f / 262144.0f
-                      : partials == LowLatencyPartials::kFine ? 1.0f / 16384.0f
-                                                              : 1.0f / 256.0f;
+    const float rel = low_latency_partials_tolerance(partials);
     std::vector<ref::LowLatencyCombineInput> abs_in = cin;
     for (auto& a : abs_in) {
       for (auto& v : a.y) v &= 0x7fff;
@@ -255,18 +253,16 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     // staging slots fit the layout, per-expert otherwise (the fp8 and bf16 calls may differ).
     const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
     auto path = [&](bool fp8) {
-      return low_latency_per_rank_requested() && l.per_rank_fits(fp8) ? std::string("per-rank") : std::string("per-expert");
+      return low_latency_per_rank_wanted(l, fp8) ? std::string("per-rank") : std::string("per-expert");
     };
     // The combine follows the dispatch it combines (fp8 here): per-rank partials with level 2 or 3
     // where the plan fits, else one row per (token, expert).
-    const LowLatencyPartials kind =
-        low_latency_per_rank_requested() && l.per_rank_fits(true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
+    const LowLatencyPartials kind = low_latency_per_rank_wanted(l, true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
     report.checks.push_back("low-latency paths (EPCOMM_LL_PER_RANK=" + std::to_string(low_latency_per_rank_level()) +
                             "): dispatch fp8 " + path(true) + ", dispatch bf16 " + path(false) + ", combine " +
-                            (kind == LowLatencyPartials::kBf16   ? "per-rank (BF16 partials per token and rank)"
-                             : kind == LowLatencyPartials::kFine ? "per-rank (fine partials per token and rank)"
-                             : kind == LowLatencyPartials::kF32  ? "per-rank (float32 partials per token and rank)"
-                                                                 : "per (token, expert)"));
+                            (kind == LowLatencyPartials::kNone
+                                 ? std::string("per (token, expert)")
+                                 : std::string("per-rank (") + low_latency_partials_name(kind) + " partials per token and rank)"));
   }
 
   const uint64_t seed = std::random_device{}();
@@ -405,8 +401,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
 
   if (o.verify) {
     const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
-    const LowLatencyPartials kind =
-        low_latency_per_rank_requested() && l.per_rank_fits(true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
+    const LowLatencyPartials kind = low_latency_per_rank_wanted(l, true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
     for (const auto* results : {&got, &got_last}) {
       size_t inexact = 0;
       const std::string diff = verify(data, *results, T, Tmax, H, K, E, kind, &inexact);

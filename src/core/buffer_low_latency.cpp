@@ -214,8 +214,7 @@ EmulatedNetParams ll_net_params(const Buffer::Impl& m, const CommonParams& c, co
 
 bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8, int blocks) {
   if (m.ll.net) return false;  // the network path has the per-expert kernels only
-  // Entries carry the local expert in 16 bits.
-  return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff &&
+  return low_latency_per_rank_wanted(l, use_fp8) &&
          low_latency_dispatch_launch_shared_bytes(l, blocks, 1, true, kLowLatencySend | kLowLatencyRecv) <= m.max_smem;
 }
 

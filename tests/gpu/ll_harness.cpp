@@ -194,9 +194,7 @@ float bf16_value(uint16_t b) {
 // every case here).
 LowLatencyPartials partials_in_use(const LLCase& c) {
   const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
-  if (!low_latency_per_rank_requested() || !l.per_rank_fits(c.use_fp8) || l.local_experts > 0xffff)
-    return LowLatencyPartials::kNone;
-  return low_latency_partials(l);
+  return low_latency_per_rank_wanted(l, c.use_fp8) ? low_latency_partials(l) : LowLatencyPartials::kNone;
 }
 
 // The per-rank combine's bounds (`absref` = sum_k |w_k y_k| as the reference computes it from |w|
@@ -208,15 +206,12 @@ LowLatencyPartials partials_in_use(const LLCase& c) {
 std::string close_combine(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
                           const std::vector<uint16_t>& absref, LowLatencyPartials kind) {
   if (got.size() != want.size()) return "combined x: size " + std::to_string(got.size()) + ", want " + std::to_string(want.size());
-  const float rel = kind == LowLatencyPartials::kF32    ? 1.0f / 262144.0f
-                    : kind == LowLatencyPartials::kFine ? 1.0f / 16384.0f
-                                                        : 1.0f / 256.0f;
-  const char* what = kind == LowLatencyPartials::kF32 ? "float32" : kind == LowLatencyPartials::kFine ? "fine" : "BF16";
+  const float rel = low_latency_partials_tolerance(kind);
   for (size_t i = 0; i < got.size(); ++i) {
     const float g = bf16_value(got[i]), w = bf16_value(want[i]), a = bf16_value(absref[i]);
     const float tol = a * rel + std::fabs(w) * (1.0f / 128.0f);
     if (!(std::fabs(g - w) <= tol))
-      return std::string("combined x (per-rank ") + what + " partials, tolerance) differs at element " +
+      return std::string("combined x (per-rank ") + low_latency_partials_name(kind) + " partials, tolerance) differs at element " +
              std::to_string(i) + ": got " + std::to_string(g) + ", want " + std::to_string(w) + ", tolerance " +
              std::to_string(tol);
   }

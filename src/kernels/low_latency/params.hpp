@@ -261,6 +261,22 @@ inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l) {
   return l.pr_wide_fits(partial_bytes(k)) ? k : LowLatencyPartials::kNone;
 }
 
+// The per-rank dispatch where it is asked for and the layout allows it (entries carry the local
+// expert in 16 bits); the library also needs its shared memory to fit (every test and bench shape
+// does), and the combine of such a dispatch returns low_latency_partials(l).
+inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8) {
+  return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff;
+}
+
+// What the tests and the bench check a per-rank combine against, relative to sum_k |w_k y_k|: each
+// kind's bound (combine.cu) with slack, and the kind's name in their messages.
+inline float low_latency_partials_tolerance(LowLatencyPartials k) {
+  return k == LowLatencyPartials::kF32 ? 1.0f / 262144.0f : k == LowLatencyPartials::kFine ? 1.0f / 16384.0f : 1.0f / 256.0f;
+}
+inline const char* low_latency_partials_name(LowLatencyPartials k) {
+  return k == LowLatencyPartials::kF32 ? "float32" : k == LowLatencyPartials::kFine ? "fine" : "BF16";
+}
+
 // LL across nodes through the network transport (EPCOMM_LL_NET=1 / BufferOptions::low_latency_net,
 // with more than one node; see ll_net.cuh for the protocol). Ranks of the same node keep the LSA
 // path; ranks of other nodes get puts from the sender's own window and signal adds. The area
