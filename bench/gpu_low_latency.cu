@@ -5,6 +5,9 @@
 //   ll-*-send / ll-*-recv                             hook mode: the two halves, with a 50 us spin
 //                                                     kernel between them (the overlapped compute)
 //                                                     so the receive half does not measure peer skew
+//   ll-*-kernel                                       the same calls' kernel durations as a profiler
+//                                                     records them (CUPTI: no launch or queue time),
+//                                                     DeepEP's way of timing (kineto)
 // checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer size
 // beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same
 // token count.
@@ -14,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -22,6 +26,7 @@
 
 #include "bench.hpp"
 #include "bench_util.hpp"
+#include "kernel_clock.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/reference.hpp"
 #include "kernels/low_latency/params.hpp"
@@ -74,6 +79,39 @@ std::pair<double, double> time_halves(cudaStream_t s, int warmup, int iters, con
   }
   for (auto& e : ev) cudaEventDestroy(e);
   return {median(a), median(b)};
+}
+
+// The rank threads meet (CUPTI recording is switched on and off while no rank launches).
+class ThreadBarrier {
+ public:
+  explicit ThreadBarrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t gen = gen_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return gen_ != gen; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, arrived_ = 0;
+  uint64_t gen_ = 0;
+};
+
+// The CUPTI timestamps around `iters` calls of fn (after `warmup` more), the stream idle at both ends.
+std::pair<uint64_t, uint64_t> clock_window(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cuda_check(cudaStreamSynchronize(s), "warmup");
+  const uint64_t t0 = KernelClock::now();
+  for (int i = 0; i < iters; ++i) fn();
+  cuda_check(cudaStreamSynchronize(s), "timed");
+  return {t0, KernelClock::now()};
 }
 
 // Per-call time of `iters` calls captured in one CUDA graph: no host launch cost in it, the figure
@@ -279,6 +317,8 @@ void run_gpu_low_latency(const Options& o, Report& report) {
   ncclUniqueId id;
   if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
   std::mutex mu;
+  ThreadBarrier all_ranks(R);
+  bool clock_on = false;
   run_threads(R, [&](int r) {
     cuda_check(cudaSetDevice(r), "cudaSetDevice");
     auto group = Group::create_nccl(id, R, r, r);
@@ -393,6 +433,51 @@ void run_gpu_low_latency(const Options& o, Report& report) {
         [&] { buf.low_latency_combine_recv(cin, h8, outv, order); });
     row("ll-combine-send", ch.first, "hook mode");
     row("ll-combine-recv", ch.second, "hook mode, after 50 us of other work");
+
+    // Kernel durations as a profiler records them (CUPTI: start to end on the GPU, no launch or
+    // queue time), the way DeepEP's tests time theirs (kineto): the figures to set beside its
+    // numbers. Recorded in loops of their own, so the CUDA-event figures above carry no CUPTI cost.
+    all_ranks.wait();
+    if (r == 0) clock_on = KernelClock::start();
+    all_ranks.wait();
+    std::pair<uint64_t, uint64_t> wd{}, wc{}, wdh{}, wch{};
+    if (clock_on) {
+      constexpr uint64_t kGapNs = 50000;
+      wd = clock_window(stream, o.warmup, o.iters, [&] { buf.low_latency_dispatch(din, d8, h8, false, order); });
+      buf.low_latency_dispatch(din, d8, h8, false, order);
+      wc = clock_window(stream, o.warmup, o.iters, [&] { buf.low_latency_combine(cin, h8, outv, false, order); });
+      wdh = clock_window(stream, o.warmup, o.iters, [&] {
+        buf.low_latency_dispatch(din, d8, hh, true, order);
+        spin_kernel<<<1, 1, 0, stream>>>(kGapNs);
+        buf.low_latency_dispatch_recv(din, d8, hh, order);
+      });
+      buf.low_latency_dispatch(din, d8, h8, false, order);
+      wch = clock_window(stream, o.warmup, o.iters, [&] {
+        buf.low_latency_combine(cin, h8, outv, true, order);
+        spin_kernel<<<1, 1, 0, stream>>>(kGapNs);
+        buf.low_latency_combine_recv(cin, h8, outv, order);
+      });
+    }
+    all_ranks.wait();
+    if (r == 0) KernelClock::stop();
+    all_ranks.wait();
+    if (clock_on) {
+      const auto kernel_median = [&](const char* name, std::pair<uint64_t, uint64_t> w, int every, int first) {
+        const std::vector<double> all = KernelClock::durations(r, name, w.first, w.second);
+        std::vector<double> v;
+        for (size_t i = first; i < all.size(); i += every) v.push_back(all[i]);
+        return v.empty() ? -1.0 : median(v);
+      };
+      const auto krow = [&](const char* op, double us) {
+        if (us >= 0) row(op, us, "kernel time (CUPTI), as DeepEP's kineto figures");
+      };
+      krow("ll-dispatch-fp8-kernel", kernel_median("low_latency_dispatch_kernel", wd, 1, 0));
+      krow("ll-combine-kernel", kernel_median("low_latency_combine_kernel", wc, 1, 0));
+      krow("ll-dispatch-fp8-send-kernel", kernel_median("low_latency_dispatch_kernel", wdh, 2, 0));
+      krow("ll-dispatch-fp8-recv-kernel", kernel_median("low_latency_dispatch_kernel", wdh, 2, 1));
+      krow("ll-combine-send-kernel", kernel_median("low_latency_combine_kernel", wch, 2, 0));
+      krow("ll-combine-recv-kernel", kernel_median("low_latency_combine_kernel", wch, 2, 1));
+    }
     checked_round(got_last[r]);
     cuda_check(cudaStreamSynchronize(stream), "final");
     buf.check_device_errors();
