@@ -5,6 +5,7 @@
 // load/store, one node). The GIN path will add a transport field to the params and a second send
 // routine in the kernels; the layout, the flags and the host side stay as they are.
 #include <algorithm>
+#include <iterator>
 #include <cstdio>
 #include <vector>
 #include <string>
@@ -562,7 +563,11 @@ std::string Buffer::low_latency_probe_report() {
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   int khz = 0;
   EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, m.device));
-  static const char* const names[] = {"entry", "histogram", "counts", "tokens", "published", "recv entry", "recv done"};
+  static const char* const names[] = {"entry",     "histogram",  "counts",    "tokens",
+                                      "published", "recv entry", "recv done", "recv counts"};
+  // In order of time within a block (the per-rank receive stamps its counts between entry and done).
+  static const int order[] = {kProbeEntry,     kProbeHistogram,  kProbeCounts,     kProbeTokens,
+                              kProbePublished, kProbeRecvEntry, kProbeRecvCounts, kProbeRecvDone};
   unsigned long long t0 = ~0ull;
   for (int b = 0; b < m.sm_count; ++b) {
     const unsigned long long e = v[static_cast<size_t>(b) * kLowLatencyProbeSlots + kProbeEntry];
@@ -576,7 +581,8 @@ std::string Buffer::low_latency_probe_report() {
   };
   std::string s = "LL dispatch probe, rank " + std::to_string(m.rank) +
                   " (us after the first block's entry: min / median / max over blocks; then SM-clock median since the previous mark)";
-  for (int mark = 0; mark <= kProbeRecvDone; ++mark) {
+  for (int oi = 0; oi < static_cast<int>(std::size(order)); ++oi) {
+    const int mark = order[oi];
     std::vector<double> at, since;
     for (int b = 0; b < m.sm_count; ++b) {
       const unsigned long long* row = v.data() + static_cast<size_t>(b) * kLowLatencyProbeSlots;
@@ -584,9 +590,10 @@ std::string Buffer::low_latency_probe_report() {
       at.push_back(static_cast<double>(row[mark] - t0) / 1000.0);
       // The latest earlier mark stamped before this one (a split launch's receive half starts
       // before its warp 0 publishes).
-      int prev = mark - 1;
-      while (prev >= 0 && (row[prev] == 0 || row[prev] > row[mark])) --prev;
-      if (prev >= 0 && khz > 0) since.push_back(static_cast<double>(row[8 + mark] - row[8 + prev]) / khz * 1000.0);
+      int pi = oi - 1;
+      while (pi >= 0 && (row[order[pi]] == 0 || row[order[pi]] > row[mark])) --pi;
+      if (pi >= 0 && khz > 0)
+        since.push_back(static_cast<double>(row[8 + mark] - row[8 + order[pi]]) / khz * 1000.0);
     }
     if (at.empty()) continue;
     std::sort(at.begin(), at.end());
@@ -594,6 +601,27 @@ std::string Buffer::low_latency_probe_report() {
     s += "\n  " + std::string(names[mark]) + ": " + fmt(at.front()) + " / " + fmt(at[at.size() / 2]) + " / " +
          fmt(at.back()) + " (" + std::to_string(at.size()) + " blocks)";
     if (!since.empty()) s += ", +" + fmt(since[since.size() / 2]) + " us";
+  }
+  // The blocks whose receive finished last: their longest flag wait and copy of one item (part of a
+  // staged token), and how many items their warps took.
+  std::vector<std::pair<unsigned long long, int>> done;
+  for (int b = 0; b < m.sm_count; ++b) {
+    const unsigned long long d = v[static_cast<size_t>(b) * kLowLatencyProbeSlots + kProbeRecvDone];
+    if (d >= t0) done.push_back({d, b});
+  }
+  std::sort(done.rbegin(), done.rend());
+  if (!done.empty()) s += "\n  last receiving blocks (block: done at; longest item wait / copy; items):";
+  for (size_t i = 0; i < done.size() && i < 5; ++i) {
+    const unsigned long long* row = v.data() + static_cast<size_t>(done[i].second) * kLowLatencyProbeSlots;
+    s += " " + std::to_string(done[i].second) + ": " + fmt((done[i].first - t0) / 1000.0) + "; " +
+         fmt(row[kProbeItemWait] / 1000.0) + " / " + fmt(row[kProbeItemWork] / 1000.0) + "; " +
+         std::to_string(row[kProbeItems]);
+    const unsigned long long* slow = row + kProbeSlowItem;
+    if (slow[1] + slow[2] + slow[3] > 0)
+      s += " [slow item " + std::to_string(slow[0] & 0xffff) + " part " + std::to_string((slow[0] >> 16) & 0xff) +
+           " rows " + std::to_string(slow[0] >> 24) + ": to rows " + fmt(slow[1] / 1000.0) + ", data " +
+           fmt(slow[2] / 1000.0) + ", scales " + fmt(slow[3] / 1000.0) + "]";
+    if (i + 1 < done.size() && i < 4) s += ",";
   }
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.probe, 0, v.size() * sizeof(v[0]), m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));

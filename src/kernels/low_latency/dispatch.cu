@@ -640,7 +640,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
 // Per-rank path, receive half (see the top of this file). `ints`: recv_smem_ints of shared memory.
 // kSplit: run by warps 1.. only (warp 0 is still releasing the send half's last flags, see
 // dispatch_send_per_rank), which meet at named barrier 2; else by the whole block.
-template <bool kSplit = false>
+template <bool kSplit = false, bool kProbe = false>
 __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32_t seq, int32_t* ints) {
   const CommonParams& c = p.common;
   const LowLatencyLayout& L = p.layout;
@@ -707,6 +707,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     ipre[R] = run;
   }
   barrier();
+  probe_mark<kProbe>(p, kProbeRecvCounts, 32 * kFirstWarp);
 
   const int N = ipre[R];
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
@@ -725,10 +726,13 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     const uint8_t* msg = reinterpret_cast<const uint8_t*>(mine + L.staged(p.buffer, src, j, p.use_fp8));
     long long cycles = 0;
     int got = static_cast<int>(PeerWait::kArrived);
+    [[maybe_unused]] uint64_t probe_t0 = 0, probe_t1 = 0;
+    if constexpr (kProbe) probe_t0 = global_timer_ns();
     if (lane == 0)
       got = static_cast<int>(wait_seq_or_mask(c.wait, p.mask,
                                               reinterpret_cast<const uint32_t*>(mine + L.staged_flag(p.buffer, src, j)),
                                               seq, WaitPhase::kLowLatencyDispatchMessage, src, cycles));
+    if constexpr (kProbe) probe_t1 = global_timer_ns();
     got = __shfl_sync(0xffffffffu, got, 0);
     if (got == static_cast<int>(PeerWait::kAborted)) return;
     if (got == static_cast<int>(PeerWait::kMasked)) {
@@ -740,8 +744,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     if (p.wait_cost_stats && lane == 0 && cycles > 0)
       atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
     // Every read of this part at once (none depends on another): the first vectors of the part,
-    // the head, the entries (all kslots; those past the head's count are ignored) and, for part 0
-    // of an FP8 token, its first 64 scales.
+    // the head, the entries (all kslots; those past the head's count are ignored) and, for an FP8
+    // token, the first 32 of the part's scales.
     const int v0 = part * data16 / P, v1 = (part + 1) * data16 / P;
     const int4* from = reinterpret_cast<const int4*>(msg);
     int4* to = reinterpret_cast<int4*>(p.recv_x);
@@ -754,17 +758,29 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     const uint32_t v = __ldcg(reinterpret_cast<const unsigned int*>(msg + head_off));
     const uint32_t ent =
         lane < L.kslots ? __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane) : 0u;
+    // The scales are split over the parts as the data is (each part a share of the groups, or of
+    // the packed words): one part writing all of them for n rows was the receive's slowest item.
     const float* scales = reinterpret_cast<const float*>(msg + H);
-    const bool plain_scales = part == 0 && p.use_fp8 && !p.use_ue8m0;
-    const float sc0 = plain_scales && lane < G ? __ldcg(scales + lane) : 0.0f;
-    const float sc1 = plain_scales && lane + 32 < G ? __ldcg(scales + lane + 32) : 0.0f;
+    const bool plain_scales = p.use_fp8 && !p.use_ue8m0;
+    const int s0 = part * (plain_scales ? G : W) / P, s1 = (part + 1) * (plain_scales ? G : W) / P;
+    const float sc0 = plain_scales && s0 + lane < s1 ? __ldcg(scales + s0 + lane) : 0.0f;
     const int t = static_cast<int>(v & 0xffffu);
     const int n = min(static_cast<int>((v >> 16) & 0x1fu), L.kslots);
-    // Lane e < n holds entry e's row in recv_x (-1: not valid, e.g. a count settled as masked).
-    int64_t row = -1;
+    // Lane e < n holds entry e's row in recv_x: its local expert (-1: not valid, e.g. a count
+    // settled as masked) and its place in the expert's R * Tmax rows.
+    int rle = -1, rpos = 0;
     if (lane < n) {
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
-      if (le < EL && slot < cnt[le * R + src]) row = static_cast<int64_t>(le) * RT + begin[le * R + src] + slot;
+      if (le < EL && slot < cnt[le * R + src]) {
+        rle = le;
+        rpos = begin[le * R + src] + slot;
+      }
+    }
+    const int64_t row = rle >= 0 ? static_cast<int64_t>(rle) * RT + rpos : -1;
+    [[maybe_unused]] uint64_t probe_t2 = 0, probe_t3 = 0;
+    if constexpr (kProbe) {
+      asm volatile("" ::"l"(row));
+      probe_t2 = global_timer_ns();
     }
     // This part of the row: read once, stored to every row.
     for (int base = v0; base < v1; base += 32 * U) {
@@ -785,32 +801,49 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
         }
       }
     }
-    if (part != 0) continue;
+    if constexpr (kProbe) {
+      asm volatile("" ::: "memory");
+      probe_t3 = global_timer_ns();
+    }
     if (p.use_fp8) {
-      // Scales transposed ([le][group][RT]): each group read once, stored for every row.
-      if (!p.use_ue8m0) {
-        for (int g0 = 0; g0 < G; g0 += 32) {
-          const int g = g0 + lane;
-          const float val = g0 == 0 ? sc0 : g0 == 32 ? sc1 : (g < G ? __ldcg(scales + g) : 0.0f);
+      // Scales transposed ([le][group][RT]): each of this part's groups read once, stored for every row.
+      for (int g0 = s0; g0 < s1; g0 += 32) {
+        const int g = g0 + lane;
+        if (plain_scales) {
+          const float val = g0 == s0 ? sc0 : (g < s1 ? __ldcg(scales + g) : 0.0f);
           for (int e = 0; e < n; ++e) {
-            const int64_t r = __shfl_sync(0xffffffffu, row, e);
-            if (r >= 0 && g < G) p.recv_scales[(r / RT * G + g) * RT + r % RT] = val;
+            const int le = __shfl_sync(0xffffffffu, rle, e), pos = __shfl_sync(0xffffffffu, rpos, e);
+            if (le >= 0 && g < s1) p.recv_scales[(static_cast<int64_t>(le) * G + g) * RT + pos] = val;
           }
-        }
-      } else {
-        for (int w0 = 0; w0 < W; w0 += 32) {
-          const int wd = w0 + lane;
+        } else {  // UE8M0: g is a word of four groups' exponents
           uint32_t word = 0;
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            if (wd < W && 4 * wd + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * wd + i)) >> 23) & 0xffu) << (8 * i);
+            if (g < s1 && 4 * g + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * g + i)) >> 23) & 0xffu) << (8 * i);
           for (int e = 0; e < n; ++e) {
-            const int64_t r = __shfl_sync(0xffffffffu, row, e);
-            if (r >= 0 && wd < W) p.recv_scales_packed[(r / RT * W + wd) * RT + r % RT] = static_cast<int32_t>(word);
+            const int le = __shfl_sync(0xffffffffu, rle, e), pos = __shfl_sync(0xffffffffu, rpos, e);
+            if (le >= 0 && g < s1) p.recv_scales_packed[(static_cast<int64_t>(le) * W + g) * RT + pos] = static_cast<int32_t>(word);
           }
         }
       }
     }
+    if constexpr (kProbe) {
+      if (lane == 0) {
+        unsigned long long* prow = p.probe + blockIdx.x * kLowLatencyProbeSlots;
+        const uint64_t now = global_timer_ns();
+        atomicMax(prow + kProbeItemWait, static_cast<unsigned long long>(probe_t1 - probe_t0));
+        atomicMax(prow + kProbeItemWork, static_cast<unsigned long long>(now - probe_t1));
+        atomicAdd(prow + kProbeItems, 1ull);
+        if (now - probe_t1 > 2000) {  // a slow item: where its time went
+          prow[kProbeSlowItem] = static_cast<unsigned long long>(item) | static_cast<unsigned long long>(part) << 16 |
+                                 static_cast<unsigned long long>(n) << 24;
+          prow[kProbeSlowItem + 1] = probe_t2 - probe_t1;  // head and entries loaded, rows known
+          prow[kProbeSlowItem + 2] = probe_t3 - probe_t2;  // data stores issued
+          prow[kProbeSlowItem + 3] = now - probe_t3;       // scales
+        }
+      }
+    }
+    if (part != 0) continue;
     if (row >= 0) p.src_info[row] = t;
     if (p.per_rank_combine) {
       // The per-rank combine's plan: this staged token as it came (the combine checks the slots
@@ -856,9 +889,10 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   // Every block reads the number before any block can publish it (publishing waits for all).
   probe_mark<kProbe>(p, send ? kProbeEntry : kProbeRecvEntry);
   if constexpr (kProbe && kPerRank) {  // a split launch's warps raise "recv done" with atomicMax
-    if (send && recv && threadIdx.x == 0)
-      p.probe[blockIdx.x * kLowLatencyProbeSlots + kProbeRecvDone] =
-          p.probe[blockIdx.x * kLowLatencyProbeSlots + 8 + kProbeRecvDone] = 0;
+    unsigned long long* row = p.probe + blockIdx.x * kLowLatencyProbeSlots;
+    if (send && recv && threadIdx.x == 0) row[kProbeRecvDone] = row[8 + kProbeRecvDone] = 0;
+    if (threadIdx.x == 0)
+      for (int i = kProbeItemWait; i < kLowLatencyProbeSlots; ++i) row[i] = 0;
   }
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send) {
@@ -881,7 +915,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
           return;
         }
         probe_mark<kProbe>(p, kProbeRecvEntry, 32);
-        dispatch_recv_per_rank<true>(
+        dispatch_recv_per_rank<true, kProbe>(
             p, seq, reinterpret_cast<int32_t*>(smem + per_rank_recv_offset(L, grid, p.staging_buffers)));
         if constexpr (kProbe) {  // the last warp of the block to finish (no barrier: a warp may have aborted)
           if (lane_id() == 0) {
@@ -901,7 +935,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   }
   if (recv) {
     if (send) probe_mark<kProbe>(p, kProbeRecvEntry);
-    if constexpr (kPerRank) dispatch_recv_per_rank<false>(p, seq, reinterpret_cast<int32_t*>(smem));
+    if constexpr (kPerRank) dispatch_recv_per_rank<false, kProbe>(p, seq, reinterpret_cast<int32_t*>(smem));
     else dispatch_recv(p, seq, LLNoNet{});
     if constexpr (kProbe) {
       __syncthreads();

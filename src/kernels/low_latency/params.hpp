@@ -416,8 +416,13 @@ enum LowLatencyProbeMark : int {
   kProbePublished = 4,  // send: publish_dispatch done
   kProbeRecvEntry = 5,  // receive half starts
   kProbeRecvDone = 6,   // receive half done
+  kProbeRecvCounts = 7, // per-rank receive: every count read, the begins computed (between 5 and 6)
 };
-constexpr int kLowLatencyProbeSlots = 16;
+// Past the marks (per-rank receive, per block): the longest flag wait of one of its warps' items
+// (ns), the longest copy after the flag (ns), the items its warps took, and the last item that took
+// over 2 us after its flag (item | part << 16 | rows << 24, then ns to its rows, data, scales).
+constexpr int kProbeItemWait = 16, kProbeItemWork = 17, kProbeItems = 18, kProbeSlowItem = 19;
+constexpr int kLowLatencyProbeSlots = 24;
 
 struct LowLatencyCombineParams {
   CommonParams common;
