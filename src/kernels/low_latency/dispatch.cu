@@ -319,6 +319,8 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     }
   };
   load_ids(0);
+  // Warp 0 hands out the slots of each token after the histogram; the first token's ids are read now.
+  const int64_t first_ids = warp == 0 && t_begin < t_end && lane < K ? p.topk_idx[static_cast<int64_t>(t_begin) * K + lane] : -1;
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
@@ -360,8 +362,10 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   __syncthreads();
   probe_mark<kProbe>(p, kProbeHistogram);
 
-  // Counts first, each with the number of tokens this rank stages at the expert's owner.
-  for (int i = tid; i < owned_n; i += nthreads) {
+  // Counts first, each with the number of tokens this rank stages at the expert's owner; by warps
+  // 1.. (warp 0 goes on to the first token's slots).
+  for (int i = tid - 32; i < owned_n; i += nthreads - 32) {
+    if (i < 0) break;
     const int e = b + i * grid;
     if (e >= E) break;
     const int d = e / EL;
@@ -370,7 +374,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     const uint32_t count = static_cast<uint32_t>(min(sm.owned[i], L.max_tokens)) + 1u;
     st_relaxed_sys(flag, tag(seq, count | (static_cast<uint32_t>(rank_total[d]) << 16)));  // guards no data
   }
-  probe_mark<kProbe>(p, kProbeCounts);
+  probe_mark<kProbe>(p, kProbeCounts, 32);
 
   const int payload16 = L.staged_payload16(p.use_fp8), entry16 = L.staged_entry16();
   int pending = -1;  // the meta set whose flags wait for the next barrier
@@ -380,7 +384,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     RankMeta& m = meta[it % 3];
     if (warp == 0) {
       // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
-      const int64_t mine = lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+      const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
       // Same slots as the per-expert path: k order within the token, tokens in order.
       int nd = 0;
       for (int k = 0; k < K; ++k) {
@@ -483,8 +487,9 @@ __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p,
   const LowLatencyLayout& L = p.layout;
   const uint64_t* flag = reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, src));
   uint64_t v = 0;
+  // Counts are stored relaxed (they guard no data): read them relaxed too.
   const PeerWait w =
-      wait_tag_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
+      wait_payload_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
   if (w == PeerWait::kAborted) return false;
   payload = w == PeerWait::kArrived ? static_cast<uint32_t>(v) : 0u;
   payload = settled_count(p, le, src, seq, payload);
@@ -713,7 +718,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
   const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
   const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
-  const int P = max(1, min(min(total_warps / max(N, 1), 4), data16 / 32));  // parts per staged token
+  const int P = max(1, min(min(total_warps / max(N, 1), 8), data16 / 32));  // parts per staged token
   const size_t head_off = L.staged_head_offset(p.use_fp8);
   const int payload16 = L.staged_payload16(p.use_fp8);
   constexpr int U = 4;
