@@ -602,6 +602,24 @@ std::string Buffer::low_latency_probe_report() {
          fmt(at.back()) + " (" + std::to_string(at.size()) + " blocks)";
     if (!since.empty()) s += ", +" + fmt(since[since.size() / 2]) + " us";
   }
+  // The per-rank send's sub-phases (median block; stamps of an earlier call are older than entry).
+  {
+    static const int subs[] = {kProbeSendCast, kProbeSendBarrier1, kProbeSendPass1, kProbeSendSlots};
+    static const char* const sub_names[] = {"first cast", "barrier 1", "pass 1", "first slots"};
+    std::string line;
+    for (int i = 0; i < 4; ++i) {
+      std::vector<double> at;
+      for (int b = 0; b < m.sm_count; ++b) {
+        const unsigned long long* row = v.data() + static_cast<size_t>(b) * kLowLatencyProbeSlots;
+        if (row[subs[i]] >= row[kProbeEntry] && row[kProbeEntry] != 0 && row[subs[i]] != 0)
+          at.push_back(static_cast<double>(row[subs[i]] - t0) / 1000.0);
+      }
+      if (at.empty()) continue;
+      std::sort(at.begin(), at.end());
+      line += std::string(line.empty() ? "" : ", ") + sub_names[i] + " " + fmt(at[at.size() / 2]);
+    }
+    if (!line.empty()) s += "\n  send sub-phases (median block, us after the first entry): " + line;
+  }
   // The blocks whose receive finished last: their longest flag wait and copy of one item (part of a
   // staged token), and how many items their warps took.
   std::vector<std::pair<unsigned long long, int>> done;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -73,6 +74,69 @@ int test_num_sms(int num_ranks, int wanted) {
   return std::max(1, std::min(wanted, (prop.multiProcessorCount - per_gpu) / per_gpu));
 }
 
+namespace {
+
+struct RankMeeting {
+  std::mutex mu;
+  std::condition_variable cv;
+  int ranks = 0, arrived = 0;
+  long generation = 0;
+  bool broken = false;  // a rank left: nobody waits any more
+};
+thread_local RankMeeting* t_meeting = nullptr;
+
+// fn on one thread per rank; failures become test failures naming the rank.
+void run_rank_threads(const std::vector<int>& devices, const std::function<std::shared_ptr<Group>(int)>& group_of,
+                      const std::function<void(int, std::shared_ptr<Group>)>& fn) {
+  const int num_ranks = static_cast<int>(devices.size());
+  RankMeeting meeting;
+  meeting.ranks = num_ranks;
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(num_ranks);
+  for (int r = 0; r < num_ranks; ++r)
+    threads.emplace_back([&, r] {
+      t_meeting = &meeting;
+      try {
+        cuda_ok(cudaSetDevice(devices[r]), "cudaSetDevice");
+        fn(r, group_of(r));
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(meeting.mu);
+        meeting.broken = true;
+      }
+      meeting.cv.notify_all();
+      t_meeting = nullptr;
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < num_ranks; ++r)
+    if (errors[r]) {
+      try {
+        std::rethrow_exception(errors[r]);
+      } catch (const std::exception& e) {
+        ADD_FAILURE() << "rank " << r << " threw: " << e.what();
+      }
+    }
+}
+
+}  // namespace
+
+void ranks_meet() {
+  RankMeeting* m = t_meeting;
+  if (m == nullptr) return;
+  std::unique_lock<std::mutex> lock(m->mu);
+  if (m->broken) return;
+  const long generation = m->generation;
+  if (++m->arrived == m->ranks) {
+    m->arrived = 0;
+    ++m->generation;
+    m->cv.notify_all();
+    return;
+  }
+  m->cv.wait(lock, [&] { return m->generation != generation || m->broken; });
+}
+
 void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Group>)>& fn, int ranks_per_node) {
   const std::vector<int> devices = rank_devices(num_ranks);
   const bool distinct = device_count() >= num_ranks;
@@ -85,27 +149,14 @@ void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Grou
   } else {
     local = Group::create_local(devices, ranks_per_node);
   }
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(num_ranks);
-  for (int r = 0; r < num_ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        cuda_ok(cudaSetDevice(devices[r]), "cudaSetDevice");
-        auto group = use_nccl ? Group::create_nccl(id, num_ranks, r, devices[r], ranks_per_node) : local[r];
-        fn(r, group);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (int r = 0; r < num_ranks; ++r)
-    if (errors[r]) {
-      try {
-        std::rethrow_exception(errors[r]);
-      } catch (const std::exception& e) {
-        ADD_FAILURE() << "rank " << r << " threw: " << e.what();
-      }
-    }
+  run_rank_threads(devices, [&](int r) {
+    return use_nccl ? Group::create_nccl(id, num_ranks, r, devices[r], ranks_per_node) : local[r];
+  }, fn);
+}
+
+void run_local_ranks(const std::vector<int>& devices, const std::function<void(int, std::shared_ptr<Group>)>& fn) {
+  const std::vector<std::shared_ptr<Group>> local = Group::create_local(devices);
+  run_rank_threads(devices, [&](int r) { return local[r]; }, fn);
 }
 
 ::testing::AssertionResult close_bf16(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,

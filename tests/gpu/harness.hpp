@@ -64,6 +64,17 @@ std::vector<int> rank_devices(int num_ranks);
 // EPCOMM_TEST_TRANSPORT=nccl), else the local peer-pointer group.
 void run_ranks(int num_ranks, const std::function<void(int rank, std::shared_ptr<Group> group)>& fn,
                int ranks_per_node = 0);
+// The same with the local group on the given devices (ranks share a GPU where devices repeat).
+void run_local_ranks(const std::vector<int>& devices,
+                     const std::function<void(int rank, std::shared_ptr<Group> group)>& fn);
+
+// The threads of the running run_ranks / run_local_ranks meet here; a no-op outside them, and
+// released at once when a rank has left (thrown or returned). A rank calls it before it frees its
+// tensors and Buffer: ranks sharing a GPU are threads of one process, and a rank that finished
+// early would free device memory (a device-wide synchronization, which also holds back the other
+// threads' launches) while a co-resident rank's kernel waits for a rank not launched yet
+// (NormalGpu.AllToOneExpertWithAnIdleRank: an idle rank hung the others' combine that way).
+void ranks_meet();
 
 // SMs per rank that keep every rank's blocks resident when ranks share a GPU.
 int test_num_sms(int num_ranks, int wanted);

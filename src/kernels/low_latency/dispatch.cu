@@ -125,6 +125,14 @@ struct NetSendSmem {
 
 // EPCOMM_LL_PROBE: thread 0 of each block stamps a phase mark (global timer and SM clock).
 // A kernel instance of its own (kProbe), so the kernels without it keep their registers.
+// A global-timer stamp in `slot` by thread 0 (the per-rank send's sub-phases).
+template <bool kProbe>
+__device__ __forceinline__ void probe_stamp(const LowLatencyDispatchParams& p, int slot) {
+  if constexpr (kProbe) {
+    if (threadIdx.x == 0) p.probe[blockIdx.x * kLowLatencyProbeSlots + slot] = global_timer_ns();
+  }
+}
+
 template <bool kProbe>
 __device__ __forceinline__ void probe_mark(const LowLatencyDispatchParams& p, int mark, int thread = 0) {
   if constexpr (kProbe) {
@@ -326,7 +334,9 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
   // The first token's cast needs no histogram: its loads overlap the histogram's.
   if (t_begin < t_end) stage_token(p, t_begin, sm.staging);
+  probe_stamp<kProbe>(p, kProbeSendCast);
   __syncthreads();
+  probe_stamp<kProbe>(p, kProbeSendBarrier1);
   // Pass 1, the (token, k) pairs spread over every thread: rows per expert before this block's
   // tokens, the totals of the experts whose count flag this block owns, and each token's
   // destination ranks as a mask.
@@ -344,6 +354,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     }
   }
   __syncthreads();
+  probe_stamp<kProbe>(p, kProbeSendPass1);
   // Pass 2, a thread per token: tokens per destination rank (a token counts once for each rank
   // holding any of its experts), before this block's tokens and in all, summed per warp with
   // ballots (one shared atomic per warp and rank).
@@ -414,6 +425,7 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     if (it > 0) stage_token(p, t, msg);  // the first token was staged before the histogram
     __syncthreads();
+    if (it == 0) probe_stamp<kProbe>(p, kProbeSendSlots);
     if (pending >= 0) release_staged(p, seq, meta[pending]);
     const int nd = m.ndest;
     if (nd > 0) {

@@ -422,7 +422,10 @@ enum LowLatencyProbeMark : int {
 // (ns), the longest copy after the flag (ns), the items its warps took, and the last item that took
 // over 2 us after its flag (item | part << 16 | rows << 24, then ns to its rows, data, scales).
 constexpr int kProbeItemWait = 16, kProbeItemWork = 17, kProbeItems = 18, kProbeSlowItem = 19;
-constexpr int kLowLatencyProbeSlots = 24;
+// Per-rank send, global-timer ns stamped by thread 0: the first token cast, the barrier after it,
+// the barrier after pass 1 of the histogram, the first token's slots handed out (its copy starts).
+constexpr int kProbeSendCast = 24, kProbeSendBarrier1 = 25, kProbeSendPass1 = 26, kProbeSendSlots = 27;
+constexpr int kLowLatencyProbeSlots = 32;
 
 struct LowLatencyCombineParams {
   CommonParams common;
