@@ -296,6 +296,45 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
   }
 }
 
+// EPCOMM_LL_WARP_SLOTS=1 (experimental; not yet run on a GPU): warp 0 hands out one token's slots
+// with a lane per k instead of lane 0 walking the K ids (~3 us for a token in run 39's probe). Same
+// values as that walk: destinations in order of first occurrence, each with the next staging slot
+// there; per-expert slots in k order (a dropped entry, past Tmax, still counts, as there); entries
+// per destination in k order. `mine`: lane k's id (-1 past K).
+__device__ __forceinline__ void assign_slots_by_lane(const LowLatencyDispatchParams& p, int64_t mine, int t,
+                                                     int32_t* hist, int32_t* rank_hist, RankMeta& m) {
+  const LowLatencyLayout& L = p.layout;
+  const int E = L.num_experts, EL = L.local_experts, lane = lane_id();
+  const uint32_t below = (1u << lane) - 1u;
+  const bool valid = mine >= 0 && mine < E;  // lanes past K hold -1
+  const int e = valid ? static_cast<int>(mine) : -1;
+  const int d = valid ? e / EL : -1 - lane;  // invalid lanes: keys of their own
+  const uint32_t same_d = __match_any_sync(0xffffffffu, d);
+  const uint32_t same_e = __match_any_sync(0xffffffffu, valid ? e : -1 - lane);
+  const bool leader = valid && (same_d & below) == 0;  // first occurrence of its destination
+  const uint32_t leaders = __ballot_sync(0xffffffffu, leader);
+  const int di = __popc(leaders & ((1u << (__ffs(same_d) - 1)) - 1u));  // the destination's place
+  const int s = valid ? hist[e] + __popc(same_e & below) : 0;
+  const bool kept = valid && s < L.max_tokens;
+  const uint32_t kept_lanes = __ballot_sync(0xffffffffu, kept);
+  __syncwarp();  // every lane has read hist and rank_hist before any lane updates them
+  if (valid && (same_e >> lane) == 1u) hist[e] += __popc(same_e);  // the expert's last lane
+  if (leader) {
+    m.dest[di] = d;
+    m.dslot[di] = rank_hist[d]++;
+    m.nent[di] = __popc(kept_lanes & same_d);
+  }
+  if (valid && !kept)  // no room: dropped and reported, never written past the slots
+    report(p.common.wait, 3, WaitPhase::kNone, e, static_cast<uint64_t>(L.max_tokens), 0);
+  if (kept)
+    m.entries[di][__popc(kept_lanes & same_d & below)] =
+        static_cast<uint32_t>(e % EL) | (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(lane) << 28);
+  if (lane == 0) {
+    m.ndest = __popc(leaders);
+    m.token = t;
+  }
+}
+
 // kSplit (a launch with both halves): the final release is warp 0's alone. The other warps count
 // themselves in at named barrier 1 after their last stores and go on to the receive half at once
 // (dispatch_recv_per_rank without warp 0), while warp 0 waits for them, releases the last token's
@@ -393,7 +432,10 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     const int sb = p.staging_buffers == 2 ? (it & 1) : 0;
     uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
     RankMeta& m = meta[it % 3];
-    if (warp == 0) {
+    if (warp == 0 && p.warp_slots) {
+      const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
+      assign_slots_by_lane(p, mine, t, sm.hist, rank_hist, m);
+    } else if (warp == 0) {
       // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
       const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
       // Same slots as the per-expert path: k order within the token, tokens in order.

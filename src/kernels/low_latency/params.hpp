@@ -335,6 +335,8 @@ struct LowLatencyNetLayout {
 // EPCOMM_LL_NET (core/env.cpp), read once per process; host only. BufferOptions::low_latency_net
 // overrides it per buffer.
 bool low_latency_net_requested();
+// EPCOMM_LL_WARP_SLOTS (core/env.cpp), read once per process; host only.
+bool low_latency_warp_slots_requested();
 
 // Counters of this rank's LL calls, in device memory, so a CUDA graph replay gets fresh numbers.
 // Every rank makes the same LL calls in the same order, so the numbers agree without exchange.
@@ -389,6 +391,7 @@ struct LowLatencyDispatchParams {
   bool use_ue8m0 = false;
   bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch.cu
   bool per_rank_combine = false;  // (per_rank only) write the per-rank combine's plan instead of headers
+  bool warp_slots = false;   // (per_rank only) EPCOMM_LL_WARP_SLOTS: a lane per k hands out a token's slots
   // inputs (send half)
   const uint16_t* x = nullptr;         // [T, hidden] bf16
   const int64_t* topk_idx = nullptr;   // [T, K]
