@@ -7,6 +7,7 @@
 #   EPCOMM_GPU_TEST_FILTER='NormalGpu.*' EPCOMM_BENCH_ARGS='--sms 24,16' scripts/gpu-check.sh
 #   EPCOMM_CHECK_STEPS="build tests sanitizer" EPCOMM_GPU_TEST_FILTER='Shrink*:Stress*' scripts/gpu-check.sh
 #   EPCOMM_CHECK_STEPS="build isolated" scripts/gpu-check.sh   # each test in its own process
+#   EPCOMM_CHECK_STEPS="build tests llvariants" scripts/gpu-check.sh  # LL tests under each opt-in path
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -48,6 +49,21 @@ if [[ " $steps " == *" tests "* ]]; then
   grep -E "^\[  (FAILED|PASSED|  OK) |^\[==========\]|skipped|threw|Failure|mismatch|Expected" "$out/gpu-tests.log" | head -80
   log "GPU tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+fi
+
+if [[ " $steps " == *" llvariants "* ]]; then
+  # The LL tests again under each opt-in path (EPCOMM_LL_VARIANTS: ';'-separated environment settings).
+  IFS=';' read -r -a variants <<<"${EPCOMM_LL_VARIANTS:-EPCOMM_LL_WARP_SLOTS=1;EPCOMM_LL_PER_RANK=1;EPCOMM_LL_PER_RANK=0}"
+  for v in "${variants[@]}"; do
+    env $v timeout ${EPCOMM_TEST_TIMEOUT:-900} "$build/tests/epcomm_gpu_tests" \
+      --gtest_filter='LowLatency*:Shrink*:Stress*:InternodeLowLatency*' >"$out/llvariant.log" 2>&1
+    rc=$?
+    log "LL tests with [$v]: rc=$rc, $(grep -E '^\[  PASSED  \]' "$out/llvariant.log" | head -1)"
+    grep -E "^\[  FAILED  \]" "$out/llvariant.log" | head -10
+    cat "$out/llvariant.log" >>"$out/llvariants.log"
+    [[ $rc -ne 0 ]] && status=1
+  done
+  rm -f "$out/llvariant.log"
 fi
 
 if [[ " $steps " == *" isolated "* ]]; then
