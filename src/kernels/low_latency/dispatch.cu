@@ -305,32 +305,30 @@ __device__ __forceinline__ void assign_slots_by_lane(const LowLatencyDispatchPar
                                                      int32_t* hist, int32_t* rank_hist, RankMeta& m) {
   const LowLatencyLayout& L = p.layout;
   const int E = L.num_experts, EL = L.local_experts, lane = lane_id();
-  const uint32_t below = (1u << lane) - 1u;
   const bool valid = mine >= 0 && mine < E;  // lanes past K hold -1
   const int e = valid ? static_cast<int>(mine) : -1;
   const int d = valid ? e / EL : -1 - lane;  // invalid lanes: keys of their own
   const uint32_t same_d = __match_any_sync(0xffffffffu, d);
   const uint32_t same_e = __match_any_sync(0xffffffffu, valid ? e : -1 - lane);
-  const bool leader = valid && (same_d & below) == 0;  // first occurrence of its destination
-  const uint32_t leaders = __ballot_sync(0xffffffffu, leader);
-  const int di = __popc(leaders & ((1u << (__ffs(same_d) - 1)) - 1u));  // the destination's place
-  const int s = valid ? hist[e] + __popc(same_e & below) : 0;
+  const uint32_t leaders = __ballot_sync(0xffffffffu, valid && (same_d & ((1u << lane) - 1u)) == 0);
+  const LaneSlot ls = lane_slot(lane, same_d, same_e, leaders);
+  const int s = valid ? hist[e] + ls.earlier_same : 0;
   const bool kept = valid && s < L.max_tokens;
   const uint32_t kept_lanes = __ballot_sync(0xffffffffu, kept);
-  __syncwarp();  // every lane has read hist and rank_hist before any lane updates them
-  if (valid && (same_e >> lane) == 1u) hist[e] += __popc(same_e);  // the expert's last lane
-  if (leader) {
-    m.dest[di] = d;
-    m.dslot[di] = rank_hist[d]++;
-    m.nent[di] = __popc(kept_lanes & same_d);
+  __syncwarp();  // every lane has read hist before any lane advances it
+  if (valid && ls.last_of_expert) hist[e] += popc32(same_e);
+  if ((leaders >> lane) & 1u) {
+    m.dest[ls.place] = d;
+    m.dslot[ls.place] = rank_hist[d]++;
+    m.nent[ls.place] = popc32(kept_lanes & same_d);
   }
   if (valid && !kept)  // no room: dropped and reported, never written past the slots
     report(p.common.wait, 3, WaitPhase::kNone, e, static_cast<uint64_t>(L.max_tokens), 0);
   if (kept)
-    m.entries[di][__popc(kept_lanes & same_d & below)] =
+    m.entries[ls.place][lane_entry_position(lane, same_d, kept_lanes)] =
         static_cast<uint32_t>(e % EL) | (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(lane) << 28);
   if (lane == 0) {
-    m.ndest = __popc(leaders);
+    m.ndest = popc32(leaders);
     m.token = t;
   }
 }
