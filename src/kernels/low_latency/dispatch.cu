@@ -123,8 +123,6 @@ struct NetSendSmem {
   int32_t last;
 };
 
-// EPCOMM_LL_PROBE: thread 0 of each block stamps a phase mark (global timer and SM clock).
-// A kernel instance of its own (kProbe), so the kernels without it keep their registers.
 // A global-timer stamp in `slot` by thread 0 (the per-rank send's sub-phases).
 template <bool kProbe>
 __device__ __forceinline__ void probe_stamp(const LowLatencyDispatchParams& p, int slot) {
@@ -133,6 +131,8 @@ __device__ __forceinline__ void probe_stamp(const LowLatencyDispatchParams& p, i
   }
 }
 
+// EPCOMM_LL_PROBE: thread 0 of each block stamps a phase mark (global timer and SM clock).
+// A kernel instance of its own (kProbe), so the kernels without it keep their registers.
 template <bool kProbe>
 __device__ __forceinline__ void probe_mark(const LowLatencyDispatchParams& p, int mark, int thread = 0) {
   if constexpr (kProbe) {
@@ -296,6 +296,39 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
   }
 }
 
+// Warp 0 hands out one token's slots: lane 0 walks the K ids (`mine`: lane k's id, -1 past K).
+// Same slots as the per-expert path: k order within the token, tokens in order.
+__device__ __forceinline__ void assign_slots_by_walk(const LowLatencyDispatchParams& p, int64_t mine, int t,
+                                                     int32_t* hist, int32_t* rank_hist, RankMeta& m) {
+  const LowLatencyLayout& L = p.layout;
+  const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, lane = lane_id();
+  int nd = 0;
+  for (int k = 0; k < K; ++k) {
+    const int64_t e = __shfl_sync(0xffffffffu, mine, k);
+    if (lane != 0 || e < 0 || e >= E) continue;
+    const int d = static_cast<int>(e) / EL;
+    int di = 0;
+    while (di < nd && m.dest[di] != d) ++di;
+    if (di == nd) {
+      m.dest[nd] = d;
+      m.dslot[nd] = rank_hist[d]++;
+      m.nent[nd] = 0;
+      ++nd;
+    }
+    const int s = hist[e]++;
+    if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
+      report(p.common.wait, 3, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
+      continue;
+    }
+    m.entries[di][m.nent[di]++] = static_cast<uint32_t>(static_cast<int>(e) % EL) |
+                                  (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(k) << 28);
+  }
+  if (lane == 0) {
+    m.ndest = nd;
+    m.token = t;
+  }
+}
+
 // EPCOMM_LL_WARP_SLOTS=1 (experimental; not yet run on a GPU): warp 0 hands out one token's slots
 // with a lane per k instead of lane 0 walking the K ids (~3 us for a token in run 39's probe). Same
 // values as that walk: destinations in order of first occurrence, each with the next staging slot
@@ -430,38 +463,12 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     const int sb = p.staging_buffers == 2 ? (it & 1) : 0;
     uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
     RankMeta& m = meta[it % 3];
-    if (warp == 0 && p.warp_slots) {
+    if (warp == 0) {
+      // The token's K ids in one load (a lane each); then lane 0 hands out the slots, or every
+      // lane its own (EPCOMM_LL_WARP_SLOTS).
       const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
-      assign_slots_by_lane(p, mine, t, sm.hist, rank_hist, m);
-    } else if (warp == 0) {
-      // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
-      const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
-      // Same slots as the per-expert path: k order within the token, tokens in order.
-      int nd = 0;
-      for (int k = 0; k < K; ++k) {
-        const int64_t e = __shfl_sync(0xffffffffu, mine, k);
-        if (lane != 0 || e < 0 || e >= E) continue;
-        const int d = static_cast<int>(e) / EL;
-        int di = 0;
-        while (di < nd && m.dest[di] != d) ++di;
-        if (di == nd) {
-          m.dest[nd] = d;
-          m.dslot[nd] = rank_hist[d]++;
-          m.nent[nd] = 0;
-          ++nd;
-        }
-        const int s = sm.hist[e]++;
-        if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
-          report(c.wait, 3, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
-          continue;
-        }
-        m.entries[di][m.nent[di]++] = static_cast<uint32_t>(static_cast<int>(e) % EL) |
-                                      (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(k) << 28);
-      }
-      if (lane == 0) {
-        m.ndest = nd;
-        m.token = t;
-      }
+      if (p.warp_slots) assign_slots_by_lane(p, mine, t, sm.hist, rank_hist, m);
+      else assign_slots_by_walk(p, mine, t, sm.hist, rank_hist, m);
     }
     if (it > 0) stage_token(p, t, msg);  // the first token was staged before the histogram
     __syncthreads();
