@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -26,6 +25,7 @@
 
 #include "bench.hpp"
 #include "bench_util.hpp"
+#include "common/thread_barrier.hpp"
 #include "kernel_clock.hpp"
 #include "epcomm/buffer.hpp"
 #include "epcomm/reference.hpp"
@@ -80,29 +80,6 @@ std::pair<double, double> time_halves(cudaStream_t s, int warmup, int iters, con
   for (auto& e : ev) cudaEventDestroy(e);
   return {median(a), median(b)};
 }
-
-// The rank threads meet (CUPTI recording is switched on and off while no rank launches).
-class ThreadBarrier {
- public:
-  explicit ThreadBarrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t gen = gen_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++gen_;
-      cv_.notify_all();
-      return;
-    }
-    cv_.wait(lock, [&] { return gen_ != gen; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int n_, arrived_ = 0;
-  uint64_t gen_ = 0;
-};
 
 // The CUPTI timestamps around `iters` calls of fn (after `warmup` more), the stream idle at both ends.
 std::pair<uint64_t, uint64_t> clock_window(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
@@ -317,7 +294,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
   ncclUniqueId id;
   if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
   std::mutex mu;
-  ThreadBarrier all_ranks(R);
+  testing::ThreadBarrier all_ranks(R);  // CUPTI recording is switched on and off while no rank launches
   bool clock_on = false;
   run_threads(R, [&](int r) {
     cuda_check(cudaSetDevice(r), "cudaSetDevice");

@@ -4,12 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
+
+#include "common/thread_barrier.hpp"
 
 namespace epcomm::test {
 
@@ -76,21 +77,13 @@ int test_num_sms(int num_ranks, int wanted) {
 
 namespace {
 
-struct RankMeeting {
-  std::mutex mu;
-  std::condition_variable cv;
-  int ranks = 0, arrived = 0;
-  long generation = 0;
-  bool broken = false;  // a rank left: nobody waits any more
-};
-thread_local RankMeeting* t_meeting = nullptr;
+thread_local testing::ThreadBarrier* t_meeting = nullptr;
 
 // fn on one thread per rank; failures become test failures naming the rank.
 void run_rank_threads(const std::vector<int>& devices, const std::function<std::shared_ptr<Group>(int)>& group_of,
                       const std::function<void(int, std::shared_ptr<Group>)>& fn) {
   const int num_ranks = static_cast<int>(devices.size());
-  RankMeeting meeting;
-  meeting.ranks = num_ranks;
+  testing::ThreadBarrier meeting(num_ranks);
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(num_ranks);
   for (int r = 0; r < num_ranks; ++r)
@@ -102,11 +95,7 @@ void run_rank_threads(const std::vector<int>& devices, const std::function<std::
       } catch (...) {
         errors[r] = std::current_exception();
       }
-      {
-        std::lock_guard<std::mutex> lock(meeting.mu);
-        meeting.broken = true;
-      }
-      meeting.cv.notify_all();
+      meeting.leave();
       t_meeting = nullptr;
     });
   for (auto& t : threads) t.join();
@@ -123,18 +112,7 @@ void run_rank_threads(const std::vector<int>& devices, const std::function<std::
 }  // namespace
 
 void ranks_meet() {
-  RankMeeting* m = t_meeting;
-  if (m == nullptr) return;
-  std::unique_lock<std::mutex> lock(m->mu);
-  if (m->broken) return;
-  const long generation = m->generation;
-  if (++m->arrived == m->ranks) {
-    m->arrived = 0;
-    ++m->generation;
-    m->cv.notify_all();
-    return;
-  }
-  m->cv.wait(lock, [&] { return m->generation != generation || m->broken; });
+  if (t_meeting != nullptr) t_meeting->wait();
 }
 
 void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Group>)>& fn, int ranks_per_node) {
