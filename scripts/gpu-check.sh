@@ -53,7 +53,7 @@ fi
 
 if [[ " $steps " == *" llvariants "* ]]; then
   # The LL tests again under each opt-in path (EPCOMM_LL_VARIANTS: ';'-separated environment settings).
-  IFS=';' read -r -a variants <<<"${EPCOMM_LL_VARIANTS:-EPCOMM_LL_WARP_SLOTS=1;EPCOMM_LL_PER_RANK=1;EPCOMM_LL_PER_RANK=0}"
+  IFS=';' read -r -a variants <<<"${EPCOMM_LL_VARIANTS:-EPCOMM_LL_PER_RANK=1;EPCOMM_LL_PER_RANK=0}"
   for v in "${variants[@]}"; do
     env $v timeout ${EPCOMM_TEST_TIMEOUT:-900} "$build/tests/epcomm_gpu_tests" \
       --gtest_filter='LowLatency*:Shrink*:Stress*:InternodeLowLatency*' >"$out/llvariant.log" 2>&1

@@ -241,7 +241,6 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.use_ue8m0 = in.use_ue8m0;
   p.per_rank = per_rank;
   p.per_rank_combine = combine_partials(per_rank, l) != LowLatencyPartials::kNone;
-  p.warp_slots = per_rank && low_latency_warp_slots_requested();
   const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
   p.staging_buffers = low_latency_dispatch_launch_shared_bytes(l, call.blocks, 2, per_rank, phases) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();

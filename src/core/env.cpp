@@ -34,9 +34,6 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
        "(Buffer::low_latency_probe_report)"},
-      {"EPCOMM_LL_WARP_SLOTS", 0,
-       "low-latency per-rank dispatch: 1 hands out a token's slots with a lane per k (experimental: "
-       "not yet run on a GPU); 0 lane 0 walks the ids"},
       {"EPCOMM_LL_NET", 0,
        "low-latency with more than one node: 1 sends to ranks of other nodes only through the network "
        "transport (puts + signals), 0 by LSA stores to every rank"},
@@ -60,11 +57,6 @@ int64_t env_value(const char* name) {
 
 bool low_latency_net_requested() {
   static const bool on = env_value("EPCOMM_LL_NET") != 0;
-  return on;
-}
-
-bool low_latency_warp_slots_requested() {
-  static const bool on = env_value("EPCOMM_LL_WARP_SLOTS") != 0;
   return on;
 }
 

@@ -1,6 +1,6 @@
-// The per-rank dispatch's slot assignment by lanes (dispatch.cu assign_slots_by_lane, opt-in
-// EPCOMM_LL_WARP_SLOTS) against lane 0's walk over k that it replaces: for random tokens (repeated
-// experts, -1 and out-of-range ids, experts past Tmax), the warp's masks are built as the
+// The per-rank dispatch's slot assignment by lanes (dispatch.cu assign_slots_by_lane) against lane
+// 0's walk over k, which it replaced: for random tokens (repeated experts, -1 and out-of-range
+// ids, experts past Tmax), the warp's masks are built as the
 // intrinsics build them, every lane applies lane_slot (the same host/device function the kernel
 // uses), and the destinations, staging slots, entries and counters must equal the walk's.
 #include <gtest/gtest.h>
@@ -27,7 +27,7 @@ struct Assignment {
   }
 };
 
-// Lane 0's walk (the kernel's default path), written out on the host.
+// Lane 0's walk (the kernel's path until run 44), written out on the host.
 Assignment walk(const std::vector<int64_t>& ids, int E, int EL, int tmax, std::vector<int> hist,
                 std::vector<int> rank_hist) {
   Assignment a;

@@ -296,44 +296,10 @@ __device__ __forceinline__ void release_staged(const LowLatencyDispatchParams& p
   }
 }
 
-// Warp 0 hands out one token's slots: lane 0 walks the K ids (`mine`: lane k's id, -1 past K).
-// Same slots as the per-expert path: k order within the token, tokens in order.
-__device__ __forceinline__ void assign_slots_by_walk(const LowLatencyDispatchParams& p, int64_t mine, int t,
-                                                     int32_t* hist, int32_t* rank_hist, RankMeta& m) {
-  const LowLatencyLayout& L = p.layout;
-  const int E = L.num_experts, EL = L.local_experts, K = p.num_topk, lane = lane_id();
-  int nd = 0;
-  for (int k = 0; k < K; ++k) {
-    const int64_t e = __shfl_sync(0xffffffffu, mine, k);
-    if (lane != 0 || e < 0 || e >= E) continue;
-    const int d = static_cast<int>(e) / EL;
-    int di = 0;
-    while (di < nd && m.dest[di] != d) ++di;
-    if (di == nd) {
-      m.dest[nd] = d;
-      m.dslot[nd] = rank_hist[d]++;
-      m.nent[nd] = 0;
-      ++nd;
-    }
-    const int s = hist[e]++;
-    if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
-      report(p.common.wait, 3, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
-      continue;
-    }
-    m.entries[di][m.nent[di]++] = static_cast<uint32_t>(static_cast<int>(e) % EL) |
-                                  (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(k) << 28);
-  }
-  if (lane == 0) {
-    m.ndest = nd;
-    m.token = t;
-  }
-}
-
-// EPCOMM_LL_WARP_SLOTS=1 (experimental; not yet run on a GPU): warp 0 hands out one token's slots
-// with a lane per k instead of lane 0 walking the K ids (~3 us for a token in run 39's probe). Same
-// values as that walk: destinations in order of first occurrence, each with the next staging slot
-// there; per-expert slots in k order (a dropped entry, past Tmax, still counts, as there); entries
-// per destination in k order. `mine`: lane k's id (-1 past K).
+// Warp 0 hands out one token's slots, a lane per k (lane 0 walking the K ids took ~3 us a token, run
+// 39's probe; run 44). The values are those of that walk: destinations in order of first occurrence,
+// each with the next staging slot there; per-expert slots in k order (a dropped entry, past Tmax,
+// still counts); entries per destination in k order. `mine`: lane k's id (-1 past K).
 __device__ __forceinline__ void assign_slots_by_lane(const LowLatencyDispatchParams& p, int64_t mine, int t,
                                                      int32_t* hist, int32_t* rank_hist, RankMeta& m) {
   const LowLatencyLayout& L = p.layout;
@@ -464,11 +430,9 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
     uint8_t* msg = sm.staging + static_cast<size_t>(sb) * L.msg_bytes;
     RankMeta& m = meta[it % 3];
     if (warp == 0) {
-      // The token's K ids in one load (a lane each); then lane 0 hands out the slots, or every
-      // lane its own (EPCOMM_LL_WARP_SLOTS).
+      // The token's K ids in one load (a lane each); every lane hands out its own slot.
       const int64_t mine = it == 0 ? first_ids : lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
-      if (p.warp_slots) assign_slots_by_lane(p, mine, t, sm.hist, rank_hist, m);
-      else assign_slots_by_walk(p, mine, t, sm.hist, rank_hist, m);
+      assign_slots_by_lane(p, mine, t, sm.hist, rank_hist, m);
     }
     if (it > 0) stage_token(p, t, msg);  // the first token was staged before the histogram
     __syncthreads();

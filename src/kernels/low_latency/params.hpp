@@ -253,7 +253,7 @@ EPCOMM_HD inline uint32_t fine_round_bits(uint32_t bits) {
   return (bits & 0x007fffffu) != 0u ? 0x7fc00000u : bits;
 }
 
-// One lane's part of handing out a token's slots by lanes (dispatch.cu, EPCOMM_LL_WARP_SLOTS):
+// One lane's part of handing out a token's slots by lanes (dispatch.cu assign_slots_by_lane):
 // lane k holds the token's k-th id; from the warp's masks (lanes with the same destination rank,
 // with the same expert, the first lane of each destination, the entries that have room) it gets
 // what lane 0's walk over k would give it. Host and device (tests/cpu checks it against the walk).
@@ -364,8 +364,6 @@ struct LowLatencyNetLayout {
 // EPCOMM_LL_NET (core/env.cpp), read once per process; host only. BufferOptions::low_latency_net
 // overrides it per buffer.
 bool low_latency_net_requested();
-// EPCOMM_LL_WARP_SLOTS (core/env.cpp), read once per process; host only.
-bool low_latency_warp_slots_requested();
 
 // Counters of this rank's LL calls, in device memory, so a CUDA graph replay gets fresh numbers.
 // Every rank makes the same LL calls in the same order, so the numbers agree without exchange.
@@ -420,7 +418,6 @@ struct LowLatencyDispatchParams {
   bool use_ue8m0 = false;
   bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch.cu
   bool per_rank_combine = false;  // (per_rank only) write the per-rank combine's plan instead of headers
-  bool warp_slots = false;   // (per_rank only) EPCOMM_LL_WARP_SLOTS: a lane per k hands out a token's slots
   // inputs (send half)
   const uint16_t* x = nullptr;         // [T, hidden] bf16
   const int64_t* topk_idx = nullptr;   // [T, K]
