@@ -354,7 +354,9 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   const int64_t RT = static_cast<int64_t>(R) * L.max_tokens;
   const int lane = lane_id();
   const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
+  // Items go round the blocks first (item w to block w % grid): there are fewer than warps (N * P),
+  // and filling block by block left most SMs, and their share of memory and NVLink, idle.
+  const int gw = warp_id() * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
   char* mine = c.peer_base[c.rank] + p.region;
 
   // This rank's weights go to the ranks that hold their experts, a thread of the grid per (t, k):
@@ -486,7 +488,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
   const int P = L.pr_parts();
   const int lane = lane_id();
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
-  const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
+  const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);  // round the blocks first
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
   const char* mine = c.peer_base[c.rank] + p.region;
 
