@@ -34,6 +34,10 @@ struct BufferOptions {
   // network transport (puts + signals; README "Across nodes"), 0 by LSA stores to every rank,
   // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint.
   int low_latency_net = -1;
+  // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
+  // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
+  // and then every call fails with a RuntimeFailure until reset() (README "Limits").
+  uint32_t first_call_number = 0;
 };
 
 // How a call orders itself with the caller's work.

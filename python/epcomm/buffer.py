@@ -151,6 +151,13 @@ class Buffer(LowLatencyMixin):
         self.runtime = None
         runtime.destroy()
 
+    def reset(self) -> None:
+        """Brings the buffer back after a failed call (a GPU timeout, or its call numbers used up
+        after 2^32 - 256 calls of one kind), collectively: every rank calls it at the same point.
+        Waits for this buffer's work, clears its flags and call counters (low-latency ones too) and
+        meets the other ranks. An epcomm extension (DeepEP has no such call)."""
+        self._rt().reset()
+
     @staticmethod
     def is_sm90_compiled() -> bool:
         return _epcomm.is_sm90_compiled()

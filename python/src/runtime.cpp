@@ -355,6 +355,8 @@ void bind_runtime(py::module_& m) {
       .def("chunk_offset_stride", [](const Runtime& r, const Config& c) { return r.buffer().chunk_offset_stride(c); },
            py::arg("config"))
       .def("check_device_errors", [](const Runtime& r) { r.buffer().check_device_errors(); })
+      .def("reset", [](const Runtime& r) { r.buffer().reset(); }, py::call_guard<py::gil_scoped_release>(),
+           "collective: clears the flags and call counters after a failed call (Buffer::reset)")
       .def(
           "local_buffer",
           [](const Runtime& r, bool rdma) {

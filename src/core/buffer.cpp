@@ -92,6 +92,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
   DeviceCounters init{};
+  init.seq = m.options.first_call_number;
   init.invalid_topk = -1;
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
@@ -194,6 +195,7 @@ void Buffer::check_device_errors() {
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, 2 * sizeof(int32_t), m.comm));  // abort, record_claimed
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     if (r.code == 3) throw ArgumentError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
+    if (r.code == 4) throw RuntimeFailure("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
     throw TimeoutError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
   }
 }

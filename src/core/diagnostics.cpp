@@ -63,6 +63,11 @@ std::string hex(uint64_t v) {
 // the Python process (see TensorView::describe).
 std::string describe(const DeviceErrorRecord& r) {
   using std::to_string;
+  if (r.code == 4)
+    return std::string("kernel ") + kernel_name(r.kernel) + " on rank " + to_string(r.rank) + " did not run: this " +
+           "buffer has used its " + to_string(r.expected) + " call numbers (32-bit, compared by every flag, so they " +
+           "must not come round again); call reset() on every rank (clean_low_latency_buffer for low-latency " +
+           "calls) to start them again";
   if (r.code == 3 && r.kernel == KernelId::kLowLatencyDispatch)
     return "low_latency_dispatch on rank " + to_string(r.rank) +
            ": topk_idx sends more than num_max_dispatch_tokens_per_rank = " + to_string(r.expected) +

@@ -38,6 +38,7 @@ struct LLCase {
   int64_t timeout_ms = 5000;
   int ranks_per_node = 0;     // > 0: virtual nodes of this many ranks (Group::ranks_per_node)
   int low_latency_net = -1;   // BufferOptions::low_latency_net (1: sized with low_latency_net_size_hint)
+  uint32_t first_call_number = 0;  // BufferOptions::first_call_number (numbers near kLastCallNumber)
 };
 
 struct RoundInput {
@@ -72,6 +73,7 @@ struct RankBuffer {
                             : Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
     bo.low_latency_net = c.low_latency_net;
     bo.timeout_ms = timeout_ms;
+    bo.first_call_number = c.first_call_number;
     buffer = std::make_unique<Buffer>(group, bo);
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
   }

@@ -650,6 +650,18 @@ TEST(LowLatencyGpu, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
 // The bench's call sequence in small through the network path: formats alternating in each
 // buffer, hooks, zero copy, a combine repeated on one handle, a graph of four mixed pairs replayed,
 // odd ranks 2 ms late; every round against the reference (the shadows must stay in step).
+// The last call numbers a buffer has (every flag of these calls compares numbers with the top bit
+// set against flags left at 0 or at lower numbers): the same mix of calls, verified.
+TEST(LowLatencyGpu, ManyCallsWithTheLastCallNumbers) {
+  LLCase c;
+  c.num_ranks = 2;
+  c.num_experts = 16;
+  c.hidden = 1024;
+  c.max_tokens = 32;
+  c.first_call_number = kLastCallNumber - 100;  // 16 + 3 eager rounds (+ repeated combines), 12 in graphs
+  run_many_calls(c, 16, 3);
+}
+
 TEST(InternodeLowLatencyNet, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
   for (int P : {2, 1}) {
     LLCase c;
@@ -767,6 +779,54 @@ TEST(LowLatencyGpu, TooManyRowsForOneExpertIsReported) {
     b.y.upload(in.y);
     buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync after clean");
+    buf.check_device_errors();
+  });
+}
+
+// Past the last call number a low-latency kernel does not run: the next call raises a
+// RuntimeFailure that says so (never stale flags passing for new ones), and clean_low_latency_buffer
+// on every rank starts the numbers again.
+TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
+  const int R = 2, Tmax = 8, H = 256, E = 8, K = 4;
+  LLCase c = small_case(R, Tmax, H, E, K);
+  c.first_call_number = kLastCallNumber - 1;  // one dispatch and one combine left
+  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+    const int dev = group->device();
+    RankBuffer rb(group, c, 5000);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
+    const StreamOrder order{stream, nullptr, false};
+    Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
+    RoundInput in = make_input(c, 7, 0, r, Tmax);
+    upload_dispatch_inputs(b, in);
+    const auto round = [&](const char* what) {
+      buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+      b.y.upload(in.y);
+      buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
+      cuda_ok(cudaStreamSynchronize(stream), what);
+    };
+    round("the last numbers");
+    buf.check_device_errors();
+    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);  // number kLastCallNumber + 1
+    cuda_ok(cudaStreamSynchronize(stream), "past the last number");
+    try {
+      buf.check_device_errors();
+      ADD_FAILURE() << "rank " << r << ": a dispatch past the last call number ran";
+    } catch (const RuntimeFailure& e) {
+      EXPECT_NE(std::string(e.what()).find("low_latency_dispatch on rank " + std::to_string(r) + " did not run"),
+                std::string::npos)
+          << e.what();
+      EXPECT_NE(std::string(e.what()).find("call numbers"), std::string::npos) << e.what();
+    }
+    try {  // still refused: the numbers do not move on by themselves
+      buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+      cuda_ok(cudaStreamSynchronize(stream), "refused again");
+      buf.check_device_errors();
+      ADD_FAILURE() << "rank " << r << ": a second dispatch past the last call number ran";
+    } catch (const RuntimeFailure&) {
+    }
+    buf.clean_low_latency_buffer(Tmax, H, E, stream);
+    round("after clean");
     buf.check_device_errors();
   });
 }

@@ -1,5 +1,6 @@
 // A rank that stops answering: the others fail within the timeout with a message naming the peer,
-// and after Buffer::reset() every rank carries on with correct results.
+// and after Buffer::reset() every rank carries on with correct results. Also a buffer running out
+// of call numbers.
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -8,6 +9,7 @@
 
 #include "epcomm/error.hpp"
 #include "harness.hpp"
+#include "kernels/common/control.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -57,10 +59,11 @@ void run_layout(Buffer& buf, Round& r, const StreamOrder& order) {
 
 // A buffer with a short timeout and a stream of this rank's own, for fn.
 void with_buffer(const std::shared_ptr<Group>& group, int64_t timeout_ms,
-                 const std::function<void(Buffer&, cudaStream_t)>& fn) {
+                 const std::function<void(Buffer&, cudaStream_t)>& fn, uint32_t first_call_number = 0) {
   BufferOptions bo;
   bo.num_nvl_bytes = 64 << 20;
   bo.timeout_ms = timeout_ms;
+  bo.first_call_number = first_call_number;
   Buffer buf(group, bo);
   cudaStream_t stream;
   cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
@@ -126,6 +129,32 @@ TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
       buf.reset();
       good_round(buf, rank, group->device(), stream, seed + 2);
     });
+  });
+}
+
+// The last call numbers of a buffer give exact results; past them the count exchange does not run
+// and dispatch raises a RuntimeFailure saying why (flags left by calls with high numbers must never
+// pass for a number that came round again); Buffer::reset starts the numbers again.
+TEST(ReliabilityGpu, CallNumbersRunOutThenReset) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    // A round takes three numbers (count exchange, dispatch, combine): the first one ends at the last.
+    with_buffer(group, 5000, [&](Buffer& buf, cudaStream_t stream) {
+      good_round(buf, rank, group->device(), stream, seed);
+      Round r = make_round(buf, rank, group->device(), seed + 1);
+      const StreamOrder order{stream, nullptr, false};
+      run_layout(buf, r, order);
+      try {
+        buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+        ADD_FAILURE() << "rank " << rank << ": a count exchange past the last call number ran";
+      } catch (const RuntimeFailure& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find("notify_dispatch on rank " + std::to_string(rank) + " did not run"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("call numbers"), std::string::npos) << msg;
+      }
+      buf.reset();
+      good_round(buf, rank, group->device(), stream, seed + 2);
+    }, kLastCallNumber - 3);
   });
 }
 

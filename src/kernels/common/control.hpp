@@ -17,6 +17,12 @@ constexpr int kMaxNvlRanks = 32;   // ranks one NVLink domain may hold
 constexpr int kMaxBlocks = 160;    // blocks (SMs) one communication kernel may use
 constexpr int kMaxChunkTokens = 32;  // tokens per chunk: one bit each in a 32-bit mask
 constexpr int kMaxTopk = 16;
+// Call numbers are 32 bits and flags compare them with >=, so a number must never come round again:
+// a kernel whose number would pass this one leaves at once with a record (code 4) instead of
+// running; Buffer::reset (and, for low-latency calls, clean_low_latency_buffer) starts them again.
+constexpr uint32_t kLastCallNumber = 0xffffff00u;
+// Numbers 1 .. kLastCallNumber may run (0 is where the counter would come round to).
+EPCOMM_HD constexpr bool call_number_usable(uint32_t seq) { return seq - 1u < kLastCallNumber; }
 
 constexpr size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 

@@ -35,7 +35,8 @@ enum class WaitPhase : int32_t {
 };
 
 struct DeviceErrorRecord {
-  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters, 3 = bad argument
+  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters, 3 = bad argument,
+                 // 4 = call numbers used up (kLastCallNumber)
   KernelId kernel;
   WaitPhase phase;
   int32_t rank;

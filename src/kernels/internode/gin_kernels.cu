@@ -17,6 +17,7 @@ using namespace epcomm::dev;
 __global__ void __launch_bounds__(kInterNotifyThreads, 1)
     inter_notify_gin_kernel(const __grid_constant__ InterNotifyParams p, const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
+  if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_notify(p, GinNet(g, p.ic.common.rank));
   finish_call(p.ic.common, seq);
 }
@@ -24,6 +25,7 @@ __global__ void __launch_bounds__(kInterNotifyThreads, 1)
 __global__ void __launch_bounds__(kInterThreads, 1)
     inter_dispatch_send_gin_kernel(const __grid_constant__ InterDispatchParams p, const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
+  if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_send(p, GinNet(g, p.ic.common.rank));
   finish_call(p.ic.common, seq);
 }
@@ -31,6 +33,7 @@ __global__ void __launch_bounds__(kInterThreads, 1)
 __global__ void __launch_bounds__(kInterThreads, 1)
     inter_dispatch_recv_gin_kernel(const __grid_constant__ InterDispatchParams p, const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
+  if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_recv(p, GinNet(g, p.ic.common.rank), seq);
   finish_call(p.ic.common, seq);
 }
@@ -38,6 +41,7 @@ __global__ void __launch_bounds__(kInterThreads, 1)
 __global__ void __launch_bounds__(kInterThreads, 1)
     inter_combine_gin_kernel(const __grid_constant__ InterCombineParams p, const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
+  if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_combine(p, GinNet(g, p.ic.common.rank), seq);
   finish_call(p.ic.common, seq);
 }

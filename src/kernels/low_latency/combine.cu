@@ -565,6 +565,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     if constexpr (kPerRank) combine_send_per_rank<kP>(p, seq);
     else combine_send(p, seq, LLNoNet{}, nullptr);
@@ -614,6 +615,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     combine_send(p, seq, net, &ns);
     finish_combine_send(p, seq, net);

@@ -923,6 +923,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
       for (int i = kProbeItemWait; i < kLowLatencyProbeSlots; ++i) row[i] = 0;
   }
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     const LowLatencyLayout& L = p.layout;
     SendSmem sm = carve_send_smem(L, smem);
@@ -984,6 +985,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     const SendSmem sm = carve_send_smem(p.layout, smem);
     dispatch_send(p, seq, sm, net, &ns);

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include "kernels/common/sequence.cuh"
 #include "kernels/common/vec.cuh"
 #include "kernels/common/wait.cuh"
 #include "kernels/low_latency/params.hpp"

@@ -226,6 +226,7 @@ __global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1) 
   auto& sh = *reinterpret_cast<CombineShared*>(smem);
   const CommonParams& c = p.common;
   const uint32_t seq = call_sequence(c);
+  if (!call_number_left(c.wait, seq)) return;
   const int warp = warp_id();
   if (threadIdx.x == 0) {
     for (int w = 0; w < p.pusher_warps; ++w)

@@ -286,6 +286,7 @@ __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel
   auto& sh = *reinterpret_cast<DispatchShared*>(smem);
   const CommonParams& c = p.common;
   const uint32_t seq = call_sequence(c);
+  if (!call_number_left(c.wait, seq)) return;
   const int warp = warp_id();
 
   if (threadIdx.x == 0) {

@@ -29,6 +29,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
   const int warp = warp_id();
   const int num_warps = blockDim.x / 32;
   const uint32_t seq = call_sequence(c);
+  if (!call_number_left(c.wait, seq)) return;
   const uint32_t notify_count = ld_volatile(p.parity_counter);
   const int parity = static_cast<int>(notify_count & 1);
   const int experts_per_rank = p.num_experts / R;
