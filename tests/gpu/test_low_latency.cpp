@@ -352,6 +352,53 @@ TEST(LowLatencyGpu, StreamOrders) {
   }
 }
 
+// A call with async_finish whose event nobody waits for, then calls on the caller's stream (which
+// launch there, not on the comm stream): they still come after it, as on DeepEP's comm stream.
+// Without that, combine A would run beside dispatch A and read its plan before it is written.
+TEST(LowLatencyGpu, UnwaitedAsyncCallThenCallsOnTheCallersStream) {
+  LLCase c;
+  c.num_ranks = 2;
+  c.max_tokens = 64;
+  c.hidden = 2048;  // long enough that A is still running when B is launched
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  const int R = c.num_ranks;
+  std::vector<std::vector<RoundInput>> in(2, std::vector<RoundInput>(R));
+  for (int k = 0; k < 2; ++k)
+    for (int r = 0; r < R; ++r) in[k][r] = make_input(c, seed, k, r, c.max_tokens);
+  std::vector<std::vector<RoundOutput>> got(2, std::vector<RoundOutput>(R));
+  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
+  const int parts_before = result->total_part_count();
+  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+    const int dev = group->device();
+    RankBuffer rb(group, c, c.timeout_ms);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
+    const StreamOrder direct{stream, nullptr, false}, async{stream, nullptr, true};
+    // 16 blocks each: the kernels do not fill the GPU, so nothing but the order keeps B from running
+    // beside A.
+    Batch a = make_batch(c, R, c.max_tokens, dev, 16, nullptr, nullptr, nullptr);
+    Batch b = make_batch(c, R, c.max_tokens, dev, 16, nullptr, nullptr, nullptr);
+    upload_dispatch_inputs(a, in[0][r]);
+    upload_dispatch_inputs(b, in[1][r]);
+    upload_y(c, buf, a, in[0][r]);
+    upload_y(c, buf, b, in[1][r]);
+    Event ea = buf.low_latency_dispatch(a.din, a.dout, a.handle, false, async);  // not waited for
+    buf.low_latency_combine(a.cin, a.handle, a.out.view(), false, direct);       // reads A's plan
+    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, direct);
+    Event eb = buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, async);
+    eb.wait_on(stream);
+    cuda_ok(cudaStreamSynchronize(stream), "the four calls");
+    buf.check_device_errors();
+    got[0][r] = download_dispatch(c, R, a);
+    got[1][r] = download_dispatch(c, R, b);
+    got[0][r].out = a.out.download<uint16_t>();
+    got[1][r].out = b.out.download<uint16_t>();
+  });
+  if (result->total_part_count() != parts_before) return;
+  for (int k = 0; k < 2; ++k) compare_round(c, k, in[k], got[k]);
+}
+
 TEST(LowLatencyGpu, DuplicateExpertsInAToken) {
   LLCase c;
   c.num_ranks = 3;
