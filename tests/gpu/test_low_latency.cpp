@@ -722,18 +722,27 @@ TEST(InternodeLowLatencyNet, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
   }
 }
 
+// An error-path test's ranks: each gets a buffer (timeout `timeout_ms`) with its stream, a batch of
+// Tmax tokens and the inputs of round 0 (`seed`), uploaded, and runs `body` with them.
+using ErrorPathBody = std::function<void(int rank, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                                         const RoundInput& in)>;
+void run_error_path(const LLCase& c, int64_t timeout_ms, uint64_t seed, const ErrorPathBody& body) {
+  run_ranks(c.num_ranks, [&](int r, std::shared_ptr<Group> group) {
+    RankBuffer rb(group, c, timeout_ms);
+    const int R = c.num_ranks;
+    Batch b = make_batch(c, R, c.max_tokens, group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
+    const RoundInput in = make_input(c, seed, 0, r, c.max_tokens);
+    upload_dispatch_inputs(b, in);
+    body(r, *rb.buffer, rb.stream, StreamOrder{rb.stream, nullptr, false}, b, in);
+  });
+}
+
 TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
   const int R = 2, Tmax = 16, H = 256, E = 8, K = 4;
   const LLCase c = small_case(R, Tmax, H, E, K);
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
-    const int dev = group->device();
-    RankBuffer rb(group, c, 5000);
-    Buffer& buf = *rb.buffer;
-    cudaStream_t stream = rb.stream;
-    const StreamOrder order{stream, nullptr, false};
-    Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    const RoundInput in = make_input(c, 99, 0, r, Tmax);
-    upload_dispatch_inputs(b, in);
+  run_error_path(c, 5000, 99, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                                  const RoundInput& in) {
+    const int dev = buf.device();
     auto expect_error = [&](LowLatencyDispatchInputs din, LowLatencyDispatchOutputs dout, const std::string& needle) {
       LowLatencyHandle h;
       try {
@@ -800,15 +809,8 @@ TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
 TEST(LowLatencyGpu, TooManyRowsForOneExpertIsReported) {
   const int R = 2, Tmax = 4, H = 256, E = 4, K = 2;
   const LLCase c = small_case(R, Tmax, H, E, K);
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
-    const int dev = group->device();
-    RankBuffer rb(group, c, 5000);
-    Buffer& buf = *rb.buffer;
-    cudaStream_t stream = rb.stream;
-    const StreamOrder order{stream, nullptr, false};
-    Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    RoundInput in = make_input(c, 5, 0, r, Tmax);
-    upload_dispatch_inputs(b, in);
+  run_error_path(c, 5000, 5, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                                 const RoundInput& in) {
     b.topk.upload(std::vector<int64_t>(static_cast<size_t>(Tmax) * K, 0));  // 8 rows for expert 0
     buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync");
@@ -837,15 +839,8 @@ TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
   const int R = 2, Tmax = 8, H = 256, E = 8, K = 4;
   LLCase c = small_case(R, Tmax, H, E, K);
   c.first_call_number = kLastCallNumber - 1;  // one dispatch and one combine left
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
-    const int dev = group->device();
-    RankBuffer rb(group, c, 5000);
-    Buffer& buf = *rb.buffer;
-    cudaStream_t stream = rb.stream;
-    const StreamOrder order{stream, nullptr, false};
-    Batch b = make_batch(c, R, Tmax, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    RoundInput in = make_input(c, 7, 0, r, Tmax);
-    upload_dispatch_inputs(b, in);
+  run_error_path(c, 5000, 7, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                                 const RoundInput& in) {
     const auto round = [&](const char* what) {
       buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
       b.y.upload(in.y);
@@ -890,15 +885,8 @@ TEST(LowLatencyGpu, TimeoutNamesThePeerAndCleanRecovers) {
   c.max_tokens = 16;
   c.fixed_tokens = 16;
   c.drop_rate = 0.5;
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
-    const int dev = group->device();
-    RankBuffer rb(group, c, 1000);
-    Buffer& buf = *rb.buffer;
-    cudaStream_t stream = rb.stream;
-    const StreamOrder order{stream, nullptr, false};
-    Batch b = make_batch(c, R, c.max_tokens, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    RoundInput in = make_input(c, 1234, 0, r, c.max_tokens);
-    upload_dispatch_inputs(b, in);
+  run_error_path(c, 1000, 1234, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                                    const RoundInput& in) {
     buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
     b.y.upload(in.y);
     if (r == 0) {
