@@ -539,6 +539,26 @@ def test_shrink_mask_api():
         raises(RuntimeError, lambda: _epcomm.Runtime(uid, 1, 0, 0, 1 << 20, enable_shrink=True), "no CUDA device")
 
 
+def test_reset_reaches_the_core():
+    """Buffer.reset() (an epcomm extension: the collective way back after a failed call) is the
+    core's reset; a destroyed buffer says so instead."""
+    class _ResetRuntime:
+        def __init__(self):
+            self.resets = 0
+
+        def reset(self):
+            self.resets += 1
+
+    rt = _ResetRuntime()
+    b = _checks_buffer(rt, num_ranks=2)
+    b.reset()
+    b.reset()
+    assert rt.resets == 2
+    assert hasattr(_epcomm.Runtime, "reset")
+    b.runtime = None
+    raises(RuntimeError, b.reset, "destroyed")
+
+
 def test_recv_hook_object():
     class FakeCall:
         recv_pending, received = True, 0
