@@ -297,6 +297,7 @@ void run_gpu_low_latency(const Options& o, Report& report) {
   testing::ThreadBarrier all_ranks(R);  // CUPTI recording is switched on and off while no rank launches
   bool clock_on = false;
   run_threads(R, [&](int r) {
+    testing::LeaveOnThrow leave_on_throw(all_ranks);  // a rank that throws must not strand the others here
     cuda_check(cudaSetDevice(r), "cudaSetDevice");
     auto group = Group::create_nccl(id, R, r, r);
     BufferOptions bo;
