@@ -36,7 +36,8 @@ struct BufferOptions {
   int low_latency_net = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
-  // and then every call fails with a RuntimeFailure until reset() (README "Limits").
+  // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for
+  // LL calls; README "Limits").
   uint32_t first_call_number = 0;
 };
 

@@ -489,7 +489,9 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
   const int P = L.pr_parts();
   const int lane = lane_id();
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
-  const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);  // round the blocks first
+  // Items go round the blocks first (item w to block w % grid): with fewer items than warps (small
+  // T) every SM takes a share (BENCHMARKS run 47).
+  const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
   const char* mine = c.peer_base[c.rank] + p.region;
 

@@ -739,7 +739,9 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
 
   const int N = ipre[R];
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
-  const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);  // round the blocks first
+  // Items go round the blocks first (item w to block w % grid), so fewer items than warps still
+  // spread over every SM (BENCHMARKS runs 47-48).
+  const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
   const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
   const int P = max(1, min(min(total_warps / max(N, 1), 8), data16 / 32));  // parts per staged token
   const size_t head_off = L.staged_head_offset(p.use_fp8);
