@@ -147,6 +147,7 @@ void Buffer::Impl::enter(const StreamOrder& order) {
     EPCOMM_CUDA_CHECK(cudaEventRecord(order_event, order.stream));
     EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, order_event, 0));
   }
+  comm_unjoined = comm_unjoined || order.async_finish;
 }
 
 Event Buffer::Impl::leave(const StreamOrder& order) {

@@ -49,8 +49,11 @@ struct Buffer::Impl {
   cudaStream_t comm = nullptr;
   cudaEvent_t order_event = nullptr;
   cudaEvent_t done_event = nullptr;
+  // An async_finish call (any mode) left work on the comm stream that no caller's stream was made to
+  // wait for: a low-latency call launched straight on the caller's stream must wait for it first.
+  bool comm_unjoined = false;
 
-  // Makes the comm stream wait for the caller (or previous_event).
+  // Makes the comm stream wait for the caller (or previous_event); notes an async_finish call.
   void enter(const StreamOrder& order);
   // Makes the caller wait for the comm stream, or returns the event when async.
   Event leave(const StreamOrder& order);

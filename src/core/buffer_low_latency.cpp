@@ -183,17 +183,16 @@ bool direct(const StreamOrder& order) { return !order.async_finish && order.prev
 cudaStream_t begin_call(Buffer::Impl& m, const StreamOrder& order) {
   if (direct(order)) {
     EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
-    if (m.ll.comm_unjoined && !m.capturing(order.stream)) {
-      // An async_finish call still runs on the comm stream (its event may not have been waited
-      // for): this call comes after it, as it would on the comm stream (DeepEP's order).
+    if (m.comm_unjoined && !m.capturing(order.stream)) {
+      // An async_finish call may still run on the comm stream (its event not waited for): this
+      // call comes after it, as it would on the comm stream (DeepEP's order).
       EPCOMM_CUDA_CHECK(cudaEventRecord(m.done_event, m.comm));
       EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(order.stream, m.done_event, 0));
-      m.ll.comm_unjoined = false;
+      m.comm_unjoined = false;
     }
     return order.stream;
   }
   m.enter(order);
-  m.ll.comm_unjoined = m.ll.comm_unjoined || order.async_finish;
   return m.comm;
 }
 

@@ -386,7 +386,6 @@ struct LowLatencyHostState {
   size_t offset = 0;         // of the LL region inside the symmetric allocation (after the data part)
   size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
   int next_buffer = 0;       // the buffer the next dispatch takes
-  bool comm_unjoined = false;  // an async_finish call left work on the comm stream no caller waited for
   bool per_rank[2] = {false, false};  // buffer b's dispatch used the per-rank path (its hook receive must too)
   LowLatencyPartials partials[2] = {LowLatencyPartials::kNone, LowLatencyPartials::kNone};  // ... and wrote the
                                                  // per-rank combine's plan (its combine returns these)
