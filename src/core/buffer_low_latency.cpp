@@ -5,7 +5,6 @@
 // load/store, one node). The GIN path will add a transport field to the params and a second send
 // routine in the kernels; the layout, the flags and the host side stay as they are.
 #include <algorithm>
-#include <cstddef>
 #include <iterator>
 #include <cstdio>
 #include <vector>
@@ -384,12 +383,9 @@ void Buffer::Impl::init_low_latency() {
     EPCOMM_CUDA_CHECK(cudaMalloc(&ll.probe, bytes));
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.probe, 0, bytes, comm));
   }
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.state, 0, sizeof(LowLatencyDeviceState), comm));
-  if (options.first_call_number != 0) {  // tests: numbers near kLastCallNumber
-    static_assert(offsetof(LowLatencyDeviceState, dispatch_seq) == 0 && offsetof(LowLatencyDeviceState, combine_seq) == 4);
-    const uint32_t first[2] = {options.first_call_number, options.first_call_number};  // dispatch_seq, combine_seq
-    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(ll.state, first, sizeof(first), cudaMemcpyHostToDevice, comm));
-  }
+  LowLatencyDeviceState init{};  // zeros; the call counters at options.first_call_number (tests)
+  init.dispatch_seq = init.combine_seq = options.first_call_number;
+  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(ll.state, &init, sizeof(init), cudaMemcpyHostToDevice, comm));
   if (ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.count_decisions, 0, ll.count_decision_bytes, comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
 }
