@@ -17,10 +17,15 @@ struct BulkPipe {
 };
 
 // Copies `bytes` (a multiple of 16, as are both addresses) from src to dst. Needs num_bufs >= 2. Returns false on
-// timeout (recorded). On return every store has been issued and committed; the caller waits with
-// bulk_wait_all() before signalling a consumer.
-__device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe, uint8_t* dst,
-                                          const uint8_t* src, size_t bytes, WaitPhase phase, int peer) {
+// timeout (recorded) or when `after_first_stores` does. On return every store has been issued and
+// committed; the caller waits with bulk_wait_all() before signalling a consumer.
+// `after_first_stores(issued)` runs once, when this copy's first two stores (or its only one) are
+// committed: `issued` of the most recent groups are this copy's, so the caller can wait there for an
+// earlier copy's stores without draining the pipe.
+template <class AfterFirstStores>
+__device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe, uint8_t* dst, const uint8_t* src,
+                                          size_t bytes, WaitPhase phase, int peer,
+                                          AfterFirstStores&& after_first_stores) {
   const size_t piece = static_cast<size_t>(pipe.piece_bytes);
   const int num_pieces = static_cast<int>((bytes + piece - 1) / piece);
   auto piece_len = [&](int k) {
@@ -40,6 +45,7 @@ __device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe
     pipe.phases ^= 1u << b;
     tma_store(dst + k * piece, pipe.bufs + b * piece, piece_len(k));
     bulk_commit();
+    if (k == (num_pieces > 1 ? 1 : 0) && !after_first_stores(k + 1)) return false;
     // Refill the buffer of the previous piece: its store had a whole iteration to read it, and
     // two stores stay in flight.
     const int prev = k - 1, next = prev + pipe.num_bufs;
@@ -51,6 +57,11 @@ __device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe
     }
   }
   return true;
+}
+
+__device__ __forceinline__ bool bulk_copy(const WaitContext& ctx, BulkPipe& pipe, uint8_t* dst, const uint8_t* src,
+                                          size_t bytes, WaitPhase phase, int peer) {
+  return bulk_copy(ctx, pipe, dst, src, bytes, phase, peer, [](int) { return true; });
 }
 
 // Leader of a warp waits, the warp agrees: returns the leader's verdict to every lane.

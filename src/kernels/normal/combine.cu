@@ -27,8 +27,8 @@ constexpr int kReducerBarrier = 1;  // named barrier id (0 is __syncthreads)
 
 struct CombineShared {
   uint64_t pusher_bars[kMaxPusherWarps][kMaxPusherBufs];
-  int32_t last_used[kMaxNvlRanks][kMaxSlots];  // last iteration this rank wrote into (origin, slot)
-  int32_t last_any[kMaxNvlRanks];
+  int32_t next_segment;                  // the pushers' work counter: segment i = (chunk i / R, origin i % R)
+  int32_t released[kMaxNvlRanks];        // per origin: the last chunk whose rows this rank released (-1: none)
   const int4* sources[kMaxReducerWarps][kMaxNvlRanks];  // a token's rows in the slot, by sender
   int32_t positions[kMaxReducerWarps][kMaxNvlRanks];
 };
@@ -37,64 +37,136 @@ __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, s
   return reinterpret_cast<uint64_t*>(c.peer_base[owner] + c.ctl.flag(base, peer, block));
 }
 
-__device__ void run_pusher(const CombineParams& p, uint32_t seq, int pw, CombineShared& sh, uint8_t* bufs) {
+// Rows this rank sends `origin` for the block's n-th chunk (0 past the last chunk).
+__device__ __forceinline__ int segment_rows(const CombineParams& p, int origin, int n) {
+  const int chunk = blockIdx.x + n * p.num_blocks;
+  if (n < 0 || chunk >= p.max_chunks) return 0;
+  const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(origin) * p.chunk_offset_stride;
+  return offsets[chunk + 1] - offsets[chunk];
+}
+
+// The last chunk before n, stepping by `step`, in which this rank sent `origin` rows (-1: none).
+__device__ __forceinline__ int previous_segment(const CombineParams& p, int origin, int n, int step) {
+  for (int m = n - step; m >= 0; m -= step)
+    if (segment_rows(p, origin, m) > 0) return m;
+  return -1;
+}
+
+// A segment whose stores are issued but not yet released to its origin.
+struct PendingSegment {
+  int origin = -1;
+  int n = -1;
+};
+
+// Lane 0 of a pusher warp: once the segment's stores are complete (the caller waited for them),
+// tells the origin. Releases of one origin go out in chunk order whichever warp pushed them (the
+// origin's flag counts chunks), so this waits for the origin's previous segment first.
+__device__ __forceinline__ bool release_segment(const CombineParams& p, uint32_t seq, CombineShared& sh,
+                                                const PendingSegment& seg) {
+  const CommonParams& c = p.common;
+  fence_proxy_async_global();
+  __threadfence_system();
+  const int prev = previous_segment(p, seg.origin, seg.n, 1);
+  volatile int32_t* released = &sh.released[seg.origin];
+  if (!wait_geq(c.wait, [released] { return static_cast<uint64_t>(*released + 1); }, static_cast<uint64_t>(prev + 1),
+                WaitPhase::kCombineSlotFree, seg.origin))
+    return false;
+  st_release_sys(flag_at(c, seg.origin, c.ctl.combine_ready, c.rank, blockIdx.x), tag(seq, seg.n + 1));
+  __threadfence();  // the flag's store is ordered before the next warp's, which reads this first
+  *released = seg.n;
+  return true;
+}
+
+// Named barrier of the pusher warps (0 is __syncthreads, 1 the reducers'): every pusher's verdict.
+constexpr int kPusherBarrier = 2;
+__device__ __forceinline__ bool pushers_all(bool pred, int num_threads) {
+  int result;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.s32 %0, 1, 0, q;\n}\n"
+      : "=r"(result)
+      : "r"(static_cast<int>(pred)), "n"(kPusherBarrier), "r"(num_threads)
+      : "memory");
+  return result != 0;
+}
+
+// Pusher warps take the block's (chunk, origin) segments from a shared counter, chunk by chunk, so
+// the block's bytes spread evenly over its warps whatever each origin's share (a warp per origin
+// waited for the largest share; run 55). A warp does not drain its stores at the end of a segment:
+// it releases the segment after issuing the next one's first stores, or before a wait that could
+// block, so its copies stay in flight across segments.
+__device__ void run_pusher(const CombineParams& p, uint32_t seq, CombineShared& sh, uint8_t* bufs, int pw) {
   const CommonParams& c = p.common;
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
   const int S = p.ring.slots, K = p.num_topk;
   const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
+  const int num_n = p.max_chunks > block ? (p.max_chunks - block + p.num_blocks - 1) / p.num_blocks : 0;
   BulkPipe pipe{bufs, sh.pusher_bars[pw], p.pusher_stages, p.piece_bytes, 0};
+  PendingSegment pending;  // lane 0's
 
   bool ok = true;
-  for (int n = 0; ok; ++n) {
-    const int chunk = block + n * p.num_blocks;
-    if (chunk >= p.max_chunks) break;
-    for (int q = pw; q < R && ok; q += p.pusher_warps) {
-      const int origin = (rank + 1 + q) % R;
-      const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(origin) * p.chunk_offset_stride;
-      const int row_begin = offsets[chunk];
-      const int rows = offsets[chunk + 1] - row_begin;
-      if (rows == 0) continue;
-      const int s = n % S;
-      // The origin must have reduced what this rank last wrote into the slot.
-      const int prev = sh.last_used[origin][s];
-      if (prev >= 0)
-        ok = warp_wait_flag(c.wait, flag_at(c, rank, c.ctl.combine_ack, origin, block), tag(seq, prev + 1),
-                            WaitPhase::kCombineSlotFree, origin);
-      if (!ok) break;
+  while (ok) {
+    int i = 0;
+    if (lane == 0) i = atomicAdd(&sh.next_segment, 1);
+    i = __shfl_sync(0xffffffffu, i, 0);
+    if (i >= num_n * R) break;
+    const int n = i / R, origin = (rank + 1 + i % R) % R;
+    const int rows = segment_rows(p, origin, n);
+    if (rows == 0) continue;
+    const int row_begin = p.chunk_offset[static_cast<int64_t>(origin) * p.chunk_offset_stride + block + n * p.num_blocks];
+    uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[origin]) + p.ring.slot(block, n % S);
+    if (lane == 0) {
+      // The origin must have reduced what this rank last wrote into the slot. If that is not yet so,
+      // release the pending segment first (the origin may be waiting for it) and wait.
+      const int last = previous_segment(p, origin, n, S);
+      if (last >= 0) {
+        const uint64_t* ack = flag_at(c, rank, c.ctl.combine_ack, origin, block);
+        if (ld_acquire_sys(ack) < tag(seq, last + 1)) {
+          if (pending.n >= 0) {
+            bulk_wait_all();
+            ok = release_segment(p, seq, sh, pending);
+            pending = PendingSegment{};
+          }
+          ok = ok && wait_flag_geq(c.wait, ack, tag(seq, last + 1), WaitPhase::kCombineSlotFree, origin);
+        }
+      }
+    }
+    // Every lane writes into the slot (the weights): none may before lane 0 found it free.
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (!ok) break;
+    if (lane == 0) {
       fence_proxy_async_global();
-      uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[origin]) + p.ring.slot(block, s);
-      if (lane == 0)
-        ok = bulk_copy(c.wait, pipe, slot + static_cast<size_t>(rank) * p.chunk * row_bytes,
+      ok = bulk_copy(c.wait, pipe, slot + static_cast<size_t>(rank) * p.chunk * row_bytes,
                        reinterpret_cast<const uint8_t*>(p.x) + static_cast<size_t>(row_begin) * row_bytes,
-                       static_cast<size_t>(rows) * row_bytes, WaitPhase::kCombineSlotFree, origin);
-      if (K > 0) {
-        float* w = reinterpret_cast<float*>(slot + p.ring.weights_offset) + static_cast<size_t>(rank) * p.chunk * K;
-        for (int e = lane; e < rows * K; e += 32) w[e] = p.topk_weights[static_cast<int64_t>(row_begin) * K + e];
-      }
-      ok = __shfl_sync(0xffffffffu, ok, 0);
-      if (!ok) break;
-      fence_proxy_async_global();
+                       static_cast<size_t>(rows) * row_bytes, WaitPhase::kCombineSlotFree, origin, [&](int issued) {
+                         // The previous segment's stores are older than these `issued` ones.
+                         if (pending.n < 0) return true;
+                         if (issued >= 2) bulk_wait<2>(); else bulk_wait<1>();
+                         const bool released = release_segment(p, seq, sh, pending);
+                         pending = PendingSegment{};
+                         return released;
+                       });
+    }
+    if (K > 0) {
+      float* w = reinterpret_cast<float*>(slot + p.ring.weights_offset) + static_cast<size_t>(rank) * p.chunk * K;
+      for (int e = lane; e < rows * K; e += 32) w[e] = p.topk_weights[static_cast<int64_t>(row_begin) * K + e];
       __threadfence_system();
-      __syncwarp();
-      if (lane == 0) {
-        bulk_wait_all();
-        fence_proxy_async_global();
-        __threadfence_system();
-        st_release_sys(flag_at(c, origin, c.ctl.combine_ready, rank, block), tag(seq, n + 1));
-        sh.last_used[origin][s] = n;
-        sh.last_any[origin] = n;
-      }
-      __syncwarp();
     }
+    __syncwarp();
+    if (lane == 0) pending = PendingSegment{origin, n};
+    ok = __shfl_sync(0xffffffffu, ok, 0);
   }
+  if (ok && lane == 0 && pending.n >= 0) {
+    bulk_wait_all();
+    ok = release_segment(p, seq, sh, pending);
+  }
+  ok = __shfl_sync(0xffffffffu, ok, 0);
   // Leave only when every origin has reduced this rank's rows: the next call may overwrite them.
-  if (ok && lane == 0)
-    for (int q = pw; q < R && ok; q += p.pusher_warps) {
-      const int origin = (rank + 1 + q) % R;
-      if (sh.last_any[origin] >= 0)
-        ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ack, origin, block),
-                           tag(seq, sh.last_any[origin] + 1), WaitPhase::kCombineSlotFree, origin);
-    }
+  if (pushers_all(ok, 32 * p.pusher_warps) && pw == 0 && lane < R) {
+    const int last = sh.released[lane];
+    if (last >= 0)
+      wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ack, lane, block), tag(seq, last + 1),
+                    WaitPhase::kCombineSlotFree, lane);
+  }
   if (lane == 0) bulk_wait_all();
 }
 
@@ -233,13 +305,13 @@ __global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1) 
       for (int b = 0; b < p.pusher_stages; ++b) mbar_init(&sh.pusher_bars[w][b], 1);
     fence_mbar_init();
   }
-  for (int i = threadIdx.x; i < kMaxNvlRanks * kMaxSlots; i += blockDim.x) (&sh.last_used[0][0])[i] = -1;
-  for (int i = threadIdx.x; i < kMaxNvlRanks; i += blockDim.x) sh.last_any[i] = -1;
+  if (threadIdx.x == 0) sh.next_segment = 0;
+  for (int i = threadIdx.x; i < kMaxNvlRanks; i += blockDim.x) sh.released[i] = -1;
   __syncthreads();
 
   uint8_t* dyn = smem + align_up(sizeof(CombineShared), 128);
   if (warp < p.pusher_warps) {
-    run_pusher(p, seq, warp, sh, dyn + static_cast<size_t>(warp) * p.pusher_stages * p.piece_bytes);
+    run_pusher(p, seq, sh, dyn + static_cast<size_t>(warp) * p.pusher_stages * p.piece_bytes, warp);
   } else if (warp - p.pusher_warps < p.reducer_warps) {
     run_reducer(p, seq, warp - p.pusher_warps, sh);
   }
