@@ -5,9 +5,14 @@
 //   load       SIMT: 16-byte loads from the peer, local stores (a pull)
 //   tma-push   bulk copies: local -> shared memory -> peer (what combine's pushers do)
 //   tma-pull   bulk copies: peer -> shared memory -> local (what dispatch's pullers do)
+//   ce-push    copy engines, no SMs: a cudaMemcpyPeerAsync per peer on its own stream, issued by
+//              the sender (--ce-piece MiB splits each pair's bytes into several copies)
+//   ce-pull    the same, issued by the receiver (peer -> local)
 //
 //   epcomm-wire-probe [--mib-per-pair 64] [--sms 16,24,32] [--modes store,load,tma-push,tma-pull]
-//                     [--warps 4] [--bufs 3] [--piece 16384] [--iters 10]
+//                     [--warps 4] [--bufs 3] [--piece 16384] [--iters 10] [--ce-piece 0]
+//
+// The copy-engine modes ignore --sms (they use none) and print 0 SMs.
 //
 // Prints, per mode and SM count, the bytes leaving each GPU per second (slowest GPU) and the
 // logical figure (x R / (R - 1), SPEC.md section 7 counting).
@@ -37,7 +42,7 @@ using namespace epcomm::dev;
   } while (0)
 
 constexpr int kMaxRanks = 8;
-enum class Mode { kStore, kLoad, kTmaPush, kTmaPull };
+enum class Mode { kStore, kLoad, kTmaPush, kTmaPull, kCePush, kCePull };
 
 struct Args {
   int rank, num_ranks;
@@ -132,6 +137,7 @@ int main(int argc, char** argv) {
   std::vector<int> sms = {16, 24, 32};
   std::string modes = "store,load,tma-push,tma-pull";
   int warps = 4, bufs = 3, piece = 16384, iters = 10;
+  size_t ce_piece_mib = 0;  // 0: one copy per pair
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--mib-per-pair") mib = std::strtoull(v.c_str(), nullptr, 10);
@@ -141,6 +147,7 @@ int main(int argc, char** argv) {
     else if (k == "--bufs") bufs = std::atoi(v.c_str());
     else if (k == "--piece") piece = std::atoi(v.c_str());
     else if (k == "--iters") iters = std::atoi(v.c_str());
+    else if (k == "--ce-piece") ce_piece_mib = std::strtoull(v.c_str(), nullptr, 10);
     else {
       std::fprintf(stderr, "epcomm-wire-probe: unknown option %s\n", k.c_str());
       return 2;
@@ -161,6 +168,8 @@ int main(int argc, char** argv) {
   std::vector<Args> args(R);
   std::vector<cudaStream_t> streams(R);
   std::vector<cudaEvent_t> start(R), stop(R);
+  std::vector<std::vector<cudaStream_t>> pair_streams(R, std::vector<cudaStream_t>(R));
+  std::vector<std::vector<cudaEvent_t>> pair_done(R, std::vector<cudaEvent_t>(R));
   for (int r = 0; r < R; ++r) {
     PROBE_CHECK(cudaSetDevice(r));
     for (int p = 0; p < R; ++p)
@@ -180,6 +189,10 @@ int main(int argc, char** argv) {
     PROBE_CHECK(cudaStreamCreateWithFlags(&streams[r], cudaStreamNonBlocking));
     PROBE_CHECK(cudaEventCreate(&start[r]));
     PROBE_CHECK(cudaEventCreate(&stop[r]));
+    for (int p = 0; p < R; ++p) {
+      PROBE_CHECK(cudaStreamCreateWithFlags(&pair_streams[r][p], cudaStreamNonBlocking));
+      PROBE_CHECK(cudaEventCreateWithFlags(&pair_done[r][p], cudaEventDisableTiming));
+    }
     const int smem = warps * bufs * piece;
     PROBE_CHECK(cudaFuncSetAttribute(tma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     PROBE_CHECK(cudaFuncSetAttribute(tma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -202,11 +215,16 @@ int main(int argc, char** argv) {
     else if (name == "load") mode = Mode::kLoad;
     else if (name == "tma-push") mode = Mode::kTmaPush;
     else if (name == "tma-pull") mode = Mode::kTmaPull;
+    else if (name == "ce-push") mode = Mode::kCePush;
+    else if (name == "ce-pull") mode = Mode::kCePull;
     else {
       std::fprintf(stderr, "epcomm-wire-probe: unknown mode %s\n", name.c_str());
       return 2;
     }
-    for (int blocks : sms) {
+    const bool ce = mode == Mode::kCePush || mode == Mode::kCePull;
+    const std::vector<int> shapes = ce ? std::vector<int>{0} : sms;
+    const size_t ce_piece = ce_piece_mib > 0 ? std::min(bytes, ce_piece_mib << 20) : bytes;
+    for (int blocks : shapes) {
       std::vector<float> worst;
       for (int it = -2; it < iters; ++it) {
         for (int r = 0; r < R; ++r) {
@@ -217,6 +235,27 @@ int main(int argc, char** argv) {
             case Mode::kLoad: simt_kernel<false><<<blocks, 512, 0, streams[r]>>>(args[r]); break;
             case Mode::kTmaPush: tma_kernel<true><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]); break;
             case Mode::kTmaPull: tma_kernel<false><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]); break;
+            case Mode::kCePush:
+            case Mode::kCePull:
+              // A stream per peer, forked from and joined back into the rank's stream; the pair
+              // (r, p) moves r's block for p into p's slot for r, as the SM modes do.
+              for (int p = 0; p < R; ++p) {
+                if (p == r) continue;
+                cudaStream_t s = pair_streams[r][p];
+                PROBE_CHECK(cudaStreamWaitEvent(s, start[r], 0));
+                for (size_t off = 0; off < bytes; off += ce_piece) {
+                  const size_t n = std::min(ce_piece, bytes - off);
+                  if (mode == Mode::kCePush)
+                    PROBE_CHECK(cudaMemcpyPeerAsync(args[p].recv + r * bytes + off, p, args[r].send + p * bytes + off, r,
+                                                    n, s));
+                  else
+                    PROBE_CHECK(cudaMemcpyPeerAsync(args[r].recv + p * bytes + off, r, args[p].send + r * bytes + off, p,
+                                                    n, s));
+                }
+                PROBE_CHECK(cudaEventRecord(pair_done[r][p], s));
+                PROBE_CHECK(cudaStreamWaitEvent(streams[r], pair_done[r][p], 0));
+              }
+              break;
           }
           PROBE_CHECK(cudaGetLastError());
           PROBE_CHECK(cudaEventRecord(stop[r], streams[r]));
