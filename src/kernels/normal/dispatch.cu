@@ -27,6 +27,8 @@ struct DispatchShared {
   uint64_t puller_bars[kMaxPullerWarps][kMaxSlots + 1];  // [stages..., meta]
   uint32_t slot_needed[kMaxSlots];      // destinations that need each ring slot's current chunk
   int32_t last_needed[kMaxNvlRanks];    // last iteration each destination needed
+  int32_t next_segment;                 // the pullers' work counter: segment i = (chunk i / R, source i % R)
+  int32_t acked[kMaxNvlRanks];          // per source: the last chunk whose rows this rank acknowledged (-1: none)
 };
 
 __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, size_t base, int peer, int block) {
@@ -183,12 +185,19 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
   uint32_t phases = 0;  // bit b for stage b, bit P for the meta barrier
   const int parity = p.cached ? 0 : static_cast<int>((ld_volatile(p.parity_counter) - 1u) & 1u);
 
+  // Puller warps take the block's (chunk, source) segments from a shared counter, chunk by chunk, so
+  // the block's rows spread evenly over its warps whatever each source's share (a warp per source
+  // waited for the largest share, and the warp of the rank's own rows idled).
+  const int num_n = p.max_chunks > block ? (p.max_chunks - block + p.num_blocks - 1) / p.num_blocks : 0;
   bool ok = true;
-  for (int n = 0; ok; ++n) {
-    const int chunk = block + n * p.num_blocks;
-    if (chunk >= p.max_chunks) break;
-    for (int q = pw; q < R && ok; q += p.puller_warps) {
-      const int src = (rank + 1 + q) % R;
+  while (ok) {
+    int i = 0;
+    if (lane == 0) i = atomicAdd(&sh.next_segment, 1);
+    i = __shfl_sync(0xffffffffu, i, 0);
+    if (i >= num_n * R) break;
+    {
+      const int n = i / R, src = (rank + 1 + i % R) % R;
+      const int chunk = block + n * p.num_blocks;
       const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(src) * p.chunk_offset_stride;
       const int row_begin = offsets[chunk];
       const int rows = offsets[chunk + 1] - row_begin;
@@ -269,13 +278,25 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
         }
       }
       if (!ok) break;
-      // Every load of this (source, chunk) has landed: the sender may reuse the slot.
+      // Every load of this (source, chunk) has landed: the sender may reuse the slot. Acks to one
+      // source go out in chunk order whichever warp pulled (its flag counts chunks): the source's
+      // previous segment first.
       __syncwarp();
       fence_proxy_async_shared();
       if (lane == 0) {
         __threadfence_system();
-        st_release_sys(flag_at(c, src, c.ctl.dispatch_ack, rank, block), tag(seq, n + 1));
+        int prev = n - 1;
+        while (prev >= 0 && offsets[block + prev * p.num_blocks + 1] == offsets[block + prev * p.num_blocks]) --prev;
+        volatile int32_t* acked = &sh.acked[src];
+        ok = wait_geq(c.wait, [acked] { return static_cast<uint64_t>(*acked + 1); }, static_cast<uint64_t>(prev + 1),
+                      WaitPhase::kDispatchReady, src);
+        if (ok) {
+          st_release_sys(flag_at(c, src, c.ctl.dispatch_ack, rank, block), tag(seq, n + 1));
+          __threadfence();  // the flag's store is ordered before the next warp's, which reads this first
+          *acked = n;
+        }
       }
+      ok = __shfl_sync(0xffffffffu, ok, 0);
     }
   }
   if (lane == 0) bulk_wait_all();
@@ -294,7 +315,9 @@ __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel
     for (int w = 0; w < p.puller_warps; ++w)
       for (int b = 0; b <= p.puller_stages; ++b) mbar_init(&sh.puller_bars[w][b], 1);
     fence_mbar_init();
+    sh.next_segment = 0;
   }
+  for (int i = threadIdx.x; i < kMaxNvlRanks; i += blockDim.x) sh.acked[i] = -1;
   __syncthreads();
   if (p.num_worst_tokens > 0)
     pad_worst_topk(c.wait, c.rank, p.chunk_offset, p.chunk_offset_stride, c.num_ranks, p.num_worst_tokens, p.num_topk,
