@@ -10,7 +10,9 @@
 // that need it; each receiver copies the rows it needs straight from the sender's slot into recv_x
 // with bulk copies, then releases the slot. Combine is a push: each expert rank copies the rows of
 // an origin's chunk into a ring slot in the origin's region; the origin sums them in float32 and
-// releases the slot. Flags carry (call sequence << 32 | iteration + 1), so they are never reset.
+// releases the slot. Within a block, the pulling (pushing) warps take the (chunk, peer) segments
+// from a shared counter, and the flags of one peer go out in chunk order. Flags carry
+// (call sequence << 32 | iteration + 1), so they are never reset.
 #pragma once
 
 #include <cstddef>
