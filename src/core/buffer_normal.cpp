@@ -469,7 +469,7 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   if (!m.inter.enabled)
     p.ring.slots = ring_slots("combine", m.ring_region_bytes(), in.config.num_sms, p.ring.slot_bytes,
                               in.config.ring_slots(), combine_max_slots(), m.options.num_nvl_bytes);
-  // A pusher warp per origin (up to 4): one origin's end-of-chunk store drain stalls no other.
+  // Four pusher warps (at most one per rank) share the block's segments (run 6: two warps were slower).
   const int pushers = shape_override("EPCOMM_COMBINE_PUSHER_WARPS", combine_max_pusher_warps());
   const int stages = shape_override("EPCOMM_COMBINE_PUSHER_STAGES", combine_max_pusher_bufs());
   const int reducers = shape_override("EPCOMM_COMBINE_REDUCER_WARPS", combine_max_reducer_warps());

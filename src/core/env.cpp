@@ -19,10 +19,10 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_MAX_TOKENS_PER_RANK", 65536, "largest T one rank may pass to normal-mode dispatch"},
       {"EPCOMM_MAX_EXPERTS_PER_RANK", 1024, "largest E/R the buffer supports"},
       // Kernel shapes, for tuning sweeps (0: the built-in rule).
-      {"EPCOMM_DISPATCH_PULLER_WARPS", 0, "dispatch: puller warps per block (0: one per source, up to 4)"},
+      {"EPCOMM_DISPATCH_PULLER_WARPS", 0, "dispatch: puller warps per block (0: as many as shared memory holds with two rows each, up to 8)"},
       {"EPCOMM_DISPATCH_PULLER_STAGES", 0, "dispatch: rows in flight per puller warp (0: as many as fit, up to 6)"},
-      {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: one per origin, up to 4)"},
-      {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 3)"},
+      {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: 4, at most one per rank)"},
+      {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 2)"},
       {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
       // Low-latency paths: 1 (default) is exact; 2 trades a BF16 rounding of per-rank partial sums
       // for fewer combine bytes (opt-in, like a compressed combine).

@@ -301,7 +301,7 @@ TEST(NormalGpu, WideRowsTop16) {
 namespace epcomm::test {
 namespace {
 
-// R = 5 ... 8: every R-dependent path (source rotation, puller warps holding several sources,
+// R = 5 ... 8: every R-dependent path (source rotation, segments of several sources per block,
 // masks, prefix matrix) on the device. On machines with fewer GPUs the ranks share them.
 TEST(NormalGpu, FiveToEightRanks) {
   for (int R : {5, 6, 7, 8}) {

@@ -1,7 +1,8 @@
 // Normal-mode combine over NVLink, as a push (see params.hpp for the scheme).
 //
-// Per block: pusher warps copy, for each origin rank, the rows of this block's chunk (contiguous in
-// x and in the origin's slot) with bulk copies through shared memory, plus their topk weights;
+// Per block: pusher warps copy (chunk, origin) segments taken from a block-wide counter: the rows of
+// an origin's chunk (contiguous in x and in the origin's slot) with bulk copies through shared
+// memory, plus their topk weights;
 // reducer warps wait for the senders of this rank's chunk, then sum each token's rows in float32
 // (ascending sender rank, then bias0, then bias1) and release the slot.
 #include <cuda_bf16.h>

@@ -1,9 +1,9 @@
 // Normal-mode dispatch over NVLink, as a pull (see params.hpp for the scheme).
 //
 // Per block: warps 0-1 stage this rank's chunks into its ring (warp 0: bulk copies of x; warp 1:
-// the small per-token fields) and tell the receivers; warps 2.. each pull from a subset of
-// source ranks: one bulk load per needed row from the source's slot (over NVLink) into shared
-// memory, one bulk store from there into recv_x, lanes for scales / topk / source index.
+// the small per-token fields) and tell the receivers; warps 2.. pull (chunk, source) segments taken
+// from a block-wide counter: one bulk load per needed row from the source's slot (over NVLink) into
+// shared memory, one bulk store from there into recv_x, lanes for scales / topk / source index.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
