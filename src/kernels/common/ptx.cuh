@@ -9,6 +9,19 @@ namespace epcomm::dev {
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 __device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
 
+// Named barrier kId (0 is __syncthreads) of num_threads threads (a multiple of 32): true for every
+// caller when pred holds for all of them.
+template <int kId>
+__device__ __forceinline__ bool barrier_all(bool pred, int num_threads) {
+  int result;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.s32 %0, 1, 0, q;\n}\n"
+      : "=r"(result)
+      : "r"(static_cast<int>(pred)), "n"(kId), "r"(num_threads)
+      : "memory");
+  return result != 0;
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

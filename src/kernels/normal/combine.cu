@@ -14,6 +14,7 @@
 #include "kernels/common/sequence.cuh"
 #include "kernels/common/vec.cuh"
 #include "kernels/normal/params.hpp"
+#include "kernels/normal/segments.cuh"
 
 namespace epcomm {
 namespace {
@@ -24,7 +25,8 @@ constexpr int kMaxPusherWarps = 4;
 constexpr int kMaxReducerWarps = 12;
 constexpr int kMaxPusherBufs = 8;
 constexpr int kMaxSlots = 16;
-constexpr int kReducerBarrier = 1;  // named barrier id (0 is __syncthreads)
+constexpr int kReducerBarrier = 1;  // named barriers (0 is __syncthreads)
+constexpr int kPusherBarrier = 2;
 
 struct CombineShared {
   uint64_t pusher_bars[kMaxPusherWarps][kMaxPusherBufs];
@@ -60,34 +62,15 @@ struct PendingSegment {
 };
 
 // Lane 0 of a pusher warp: once the segment's stores are complete (the caller waited for them),
-// tells the origin. Releases of one origin go out in chunk order whichever warp pushed them (the
-// origin's flag counts chunks), so this waits for the origin's previous segment first.
+// tells the origin, after the origin's previous segment.
 __device__ __forceinline__ bool release_segment(const CombineParams& p, uint32_t seq, CombineShared& sh,
                                                 const PendingSegment& seg) {
   const CommonParams& c = p.common;
   fence_proxy_async_global();
   __threadfence_system();
-  const int prev = previous_segment(p, seg.origin, seg.n, 1);
-  volatile int32_t* released = &sh.released[seg.origin];
-  if (!wait_geq(c.wait, [released] { return static_cast<uint64_t>(*released + 1); }, static_cast<uint64_t>(prev + 1),
-                WaitPhase::kCombineSlotFree, seg.origin))
-    return false;
-  st_release_sys(flag_at(c, seg.origin, c.ctl.combine_ready, c.rank, blockIdx.x), tag(seq, seg.n + 1));
-  __threadfence();  // the flag's store is ordered before the next warp's, which reads this first
-  *released = seg.n;
-  return true;
-}
-
-// Named barrier of the pusher warps (0 is __syncthreads, 1 the reducers'): every pusher's verdict.
-constexpr int kPusherBarrier = 2;
-__device__ __forceinline__ bool pushers_all(bool pred, int num_threads) {
-  int result;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.s32 %0, 1, 0, q;\n}\n"
-      : "=r"(result)
-      : "r"(static_cast<int>(pred)), "n"(kPusherBarrier), "r"(num_threads)
-      : "memory");
-  return result != 0;
+  return flag_in_chunk_order(c.wait, &sh.released[seg.origin], previous_segment(p, seg.origin, seg.n, 1), seg.n,
+                             flag_at(c, seg.origin, c.ctl.combine_ready, c.rank, blockIdx.x), tag(seq, seg.n + 1),
+                             WaitPhase::kCombineSlotFree, seg.origin);
 }
 
 // Pusher warps take the block's (chunk, origin) segments from a shared counter, chunk by chunk, so
@@ -100,15 +83,13 @@ __device__ void run_pusher(const CombineParams& p, uint32_t seq, CombineShared& 
   const int R = c.num_ranks, rank = c.rank, lane = lane_id(), block = blockIdx.x;
   const int S = p.ring.slots, K = p.num_topk;
   const size_t row_bytes = static_cast<size_t>(p.hidden) * 2;
-  const int num_n = p.max_chunks > block ? (p.max_chunks - block + p.num_blocks - 1) / p.num_blocks : 0;
+  const int num_n = block_iterations(p.max_chunks, p.num_blocks);
   BulkPipe pipe{bufs, sh.pusher_bars[pw], p.pusher_stages, p.piece_bytes, 0};
   PendingSegment pending;  // lane 0's
 
   bool ok = true;
   while (ok) {
-    int i = 0;
-    if (lane == 0) i = atomicAdd(&sh.next_segment, 1);
-    i = __shfl_sync(0xffffffffu, i, 0);
+    const int i = take_segment(&sh.next_segment);
     if (i >= num_n * R) break;
     const int n = i / R, origin = (rank + 1 + i % R) % R;
     const int rows = segment_rows(p, origin, n);
@@ -162,23 +143,13 @@ __device__ void run_pusher(const CombineParams& p, uint32_t seq, CombineShared& 
   }
   ok = __shfl_sync(0xffffffffu, ok, 0);
   // Leave only when every origin has reduced this rank's rows: the next call may overwrite them.
-  if (pushers_all(ok, 32 * p.pusher_warps) && pw == 0 && lane < R) {
+  if (barrier_all<kPusherBarrier>(ok, 32 * p.pusher_warps) && pw == 0 && lane < R) {
     const int last = sh.released[lane];
     if (last >= 0)
       wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ack, lane, block), tag(seq, last + 1),
                     WaitPhase::kCombineSlotFree, lane);
   }
   if (lane == 0) bulk_wait_all();
-}
-
-__device__ __forceinline__ bool reducers_all(bool pred, int num_threads) {
-  int result;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.s32 %0, 1, 0, q;\n}\n"
-      : "=r"(result)
-      : "r"(static_cast<int>(pred)), "n"(kReducerBarrier), "r"(num_threads)
-      : "memory");
-  return result != 0;
 }
 
 __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, CombineShared& sh) {
@@ -207,7 +178,7 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
       ok = wait_flag_geq(c.wait, flag_at(c, rank, c.ctl.combine_ready, lane, block), tag(seq, n + 1),
                          WaitPhase::kCombineReady, lane);
     ok = __all_sync(0xffffffffu, ok);
-    if (!reducers_all(ok, num_threads)) break;
+    if (!barrier_all<kReducerBarrier>(ok, num_threads)) break;
 
     // Lane j keeps the chunk's mask of tokens that went to rank j (its rows are packed in order).
     uint32_t my_mask = 0;
@@ -286,7 +257,7 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
       __syncwarp();
     }
     // All reducer warps are done with the slot: release it to its senders.
-    reducers_all(true, num_threads);
+    barrier_all<kReducerBarrier>(true, num_threads);
     if (rw == 0 && lane < R && ((needed >> lane) & 1u)) {
       __threadfence_system();
       st_release_sys(flag_at(c, lane, c.ctl.combine_ack, rank, block), tag(seq, n + 1));

@@ -12,6 +12,7 @@
 #include "kernels/common/sequence.cuh"
 #include "kernels/normal/params.hpp"
 #include "kernels/normal/receive_plan.cuh"
+#include "kernels/normal/segments.cuh"
 
 namespace epcomm {
 namespace {
@@ -37,16 +38,6 @@ __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, s
 
 // Named barrier of the two stager warps (0 is __syncthreads).
 constexpr int kStagerBarrier = 1;
-
-__device__ __forceinline__ bool stagers_all(bool pred) {
-  int result;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, 64, p;\n selp.s32 %0, 1, 0, q;\n}\n"
-      : "=r"(result)
-      : "r"(static_cast<int>(pred)), "n"(kStagerBarrier)
-      : "memory");
-  return result != 0;
-}
 
 // Warp 0 copies the chunk's x rows into the slot (bulk copies) and signals the receivers; warp 1
 // meanwhile writes the per-token fields (scales, topk), coalesced whichever the scales' layout.
@@ -85,7 +76,7 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
     }
-    if (!stagers_all(ok)) break;
+    if (!barrier_all<kStagerBarrier>(ok, 64)) break;
     fence_proxy_async_global();
 
     if (is_copier) {
@@ -159,7 +150,7 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
       __threadfence_system();
     }
     // Both halves of the slot are written: one release per receiver.
-    if (!stagers_all(ok)) break;
+    if (!barrier_all<kStagerBarrier>(ok, 64)) break;
     if (is_copier && lane < R && ((needed >> lane) & 1u))
       st_release_sys(flag_at(c, lane, c.ctl.dispatch_ready, rank, block), tag(seq, n + 1));
   }
@@ -188,12 +179,10 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
   // Puller warps take the block's (chunk, source) segments from a shared counter, chunk by chunk, so
   // the block's rows spread evenly over its warps whatever each source's share (a warp per source
   // waited for the largest share, and the warp of the rank's own rows idled).
-  const int num_n = p.max_chunks > block ? (p.max_chunks - block + p.num_blocks - 1) / p.num_blocks : 0;
+  const int num_n = block_iterations(p.max_chunks, p.num_blocks);
   bool ok = true;
   while (ok) {
-    int i = 0;
-    if (lane == 0) i = atomicAdd(&sh.next_segment, 1);
-    i = __shfl_sync(0xffffffffu, i, 0);
+    const int i = take_segment(&sh.next_segment);
     if (i >= num_n * R) break;
     {
       const int n = i / R, src = (rank + 1 + i % R) % R;
@@ -287,14 +276,8 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
         __threadfence_system();
         int prev = n - 1;
         while (prev >= 0 && offsets[block + prev * p.num_blocks + 1] == offsets[block + prev * p.num_blocks]) --prev;
-        volatile int32_t* acked = &sh.acked[src];
-        ok = wait_geq(c.wait, [acked] { return static_cast<uint64_t>(*acked + 1); }, static_cast<uint64_t>(prev + 1),
-                      WaitPhase::kDispatchReady, src);
-        if (ok) {
-          st_release_sys(flag_at(c, src, c.ctl.dispatch_ack, rank, block), tag(seq, n + 1));
-          __threadfence();  // the flag's store is ordered before the next warp's, which reads this first
-          *acked = n;
-        }
+        ok = flag_in_chunk_order(c.wait, &sh.acked[src], prev, n, flag_at(c, src, c.ctl.dispatch_ack, rank, block),
+                                 tag(seq, n + 1), WaitPhase::kDispatchReady, src);
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
     }
