@@ -7,6 +7,7 @@
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
 #include "core/env.hpp"
+#include "kernels/common/launch.hpp"
 #include "epcomm/error.hpp"
 
 namespace epcomm {
@@ -105,6 +106,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   std::memset(m.host_result, 0, sizeof(int32_t) * result_ints);
   EPCOMM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.host_result_dev), m.host_result, 0));
   m.init_internode();
+  // Every kernel is loaded before any rank launches one (launch.hpp: lazy loading and ranks that
+  // share a GPU).
+  preload_kernels();
   // Every rank must have its region zeroed before anyone signals into it.
   m.group->barrier();
 }

@@ -3,9 +3,11 @@
 
 #include <cuda_runtime.h>
 
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "core/check.hpp"
 
@@ -23,6 +25,32 @@ inline void allow_dynamic_smem(const void* kernel, int bytes) {
   if (have >= bytes) return;
   EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   have = bytes;
+}
+
+// CUDA loads each kernel at its first launch by default (CUDA_MODULE_LOADING=LAZY), and loading may
+// wait until the device is idle. Ranks driven by threads of one process on one GPU would deadlock
+// there: a rank's first launch of a kernel waits for a peer's kernel, which spins until this rank's
+// kernel runs. So each kernel file registers every kernel a Buffer may launch, and the Buffer's
+// constructor loads them all (preload_kernels) before its closing barrier, i.e. before any rank
+// launches one.
+inline std::vector<const void*>& kernel_registry() {
+  static std::vector<const void*> kernels;
+  return kernels;
+}
+
+// A file-scope object of each kernel file: registers its kernels during static initialization.
+struct KernelRegistration {
+  KernelRegistration(std::initializer_list<const void*> kernels) {
+    kernel_registry().insert(kernel_registry().end(), kernels.begin(), kernels.end());
+  }
+};
+
+// Loads every registered kernel on the current device (a no-op for those already loaded).
+inline void preload_kernels() {
+  for (const void* kernel : kernel_registry()) {
+    cudaFuncAttributes attributes{};
+    EPCOMM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  }
 }
 
 }  // namespace epcomm

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/internode/combine.cuh"
 #include "kernels/internode/dispatch.cuh"
 #include "kernels/internode/notify.cuh"
@@ -40,6 +41,10 @@ __global__ void __launch_bounds__(kInterThreads, 1) inter_combine_kernel(const _
   inter_combine(p, EmulatedNet{p.ic.net, p.ic.common.rank}, seq);
   finish_call(p.ic.common, seq);
 }
+
+const KernelRegistration kKernels{
+    reinterpret_cast<const void*>(inter_notify_kernel), reinterpret_cast<const void*>(inter_dispatch_send_kernel),
+    reinterpret_cast<const void*>(inter_dispatch_recv_kernel), reinterpret_cast<const void*>(inter_combine_kernel)};
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/normal/params.hpp"
 
 namespace epcomm {
@@ -61,6 +62,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(LayoutParams p) 
     for (int i = threadIdx.x; i < num_nodes; i += blockDim.x)
       if (node_hist[i]) atomicAdd(&p.num_tokens_per_node[i], node_hist[i]);
 }
+
+const KernelRegistration kKernels{reinterpret_cast<const void*>(layout_kernel)};
 
 }  // namespace
 

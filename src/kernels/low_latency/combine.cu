@@ -37,6 +37,7 @@
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
@@ -628,6 +629,13 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   }
 }
 static_assert(sizeof(NetCombineSmem) <= kLowLatencyNetStaticSmem, "kLowLatencyNetStaticSmem");
+
+const KernelRegistration kKernels{
+    reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kNone>),
+    reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kBf16>),
+    reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kFine>),
+    reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kF32>),
+    reinterpret_cast<const void*>(low_latency_combine_net_kernel<EmulatedNetParams>)};
 
 }  // namespace
 

@@ -32,6 +32,7 @@
 #include <mutex>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"
 #include "kernels/low_latency/shrink.cuh"
@@ -1021,6 +1022,12 @@ void launch_dispatch_net_kernel(const LowLatencyDispatchParams& p, const LowLate
       <<<num_blocks, kLowLatencyThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(p, a, np);
   EPCOMM_LAUNCH_CHECK("low_latency_dispatch_net_kernel");
 }
+
+const KernelRegistration kKernels{reinterpret_cast<const void*>(low_latency_dispatch_kernel<false, false>),
+                                  reinterpret_cast<const void*>(low_latency_dispatch_kernel<true, false>),
+                                  reinterpret_cast<const void*>(low_latency_dispatch_kernel<false, true>),
+                                  reinterpret_cast<const void*>(low_latency_dispatch_kernel<true, true>),
+                                  reinterpret_cast<const void*>(low_latency_dispatch_net_kernel<EmulatedNetParams>)};
 
 }  // namespace
 

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/low_latency/params.hpp"
 
 namespace epcomm {
@@ -13,6 +14,8 @@ __global__ void low_latency_set_mask_kernel(int32_t* mask, int num_ranks, int ra
     if (rank < 0 || r == rank) mask[r] = value;
   __threadfence_system();
 }
+
+const KernelRegistration kKernels{reinterpret_cast<const void*>(low_latency_set_mask_kernel)};
 
 }  // namespace
 

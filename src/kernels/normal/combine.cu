@@ -290,6 +290,8 @@ __global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1) 
   finish_call(c, seq);
 }
 
+const KernelRegistration kKernels{reinterpret_cast<const void*>(combine_kernel)};
+
 }  // namespace
 
 int combine_shared_bytes(int pusher_warps, int pusher_stages, int piece_bytes) {

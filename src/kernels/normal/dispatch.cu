@@ -319,6 +319,8 @@ __global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel
   finish_call(c, seq);
 }
 
+const KernelRegistration kKernels{reinterpret_cast<const void*>(dispatch_kernel)};
+
 }  // namespace
 
 int dispatch_shared_bytes(int puller_warps, int puller_stages, int row_bytes, int chunk, int meta_row_bytes,

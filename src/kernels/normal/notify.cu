@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
 #include "kernels/common/wait.cuh"
 #include "kernels/normal/params.hpp"
@@ -83,6 +84,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
                      [&](int i) { return static_cast<const char*>(local + c.ctl.meta(parity, i)); });
   finish_call(c, seq);
 }
+
+const KernelRegistration kKernels{reinterpret_cast<const void*>(notify_dispatch_kernel)};
 
 }  // namespace
 
