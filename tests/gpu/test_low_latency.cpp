@@ -694,9 +694,6 @@ TEST(LowLatencyGpu, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
   run_many_calls(d, 16, 3);
 }
 
-// The bench's call sequence in small through the network path: formats alternating in each
-// buffer, hooks, zero copy, a combine repeated on one handle, a graph of four mixed pairs replayed,
-// odd ranks 2 ms late; every round against the reference (the shadows must stay in step).
 // The last call numbers a buffer has (every flag of these calls compares numbers with the top bit
 // set against flags left at 0 or at lower numbers): the same mix of calls, verified.
 TEST(LowLatencyGpu, ManyCallsWithTheLastCallNumbers) {
@@ -709,6 +706,9 @@ TEST(LowLatencyGpu, ManyCallsWithTheLastCallNumbers) {
   run_many_calls(c, 16, 3);
 }
 
+// The bench's call sequence in small through the network path: formats alternating in each
+// buffer, hooks, zero copy, a combine repeated on one handle, a graph of four mixed pairs replayed,
+// odd ranks 2 ms late; every round against the reference (the shadows must stay in step).
 TEST(InternodeLowLatencyNet, ManyCallsMixedFormatsHooksZeroCopyAndGraph) {
   for (int P : {2, 1}) {
     LLCase c;
