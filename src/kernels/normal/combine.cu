@@ -40,19 +40,9 @@ __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, s
   return reinterpret_cast<uint64_t*>(c.peer_base[owner] + c.ctl.flag(base, peer, block));
 }
 
-// Rows this rank sends `origin` for the block's n-th chunk (0 past the last chunk).
-__device__ __forceinline__ int segment_rows(const CombineParams& p, int origin, int n) {
-  const int chunk = blockIdx.x + n * p.num_blocks;
-  if (n < 0 || chunk >= p.max_chunks) return 0;
-  const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(origin) * p.chunk_offset_stride;
-  return offsets[chunk + 1] - offsets[chunk];
-}
-
-// The last chunk before n, stepping by `step`, in which this rank sent `origin` rows (-1: none).
-__device__ __forceinline__ int previous_segment(const CombineParams& p, int origin, int n, int step) {
-  for (int m = n - step; m >= 0; m -= step)
-    if (segment_rows(p, origin, m) > 0) return m;
-  return -1;
+// The rows this rank sends `origin`: that origin's row of chunk_offset.
+__device__ __forceinline__ const int32_t* origin_offsets(const CombineParams& p, int origin) {
+  return p.chunk_offset + static_cast<int64_t>(origin) * p.chunk_offset_stride;
 }
 
 // A segment whose stores are issued but not yet released to its origin.
@@ -68,7 +58,8 @@ __device__ __forceinline__ bool release_segment(const CombineParams& p, uint32_t
   const CommonParams& c = p.common;
   fence_proxy_async_global();
   __threadfence_system();
-  return flag_in_chunk_order(c.wait, &sh.released[seg.origin], previous_segment(p, seg.origin, seg.n, 1), seg.n,
+  return flag_in_chunk_order(c.wait, &sh.released[seg.origin],
+                             previous_segment(origin_offsets(p, seg.origin), seg.n, 1, p.num_blocks), seg.n,
                              flag_at(c, seg.origin, c.ctl.combine_ready, c.rank, blockIdx.x), tag(seq, seg.n + 1),
                              WaitPhase::kCombineSlotFree, seg.origin);
 }
@@ -92,14 +83,15 @@ __device__ void run_pusher(const CombineParams& p, uint32_t seq, CombineShared& 
     const int i = take_segment(&sh.next_segment);
     if (i >= num_n * R) break;
     const int n = i / R, origin = (rank + 1 + i % R) % R;
-    const int rows = segment_rows(p, origin, n);
+    const int32_t* offsets = origin_offsets(p, origin);
+    const int rows = segment_rows(offsets, n, p.num_blocks);
     if (rows == 0) continue;
-    const int row_begin = p.chunk_offset[static_cast<int64_t>(origin) * p.chunk_offset_stride + block + n * p.num_blocks];
+    const int row_begin = offsets[block + n * p.num_blocks];
     uint8_t* slot = reinterpret_cast<uint8_t*>(c.peer_base[origin]) + p.ring.slot(block, n % S);
     if (lane == 0) {
       // The origin must have reduced what this rank last wrote into the slot. If that is not yet so,
       // release the pending segment first (the origin may be waiting for it) and wait.
-      const int last = previous_segment(p, origin, n, S);
+      const int last = previous_segment(offsets, n, S, p.num_blocks);
       if (last >= 0) {
         const uint64_t* ack = flag_at(c, rank, c.ctl.combine_ack, origin, block);
         if (ld_acquire_sys(ack) < tag(seq, last + 1)) {

@@ -274,10 +274,9 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
       fence_proxy_async_shared();
       if (lane == 0) {
         __threadfence_system();
-        int prev = n - 1;
-        while (prev >= 0 && offsets[block + prev * p.num_blocks + 1] == offsets[block + prev * p.num_blocks]) --prev;
-        ok = flag_in_chunk_order(c.wait, &sh.acked[src], prev, n, flag_at(c, src, c.ctl.dispatch_ack, rank, block),
-                                 tag(seq, n + 1), WaitPhase::kDispatchReady, src);
+        ok = flag_in_chunk_order(c.wait, &sh.acked[src], previous_segment(offsets, n, 1, p.num_blocks), n,
+                                 flag_at(c, src, c.ctl.dispatch_ack, rank, block), tag(seq, n + 1),
+                                 WaitPhase::kDispatchReady, src);
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
     }

@@ -14,6 +14,21 @@ __device__ __forceinline__ int block_iterations(int max_chunks, int num_blocks) 
   return max_chunks > block ? (max_chunks - block + num_blocks - 1) / num_blocks : 0;
 }
 
+// Rows of a peer's segment n of this block (n below block_iterations): `offsets` is the peer's row
+// of chunk_offset (the first receive row of each chunk, then the end).
+__device__ __forceinline__ int segment_rows(const int32_t* offsets, int n, int num_blocks) {
+  const int chunk = static_cast<int>(blockIdx.x) + n * num_blocks;
+  return offsets[chunk + 1] - offsets[chunk];
+}
+
+// The last segment before n, stepping by `step`, with rows (-1: none): the one whose flag goes out
+// before n's (step 1), or the one that last used n's ring slot (step = slots).
+__device__ __forceinline__ int previous_segment(const int32_t* offsets, int n, int step, int num_blocks) {
+  for (int m = n - step; m >= 0; m -= step)
+    if (segment_rows(offsets, m, num_blocks) > 0) return m;
+  return -1;
+}
+
 // Lane 0 takes the next segment index from the block's counter; every lane gets it.
 __device__ __forceinline__ int take_segment(int32_t* counter) {
   int i = 0;
