@@ -141,6 +141,12 @@ if [[ " $steps " == *" python "* ]]; then
   grep "^\[epcomm case\]" "$out/python.log" | head -80; tail -5 "$out/python.log"
   log "python tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+  log "python: pytest tests/python/test_exit.py (fresh processes exit cleanly)"
+  timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 -m pytest -rs -q "$root/tests/python/test_exit.py" >"$out/python-exit.log" 2>&1
+  rc=$?
+  grep "^\[epcomm exit\]" "$out/python-exit.log"; tail -3 "$out/python-exit.log"
+  log "python exit tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
   log "python: examples/moe_layer.py"
   timeout 300 python3 "$root/examples/moe_layer.py" >>"$out/python.log" 2>&1
   rc=$?

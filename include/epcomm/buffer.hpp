@@ -39,6 +39,13 @@ struct BufferOptions {
   // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for
   // LL calls; README "Limits").
   uint32_t first_call_number = 0;
+  // The communication stream: nullptr = the Buffer creates its own and destroys it with itself.
+  // Otherwise a stream of the Buffer's device that the caller keeps alive for as long as anything
+  // recorded on it may be used (the Buffer never destroys it). The Python layer passes a stream of
+  // PyTorch's pool, which lives as long as the process: tensors of async calls are record_stream-ed
+  // on it, and PyTorch's allocator records events on that stream whenever it frees them, also after
+  // the Buffer is gone (issue: a destroyed stream there aborted the process at exit).
+  cudaStream_t comm_stream = nullptr;
 };
 
 // How a call orders itself with the caller's work.

@@ -129,13 +129,18 @@ class Buffer(LowLatencyMixin):
         unique_id = all_gather_object(payload)[0]
         if not isinstance(unique_id, bytes):
             raise RuntimeError(f"epcomm.Buffer: rank 0 could not make the NCCL unique id ({unique_id})")
+        self._device = torch_.device("cuda", device)
+        # The communication stream comes from PyTorch's stream pool, which is never destroyed (as
+        # DeepEP's): tensors of async calls are record_stream-ed on it, and the caching allocator
+        # records an event on that stream whenever it frees one of them, which may be after this
+        # buffer is gone (at interpreter exit, or after destroy()). A stream the core made and
+        # destroyed with the buffer aborted such processes at exit ("context is destroyed").
+        self._comm_stream = torch_.cuda.Stream(device=self._device)
         self.runtime = _epcomm.Runtime(unique_id, self.group_size, self.rank, device, self.num_nvl_bytes,
                                        self.num_rdma_bytes, self.low_latency_mode,
-                                       enable_shrink=self.enable_shrink)
-
-        self._device = torch_.device("cuda", device)
+                                       enable_shrink=self.enable_shrink,
+                                       comm_stream=self._comm_stream.cuda_stream)
         self._num_nodes = self.runtime.num_nodes
-        self._comm_stream = torch_.cuda.ExternalStream(self.runtime.comm_stream, device=self._device)
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)

@@ -22,7 +22,7 @@ namespace epcomm::python {
 
 Runtime::Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device, size_t num_nvl_bytes,
                  size_t num_rdma_bytes, bool low_latency_mode, int max_tokens_per_rank, int max_experts_per_rank,
-                 int64_t timeout_ms, bool enable_shrink) {
+                 int64_t timeout_ms, bool enable_shrink, uintptr_t comm_stream) {
   const std::string id_bytes = unique_id;
   ncclUniqueId id;
   if (id_bytes.size() != sizeof(id.internal))
@@ -48,6 +48,7 @@ Runtime::Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device
   options.max_experts_per_rank = max_experts_per_rank;
   options.timeout_ms = timeout_ms;
   options.enable_shrink = enable_shrink;
+  options.comm_stream = reinterpret_cast<cudaStream_t>(comm_stream);
   // Collective and blocking (NCCL init, symmetric allocation, barrier): other Python threads run.
   py::gil_scoped_release release;
   group_ = Group::create_nccl(id, num_ranks, rank, device);
@@ -337,10 +338,13 @@ void bind_runtime(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime",
                       "One rank's NCCL communicator (made from a unique id) and epcomm::Buffer. Collective.")
-      .def(py::init<const py::bytes&, int, int, int, size_t, size_t, bool, int, int, int64_t, bool>(), py::arg("unique_id"),
-           py::arg("num_ranks"), py::arg("rank"), py::arg("device"), py::arg("num_nvl_bytes") = 0,
+      .def(py::init<const py::bytes&, int, int, int, size_t, size_t, bool, int, int, int64_t, bool, uintptr_t>(),
+           py::arg("unique_id"), py::arg("num_ranks"), py::arg("rank"), py::arg("device"), py::arg("num_nvl_bytes") = 0,
            py::arg("num_rdma_bytes") = 0, py::arg("low_latency_mode") = false, py::arg("max_tokens_per_rank") = 0,
-           py::arg("max_experts_per_rank") = 0, py::arg("timeout_ms") = 0, py::arg("enable_shrink") = false)
+           py::arg("max_experts_per_rank") = 0, py::arg("timeout_ms") = 0, py::arg("enable_shrink") = false,
+           py::arg("comm_stream") = 0,
+           "comm_stream: a cudaStream_t integer of `device` that outlives everything recorded on it "
+           "(BufferOptions::comm_stream); 0 = the buffer makes and destroys its own")
       .def_property_readonly("rank", [](const Runtime& r) { return r.buffer().rank(); })
       .def_property_readonly("num_ranks", [](const Runtime& r) { return r.buffer().num_ranks(); })
       .def_property_readonly("device", [](const Runtime& r) { return r.buffer().device(); })

@@ -54,6 +54,13 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
                          "backend is epcomm::ref::HostCluster)");
   }
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
+  if (options.comm_stream) {  // checked before anything collective, so every rank can throw alike
+    int stream_device = -1;
+    EPCOMM_CUDA_CHECK(cudaStreamGetDevice(options.comm_stream, &stream_device));
+    if (stream_device != m.device)
+      throw ArgumentError("comm_stream: a stream of cuda:" + std::to_string(stream_device) +
+                          "; the buffer's device is cuda:" + std::to_string(m.device));
+  }
   cudaDeviceProp prop{};
   EPCOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.device));
   if (prop.major < 9)
@@ -88,7 +95,12 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
                                                           "README \"Across nodes\")")
                                             : std::string()));
 
-  EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
+  if (options.comm_stream) {
+    m.comm = options.comm_stream;  // borrowed: the caller keeps it alive (BufferOptions::comm_stream)
+  } else {
+    EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
+    m.owns_comm = true;
+  }
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
@@ -128,7 +140,7 @@ Buffer::~Buffer() {
   cudaFreeHost(m.host_result);
   cudaEventDestroy(m.order_event);
   cudaEventDestroy(m.done_event);
-  cudaStreamDestroy(m.comm);
+  if (m.owns_comm) cudaStreamDestroy(m.comm);
 }
 
 int Buffer::rank() const { return impl_->rank; }

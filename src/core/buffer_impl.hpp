@@ -47,6 +47,7 @@ struct Buffer::Impl {
   int32_t* host_result_dev = nullptr;
   int32_t notify_token = 0;                // distinguishes this call's notify result from earlier ones
   cudaStream_t comm = nullptr;
+  bool owns_comm = false;  // false: BufferOptions::comm_stream, the caller's to destroy
   cudaEvent_t order_event = nullptr;
   cudaEvent_t done_event = nullptr;
   // An async_finish call (any mode) left work on the comm stream that no caller's stream was made to

@@ -229,3 +229,58 @@ TEST(ReliabilityGpu, TooSmallWorstTokensIsReportedNotOverrun) {
 
 }  // namespace
 }  // namespace epcomm::test
+
+namespace epcomm::test {
+namespace {
+
+// BufferOptions::comm_stream: the buffer runs on the caller's stream (the Python layer passes one of
+// PyTorch's pool) and leaves it alive when it goes, so work recorded on that stream after the
+// buffer's end still runs (PyTorch's allocator records events there when it frees tensors of async
+// calls). A stream of another device is refused by name.
+TEST(ReliabilityGpu, BorrowedCommStreamOutlivesTheBuffer) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    cudaStream_t comm, stream;
+    cuda_ok(cudaSetDevice(group->device()), "device");
+    cuda_ok(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking), "comm stream");
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    {
+      BufferOptions bo;
+      bo.num_nvl_bytes = 64 << 20;
+      bo.timeout_ms = 5000;
+      bo.comm_stream = comm;
+      Buffer buf(group, bo);
+      EXPECT_EQ(buf.comm_stream(), comm);
+      good_round(buf, rank, group->device(), stream, seed);
+    }
+    cudaEvent_t event;
+    cuda_ok(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "event");
+    EXPECT_EQ(cudaEventRecord(event, comm), cudaSuccess) << "the buffer destroyed a stream it did not own";
+    EXPECT_EQ(cudaStreamSynchronize(comm), cudaSuccess);
+    cudaEventDestroy(event);
+    cudaStreamDestroy(comm);
+    cudaStreamDestroy(stream);
+  });
+  int devices = 0;
+  cuda_ok(cudaGetDeviceCount(&devices), "device count");
+  if (devices < 2) return;
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    const int other = (group->device() + 1) % devices;
+    cudaStream_t foreign;
+    cuda_ok(cudaSetDevice(other), "device");
+    cuda_ok(cudaStreamCreateWithFlags(&foreign, cudaStreamNonBlocking), "stream");
+    BufferOptions bo;
+    bo.num_nvl_bytes = 1 << 20;
+    bo.comm_stream = foreign;
+    try {
+      Buffer buf(group, bo);
+      ADD_FAILURE() << "rank " << rank << ": a comm stream of another device was accepted";
+    } catch (const ArgumentError& e) {
+      EXPECT_NE(std::string(e.what()).find("comm_stream"), std::string::npos) << e.what();
+    }
+    cudaStreamDestroy(foreign);
+  });
+}
+
+}  // namespace
+}  // namespace epcomm::test

@@ -586,6 +586,83 @@ def test_buffer_without_torch_or_gpu_fails_clearly():
         raises(RuntimeError, lambda: epcomm.Buffer(group, num_nvl_bytes=1 << 20), "no CUDA GPU")
 
 
+# ---------------------------------------------------------------------------- clean exit (test_exit.py's CPU side)
+def test_exit_output_rule_catches_the_abort():
+    """test_exit.py's output rule flags the abort it exists for and lets a clean run through."""
+    from _exit_check import noise_lines, problems
+
+    seen = ("exit-worker rank 0: every call matched the reference (exit)\n"
+            "terminate called after throwing an instance of 'c10::AcceleratorError'\n"
+            "  what():  CUDA error: context is destroyed\n"
+            "Exception raised from insert_events at /pytorch/c10/cuda/CUDACachingAllocator.cpp:3726\n")
+    assert len(noise_lines(seen)) == 2
+    assert noise_lines("CUDA error: invalid device context") != []
+    clean = "exit-worker rank 1: every call matched the reference (destroy)\n"
+    assert noise_lines(clean) == [] and problems([(0, clean)]) == []
+    assert len(problems([(0, clean), (-6, seen), (None, ""), (0, "no done line")])) == 3
+
+
+class _PoolStream:
+    """Stands in for torch.cuda.Stream (a stream of PyTorch's pool)."""
+    made = []
+
+    def __init__(self, device=None, priority=0):
+        self.device, self.cuda_stream = device, 0x5000 + len(_PoolStream.made)
+        _PoolStream.made.append(self)
+
+
+def test_buffer_gives_the_core_a_pool_stream():
+    """Buffer() makes its communication stream with torch.cuda.Stream (PyTorch's pool: never
+    destroyed, so the caching allocator may record events on it after the buffer is gone), hands
+    that stream to the core and record_streams on the same one. Before, it wrapped the core's own
+    stream, which died with the buffer (test_exit.py)."""
+    import types
+
+    from epcomm import buffer as buffer_module
+
+    made = {}
+
+    class _Runtime:
+        num_nodes = 1
+
+        def __init__(self, *args, **kwargs):
+            made.update(kwargs, args=args)
+
+        @property
+        def comm_stream(self):
+            raise AssertionError("the Python layer must not wrap a stream the core owns")
+
+    def all_gather_object(objects, obj, group):
+        objects[:] = [obj] * len(objects)
+
+    fake_torch = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: True, current_device=lambda: 0, Stream=_PoolStream),
+        device=lambda kind, index: (kind, index),
+        distributed=types.SimpleNamespace(all_gather_object=all_gather_object))
+
+    class _Group:
+        def rank(self):
+            return 0
+
+        def size(self):
+            return 1
+
+    saved = buffer_module.require_torch, _epcomm.Runtime, _epcomm.get_unique_id
+    buffer_module.require_torch = lambda what: fake_torch
+    _epcomm.Runtime, _epcomm.get_unique_id = _Runtime, lambda: b"u" * 128
+    try:
+        _PoolStream.made.clear()
+        b = epcomm.Buffer(_Group(), num_nvl_bytes=1 << 20, explicitly_destroy=True)
+    finally:
+        buffer_module.require_torch, _epcomm.Runtime, _epcomm.get_unique_id = saved
+    assert len(_PoolStream.made) == 1, "one stream from the pool"
+    pool = _PoolStream.made[0]
+    assert made["comm_stream"] == pool.cuda_stream, "the core must run on the pool stream"
+    assert b._comm_stream is pool, "the Python layer must record_stream on the same stream"
+    assert pool.device == ("cuda", 0)
+    assert "comm_stream" in _epcomm.Runtime.__init__.__doc__, "the core's constructor takes the stream"
+
+
 # ---------------------------------------------------------------------------- with PyTorch (CPU is enough)
 class _single_process_group:
     """A gloo group of one process, for code that wants a torch.distributed group."""
