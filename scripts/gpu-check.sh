@@ -8,6 +8,7 @@
 #   EPCOMM_CHECK_STEPS="build tests sanitizer" EPCOMM_GPU_TEST_FILTER='Shrink*:Stress*' scripts/gpu-check.sh
 #   EPCOMM_CHECK_STEPS="build isolated" scripts/gpu-check.sh   # each test in its own process
 #   EPCOMM_CHECK_STEPS="build tests llvariants" scripts/gpu-check.sh  # LL tests under each opt-in path
+#   EPCOMM_CHECK_STEPS="build repeat" EPCOMM_REPEAT_FILTER='StressGpu.RanksSharingOneGpu' scripts/gpu-check.sh
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -49,6 +50,32 @@ if [[ " $steps " == *" tests "* ]]; then
   grep -E "^\[  (FAILED|PASSED|  OK) |^\[==========\]|skipped|threw|Failure|mismatch|Expected" "$out/gpu-tests.log" | head -80
   log "GPU tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+fi
+
+if [[ " $steps " == *" repeat "* ]]; then
+  # Tests that failed before, each run alone in a process of its own, once per seed in
+  # EPCOMM_REPEAT_SEEDS (EPCOMM_STRESS_SEED; "random" draws one) and EPCOMM_REPEAT_TIMES times:
+  #   EPCOMM_CHECK_STEPS="build repeat" EPCOMM_REPEAT_FILTER='StressGpu.RanksSharingOneGpu' \
+  #     EPCOMM_REPEAT_SEEDS="12345 2056396047" EPCOMM_REPEAT_TIMES=3 scripts/gpu-check.sh
+  : >"$out/repeat.log"
+  for t in ${EPCOMM_REPEAT_FILTER:-StressGpu.RanksSharingOneGpu}; do
+    for seed in ${EPCOMM_REPEAT_SEEDS:-random}; do
+      for i in $(seq "${EPCOMM_REPEAT_TIMES:-3}"); do
+        s=$seed; [[ $s == random ]] && s=$(( (RANDOM << 15) | RANDOM ))
+        s0=$(date +%s%N)
+        EPCOMM_STRESS_SEED=$s timeout ${EPCOMM_ISOLATED_TIMEOUT:-120} "$build/tests/epcomm_gpu_tests" \
+          --gtest_filter="$t" >"$out/repeat-one.log" 2>&1
+        rc=$?
+        line="$t seed=$s try=$i rc=$rc $(( ($(date +%s%N) - s0) / 1000000 )) ms $(grep -E '^stress:' "$out/repeat-one.log" | head -1)"
+        log "$line"
+        if [[ $rc -ne 0 ]]; then
+          status=1
+          { echo "=== $line"; grep -vE '^\[ RUN|^\[       OK' "$out/repeat-one.log" | head -c 6000; } >>"$out/repeat.log"
+        fi
+      done
+    done
+  done
+  rm -f "$out/repeat-one.log"
 fi
 
 if [[ " $steps " == *" llvariants "* ]]; then
