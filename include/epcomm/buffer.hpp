@@ -237,6 +237,9 @@ class Buffer {
   const Group& group() const;
   cudaStream_t comm_stream() const;
   const BufferOptions& options() const;
+  // The largest T of a normal-mode dispatch (BufferOptions::max_tokens_per_rank, or its environment
+  // default); a dispatch receives at most num_ranks() times as many rows.
+  int max_tokens_per_rank() const;
 
   // This rank's part of the symmetric memory, for DeepEP's get_local_buffer_tensor: the normal-mode
   // ring region (rdma = false) or the low-latency region (rdma = true). Calls overwrite it.

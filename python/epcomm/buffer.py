@@ -141,6 +141,9 @@ class Buffer(LowLatencyMixin):
                                        enable_shrink=self.enable_shrink,
                                        comm_stream=self._comm_stream.cuda_stream)
         self._num_nodes = self.runtime.num_nodes
+        # A dispatch receives at most this many rows: num_worst_tokens beyond it is refused before
+        # anything is allocated.
+        self._max_recv_rows = self.group_size * self.runtime.max_tokens_per_rank
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
@@ -350,7 +353,7 @@ class Buffer(LowLatencyMixin):
         x, x_scales = split_x(x)
         config = self._default_config("dispatch") if config is None else check_config("config", config)
         expert_alignment = check_int("expert_alignment", expert_alignment, lo=1)
-        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0)
+        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0, hi=self._max_recv_rows)
         async_finish = check_bool("async_finish", async_finish)
         on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
         prev = event_of(previous_event)

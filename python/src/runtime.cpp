@@ -351,6 +351,7 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("num_nodes", [](const Runtime& r) { return r.group().num_nodes(); })
       .def_property_readonly("ranks_per_node", [](const Runtime& r) { return r.group().ranks_per_node(); })
       .def_property_readonly("transport", [](const Runtime& r) { return r.group().transport(); })
+      .def_property_readonly("max_tokens_per_rank", [](const Runtime& r) { return r.buffer().max_tokens_per_rank(); })
       .def_property_readonly("num_nvl_bytes", [](const Runtime& r) { return r.buffer().options().num_nvl_bytes; })
       .def_property_readonly("comm_stream",
                              [](const Runtime& r) { return reinterpret_cast<uintptr_t>(r.buffer().comm_stream()); },

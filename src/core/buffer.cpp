@@ -154,6 +154,7 @@ std::pair<void*, size_t> Buffer::local_buffer(bool rdma) const {
               : std::pair<void*, size_t>{base + impl_->data_offset, impl_->data_bytes};
 }
 const BufferOptions& Buffer::options() const { return impl_->options; }
+int Buffer::max_tokens_per_rank() const { return impl_->max_tokens; }
 
 void Buffer::Impl::enter(const StreamOrder& order) {
   EPCOMM_CUDA_CHECK(cudaSetDevice(device));

@@ -167,6 +167,12 @@ void check_handle(const Buffer::Impl& m, const LowLatencyHandle& h, const LowLat
                         shape_text(h.num_max_dispatch_tokens_per_rank, h.hidden, m.num_ranks, h.num_experts) +
                         ", but this call has " + shape_text(l.max_tokens, l.hidden, m.num_ranks, l.num_experts));
   checks::in_range("handle.buffer_index", h.buffer_index, 0, 1);
+  if (h.src_info.data != m.ll.issued_src_info[h.buffer_index])
+    throw ArgumentError("handle: not the handle of this buffer's latest low-latency dispatch into buffer " +
+                        std::to_string(h.buffer_index) +
+                        " (a handle of another Buffer, one from before clean_low_latency_buffer / reset, or one "
+                        "whose buffer a later dispatch took: a dispatch's combine must come before the "
+                        "dispatch after next)");
   checks::device_tensor("handle.src_info", h.src_info, m.device, {DType::kI32}, 2);
   checks::dim("handle.src_info", h.src_info, 0, l.local_experts, "num_experts / num_ranks");
   checks::dim("handle.src_info", h.src_info, 1, RT, "num_ranks * num_max_dispatch_tokens_per_rank");
@@ -364,6 +370,7 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
   if (m.ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
   m.ll.next_buffer = 0;
+  m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
 }
 
 }  // namespace
@@ -483,6 +490,7 @@ Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const Low
   m.ll.per_rank[buffer] = per_rank;
   m.ll.partials[buffer] = combine_partials(per_rank, call.layout);
   m.ll.next_buffer = buffer ^ 1;
+  m.ll.issued_src_info[buffer] = out.src_info.data;
   handle_out.src_info = out.src_info;
   handle_out.layout_range = out.layout_range;
   handle_out.num_max_dispatch_tokens_per_rank = call.layout.max_tokens;

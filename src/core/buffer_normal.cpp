@@ -1,6 +1,7 @@
 // Buffer: layout and normal-mode dispatch / combine (argument checks, ring geometry, launches).
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <string>
 #include <thread>
 
@@ -83,6 +84,7 @@ int ring_slots(const char* what, size_t region, int num_sms, size_t slot_bytes, 
   return static_cast<int>(std::min<size_t>({fit, static_cast<size_t>(wanted), static_cast<size_t>(max_slots)}));
 }
 
+// The handle's tensors a dispatch fills (dispatch_prepare) or reads.
 void check_handle_core(const Buffer::Impl& m, const DispatchHandle& h) {
   const int R = m.num_ranks;
   checks::device_tensor("handle.rank_prefix_matrix", h.rank_prefix_matrix, m.device, {DType::kI32}, 2);
@@ -90,6 +92,26 @@ void check_handle_core(const Buffer::Impl& m, const DispatchHandle& h) {
   checks::dim("handle.rank_prefix_matrix", h.rank_prefix_matrix, 1, R, "ranks");
   checks::device_tensor("handle.chunk_offset", h.chunk_offset, m.device, {DType::kI32}, 2);
   checks::dim("handle.chunk_offset", h.chunk_offset, 0, R, "ranks");
+}
+
+// A handle a dispatch returned, passed back (cached dispatch, combine): its tensors and its host facts.
+void check_filled_handle(const Buffer::Impl& m, const DispatchHandle& h) {
+  const int R = m.num_ranks;
+  check_handle_core(m, h);
+  checks::device_tensor("handle.is_token_in_rank", h.is_token_in_rank, m.device, {DType::kBool}, 2);
+  // The host facts bound the kernels' loops and indices: a handle that was not made by a dispatch of
+  // this group (edited, or from a buffer of another size) is refused here instead of read past.
+  checks::dim("handle.is_token_in_rank", h.is_token_in_rank, 0, h.num_tokens, "handle.num_tokens");
+  checks::dim("handle.is_token_in_rank", h.is_token_in_rank, 1, R, "ranks");
+  checks::in_range("handle.num_tokens", h.num_tokens, 0, m.max_tokens);
+  checks::in_range("handle.chunk", h.chunk, 1, 1 << 16);
+  // chunk_offset: a column per chunk, then the end row and the tokens per chunk (chunk_offset_stride).
+  checks::in_range("handle.max_chunks", h.max_chunks, (h.num_tokens + h.chunk - 1) / h.chunk,
+                   h.chunk_offset.shape[1] - 2);
+  checks::in_range("handle.num_rows", h.num_rows, 0, std::numeric_limits<int32_t>::max());
+  checks::in_range("handle.num_recv_tokens", h.num_recv_tokens, -1, h.num_rows);
+  checks::positive("handle.num_experts", h.num_experts);
+  checks::divisible("handle.num_experts", h.num_experts, "num_ranks", R);
 }
 
 void check_x(const Buffer::Impl& m, const TensorView& x, const std::optional<TensorView>& scales, int num_tokens_expected) {
@@ -246,7 +268,8 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     throw ArgumentError("num_experts / num_ranks = " + std::to_string(E / R) + " exceeds the buffer's max_experts_per_rank = " +
                         std::to_string(m.max_local_experts) + " (EPCOMM_MAX_EXPERTS_PER_RANK)");
   checks::in_range("expert_alignment", in.expert_alignment, 1, 1 << 20);
-  checks::in_range("num_worst_tokens", in.num_worst_tokens, 0, 1 << 30);
+  // No dispatch receives more rows than every rank's largest T (receive tensors of more are waste).
+  checks::in_range("num_worst_tokens", in.num_worst_tokens, 0, static_cast<int64_t>(R) * m.max_tokens);
   in.config.validate(m.sm_count);
   check_handle_core(m, handle);
   checks::dim("handle.chunk_offset", handle.chunk_offset, 1, chunk_offset_stride(in.config), "Buffer::chunk_offset_stride");
@@ -410,8 +433,7 @@ Event Buffer::cached_dispatch(const TensorView& x, const std::optional<TensorVie
   check_device_errors();
   check_x(m, x, x_scales, handle.num_tokens);
   config.validate(m.sm_count);
-  check_handle_core(m, handle);
-  checks::device_tensor("handle.is_token_in_rank", handle.is_token_in_rank, m.device, {DType::kBool}, 2);
+  check_filled_handle(m, handle);
   return launch_dispatch_common(*this, m, x, x_scales, std::nullopt, std::nullopt, handle, handle.num_rows,
                                 handle.num_recv_tokens < 0 ? handle.num_rows : 0, /*cached=*/true, out, config, order);
 }
@@ -421,8 +443,7 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   Impl& m = *impl_;
   check_device_errors();
   const int R = m.num_ranks;
-  check_handle_core(m, handle);
-  checks::device_tensor("handle.is_token_in_rank", handle.is_token_in_rank, m.device, {DType::kBool}, 2);
+  check_filled_handle(m, handle);
   checks::device_tensor("x", in.x, m.device, {DType::kBF16}, 2);
   checks::aligned("x", in.x, 16);
   checks::dim("x", in.x, 0, handle.num_rows, "rows dispatch returned");

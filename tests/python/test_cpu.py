@@ -352,6 +352,7 @@ def _fake_buffer(runtime, num_ranks=4, device=None):
     b = object.__new__(epcomm.Buffer)
     b.runtime, b.group_size, b._ll_shapes, b._device = runtime, num_ranks, set(), device
     b._num_nodes, b._chunk_offset_strides, b._default_configs = 1, {}, {}
+    b._max_recv_rows = num_ranks * 65536
     b._recent_rows = collections.deque(maxlen=epcomm.Buffer.RESERVE_WINDOW)
     return b
 
@@ -623,7 +624,7 @@ def test_buffer_gives_the_core_a_pool_stream():
     made = {}
 
     class _Runtime:
-        num_nodes = 1
+        num_nodes, max_tokens_per_rank = 1, 4096
 
         def __init__(self, *args, **kwargs):
             made.update(kwargs, args=args)

@@ -390,6 +390,10 @@ struct LowLatencyHostState {
   LowLatencyPartials partials[2] = {LowLatencyPartials::kNone, LowLatencyPartials::kNone};  // ... and wrote the
                                                  // per-rank combine's plan (its combine returns these)
   bool net = false;          // network path for ranks of other nodes (LowLatencyNetLayout)
+  // The src_info of buffer b's latest dispatch: a handle is this buffer's (and still current) only
+  // if it holds that tensor, so a handle of another Buffer or of a dispatch since overwritten is
+  // refused instead of combining another call's plan. Cleared with the calls.
+  const void* issued_src_info[2] = {nullptr, nullptr};
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
   // Shrink mode (kernels/low_latency/shrink.cuh), device memory: the mask [R] int32 (1 = masked;
