@@ -174,6 +174,12 @@ if [[ " $steps " == *" python "* ]]; then
   grep "^\[epcomm exit\]" "$out/python-exit.log"; tail -3 "$out/python-exit.log"
   log "python exit tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+  log "python: tests/python/test_fuzz.py (bad input for every public call, on the GPUs)"
+  timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 "$root/tests/python/test_fuzz.py" --gpu >"$out/python-fuzz.log" 2>&1
+  rc=$?
+  grep -E "^epcomm fuzz|^PASS|^FAIL|^SKIP" "$out/python-fuzz.log" | cut -c1-2000
+  log "python fuzz rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
   log "python: examples/moe_layer.py"
   timeout 300 python3 "$root/examples/moe_layer.py" >>"$out/python.log" 2>&1
   rc=$?

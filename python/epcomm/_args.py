@@ -8,7 +8,11 @@ from ._epcomm import ArgumentError, Config, Event
 from .handle import DispatchHandle, HandleMeta, LowLatencyHandle
 
 
-def check_int(name, value, lo=None, hi=None) -> int:
+INT32_MAX, INT64_MAX = (1 << 31) - 1, (1 << 63) - 1
+
+
+def check_int(name, value, lo=None, hi=INT32_MAX) -> int:
+    """An integer in [lo, hi]; hi defaults to the C++ core's int (sizes in bytes pass INT64_MAX)."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ArgumentError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     v = operator.index(value)

@@ -23,8 +23,8 @@ import warnings
 from typing import Callable, Optional
 
 from . import _epcomm
-from ._args import (ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor, event_of,
-                    split_x, unpack_bias)
+from ._args import (INT64_MAX, ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor,
+                    event_of, split_x, unpack_bias)
 from ._compat import require_torch, torch
 from ._low_latency import LowLatencyMixin, _current_stream
 from .event import EventHandle, EventOverlap
@@ -90,8 +90,8 @@ class Buffer(LowLatencyMixin):
                  enable_shrink: bool = False, comm=None) -> None:
         self.runtime = None  # so that a failed construction leaves a destroyed-looking object
         torch_ = require_torch("epcomm.Buffer")
-        self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, lo=0)
-        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, lo=0)
+        self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, lo=0, hi=INT64_MAX)
+        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, lo=0, hi=INT64_MAX)
         self.low_latency_mode = check_bool("low_latency_mode", low_latency_mode)
         check_int("num_qps_per_rank", num_qps_per_rank, lo=0)
         check_bool("allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode)
@@ -210,7 +210,7 @@ class Buffer(LowLatencyMixin):
         next low-latency call. The tensor keeps this Buffer object alive; after ``destroy()`` it
         must not be used."""
         runtime = self._rt()
-        offset = check_int("offset", offset, lo=0)
+        offset = check_int("offset", offset, lo=0, hi=INT64_MAX)
         use_rdma_buffer = check_bool("use_rdma_buffer", use_rdma_buffer)
         if not isinstance(dtype, torch.dtype):
             raise ArgumentError(f"dtype: expected a torch.dtype, got {type(dtype).__name__} {dtype!r}")
@@ -352,7 +352,7 @@ class Buffer(LowLatencyMixin):
         runtime = self._rt()
         x, x_scales = split_x(x)
         config = self._default_config("dispatch") if config is None else check_config("config", config)
-        expert_alignment = check_int("expert_alignment", expert_alignment, lo=1)
+        expert_alignment = check_int("expert_alignment", expert_alignment, lo=1, hi=1 << 20)
         num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, lo=0, hi=self._max_recv_rows)
         async_finish = check_bool("async_finish", async_finish)
         on_comm = check_bool("allocate_on_comm_stream", allocate_on_comm_stream)
@@ -380,7 +380,11 @@ class Buffer(LowLatencyMixin):
         if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
             raise ArgumentError("num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: a dispatch without a "
                                 "handle needs all three (from get_dispatch_layout)")
+        num_tokens_per_rank = check_tensor("num_tokens_per_rank", num_tokens_per_rank, ndim=1)
+        is_token_in_rank = check_tensor("is_token_in_rank", is_token_in_rank, ndim=2)
+        num_tokens_per_expert = check_tensor("num_tokens_per_expert", num_tokens_per_expert, ndim=1)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2, allow_none=True)
+        topk_weights = check_tensor("topk_weights", topk_weights, ndim=2, allow_none=True)
         R, stride = self.group_size, self._chunk_offset_stride(runtime, config)
         num_topk = 0 if topk_idx is None else topk_idx.size(1)
         num_scales = 0 if x_scales is None else x_scales.size(1)

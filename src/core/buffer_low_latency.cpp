@@ -309,6 +309,12 @@ CombineCall check_combine(const Buffer::Impl& m, const LowLatencyCombineInputs& 
   if (K < 1 || K > l.kslots)
     throw ArgumentError("num_topk = " + std::to_string(K) + " must be in [1, " + std::to_string(l.kslots) +
                         "] (low-latency mode: at most min(16, num_experts))");
+  // The dispatch's plan covers its own tokens and top-k slots: a combine over others would wait for
+  // rows that never come or read weights past their end.
+  if (T != m.ll.issued_tokens[h.buffer_index] || K != m.ll.issued_topk[h.buffer_index])
+    throw ArgumentError("topk_idx: [" + std::to_string(T) + ", " + std::to_string(K) + "], but the dispatch of this "
+                        "handle had [" + std::to_string(m.ll.issued_tokens[h.buffer_index]) + ", " +
+                        std::to_string(m.ll.issued_topk[h.buffer_index]) + "]: a combine takes its dispatch's topk_idx");
   checks::device_tensor("topk_weights", in.topk_weights, m.device, {DType::kF32}, 2);
   checks::dim("topk_weights", in.topk_weights, 0, T, "tokens of topk_idx");
   checks::dim("topk_weights", in.topk_weights, 1, K, "topk");
@@ -491,6 +497,8 @@ Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const Low
   m.ll.partials[buffer] = combine_partials(per_rank, call.layout);
   m.ll.next_buffer = buffer ^ 1;
   m.ll.issued_src_info[buffer] = out.src_info.data;
+  m.ll.issued_tokens[buffer] = call.num_tokens;
+  m.ll.issued_topk[buffer] = call.num_topk;
   handle_out.src_info = out.src_info;
   handle_out.layout_range = out.layout_range;
   handle_out.num_max_dispatch_tokens_per_rank = call.layout.max_tokens;

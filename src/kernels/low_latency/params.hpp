@@ -394,6 +394,8 @@ struct LowLatencyHostState {
   // if it holds that tensor, so a handle of another Buffer or of a dispatch since overwritten is
   // refused instead of combining another call's plan. Cleared with the calls.
   const void* issued_src_info[2] = {nullptr, nullptr};
+  int issued_tokens[2] = {0, 0};  // ... and its topk_idx's [T, K], which its combine must pass again
+  int issued_topk[2] = {0, 0};
   LowLatencyLayout layout;   // fixed by the first call or clean_low_latency_buffer (max_tokens 0 before)
   LowLatencyDeviceState* state = nullptr;  // device memory
   // Shrink mode (kernels/low_latency/shrink.cuh), device memory: the mask [R] int32 (1 = masked;
