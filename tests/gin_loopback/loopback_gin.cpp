@@ -73,7 +73,20 @@ struct CollComm {
   CudaChannel cuda;
   // NCCL calls regMrSym from its caller's thread while its GIN progress thread runs test/iput.
   std::mutex mutex;
+  // The first failure, returned by every later call. NCCL's proxy ignores what test() and
+  // ginProgress() return (src/gin/gin_host_proxy.cc) and checks only iput/iputSignal, so a failure
+  // must stay visible until a put reports it (NCCL then sets the communicator's async error).
+  ncclResult_t error = ncclSuccess;
 };
+
+ncclResult_t sticky(CollComm* c, ncclResult_t res) {
+  if (res != ncclSuccess && c->error == ncclSuccess) {
+    c->error = res;
+    LB_WARN("loopback gin: rank %d: this GIN communicator has failed (error %d); every later call reports it",
+            c->rank, int(res));
+  }
+  return res;
+}
 
 struct ListenComm {
   int fd = -1;
@@ -242,11 +255,10 @@ ncclResult_t progress_locked(CollComm* c) {
   return ncclSuccess;
 }
 
-ncclResult_t post(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off, void* dst_mhandle,
+ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off, void* dst_mhandle,
                   uint32_t rank, uint64_t signal_off, void* signal_mhandle, uint64_t signal_value, uint32_t signal_op,
                   void** request) {
   *request = nullptr;
-  std::lock_guard<std::mutex> lock(c->mutex);
   if (rank >= static_cast<uint32_t>(c->nranks)) {
     LB_WARN("loopback gin: rank %d: a put to rank %u of %d", c->rank, rank, c->nranks);
     return ncclInvalidArgument;
@@ -290,6 +302,16 @@ ncclResult_t post(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size,
   enqueue(p, w, std::move(message));
   *request = new Request{rank, w.seq};
   return progress_locked(c);
+}
+
+ncclResult_t post(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off, void* dst_mhandle,
+                  uint32_t rank, uint64_t signal_off, void* signal_mhandle, uint64_t signal_value, uint32_t signal_op,
+                  void** request) {
+  std::lock_guard<std::mutex> lock(c->mutex);
+  *request = nullptr;
+  if (c->error != ncclSuccess) return c->error;
+  return sticky(c, post_locked(c, src_off, src_mhandle, size, dst_off, dst_mhandle, rank, signal_off, signal_mhandle,
+                               signal_value, signal_op, request));
 }
 
 }  // namespace
@@ -462,7 +484,8 @@ ncclResult_t test(void* coll_comm, void* request, int* done) {
   auto* r = static_cast<Request*>(request);
   *done = 0;
   std::lock_guard<std::mutex> lock(c->mutex);
-  if (r->seq != 0 && c->peers[r->peer].acked < r->seq) LB_CHECK(progress_locked(c));
+  if (c->error != ncclSuccess) return c->error;
+  if (r->seq != 0 && c->peers[r->peer].acked < r->seq) LB_CHECK(sticky(c, progress_locked(c)));
   if (r->seq != 0 && c->peers[r->peer].acked < r->seq) return ncclSuccess;
   *done = 1;
   delete r;
@@ -472,7 +495,8 @@ ncclResult_t test(void* coll_comm, void* request, int* done) {
 ncclResult_t progress(void* coll_comm) {
   auto* c = static_cast<CollComm*>(coll_comm);
   std::lock_guard<std::mutex> lock(c->mutex);
-  return progress_locked(c);
+  if (c->error != ncclSuccess) return c->error;
+  return sticky(c, progress_locked(c));
 }
 
 ncclResult_t query_last_error(void*, bool* has_error) {

@@ -460,4 +460,46 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
   run_processes(kRanks, make_handle, body);
 }
 
+// A rank that goes away with a put to it in flight: the sender's test() fails (it does not wait
+// forever), and so does every later call, including the next put (the only call whose result
+// NCCL's proxy checks).
+TEST(LoopbackPlugin, GinPeerClosingWithAPutInFlightIsAnErrorThatSticks) {
+  Plugin p = load_plugin();
+  ASSERT_NE(p.gin, nullptr);
+  struct State {
+    void* ctx;
+    void* listen_comm;
+  };
+  auto make_handle = [&](int me, void* handle, void** state) {
+    auto* s = new State{};
+    CHILD_CHECK(p.gin->init(&s->ctx, 13, log_to_stderr) == ncclSuccess, "gin init");
+    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
+    *state = s;
+    return true;
+  };
+  auto body = [&](int me, const std::vector<char>& handles, void* state) {
+    auto* s = static_cast<State*>(state);
+    void* hs[2] = {const_cast<char*>(handles.data()), const_cast<char*>(handles.data()) + abi::kNetHandleMaxSize};
+    void* coll = nullptr;
+    CHILD_CHECK(p.gin->connect(s->ctx, hs, 2, me, s->listen_comm, &coll) == ncclSuccess && coll, "gin connect");
+    std::vector<uint8_t> window(1 << 16, 1);
+    void *mh = nullptr, *gh = nullptr;
+    CHILD_CHECK(p.gin->regMrSym(coll, window.data(), window.size(), abi::kPtrHost, 0, &mh, &gh) == ncclSuccess,
+                "regMrSym");
+    if (me == 1) return p.gin->closeColl(coll) == ncclSuccess;  // leaves at once
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    void* r = nullptr;
+    ncclResult_t res = p.gin->iput(coll, 0, mh, window.size(), 0, mh, 1, &r);
+    const auto deadline = Clock::now() + std::chrono::seconds(20);
+    int done = 0;
+    while (res == ncclSuccess && !done && Clock::now() < deadline) res = p.gin->test(coll, r, &done);
+    CHILD_CHECK(res != ncclSuccess && !done, "a put to a rank that closed: test gave %d, done %d", int(res), done);
+    void* again = nullptr;
+    CHILD_CHECK(p.gin->iput(coll, 0, mh, 8, 0, mh, 1, &again) == res && !again, "the next put must report it too");
+    CHILD_CHECK(p.gin->ginProgress(coll) == res, "progress must report it too");
+    return p.gin->closeColl(coll) == ncclSuccess;
+  };
+  run_processes(2, make_handle, body);
+}
+
 }  // namespace
