@@ -97,7 +97,7 @@ std::string default_plugin() {
 }
 
 // The child side of fork: this node's environment, then this program again as `--child k`.
-[[noreturn]] void exec_node(const Options& o, const std::string& plugin, const std::string& dir, int k, char** argv) {
+[[noreturn]] void exec_node(const std::string& plugin, const std::string& dir, int k, char** argv) {
   const std::string host_id = "epcomm-gin-probe-node-" + std::to_string(k);
   setenv("NCCL_HOSTID", host_id.c_str(), 1);
   setenv("NCCL_NET_PLUGIN", plugin.c_str(), 1);
@@ -135,7 +135,7 @@ int run_launcher(const Options& o, char** argv) {
   fflush(stderr);
   for (int k = 0; k < o.procs; ++k) {
     pids[k] = fork();
-    if (pids[k] == 0) exec_node(o, plugin, dir, k, argv);
+    if (pids[k] == 0) exec_node(plugin, dir, k, argv);
     if (pids[k] < 0) say(-1, "FAIL: fork for node %d: %s", k, strerror(errno));
   }
   const auto deadline = Clock::now() + std::chrono::seconds(o.timeout_s);
