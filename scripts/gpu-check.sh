@@ -52,6 +52,16 @@ if [[ " $steps " == *" tests "* ]]; then
   [[ $rc -ne 0 ]] && status=1
 fi
 
+if [[ " $steps " == *" tests "* ]]; then
+  # A peer process killed with SIGKILL: the survivor's group barrier raises and it exits 0.
+  log "peer-death test"
+  timeout 200 "$build/tests/epcomm-peer-death-test" >"$out/peer-death.log" 2>&1
+  rc=$?
+  grep -E "rank 0|peer death|FAIL" "$out/peer-death.log" | cut -c1-400
+  log "peer-death test rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+fi
+
 if [[ " $steps " == *" repeat "* ]]; then
   # Tests that failed before, each run alone in a process of its own, once per seed in
   # EPCOMM_REPEAT_SEEDS (EPCOMM_STRESS_SEED; "random" draws one) and EPCOMM_REPEAT_TIMES times:

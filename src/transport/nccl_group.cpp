@@ -1,19 +1,23 @@
 // Group over an NCCL communicator: host collectives through NCCL, symmetric memory through
 // ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers.
+#include <string>
 #include <vector>
 
 #include "core/check.hpp"
 #include "core/env.hpp"
 #include "epcomm/group.hpp"
 #include "transport/nccl_lsa.hpp"
+#include "transport/nccl_wait.hpp"
 
 namespace epcomm {
 namespace {
 
 class NcclSymmetricMemory : public SymmetricMemory {
  public:
-  NcclSymmetricMemory(ncclComm_t comm, int rank, size_t bytes, cudaStream_t stream)
-      : SymmetricMemory(rank, bytes), comm_(comm) {
+  // `aborted`: the group's flag; after an abort the window cannot be deregistered (NCCL refuses
+  // calls on an aborted communicator), only its memory freed.
+  NcclSymmetricMemory(ncclComm_t comm, int rank, size_t bytes, cudaStream_t stream, const bool* aborted)
+      : SymmetricMemory(rank, bytes), comm_(comm), aborted_(aborted) {
     void* ptr = nullptr;
     EPCOMM_NCCL_CHECK(ncclMemAlloc(&ptr, bytes));
     base_ = ptr;
@@ -23,12 +27,13 @@ class NcclSymmetricMemory : public SymmetricMemory {
     peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
   }
   ~NcclSymmetricMemory() override {
-    ncclCommWindowDeregister(comm_, window_);
+    if (!*aborted_) ncclCommWindowDeregister(comm_, window_);
     ncclMemFree(base_);
   }
 
  private:
   ncclComm_t comm_;
+  const bool* aborted_;
   ncclWindow_t window_ = nullptr;
   void* base_ = nullptr;
 };
@@ -44,36 +49,47 @@ class NcclGroup : public Group {
   ~NcclGroup() override {
     cudaFree(scratch_);
     cudaStreamDestroy(stream_);
-    if (owned_) ncclCommDestroy(comm_);
+    if (owned_ && !aborted_) ncclCommDestroy(comm_);  // an aborted communicator is already freed
   }
 
   ncclComm_t nccl_comm() const override { return comm_; }
   std::string transport() const override { return "NCCL symmetric memory (LSA)"; }
 
   void barrier() override {
+    require_alive("barrier");
     EPCOMM_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclInt32, ncclSum, comm_, stream_));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    wait_nccl_or_abort(comm_, owned_, stream_, timeout_ms(), "group barrier", rank_, size_, &aborted_);
   }
 
   void all_gather(const void* mine, void* all, size_t bytes) override {
+    require_alive("all_gather");
     void* dev = nullptr;
     EPCOMM_CUDA_CHECK(cudaMallocAsync(&dev, bytes * size_, stream_));
     EPCOMM_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + rank_ * bytes, mine, bytes, cudaMemcpyHostToDevice, stream_));
     EPCOMM_NCCL_CHECK(ncclAllGather(static_cast<char*>(dev) + rank_ * bytes, dev, bytes, ncclUint8, comm_, stream_));
     EPCOMM_CUDA_CHECK(cudaMemcpyAsync(all, dev, bytes * size_, cudaMemcpyDeviceToHost, stream_));
     EPCOMM_CUDA_CHECK(cudaFreeAsync(dev, stream_));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    wait_nccl_or_abort(comm_, owned_, stream_, timeout_ms(), "group all_gather", rank_, size_, &aborted_);
   }
 
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {
     EPCOMM_CUDA_CHECK(cudaSetDevice(device_));
-    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, bytes, stream_);
+    require_alive("allocate_symmetric");
+    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, bytes, stream_, &aborted_);
   }
 
  private:
+  static int64_t timeout_ms() { return env_value("EPCOMM_TIMEOUT_MS"); }
+  void require_alive(const char* what) const {
+    if (aborted_)
+      throw RuntimeFailure(std::string("group ") + what + " on rank " + std::to_string(rank_) +
+                           ": the communicator was aborted after a peer did not answer; destroy the buffer and group");
+  }
+
   static constexpr size_t kScratch = 256;
   ncclComm_t comm_;
   bool owned_;
+  bool aborted_ = false;  // by wait_nccl_or_abort: a peer never answered
   cudaStream_t stream_ = nullptr;
   void* scratch_ = nullptr;
 };
