@@ -85,7 +85,10 @@ struct LayoutOutputs {
 // ---- normal mode ----
 struct DispatchInputs {
   TensorView x;                                   // [T, hidden] bf16 or fp8 e4m3, rows contiguous
-  std::optional<TensorView> x_scales;             // fp8: [T, ceil(hidden/128)] f32, any strides
+  // fp8: [T, S] scales, any strides, S in [1, 512] 4-byte words per token: float32 (S = ceil(hidden /
+  // 128) for 128-channel groups, or any other group count), or int32 words (UE8M0 exponents packed
+  // four per word, as DeepGEMM takes them). Moved bit for bit, never interpreted (DeepEP's rule).
+  std::optional<TensorView> x_scales;
   std::optional<TensorView> topk_idx;             // [T, K] i64 (global expert ids, -1 = none)
   std::optional<TensorView> topk_weights;         // [T, K] f32
   std::optional<TensorView> num_tokens_per_rank;  // [R] i32 (from the layout)
@@ -122,7 +125,7 @@ struct DispatchPlan {
 
 struct DispatchOutputs {
   TensorView recv_x;                              // [num_rows, hidden], dtype of x
-  std::optional<TensorView> recv_x_scales;        // [num_rows, ceil(hidden/128)] f32
+  std::optional<TensorView> recv_x_scales;        // [num_rows, S] contiguous, dtype of x_scales
   std::optional<TensorView> recv_topk_idx;        // [num_rows, K] i64
   std::optional<TensorView> recv_topk_weights;    // [num_rows, K] f32
 };
