@@ -288,8 +288,13 @@ class Buffer {
   // per-block phase times; this waits for the comm stream and summarizes the last dispatch (send and
   // receive halves; a hook's receive counts as the last one's). Empty when the probe is off.
   std::string low_latency_probe_report();
-  // Collective and synchronous: waits for `stream` and this buffer's work, zeroes both LL buffers and
-  // the call counters on every rank, and fixes the LL shape. Also the way back after an LL timeout.
+  // Collective: zeroes both LL buffers and the call counters on every rank and fixes the LL shape,
+  // as work on `stream` (a barrier kernel, memsets, a barrier kernel: no host wait, capturable in a
+  // CUDA graph; ordered after this buffer's unfinished async_finish calls). Needed to change the
+  // shape; also the way back after an LL timeout (then it first clears the recorded error, which
+  // waits for the comm stream). Zeroing the region by other means (get_local_buffer_tensor) while
+  // no LL call is in flight on any rank is harmless too: every flag compares with the current call
+  // number, so zeros read as "not yet".
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
                                 cudaStream_t stream = nullptr);
   // Sends (and, without the hook, receives). Fills handle_out (views of out.src_info and

@@ -203,9 +203,10 @@ class Buffer(LowLatencyMixin):
         ``use_rdma_buffer``, starting ``offset`` bytes in (a multiple of the element size). 1-D
         over the rest of the region, or the first ``prod(size)`` elements viewed as ``size``.
         Epcomm's calls overwrite this memory, and writing it while a call is in flight corrupts
-        that call; after writing the low-latency region, ``clean_low_latency_buffer`` before the
-        next low-latency call. The tensor keeps this Buffer object alive; after ``destroy()`` it
-        must not be used."""
+        that call. Zeroing the low-latency region on every rank between calls is harmless (vLLM
+        does it to recover from a fault); after writing anything else there,
+        ``clean_low_latency_buffer`` before the next low-latency call. The tensor keeps this Buffer
+        object alive; after ``destroy()`` it must not be used."""
         runtime = self._rt()
         offset = check_int("offset", offset, lo=0)
         use_rdma_buffer = check_bool("use_rdma_buffer", use_rdma_buffer)
