@@ -74,7 +74,7 @@ else:
     from epcomm import Buffer, Config, EventOverlap, topk_idx_t  # noqa: F401 -- the API
     from epcomm.event import EventHandle  # noqa: F401
 
-    from . import buffer, utils  # noqa: F401 -- DeepEP 1.x's submodules
+    from . import buffer, utils  # noqa: F401 -- DeepEP 1.x's submodules, imported as DeepEP's are
 
     __version__ = f"1.2.1+epcomm.{_epcomm.__version__}"
     __backend__ = "epcomm"
