@@ -264,6 +264,35 @@ def normal(ctx, seed, what="normal", **kw):
     normal_case(ctx, seed, what, **kw)
 
 
+def scale_forms(ctx, seed, hidden=1024):
+    """FP8 scales in DeepEP's other forms: packed UE8M0 exponents as int32 words ([T, ceil(hidden /
+    512)], column-major with the token stride rounded up to 4: what SGLang passes from DeepGEMM's
+    quantizer), float32 scales of 64-channel groups (row-major), one word per token; each comes
+    back [rows, S] row-major in its own dtype, bit for bit (dispatch, cached dispatch, and with
+    num_worst_tokens)."""
+    R = ctx.num_ranks
+
+    def packed_ue8m0(T, g):
+        words, aligned = (hidden // 128 + 3) // 4, (T + 3) // 4 * 4
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, (words, aligned), generator=g, dtype=torch.int32,
+                             device=ctx.device).t()[:T]
+
+    forms = [
+        ("int32 UE8M0 packed, TMA-aligned column-major", packed_ue8m0),
+        ("float32 per 64 channels, row-major", lambda T, g: torch.rand(T, hidden // 64, generator=g, device=ctx.device)),
+        ("one int32 word per token", lambda T, g: torch.randint(-2 ** 31, 2 ** 31 - 1, (T, 1), generator=g,
+                                                                dtype=torch.int32, device=ctx.device)),
+    ]
+    for i, (name, make) in enumerate(forms):
+        for num_worst in (0, R * 200):
+            inp = Inputs(ctx, seed + i, 200, hidden, 8, 16 * R)
+            g = generators(ctx, seed * 31 + i)[1]
+            inp.scales, inp.scales2 = make(inp.num_tokens, g), make(inp.num_tokens, g)
+            out = run_normal(ctx, inp, fp8=True, num_worst=num_worst, bias=True)
+            verify_normal(ctx, inp, out, f"scales: {name}, num_worst_tokens={num_worst} (seed {seed})", fp8=True,
+                          num_worst=num_worst, bias=True)
+
+
 def stream_modes(ctx, seed):
     """Every combination of previous_event / async_finish / allocate_on_comm_stream."""
     for prev in (False, True):
