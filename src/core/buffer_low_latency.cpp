@@ -466,6 +466,10 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   // comm stream comes first (begin_call joins it, as for any LL call).
   LowLatencyCleanParams p;
   p.common = m.common(KernelId::kLowLatencyClean);
+  // Ranks reach clean after their own earlier calls, each of which may wait up to a timeout (a
+  // masked peer's first missing answer costs one per half): the barriers allow a rank three
+  // timeouts and 10 s more to arrive, as the host allows the count exchange.
+  p.common.wait.timeout_ns = 3 * m.timeout_ns + 10'000'000'000ull;
   p.clean_count = &m.counters->ll_cleans;
   if (m.options.enable_shrink) p.mask = m.ll.mask;
   const StreamOrder order{stream, nullptr, false};

@@ -5,8 +5,10 @@
 // Every rank takes part, masked ones too (shrink mode): a masked rank that is alive comes back
 // through this clean (its call counters restart with everyone's), and it must not zero its region
 // while the others already send into it again. Unlike DeepEP, whose clean skips masked ranks, a
-// rank that never arrives therefore costs one timeout; in shrink mode it is then masked (it stays
-// masked), otherwise the wait fails with a record like any other.
+// rank that never arrives therefore costs a wait: three GPU timeouts plus 10 s (the host sets that
+// bound: ranks come to clean after their own earlier calls, which may each have waited a timeout
+// for a masked peer); in shrink mode it is then masked (it stays masked), otherwise the wait fails
+// with a record like any other.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
