@@ -169,10 +169,11 @@ if [[ " $steps " == *" bench "* ]]; then
 fi
 
 if [[ " $steps " == *" python "* ]]; then
-  # The drop-in layer: its GPU suite (one process per GPU), the MoE example, and the Python-level
-  # bandwidth beside the C++ figure (same run).
+  # The drop-in layer: its GPU suite (one process per GPU), the client-shaped suite through the
+  # deep_ep package, the MoE example, and the Python-level bandwidth beside the C++ figure (same run).
   log "python: pytest tests/python/test_gpu.py"
-  export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
+  # python/deep_ep_compat: the `deep_ep` package the client-shaped tests import (as frameworks do).
+  export PYTHONPATH=$root/python:$root/python/deep_ep_compat${PYTHONPATH:+:$PYTHONPATH}
   timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 -m pytest -rs -q --durations=0 "$root/tests/python/test_gpu.py" >"$out/python.log" 2>&1
   rc=$?
   grep "^\[epcomm case\]" "$out/python.log" | head -80; tail -5 "$out/python.log"
@@ -189,6 +190,19 @@ if [[ " $steps " == *" python "* ]]; then
   rc=$?
   grep -E "^epcomm fuzz|^PASS|^FAIL|^SKIP" "$out/python-fuzz.log" | cut -c1-2000
   log "python fuzz rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+  log "python: pytest tests/python/test_clients.py (vLLM / SGLang / Megatron-LM call shapes through deep_ep)"
+  timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 -m pytest -rs -q --durations=0 "$root/tests/python/test_clients.py" \
+    >"$out/python-clients.log" 2>&1
+  rc=$?
+  grep "^\[epcomm case\]" "$out/python-clients.log" | head -40; tail -5 "$out/python-clients.log"
+  log "python client tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+  log "python: tests/python/test_deep_ep_compat.py (the deep_ep package: imports, signatures, Config)"
+  timeout 600 python3 "$root/tests/python/test_deep_ep_compat.py" >"$out/python-deep-ep.log" 2>&1
+  rc=$?
+  grep -v "^PASS" "$out/python-deep-ep.log" | tail -8
+  log "deep_ep compat tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
   log "python: examples/moe_layer.py"
   timeout 300 python3 "$root/examples/moe_layer.py" >>"$out/python.log" 2>&1

@@ -85,7 +85,10 @@ struct LayoutOutputs {
 // ---- normal mode ----
 struct DispatchInputs {
   TensorView x;                                   // [T, hidden] bf16 or fp8 e4m3, rows contiguous
-  std::optional<TensorView> x_scales;             // fp8: [T, ceil(hidden/128)] f32, any strides
+  // fp8: [T, S] scales, any strides, S in [1, 512] 4-byte words per token: float32 (S = ceil(hidden /
+  // 128) for 128-channel groups, or any other group count), or int32 words (UE8M0 exponents packed
+  // four per word, as DeepGEMM takes them). Moved bit for bit, never interpreted (DeepEP's rule).
+  std::optional<TensorView> x_scales;
   std::optional<TensorView> topk_idx;             // [T, K] i64 (global expert ids, -1 = none)
   std::optional<TensorView> topk_weights;         // [T, K] f32
   std::optional<TensorView> num_tokens_per_rank;  // [R] i32 (from the layout)
@@ -122,7 +125,7 @@ struct DispatchPlan {
 
 struct DispatchOutputs {
   TensorView recv_x;                              // [num_rows, hidden], dtype of x
-  std::optional<TensorView> recv_x_scales;        // [num_rows, ceil(hidden/128)] f32
+  std::optional<TensorView> recv_x_scales;        // [num_rows, S] contiguous, dtype of x_scales
   std::optional<TensorView> recv_topk_idx;        // [num_rows, K] i64
   std::optional<TensorView> recv_topk_weights;    // [num_rows, K] f32
 };
@@ -288,8 +291,13 @@ class Buffer {
   // per-block phase times; this waits for the comm stream and summarizes the last dispatch (send and
   // receive halves; a hook's receive counts as the last one's). Empty when the probe is off.
   std::string low_latency_probe_report();
-  // Collective and synchronous: waits for `stream` and this buffer's work, zeroes both LL buffers and
-  // the call counters on every rank, and fixes the LL shape. Also the way back after an LL timeout.
+  // Collective: zeroes both LL buffers and the call counters on every rank and fixes the LL shape,
+  // as work on `stream` (a barrier kernel, memsets, a barrier kernel: no host wait, capturable in a
+  // CUDA graph; ordered after this buffer's unfinished async_finish calls). Needed to change the
+  // shape; also the way back after an LL timeout (then it first clears the recorded error, which
+  // waits for the comm stream). Zeroing the region by other means (get_local_buffer_tensor) while
+  // no LL call is in flight on any rank is harmless too: every flag compares with the current call
+  // number, so zeros read as "not yet".
   void clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int hidden, int num_experts,
                                 cudaStream_t stream = nullptr);
   // Sends (and, without the hook, receives). Fills handle_out (views of out.src_info and

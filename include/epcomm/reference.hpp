@@ -40,7 +40,10 @@ Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx, int num_tokens,
 struct NormalInput {  // one rank's inputs
   int num_tokens = 0;
   std::vector<uint8_t> x;              // [T, hidden] elements of `dtype`, row-major, as bytes
-  std::vector<float> scales;           // FP8 only: [T, ceil(hidden/128)] row-major
+  // FP8 only: [T, S] row-major, S = NormalOptions::scale_words(): 4-byte words moved bit for bit
+  // (float32 scales, or int32 words such as packed UE8M0 exponents, held here by their bits:
+  // scale_words_from / scale_words_as_int).
+  std::vector<float> scales;
   std::vector<int64_t> topk_idx;       // [T, K]; empty for a dispatch without topk (num_topk = 0)
   std::vector<float> topk_weights;     // [T, K]; required with topk_idx
   // [T, R] 0/1: the routing of a dispatch without topk (required then). With topk_idx it may be
@@ -54,7 +57,15 @@ struct NormalOptions {
   int num_experts = 0;
   int expert_alignment = 1;
   int num_worst_tokens = 0;            // >0: outputs have exactly this many rows
+  // FP8: 4-byte scale words per token; 0 = ceil(hidden / 128) (float32 scales of 128-channel groups).
+  // Any other count is carried the same way (DeepEP passes x_scales' columns through as they are).
+  int num_scales = 0;
+  int scale_words() const { return num_scales > 0 ? num_scales : (hidden + 127) / 128; }
 };
+// int32 scale words <-> the float storage of NormalInput::scales, bit for bit.
+std::vector<float> scale_words_from(const std::vector<int32_t>& words);
+std::vector<int32_t> scale_words_as_int(const std::vector<float>& words);
+
 struct NormalHandle {  // what combine and a cached dispatch need (per receiving rank)
   std::vector<int32_t> rank_prefix_matrix;   // [R, R], entry [i][j] = tokens ranks 0..i send to j
   std::vector<int32_t> recv_src_idx;         // [num_recv]: source token index of each row
@@ -66,7 +77,7 @@ struct NormalHandle {  // what combine and a cached dispatch need (per receiving
 struct NormalDispatchOutput {
   int num_rows = 0;                          // num_recv, or num_worst_tokens
   std::vector<uint8_t> recv_x;               // [num_rows, hidden] elements as bytes
-  std::vector<float> recv_scales;            // FP8: [num_rows, ceil(hidden/128)] row-major
+  std::vector<float> recv_scales;            // FP8: [num_rows, S] row-major words (as NormalInput::scales)
   std::vector<int64_t> recv_topk_idx;        // [num_rows, K] local ids or -1 (rows past num_recv: -1)
   std::vector<float> recv_topk_weights;      // [num_rows, K], 0 where idx is -1
   std::vector<int32_t> num_recv_tokens_per_expert;  // [E/R]: each expert's total, rounded up to

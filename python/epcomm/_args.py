@@ -54,7 +54,7 @@ def split_x(x):
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
             raise ArgumentError(
-                f"x: FP8 input is a pair (x_e4m3 [T, hidden], scales [T, ceil(hidden/128)]), got {len(x)} items")
+                f"x: FP8 input is a pair (x_e4m3 [T, hidden], scales [T, S] float32 or int32), got {len(x)} items")
         return check_tensor("x", x[0], ndim=2), check_tensor("x_scales", x[1], ndim=2)
     return check_tensor("x", x, ndim=2), None
 

@@ -19,7 +19,12 @@ other, as in DeepEP.
 
 Rules of use (all ranks make the same calls in the same order; SPEC.md 3.3):
 - The first low-latency call fixes ``(Tmax, hidden, num_experts)``; another shape needs
-  ``clean_low_latency_buffer`` with the new one first on every rank (ValueError otherwise).
+  ``clean_low_latency_buffer`` with the new one first on every rank (ValueError otherwise). It runs
+  on the current stream without a host wait (capturable), as DeepEP's.
+- Zeroing the low-latency region (``get_local_buffer_tensor(dtype, use_rdma_buffer=True).zero_()``,
+  vLLM's fault-tolerance path) on every rank while no low-latency call is in flight leaves the
+  buffer working: every flag there is compared with the current call's number, so zeros read as
+  "not arrived yet". Other writes into the region need ``clean_low_latency_buffer``.
 - A dispatch's combine must come before the dispatch after next (any decode step does); a CUDA graph
   of dispatches only must hold an even number of them.
 - ``topk_idx`` entries outside ``[-1, num_experts)`` are treated as -1 on the device (checking them
@@ -107,10 +112,14 @@ class LowLatencyMixin:
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Zeroes the low-latency memory and call counters on every rank and fixes the shape
-        ``(Tmax, hidden, num_experts)`` for later calls. Collective and synchronous: waits for the
-        current stream and the buffer's work. Needed to change the shape, after writing the region
-        through ``get_local_buffer_tensor(..., use_rdma_buffer=True)``, and to recover after a
-        low-latency error (a timeout, or more than Tmax rows for one expert)."""
+        ``(Tmax, hidden, num_experts)`` for later calls. Collective (every rank calls it at the same
+        point), as DeepEP's: GPU work on the current stream (a barrier kernel, the zeroing, a
+        barrier kernel), no host wait, so it may be captured in a CUDA graph; it comes after this
+        buffer's earlier calls, an unfinished ``async_finish`` one included. Needed to change the
+        shape, after writing other than zeros into the region through
+        ``get_local_buffer_tensor(..., use_rdma_buffer=True)``, and to recover after a low-latency
+        error (a timeout, or more than Tmax rows for one expert; then it first clears the recorded
+        error, which waits for the buffer's communication stream)."""
         runtime = self._rt()
         tmax = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1)
         hidden = check_int("hidden", hidden, lo=1)

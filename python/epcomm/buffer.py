@@ -206,9 +206,10 @@ class Buffer(LowLatencyMixin):
         ``use_rdma_buffer``, starting ``offset`` bytes in (a multiple of the element size). 1-D
         over the rest of the region, or the first ``prod(size)`` elements viewed as ``size``.
         Epcomm's calls overwrite this memory, and writing it while a call is in flight corrupts
-        that call; after writing the low-latency region, ``clean_low_latency_buffer`` before the
-        next low-latency call. The tensor keeps this Buffer object alive; after ``destroy()`` it
-        must not be used."""
+        that call. Zeroing the low-latency region on every rank between calls is harmless (vLLM
+        does it to recover from a fault); after writing anything else there,
+        ``clean_low_latency_buffer`` before the next low-latency call. The tensor keeps this Buffer
+        object alive; after ``destroy()`` it must not be used."""
         runtime = self._rt()
         offset = check_int("offset", offset, lo=0, hi=INT64_MAX)
         use_rdma_buffer = check_bool("use_rdma_buffer", use_rdma_buffer)
@@ -306,12 +307,16 @@ class Buffer(LowLatencyMixin):
                  allocate_on_comm_stream: bool = False):
         """Sends each token once to every rank that holds one of its experts.
 
-        ``x`` is ``[T, hidden]`` BF16, or the FP8 pair ``(x_e4m3 [T, hidden], scales [T,
-        ceil(hidden/128)] float32, any strides)``. Without ``handle`` it needs the layout tensors;
-        with ``handle`` (cached dispatch) it reuses that routing and takes neither topk argument.
+        ``x`` is ``[T, hidden]`` BF16, or the FP8 pair ``(x_e4m3 [T, hidden], scales)``, the scales
+        in any of DeepEP's forms, any strides: ``[T, ceil(hidden/128)]`` float32, float32 of another
+        group count, or int32 words (UE8M0 exponents packed four per word, column-major as DeepGEMM
+        takes them): ``[T, S]`` with 1 <= S <= 512, moved bit for bit. Without ``handle`` it needs
+        the layout tensors; with ``handle`` (cached dispatch) it reuses that routing and takes
+        neither topk argument.
 
         Returns ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-        handle, event)``: ``recv_x`` as ``x`` (tuple with row-major scales for FP8), rows from source
+        handle, event)``: ``recv_x`` as ``x`` (for FP8 a tuple with the scales as DeepEP returns
+        them: ``[rows, S]`` row-major, the dtype of the input scales), rows from source
         rank 0 first then 1, ..., ascending token index within a source; ``recv_topk_idx`` [rows, K]
         int64 with local expert ids (-1 for experts elsewhere); ``recv_topk_weights`` [rows, K]
         float32, 0 where the id is -1; the list of received tokens per local expert rounded up to
@@ -368,7 +373,7 @@ class Buffer(LowLatencyMixin):
             rows = h.meta.num_rows
             recv_x, recv_x_scales = self._allocate(on_comm, lambda: (
                 torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-                None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=torch.float32,
+                None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=x_scales.dtype,
                                                           device=dev)))
             event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                             h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
@@ -391,7 +396,7 @@ class Buffer(LowLatencyMixin):
 
         def receive_tensors(rows):
             return (torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-                    None if x_scales is None else torch.empty((rows, num_scales), dtype=torch.float32, device=dev),
+                    None if x_scales is None else torch.empty((rows, num_scales), dtype=x_scales.dtype, device=dev),
                     None if topk_idx is None else torch.empty((rows, num_topk), dtype=torch.int64, device=dev),
                     None if topk_idx is None or topk_weights is None else
                     torch.empty((rows, num_topk), dtype=torch.float32, device=dev),

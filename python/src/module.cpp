@@ -8,9 +8,11 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <optional>
 #include <string>
 
 #include "bindings.hpp"
+#include "core/env.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
 #include "views.hpp"
@@ -81,6 +83,48 @@ Config make_config(int num_sms, int nvl_chunk_size, int nvl_buffer_size, int rdm
   return c;
 }
 
+// Config(...) by epcomm's names or DeepEP's (SGLang builds Config(**json) from its --deepep-config
+// with DeepEP's names); the positional order is the same for both. A field named twice is an error.
+Config make_config_named(std::optional<int> num_sms, std::optional<int> nvl_chunk_size,
+                         std::optional<int> nvl_buffer_size, std::optional<int> rdma_chunk_size,
+                         std::optional<int> rdma_buffer_size, std::optional<int> nvl_send,
+                         std::optional<int> nvl_recv, std::optional<int> rdma_send, std::optional<int> rdma_recv) {
+  const auto pick = [](std::optional<int> ours, std::optional<int> deepep, const char* our_name, const char* deepep_name,
+                       int fallback) {
+    if (ours && deepep)
+      throw ArgumentError(std::string("Config: ") + our_name + " and " + deepep_name +
+                          " name the same field; pass one of them");
+    return ours ? *ours : deepep ? *deepep : fallback;
+  };
+  const Config defaults;
+  Config c = make_config(num_sms.value_or(defaults.num_sms),
+                         pick(nvl_chunk_size, nvl_send, "nvl_chunk_size", "num_max_nvl_chunked_send_tokens",
+                              defaults.nvl_chunk_size),
+                         pick(nvl_buffer_size, nvl_recv, "nvl_buffer_size", "num_max_nvl_chunked_recv_tokens",
+                              defaults.nvl_buffer_size),
+                         pick(rdma_chunk_size, rdma_send, "rdma_chunk_size", "num_max_rdma_chunked_send_tokens",
+                              defaults.rdma_chunk_size),
+                         pick(rdma_buffer_size, rdma_recv, "rdma_buffer_size", "num_max_rdma_chunked_recv_tokens",
+                              defaults.rdma_buffer_size));
+  // What epcomm makes of DeepEP's values, on the "epcomm" logger at DEBUG (nothing is refused: a
+  // tuned DeepEP config must keep working).
+  const py::object logger = py::module_::import("logging").attr("getLogger")("epcomm");
+  if (logger.attr("isEnabledFor")(10).cast<bool>()) {
+    std::string notes;
+    if (c.chunk_tokens() != c.nvl_chunk_size)
+      notes += " chunks of " + std::to_string(c.nvl_chunk_size) + " tokens become " + std::to_string(c.chunk_tokens()) +
+               " (epcomm's chunks hold 8 to 32 tokens);";
+    if (c.ring_slots() * c.chunk_tokens() != c.nvl_buffer_size)
+      notes += " a ring of " + std::to_string(c.nvl_buffer_size) + " tokens per SM becomes " +
+               std::to_string(c.ring_slots()) + " slots of " + std::to_string(c.chunk_tokens()) + " tokens (1 to 16 slots);";
+    if (rdma_chunk_size || rdma_send || rdma_buffer_size || rdma_recv)
+      notes += " the RDMA chunk sizes are not used by the kernels (the network hop sizes itself; only "
+               "get_rdma_buffer_size_hint reads the RDMA buffer size);";
+    if (!notes.empty()) logger.attr("debug")("epcomm " + c.describe() + ":" + notes);
+  }
+  return c;
+}
+
 void check_hint_args(long long hidden_bytes, int num_ranks) {
   if (hidden_bytes < 1) throw ArgumentError("hidden_bytes = " + std::to_string(hidden_bytes) + " must be positive");
   if (num_ranks < 1) throw ArgumentError("num_ranks = " + std::to_string(num_ranks) + " must be positive");
@@ -90,8 +134,17 @@ void bind_config(py::module_& m) {
   py::class_<Config>(m, "Config",
                      "Tuning of the normal-mode kernels (DeepEP's Config, same positional order). Chunk sizes are "
                      "clamped into what the kernels support (README \"Config\").")
-      .def(py::init(&make_config), py::arg("num_sms") = 24, py::arg("nvl_chunk_size") = 32,
-           py::arg("nvl_buffer_size") = 128, py::arg("rdma_chunk_size") = 16, py::arg("rdma_buffer_size") = 128)
+      .def(py::init(&make_config_named), py::arg("num_sms") = py::none(), py::arg("nvl_chunk_size") = py::none(),
+           py::arg("nvl_buffer_size") = py::none(), py::arg("rdma_chunk_size") = py::none(),
+           py::arg("rdma_buffer_size") = py::none(), py::kw_only(),
+           py::arg("num_max_nvl_chunked_send_tokens") = py::none(),
+           py::arg("num_max_nvl_chunked_recv_tokens") = py::none(),
+           py::arg("num_max_rdma_chunked_send_tokens") = py::none(),
+           py::arg("num_max_rdma_chunked_recv_tokens") = py::none(),
+           "Config(num_sms=24, nvl_chunk_size=32, nvl_buffer_size=128, rdma_chunk_size=16, rdma_buffer_size=128), "
+           "positionally in DeepEP's order, or by DeepEP's keyword names (num_max_nvl_chunked_send_tokens = "
+           "nvl_chunk_size, num_max_nvl_chunked_recv_tokens = nvl_buffer_size, and the RDMA pair). Values are "
+           "clamped to what the kernels support; the 'epcomm' logger says how at DEBUG level.")
       .def_readwrite("num_sms", &Config::num_sms)
       .def_readwrite("nvl_chunk_size", &Config::nvl_chunk_size)
       .def_readwrite("nvl_buffer_size", &Config::nvl_buffer_size)
@@ -114,11 +167,20 @@ void bind_config(py::module_& m) {
           "num_nvl_bytes this config needs for rows of hidden_bytes (DeepEP passes hidden * max(elem size, 2))")
       .def(
           "get_rdma_buffer_size_hint",
-          [](const Config& c, long long hidden_bytes, int num_ranks) {
+          [](const Config& c, long long hidden_bytes, int num_ranks, int ranks_per_node) {
             check_hint_args(hidden_bytes, num_ranks);
-            return c.get_rdma_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+            if (ranks_per_node < 0)
+              throw ArgumentError("ranks_per_node = " + std::to_string(ranks_per_node) + " must be >= 0");
+            return c.get_rdma_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks,
+                                               ranks_per_node > 0 ? ranks_per_node : Config::nvlink_domain_ranks());
           },
-          py::arg("hidden_bytes"), py::arg("num_ranks"))
+          py::arg("hidden_bytes"), py::arg("num_ranks"), py::kw_only(), py::arg("ranks_per_node") = 0,
+          "num_rdma_bytes normal mode needs across nodes; 0 when num_ranks fit in one node (as DeepEP: no "
+          "network memory inside one NVLink domain). ranks_per_node (an epcomm extension): 0 = "
+          "Config.nvlink_domain_ranks() (EPCOMM_RANKS_PER_NODE, else the visible GPUs, else 8)")
+      .def_static("nvlink_domain_ranks", &Config::nvlink_domain_ranks,
+                  "ranks per node as this process can tell without a communicator (EPCOMM_RANKS_PER_NODE, else "
+                  "the visible CUDA devices, else 8)")
       .def_static(
           "dispatch_default",
           [](int num_ranks) {
@@ -218,4 +280,15 @@ PYBIND11_MODULE(_epcomm, m) {
       py::arg("tensor"), py::arg("name") = "tensor",
       "How the core sees a tensor-like object, e.g. '[4, 8] bfloat16 on cuda:0' (for tests and messages).");
   m.def("_throw_for_test", &throw_for_test, py::arg("kind"), py::arg("message"));
+  m.def(
+      "env_params",
+      [] {
+        py::list out;
+        for (const EnvParam& p : env_params()) out.append(py::make_tuple(p.name, p.default_value, p.meaning));
+        return out;
+      },
+      "epcomm's environment parameters: (name, default, meaning), as epcomm-bench --print-env lists them");
+  m.def(
+      "env_value", [](const std::string& name) { return env_value(name.c_str()); }, py::arg("name"),
+      "The value epcomm uses for an EPCOMM_* variable (its default when unset); Error for an unknown name");
 }

@@ -161,7 +161,7 @@ class DispatchCall {
     if (recv_src_idx.is_none()) throw ArgumentError("recv_src_idx: a tensor is required, got None");
     DispatchOutputs out;
     out.recv_x = *out_view(recv_x, "recv_x", in_.x.dtype, in_.x.shape[1]);
-    out.recv_x_scales = out_view(recv_x_scales, "recv_x_scales", DType::kF32, num_scales());
+    out.recv_x_scales = out_view(recv_x_scales, "recv_x_scales", scale_dtype(), num_scales());
     out.recv_topk_idx = out_view(recv_topk_idx, "recv_topk_idx", DType::kI64, num_topk());
     out.recv_topk_weights = out_view(recv_topk_weights, "recv_topk_weights", DType::kF32, num_topk());
     const TensorView src = *out_view(recv_src_idx, "recv_src_idx", DType::kI32, -1);
@@ -184,6 +184,8 @@ class DispatchCall {
 
  private:
   int64_t num_scales() const { return in_.x_scales ? in_.x_scales->shape[1] : 0; }
+  // Received scales have the dtype the input's had (float32, or int32 words).
+  DType scale_dtype() const { return in_.x_scales ? in_.x_scales->dtype : DType::kF32; }
   int64_t num_topk() const { return in_.topk_idx ? in_.topk_idx->shape[1] : 0; }
 
   // A contiguous [num_rows, cols] (or [num_rows] when cols < 0) view at ptr.
@@ -203,7 +205,7 @@ class DispatchCall {
   DispatchOutputs outputs_at(void* x, void* scales, void* idx, void* weights) const {
     DispatchOutputs out;
     out.recv_x = contiguous(x, in_.x.dtype, in_.x.shape[1]);
-    if (scales) out.recv_x_scales = contiguous(scales, DType::kF32, num_scales());
+    if (scales) out.recv_x_scales = contiguous(scales, scale_dtype(), num_scales());
     if (idx) out.recv_topk_idx = contiguous(idx, DType::kI64, num_topk());
     if (weights) out.recv_topk_weights = contiguous(weights, DType::kF32, num_topk());
     return out;

@@ -77,7 +77,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
 
   const int max_chunks = (m.max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
-  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts, /*ll_bytes=*/0);
+  // The control part's LL area holds clean_low_latency_buffer's barrier flags (one per rank).
+  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts, kLowLatencyCleanFlagBytes);
   m.data_offset = m.ctl.total;
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)

@@ -22,7 +22,8 @@ struct DeviceCounters {
   int32_t abort;           // set by a timed-out wait
   int32_t record_claimed;  // the first error writes the record (cleared with abort)
   int32_t invalid_topk;    // first out-of-range topk entry seen by a kernel (flat index), or -1
-  int32_t pad[2];
+  uint32_t ll_cleans;      // clean_low_latency_buffer calls finished (its barrier's number)
+  int32_t pad;
 };
 
 struct Buffer::Impl {

@@ -465,22 +465,35 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     throw;
   }
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
-  // An error a failed LL call left is cleared as check_device_errors clears it (the record and the
-  // device flags); this is the way back after it, so it is not raised again here.
+  // An error a failed call left is cleared as check_device_errors clears it (the record and the
+  // device flags; this waits for the comm stream, only on this way back after a failure), and not
+  // raised: clean is the way back after an LL timeout.
   if (m.record->code != 0) {
     try {
       check_device_errors();
     } catch (const Error&) {
     }
   }
-  // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
-  m.group->barrier();
-  clear_low_latency_calls(m, m.comm);
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  // Work on the caller's stream (params.hpp, LowLatencyCleanParams): barrier, zero, barrier. No
+  // host wait, so it can be captured in a CUDA graph. An async_finish call still running on the
+  // comm stream comes first (begin_call joins it, as for any LL call).
+  LowLatencyCleanParams p;
+  p.common = m.common(KernelId::kLowLatencyClean);
+  // Ranks reach clean after their own earlier calls, each of which may wait up to a timeout (a
+  // masked peer's first missing answer costs one per half): the barriers allow a rank three
+  // timeouts and 10 s more to arrive, as the host allows the count exchange.
+  p.common.wait.timeout_ns = 3 * m.timeout_ns + 10'000'000'000ull;
+  p.clean_count = &m.counters->ll_cleans;
+  if (m.options.enable_shrink) p.mask = m.ll.mask;
+  const StreamOrder order{stream, nullptr, false};
+  cudaStream_t s = begin_call(m, order);
+  p.barrier = 1;
+  launch_low_latency_clean_barrier(p, s);
+  clear_low_latency_calls(m, s);
+  p.barrier = 2;
+  launch_low_latency_clean_barrier(p, s);
+  end_call(m, order);
   m.ll.layout = l;
-  m.group->barrier();
 }
 
 Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,

@@ -22,7 +22,11 @@ constexpr int kPusherStages = 2;  // run 6: 630 us with 2, 662 with 3 (4 pushers
 constexpr int kPusherPieceBytes = 16384;
 constexpr int kReducerWarps = 12;
 
-int num_scale_groups(int hidden) { return (hidden + 127) / 128; }
+// FP8 scales travel as opaque 4-byte words, as many per token as x_scales has columns (DeepEP's
+// rule): float32 scales of any group size (ceil(hidden / 128) for the usual 128-channel groups), or
+// int32 words such as UE8M0 exponents packed four per word. Received scales are [rows, words]
+// row-major, of the dtype x_scales had.
+int scale_words(const std::optional<TensorView>& x_scales) { return x_scales ? static_cast<int>(x_scales->shape[1]) : 0; }
 
 struct DispatchKernelShape {
   int puller_warps = 0;
@@ -58,8 +62,9 @@ DispatchKernelShape shape_dispatch_kernel(int row_bytes, int chunk, int meta_row
       return k;
     }
   }
-  throw ArgumentError("hidden: a row of " + std::to_string(row_bytes) + " bytes does not fit the shared memory of one SM (" +
-                      std::to_string(max_smem) + " bytes)");
+  throw ArgumentError("hidden, x_scales: a row of " + std::to_string(row_bytes) + " bytes with " +
+                      std::to_string(meta_row_bytes) + " bytes of scales and topk per token does not fit the shared "
+                      "memory of one SM (" + std::to_string(max_smem) + " bytes)");
 }
 
 // Chunks are dealt round-robin to num_sms blocks. Take the chunk (at most the config's, at least
@@ -128,25 +133,30 @@ void check_x(const Buffer::Impl& m, const TensorView& x, const std::optional<Ten
     throw ArgumentError("x: " + std::to_string(x.shape[0]) + " tokens, but the handle was made for " +
                         std::to_string(num_tokens_expected));
   if (x.dtype == DType::kFP8E4M3) {
-    if (!scales) throw ArgumentError("x_scales: FP8 x needs its float32 scales [T, ceil(hidden/128)]");
-    checks::device_tensor("x_scales", *scales, m.device, {DType::kF32}, 2, /*need_contiguous=*/false);
+    if (!scales)
+      throw ArgumentError("x_scales: FP8 x needs its scales ([T, ceil(hidden/128)] float32, or packed int32 words)");
+    checks::device_tensor("x_scales", *scales, m.device, {DType::kF32, DType::kI32}, 2, /*need_contiguous=*/false);
     checks::dim("x_scales", *scales, 0, x.shape[0], "tokens");
-    checks::dim("x_scales", *scales, 1, num_scale_groups(static_cast<int>(x.shape[1])), "ceil(hidden / 128)");
+    checks::in_range("x_scales.shape[1] (scale words per token)", scales->shape[1], 1, kMaxScaleWords);
+    if (scales->shape[0] > 1 && scales->strides[0] == 0)
+      throw ArgumentError("x_scales: stride 0 along tokens (" + scales->describe() + "); each token needs its own scales");
   } else if (scales) {
     throw ArgumentError("x_scales: given for BF16 x; scales belong to FP8 input only");
   }
 }
 
-void check_recv(const Buffer::Impl& m, const DispatchOutputs& out, const TensorView& x, int rows, int num_topk) {
+// x_scales: the input's scales (FP8 only; its dtype and columns are what recv_x_scales must have).
+void check_recv(const Buffer::Impl& m, const DispatchOutputs& out, const TensorView& x, const TensorView& x_scales,
+                int rows, int num_topk) {
   checks::device_tensor("recv_x", out.recv_x, m.device, {x.dtype}, 2);
   checks::aligned("recv_x", out.recv_x, 16);
   checks::dim("recv_x", out.recv_x, 0, rows, "received rows");
   checks::dim("recv_x", out.recv_x, 1, x.shape[1], "hidden");
   if (x.dtype == DType::kFP8E4M3) {
     if (!out.recv_x_scales) throw ArgumentError("recv_x_scales: needed for FP8 dispatch");
-    checks::device_tensor("recv_x_scales", *out.recv_x_scales, m.device, {DType::kF32}, 2);
+    checks::device_tensor("recv_x_scales", *out.recv_x_scales, m.device, {x_scales.dtype}, 2);
     checks::dim("recv_x_scales", *out.recv_x_scales, 0, rows, "received rows");
-    checks::dim("recv_x_scales", *out.recv_x_scales, 1, num_scale_groups(static_cast<int>(x.shape[1])), "ceil(hidden / 128)");
+    checks::dim("recv_x_scales", *out.recv_x_scales, 1, x_scales.shape[1], "x_scales.shape[1]");
   }
   if (num_topk > 0) {
     if (!out.recv_topk_idx) throw ArgumentError("recv_topk_idx: needed when topk_idx is given");
@@ -281,7 +291,7 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     // The ring must fit before anything is launched (the same check dispatch_run makes).
     const int hidden = static_cast<int>(in.x.shape[1]);
     const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
-    const int num_scales = in.x.dtype == DType::kFP8E4M3 ? num_scale_groups(hidden) : 0;
+    const int num_scales = scale_words(in.x_scales);
     const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
     if (m.inter.enabled)
       m.check_internode_dispatch(row_bytes, num_scales, K);  // across nodes: the internode region instead
@@ -352,9 +362,9 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   const int R = m.num_ranks;
   const int hidden = static_cast<int>(x.shape[1]);
   const int row_bytes = hidden * static_cast<int>(dtype_size(x.dtype));
-  const int num_scales = x.dtype == DType::kFP8E4M3 ? num_scale_groups(hidden) : 0;
+  const int num_scales = scale_words(x_scales);
   const int K = topk_idx ? static_cast<int>(topk_idx->shape[1]) : 0;
-  check_recv(m, out, x, num_rows, K);
+  check_recv(m, out, x, x_scales ? *x_scales : TensorView{}, num_rows, K);
   checks::device_tensor("handle.recv_src_idx", handle.recv_src_idx, m.device, {DType::kI32}, 1);
   checks::dim("handle.recv_src_idx", handle.recv_src_idx, 0, num_rows, "received rows");
   if (num_worst_tokens > 0 && handle.num_recv_tokens > num_worst_tokens)
@@ -386,7 +396,7 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.stager_piece_bytes = kStagerPieceBytes;
   p.x = x.ptr<const uint8_t>();
   if (x_scales) {
-    p.x_scales = x_scales->ptr<const float>();
+    p.x_scales = x_scales->ptr<const uint32_t>();
     p.scale_stride_token = x_scales->strides[0];
     p.scale_stride_group = x_scales->strides[1];
   }
@@ -397,7 +407,7 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.chunk_offset_stride = static_cast<int>(handle.chunk_offset.shape[1]);
   p.parity_counter = &m.counters->notify_count;
   p.recv_x = out.recv_x.ptr<uint8_t>();
-  p.recv_scales = out.recv_x_scales ? out.recv_x_scales->ptr<float>() : nullptr;
+  p.recv_scales = out.recv_x_scales ? out.recv_x_scales->ptr<uint32_t>() : nullptr;
   p.recv_topk_idx = out.recv_topk_idx ? out.recv_topk_idx->ptr<int64_t>() : nullptr;
   p.recv_topk_weights = out.recv_topk_weights ? out.recv_topk_weights->ptr<float>() : nullptr;
   p.recv_src_idx = handle.recv_src_idx.ptr<int32_t>();

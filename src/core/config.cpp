@@ -1,5 +1,7 @@
 #include "epcomm/config.hpp"
 
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 #include <string>
 
@@ -26,7 +28,23 @@ size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) cons
   return 2 * std::max(dispatch, combine);
 }
 
+int Config::nvlink_domain_ranks() {
+  const int64_t env = env_value("EPCOMM_RANKS_PER_NODE");
+  if (env > 0) return static_cast<int>(env);
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no GPU: not an error here
+    devices = 0;
+  }
+  return devices > 0 ? devices : 8;
+}
+
 size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  return get_rdma_buffer_size_hint(hidden_bytes, num_ranks, nvlink_domain_ranks());
+}
+
+size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int ranks_per_node) const {
+  if (num_ranks <= ranks_per_node) return 0;  // one node: NVLink only, no network memory
   const size_t per_token = hidden_bytes + 4 * ((hidden_bytes + 127) / 128) + 8 * kMaxTopk + 16;
   return static_cast<size_t>(num_sms) * std::max(rdma_buffer_size, 1) * per_token * 2 +
          static_cast<size_t>(num_ranks) * 4096;

@@ -15,6 +15,7 @@ const char* kernel_name(KernelId k) {
     case KernelId::kLowLatencyDispatch: return "low_latency_dispatch";
     case KernelId::kLowLatencyCombine: return "low_latency_combine";
     case KernelId::kBarrier: return "barrier";
+    case KernelId::kLowLatencyClean: return "clean_low_latency_buffer";
   }
   return "?";
 }
@@ -40,6 +41,8 @@ const char* phase_name(WaitPhase p) {
       return "waiting for the peer to finish sending (low-latency combine)";
     case WaitPhase::kLowLatencyCombineWeights:
       return "waiting for the peer's topk_weights (low-latency per-rank combine send)";
+    case WaitPhase::kLowLatencyClean:
+      return "waiting for the peer to reach clean_low_latency_buffer (is every rank calling it?)";
   }
   return "?";
 }

@@ -10,7 +10,9 @@ namespace epcomm {
 
 const std::vector<EnvParam>& env_params() {
   static const std::vector<EnvParam> params = {
-      {"EPCOMM_TIMEOUT_MS", 30000,
+      // DeepEP's order (its kernels give up after about 100 s): a first call that waits for ranks
+      // still loading kernels or compiling (frameworks warm up unevenly) must not fail.
+      {"EPCOMM_TIMEOUT_MS", 100000,
        "timeout of every GPU wait (and of the host's wait for dispatch counts), in milliseconds"},
       {"EPCOMM_RANKS_PER_NODE", 0,
        "ranks per node; 0 = the NVLink (LSA) domain NCCL reports. Smaller values split one machine into "

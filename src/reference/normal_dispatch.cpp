@@ -2,6 +2,7 @@
 // experts. Rows on a receiver are ordered by source rank, then by source token index; that order is
 // what makes the prefix matrix, the handle and combine line up.
 #include <algorithm>
+#include <cstring>
 
 #include "reference/reference_internal.hpp"
 
@@ -10,7 +11,6 @@ namespace detail {
 namespace {
 
 size_t row_bytes(const NormalOptions& o) { return static_cast<size_t>(o.hidden) * dtype_size(o.dtype); }
-int scale_cols(int hidden) { return (hidden + kScaleGroup - 1) / kScaleGroup; }
 
 void check_options(const std::string& who, const NormalOptions& o, int num_ranks) {
   if (o.dtype != DType::kBF16 && o.dtype != DType::kFP8E4M3)
@@ -25,6 +25,8 @@ void check_options(const std::string& who, const NormalOptions& o, int num_ranks
     fail(who, cat("expert_alignment = ", o.expert_alignment, " must be >= 1"));
   if (o.num_worst_tokens < 0)
     fail(who, cat("num_worst_tokens = ", o.num_worst_tokens, " must be >= 0"));
+  if (o.num_scales < 0 || o.num_scales > kMaxNormalScaleWords)
+    fail(who, cat("num_scales = ", o.num_scales, " must be in [0, ", kMaxNormalScaleWords, "] (0: ceil(hidden / 128))"));
 }
 
 void check_x(const std::string& who, const NormalInput& in, const NormalOptions& o) {
@@ -33,8 +35,9 @@ void check_x(const std::string& who, const NormalInput& in, const NormalOptions&
              cat("num_tokens * hidden * ", dtype_size(o.dtype), " = ", in.num_tokens, " * ", o.hidden,
                  " * ", dtype_size(o.dtype)));
   if (o.dtype == DType::kFP8E4M3) {
-    check_size(who, "scales", in.scales.size(), int64_t{in.num_tokens} * scale_cols(o.hidden),
-               cat("num_tokens * ceil(hidden / 128) = ", in.num_tokens, " * ", scale_cols(o.hidden)));
+    check_size(who, "scales", in.scales.size(), int64_t{in.num_tokens} * o.scale_words(),
+               cat("num_tokens * scale words per token (options.num_scales; 0: ceil(hidden / 128)) = ", in.num_tokens,
+                   " * ", o.scale_words()));
   } else if (!in.scales.empty()) {
     fail(who, cat("scales has ", in.scales.size(), " elements but dtype is bfloat16 (scales are for FP8 only)"));
   }
@@ -142,7 +145,7 @@ NormalDispatchOutput receive_dispatch(int rank, const std::vector<const Dispatch
   const int experts_per_rank = o.num_experts / num_ranks;
   const int64_t first_expert = int64_t{rank} * experts_per_rank;
   const size_t rb = row_bytes(o);
-  const int sc = o.dtype == DType::kFP8E4M3 ? scale_cols(o.hidden) : 0;
+  const int sc = o.dtype == DType::kFP8E4M3 ? o.scale_words() : 0;
 
   NormalDispatchOutput out;
   NormalHandle& h = out.handle;
@@ -181,7 +184,9 @@ NormalDispatchOutput receive_dispatch(int rank, const std::vector<const Dispatch
       h.recv_src_idx.push_back(t);
       h.recv_src_rank.push_back(i);
       std::copy_n(in.x.begin() + t * rb, rb, out.recv_x.begin() + row * rb);
-      std::copy_n(in.scales.begin() + static_cast<size_t>(t) * sc, sc, out.recv_scales.begin() + row * sc);
+      // Words, bit for bit (an int32 word may read as a NaN float; memcpy keeps its payload).
+      if (sc > 0)
+        std::memcpy(out.recv_scales.data() + row * sc, in.scales.data() + static_cast<size_t>(t) * sc, sc * sizeof(float));
       for (int k = 0; with_topk && k < K; ++k) {
         const int64_t e = in.topk_idx[static_cast<size_t>(t) * K + k];
         if (e < first_expert || e >= first_expert + experts_per_rank) continue;
@@ -206,4 +211,17 @@ NormalDispatchOutput receive_dispatch(int rank, const std::vector<const Dispatch
 }
 
 }  // namespace detail
+
+std::vector<float> scale_words_from(const std::vector<int32_t>& words) {
+  std::vector<float> out(words.size());
+  if (!words.empty()) std::memcpy(out.data(), words.data(), words.size() * sizeof(int32_t));
+  return out;
+}
+
+std::vector<int32_t> scale_words_as_int(const std::vector<float>& words) {
+  std::vector<int32_t> out(words.size());
+  if (!words.empty()) std::memcpy(out.data(), words.data(), words.size() * sizeof(float));
+  return out;
+}
+
 }  // namespace epcomm::ref

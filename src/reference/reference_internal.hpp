@@ -24,6 +24,7 @@ namespace epcomm::ref::detail {
 inline constexpr int kMaxTopk = 16;
 inline constexpr int kScaleGroup = 128;     // channels per FP8 scale
 inline constexpr int kNormalRowAlign = 16;  // bytes a normal-mode row must be a multiple of
+inline constexpr int kMaxNormalScaleWords = 512;  // FP8 scale words per token (the library's kMaxScaleWords)
 
 // ---- argument checking (validate.cpp) ----
 // Messages are built without iostreams: GCC-built iostream code called from a process that has

@@ -144,6 +144,66 @@ TEST(ReferenceNormal, Fp8DispatchCopiesBytesAndScales) {
   EXPECT_EQ(padded[0].recv_x.size(), 4u * hidden);
 }
 
+// DeepEP's other scale forms: int32 words (UE8M0 exponents packed four per word, some of which read
+// as NaN floats) and a scale count that is not ceil(hidden / 128) travel bit for bit, in dispatch
+// and cached dispatch; a wrong count is refused.
+TEST(ReferenceNormal, Fp8ScaleWordsOfAnyCountTravelBitForBit) {
+  const int hidden = 512;
+  for (const int words : {1, 2, 5}) {
+    std::vector<NormalInput> in(2);
+    std::vector<std::vector<int32_t>> sent(2);
+    for (int r = 0; r < 2; ++r) {
+      in[r].num_tokens = 3;
+      for (int i = 0; i < 3 * hidden; ++i) in[r].x.push_back(static_cast<uint8_t>(i * 5 + r));
+      for (int t = 0; t < 3; ++t)
+        for (int w = 0; w < words; ++w)  // 0x7f800001 + ...: NaN bit patterns among ordinary ones
+          sent[r].push_back(static_cast<int32_t>(w % 2 ? 0x7f800001u + 16u * t + r : 0x7e7d7c7bu - 256u * t - r));
+      in[r].scales = scale_words_from(sent[r]);
+      in[r].topk_idx = {r, -1, 1 - r, -1, 0, 1};  // t0 home, t1 to the other rank, t2 to both
+      in[r].topk_weights = {1.0f, 0.0f, 1.0f, 0.0f, 0.5f, 0.5f};
+    }
+    NormalOptions o;
+    o.dtype = DType::kFP8E4M3;
+    o.hidden = hidden;
+    o.num_topk = 2;
+    o.num_experts = 2;
+    o.num_scales = words;
+    ASSERT_EQ(o.scale_words(), words);
+    const auto out = normal_dispatch(in, o);
+    // Rank 0 receives (0, t0), (0, t2), (1, t1), (1, t2).
+    const std::pair<int, int> rows0[] = {{0, 0}, {0, 2}, {1, 1}, {1, 2}};
+    const auto got = scale_words_as_int(out[0].recv_scales);
+    ASSERT_EQ(got.size(), 4u * words);
+    for (int i = 0; i < 4; ++i)
+      for (int w = 0; w < words; ++w)
+        EXPECT_EQ(got[i * words + w], sent[rows0[i].first][rows0[i].second * words + w]) << "row " << i << " word " << w;
+    // Cached dispatch of new words: the same rows.
+    std::vector<NormalHandle> handles{out[0].handle, out[1].handle};
+    std::vector<NormalInput> again = in;
+    for (int r = 0; r < 2; ++r) {
+      for (auto& v : sent[r]) v = ~v;
+      again[r].scales = scale_words_from(sent[r]);
+      again[r].topk_idx.clear();
+      again[r].topk_weights.clear();
+    }
+    NormalOptions co = o;
+    co.num_topk = 0;
+    const auto cached = scale_words_as_int(normal_cached_dispatch(again, handles, co)[0].recv_scales);
+    ASSERT_EQ(cached.size(), 4u * words);
+    for (int i = 0; i < 4; ++i)
+      for (int w = 0; w < words; ++w)
+        EXPECT_EQ(cached[i * words + w], sent[rows0[i].first][rows0[i].second * words + w]) << "cached row " << i;
+    // The count must match the scales given.
+    o.num_scales = words + 1;
+    expect_argument_error([&] { normal_dispatch(in, o); }, {"scales", "scale words per token"});
+  }
+  NormalOptions bad;
+  bad.dtype = DType::kFP8E4M3;
+  bad.hidden = hidden;
+  bad.num_scales = 513;
+  expect_argument_error([&] { normal_dispatch(std::vector<NormalInput>(2), bad); }, {"num_scales = 513"});
+}
+
 TEST(ReferenceNormal, DispatchWithoutTopk) {
   std::vector<NormalInput> in = two_rank_inputs();
   for (auto& r : in) r.topk_idx.clear(), r.topk_weights.clear();

@@ -1,5 +1,6 @@
 #include "normal_problem.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <random>
 
@@ -7,7 +8,7 @@ namespace epcomm::test {
 
 NormalReference make_normal_reference(const NormalProblem& c, uint64_t seed) {
   const int R = c.num_ranks, H = c.hidden, K = c.num_topk, E = c.num_experts;
-  const int G = (H + 127) / 128;
+  const int G = c.scale_words();
   NormalReference out;
   out.in.resize(R);
   std::vector<ref::NormalInput> ref_in(R), ref_in2(R);
@@ -28,8 +29,19 @@ NormalReference make_normal_reference(const NormalProblem& c, uint64_t seed) {
     } else {
       ri.x = random_fp8(rng, n);
       ri.x2 = random_fp8(rng, n);
-      ri.scales = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
-      ri.scales2 = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
+      if (c.scale_dtype == DType::kI32) {
+        // Any 32-bit words, NaN patterns included: they must travel bit for bit.
+        const auto words = [&] {
+          std::vector<int32_t> w(static_cast<size_t>(ri.num_tokens) * G);
+          for (auto& v : w) v = static_cast<int32_t>(rng());
+          return ref::scale_words_from(w);
+        };
+        ri.scales = words();
+        ri.scales2 = words();
+      } else {
+        ri.scales = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
+        ri.scales2 = random_scales(rng, static_cast<size_t>(ri.num_tokens) * G);
+      }
     }
     RoutingSpec spec{E, K, c.skewed, 0.1};
     ri.topk = c.routing ? c.routing(r, ri.num_tokens) : random_topk(rng, ri.num_tokens, spec);
@@ -56,6 +68,7 @@ NormalReference make_normal_reference(const NormalProblem& c, uint64_t seed) {
   opt.num_experts = E;
   opt.expert_alignment = c.expert_alignment;
   opt.num_worst_tokens = c.worst ? R * c.max_tokens : 0;
+  opt.num_scales = c.num_scales;
   out.num_worst_tokens = opt.num_worst_tokens;
   out.dispatch = ref::normal_dispatch(ref_in, opt);
   std::vector<ref::NormalHandle> handles;
@@ -82,6 +95,44 @@ std::vector<float> column_major(const std::vector<float>& row_major, int rows, i
   for (int r = 0; r < rows; ++r)
     for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
   return out;
+}
+
+namespace {
+int padded_tokens(const NormalProblem& c, int tokens) {
+  const int a = std::max(c.scale_token_align, 1);
+  return (tokens + a - 1) / a * a;
+}
+}  // namespace
+
+std::vector<float> scale_layout(const NormalProblem& c, const std::vector<float>& row_major, int tokens) {
+  const int G = c.scale_words();
+  if (c.scales_row_major) return row_major;
+  const int stride = padded_tokens(c, tokens);
+  std::vector<float> out(static_cast<size_t>(stride) * G, 0.0f);
+  for (int t = 0; t < tokens; ++t)
+    for (int g = 0; g < G; ++g)
+      std::memcpy(&out[static_cast<size_t>(g) * stride + t], &row_major[static_cast<size_t>(t) * G + g], 4);
+  return out;
+}
+
+DeviceTensor scale_tensor(const NormalProblem& c, int tokens, int device) {
+  const int G = c.scale_words();
+  if (c.scales_row_major) return DeviceTensor(c.scale_dtype, {tokens, G}, device);
+  return DeviceTensor(c.scale_dtype, {G, padded_tokens(c, tokens)}, device);
+}
+
+TensorView scale_view(const NormalProblem& c, const DeviceTensor& t, int tokens) {
+  TensorView v = t.view();
+  if (c.scales_row_major) return v;
+  v.ndim = 2;
+  v.shape = {tokens, c.scale_words(), 0, 0};
+  v.strides = {1, padded_tokens(c, tokens), 0, 0};
+  return v;
+}
+
+::testing::AssertionResult same_scale_words(const DeviceTensor& got, const std::vector<float>& want,
+                                            const std::string& what, size_t count) {
+  return same_values(got.download<int32_t>(), ref::scale_words_as_int(want), what, count);
 }
 
 TensorView column_major_view(const DeviceTensor& t, int rows, int cols) {

@@ -42,6 +42,9 @@ std::string describe(const InterCase& c) {
   if (c.skewed) s += " skewed";
   if (c.worst) s += " worst";
   if (c.graph) s += " graph";
+  if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
+    s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
+         std::to_string(c.scale_words());
   return s;
 }
 
@@ -103,7 +106,7 @@ void run_inter_case(const InterCase& c) {
   const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden, K = c.num_topk, E = c.num_experts;
   ASSERT_EQ(R % P, 0);
   const int elt = c.dtype == DType::kBF16 ? 2 : 1;
-  const int G = (H + 127) / 128;
+  const int G = c.scale_words();
   const int sms = test_num_sms(R, c.num_sms);
 
   const NormalReference reference = make_normal_reference(c, seed);
@@ -137,10 +140,10 @@ void run_inter_case(const InterCase& c) {
         DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
         x.upload(ri.x);
         x2.upload(ri.x2);
-        DeviceTensor sc(DType::kF32, {T, G}, dev), sc2(DType::kF32, {T, G}, dev);
+        DeviceTensor sc = scale_tensor(c, T, dev), sc2 = scale_tensor(c, T, dev);
         if (c.dtype == DType::kFP8E4M3) {
-          sc.upload(column_major(ri.scales, T, G));
-          sc2.upload(column_major(ri.scales2, T, G));
+          sc.upload(scale_layout(c, ri.scales, T));
+          sc2.upload(scale_layout(c, ri.scales2, T));
         }
         DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
         topk.upload(ri.topk);
@@ -176,7 +179,7 @@ void run_inter_case(const InterCase& c) {
           chunk_off = DeviceTensor(DType::kI32, {R, stride}, dev);
           per_expert_recv = DeviceTensor(DType::kI32, {E / R}, dev);
           rx = DeviceTensor(c.dtype, {rows, H}, dev);
-          rsc = DeviceTensor(DType::kF32, {rows, G}, dev);
+          rsc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
           ridx = DeviceTensor(DType::kI64, {rows, K}, dev);
           rw = DeviceTensor(DType::kF32, {rows, K}, dev);
           src = DeviceTensor(DType::kI32, {rows}, dev);
@@ -187,7 +190,7 @@ void run_inter_case(const InterCase& c) {
           out = DeviceTensor(DType::kBF16, {T, H}, dev);
           out_w = DeviceTensor(DType::kF32, {T, K}, dev);
           cx = DeviceTensor(c.dtype, {rows, H}, dev);
-          csc = DeviceTensor(DType::kF32, {rows, G}, dev);
+          csc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
         };
         allocate_step_tensors();
         int at_step = 0;
@@ -219,7 +222,7 @@ void run_inter_case(const InterCase& c) {
           DispatchInputs di;
           at_part = "dispatch";
           di.x = x.view();
-          if (c.dtype == DType::kFP8E4M3) di.x_scales = column_major_view(sc, T, G);
+          if (c.dtype == DType::kFP8E4M3) di.x_scales = scale_view(c, sc, T);
           if (c.with_topk) {
             di.topk_idx = topk.view();
             di.topk_weights = weights.view();
@@ -266,7 +269,7 @@ void run_inter_case(const InterCase& c) {
           EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
           if (c.dtype == DType::kFP8E4M3)
             EXPECT_TRUE(
-                same_values(rsc.download<float>(), want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
+                same_scale_words(rsc, want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
           if (c.with_topk) {
             EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
             EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
@@ -307,14 +310,14 @@ void run_inter_case(const InterCase& c) {
           cout_.recv_x = cx.view();
           if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
           std::optional<TensorView> sc2v;
-          if (c.dtype == DType::kFP8E4M3) sc2v = column_major_view(sc2, T, G);
+          if (c.dtype == DType::kFP8E4M3) sc2v = scale_view(c, sc2, T);
           buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
           cuda_ok(cudaStreamSynchronize(stream), "sync cached");
           EXPECT_EQ(buf.internode_stats(true).network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
           EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x, "cached recv_x",
                                   static_cast<size_t>(nrecv) * H * elt));
           if (c.dtype == DType::kFP8E4M3)
-            EXPECT_TRUE(same_values(csc.download<float>(), reference.cached[r].recv_scales, "cached recv_x_scales",
+            EXPECT_TRUE(same_scale_words(csc, reference.cached[r].recv_scales, "cached recv_x_scales",
                                     static_cast<size_t>(nrecv) * G));
 
           if (c.graph && step == 0) {
@@ -387,6 +390,24 @@ TEST(InternodeGpu, Fp8AllSplits) {
     c.dtype = DType::kFP8E4M3;
     c.hidden = 1008;  // not a multiple of 128: a partial scale group
     c.num_experts = 8 * s.R;
+    run_inter_case(c);
+  }
+}
+
+// DeepEP's other scale forms across nodes: packed UE8M0 int32 words (TMA-aligned column-major, as
+// SGLang passes them) and float32 scales of another group count, bit for bit over the network hop.
+TEST(InternodeGpu, Fp8ScaleForms) {
+  for (const DType dtype : {DType::kI32, DType::kF32}) {
+    InterCase c;
+    c.num_ranks = 4;
+    c.ranks_per_node = 2;
+    c.dtype = DType::kFP8E4M3;
+    c.hidden = 1008;
+    c.num_experts = 32;
+    c.scale_dtype = dtype;
+    c.num_scales = dtype == DType::kI32 ? 2 : 16;
+    c.scale_token_align = dtype == DType::kI32 ? 4 : 1;
+    c.scales_row_major = dtype == DType::kF32;
     run_inter_case(c);
   }
 }

@@ -873,6 +873,96 @@ TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
   });
 }
 
+// clean_low_latency_buffer is stream work (SPEC.md 4): eager with no host wait before the next
+// calls on the stream, and captured in a CUDA graph before dispatch + combine (SGLang cleans when it
+// switches to low latency, possibly while capturing); zeroing the whole LL region between calls on
+// every rank (vLLM's fault-tolerance path: get_local_buffer_tensor(...).zero_()) leaves the buffer
+// working without a clean. Every round against the reference.
+TEST(LowLatencyGpu, CleanIsStreamWorkCapturableAndZeroingIsHarmless) {
+  const uint64_t seed = std::random_device{}();
+  LLCase c;
+  c.num_ranks = 2;
+  c.hidden = 512;
+  c.num_experts = 16;
+  c.num_topk = 4;
+  c.max_tokens = 32;
+  SCOPED_TRACE("clean as stream work: " + describe(c) + " seed=" + std::to_string(seed));
+  const int R = c.num_ranks, kEager = 4, kReplays = 3, rounds = kEager + kReplays;
+  std::vector<std::vector<RoundInput>> in(rounds, std::vector<RoundInput>(R));
+  for (int k = 0; k < rounds; ++k)
+    for (int r = 0; r < R; ++r) in[k][r] = make_input(c, seed, k, r, r == 0 ? c.max_tokens : c.max_tokens / 2);
+  std::vector<std::vector<RoundOutput>> got(rounds, std::vector<RoundOutput>(R));
+  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
+  const int parts_before = result->total_part_count();
+  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+    const int dev = group->device();
+    const int T = in[0][r].num_tokens;
+    RankBuffer rb(group, c, c.timeout_ms);
+    Buffer& buf = *rb.buffer;
+    cudaStream_t stream = rb.stream;
+    const StreamOrder order{stream, nullptr, false};
+    std::vector<Batch> batches;
+    for (int k = 0; k < kEager + 1; ++k) batches.push_back(make_batch(c, R, T, dev, test_num_sms(R, 132), nullptr, nullptr, nullptr));
+    auto sync = [&](const char* what) { cuda_ok(cudaStreamSynchronize(stream), what); };
+    auto round = [&](Batch& b, int k) {
+      upload_dispatch_inputs(b, in[k][r]);
+      b.y.upload(in[k][r].y);
+      b.out.fill_bytes(0);
+      buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+      buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
+      sync("round");
+      got[k][r] = download_dispatch(c, R, b);
+      got[k][r].out = b.out.download<uint16_t>();
+    };
+    round(batches[0], 0);
+    // Eager clean: the next dispatch follows on the stream, with no wait on the host in between.
+    buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, stream);
+    round(batches[1], 1);
+    EXPECT_EQ(batches[1].handle.buffer_index, 0) << "clean starts over at buffer 0";
+    // vLLM's fault-tolerance path: every rank zeroes its whole LL region between calls.
+    sync("before zeroing");
+    ranks_meet();
+    const auto [region, bytes] = buf.local_buffer(true);
+    cuda_ok(cudaMemsetAsync(region, 0, bytes, stream), "zero the LL region");
+    sync("zeroed");
+    ranks_meet();
+    round(batches[2], 2);
+    round(batches[3], 3);
+    buf.check_device_errors();
+    // clean + dispatch + combine in one CUDA graph, replayed with new inputs.
+    Batch& g = batches[kEager];
+    upload_dispatch_inputs(g, in[kEager][r]);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+    buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, stream);
+    buf.low_latency_dispatch(g.din, g.dout, g.handle, false, order);
+    buf.low_latency_combine(g.cin, g.handle, g.out.view(), false, order);
+    cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
+    cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    for (int m = 0; m < kReplays; ++m) {
+      const int k = kEager + m;
+      upload_dispatch_inputs(g, in[k][r]);
+      g.y.upload(in[k][r].y);
+      g.out.fill_bytes(0);
+      cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
+      sync("graph replay");
+      got[k][r] = download_dispatch(c, R, g);
+      got[k][r].out = g.out.download<uint16_t>();
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    buf.check_device_errors();
+    ranks_meet();
+  });
+  if (result->total_part_count() != parts_before) return;
+  for (int k = 0; k < rounds; ++k) {
+    SCOPED_TRACE("round " + std::to_string(k) + (k == 1 ? " (after an eager clean)" : k >= 2 && k < kEager
+                     ? " (after zeroing the region)" : k >= kEager ? " (graph with clean inside)" : ""));
+    compare_round(c, k, in[k], got[k]);
+  }
+}
+
 // A combine asked for a row its dispatch never sent: the origin's wait times out with a record
 // naming the kernel, the phase and the peer; clean_low_latency_buffer brings every rank back.
 TEST(LowLatencyGpu, TimeoutNamesThePeerAndCleanRecovers) {

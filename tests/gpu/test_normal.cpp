@@ -23,6 +23,10 @@ std::string describe(const NormalCase& c) {
   if (c.skewed) s += " skewed";
   if (c.worst) s += " worst";
   if (c.graph) s += " graph";
+  if (c.dtype == DType::kFP8E4M3)
+    s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
+         std::to_string(c.scale_words()) + (c.scales_row_major ? " row-major" : " column-major") +
+         (c.scale_token_align > 1 ? " aligned " + std::to_string(c.scale_token_align) : "");
   return s;
 }
 
@@ -31,7 +35,7 @@ void run_normal_case(const NormalCase& c) {
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
   const int R = c.num_ranks, H = c.hidden, K = c.num_topk, E = c.num_experts;
   const int elt = c.dtype == DType::kBF16 ? 2 : 1;
-  const int G = (H + 127) / 128;
+  const int G = c.scale_words();
   const int sms = test_num_sms(R, c.num_sms);
 
   // ---- inputs of every rank, and the reference results ----
@@ -58,10 +62,10 @@ void run_normal_case(const NormalCase& c) {
     DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
     x.upload(ri.x);
     x2.upload(ri.x2);
-    DeviceTensor sc(DType::kF32, {T, G}, dev), sc2(DType::kF32, {T, G}, dev);
+    DeviceTensor sc = scale_tensor(c, T, dev), sc2 = scale_tensor(c, T, dev);
     if (c.dtype == DType::kFP8E4M3) {
-      sc.upload(column_major(ri.scales, T, G));
-      sc2.upload(column_major(ri.scales2, T, G));
+      sc.upload(scale_layout(c, ri.scales, T));
+      sc2.upload(scale_layout(c, ri.scales2, T));
     }
     DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
     topk.upload(ri.topk);
@@ -76,7 +80,7 @@ void run_normal_case(const NormalCase& c) {
     DeviceTensor per_rank(DType::kI32, {R}, dev), per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
     DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
     DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
-    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(DType::kF32, {rows, G}, dev);
+    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(c.scale_dtype, {rows, G}, dev);
     DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
     DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
     y.upload(reference.combine_in[r].x);
@@ -87,7 +91,7 @@ void run_normal_case(const NormalCase& c) {
       b1.upload(reference.combine_in[r].bias1);
     }
     DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
-    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(DType::kF32, {rows, G}, dev);
+    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(c.scale_dtype, {rows, G}, dev);
 
     // layout
     buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
@@ -100,7 +104,7 @@ void run_normal_case(const NormalCase& c) {
     // dispatch
     DispatchInputs di;
     di.x = x.view();
-    if (c.dtype == DType::kFP8E4M3) di.x_scales = column_major_view(sc, T, G);
+    if (c.dtype == DType::kFP8E4M3) di.x_scales = scale_view(c, sc, T);
     if (c.with_topk) {
       di.topk_idx = topk.view();
       di.topk_weights = weights.view();
@@ -138,7 +142,7 @@ void run_normal_case(const NormalCase& c) {
     EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
     EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
     if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_values(rsc.download<float>(), want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
+      EXPECT_TRUE(same_scale_words(rsc, want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
     if (c.with_topk) {
       EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
       EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
@@ -169,14 +173,14 @@ void run_normal_case(const NormalCase& c) {
     cout_.recv_x = cx.view();
     if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
     std::optional<TensorView> sc2v;
-    if (c.dtype == DType::kFP8E4M3) sc2v = column_major_view(sc2, T, G);
+    if (c.dtype == DType::kFP8E4M3) sc2v = scale_view(c, sc2, T);
     buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync cached");
     EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x,
         "cached recv_x", static_cast<size_t>(nrecv) * H * elt));
     if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_values(csc.download<float>(), reference.cached[r].recv_scales, "cached recv_x_scales",
-                              static_cast<size_t>(nrecv) * G));
+      EXPECT_TRUE(same_scale_words(csc, reference.cached[r].recv_scales, "cached recv_x_scales",
+                                   static_cast<size_t>(nrecv) * G));
 
     // CUDA graph: the whole step captured once, replayed with new inputs each time.
     if (c.graph) {
@@ -228,6 +232,42 @@ TEST(NormalGpu, Fp8AllRankCounts) {
     c.num_experts = 8 * R;
     run_normal_case(c);
   }
+}
+
+// DeepEP's scale forms: packed UE8M0 int32 words, column-major with the token stride rounded up to 4
+// (DeepGEMM's TMA-aligned form, what SGLang passes), float32 scales of another group count
+// (per 64 channels), row-major, and a single word per token. Received scales are [rows, S]
+// row-major of the same dtype, bit for bit (the int32 words include NaN float patterns).
+TEST(NormalGpu, Fp8ScaleForms) {
+  struct Form {
+    DType dtype;
+    int words;
+    int align;
+    bool row_major;
+  };
+  const Form forms[] = {{DType::kI32, 2, 4, false},   // hidden 1008: ceil(ceil(1008/128) / 4) = 2 words
+                        {DType::kF32, 16, 1, true},   // 64-channel groups (ceil(1008 / 64) = 16)
+                        {DType::kI32, 1, 1, true},
+                        {DType::kF32, 3, 4, false}};
+  for (const Form& f : forms) {
+    NormalCase c;
+    c.num_ranks = 3;
+    c.dtype = DType::kFP8E4M3;
+    c.hidden = 1008;
+    c.num_experts = 24;
+    c.scale_dtype = f.dtype;
+    c.num_scales = f.words;
+    c.scale_token_align = f.align;
+    c.scales_row_major = f.row_major;
+    run_normal_case(c);
+  }
+  NormalCase worst;  // num_worst_tokens pads the int32 words too
+  worst.dtype = DType::kFP8E4M3;
+  worst.scale_dtype = DType::kI32;
+  worst.num_scales = 2;
+  worst.scale_token_align = 4;
+  worst.worst = true;
+  run_normal_case(worst);
 }
 
 TEST(NormalGpu, WithoutTopk) {

@@ -565,7 +565,7 @@ void run_stress(int num_ranks, const std::vector<int>& devices) {
     bo.num_rdma_bytes = Buffer::low_latency_size_hint(kLLTmax, kLLHidden, num_ranks, p.ll_experts());
     bo.max_tokens_per_rank = kNormalTmax;
     bo.max_experts_per_rank = 64;
-    bo.timeout_ms = 0;  // EPCOMM_TIMEOUT_MS (default 30 s; the sanitizer step raises it)
+    bo.timeout_ms = 0;  // EPCOMM_TIMEOUT_MS (default 100 s; the sanitizer step raises it)
     Buffer buf(group, bo);
     cudaStream_t stream;
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");

@@ -264,6 +264,35 @@ def normal(ctx, seed, what="normal", **kw):
     normal_case(ctx, seed, what, **kw)
 
 
+def scale_forms(ctx, seed, hidden=1024):
+    """FP8 scales in DeepEP's other forms: packed UE8M0 exponents as int32 words ([T, ceil(hidden /
+    512)], column-major with the token stride rounded up to 4: what SGLang passes from DeepGEMM's
+    quantizer), float32 scales of 64-channel groups (row-major), one word per token; each comes
+    back [rows, S] row-major in its own dtype, bit for bit (dispatch, cached dispatch, and with
+    num_worst_tokens)."""
+    R = ctx.num_ranks
+
+    def packed_ue8m0(T, g):
+        words, aligned = (hidden // 128 + 3) // 4, (T + 3) // 4 * 4
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, (words, aligned), generator=g, dtype=torch.int32,
+                             device=ctx.device).t()[:T]
+
+    forms = [
+        ("int32 UE8M0 packed, TMA-aligned column-major", packed_ue8m0),
+        ("float32 per 64 channels, row-major", lambda T, g: torch.rand(T, hidden // 64, generator=g, device=ctx.device)),
+        ("one int32 word per token", lambda T, g: torch.randint(-2 ** 31, 2 ** 31 - 1, (T, 1), generator=g,
+                                                                dtype=torch.int32, device=ctx.device)),
+    ]
+    for i, (name, make) in enumerate(forms):
+        for num_worst in (0, R * 200):
+            inp = Inputs(ctx, seed + i, 200, hidden, 8, 16 * R)
+            g = generators(ctx, seed * 31 + i)[1]
+            inp.scales, inp.scales2 = make(inp.num_tokens, g), make(inp.num_tokens, g)
+            out = run_normal(ctx, inp, fp8=True, num_worst=num_worst, bias=True)
+            verify_normal(ctx, inp, out, f"scales: {name}, num_worst_tokens={num_worst} (seed {seed})", fp8=True,
+                          num_worst=num_worst, bias=True)
+
+
 def stream_modes(ctx, seed):
     """Every combination of previous_event / async_finish / allocate_on_comm_stream."""
     for prev in (False, True):
@@ -285,7 +314,11 @@ def configs(ctx, seed):
     c.equal("default num_sms", (d.num_sms, k.num_sms), (epcomm.Buffer.num_sms,) * 2)
     small, big = d.get_nvl_buffer_size_hint(1024 * 2, R), d.get_nvl_buffer_size_hint(7168 * 2, R)
     c.true("nvl hint", 0 < small <= big, f"{small}, {big}")
-    c.true("rdma hint", d.get_rdma_buffer_size_hint(7168 * 2, R) > 0)
+    # No network memory inside one NVLink domain (DeepEP's rule), some across nodes.
+    c.equal("rdma hint inside one node", d.get_rdma_buffer_size_hint(7168 * 2, R), 0
+            if R <= epcomm.Config.nvlink_domain_ranks() else d.get_rdma_buffer_size_hint(7168 * 2, R))
+    c.equal("rdma hint, ranks_per_node=R", d.get_rdma_buffer_size_hint(7168 * 2, R, ranks_per_node=R), 0)
+    c.true("rdma hint across nodes", d.get_rdma_buffer_size_hint(7168 * 2, 2 * R, ranks_per_node=R) > 0)
     c.true("buffer big enough", ctx.buffer.num_nvl_bytes >= k.get_nvl_buffer_size_hint(2048 * 2, R))
     inp = Inputs(ctx, seed, 64, 1024, 4, 8 * R)
     ntpr, _, ntpe, itir, _ = ctx.buffer.get_dispatch_layout(inp.topk, inp.num_experts)
@@ -419,8 +452,13 @@ def errors(ctx, seed):
         ("x float32", lambda: buf.dispatch(inp.x.float(), topk_idx=inp.topk, **layout_kw), "x"),
         ("x on the CPU", lambda: buf.dispatch(inp.x.cpu(), topk_idx=inp.topk, **layout_kw), "x"),
         ("x not a tensor", lambda: buf.dispatch([1, 2], topk_idx=inp.topk, **layout_kw), "x"),
-        ("x_scales shape", lambda: buf.dispatch((inp.x8, inp.scales[:, :1]), topk_idx=inp.topk, **layout_kw),
+        # Any number of scale words per token is taken (DeepEP's rule); the rows and the dtype must fit.
+        ("x_scales rows", lambda: buf.dispatch((inp.x8, inp.scales[:-1]), topk_idx=inp.topk, **layout_kw),
          "x_scales"),
+        ("x_scales float64", lambda: buf.dispatch((inp.x8, inp.scales.double()), topk_idx=inp.topk, **layout_kw),
+         "x_scales"),
+        ("x_scales 513 words", lambda: buf.dispatch((inp.x8, torch.zeros(64, 513, device=ctx.device)),
+                                                    topk_idx=inp.topk, **layout_kw), "x_scales"),
         ("layout missing", lambda: buf.dispatch(inp.x, topk_idx=inp.topk), "num_tokens_per_rank"),
         ("topk_weights alone", lambda: buf.dispatch(inp.x, topk_weights=inp.weights, **layout_kw), "topk_weights"),
         ("expert_alignment 0", lambda: buf.dispatch(inp.x, expert_alignment=0, **layout_kw), "expert_alignment"),

@@ -121,7 +121,9 @@ def test_config_hints():
         small, big = d.get_nvl_buffer_size_hint(1024 * 2, R), d.get_nvl_buffer_size_hint(7168 * 2, R)
         assert 0 < small <= big
         assert c.get_nvl_buffer_size_hint(7168 * 2, R) > 0
-        assert d.get_rdma_buffer_size_hint(7168 * 2, R) > 0
+        # No network memory inside one node (DeepEP's rule); across nodes some.
+        assert d.get_rdma_buffer_size_hint(7168 * 2, R, ranks_per_node=8) == 0
+        assert d.get_rdma_buffer_size_hint(7168 * 2, R, ranks_per_node=R // 2 or 1) > 0 or R == 1
     more_sms = epcomm.Config(48, 32, 128)
     assert more_sms.get_nvl_buffer_size_hint(7168 * 2, 4) > epcomm.Config(24, 32, 128).get_nvl_buffer_size_hint(7168 * 2, 4)
     raises(ValueError, lambda: d.get_nvl_buffer_size_hint(0, 4), "hidden_bytes")

@@ -73,6 +73,10 @@ def test_hidden_sizes(cluster, hidden):
         cluster.run("normal", seed=SEED, what=f"hidden={hidden} fp8={fp8}", fp8=fp8, hidden=hidden, max_tokens=200)
 
 
+def test_fp8_scale_forms(cluster):
+    cluster.run("scale_forms", seed=SEED)
+
+
 def test_few_tokens(cluster):
     for max_tokens in (0, 1, 3):
         cluster.run("normal", seed=SEED + max_tokens, what=f"T<={max_tokens}", max_tokens=max_tokens, bias=True)

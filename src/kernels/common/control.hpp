@@ -17,6 +17,8 @@ constexpr int kMaxNvlRanks = 32;   // ranks one NVLink domain may hold
 constexpr int kMaxBlocks = 160;    // blocks (SMs) one communication kernel may use
 constexpr int kMaxChunkTokens = 32;  // tokens per chunk: one bit each in a 32-bit mask
 constexpr int kMaxTopk = 16;
+// FP8 scale words (4 bytes each: float32 scales or packed int32) one token carries in normal mode.
+constexpr int kMaxScaleWords = 512;
 // Call numbers are 32 bits and flags compare them with >=, so a number must never come round again:
 // a kernel whose number would pass this one leaves at once with a record (code 4) instead of
 // running; Buffer::reset (and, for low-latency calls, clean_low_latency_buffer) starts them again.

@@ -16,6 +16,7 @@ enum class KernelId : int32_t {
   kLowLatencyDispatch,
   kLowLatencyCombine,
   kBarrier,
+  kLowLatencyClean,
 };
 
 enum class WaitPhase : int32_t {
@@ -32,6 +33,7 @@ enum class WaitPhase : int32_t {
   kLowLatencyCombineRow,       // LL combine receive: an expert rank's output row for (token, k)
   kLowLatencyCombineDone,      // LL combine receive: an expert rank finishing its send half
   kLowLatencyCombineWeights,   // LL per-rank combine send: an origin's topk_weights
+  kLowLatencyClean,            // clean_low_latency_buffer: a peer arriving at its barrier
 };
 
 struct DeviceErrorRecord {

@@ -70,7 +70,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
       for (int f = lane; f < G + 2 * K; f += 32) {
         uint32_t v;
         if (f < G)
-          v = __float_as_uint(p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group]);
+          v = p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group];
         else if (f < G + K)
           v = static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * K + (f - G)]));
         else
@@ -172,7 +172,7 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
       const char* src = F + g.row(L, n, t);
       warp_copy(p.recv_x + row * p.row_bytes, src, p.row_bytes);
       const auto* meta = reinterpret_cast<const uint32_t*>(src + p.row_bytes);
-      for (int f = lane; f < G; f += 32) p.recv_scales[row * G + f] = __uint_as_float(__ldcg(meta + f));
+      for (int f = lane; f < G; f += 32) p.recv_scales[row * G + f] = __ldcg(meta + f);
       if (lane < K) {
         const int32_t e = static_cast<int32_t>(__ldcg(meta + G + lane));
         const float wt = __uint_as_float(__ldcg(meta + G + K + lane));

@@ -112,7 +112,7 @@ struct InterDispatchGeometry {
   static InterDispatchGeometry make(const InterLayout& l, int row_bytes, int num_scales, int num_topk) {
     InterDispatchGeometry g;
     g.row_bytes = static_cast<size_t>(row_bytes);
-    g.drow = align_up(g.row_bytes + sizeof(float) * (num_scales + 2 * num_topk), 16);
+    g.drow = align_up(g.row_bytes + sizeof(uint32_t) * (num_scales + 2 * num_topk), 16);
     const size_t mask_bytes = align_up(sizeof(uint32_t) * l.num_nodes * l.max_tokens, 128);
     g.masks = l.dispatch_base();
     g.send_masks = g.masks + mask_bytes;
@@ -190,7 +190,7 @@ struct InterDispatchParams {
   int experts_per_rank = 0;
   bool cached = false;
   const uint8_t* x = nullptr;
-  const float* x_scales = nullptr;
+  const uint32_t* x_scales = nullptr;  // [T, num_scales] 4-byte words (float32 or int32), any strides
   int64_t scale_stride_token = 0, scale_stride_group = 0;
   const int64_t* topk_idx = nullptr;
   const float* topk_weights = nullptr;
@@ -198,7 +198,7 @@ struct InterDispatchParams {
   const int32_t* chunk_offset = nullptr;      // [R, stride]
   int chunk_offset_stride = 0;
   uint8_t* recv_x = nullptr;
-  float* recv_scales = nullptr;
+  uint32_t* recv_scales = nullptr;     // [rows, num_scales] words, row-major
   int64_t* recv_topk_idx = nullptr;
   float* recv_topk_weights = nullptr;
   int32_t* recv_src_idx = nullptr;

@@ -512,6 +512,23 @@ void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowL
                                     const EmulatedNetParams& net, int num_blocks, void* stream);
 // Static shared memory the network path's kernels add to the dynamic amount.
 constexpr int kLowLatencyNetStaticSmem = 1024;
+// clean_low_latency_buffer as work on the caller's stream (kernels/low_latency/clean.cu), no host
+// wait and capturable: barrier(1), zero this rank's LL region and counters, barrier(2). Barrier n
+// of the c-th clean: each rank stores tag(c, n) into its slot of every rank's clean flags, then
+// waits until every slot of its own holds at least that. After barrier 1 no rank has LL work left
+// that could write into a region (each came to it after its earlier LL calls on that stream);
+// after barrier 2 every region is zeroed, so the next LL call may write. `c` is a device counter
+// (DeviceCounters::ll_cleans), the same on every rank, and barrier 2 advances it. Every rank takes
+// part, masked ones included (clean.cu says why).
+constexpr size_t kLowLatencyCleanFlagBytes = sizeof(uint64_t) * kMaxNvlRanks;  // u64 [R] in the control part
+struct LowLatencyCleanParams {
+  CommonParams common;           // peers, rank, wait context; ctl.ll_region holds the flags
+  uint32_t* clean_count = nullptr;  // device: cleans finished
+  int barrier = 1;               // 1: before zeroing, 2: after (and count this clean)
+  int32_t* mask = nullptr;       // shrink mode: a peer that never arrives is masked (nullptr: a record)
+};
+void launch_low_latency_clean_barrier(const LowLatencyCleanParams& p, void* stream);
+
 // Shrink mode's mask API (kernels/low_latency/mask.cu): sets mask[rank] = value, or every entry
 // when rank < 0, on `stream`.
 void launch_low_latency_set_mask(int32_t* mask, int num_ranks, int rank, int value, void* stream);

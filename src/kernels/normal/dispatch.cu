@@ -91,7 +91,7 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
       }
       ok = __shfl_sync(0xffffffffu, ok, 0);
     } else if (p.ring.meta_row_bytes > 0) {
-      // Meta rows: [scales f32][topk idx i32][topk weights f32] per token, written so that
+      // Meta rows: [scale words][topk idx i32][topk weights f32] per token, written so that
       // consecutive lanes load consecutive addresses whichever the scales' layout (token-major
       // [G][T] as DeepEP's kernels take it, or row-major [T][G] as Python callers pass it).
       const int G = p.num_scales, K = p.num_topk;
@@ -105,8 +105,7 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
           uint32_t v[8];
 #pragma unroll
           for (int u = 0; u < 8; ++u)
-            v[u] = f0 + u < G ? __float_as_uint(p.x_scales[t0 + lane + static_cast<int64_t>(f0 + u) * p.scale_stride_group])
-                              : 0u;
+            v[u] = f0 + u < G ? p.x_scales[t0 + lane + static_cast<int64_t>(f0 + u) * p.scale_stride_group] : 0u;
 #pragma unroll
           for (int u = 0; u < 8; ++u)
             if (f0 + u < G) field(lane, f0 + u) = v[u];
@@ -118,8 +117,8 @@ __device__ void run_stager(const DispatchParams& p, uint32_t seq, bool is_copier
 #pragma unroll
           for (int u = 0; u < 4; ++u) {
             const int i = i0 + u * 32;
-            v[u] = i < rows * G ? __float_as_uint(p.x_scales[static_cast<int64_t>(t0 + i / G) * p.scale_stride_token +
-                                                             static_cast<int64_t>(i % G) * p.scale_stride_group])
+            v[u] = i < rows * G ? p.x_scales[static_cast<int64_t>(t0 + i / G) * p.scale_stride_token +
+                                             static_cast<int64_t>(i % G) * p.scale_stride_group]
                                 : 0u;
           }
 #pragma unroll
@@ -244,7 +243,7 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
         }
         const uint8_t* meta_row = meta_smem + static_cast<size_t>(pos) * p.ring.meta_row_bytes;
         for (int g = lane; fits && g < p.num_scales; g += 32)
-          p.recv_scales[row * p.num_scales + g] = reinterpret_cast<const float*>(meta_row)[g];
+          p.recv_scales[row * p.num_scales + g] = reinterpret_cast<const uint32_t*>(meta_row)[g];
         if (fits && lane < K) {
           const int32_t e = reinterpret_cast<const int32_t*>(meta_row)[p.num_scales + lane];
           const float w = reinterpret_cast<const float*>(meta_row)[p.num_scales + K + lane];

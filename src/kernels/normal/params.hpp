@@ -35,7 +35,7 @@ struct CommonParams {
 };
 
 // Dispatch ring slot: [x rows: chunk * row_bytes][meta: chunk * meta_row_bytes]
-// where a meta row is [scales: num_scales f32][topk idx: K i32][topk weights: K f32], padded to 16.
+// where a meta row is [scales: num_scales 4-byte words][topk idx: K i32][topk weights: K f32], padded to 16.
 struct DispatchRing {
   size_t offset = 0;        // of slot (0, 0) inside the symmetric region
   size_t slot_bytes = 0;
@@ -88,7 +88,7 @@ struct DispatchParams {
   int max_chunks = 0;          // chunks of the rank with the most tokens (loop bound)
   int num_tokens = 0;          // T of this rank
   int row_bytes = 0;           // hidden * element size
-  int num_scales = 0;          // FP8: ceil(hidden / 128), else 0
+  int num_scales = 0;          // FP8: scale words per token (x_scales' columns), else 0
   int num_topk = 0;            // 0: dispatch without topk
   int experts_per_rank = 0;
   int puller_warps = 0;
@@ -97,7 +97,9 @@ struct DispatchParams {
   bool cached = false;
   // inputs of this rank
   const uint8_t* x = nullptr;  // [T, hidden], rows contiguous
-  const float* x_scales = nullptr;
+  // [T, num_scales] 4-byte words, any strides: float32 scales or int32 words (packed UE8M0
+  // exponents), moved bit for bit.
+  const uint32_t* x_scales = nullptr;
   int64_t scale_stride_token = 0, scale_stride_group = 0;  // in elements
   const int64_t* topk_idx = nullptr;      // [T, K]
   const float* topk_weights = nullptr;    // [T, K]
@@ -108,7 +110,7 @@ struct DispatchParams {
   const uint32_t* parity_counter = nullptr;  // not cached: the meta slot the notify filled
   // outputs
   uint8_t* recv_x = nullptr;
-  float* recv_scales = nullptr;           // [rows, num_scales]
+  uint32_t* recv_scales = nullptr;        // [rows, num_scales] words, row-major
   int64_t* recv_topk_idx = nullptr;       // [rows, K]
   float* recv_topk_weights = nullptr;     // [rows, K]
   int32_t* recv_src_idx = nullptr;        // [rows]; input when cached

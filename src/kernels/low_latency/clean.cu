@@ -1,0 +1,77 @@
+// clean_low_latency_buffer's barriers (params.hpp, LowLatencyCleanParams): one warp, a lane per
+// rank, on the caller's stream, so a clean orders with the LL calls around it and can be captured
+// in a CUDA graph (SGLang cleans when it switches to low-latency mode, possibly while capturing).
+//
+// Every rank takes part, masked ones too (shrink mode): a masked rank that is alive comes back
+// through this clean (its call counters restart with everyone's), and it must not zero its region
+// while the others already send into it again. Unlike DeepEP, whose clean skips masked ranks, a
+// rank that never arrives therefore costs a wait: three GPU timeouts plus 10 s (the host sets that
+// bound: ranks come to clean after their own earlier calls, which may each have waited a timeout
+// for a masked peer); in shrink mode it is then masked (it stays masked), otherwise the wait fails
+// with a record like any other.
+#include <cuda_runtime.h>
+
+#include "core/check.hpp"
+#include "kernels/common/launch.hpp"
+#include "kernels/common/ptx.cuh"
+#include "kernels/common/wait.cuh"
+#include "kernels/low_latency/params.hpp"
+
+namespace epcomm {
+namespace {
+
+using namespace epcomm::dev;
+
+// *flag >= target, bounded. On timeout: with shrink mode the peer is masked, else a record; false.
+__device__ bool wait_arrival(const WaitContext& w, int32_t* mask, const uint64_t* flag, uint64_t target, int peer) {
+  if (ld_acquire_sys(flag) >= target) return true;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    if (ld_acquire_sys(flag) >= target) return true;
+    if ((spins & 255) == 0) {
+      if (aborted(w)) return false;
+      if (global_timer_ns() - start > w.timeout_ns) {
+        if (mask != nullptr && peer != w.rank) {
+          atomicExch(mask + peer, 1);
+          __threadfence();
+        } else {
+          report_timeout(w, WaitPhase::kLowLatencyClean, peer, target, ld_acquire_sys(flag));
+        }
+        return false;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(32, 1) low_latency_clean_barrier_kernel(const __grid_constant__ LowLatencyCleanParams p) {
+  const CommonParams& c = p.common;
+  const int r = lane_id();
+  // Every rank made the same number of cleans, so this number is the same everywhere.
+  const uint32_t number = ld_volatile(p.clean_count) + 1u;
+  const uint64_t target = tag(number, static_cast<uint32_t>(p.barrier));
+  const size_t slot = c.ctl.ll_region + sizeof(uint64_t) * static_cast<size_t>(c.rank);
+  if (r < c.num_ranks) {
+    __threadfence_system();  // this rank's earlier writes (its zeroed region) before the flag
+    st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + slot), target);
+    const uint64_t* arrived = reinterpret_cast<const uint64_t*>(c.peer_base[c.rank] + c.ctl.ll_region) + r;
+    // Barrier 2 waits for the ranks that reached barrier 1 (one that timed out there is not
+    // waited for twice).
+    if (p.barrier == 1 || ld_acquire_sys(arrived) >= tag(number, 1)) wait_arrival(c.wait, p.mask, arrived, target, r);
+  }
+  __syncwarp();
+  if (p.barrier == 2 && r == 0) {
+    __threadfence();
+    *p.clean_count = number;
+  }
+}
+
+const KernelRegistration kKernels{reinterpret_cast<const void*>(low_latency_clean_barrier_kernel)};
+
+}  // namespace
+
+void launch_low_latency_clean_barrier(const LowLatencyCleanParams& p, void* stream) {
+  low_latency_clean_barrier_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  EPCOMM_LAUNCH_CHECK("low_latency_clean_barrier_kernel");
+}
+
+}  // namespace epcomm
