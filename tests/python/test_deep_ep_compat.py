@@ -464,7 +464,7 @@ def test_client_attributes():
     from epcomm import buffer as buffer_module
 
     class _Runtime:
-        num_nodes = 1
+        num_nodes, max_tokens_per_rank = 1, 4096
 
         def __init__(self, *args, **kwargs):
             pass
