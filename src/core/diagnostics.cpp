@@ -40,6 +40,8 @@ const char* phase_name(WaitPhase p) {
       return "waiting for the peer to finish sending (low-latency combine)";
     case WaitPhase::kLowLatencyCombineWeights:
       return "waiting for the peer's topk_weights (low-latency per-rank combine send)";
+    case WaitPhase::kNetworkFlush:
+      return "waiting for the network transport to take this rank's puts to the peer (GIN flush)";
   }
   return "?";
 }

@@ -1,10 +1,12 @@
 // Group over an NCCL communicator: host collectives through NCCL, symmetric memory through
-// ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers.
+// ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers, and across
+// real nodes NCCL GIN (gin_context.hpp) for the ranks that are not.
 #include <vector>
 
 #include "core/check.hpp"
 #include "core/env.hpp"
 #include "epcomm/group.hpp"
+#include "transport/gin_context.hpp"
 #include "transport/nccl_lsa.hpp"
 
 namespace epcomm {
@@ -12,25 +14,46 @@ namespace {
 
 class NcclSymmetricMemory : public SymmetricMemory {
  public:
-  NcclSymmetricMemory(ncclComm_t comm, int rank, size_t bytes, cudaStream_t stream)
+  // Across real nodes (NCCL's LSA team smaller than the group) the GIN device communicator comes
+  // first: a failure then leaves no window registered, and every rank fails in GinContext::create
+  // alike. The window is registered after it, so NCCL registers it with GIN at registration.
+  NcclSymmetricMemory(ncclComm_t comm, int rank, int size, size_t bytes, cudaStream_t stream)
       : SymmetricMemory(rank, bytes), comm_(comm) {
     void* ptr = nullptr;
     EPCOMM_NCCL_CHECK(ncclMemAlloc(&ptr, bytes));
     base_ = ptr;
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
-    EPCOMM_NCCL_CHECK(ncclCommWindowRegister(comm, ptr, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
-    peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
+    try {
+      EPCOMM_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
+      EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (nccl_lsa_size(comm) < size) gin_ = GinContext::create(comm, rank, size, kGinSignalsPerRank * size, stream);
+      EPCOMM_NCCL_CHECK(ncclCommWindowRegister(comm, ptr, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
+      if (gin_) gin_->set_window(window_);
+      peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
+    } catch (...) {
+      release();
+      throw;
+    }
   }
-  ~NcclSymmetricMemory() override {
-    ncclCommWindowDeregister(comm_, window_);
-    ncclMemFree(base_);
-  }
+  ~NcclSymmetricMemory() override { release(); }
+
+  const GinContext* gin() const override { return gin_.get(); }
 
  private:
+  // The reverse of construction: window, then the device communicator (its signals), then memory.
+  // The caller has made sure that no kernel and no peer uses them any more (Buffer's destructor
+  // synchronizes and meets every rank at a barrier first).
+  void release() {
+    if (window_) ncclCommWindowDeregister(comm_, window_);
+    window_ = nullptr;
+    gin_.reset();
+    if (base_) ncclMemFree(base_);
+    base_ = nullptr;
+  }
+
   ncclComm_t comm_;
   ncclWindow_t window_ = nullptr;
   void* base_ = nullptr;
+  std::unique_ptr<GinContext> gin_;
 };
 
 class NcclGroup : public Group {
@@ -48,7 +71,9 @@ class NcclGroup : public Group {
   }
 
   ncclComm_t nccl_comm() const override { return comm_; }
-  std::string transport() const override { return "NCCL symmetric memory (LSA)"; }
+  std::string transport() const override {
+    return nccl_lsa_size(comm_) < size_ ? "NCCL symmetric memory (LSA; GIN to other nodes)" : "NCCL symmetric memory (LSA)";
+  }
 
   void barrier() override {
     EPCOMM_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclInt32, ncclSum, comm_, stream_));
@@ -67,7 +92,7 @@ class NcclGroup : public Group {
 
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {
     EPCOMM_CUDA_CHECK(cudaSetDevice(device_));
-    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, bytes, stream_);
+    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, size_, bytes, stream_);
   }
 
  private:

@@ -32,6 +32,7 @@ enum class WaitPhase : int32_t {
   kLowLatencyCombineRow,       // LL combine receive: an expert rank's output row for (token, k)
   kLowLatencyCombineDone,      // LL combine receive: an expert rank finishing its send half
   kLowLatencyCombineWeights,   // LL per-rank combine send: an origin's topk_weights
+  kNetworkFlush,               // the network transport consuming this rank's puts to the peer (GIN flush)
 };
 
 struct DeviceErrorRecord {
