@@ -9,6 +9,7 @@
 #   EPCOMM_CHECK_STEPS="build isolated" scripts/gpu-check.sh   # each test in its own process
 #   EPCOMM_CHECK_STEPS="build tests llvariants" scripts/gpu-check.sh  # LL tests under each opt-in path
 #   EPCOMM_CHECK_STEPS="build repeat" EPCOMM_REPEAT_FILTER='StressGpu.RanksSharingOneGpu' scripts/gpu-check.sh
+#   EPCOMM_CHECK_STEPS="build gin" scripts/gpu-check.sh   # NCCL GIN across processes (fake nodes)
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -101,6 +102,34 @@ if [[ " $steps " == *" llvariants "* ]]; then
     [[ $rc -ne 0 ]] && status=1
   done
   rm -f "$out/llvariant.log"
+fi
+
+if [[ " $steps " == *" gin "* ]]; then
+  # NCCL GIN between processes that are nodes to NCCL (tests/gin): 2x1 and 4x1 (on GPU 0 when there is
+  # one), 2x2 with 4 GPUs or more, through the test-only loopback net plugin (tests/gin_loopback)
+  # where it was built. Without it NCCL has no GIN between the processes and only the "no GIN" cases
+  # run (every rank must get the same RuntimeFailure). EPCOMM_GIN_PLUGIN names another plugin,
+  # EPCOMM_GIN_ARGS adds options (e.g. --gtest_filter=GinNormal.*).
+  plugin=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so}
+  plugin_args=()
+  if [[ -f $plugin ]]; then
+    plugin_args=(--net-plugin "$plugin")
+    log "gin: net plugin $plugin"
+  else
+    log "gin: net plugin $plugin is missing: only the no-GIN cases (GinUnavailable.*) run"
+  fi
+  layouts=2x1,4x1
+  [[ $(nvidia-smi -L 2>/dev/null | grep -c '^GPU') -ge 4 ]] && layouts=$layouts,2x2
+  log "gin: epcomm_gin_tests --layouts $layouts (logs: $out/gin)"
+  rm -rf "$out/gin"
+  mkdir -p "$out/gin"
+  timeout ${EPCOMM_GIN_TIMEOUT:-3000} "$build/tests/epcomm_gin_tests" --layouts "$layouts" --log-dir "$out/gin" \
+    --timeout-s ${EPCOMM_GIN_LAYOUT_TIMEOUT:-900} "${plugin_args[@]}" ${EPCOMM_GIN_ARGS:-} >"$out/gin-tests.log" 2>&1
+  rc=$?
+  grep -E "^\[gin\]|^  node|^epcomm GIN tests|HUNG|FAILED" "$out/gin-tests.log" | head -60
+  [[ $rc -eq 124 ]] && log "gin: the launcher itself timed out after ${EPCOMM_GIN_TIMEOUT:-3000} s"
+  log "gin tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
 fi
 
 if [[ " $steps " == *" isolated "* ]]; then

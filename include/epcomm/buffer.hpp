@@ -32,7 +32,8 @@ struct BufferOptions {
   bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
   // Low-latency mode with more than one node: 1 sends to ranks of other nodes only through the
   // network transport (puts + signals; README "Across nodes"), 0 by LSA stores to every rank,
-  // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint.
+  // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint. Across real nodes (ranks
+  // not all load/store reachable: NCCL GIN) the network path is always taken and 0 is refused.
   int low_latency_net = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),

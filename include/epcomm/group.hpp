@@ -12,6 +12,7 @@
 namespace epcomm {
 
 class SymmetricMemory;
+class GinContext;  // internal (src/transport/gin_context.hpp): NCCL GIN between nodes
 
 class Group {
  public:
@@ -41,7 +42,10 @@ class Group {
   // Collective host-side operations, used at setup and in rare control paths.
   virtual void barrier() = 0;
   virtual void all_gather(const void* mine, void* all, size_t bytes_per_rank) = 0;
-  // Memory every rank of this NVLink domain can load from and store to. Collective.
+  // Memory every rank of this NVLink domain can load from and store to. Collective. Across real
+  // nodes (an NCCL group whose ranks are not all load/store reachable) it also comes with NCCL GIN
+  // to reach the others (SymmetricMemory::gin), or throws RuntimeFailure on every rank naming what
+  // NCCL lacks.
   virtual std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) = 0;
 
  protected:
@@ -57,6 +61,10 @@ class SymmetricMemory {
   // Address of rank r's allocation as this rank sees it (nullptr where not load/store reachable).
   const std::vector<void*>& peers() const { return peers_; }
   size_t bytes() const { return bytes_; }
+  // The network transport to ranks that are not load/store reachable (NCCL GIN over this
+  // allocation's window), or nullptr when every rank is. An internal type: only the library's
+  // kernels use it.
+  virtual const GinContext* gin() const { return nullptr; }
 
  protected:
   SymmetricMemory(int rank, size_t bytes) : rank_(rank), bytes_(bytes) {}

@@ -9,6 +9,8 @@
 #include "core/env.hpp"
 #include "kernels/common/launch.hpp"
 #include "epcomm/error.hpp"
+#include "transport/gin_context.hpp"
+#include "transport/nccl_lsa.hpp"
 
 namespace epcomm {
 
@@ -61,6 +63,14 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
       throw ArgumentError("comm_stream: a stream of cuda:" + std::to_string(stream_device) +
                           "; the buffer's device is cuda:" + std::to_string(m.device));
   }
+  // Across real nodes the low-latency kernels reach the ranks of other nodes only through the
+  // network (buffer_low_latency.cpp): the LSA path to every rank cannot be asked for there.
+  if (options.low_latency_net == 0 && m.group->nccl_comm() != nullptr &&
+      nccl_lsa_size(m.group->nccl_comm()) < m.num_ranks)
+    throw ArgumentError("low_latency_net = 0: the ranks of other nodes are not load/store reachable (NCCL's NVLink "
+                        "domain has " + std::to_string(nccl_lsa_size(m.group->nccl_comm())) + " of " +
+                        std::to_string(m.num_ranks) + " ranks), so low-latency mode reaches them through the network "
+                        "(leave it -1 or set 1)");
   cudaDeviceProp prop{};
   EPCOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.device));
   if (prop.major < 9)
@@ -85,16 +95,26 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
   m.inter.offset = m.ll.offset + m.ll.bytes;  // internode region: num_rdma_bytes again, only with several nodes
   m.inter.bytes = m.inter.enabled ? align_up(options.num_rdma_bytes, 4096) : 0;
+  // Across real nodes this also creates NCCL GIN, or throws on every rank (gin_context.hpp).
   m.sym = m.group->allocate_symmetric(m.inter.offset + m.inter.bytes);
-  for (int r = 0; r < m.num_ranks; ++r)
-    if (m.sym->peers()[r] == nullptr)
+  m.gin = m.sym->gin();
+  m.gin_signals.num_ranks = m.num_ranks;
+  if (m.gin && static_cast<uint32_t>(m.gin->num_signals()) < m.gin_signals.total())
+    throw RuntimeFailure("Buffer: the GIN context holds " + std::to_string(m.gin->num_signals()) + " signals; " +
+                         std::to_string(m.gin_signals.total()) + " are needed");
+  // Ranks of this rank's node by load/store; ranks of other nodes by load/store too (one node,
+  // virtual nodes) or only through GIN (real nodes). Every rank sees the same reachability.
+  const int P = m.group->ranks_per_node();
+  for (int r = 0; r < m.num_ranks; ++r) {
+    if (m.sym->peers()[r] != nullptr) continue;
+    if (r / P == m.rank / P)
+      throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " of rank " + std::to_string(m.rank) + "'s node (" +
+                           std::to_string(P) + " ranks per node) is not reachable by NVLink load/store");
+    if (m.gin == nullptr)
       throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " is not reachable by NVLink load/store from rank " +
-                           std::to_string(m.rank) +
-                           (m.inter.enabled ? std::string(" (ranks of other nodes: this build runs the network hop only "
-                                                          "through the emulated transport, i.e. virtual nodes of one "
-                                                          "machine; the GIN transport compiles but is not wired, see "
-                                                          "README \"Across nodes\")")
-                                            : std::string()));
+                           std::to_string(m.rank) + ", and the group gave no network transport to reach it (" +
+                           m.group->transport() + ")");
+  }
 
   if (options.comm_stream) {
     m.comm = options.comm_stream;  // borrowed: the caller keeps it alive (BufferOptions::comm_stream)
@@ -121,7 +141,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.init_internode();
   // Every kernel is loaded before any rank launches one (launch.hpp: lazy loading and ranks that
   // share a GPU).
-  preload_kernels();
+  preload_kernels(/*with_gin=*/m.gin != nullptr);
   // Every rank must have its region zeroed before anyone signals into it.
   m.group->barrier();
 }

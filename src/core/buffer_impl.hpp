@@ -5,6 +5,7 @@
 
 #include <memory>
 
+#include "core/gin_signals.hpp"
 #include "epcomm/buffer.hpp"
 #include "kernels/common/control.hpp"
 #include "kernels/common/diagnostics.hpp"
@@ -13,6 +14,8 @@
 #include "kernels/normal/params.hpp"
 
 namespace epcomm {
+
+struct GinNetParams;
 
 // Counters the kernels keep on the device (see kernels/common/sequence.cuh).
 struct DeviceCounters {
@@ -37,6 +40,10 @@ struct Buffer::Impl {
   uint64_t timeout_ns = 0;
 
   std::unique_ptr<SymmetricMemory> sym;
+  // NCCL GIN to the ranks of other nodes (the group spans real nodes: SymmetricMemory::gin), or
+  // nullptr (one node, or virtual nodes: every rank load/store reachable, the emulated transport).
+  const GinContext* gin = nullptr;
+  GinSignalPlan gin_signals;  // which of its signals each mode's kernels use
   ControlLayout ctl;
   size_t data_offset = 0;  // of the ring part inside the symmetric region
   size_t data_bytes = 0;
@@ -70,6 +77,7 @@ struct Buffer::Impl {
   void init_low_latency();                       // constructor: the device counters
   void release_low_latency();                    // destructor
   void reset_low_latency(cudaStream_t stream);   // zero the LL region and counters (one rank; no barrier)
+  GinNetParams low_latency_gin_params() const;    // the LL network path's GIN arguments (gin != nullptr)
   // Normal mode across nodes (buffer_internode.cpp): its region follows the LL region.
   struct Internode {
     bool enabled = false;  // more than one node
@@ -79,6 +87,7 @@ struct Buffer::Impl {
   void init_internode();                          // constructor (before the barrier)
   void reset_internode(cudaStream_t stream);      // zero the region (one rank; no barrier)
   InterCommon inter_common(KernelId kernel, int num_blocks) const;
+  GinNetParams inter_gin_params() const;  // the internode kernels' GIN arguments (gin != nullptr)
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
   void require_internode_region() const;  // ArgumentError unless normal mode has the region
   void check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const;

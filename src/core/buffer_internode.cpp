@@ -1,9 +1,8 @@
 // Buffer: normal mode across nodes (SPEC.md §3.2, hierarchical). buffer_normal.cpp checks the
 // arguments and fills the intranode params exactly as for one node; with several nodes it hands
 // them here instead of launching the intranode kernels. The algorithm is in
-// kernels/internode/dispatch.cuh; the network hop is the emulated transport (virtual nodes: every
-// rank load/store reachable). Real nodes need the GIN transport (transport/net_gin.cuh), which
-// compiles but is not wired here yet: the constructor's reachability check names that.
+// kernels/internode/dispatch.cuh; the network hop is the emulated transport over virtual nodes
+// (every rank load/store reachable), NCCL GIN across real nodes (Impl::gin, gin_kernels.cu).
 #include <algorithm>
 #include <string>
 #include <vector>
@@ -12,6 +11,7 @@
 #include "core/check.hpp"
 #include "core/checks.hpp"
 #include "epcomm/error.hpp"
+#include "transport/gin_context.hpp"
 
 namespace epcomm {
 namespace {
@@ -27,7 +27,10 @@ void Buffer::Impl::init_internode() {
                                    inter.bytes);
 }
 
+// The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
+// running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
 void Buffer::Impl::reset_internode(cudaStream_t stream) {
+  if (gin) gin->reset_signals(gin_signals.internode_base(), gin_signals.internode_count(), stream);
   if (!inter.enabled || inter.bytes == 0) return;
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.bytes, stream));
 }
@@ -59,6 +62,12 @@ InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
   ic.net.stats = reinterpret_cast<uint64_t*>(ic.net.window[rank] + inter.layout.stats);
   ic.num_blocks = num_blocks;
   return ic;
+}
+
+GinNetParams Buffer::Impl::inter_gin_params() const {
+  char* local = static_cast<char*>(sym->local()) + inter.offset;
+  return gin->params(inter.offset, gin_signals.internode_base(), local,
+                     reinterpret_cast<uint64_t*>(local + inter.layout.stats), group->ranks_per_node());
 }
 
 void Buffer::Impl::require_internode_region() const {
@@ -96,7 +105,8 @@ void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
   p.invalid_topk = np.invalid_topk;
   p.host_result = np.host_result;
   p.host_token = np.host_token;
-  launch_inter_notify(p, comm);
+  if (gin) launch_inter_notify_gin(p, inter_gin_params(), comm);
+  else launch_inter_notify(p, comm);
 }
 
 Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const StreamOrder& order) {
@@ -129,7 +139,8 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Strea
   p.num_worst_tokens = dp.num_worst_tokens;
   p.num_rows = dp.num_rows;
   enter(order);
-  launch_inter_dispatch(p, comm);
+  if (gin) launch_inter_dispatch_gin(p, inter_gin_params(), comm);
+  else launch_inter_dispatch(p, comm);
   return leave(order);
 }
 
@@ -162,7 +173,8 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   p.out = cp.out;
   p.out_topk_weights = cp.out_topk_weights;
   enter(order);
-  launch_inter_combine(p, comm);
+  if (gin) launch_inter_combine_gin(p, inter_gin_params(), comm);
+  else launch_inter_combine(p, comm);
   return leave(order);
 }
 
@@ -187,6 +199,10 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   DeviceCounters dc{};
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(&dc, m.counters, sizeof(dc), cudaMemcpyDeviceToHost, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  // Across real nodes the signals are NCCL's (GIN), not words of the region.
+  const std::vector<uint64_t> gin_signals =
+      m.gin ? m.gin->read_signals(m.gin_signals.internode_base(), m.gin_signals.internode_count(), m.comm)
+            : std::vector<uint64_t>();
   const uint64_t* host = words.data() + L.stats / 8;
   {
     std::string& t = s.control;
@@ -204,7 +220,7 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
       t.append("\n  ").append(kinds[k]).append(" signal/shadow by peer:");
       for (int r = 0; r < m.num_ranks; ++r) {
         t.push_back(' ');
-        num(words[L.signal(k, r) / 8]);
+        num(m.gin ? gin_signals[L.signal_id(k, r)] : words[L.signal(k, r) / 8]);
         t.push_back('/');
         num(words[L.shadow(k, r) / 8]);
       }

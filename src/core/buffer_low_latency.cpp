@@ -1,9 +1,10 @@
 // Buffer: low-latency mode (SPEC.md §3.3): size hint, argument checks, buffer alternation, launches.
 // The scheme is described in kernels/low_latency/params.hpp.
 //
-// Seam for the network: everything here addresses peers through CommonParams::peer_base (NVLink
-// load/store, one node). The GIN path will add a transport field to the params and a second send
-// routine in the kernels; the layout, the flags and the host side stay as they are.
+// Peers are addressed through CommonParams::peer_base (NVLink load/store). With more than one node
+// and the network path (ll.net: EPCOMM_LL_NET / BufferOptions::low_latency_net over virtual nodes,
+// always across real nodes) the ranks of other nodes are reached only through the network
+// transport: the emulated one over virtual nodes, NCCL GIN across real nodes (Impl::gin).
 #include <algorithm>
 #include <iterator>
 #include <cstdio>
@@ -15,6 +16,7 @@
 #include "core/checks.hpp"
 #include "core/env.hpp"
 #include "epcomm/error.hpp"
+#include "transport/gin_context.hpp"
 #include "transport/net_params.hpp"
 
 namespace epcomm {
@@ -277,7 +279,10 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     LowLatencyNetArgs a;
     a.layout = LowLatencyNetLayout::make(l);
     a.ranks_per_node = m.group->ranks_per_node();
-    launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
+    if (m.gin)
+      launch_low_latency_dispatch_gin(p, a, m.low_latency_gin_params(), call.blocks, smem, stream);
+    else
+      launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
   } else {
     launch_low_latency_dispatch(p, call.blocks, smem, stream);
   }
@@ -361,7 +366,10 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
     a.layout = LowLatencyNetLayout::make(l);
     a.ranks_per_node = m.group->ranks_per_node();
     a.y_in_window = in.zero_copy;
-    launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
+    if (m.gin)
+      launch_low_latency_combine_gin(p, a, m.low_latency_gin_params(), call.blocks, stream);
+    else
+      launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
   } else {
     launch_low_latency_combine(p, call.blocks, stream);
   }
@@ -369,10 +377,12 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
 }
 
 // Zeroes the LL region, the call counters and shrink mode's count decisions (whose tags restart
-// with the counters), on `stream`. Not the mask: clean_low_latency_buffer keeps it.
+// with the counters), on `stream`; across real nodes also the LL GIN signals (their shadows are in
+// the region). Not the mask: clean_low_latency_buffer keeps it. Every rank is between two barriers.
 void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
   if (m.ll.bytes > 0)
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.sym->local()) + m.ll.offset, 0, m.ll.bytes, stream));
+  if (m.gin) m.gin->reset_signals(m.gin_signals.low_latency_base(), m.gin_signals.low_latency_count(), stream);
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
   if (m.ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
   m.ll.next_buffer = 0;
@@ -382,8 +392,9 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
 }  // namespace
 
 void Buffer::Impl::init_low_latency() {
-  ll.net = (options.low_latency_net < 0 ? low_latency_net_requested() : options.low_latency_net != 0) &&
-           group->ranks_per_node() < num_ranks;
+  // Across real nodes always (the constructor refused low_latency_net = 0 there).
+  const bool asked = options.low_latency_net < 0 ? low_latency_net_requested() : options.low_latency_net != 0;
+  ll.net = (gin != nullptr || asked) && group->ranks_per_node() < num_ranks;
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.mask, sizeof(int32_t) * num_ranks));
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, comm));
@@ -412,6 +423,12 @@ void Buffer::Impl::release_low_latency() {
   ll.state = nullptr;
   ll.mask = nullptr;
   ll.count_decisions = nullptr;
+}
+
+GinNetParams Buffer::Impl::low_latency_gin_params() const {
+  char* local = static_cast<char*>(sym->local()) + ll.offset;
+  return gin->params(ll.offset, gin_signals.low_latency_base(), local, reinterpret_cast<uint64_t*>(&ll.state->net_stats[0]),
+                     group->ranks_per_node());
 }
 
 // Buffer::reset: as if new, the mask included.
@@ -473,6 +490,21 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
       check_device_errors();
     } catch (const Error&) {
     }
+  }
+  if (m.gin) {
+    // Across real nodes the barriers are the group's (on the host): the clean's barrier kernel
+    // reaches every peer by LSA stores. This clean waits for the host and cannot be captured.
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    // What a failed call left with the transport lands first (Buffer::reset).
+    m.gin->drain(m.comm, m.timeout_ns);
+    // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
+    m.group->barrier();
+    clear_low_latency_calls(m, m.comm);
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    m.ll.layout = l;
+    m.group->barrier();
+    return;
   }
   // Work on the caller's stream (params.hpp, LowLatencyCleanParams): barrier, zero, barrier. No
   // host wait, so it can be captured in a CUDA graph. An async_finish call still running on the

@@ -3,6 +3,7 @@
 
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
+#include "transport/gin_context.hpp"
 
 namespace epcomm {
 
@@ -11,6 +12,10 @@ void Buffer::reset() {
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   // Kernels that saw a timeout have left; wait for whatever else is queued.
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  // Across real nodes: a kernel that gave up may have left puts and signals with the transport;
+  // they must land before the peers clear their signals (bounded: a peer that is gone cannot hold
+  // the reset; what is still pending then is not waited for).
+  if (m.gin) m.gin->drain(m.comm, m.timeout_ns);
   // Nobody may still signal into our control region while we clear it, and nobody may signal
   // into a peer's before that peer has cleared its own.
   m.group->barrier();

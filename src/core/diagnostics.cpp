@@ -43,6 +43,8 @@ const char* phase_name(WaitPhase p) {
       return "waiting for the peer's topk_weights (low-latency per-rank combine send)";
     case WaitPhase::kLowLatencyClean:
       return "waiting for the peer to reach clean_low_latency_buffer (is every rank calling it?)";
+    case WaitPhase::kNetworkFlush:
+      return "waiting for the network transport to take this rank's puts to the peer (GIN flush)";
   }
   return "?";
 }

@@ -1,11 +1,13 @@
 // Group over an NCCL communicator: host collectives through NCCL, symmetric memory through
-// ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers.
+// ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers, and across
+// real nodes NCCL GIN (gin_context.hpp) for the ranks that are not.
 #include <string>
 #include <vector>
 
 #include "core/check.hpp"
 #include "core/env.hpp"
 #include "epcomm/group.hpp"
+#include "transport/gin_context.hpp"
 #include "transport/nccl_lsa.hpp"
 #include "transport/nccl_wait.hpp"
 
@@ -14,28 +16,52 @@ namespace {
 
 class NcclSymmetricMemory : public SymmetricMemory {
  public:
-  // `aborted`: the group's flag; after an abort the window cannot be deregistered (NCCL refuses
-  // calls on an aborted communicator), only its memory freed.
-  NcclSymmetricMemory(ncclComm_t comm, int rank, size_t bytes, cudaStream_t stream, const bool* aborted)
+  // Across real nodes (NCCL's LSA team smaller than the group) the GIN device communicator comes
+  // first: a failure then leaves no window registered, and every rank fails in GinContext::create
+  // alike. The window is registered after it, so NCCL registers it with GIN at registration.
+  // `aborted`: the group's flag; after an abort the window and the device communicator cannot be
+  // released through NCCL (ncclCommAbort freed the communicator), only the memory.
+  NcclSymmetricMemory(ncclComm_t comm, int rank, int size, size_t bytes, cudaStream_t stream, const bool* aborted)
       : SymmetricMemory(rank, bytes), comm_(comm), aborted_(aborted) {
     void* ptr = nullptr;
     EPCOMM_NCCL_CHECK(ncclMemAlloc(&ptr, bytes));
     base_ = ptr;
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
-    EPCOMM_NCCL_CHECK(ncclCommWindowRegister(comm, ptr, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
-    peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
+    try {
+      EPCOMM_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream));
+      EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (nccl_lsa_size(comm) < size) gin_ = GinContext::create(comm, rank, size, kGinSignalsPerRank * size, stream);
+      EPCOMM_NCCL_CHECK(ncclCommWindowRegister(comm, ptr, bytes, &window_, NCCL_WIN_COLL_SYMMETRIC));
+      if (gin_) gin_->set_window(window_);
+      peers_ = nccl_lsa_peer_pointers(comm, window_, stream);
+    } catch (...) {
+      release();
+      throw;
+    }
   }
-  ~NcclSymmetricMemory() override {
-    if (!*aborted_) ncclCommWindowDeregister(comm_, window_);
-    ncclMemFree(base_);
-  }
+  ~NcclSymmetricMemory() override { release(); }
+
+  const GinContext* gin() const override { return gin_.get(); }
 
  private:
+  // The reverse of construction: window, then the device communicator (its signals), then memory.
+  // The caller has made sure that no kernel and no peer uses them any more (Buffer's destructor
+  // synchronizes and meets every rank at a barrier first).
+  void release() {
+    if (window_ && !*aborted_) ncclCommWindowDeregister(comm_, window_);
+    window_ = nullptr;
+    if (*aborted_)
+      (void)gin_.release();  // its communicator is gone: nothing of it may be called, the memory is lost
+    else
+      gin_.reset();
+    if (base_) ncclMemFree(base_);
+    base_ = nullptr;
+  }
+
   ncclComm_t comm_;
   const bool* aborted_;
   ncclWindow_t window_ = nullptr;
   void* base_ = nullptr;
+  std::unique_ptr<GinContext> gin_;
 };
 
 class NcclGroup : public Group {
@@ -53,7 +79,9 @@ class NcclGroup : public Group {
   }
 
   ncclComm_t nccl_comm() const override { return comm_; }
-  std::string transport() const override { return "NCCL symmetric memory (LSA)"; }
+  std::string transport() const override {
+    return nccl_lsa_size(comm_) < size_ ? "NCCL symmetric memory (LSA; GIN to other nodes)" : "NCCL symmetric memory (LSA)";
+  }
 
   void barrier() override {
     require_alive("barrier");
@@ -75,7 +103,7 @@ class NcclGroup : public Group {
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {
     EPCOMM_CUDA_CHECK(cudaSetDevice(device_));
     require_alive("allocate_symmetric");
-    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, bytes, stream_, &aborted_);
+    return std::make_unique<NcclSymmetricMemory>(comm_, rank_, size_, bytes, stream_, &aborted_);
   }
 
  private:

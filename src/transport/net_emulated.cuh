@@ -6,7 +6,8 @@
 //                                              every put this block issued to that peer before it
 //   wait_signal(id, least)                     spins (bounded) until this rank's own signal `id`
 //                                              reaches `least` (acquire)
-//   flush()                                    the sources of this block's puts may be reused
+//   flush(wait)                                the sources of this block's puts may be reused (every
+//                                              thread of the block calls it; bounded like a wait)
 //
 // Rules the kernels follow so that both transports behave the same (GIN's rules):
 // - a put's source is this rank's own window (the kernels stage data there first);
@@ -69,7 +70,7 @@ struct EmulatedNet {
     return ld_acquire_sys(reinterpret_cast<const uint64_t*>(p.window[rank] + p.signals) + id);
   }
 
-  __device__ __forceinline__ void flush() const {}
+  __device__ __forceinline__ bool flush(const WaitContext&) const { return true; }
 };
 
 }  // namespace dev

@@ -9,6 +9,12 @@ namespace epcomm {
 
 constexpr int kMaxInterRanks = 64;  // ranks of all nodes together (internode mode)
 
+// GIN signals a GinContext (gin_context.hpp) holds per rank of its group, ids [0,
+// kGinSignalsPerRank * R). The Buffer's plan (core/gin_signals.hpp) uses 13 per rank. NCCL's proxy
+// descriptor carries a signal id in 16 bits, and its pool (NCCL_GIN_SIGNAL_POOL_SIZE) holds 64K by
+// default: 16 x 64 ranks is far from either.
+constexpr int kGinSignalsPerRank = 16;
+
 struct EmulatedNetParams {
   // Internode region of each rank: an LSA pointer for ranks of this node (for the emulated network:
   // for every rank), nullptr where not load/store reachable. [rank] is this rank's own.

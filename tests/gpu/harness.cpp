@@ -79,34 +79,41 @@ namespace {
 
 thread_local testing::ThreadBarrier* t_meeting = nullptr;
 
-// fn on one thread per rank; failures become test failures naming the rank.
-void run_rank_threads(const std::vector<int>& devices, const std::function<std::shared_ptr<Group>(int)>& group_of,
+// fn on one thread per rank (ranks[i] on devices[i]); failures become test failures naming the rank.
+void run_rank_threads(const std::vector<int>& ranks, const std::vector<int>& devices,
+                      const std::function<std::shared_ptr<Group>(int)>& group_of,
                       const std::function<void(int, std::shared_ptr<Group>)>& fn) {
-  const int num_ranks = static_cast<int>(devices.size());
-  testing::ThreadBarrier meeting(num_ranks);
+  const int n = static_cast<int>(devices.size());
+  testing::ThreadBarrier meeting(n);
   std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(num_ranks);
-  for (int r = 0; r < num_ranks; ++r)
-    threads.emplace_back([&, r] {
+  std::vector<std::exception_ptr> errors(n);
+  for (int i = 0; i < n; ++i)
+    threads.emplace_back([&, i] {
       t_meeting = &meeting;
       try {
-        cuda_ok(cudaSetDevice(devices[r]), "cudaSetDevice");
-        fn(r, group_of(r));
+        cuda_ok(cudaSetDevice(devices[i]), "cudaSetDevice");
+        fn(ranks[i], group_of(i));
       } catch (...) {
-        errors[r] = std::current_exception();
+        errors[i] = std::current_exception();
       }
       meeting.leave();
       t_meeting = nullptr;
     });
   for (auto& t : threads) t.join();
-  for (int r = 0; r < num_ranks; ++r)
-    if (errors[r]) {
+  for (int i = 0; i < n; ++i)
+    if (errors[i]) {
       try {
-        std::rethrow_exception(errors[r]);
+        std::rethrow_exception(errors[i]);
       } catch (const std::exception& e) {
-        ADD_FAILURE() << "rank " << r << " threw: " << e.what();
+        ADD_FAILURE() << "rank " << ranks[i] << " threw: " << e.what();
       }
     }
+}
+
+std::vector<int> iota_ranks(int n) {
+  std::vector<int> r(n);
+  for (int i = 0; i < n; ++i) r[i] = i;
+  return r;
 }
 
 }  // namespace
@@ -127,14 +134,21 @@ void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Grou
   } else {
     local = Group::create_local(devices, ranks_per_node);
   }
-  run_rank_threads(devices, [&](int r) {
+  run_rank_threads(iota_ranks(num_ranks), devices, [&](int r) {
     return use_nccl ? Group::create_nccl(id, num_ranks, r, devices[r], ranks_per_node) : local[r];
   }, fn);
 }
 
 void run_local_ranks(const std::vector<int>& devices, const std::function<void(int, std::shared_ptr<Group>)>& fn) {
   const std::vector<std::shared_ptr<Group>> local = Group::create_local(devices);
-  run_rank_threads(devices, [&](int r) { return local[r]; }, fn);
+  run_rank_threads(iota_ranks(static_cast<int>(devices.size())), devices, [&](int r) { return local[r]; }, fn);
+}
+
+void run_group_threads(const std::vector<int>& ranks, const std::vector<std::shared_ptr<Group>>& groups,
+                       const std::function<void(int, std::shared_ptr<Group>)>& fn) {
+  std::vector<int> devices;
+  for (const auto& g : groups) devices.push_back(g->device());
+  run_rank_threads(ranks, devices, [&](int i) { return groups[i]; }, fn);
 }
 
 ::testing::AssertionResult close_bf16(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,

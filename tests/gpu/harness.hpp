@@ -67,6 +67,11 @@ void run_ranks(int num_ranks, const std::function<void(int rank, std::shared_ptr
 // The same with the local group on the given devices (ranks share a GPU where devices repeat).
 void run_local_ranks(const std::vector<int>& devices,
                      const std::function<void(int rank, std::shared_ptr<Group> group)>& fn);
+// fn(ranks[i], groups[i]) on one thread each (cuda device set to the group's), failures as test
+// failures naming the rank; ranks_meet() meets these threads. For groups made elsewhere (the ranks
+// of one process among several, tests/gin).
+void run_group_threads(const std::vector<int>& ranks, const std::vector<std::shared_ptr<Group>>& groups,
+                       const std::function<void(int rank, std::shared_ptr<Group> group)>& fn);
 
 // The threads of the running run_ranks / run_local_ranks meet here; a no-op outside them, and
 // released at once when a rank has left (thrown or returned). A rank calls it before it frees its

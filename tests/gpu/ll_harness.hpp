@@ -38,6 +38,8 @@ struct LLCase {
   int64_t timeout_ms = 5000;
   int ranks_per_node = 0;     // > 0: virtual nodes of this many ranks (Group::ranks_per_node)
   int low_latency_net = -1;   // BufferOptions::low_latency_net (1: sized with low_latency_net_size_hint)
+  bool expect_network = false;  // the network path without asking for it (real nodes, tests/gin): sized
+                                // for it, its counters checked as with low_latency_net = 1
   uint32_t first_call_number = 0;  // BufferOptions::first_call_number (numbers near kLastCallNumber)
 };
 
@@ -68,7 +70,8 @@ struct RankBuffer {
     bo.num_nvl_bytes = num_nvl_bytes;
     // The network path's size where it may be taken (the option, or EPCOMM_LL_NET for -1).
     const char* env_net = std::getenv("EPCOMM_LL_NET");
-    const bool net = c.low_latency_net == 1 || (c.low_latency_net < 0 && env_net && std::atoi(env_net) != 0);
+    const bool net = c.low_latency_net == 1 || c.expect_network ||
+                     (c.low_latency_net < 0 && env_net && std::atoi(env_net) != 0);
     bo.num_rdma_bytes = net ? Buffer::low_latency_net_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts)
                             : Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
     bo.low_latency_net = c.low_latency_net;

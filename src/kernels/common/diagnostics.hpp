@@ -34,6 +34,7 @@ enum class WaitPhase : int32_t {
   kLowLatencyCombineDone,      // LL combine receive: an expert rank finishing its send half
   kLowLatencyCombineWeights,   // LL per-rank combine send: an origin's topk_weights
   kLowLatencyClean,            // clean_low_latency_buffer: a peer arriving at its barrier
+  kNetworkFlush,               // the network transport consuming this rank's puts to the peer (GIN flush)
 };
 
 struct DeviceErrorRecord {

@@ -32,24 +32,32 @@ inline void allow_dynamic_smem(const void* kernel, int bytes) {
 // there: a rank's first launch of a kernel waits for a peer's kernel, which spins until this rank's
 // kernel runs. So each kernel file registers every kernel a Buffer may launch, and the Buffer's
 // constructor loads them all (preload_kernels) before its closing barrier, i.e. before any rank
-// launches one.
-inline std::vector<const void*>& kernel_registry() {
-  static std::vector<const void*> kernels;
-  return kernels;
+// launches one. The GIN set (kernels over NCCL GIN, launched only across real nodes) is loaded only
+// by buffers that use GIN.
+enum class KernelSet : int { kAlways = 0, kGin = 1 };
+
+inline std::vector<const void*>& kernel_registry(KernelSet set) {
+  static std::vector<const void*> kernels[2];
+  return kernels[static_cast<int>(set)];
 }
 
 // A file-scope object of each kernel file: registers its kernels during static initialization.
 struct KernelRegistration {
-  KernelRegistration(std::initializer_list<const void*> kernels) {
-    kernel_registry().insert(kernel_registry().end(), kernels.begin(), kernels.end());
+  KernelRegistration(std::initializer_list<const void*> kernels, KernelSet set = KernelSet::kAlways) {
+    std::vector<const void*>& r = kernel_registry(set);
+    r.insert(r.end(), kernels.begin(), kernels.end());
   }
 };
 
-// Loads every registered kernel on the current device (a no-op for those already loaded).
-inline void preload_kernels() {
-  for (const void* kernel : kernel_registry()) {
-    cudaFuncAttributes attributes{};
-    EPCOMM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+// Loads every registered kernel of the sets asked for on the current device (a no-op for those
+// already loaded).
+inline void preload_kernels(bool with_gin) {
+  for (KernelSet set : {KernelSet::kAlways, KernelSet::kGin}) {
+    if (set == KernelSet::kGin && !with_gin) continue;
+    for (const void* kernel : kernel_registry(set)) {
+      cudaFuncAttributes attributes{};
+      EPCOMM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    }
   }
 }
 

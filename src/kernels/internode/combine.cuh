@@ -166,7 +166,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
       *at<uint64_t>(mine, L.shadow(kSigCombineFree, peer)) += 1;
     }
   }
-  net.flush();
+  net.flush(w);
 }
 
 }  // namespace epcomm::dev

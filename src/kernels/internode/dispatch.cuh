@@ -105,7 +105,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
     if (threadIdx.x < me.N && threadIdx.x != me.node)
       *at<uint64_t>(mine, L.shadow(kSigDispatchFree, threadIdx.x * me.P + me.local)) += 1;
   }
-  net.flush();
+  net.flush(w);
 }
 
 template <class Net>

@@ -1,9 +1,10 @@
 // The internode kernels over NCCL GIN (transport/net_gin.cuh): the same bodies as kernels.cu with
-// the real network transport. Compiled in every build so CI checks them against NCCL's device
-// API; not launched yet (Buffer does not create the GIN device communicator; README "Across nodes").
+// the real network transport. Buffer launches them when its group's ranks are not all load/store
+// reachable (real nodes; buffer_internode.cpp); virtual nodes keep kernels.cu.
 #include <cuda_runtime.h>
 
 #include "core/check.hpp"
+#include "kernels/common/launch.hpp"
 #include "kernels/internode/combine.cuh"
 #include "kernels/internode/dispatch.cuh"
 #include "kernels/internode/notify.cuh"
@@ -46,9 +47,14 @@ __global__ void __launch_bounds__(kInterThreads, 1)
   finish_call(p.ic.common, seq);
 }
 
+const KernelRegistration kKernels({reinterpret_cast<const void*>(inter_notify_gin_kernel),
+                                   reinterpret_cast<const void*>(inter_dispatch_send_gin_kernel),
+                                   reinterpret_cast<const void*>(inter_dispatch_recv_gin_kernel),
+                                   reinterpret_cast<const void*>(inter_combine_gin_kernel)},
+                                  KernelSet::kGin);
+
 }  // namespace
 
-// Launchers for a future GIN-wired Buffer (declared where it is wired; unused today).
 void launch_inter_notify_gin(const InterNotifyParams& p, const GinNetParams& g, void* stream) {
   inter_notify_gin_kernel<<<1, kInterNotifyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, g);
   EPCOMM_LAUNCH_CHECK("inter_notify_gin_kernel");

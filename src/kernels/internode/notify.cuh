@@ -60,7 +60,7 @@ __device__ void inter_notify(const InterNotifyParams& p, const Net& net) {
   // 3. The receive plan, the per-expert counts and the host's totals (as inside a node).
   build_receive_plan(p, w, L.meta_entry, R, me.rank, ic.num_blocks, ok != 0, notify_count,
                      [&](int i) { return static_cast<const char*>(mine + L.meta(parity, i)); });
-  net.flush();
+  net.flush(w);
 }
 
 }  // namespace epcomm::dev

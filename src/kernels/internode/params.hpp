@@ -225,5 +225,11 @@ struct InterCombineParams {
 void launch_inter_notify(const InterNotifyParams& p, void* stream);
 void launch_inter_dispatch(const InterDispatchParams& p, void* stream);  // send + receive kernels
 void launch_inter_combine(const InterCombineParams& p, void* stream);
+// The same kernels over NCCL GIN (gin_kernels.cu), for ranks of real nodes: `g` reaches every rank
+// (ic.net.window then holds only this node's ranks, the others nullptr).
+struct GinNetParams;
+void launch_inter_notify_gin(const InterNotifyParams& p, const GinNetParams& g, void* stream);
+void launch_inter_dispatch_gin(const InterDispatchParams& p, const GinNetParams& g, void* stream);
+void launch_inter_combine_gin(const InterCombineParams& p, const GinNetParams& g, void* stream);
 
 }  // namespace epcomm

@@ -183,7 +183,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
     for (int r = static_cast<int>(threadIdx.x); r < R; r += static_cast<int>(blockDim.x))
       if (ns->rows[r] > 0)
         net.net.signal(r, net.L().signal_id(p.buffer, kLLNetCombineData, c.rank), static_cast<uint64_t>(ns->rows[r]));
-    net.net.flush();
+    net.net.flush(c.wait);
   }
 }
 
@@ -608,7 +608,7 @@ __device__ void finish_combine_recv_net(const LowLatencyCombineParams& p, const 
 }
 
 // Network path (ll_net.cuh): the per-expert combine with rows to origins of other nodes through
-// the transport. NetParams: EmulatedNetParams (launched) or GinNetParams (compiled only).
+// the transport. NetParams: EmulatedNetParams (virtual nodes) or GinNetParams (real nodes).
 template <class NetParams>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_combine_net_kernel(const __grid_constant__ LowLatencyCombineParams p,
@@ -636,6 +636,8 @@ const KernelRegistration kKernels{
     reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kFine>),
     reinterpret_cast<const void*>(low_latency_combine_kernel<LowLatencyPartials::kF32>),
     reinterpret_cast<const void*>(low_latency_combine_net_kernel<EmulatedNetParams>)};
+const KernelRegistration kGinKernels({reinterpret_cast<const void*>(low_latency_combine_net_kernel<GinNetParams>)},
+                                     KernelSet::kGin);
 
 }  // namespace
 
@@ -664,7 +666,7 @@ void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowL
   EPCOMM_LAUNCH_CHECK("low_latency_combine_net_kernel");
 }
 
-// The same over NCCL GIN: compiled so CI checks it against NCCL's device API; not launched yet.
+// The same over NCCL GIN (Buffer launches it when its group spans real nodes).
 void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
                                     const GinNetParams& g, int num_blocks, void* stream) {
   low_latency_combine_net_kernel<GinNetParams>

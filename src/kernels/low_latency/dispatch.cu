@@ -277,7 +277,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
         if (lane == 0) net.net.signal(d, net.L().signal_id(p.buffer, kLLNetMeta, c.rank), 1);
       }
     }
-    net.net.flush();
+    net.net.flush(c.wait);
   }
 }
 
@@ -977,7 +977,7 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
 }
 
 // Network path (ll_net.cuh): the per-expert kernel with sends to ranks of other nodes through the
-// transport. NetParams: EmulatedNetParams (launched) or GinNetParams (compiled only).
+// transport. NetParams: EmulatedNetParams (virtual nodes) or GinNetParams (real nodes).
 template <class NetParams>
 __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_dispatch_net_kernel(const __grid_constant__ LowLatencyDispatchParams p,
@@ -1028,6 +1028,8 @@ const KernelRegistration kKernels{reinterpret_cast<const void*>(low_latency_disp
                                   reinterpret_cast<const void*>(low_latency_dispatch_kernel<false, true>),
                                   reinterpret_cast<const void*>(low_latency_dispatch_kernel<true, true>),
                                   reinterpret_cast<const void*>(low_latency_dispatch_net_kernel<EmulatedNetParams>)};
+const KernelRegistration kGinKernels({reinterpret_cast<const void*>(low_latency_dispatch_net_kernel<GinNetParams>)},
+                                     KernelSet::kGin);
 
 }  // namespace
 
@@ -1090,8 +1092,7 @@ void launch_low_latency_dispatch_net(const LowLatencyDispatchParams& p, const Lo
   launch_dispatch_net_kernel(p, a, net, num_blocks, smem_bytes, stream);
 }
 
-// The same over NCCL GIN: compiled so CI checks it against NCCL's device API; not launched yet
-// (Buffer does not create the GIN device communicator; README "Across nodes").
+// The same over NCCL GIN (Buffer launches it when its group spans real nodes).
 void launch_low_latency_dispatch_gin(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
                                      const GinNetParams& g, int num_blocks, int smem_bytes, void* stream) {
   launch_dispatch_net_kernel(p, a, g, num_blocks, smem_bytes, stream);

@@ -1,8 +1,8 @@
 // Low-latency mode to ranks of other nodes through the network transport (EPCOMM_LL_NET=1 with
 // more than one node; LowLatencyNetLayout in params.hpp says where things live). The LL kernels are
 // templates over a "net" argument: LLNoNet (the default path: every peer by LSA stores, the code
-// the compiler sees is the one it saw before) or LLNet<Net> (Net = EmulatedNet, launched; or
-// LLGinNet, ll_net_gin.cuh, compiled only), which
+// the compiler sees is the one it saw before) or LLNet<Net> (Net = EmulatedNet over virtual nodes,
+// or LLGinNet, ll_net_gin.cuh, across real nodes, where it is the default), which
 // sends to ranks of the same node by LSA as before and to ranks of other nodes only by the
 // transport's operations (GIN's rules, transport/net_emulated.cuh):
 //

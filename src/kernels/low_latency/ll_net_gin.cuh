@@ -1,6 +1,7 @@
-// The low-latency kernels' GIN transport (compiled, not launched; see ll_net.cuh): GinNet's
-// operations with the ncclGin handle made at each call instead of held for the whole kernel, so
-// the LL kernels (already at 128 registers) keep no GIN state live across their loops.
+// The low-latency kernels' GIN transport (see ll_net.cuh; Buffer launches it when its group spans
+// real nodes): GinNet's operations with the ncclGin handle made at each call instead of held for
+// the whole kernel, so the LL kernels (already at 128 registers) keep no GIN state live across
+// their loops.
 #pragma once
 
 #include "kernels/low_latency/ll_net.cuh"
@@ -19,7 +20,7 @@ struct LLGinNet {
   __device__ __forceinline__ void signal(int peer, int id, uint64_t add) const { make().signal(peer, id, add); }
   __device__ __forceinline__ void fence_puts() const {}
   __device__ __forceinline__ uint64_t read_signal(int id) const { return make().read_signal(id); }
-  __device__ __forceinline__ void flush() const { make().flush(); }
+  __device__ __forceinline__ bool flush(const WaitContext& ctx) const { return make().flush(ctx); }
 };
 
 // The LL kernels' view of the network path over either transport (Params: the dispatch's or the

@@ -510,6 +510,13 @@ void launch_low_latency_dispatch_net(const LowLatencyDispatchParams& p, const Lo
                                      const EmulatedNetParams& net, int num_blocks, int smem_bytes, void* stream);
 void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
                                     const EmulatedNetParams& net, int num_blocks, void* stream);
+// The same kernels over NCCL GIN (ll_net_gin.cuh), for ranks of real nodes: `g` reaches every rank
+// (p.common.peer_base then holds only this node's ranks, the others nullptr).
+struct GinNetParams;
+void launch_low_latency_dispatch_gin(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
+                                     const GinNetParams& g, int num_blocks, int smem_bytes, void* stream);
+void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
+                                    const GinNetParams& g, int num_blocks, void* stream);
 // Static shared memory the network path's kernels add to the dynamic amount.
 constexpr int kLowLatencyNetStaticSmem = 1024;
 // clean_low_latency_buffer as work on the caller's stream (kernels/low_latency/clean.cu), no host

@@ -1,0 +1,373 @@
+// See internode_case.hpp.
+#include "internode_case.hpp"
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <thread>
+
+namespace epcomm::test {
+
+std::string describe(const InterCase& c) {
+  std::string s = std::to_string(c.num_ranks / c.ranks_per_node) + " nodes x " + std::to_string(c.ranks_per_node) +
+                  (c.dtype == DType::kBF16 ? " bf16" : " fp8") + " hidden=" + std::to_string(c.hidden) +
+                  " K=" + std::to_string(c.num_topk) + " E=" + std::to_string(c.num_experts) +
+                  " T<=" + std::to_string(c.max_tokens);
+  if (c.fixed_tokens >= 0) s += " T=" + std::to_string(c.fixed_tokens);
+  if (!c.with_topk) s += " no-topk";
+  if (c.skewed) s += " skewed";
+  if (c.worst) s += " worst";
+  if (c.graph) s += " graph";
+  if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
+    s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
+         std::to_string(c.scale_words());
+  return s;
+}
+
+Traffic expected_traffic(const std::vector<RankInputs>& in, int R, int P) {
+  Traffic tr;
+  tr.dispatch_net_rows.assign(R, 0);
+  tr.dispatch_nvl_rows.assign(R, 0);
+  tr.combine_net_rows.assign(R, 0);
+  const int N = R / P;
+  for (int i = 0; i < R; ++i) {
+    for (int t = 0; t < in[i].num_tokens; ++t) {
+      for (int m = 0; m < N; ++m) {
+        bool any = false;
+        for (int d = 0; d < P; ++d) {
+          const int j = m * P + d;
+          if (!in[i].layout.is_token_in_rank[static_cast<size_t>(t) * R + j]) continue;
+          any = true;
+          if (j % P != i % P) ++tr.dispatch_nvl_rows[j];
+        }
+        if (any && m != i / P) {
+          ++tr.dispatch_net_rows[i];
+          ++tr.combine_net_rows[m * P + i % P];  // forwarder (m, local of i) sends the partial back
+        }
+      }
+    }
+  }
+  return tr;
+}
+
+std::vector<int32_t> expected_chunk_offset(const std::vector<RankInputs>& in, int r, int R, int chunk, int stride) {
+  std::vector<int32_t> want(static_cast<size_t>(R) * stride);
+  int32_t row = 0;
+  for (int i = 0; i < R; ++i) {
+    const int T = in[i].num_tokens, chunks = (T + chunk - 1) / chunk;
+    for (int c = 0; c < stride - 1; ++c) {
+      want[static_cast<size_t>(i) * stride + c] = row;
+      if (c >= chunks) continue;
+      for (int t = c * chunk; t < std::min(T, (c + 1) * chunk); ++t)
+        row += in[i].layout.is_token_in_rank[static_cast<size_t>(t) * R + r] ? 1 : 0;
+    }
+    want[static_cast<size_t>(i) * stride + stride - 1] = chunk;
+  }
+  return want;
+}
+
+
+InterRun make_inter_run(const InterCase& c, uint64_t seed) {
+  InterRun run;
+  run.seed = seed;
+  run.reference = make_normal_reference(c, seed);
+  run.traffic = expected_traffic(run.reference.in, c.num_ranks, c.ranks_per_node);
+  return run;
+}
+
+BufferOptions inter_buffer_options(const InterCase& c) {
+  const int R = c.num_ranks, P = c.ranks_per_node;
+  BufferOptions bo;
+  bo.max_tokens_per_rank = std::max(c.max_tokens, 1);
+  bo.max_experts_per_rank = std::max(c.num_experts / R, 8);
+  bo.num_rdma_bytes =
+      Buffer::internode_size_hint(bo.max_tokens_per_rank, c.hidden, R, P, c.num_topk, bo.max_experts_per_rank);
+  bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
+  return bo;
+}
+
+void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::shared_ptr<Group>& group, Buffer& buf) {
+  const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden, K = c.num_topk, E = c.num_experts;
+  const int elt = c.dtype == DType::kBF16 ? 2 : 1;
+  const int G = c.scale_words();
+  const int sms = test_num_sms(R, c.num_sms);
+  const NormalReference& reference = run.reference;
+  const std::vector<RankInputs>& in = reference.in;
+  const Traffic& traffic = run.traffic;
+  ASSERT_EQ(group->ranks_per_node(), P);
+  ASSERT_EQ(group->num_nodes(), R / P);
+  const RankInputs& ri = in[r];
+  const int T = ri.num_tokens;
+  const int dev = group->device();
+  Config cfg = Config::dispatch_default(R);
+  cfg.num_sms = sms;
+  if (c.chunk) cfg.nvl_chunk_size = c.chunk;
+  Config ccfg = Config::combine_default(R);
+  ccfg.num_sms = sms;
+  if (c.chunk) ccfg.nvl_chunk_size = c.chunk;
+  // The traffic counters of a call, printed where the case asks (tests/gin shows that each token
+  // crosses the network once per destination node): rows checked below, puts and bytes as counted.
+  const auto report = [&](const char* what, int step, const Buffer::InternodeStats& s, uint64_t want_rows) {
+    if (!c.report_traffic) return;
+    std::printf("[traffic] rank %d step %d %s: network rows %llu (expected %llu), puts %llu, bytes %llu, "
+                "NVLink bytes %llu\n",
+                r, step, what, static_cast<unsigned long long>(s.network_rows),
+                static_cast<unsigned long long>(want_rows), static_cast<unsigned long long>(s.network_puts),
+                static_cast<unsigned long long>(s.network_bytes), static_cast<unsigned long long>(s.nvlink_bytes));
+    std::fflush(stdout);
+  };
+  cudaStream_t stream;
+  cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  const StreamOrder order{stream, nullptr, false};
+
+  DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
+  x.upload(ri.x);
+  x2.upload(ri.x2);
+  DeviceTensor sc = scale_tensor(c, T, dev), sc2 = scale_tensor(c, T, dev);
+  if (c.dtype == DType::kFP8E4M3) {
+    sc.upload(scale_layout(c, ri.scales, T));
+    sc2.upload(scale_layout(c, ri.scales2, T));
+  }
+  DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
+  topk.upload(ri.topk);
+  weights.upload(ri.weights);
+  const auto& want = reference.dispatch[r];
+  const int nrecv = want.handle.num_recv;
+
+  // On a failure, each rank prints its control words (signals, shadows, flags, counters).
+  const auto dump = [&](const char* when) {
+    std::fprintf(stderr, "[internode %s] %s\n", when, buf.internode_stats(false).control.c_str());
+  };
+
+  // Every tensor of a step is allocated once, before the first step, and poisoned again at the
+  // start of each step. Ranks that share a GPU are threads of one process (one CUDA context),
+  // and cudaFree waits until the whole device is idle: a rank that freed its step-k tensors
+  // while a co-resident rank's step-(k+1) notify kernel was already spinning for this rank's
+  // count entry waited for that kernel, which waited for this rank: both stood still until the
+  // GPU timeout (the "lost" step-1 meta signals, which in fact arrived after the waiters gave
+  // up). EPCOMM_TEST_FREE_EACH_STEP=1 brings that pattern back (fresh tensors each step, the
+  // old ones freed at the step boundary) to show the hang on ranks sharing a GPU.
+  const bool free_each_step = std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr &&
+                              std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
+  const int stride = buf.chunk_offset_stride(cfg);
+  const int rows = want.num_rows;
+  DeviceTensor per_rank, per_node, per_expert, in_rank, prefix, chunk_off, per_expert_recv;
+  DeviceTensor rx, rsc, ridx, rw, src, y, cw, b0, b1, out, out_w, cx, csc;
+  const auto allocate_step_tensors = [&] {
+    per_rank = DeviceTensor(DType::kI32, {R}, dev);
+    per_node = DeviceTensor(DType::kI32, {R / P}, dev);
+    per_expert = DeviceTensor(DType::kI32, {E}, dev);
+    in_rank = DeviceTensor(DType::kBool, {T, R}, dev);
+    prefix = DeviceTensor(DType::kI32, {R, R}, dev);
+    chunk_off = DeviceTensor(DType::kI32, {R, stride}, dev);
+    per_expert_recv = DeviceTensor(DType::kI32, {E / R}, dev);
+    rx = DeviceTensor(c.dtype, {rows, H}, dev);
+    rsc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
+    ridx = DeviceTensor(DType::kI64, {rows, K}, dev);
+    rw = DeviceTensor(DType::kF32, {rows, K}, dev);
+    src = DeviceTensor(DType::kI32, {rows}, dev);
+    y = DeviceTensor(DType::kBF16, {rows, H}, dev);
+    cw = DeviceTensor(DType::kF32, {rows, K}, dev);
+    b0 = DeviceTensor(DType::kBF16, {T, H}, dev);
+    b1 = DeviceTensor(DType::kBF16, {T, H}, dev);
+    out = DeviceTensor(DType::kBF16, {T, H}, dev);
+    out_w = DeviceTensor(DType::kF32, {T, K}, dev);
+    cx = DeviceTensor(c.dtype, {rows, H}, dev);
+    csc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
+  };
+  allocate_step_tensors();
+  int at_step = 0;
+  const char* at_part = "start";
+  try {
+  for (int step = 0; step < c.steps; ++step) {
+    SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
+    at_step = step;
+    at_part = "layout";
+    if (step > 0) {
+      if (free_each_step) {
+        allocate_step_tensors();  // frees the previous step's (cudaFree: device-wide wait)
+      } else {
+        // Outputs must be written again by this step (no stale results from the last one).
+        for (const DeviceTensor* t : {&per_rank, &per_node, &per_expert, &in_rank, &prefix, &chunk_off,
+                                      &per_expert_recv, &rx, &rsc, &ridx, &rw, &src, &out, &out_w, &cx, &csc})
+          t->fill_bytes(0xA5);
+      }
+    }
+    // layout (per-node counts included)
+    buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), per_node.view(), per_expert.view(), in_rank.view()},
+                            order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
+    EXPECT_TRUE(same_values(per_rank.download<int32_t>(), ri.layout.num_tokens_per_rank, "num_tokens_per_rank"));
+    EXPECT_TRUE(same_values(per_node.download<int32_t>(), ri.layout.num_tokens_per_node, "num_tokens_per_node"));
+    EXPECT_TRUE(same_values(per_expert.download<int32_t>(), ri.layout.num_tokens_per_expert, "num_tokens_per_expert"));
+    EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), ri.layout.is_token_in_rank, "is_token_in_rank"));
+
+    DispatchInputs di;
+    at_part = "dispatch";
+    di.x = x.view();
+    if (c.dtype == DType::kFP8E4M3) di.x_scales = scale_view(c, sc, T);
+    if (c.with_topk) {
+      di.topk_idx = topk.view();
+      di.topk_weights = weights.view();
+    }
+    di.num_tokens_per_rank = per_rank.view();
+    di.is_token_in_rank = in_rank.view();
+    di.num_tokens_per_expert = per_expert.view();
+    di.expert_alignment = c.expert_alignment;
+    di.num_worst_tokens = reference.num_worst_tokens;
+    di.config = cfg;
+    DispatchHandle h;
+    h.rank_prefix_matrix = prefix.view();
+    h.chunk_offset = chunk_off.view();
+    const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
+    ASSERT_EQ(plan.num_rows, want.num_rows);
+    if (!c.worst && c.with_topk)
+      EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
+                                                   plan.num_recv_tokens_per_expert.end()),
+                              want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
+    h.recv_src_idx = src.view();
+    DispatchOutputs dout;
+    dout.recv_x = rx.view();
+    if (c.dtype == DType::kFP8E4M3) dout.recv_x_scales = rsc.view();
+    if (c.with_topk) {
+      dout.recv_topk_idx = ridx.view();
+      dout.recv_topk_weights = rw.view();
+    }
+    buf.internode_stats(/*reset=*/true);
+    buf.dispatch_run(di, plan, h, dout, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
+    const Buffer::InternodeStats ds = buf.internode_stats(true);
+    report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
+    EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
+    EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
+        << "dispatch: bytes read from node peers";
+    EXPECT_TRUE(same_values(prefix.download<int32_t>(), want.handle.rank_prefix_matrix, "rank_prefix_matrix"));
+    EXPECT_TRUE(same_values(chunk_off.download<int32_t>(), expected_chunk_offset(in, r, R, cfg.chunk_tokens(), stride),
+                            "chunk_offset [source][chunk] (the receive plan)"))
+        << "plan.max_chunks " << plan.max_chunks << ", stride " << stride;
+    if (c.with_topk)
+      EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
+                              "num_recv_tokens_per_expert (device)"));
+    EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
+    if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
+    EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
+    if (c.dtype == DType::kFP8E4M3)
+      EXPECT_TRUE(
+          same_scale_words(rsc, want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
+    if (c.with_topk) {
+      EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
+      EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
+    }
+
+    // combine
+    at_part = "combine";
+    y.upload(reference.combine_in[r].x);
+    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
+    if (c.with_bias) {
+      b0.upload(reference.combine_in[r].bias0);
+      b1.upload(reference.combine_in[r].bias1);
+    }
+    CombineInputs ci;
+    ci.x = y.view();
+    if (c.with_topk) ci.topk_weights = cw.view();
+    if (c.with_bias) {
+      ci.bias0 = b0.view();
+      ci.bias1 = b1.view();
+    }
+    ci.config = ccfg;
+    CombineOutputs co;
+    co.combined_x = out.view();
+    if (c.with_topk) co.combined_topk_weights = out_w.view();
+    buf.combine(ci, h, co, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync combine");
+    const Buffer::InternodeStats cs = buf.internode_stats(true);
+    report("combine", step, cs, traffic.combine_net_rows[r]);
+    EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
+    // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
+    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x", 1e-2));
+    if (c.with_topk)
+      EXPECT_TRUE(same_values(out_w.download<float>(), reference.combine[r].combined_topk_weights,
+          "combined_topk_weights"));
+
+    // cached dispatch with new x
+    at_part = "cached dispatch";
+    DispatchOutputs cout_;
+    cout_.recv_x = cx.view();
+    if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
+    std::optional<TensorView> sc2v;
+    if (c.dtype == DType::kFP8E4M3) sc2v = scale_view(c, sc2, T);
+    buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
+    cuda_ok(cudaStreamSynchronize(stream), "sync cached");
+    const Buffer::InternodeStats cached_stats = buf.internode_stats(true);
+    report("cached dispatch", step, cached_stats, traffic.dispatch_net_rows[r]);
+    EXPECT_EQ(cached_stats.network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
+    EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x, "cached recv_x",
+                            static_cast<size_t>(nrecv) * H * elt));
+    if (c.dtype == DType::kFP8E4M3)
+      EXPECT_TRUE(same_scale_words(csc, reference.cached[r].recv_scales, "cached recv_x_scales",
+                              static_cast<size_t>(nrecv) * G));
+
+    if (c.graph && step == 0) {
+    at_part = "graph";
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+      buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), per_node.view(), per_expert.view(), in_rank.view()},
+                              order);
+      DispatchHandle gh;
+      gh.rank_prefix_matrix = prefix.view();
+      gh.chunk_offset = chunk_off.view();
+      const DispatchPlan gp = buf.dispatch_prepare(di, gh, per_expert_recv.view(), order);
+      gh.recv_src_idx = src.view();
+      buf.dispatch_run(di, gp, gh, dout, order);
+      buf.combine(ci, gh, co, order);
+      cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
+      cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+      for (int replay = 0; replay < 3; ++replay) {
+        x.upload(replay % 2 ? ri.x : ri.x2);
+        cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
+        cuda_ok(cudaStreamSynchronize(stream), "graph sync");
+        const auto& want_x = replay % 2 ? want.recv_x : reference.cached[r].recv_x;
+        EXPECT_TRUE(
+            same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
+        EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x,
+            "graph combined_x", 1e-2));
+      }
+      x.upload(ri.x);
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+    }
+  }
+  } catch (...) {
+    std::fprintf(stderr, "[internode] rank %d: error in step %d, %s\n", r, at_step, at_part);
+    dump("after an error");
+    // Again a little later: a signal that rose in between (or stands above its shadow) was not
+    // lost but late, i.e. its sender was held up (e.g. on the host) until this rank gave up.
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    dump("2 s after the error");
+    throw;
+  }
+  buf.check_device_errors();
+  cudaStreamDestroy(stream);
+}
+
+void run_inter_rank(const InterCase& c, const InterRun& run, int r, const std::shared_ptr<Group>& group) {
+  Buffer buf(group, inter_buffer_options(c));
+  run_inter_steps(c, run, r, group, buf);
+}
+
+void run_inter_case(const InterCase& c) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  ASSERT_EQ(c.num_ranks % c.ranks_per_node, 0);
+  const InterRun run = make_inter_run(c, seed);
+  run_ranks(
+      c.num_ranks, [&](int r, std::shared_ptr<Group> group) { run_inter_rank(c, run, r, group); }, c.ranks_per_node);
+}
+
+}  // namespace epcomm::test
