@@ -105,7 +105,7 @@ def fuzz(ctx, seed, count):
         # Nothing corrupted: a verified normal round and low-latency round, then a fresh LL handle
         # (the round's dispatches took both buffers).
         cases.normal_case(ctx, seed + start, f"after fuzz cases {start}..{start + BATCH - 1}", hidden=1024)
-        cases.low_latency(ctx, seed + start, what=f"after fuzz cases {start}..", shape="small")
+        cases.low_latency(ctx, seed + start, what=f"after fuzz cases {start}..", shape="small", num_topk=NUM_TOPK)
         env.ll.clean_low_latency_buffer(env.tmax, env.ll_hidden, env.ll_E)
         _, _, env.ll_handle, _, _ = env.ll.low_latency_dispatch(env.ll_x, env.ll_topk, env.tmax, env.ll_E)
         env._stale = None
