@@ -35,6 +35,11 @@ struct BufferOptions {
   // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint. Across real nodes (ranks
   // not all load/store reachable: NCCL GIN) the network path is always taken and 0 is refused.
   int low_latency_net = -1;
+  // Low-latency paths, which change combine's rounding (docs/design-low-latency.md): 4 float32
+  // partials per (token, rank) (float32 reordering only), 3 fine partials, 2 BF16 partials, 1 one
+  // row per (token, expert) summed in k order (bit for bit the reference), 0 once per expert
+  // throughout; -1 = EPCOMM_LL_PER_RANK. The network path (low_latency_net) uses none of them.
+  int low_latency_per_rank = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
   // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for
