@@ -31,7 +31,7 @@ struct BufferOptions {
   int64_t timeout_ms = 0;              // 0 = EPCOMM_TIMEOUT_MS
   bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
   // Low-latency mode with more than one node: 1 sends to ranks of other nodes only through the
-  // network transport (puts + signals; README "Across nodes"), 0 by LSA stores to every rank,
+  // network transport (puts + signals; docs/design-internode.md), 0 by LSA stores to every rank,
   // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint. Across real nodes (ranks
   // not all load/store reachable: NCCL GIN) the network path is always taken and 0 is refused.
   int low_latency_net = -1;
@@ -332,7 +332,7 @@ class Buffer {
   void low_latency_clean_mask_buffer(cudaStream_t stream = nullptr);
   // -------------------------- end of low-latency mode --------------------------
 
-  // ---------------- across nodes (normal mode, hierarchical; README "Across nodes") ----------------
+  // ---------------- across nodes (normal mode, hierarchical; docs/design-internode.md) ----------------
   // With more than one node (Group::ranks_per_node < size, e.g. EPCOMM_RANKS_PER_NODE) dispatch and
   // combine take the hierarchical path by themselves. It needs num_rdma_bytes of at least this
   // (low_latency_mode buffers have no internode region). Same arguments on every rank.

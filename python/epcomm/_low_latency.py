@@ -225,7 +225,7 @@ class LowLatencyMixin:
         order, rounded once (a token sent nowhere gets zeros). By default (``EPCOMM_LL_PER_RANK=4``)
         each expert rank first sums its rows of a token in float32, so the sum's order differs from
         k order (float32 rounding only); ``1`` keeps k order bit for bit; ``3`` and ``2`` send
-        narrower partials (README "How it works (low-latency mode)"). ``out`` (``[T, hidden]`` BF16) receives
+        narrower partials (docs/design-low-latency.md). ``out`` (``[T, hidden]`` BF16) receives
         the result in place and is returned. With ``zero_copy`` the caller already wrote the
         expert outputs into ``get_next_low_latency_combine_buffer(handle)``; ``x`` is then only
         checked for its shape (it may be that buffer). ``use_logfmt`` is accepted and ignored:
