@@ -1,4 +1,4 @@
-// Low-latency benchmark on the GPUs (SPEC.md §7): one thread per GPU, an NCCL group, the standard
+// Low-latency benchmark on the GPUs (docs/contract.md §7): one thread per GPU, an NCCL group, the standard
 // LL problem (128 tokens per rank, hidden 7168, top-8, 288 experts, FP8 dispatch, BF16 combine).
 // Times, with CUDA events on the caller's stream, median over --iters after --warmup:
 //   ll-dispatch-fp8 / ll-dispatch-bf16 / ll-combine   one call (send and receive in one launch)

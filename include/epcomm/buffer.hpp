@@ -148,7 +148,7 @@ struct CombineOutputs {
   std::optional<TensorView> combined_topk_weights;  // [T, K] f32
 };
 
-// ======================= low-latency mode (SPEC.md §3.3) =======================
+// ======================= low-latency mode (docs/contract.md §3.3) =======================
 // Decoding: no host synchronization, fixed shapes (every size follows from Tmax =
 // num_max_dispatch_tokens_per_rank, hidden and num_experts), CUDA-graph capturable. The LL region
 // (BufferOptions::num_rdma_bytes, at least low_latency_size_hint()) holds two buffers: each

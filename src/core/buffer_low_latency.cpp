@@ -1,4 +1,4 @@
-// Buffer: low-latency mode (SPEC.md §3.3): size hint, argument checks, buffer alternation, launches.
+// Buffer: low-latency mode (docs/contract.md §3.3): size hint, argument checks, buffer alternation, launches.
 // The scheme is described in kernels/low_latency/params.hpp.
 //
 // Peers are addressed through CommonParams::peer_base (NVLink load/store). With more than one node

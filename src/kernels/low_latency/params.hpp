@@ -1,4 +1,4 @@
-// Low-latency (LL) mode, SPEC.md §3.3: where things live in the LL region, the device-side call
+// Low-latency (LL) mode, docs/contract.md §3.3: where things live in the LL region, the device-side call
 // counters, and the arguments of the two kernels. Plain data shared by host (core/
 // buffer_low_latency.cpp) and device code (kernels/low_latency/*.cu).
 //
