@@ -34,7 +34,7 @@ struct Row {
   int rank = 0;
   int sms = 0;
   double us = 0;        // median per call
-  double gbps = 0;      // logical GB/s (SPEC.md §7), 0 where it does not apply
+  double gbps = 0;      // logical GB/s (docs/contract.md §7), 0 where it does not apply
   std::string note;
 };
 

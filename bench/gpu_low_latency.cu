@@ -1,4 +1,4 @@
-// Low-latency benchmark on the GPUs (SPEC.md §7): one thread per GPU, an NCCL group, the standard
+// Low-latency benchmark on the GPUs (docs/contract.md §7): one thread per GPU, an NCCL group, the standard
 // LL problem (128 tokens per rank, hidden 7168, top-8, 288 experts, FP8 dispatch, BF16 combine).
 // Times, with CUDA events on the caller's stream, median over --iters after --warmup:
 //   ll-dispatch-fp8 / ll-dispatch-bf16 / ll-combine   one call (send and receive in one launch)
@@ -267,12 +267,14 @@ void run_gpu_low_latency(const Options& o, Report& report) {
     // Which dispatch path ran (EPCOMM_LL_PER_RANK, read by the library as here): per-rank where the
     // staging slots fit the layout, per-expert otherwise (the fp8 and bf16 calls may differ).
     const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
+    const int level = low_latency_per_rank_level();  // the bench's buffers leave BufferOptions' -1
     auto path = [&](bool fp8) {
-      return low_latency_per_rank_wanted(l, fp8) ? std::string("per-rank") : std::string("per-expert");
+      return low_latency_per_rank_wanted(l, fp8, level) ? std::string("per-rank") : std::string("per-expert");
     };
     // The combine follows the dispatch it combines (fp8 here): per-rank partials with level 2 or 3
     // where the plan fits, else one row per (token, expert).
-    const LowLatencyPartials kind = low_latency_per_rank_wanted(l, true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
+    const LowLatencyPartials kind =
+        low_latency_per_rank_wanted(l, true, level) ? low_latency_partials(l, level) : LowLatencyPartials::kNone;
     report.checks.push_back("low-latency paths (EPCOMM_LL_PER_RANK=" + std::to_string(low_latency_per_rank_level()) +
                             "): dispatch fp8 " + path(true) + ", dispatch bf16 " + path(false) + ", combine " +
                             (kind == LowLatencyPartials::kNone
@@ -464,7 +466,9 @@ void run_gpu_low_latency(const Options& o, Report& report) {
 
   if (o.verify) {
     const LowLatencyLayout l = LowLatencyLayout::make(Tmax, H, R, E);
-    const LowLatencyPartials kind = low_latency_per_rank_wanted(l, true) ? low_latency_partials(l) : LowLatencyPartials::kNone;
+    const int level = low_latency_per_rank_level();
+    const LowLatencyPartials kind =
+        low_latency_per_rank_wanted(l, true, level) ? low_latency_partials(l, level) : LowLatencyPartials::kNone;
     for (const auto* results : {&got, &got_last}) {
       size_t inexact = 0;
       const std::string diff = verify(data, *results, T, Tmax, H, K, E, kind, &inexact);

@@ -1,4 +1,4 @@
-// epcomm-bench: the standard problems of SPEC.md §7, verified against the CPU reference, beside an
+// epcomm-bench: the standard problems of docs/contract.md §7, verified against the CPU reference, beside an
 // NCCL all-to-all baseline run in the same invocation. Without a CUDA device it says so and runs
 // the CPU reference backend (4 thread-ranks, a smaller problem).
 #include <cuda_runtime_api.h>
@@ -28,7 +28,7 @@ void print_table(const Report& r) {
     std::printf("%-14s %-22s %5d %4d %11.1f %10s  %s\n", row.system.c_str(), row.op.c_str(), row.rank, row.sms, row.us,
                 gb, row.note.c_str());
   }
-  // Summary: the figure that counts per SPEC.md §7 is the minimum over ranks.
+  // Summary: the figure that counts per docs/contract.md §7 is the minimum over ranks.
   std::map<std::string, std::pair<double, double>> summary;  // key -> (max us, min GB/s)
   for (const Row& row : r.rows) {
     const std::string key = row.system + " " + row.op + " @" + std::to_string(row.sms) + " SMs";

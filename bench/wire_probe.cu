@@ -15,7 +15,7 @@
 // The copy-engine modes ignore --sms (they use none) and print 0 SMs.
 //
 // Prints, per mode and SM count, the bytes leaving each GPU per second (slowest GPU) and the
-// logical figure (x R / (R - 1), SPEC.md section 7 counting).
+// logical figure (x R / (R - 1), docs/contract.md §7 counting).
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -16,7 +16,7 @@
 # NCCL_NET=EpcommLoopback (no fallback to NCCL's own nets), NCCL_GIN_TYPE=2 (proxy), and always
 # NCCL_HOSTID=epcomm-gin-probe-node-<k>. EPCOMM_LOOPBACK_TIMEOUT_MS bounds the plugin's waits.
 set -uo pipefail
-# NVLink multicast stays off on shared machines (see README "GPU machines").
+# NVLink multicast stays off on shared machines (README "Environment variables", docs/testing.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # NCCL 2.28.9 has no GIN debug subsystem: its GIN messages are under NET and INIT (src/debug.cc).
 export NCCL_DEBUG=${NCCL_DEBUG:-INFO} NCCL_DEBUG_SUBSYS=${NCCL_DEBUG_SUBSYS:-INIT,NET,ENV}

@@ -14,7 +14,7 @@
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
 set -uo pipefail
-# NVLink multicast stays off on shared machines (see README "GPU machines").
+# NVLink multicast stays off on shared machines (README "Environment variables", docs/testing.md).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 root=$(cd "$(dirname "$0")/.." && pwd)

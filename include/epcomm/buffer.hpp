@@ -31,10 +31,15 @@ struct BufferOptions {
   int64_t timeout_ms = 0;              // 0 = EPCOMM_TIMEOUT_MS
   bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
   // Low-latency mode with more than one node: 1 sends to ranks of other nodes only through the
-  // network transport (puts + signals; README "Across nodes"), 0 by LSA stores to every rank,
+  // network transport (puts + signals; docs/design-internode.md), 0 by LSA stores to every rank,
   // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint. Across real nodes (ranks
   // not all load/store reachable: NCCL GIN) the network path is always taken and 0 is refused.
   int low_latency_net = -1;
+  // Low-latency paths, which change combine's rounding (docs/design-low-latency.md): 4 float32
+  // partials per (token, rank) (float32 reordering only), 3 fine partials, 2 BF16 partials, 1 one
+  // row per (token, expert) summed in k order (bit for bit the reference), 0 once per expert
+  // throughout; -1 = EPCOMM_LL_PER_RANK. The network path (low_latency_net) uses none of them.
+  int low_latency_per_rank = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
   // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for
@@ -143,7 +148,7 @@ struct CombineOutputs {
   std::optional<TensorView> combined_topk_weights;  // [T, K] f32
 };
 
-// ======================= low-latency mode (SPEC.md §3.3) =======================
+// ======================= low-latency mode (docs/contract.md §3.3) =======================
 // Decoding: no host synchronization, fixed shapes (every size follows from Tmax =
 // num_max_dispatch_tokens_per_rank, hidden and num_experts), CUDA-graph capturable. The LL region
 // (BufferOptions::num_rdma_bytes, at least low_latency_size_hint()) holds two buffers: each
@@ -327,7 +332,7 @@ class Buffer {
   void low_latency_clean_mask_buffer(cudaStream_t stream = nullptr);
   // -------------------------- end of low-latency mode --------------------------
 
-  // ---------------- across nodes (normal mode, hierarchical; README "Across nodes") ----------------
+  // ---------------- across nodes (normal mode, hierarchical; docs/design-internode.md) ----------------
   // With more than one node (Group::ranks_per_node < size, e.g. EPCOMM_RANKS_PER_NODE) dispatch and
   // combine take the hierarchical path by themselves. It needs num_rdma_bytes of at least this
   // (low_latency_mode buffers have no internode region). Same arguments on every rank.

@@ -1,4 +1,4 @@
-// Tuning of the normal-mode kernels, in DeepEP's terms. See README "Config" for the rules.
+// Tuning of the normal-mode kernels, in DeepEP's terms. See docs/design-normal.md "Config".
 #pragma once
 
 #include <cstddef>
@@ -31,7 +31,7 @@ struct Config {
   void validate(int device_sm_count) const;
   std::string describe() const;
 
-  // Defaults: a documented rule, not a per-rank-count table (README "Config").
+  // Defaults: a documented rule, not a per-rank-count table (docs/design-normal.md "Config").
   static Config dispatch_default(int num_ranks);
   static Config combine_default(int num_ranks);
   // Ranks one node holds, as this process can tell before any communicator exists:

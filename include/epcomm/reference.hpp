@@ -1,4 +1,4 @@
-// The CPU reference backend: the exact semantics of SPEC.md §3, on host memory.
+// The CPU reference backend: the exact semantics of docs/contract.md §3, on host memory.
 //
 // Each function here takes the inputs of ALL ranks and returns the outputs of all ranks; it is the
 // oracle that GPU tests compare with. `HostCluster` (host_cluster.hpp) runs the same semantics with
@@ -19,13 +19,13 @@ float bf16_to_float(uint16_t v);
 uint16_t float_to_bf16(float f);          // round to nearest even, NaN stays NaN
 float e4m3_to_float(uint8_t v);
 uint8_t float_to_e4m3(float f);           // round to nearest even, saturating to ±448, NaN -> 0x7f
-// FP8 scale of one 128-channel group, SPEC.md §3.3: max(amax, 1e-4) / 448, optionally rounded up
+// FP8 scale of one 128-channel group, docs/contract.md §3.3: max(amax, 1e-4) / 448, optionally rounded up
 // to a power of two (by exponent arithmetic, no log/exp).
 float fp8_group_scale(float amax, bool round_scale);
 // The UE8M0 byte of a power-of-two scale (its biased exponent).
 uint8_t ue8m0_of(float power_of_two_scale);
 
-// ---- layout (SPEC.md §3.1) ----
+// ---- layout (docs/contract.md §3.1) ----
 struct Layout {
   std::vector<int32_t> num_tokens_per_rank;    // [R]
   std::vector<int32_t> num_tokens_per_node;    // [R / ranks_per_node]; empty when one node
@@ -36,7 +36,7 @@ struct Layout {
 Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
                            int num_experts, int num_ranks, int ranks_per_node);
 
-// ---- normal mode (SPEC.md §3.2) ----
+// ---- normal mode (docs/contract.md §3.2) ----
 struct NormalInput {  // one rank's inputs
   int num_tokens = 0;
   std::vector<uint8_t> x;              // [T, hidden] elements of `dtype`, row-major, as bytes
@@ -109,7 +109,7 @@ std::vector<CombineOutput> normal_combine(const std::vector<CombineInput>& input
                                           const std::vector<NormalHandle>& handles, int hidden,
                                           int num_topk);
 
-// ---- low-latency mode (SPEC.md §3.3) ----
+// ---- low-latency mode (docs/contract.md §3.3) ----
 struct LowLatencyOptions {
   int hidden = 0;
   int num_topk = 0;

@@ -1,7 +1,7 @@
 """epcomm: MoE expert-parallel dispatch / combine over NVLink (and NCCL GIN across nodes).
 
 A drop-in for DeepEP's legacy API: ``import epcomm as deep_ep`` and ``deep_ep.Buffer(group, ...)``
-behaves as SPEC.md section 4 says. The C++ core is ``epcomm._epcomm`` (no PyTorch needed to import
+behaves as docs/contract.md §4 says. The C++ core is ``epcomm._epcomm`` (no PyTorch needed to import
 it); the torch-facing layer is ``epcomm.buffer``.
 """
 

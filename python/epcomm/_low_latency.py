@@ -1,4 +1,4 @@
-"""Low-latency mode of epcomm.Buffer (SPEC.md 3.3 and 4): DeepEP's signatures, defaults and return
+"""Low-latency mode of epcomm.Buffer (docs/contract.md §3.3 and §4): DeepEP's signatures, defaults and return
 tuples over epcomm's C++ low-latency entry points (``epcomm._epcomm.Runtime.low_latency_*``).
 
 Decoding: no host synchronization, fixed shapes (every size follows from ``Tmax =
@@ -17,7 +17,7 @@ returns None. No SM is held in between, so two micro-batches can overlap; the ho
 tensor of the call until it is dropped. ``async_finish`` and ``return_recv_hook`` exclude each
 other, as in DeepEP.
 
-Rules of use (all ranks make the same calls in the same order; SPEC.md 3.3):
+Rules of use (all ranks make the same calls in the same order; docs/contract.md §3.3):
 - The first low-latency call fixes ``(Tmax, hidden, num_experts)``; another shape needs
   ``clean_low_latency_buffer`` with the new one first on every rank (ValueError otherwise). It runs
   on the current stream without a host wait (capturable), as DeepEP's.
@@ -225,7 +225,7 @@ class LowLatencyMixin:
         order, rounded once (a token sent nowhere gets zeros). By default (``EPCOMM_LL_PER_RANK=4``)
         each expert rank first sums its rows of a token in float32, so the sum's order differs from
         k order (float32 rounding only); ``1`` keeps k order bit for bit; ``3`` and ``2`` send
-        narrower partials (README "How it works (low-latency mode)"). ``out`` (``[T, hidden]`` BF16) receives
+        narrower partials (docs/design-low-latency.md). ``out`` (``[T, hidden]`` BF16) receives
         the result in place and is returned. With ``zero_copy`` the caller already wrote the
         expert outputs into ``get_next_low_latency_combine_buffer(handle)``; ``x`` is then only
         checked for its shape (it may be that buffer). ``use_logfmt`` is accepted and ignored:

@@ -1,7 +1,7 @@
 """epcomm.Buffer: DeepEP's legacy ``deep_ep.Buffer`` API over epcomm's C++ core.
 
 Code written for DeepEP 1.x runs unchanged after ``import epcomm as deep_ep``: same methods,
-argument names, order and defaults, same return tuples, dtypes and shapes (SPEC.md section 4).
+argument names, order and defaults, same return tuples, dtypes and shapes (docs/contract.md §4).
 What differs is inside: one NCCL communicator (its unique id travels through the caller's process
 group), epcomm's own handle layout (see epcomm/handle.py), and arguments that mean nothing here,
 which are accepted and documented as such.

@@ -1,4 +1,4 @@
-// Low-latency mode for Python (SPEC.md 3.3): Runtime methods over epcomm::Buffer's LL entry points,
+// Low-latency mode for Python (docs/contract.md §3.3): Runtime methods over epcomm::Buffer's LL entry points,
 // the LowLatencyCall each dispatch / combine returns (its event, the LL buffer it used, and recv():
 // the receive half a hook runs), raw-memory views handed to torch through DLPack
 // (get_next_low_latency_combine_buffer, get_local_buffer_tensor), the LL size hint, and the C++
@@ -260,7 +260,7 @@ py::tuple next_combine_buffer(const Runtime& rt, py::handle src_info, py::handle
   return py::make_tuple(reinterpret_cast<uintptr_t>(v.data), v.nbytes(), py::tuple(shape));
 }
 
-// The C++ reference cast of SPEC.md 3.3 (ref::fp8_group_scale, ref::float_to_e4m3): `x` holds BF16
+// The C++ reference cast of docs/contract.md §3.3 (ref::fp8_group_scale, ref::float_to_e4m3): `x` holds BF16
 // bit patterns (little-endian uint16, rows of `hidden`); returns (e4m3 bytes [T, hidden], float32
 // scale bytes [T, hidden/128]).
 py::tuple reference_fp8_cast(const py::bytes& x, int hidden, bool round_scale) {

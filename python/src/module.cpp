@@ -133,7 +133,7 @@ void check_hint_args(long long hidden_bytes, int num_ranks) {
 void bind_config(py::module_& m) {
   py::class_<Config>(m, "Config",
                      "Tuning of the normal-mode kernels (DeepEP's Config, same positional order). Chunk sizes are "
-                     "clamped into what the kernels support (README \"Config\").")
+                     "clamped into what the kernels support (docs/design-normal.md, \"Config\").")
       .def(py::init(&make_config_named), py::arg("num_sms") = py::none(), py::arg("nvl_chunk_size") = py::none(),
            py::arg("nvl_buffer_size") = py::none(), py::arg("rdma_chunk_size") = py::none(),
            py::arg("rdma_buffer_size") = py::none(), py::kw_only(),

@@ -6,6 +6,7 @@
 
 #include "core/buffer_impl.hpp"
 #include "core/check.hpp"
+#include "core/checks.hpp"
 #include "core/env.hpp"
 #include "kernels/common/launch.hpp"
 #include "epcomm/error.hpp"
@@ -48,6 +49,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   if (m.inter.enabled && m.num_ranks > std::min(kMaxInterRanks, kMaxNvlRanks))
     throw ArgumentError("num_ranks = " + std::to_string(m.num_ranks) + " exceeds the " +
                         std::to_string(std::min(kMaxInterRanks, kMaxNvlRanks)) + " ranks the internode path supports");
+
+  // Checked before anything collective, so every rank throws alike.
+  checks::in_range("BufferOptions::low_latency_per_rank", options.low_latency_per_rank, -1, kLowLatencyPerRankMaxLevel);
 
   int device_count = 0;
   if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {

@@ -1,4 +1,4 @@
-// Buffer: normal mode across nodes (SPEC.md §3.2, hierarchical). buffer_normal.cpp checks the
+// Buffer: normal mode across nodes (docs/contract.md §3.2, hierarchical). buffer_normal.cpp checks the
 // arguments and fills the intranode params exactly as for one node; with several nodes it hands
 // them here instead of launching the intranode kernels. The algorithm is in
 // kernels/internode/dispatch.cuh; the network hop is the emulated transport over virtual nodes

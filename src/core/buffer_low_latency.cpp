@@ -1,4 +1,4 @@
-// Buffer: low-latency mode (SPEC.md §3.3): size hint, argument checks, buffer alternation, launches.
+// Buffer: low-latency mode (docs/contract.md §3.3): size hint, argument checks, buffer alternation, launches.
 // The scheme is described in kernels/low_latency/params.hpp.
 //
 // Peers are addressed through CommonParams::peer_base (NVLink load/store). With more than one node
@@ -230,13 +230,13 @@ EmulatedNetParams ll_net_params(const Buffer::Impl& m, const CommonParams& c, co
 
 bool use_per_rank(const Buffer::Impl& m, const LowLatencyLayout& l, bool use_fp8, int blocks) {
   if (m.ll.net) return false;  // the network path has the per-expert kernels only
-  return low_latency_per_rank_wanted(l, use_fp8) &&
+  return low_latency_per_rank_wanted(l, use_fp8, m.ll.per_rank_level) &&
          low_latency_dispatch_launch_shared_bytes(l, blocks, 1, true, kLowLatencySend | kLowLatencyRecv) <= m.max_smem;
 }
 
-// The per-rank combine (EPCOMM_LL_PER_RANK=2, 3, 4) needs the per-rank dispatch's plan, where it fits.
-LowLatencyPartials combine_partials(bool per_rank_dispatch, const LowLatencyLayout& l) {
-  return per_rank_dispatch ? low_latency_partials(l) : LowLatencyPartials::kNone;
+// The per-rank combine (levels 2, 3, 4) needs the per-rank dispatch's plan, where it fits.
+LowLatencyPartials combine_partials(const Buffer::Impl& m, bool per_rank_dispatch, const LowLatencyLayout& l) {
+  return per_rank_dispatch ? low_latency_partials(l, m.ll.per_rank_level) : LowLatencyPartials::kNone;
 }
 
 Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
@@ -255,7 +255,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.round_scale = in.round_scale;
   p.use_ue8m0 = in.use_ue8m0;
   p.per_rank = per_rank;
-  p.per_rank_combine = combine_partials(per_rank, l) != LowLatencyPartials::kNone;
+  p.per_rank_combine = combine_partials(m, per_rank, l) != LowLatencyPartials::kNone;
   const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
   p.staging_buffers = low_latency_dispatch_launch_shared_bytes(l, call.blocks, 2, per_rank, phases) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
@@ -395,6 +395,7 @@ void Buffer::Impl::init_low_latency() {
   // Across real nodes always (the constructor refused low_latency_net = 0 there).
   const bool asked = options.low_latency_net < 0 ? low_latency_net_requested() : options.low_latency_net != 0;
   ll.net = (gin != nullptr || asked) && group->ranks_per_node() < num_ranks;
+  ll.per_rank_level = low_latency_per_rank_choice(options.low_latency_per_rank, low_latency_per_rank_level());
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.mask, sizeof(int32_t) * num_ranks));
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, comm));
@@ -539,7 +540,7 @@ Event Buffer::low_latency_dispatch(const LowLatencyDispatchInputs& in, const Low
   Event e = launch_dispatch_phases(m, in, out, call, buffer, phases, per_rank, order);
   m.ll.layout = call.layout;
   m.ll.per_rank[buffer] = per_rank;
-  m.ll.partials[buffer] = combine_partials(per_rank, call.layout);
+  m.ll.partials[buffer] = combine_partials(m, per_rank, call.layout);
   m.ll.next_buffer = buffer ^ 1;
   m.ll.issued_src_info[buffer] = out.src_info.data;
   m.ll.issued_tokens[buffer] = call.num_tokens;

@@ -1,4 +1,4 @@
-// Reusable argument checks (SPEC.md §6). Each throws ArgumentError naming the argument, the value
+// Reusable argument checks (docs/contract.md §6). Each throws ArgumentError naming the argument, the value
 // seen and the rule.
 #pragma once
 

@@ -26,8 +26,9 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: 4, at most one per rank)"},
       {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 2)"},
       {"EPCOMM_COMBINE_REDUCER_WARPS", 0, "combine: reducer warps per block (0: 12)"},
-      // Low-latency paths: 1 (default) is exact; 2 trades a BF16 rounding of per-rank partial sums
-      // for fewer combine bytes (opt-in, like a compressed combine).
+      // Low-latency paths (BufferOptions::low_latency_per_rank overrides it per buffer): 1 is exact
+      // (the k-order sum); 4, the default, only reorders float32 sums; 3 and 2 trade a rounding of
+      // per-rank partial sums for fewer combine bytes (opt-in, like a compressed combine).
       {"EPCOMM_LL_PER_RANK", 4,
        "low-latency: 4 (the default) sends each token once per destination rank in dispatch and "
        "pre-reduces per rank in combine with float32 partials (float32 reordering only); 1 keeps the "

@@ -1,5 +1,7 @@
-// The one home of every EPCOMM_* environment variable: name, default, meaning. README's table is
-// generated from the same list (`epcomm-bench --print-env`).
+// The one home of every EPCOMM_* environment variable the library reads: name, default, meaning.
+// `epcomm-bench --print-env` lists them; README's table is checked against this list
+// (tests/cpu/test_env_table.cpp: same names, same defaults). A variable that changes results also
+// has a BufferOptions field (or a Group argument) whose default it is.
 #pragma once
 
 #include <cstdint>

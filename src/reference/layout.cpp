@@ -1,4 +1,4 @@
-// Dispatch layout, SPEC.md §3.1: who receives each token, and how many tokens each rank, node and
+// Dispatch layout, docs/contract.md §3.1: who receives each token, and how many tokens each rank, node and
 // expert gets. A token counts once per rank (and per node) however many of its experts live there,
 // but once per (token, k) entry for an expert.
 #include "reference/reference_internal.hpp"

@@ -1,4 +1,4 @@
-// Low-latency combine, SPEC.md §3.3: each source rank gathers, for every (token, k), the expert
+// Low-latency combine, docs/contract.md §3.3: each source rank gathers, for every (token, k), the expert
 // output row that its token produced, weights it and sums over k. The expert rank's handle
 // (layout_range, src_info) says where the row is; nothing assumes the canonical slot order.
 #include <algorithm>

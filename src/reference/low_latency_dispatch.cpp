@@ -1,4 +1,4 @@
-// Low-latency dispatch, SPEC.md §3.3: each (token, k) with an expert sends the token to that
+// Low-latency dispatch, docs/contract.md §3.3: each (token, k) with an expert sends the token to that
 // expert (a token goes once per expert, not once per rank), FP8-quantized per 128 channels at the
 // sender. Receivers lay rows out per local expert in a canonical order (source rank, then token,
 // then k) that GPUs need not follow; layout_range/src_info describe whichever order was used.

@@ -1,4 +1,4 @@
-// Normal-mode combine, SPEC.md §3.2: the reverse of dispatch. Every copy of a token comes back to
+// Normal-mode combine, docs/contract.md §3.2: the reverse of dispatch. Every copy of a token comes back to
 // its original rank and the copies are summed (no weights: the expert side applied them).
 // The float32 sum runs over receiving ranks in ascending order, then bias0, then bias1, and is
 // rounded to BF16 once, so GPU kernels can match it bit for bit.

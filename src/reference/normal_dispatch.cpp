@@ -1,4 +1,4 @@
-// Normal-mode dispatch, SPEC.md §3.2: each token goes once to every rank that owns one of its
+// Normal-mode dispatch, docs/contract.md §3.2: each token goes once to every rank that owns one of its
 // experts. Rows on a receiver are ordered by source rank, then by source token index; that order is
 // what makes the prefix matrix, the handle and combine line up.
 #include <algorithm>

@@ -1,6 +1,6 @@
 // BF16 and FP8 e4m3 conversions, bit-for-bit what CUDA produces (cvt.rn.bf16.f32 and
 // cvt.rn.satfinite.e4m3x2.f32; tests compare with cuda_bf16.h / cuda_fp8.h host code), and the
-// per-group FP8 scale of SPEC.md §3.3. Integer arithmetic only where rounding matters, so the
+// per-group FP8 scale of docs/contract.md §3.3. Integer arithmetic only where rounding matters, so the
 // result never depends on the host's floating-point flags or the compiler's contraction choices.
 #include <cmath>
 #include <cstring>

@@ -1,4 +1,4 @@
-// Argument rules shared by every mode (SPEC.md §6): each message names the argument, the value
+// Argument rules shared by every mode (docs/contract.md §6): each message names the argument, the value
 // seen and the rule, so a caller can fix the call without reading this code.
 #include "reference/reference_internal.hpp"
 

@@ -1,4 +1,4 @@
-// The reusable argument checks of SPEC.md §6 (src/core/checks.hpp) and Config/env validation: each
+// The reusable argument checks of docs/contract.md §6 (src/core/checks.hpp) and Config/env validation: each
 // rule fed a bad value must raise ArgumentError naming the argument, the value and the rule; good
 // values must pass. These run without a GPU: the checks only read views.
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// One test per argument rule (SPEC.md §6): a valid call, one bad value, and an ArgumentError whose
+// One test per argument rule (docs/contract.md §6): a valid call, one bad value, and an ArgumentError whose
 // message names the argument and the value (and the rank, where several ranks are involved).
 #include "cpu/test_reference_util.hpp"
 

@@ -1,4 +1,4 @@
-// Dispatch layout (SPEC.md §3.1): a hand-computed case, then properties on random routing.
+// Dispatch layout (docs/contract.md §3.1): a hand-computed case, then properties on random routing.
 #include "cpu/test_reference_util.hpp"
 #include "epcomm/host_cluster.hpp"
 

@@ -1,4 +1,4 @@
-// Low-latency dispatch and combine (SPEC.md §3.3): slot layout, FP8 quantization and UE8M0
+// Low-latency dispatch and combine (docs/contract.md §3.3): slot layout, FP8 quantization and UE8M0
 // packing by hand, then random routing at R = 1, 2, 3, 4, 8 with identity experts.
 #include <cmath>
 

@@ -1,4 +1,4 @@
-// Normal-mode dispatch and combine (SPEC.md §3.2) on small hand-computed cases.
+// Normal-mode dispatch and combine (docs/contract.md §3.2) on small hand-computed cases.
 #include "cpu/test_reference_util.hpp"
 
 namespace epcomm::ref {

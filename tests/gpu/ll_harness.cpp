@@ -191,10 +191,11 @@ float bf16_value(uint16_t b) {
 
 // EPCOMM_LL_PER_RANK=2, 3, 4 (the default) send partial sums per (token, rank) where the layout allows
 // (kernels/low_latency/combine.cu): the library decides alike (its shared-memory limits hold for
-// every case here).
+// every case here; the cases' buffers leave BufferOptions::low_latency_per_rank at -1, the environment's).
 LowLatencyPartials partials_in_use(const LLCase& c) {
   const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
-  return low_latency_per_rank_wanted(l, c.use_fp8) ? low_latency_partials(l) : LowLatencyPartials::kNone;
+  const int level = low_latency_per_rank_level();
+  return low_latency_per_rank_wanted(l, c.use_fp8, level) ? low_latency_partials(l, level) : LowLatencyPartials::kNone;
 }
 
 // The per-rank combine's bounds (`absref` = sum_k |w_k y_k| as the reference computes it from |w|

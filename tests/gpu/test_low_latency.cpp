@@ -231,7 +231,7 @@ TEST(LowLatencyGpu, SmallAndEdgeShapes) {
 }
 
 TEST(LowLatencyGpu, StandardShape) {
-  LLCase c;  // SPEC.md §7: 128 tokens, hidden 7168, top-8, 288 experts, FP8 dispatch
+  LLCase c;  // docs/contract.md §7: 128 tokens, hidden 7168, top-8, 288 experts, FP8 dispatch
   c.num_ranks = 4;
   c.num_experts = 288;
   c.hidden = 7168;
@@ -627,7 +627,7 @@ TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
   });
 }
 
-// clean_low_latency_buffer is stream work (SPEC.md 4): eager with no host wait before the next
+// clean_low_latency_buffer is stream work (docs/contract.md §4): eager with no host wait before the next
 // calls on the stream, and captured in a CUDA graph before dispatch + combine (SGLang cleans when it
 // switches to low latency, possibly while capturing); zeroing the whole LL region between calls on
 // every rank (vLLM's fault-tolerance path: get_local_buffer_tensor(...).zero_()) leaves the buffer

@@ -1,4 +1,4 @@
-// Shrink mode (SPEC.md §3.3, BufferOptions::enable_shrink) on the GPU: a rank stops taking part in
+// Shrink mode (docs/contract.md §3.3, BufferOptions::enable_shrink) on the GPU: a rank stops taking part in
 // the middle of a run. The others finish their low-latency calls within the timeout, with the
 // results the reference gives when that rank is masked; the mask shows it; the next calls skip it
 // without waiting; after clean_low_latency_buffer + low_latency_clean_mask_buffer on every rank all

@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import Any, Dict, List, Tuple
 
-# NVLink multicast stays off on shared machines (README "GPU machines"); set before NCCL starts.
+# NVLink multicast stays off on shared machines (README "Environment variables", docs/testing.md); set before NCCL starts.
 _QUIET_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 # (what ran, wall seconds seen by the parent, {phase: seconds on the slowest rank}), in run order.

@@ -1,5 +1,5 @@
 """Torch references for epcomm's normal mode, built from every rank's inputs (all-gathered), per
-SPEC.md 3.1-3.2. Plain torch ops, any device; test_cpu.py checks them on the CPU, test_gpu.py
+docs/contract.md §3.1-3.2. Plain torch ops, any device; test_cpu.py checks them on the CPU, test_gpu.py
 compares epcomm's outputs with them."""
 
 from typing import Dict, List, Optional, Sequence
@@ -125,7 +125,7 @@ def same_bytes(got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
     return f"{diff.numel()} bytes differ, first at byte {int(diff[0])}"
 
 
-# ---------------------------------------------------------------------------- low-latency mode (SPEC.md 3.3)
+# ---------------------------------------------------------------------------- low-latency mode (docs/contract.md §3.3)
 SCALE_GROUP = 128
 
 

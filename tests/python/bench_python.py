@@ -1,5 +1,5 @@
 """Python-level figures of epcomm as a DeepEP user sees them (tensors allocated per call, the
-caller's stream), on the standard problems of SPEC.md section 7, one process per GPU, each call
+caller's stream), on the standard problems of docs/contract.md §7, one process per GPU, each call
 timed with CUDA events on the caller's stream.
 
 Normal mode (--mode normal): 4096 tokens per rank, hidden 7168, top-8, 256 experts, uniform

@@ -1,6 +1,6 @@
 """Python tests that need no GPU (CI): the extension builds and imports, Config and its hints, the
 dtype and tensor-view mapping, error translation, the argument checks of the torch layer, the
-DeepEP-compatible signatures (SPEC.md section 4), and a Buffer made without a GPU failing with a
+DeepEP-compatible signatures (docs/contract.md §4), and a Buffer made without a GPU failing with a
 clear message. Parts that need PyTorch skip with a visible reason where it is not installed; where
 it is (CPU-only is enough), the torch references of the GPU tests and the MoE example's autograd
 wiring are checked too.
@@ -245,7 +245,7 @@ def _parse_spec(params):
     return out
 
 
-# SPEC.md section 4, verbatim: names, order and defaults.
+# docs/contract.md §4, verbatim: names, order and defaults.
 SPEC_SIGNATURES = {
     "__init__": "group, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24, "
                 "allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, "
@@ -295,7 +295,8 @@ def test_signatures_match_spec():
             assert params[0].name == "self"
             params = params[1:]
         got = [(p.name, p.default) for p in params]
-        assert got == _parse_spec(spec), f"Buffer.{name}{inspect.signature(fn)} differs from SPEC.md: ({spec})"
+        assert got == _parse_spec(spec), \
+            f"Buffer.{name}{inspect.signature(fn)} differs from docs/contract.md §4: ({spec})"
     assert isinstance(epcomm.Buffer.num_sms, int)
 
 
@@ -439,7 +440,7 @@ def _checks_buffer(runtime, num_ranks=4):
 
 
 def test_normal_argument_checks_before_the_core():
-    """SPEC.md section 6 on the Python side, normal mode: every bad value the Python layer can see
+    """docs/contract.md §6 on the Python side, normal mode: every bad value the Python layer can see
     raises ValueError naming the argument before anything reaches the core (so the buffer is
     untouched); type and shape rules of the tensors themselves are the core's (GPU tests)."""
     b = _checks_buffer(_NoCore())
@@ -922,7 +923,7 @@ def test_ue8m0_packing():
 
 
 def test_low_latency_reference_is_consistent():
-    """The references the GPU tests use, against a direct per-slot simulation of SPEC.md 3.3."""
+    """The references the GPU tests use, against a direct per-slot simulation of docs/contract.md §3.3."""
     need_torch()
     import _reference as ref
 
@@ -985,7 +986,7 @@ class _HostLowLatencyCall:
 
 
 class _HostLowLatencyRuntime:
-    """SPEC.md 3.3 for one rank on host memory, BF16 only, called exactly as the Python layer calls
+    """docs/contract.md §3.3 for one rank on host memory, BF16 only, called exactly as the Python layer calls
     epcomm._epcomm.Runtime (positional arguments, outputs as data pointers): the Python layer's
     allocation, argument order, handle, hooks, zero_copy and out= are checked without a GPU. Rows of
     an expert arrive shuffled, as a GPU may deliver them."""

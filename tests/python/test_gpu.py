@@ -135,7 +135,7 @@ def test_low_latency(cluster, mode):
 
 
 def test_low_latency_standard_problem(cluster):
-    # SPEC.md section 7: 128 tokens per rank, hidden 7168, top-8, 288 experts (the nearest multiple of
+    # docs/contract.md §7: 128 tokens per rank, hidden 7168, top-8, 288 experts (the nearest multiple of
     # the rank count when 288 is not one), FP8 dispatch, BF16 combine.
     _report(cluster.run("low_latency", seed=SEED, what="low-latency standard problem", shape="standard",
                         fixed_tokens=128, drop=0.0)[0])

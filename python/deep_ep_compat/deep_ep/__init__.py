@@ -1,7 +1,7 @@
 """``deep_ep`` over epcomm: DeepEP 1.x's Python API for code that imports DeepEP by name.
 
 Frameworks (vLLM, SGLang, Megatron-LM) ``import deep_ep`` in processes they start; this package
-answers with epcomm's DeepEP-compatible classes (SPEC.md section 4): ``Buffer``, ``Config``,
+answers with epcomm's DeepEP-compatible classes (docs/contract.md §4): ``Buffer``, ``Config``,
 ``EventOverlap``, ``EventHandle``, ``topk_idx_t``, and ``deep_ep.utils`` / ``deep_ep.buffer``
 as DeepEP 1.x lays them out. ``deep_ep.__version__`` is ``"1.2.1+epcomm.<epcomm version>"`` and
 ``deep_ep.__backend__`` is ``"epcomm"``; python/README.md lists what a client can still notice.

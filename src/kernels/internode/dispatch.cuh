@@ -1,4 +1,4 @@
-// Normal-mode dispatch across nodes (SPEC.md §3.2), hierarchical. Bodies are templates over the
+// Normal-mode dispatch across nodes (docs/contract.md §3.2), hierarchical. Bodies are templates over the
 // network transport (EmulatedNet for virtual nodes, GinNet for real ones); dispatch.cu launches them.
 //
 // Design note.
@@ -8,7 +8,7 @@
 //   source's own are pulled straight from the source (it is its own forwarder).
 //   - notify (notify.cu) exchanges counts and per-chunk masks through the transport and builds the
 //     same handle as the intranode path: rank_prefix_matrix and chunk_offset (first receive row of
-//     every (source, chunk)), so row order, handle and cached dispatch are exactly SPEC's.
+//     every (source, chunk)), so row order, handle and cached dispatch are exactly the contract's.
 //   - send kernel: each rank stages every token that goes anywhere into its own region at
 //     rows[own node][t] (row, scales, topk) and its per-node masks; then puts rows[own][t] to
 //     forwarder (m, l) at the same offset for each other node m the token goes to (one put per

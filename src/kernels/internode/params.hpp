@@ -1,4 +1,4 @@
-// Normal mode across nodes (SPEC.md §3.2, hierarchical): where things live in the internode region
+// Normal mode across nodes (docs/contract.md §3.2, hierarchical): where things live in the internode region
 // and the arguments of its three kernels. Plain data shared by host (core/buffer_internode.cpp) and
 // device code (kernels/internode/*.cu). The design note is at the top of dispatch.cu.
 //

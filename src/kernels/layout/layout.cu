@@ -1,4 +1,4 @@
-// get_dispatch_layout (SPEC.md §3.1): per-rank, per-node and per-expert token counts and the
+// get_dispatch_layout (docs/contract.md §3.1): per-rank, per-node and per-expert token counts and the
 // token x rank membership matrix, from topk_idx. One thread per token; counts go through shared
 // memory histograms, then one global atomic per bin per block. Outputs are zeroed by the launcher.
 #include <cuda_runtime.h>

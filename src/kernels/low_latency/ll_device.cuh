@@ -20,7 +20,7 @@ __device__ __forceinline__ uint32_t tag_payload(uint64_t v) { return static_cast
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
-// SPEC.md §3.3 scale of one group, bit for bit ref::fp8_group_scale: IEEE division, and rounding
+// docs/contract.md §3.3 scale of one group, bit for bit ref::fp8_group_scale: IEEE division, and rounding
 // up to a power of two by exponent arithmetic.
 __device__ __forceinline__ float fp8_group_scale(float amax, bool round_scale) {
   float scale = __fdiv_rn(fmaxf(amax, 1e-4f), 448.0f);

@@ -1,4 +1,4 @@
-// Low-latency (LL) mode, SPEC.md §3.3: where things live in the LL region, the device-side call
+// Low-latency (LL) mode, docs/contract.md §3.3: where things live in the LL region, the device-side call
 // counters, and the arguments of the two kernels. Plain data shared by host (core/
 // buffer_low_latency.cpp) and device code (kernels/low_latency/*.cu).
 //
@@ -223,14 +223,16 @@ inline size_t deepep_low_latency_size_hint(int max_tokens, int hidden, int num_r
   return (total + 128) / 128 * 128;
 }
 
-// EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 4): 0 keeps the
+// The low-latency paths' level: BufferOptions::low_latency_per_rank per buffer, whose default (-1)
+// is EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 4). 0 keeps the
 // per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
 // per-rank combine with BF16 partials, 3 with fine partials, 4 with float32 partials (none is
 // bit-identical to the per-expert sum; combine.cu gives their error bounds). A call uses them only
 // where the layout and shared memory allow.
-int low_latency_per_rank_level();
-inline bool low_latency_per_rank_requested() { return low_latency_per_rank_level() >= 1; }
-inline bool low_latency_per_rank_combine_requested() { return low_latency_per_rank_level() >= 2; }
+int low_latency_per_rank_level();  // the environment's level
+constexpr int kLowLatencyPerRankMaxLevel = 4;
+// The level a buffer uses: its option (0..4) where set, else the environment's (`from_env`).
+inline int low_latency_per_rank_choice(int option, int from_env) { return option >= 0 ? option : from_env; }
 
 // What the expert rank returns to an origin in the combine of a per-rank dispatch.
 enum class LowLatencyPartials : int {
@@ -282,8 +284,7 @@ EPCOMM_HD inline int lane_entry_position(int lane, uint32_t same_dest, uint32_t 
   return popc32(kept & same_dest & ((1u << lane) - 1u));
 }
 
-inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l) {
-  const int level = low_latency_per_rank_level();
+inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l, int level) {
   if (level < 2 || !l.per_rank_combine_fits()) return LowLatencyPartials::kNone;
   if (level == 2) return LowLatencyPartials::kBf16;
   const LowLatencyPartials k = level == 3 ? LowLatencyPartials::kFine : LowLatencyPartials::kF32;
@@ -292,9 +293,9 @@ inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l) {
 
 // The per-rank dispatch where it is asked for and the layout allows it (entries carry the local
 // expert in 16 bits); the library also needs its shared memory to fit (every test and bench shape
-// does), and the combine of such a dispatch returns low_latency_partials(l).
-inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8) {
-  return low_latency_per_rank_requested() && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff;
+// does), and the combine of such a dispatch returns low_latency_partials(l, level).
+inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8, int level) {
+  return level >= 1 && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff;
 }
 
 // What the tests and the bench check a per-rank combine against, relative to sum_k |w_k y_k|: each
@@ -390,6 +391,7 @@ struct LowLatencyHostState {
   LowLatencyPartials partials[2] = {LowLatencyPartials::kNone, LowLatencyPartials::kNone};  // ... and wrote the
                                                  // per-rank combine's plan (its combine returns these)
   bool net = false;          // network path for ranks of other nodes (LowLatencyNetLayout)
+  int per_rank_level = 0;    // low_latency_per_rank_choice(BufferOptions::low_latency_per_rank, env)
   // The src_info of buffer b's latest dispatch: a handle is this buffer's (and still current) only
   // if it holds that tensor, so a handle of another Buffer or of a dispatch since overwritten is
   // refused instead of combining another call's plan. Cleared with the calls.

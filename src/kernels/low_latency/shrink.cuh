@@ -1,4 +1,4 @@
-// Shrink mode of the low-latency kernels (SPEC.md §3.3): a peer that does not answer within the
+// Shrink mode of the low-latency kernels (docs/contract.md §3.3): a peer that does not answer within the
 // timeout is masked instead of failing the call, and masked peers are skipped without waiting.
 //
 // The mask is this rank's own view, [R] int32 in device memory (LowLatencyHostState::mask), read by
