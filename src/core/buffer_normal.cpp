@@ -115,6 +115,8 @@ void check_filled_handle(const Buffer::Impl& m, const DispatchHandle& h) {
                    h.chunk_offset.shape[1] - 2);
   checks::in_range("handle.num_rows", h.num_rows, 0, std::numeric_limits<int32_t>::max());
   checks::in_range("handle.num_recv_tokens", h.num_recv_tokens, -1, h.num_rows);
+  checks::device_tensor("handle.recv_src_idx", h.recv_src_idx, m.device, {DType::kI32}, 1);
+  checks::dim("handle.recv_src_idx", h.recv_src_idx, 0, h.num_rows, "handle.num_rows");
   checks::positive("handle.num_experts", h.num_experts);
   checks::divisible("handle.num_experts", h.num_experts, "num_ranks", R);
 }
@@ -456,7 +458,7 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   check_filled_handle(m, handle);
   checks::device_tensor("x", in.x, m.device, {DType::kBF16}, 2);
   checks::aligned("x", in.x, 16);
-  checks::dim("x", in.x, 0, handle.num_rows, "rows dispatch returned");
+  checks::dim("x", in.x, 0, handle.num_rows, "rows of the handle's dispatch");
   const int hidden = static_cast<int>(in.x.shape[1]);
   if ((hidden * 2) % 16 != 0)
     throw ArgumentError("x: hidden = " + std::to_string(hidden) + " must make rows a multiple of 16 bytes");
@@ -464,7 +466,7 @@ Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, con
   int K = 0;
   if (in.topk_weights) {
     checks::device_tensor("topk_weights", *in.topk_weights, m.device, {DType::kF32}, 2);
-    checks::dim("topk_weights", *in.topk_weights, 0, handle.num_rows, "rows dispatch returned");
+    checks::dim("topk_weights", *in.topk_weights, 0, handle.num_rows, "rows of the handle's dispatch");
     K = static_cast<int>(in.topk_weights->shape[1]);
     checks::in_range("num_topk", K, 1, kMaxTopk);
     if (!out.combined_topk_weights) throw ArgumentError("combined_topk_weights: needed when topk_weights is given");

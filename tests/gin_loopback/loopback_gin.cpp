@@ -255,6 +255,13 @@ ncclResult_t progress_locked(CollComm* c) {
   return ncclSuccess;
 }
 
+// `handle` if it is one of this context's registrations (any state), else nullptr.
+Registration* own_registration(CollComm* c, const void* handle) {
+  for (const auto& r : c->regs)
+    if (r.get() == handle) return r.get();
+  return nullptr;
+}
+
 ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off, void* dst_mhandle,
                   uint32_t rank, uint64_t signal_off, void* signal_mhandle, uint64_t signal_value, uint32_t signal_op,
                   void** request) {
@@ -271,18 +278,30 @@ ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_
   w.dst_offset = dst_off;
   std::vector<char> message(sizeof(Wire) + size);
   if (size > 0) {
-    auto* src = static_cast<Registration*>(src_mhandle);
-    auto* dst = static_cast<Registration*>(dst_mhandle);
+    // Only handles this context handed out are dereferenced (NCCL passes them back as 63-bit words).
+    Registration* src = own_registration(c, src_mhandle);
+    Registration* dst = own_registration(c, dst_mhandle);
     if (!src || !dst || !src->live || !dst->live || src_off > src->size || size > src->size - src_off) {
       LB_WARN("loopback gin: rank %d: a put of %zu bytes to rank %u with a missing, deregistered or too small source "
-              "or destination registration", c->rank, size, rank);
+              "or destination registration: src %p (%s, offset %llu, %zu bytes registered), dst %p (%s, offset %llu); "
+              "this context holds %zu registrations",
+              c->rank, size, rank, src_mhandle, !src ? "not this context's" : src->live ? "live" : "deregistered",
+              static_cast<unsigned long long>(src_off), src ? src->size : 0, dst_mhandle,
+              !dst ? "not this context's" : dst->live ? "live" : "deregistered", static_cast<unsigned long long>(dst_off),
+              c->regs.size());
       return ncclInvalidArgument;
     }
     w.dst_index = dst->index;
     LB_CHECK(copy_out(c, src, src_off, size, message.data() + sizeof(Wire)));
   }
   if (signal_mhandle) {
-    w.signal_index = static_cast<Registration*>(signal_mhandle)->index;
+    const Registration* signals = own_registration(c, signal_mhandle);
+    if (!signals) {
+      LB_WARN("loopback gin: rank %d: a signal to rank %u through %p, not one of this context's %zu registrations",
+              c->rank, rank, signal_mhandle, c->regs.size());
+      return ncclInvalidArgument;
+    }
+    w.signal_index = signals->index;
     w.signal_offset = signal_off;
     w.signal_value = signal_value;
     w.signal_op = signal_op;
