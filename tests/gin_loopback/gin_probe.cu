@@ -42,7 +42,7 @@ using Clock = std::chrono::steady_clock;
 [[noreturn]] void usage(const std::string& why) {
   fprintf(stderr,
           "epcomm-gin-probe: %s\nusage: epcomm-gin-probe [--procs P] [--ranks-per-proc R] [--device-of-rank d0,d1,...] "
-          "[--rounds N (1..%d)] [--bytes B] [--timeout S] [--kernel-timeout S] [--wait-ms MS] [--plugin PATH]\n",
+          "[--rounds N (1..%d)] [--bytes B] [--timeout S] [--kernel-timeout S] [--wait-ms MS] [--plugin PATH] [--put-value]\n",
           why.c_str(), kMaxRounds);
   exit(2);
 }
@@ -62,6 +62,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--timeout") o.timeout_s = atoi(value());
     else if (a == "--kernel-timeout") o.kernel_timeout_s = atoi(value());
     else if (a == "--wait-ms") o.wait_ms = atoi(value());
+    else if (a == "--put-value") o.put_value = true;
     else if (a == "--plugin") o.plugin = value();
     else if (a == "--child") o.child = atoi(value());
     else if (a == "--dir") o.dir = value();

@@ -12,6 +12,12 @@ struct Options {
   int procs = 2, ranks_per_proc = 1, rounds = 6;
   size_t bytes = 1 << 20;  // the largest put; the rounds cycle through smaller and odd sizes too
   int timeout_s = 300, kernel_timeout_s = 60, wait_ms = 20000;
+  // putValue (NCCL's inline path) is off by default: in NCCL 2.28.9's proxy GIN it cannot work.
+  // ncclGinProxyProgress copies each descriptor to the stack, and proxyGinProcessGfd takes the
+  // inline slot's index as (that copy - the queue), so the source offset it hands iput is garbage
+  // (seen on 1 x H100, run 62: offset 18446744073703305976 into a 512-byte inline buffer).
+  // epcomm's kernels never use putValue.
+  bool put_value = false;
   std::vector<int> device_of_rank;  // empty: rank r on GPU r % device count
   std::string plugin, dir;          // dir: where node 0 leaves the NCCL unique id
   int child = -1;                   // >= 0: this process is fake node `child`

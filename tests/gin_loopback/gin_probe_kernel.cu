@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ncclDevComm comm, ncclW
     if (threadIdx.x == 0) {
       for (int dst = 0; dst < n; ++dst) {
         if (dst == me) continue;
-        gin.putValue(world, dst, window, value_offset(p, n, me), inline_value(p.context, k, me, dst));
+        if (p.put_value) gin.putValue(world, dst, window, value_offset(p, n, me), inline_value(p.context, k, me, dst));
         gin.put(world, dst, window, recv_offset(p, n, me), window, send_offset(p, dst), bytes,
                 ncclGin_SignalAdd{ncclGinSignal_t(me * kKinds + kData), uint64_t(k + 1)});
         gin.signal(world, dst, ncclGin_SignalInc{ncclGinSignal_t(me * kKinds + kInc)});
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ncclDevComm comm, ncclW
         }
       }
     }
-    if (threadIdx.x < n && int(threadIdx.x) != me) {
+    if (p.put_value && threadIdx.x < n && int(threadIdx.x) != me) {
       const int src = int(threadIdx.x);
       const uint64_t got = __ldcv(reinterpret_cast<const unsigned long long*>(local + value_offset(p, n, src)));
       const uint64_t want = inline_value(p.context, k, src, me);

@@ -30,6 +30,7 @@ struct ProbeParams {
   size_t slot;                       // bytes per peer slot; the window holds 2 x nRanks slots
   size_t round_bytes[kMaxRounds];    // bytes put to each peer in round k (0 allowed)
   unsigned long long wait_ns;        // bound on each signal wait
+  int put_value;                     // also an inline putValue per peer and round (Options::put_value)
 };
 
 enum ProbeStatus : int { kOk = 0, kTimeout = 1, kBadSignal = 2, kBadData = 3, kBadValue = 4 };

@@ -119,6 +119,7 @@ bool share_unique_id(Node& node, int k) {
 ProbeParams make_params(const Options& o) {
   ProbeParams p{};
   p.rounds = o.rounds;
+  p.put_value = o.put_value ? 1 : 0;
   p.slot = (o.bytes + 4095) / 4096 * 4096;
   // The full size, then sizes that end mid-word, a single byte and no bytes at all.
   const size_t cycle[] = {o.bytes, 1, 4099, 8, 65543, 0};
