@@ -17,10 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    import pytest
-except ImportError:  # the runner at the bottom stands in
-    pytest = None
+from _runner import raises, run_tests, skip  # noqa: E402
 
 import epcomm
 from epcomm import _epcomm
@@ -36,29 +33,9 @@ except ImportError:
     torch = None
 
 
-class SkipTest(Exception):
-    pass
-
-
-def skip(reason):
-    if pytest is not None:
-        pytest.skip(reason)
-    raise SkipTest(reason)
-
-
 def need_torch():
     if torch is None:
         skip("PyTorch is not installed")
-
-
-def raises(exc_type, fn, *fragments):
-    try:
-        fn()
-    except exc_type as e:
-        for f in fragments:
-            assert f in str(e), f"{exc_type.__name__} '{e}' does not mention '{f}'"
-        return e
-    raise AssertionError(f"no {exc_type.__name__} raised")
 
 
 class FakeTensor:
@@ -1211,14 +1188,4 @@ def test_dispatch_reserves_receive_tensors_before_the_count_exchange():
 
 # ---------------------------------------------------------------------------- without pytest
 if __name__ == "__main__":
-    failed = 0
-    for name, fn in sorted((n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)):
-        try:
-            fn()
-            print(f"PASS {name}")
-        except SkipTest as e:
-            print(f"SKIP {name}: {e}")
-        except Exception as e:  # noqa: BLE001 -- reported
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    sys.exit(1 if failed else 0)
+    run_tests(globals())

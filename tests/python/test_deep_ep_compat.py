@@ -27,10 +27,7 @@ sys.path.insert(0, HERE)
 if COMPAT_DIR not in sys.path:
     sys.path.insert(0, COMPAT_DIR)
 
-try:
-    import pytest
-except ImportError:  # the runner at the bottom stands in
-    pytest = None
+from _runner import raises, run_tests, skip  # noqa: E402
 
 import deep_ep  # noqa: E402
 import deep_ep.utils  # noqa: E402
@@ -41,26 +38,6 @@ try:
     import torch
 except ImportError:
     torch = None
-
-
-class SkipTest(Exception):
-    pass
-
-
-def skip(reason):
-    if pytest is not None:
-        pytest.skip(reason)
-    raise SkipTest(reason)
-
-
-def raises(exc_type, fn, *fragments):
-    try:
-        fn()
-    except exc_type as e:
-        for f in fragments:
-            assert f in str(e), f"{exc_type.__name__} '{e}' does not mention '{f}'"
-        return e
-    raise AssertionError(f"no {exc_type.__name__} raised")
 
 
 def fresh_python(code, extra_path=(), env=None, block_torch=False):
@@ -580,14 +557,4 @@ def test_fp8_scale_forms_through_the_python_layer():
 
 # ---------------------------------------------------------------------------- without pytest
 if __name__ == "__main__":
-    failed = 0
-    for name, fn in sorted((n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)):
-        try:
-            fn()
-            print(f"PASS {name}")
-        except SkipTest as e:
-            print(f"SKIP {name}: {e}")
-        except Exception as e:  # noqa: BLE001 -- reported
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    sys.exit(1 if failed else 0)
+    run_tests(globals())

@@ -27,6 +27,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _fuzz  # noqa: E402
+from _runner import run_tests, skip  # noqa: E402
 import epcomm  # noqa: E402
 from epcomm import _low_latency, buffer as buffer_module  # noqa: E402
 from epcomm.handle import DispatchHandle, HandleMeta, LowLatencyHandle  # noqa: E402
@@ -204,7 +205,7 @@ def _gpu_count():
 def test_fuzz_on_gpus():
     """The cases against the real core, one process per GPU (_fuzz_gpu.py)."""
     if torch is None or _gpu_count() == 0:
-        _skip("skipped (no GPU)" if torch is not None else "PyTorch is not installed")
+        skip("skipped (no GPU)" if torch is not None else "PyTorch is not installed")
     from _cluster import Cluster, ranks_for_tests
 
     import _fuzz_gpu
@@ -219,29 +220,6 @@ def test_fuzz_on_gpus():
     print(f"epcomm fuzz (GPU): rank 0 {reports[0]}")
 
 
-def _skip(reason):
-    try:
-        import pytest
-    except ImportError:
-        raise _Skip(reason)
-    pytest.skip(reason)
-
-
-class _Skip(Exception):
-    pass
-
-
 if __name__ == "__main__":
-    failed = 0
-    names = ["test_fuzz_python_layer", "test_fuzz_calls_after_destroy"] + (["test_fuzz_on_gpus"] if "--gpu" in sys.argv
-                                                                          else [])
-    for name in names:
-        try:
-            globals()[name]()
-            print(f"PASS {name}")
-        except _Skip as e:
-            print(f"SKIP {name}: {e}")
-        except Exception as e:  # noqa: BLE001 -- reported
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
-    sys.exit(1 if failed else 0)
+    run_tests(globals(), ["test_fuzz_python_layer", "test_fuzz_calls_after_destroy"] +
+              (["test_fuzz_on_gpus"] if "--gpu" in sys.argv else []))
