@@ -118,8 +118,8 @@ if [[ " $steps " == *" gin "* ]]; then
   else
     log "gin: net plugin $plugin is missing: only the no-GIN cases (GinUnavailable.*) run"
   fi
-  layouts=2x1,4x1
-  [[ $(nvidia-smi -L 2>/dev/null | grep -c '^GPU') -ge 4 ]] && layouts=$layouts,2x2
+  layouts=${EPCOMM_GIN_LAYOUTS:-2x1,4x1}
+  [[ -z ${EPCOMM_GIN_LAYOUTS:-} && $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -ge 4 ]] && layouts=$layouts,2x2
   log "gin: epcomm_gin_tests --layouts $layouts (logs: $out/gin)"
   rm -rf "$out/gin"
   mkdir -p "$out/gin"
