@@ -12,8 +12,8 @@
 #include <string>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
+#include "core/call_check.hpp"
 #include "core/env.hpp"
 #include "epcomm/error.hpp"
 #include "transport/gin_context.hpp"

@@ -6,8 +6,8 @@
 #include <thread>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
+#include "core/call_check.hpp"
 #include "core/env.hpp"
 #include "core/ring_geometry.hpp"
 #include "epcomm/error.hpp"

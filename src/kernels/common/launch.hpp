@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 
 namespace epcomm {
 

@@ -11,7 +11,7 @@
 // with a record like any other.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"

@@ -36,7 +36,7 @@
 //   as many bytes as their two rows).
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"

@@ -31,7 +31,7 @@
 
 #include <mutex>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/low_latency/ll_device.cuh"
 #include "kernels/low_latency/ll_net.cuh"

@@ -1,4 +1,4 @@
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 
 #include <cstring>
 #include <string>
