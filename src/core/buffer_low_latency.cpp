@@ -486,7 +486,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   // An error a failed call left is cleared as check_device_errors clears it (the record and the
   // device flags; this waits for the comm stream, only on this way back after a failure), and not
   // raised: clean is the way back after an LL timeout.
-  if (m.record->code != 0) {
+  if (m.record->error() != DeviceError::kNone) {
     try {
       check_device_errors();
     } catch (const Error&) {

@@ -210,7 +210,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
         const bool ok = e >= 0 && e < E;
         int s = ok ? sm.hist[e]++ : -1;
         if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
-          report(c.wait, 3, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
+          report(c.wait, DeviceError::kBadArgument, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
           s = -1;
         }
         expert[k] = s >= 0 ? static_cast<int>(e) : -1;
@@ -323,7 +323,7 @@ __device__ __forceinline__ void assign_slots_by_lane(const LowLatencyDispatchPar
     m.nent[ls.place] = popc32(kept_lanes & same_d);
   }
   if (valid && !kept)  // no room: dropped and reported, never written past the slots
-    report(p.common.wait, 3, WaitPhase::kNone, e, static_cast<uint64_t>(L.max_tokens), 0);
+    report(p.common.wait, DeviceError::kBadArgument, WaitPhase::kNone, e, static_cast<uint64_t>(L.max_tokens), 0);
   if (kept)
     m.entries[ls.place][lane_entry_position(lane, same_d, kept_lanes)] =
         static_cast<uint32_t>(e % EL) | (static_cast<uint32_t>(s) << 16) | (static_cast<uint32_t>(lane) << 28);
