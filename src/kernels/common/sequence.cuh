@@ -3,9 +3,9 @@
 // agree across ranks without any exchange.
 #pragma once
 
+#include "kernels/common/common_params.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"
-#include "kernels/normal/params.hpp"
 
 namespace epcomm::dev {
 

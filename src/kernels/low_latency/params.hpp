@@ -30,8 +30,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "kernels/common/common_params.hpp"
 #include "kernels/common/control.hpp"
-#include "kernels/normal/params.hpp"  // CommonParams: peers, wait context
 
 namespace epcomm {
 
