@@ -30,7 +30,7 @@ struct LowLatencyDispatchParams {
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
-  bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch.cu
+  bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch_per_rank.cu
   bool per_rank_combine = false;  // (per_rank only) write the per-rank combine's plan instead of headers
   // inputs (send half)
   const uint16_t* x = nullptr;         // [T, hidden] bf16

@@ -8,7 +8,7 @@
 
 namespace epcomm {
 
-// One lane's part of handing out a token's slots by lanes (dispatch.cu assign_slots_by_lane):
+// One lane's part of handing out a token's slots by lanes (dispatch_per_rank_send.cuh assign_slots_by_lane):
 // lane k holds the token's k-th id; from the warp's masks (lanes with the same destination rank,
 // with the same expert, the first lane of each destination, the entries that have room) it gets
 // what lane 0's walk over k would give it. Host and device (tests/cpu checks it against the walk).

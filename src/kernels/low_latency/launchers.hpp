@@ -21,6 +21,9 @@ int low_latency_dispatch_recv_shared_bytes(const LowLatencyLayout& layout, bool 
 int low_latency_dispatch_launch_shared_bytes(const LowLatencyLayout& layout, int num_blocks, int staging_buffers,
                                              bool per_rank, int phases);
 void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes, void* stream);
+// The per-rank path's kernel (dispatch_per_rank.cu); launch_low_latency_dispatch takes it where p.per_rank.
+void launch_low_latency_dispatch_per_rank(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes,
+                                          void* stream);
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
 // Network path: see LowLatencyNetArgs.
 struct EmulatedNetParams;

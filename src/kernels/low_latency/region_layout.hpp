@@ -65,7 +65,7 @@ struct LowLatencyLayout {
     return l;
   }
 
-  // Per-rank dispatch (EPCOMM_LL_PER_RANK=1, see dispatch.cu): a source stores each token once per
+  // Per-rank dispatch (EPCOMM_LL_PER_RANK=1, see dispatch_per_rank.cu): a source stores each token once per
   // destination rank into the destination's staging slot [source][slot] = [payload: FP8 row +
   // scales, or the BF16 row][entries: kslots u32, padded to 16 bytes][head u32: t | entries << 16 |
   // d << 21, padded to 16]. The staging slots overlay dispatch_data of the same buffer (free until
