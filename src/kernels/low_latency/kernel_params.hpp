@@ -62,8 +62,8 @@ struct LowLatencyCombineParams {
   // expert side
   const uint16_t* y = nullptr;            // [E/R, R*Tmax, hidden] bf16 (user tensor or the zero-copy area)
   const int64_t* layout_range = nullptr;  // [E/R, R] from the dispatch handle
-  LowLatencyPartials partials = LowLatencyPartials::kNone;  // kNone: per-expert rows; else the per-rank
-                                                             // combine (the dispatch wrote its plan), see combine.cu
+  // kNone: per-expert rows; else the per-rank combine (the dispatch wrote its plan), see combine_per_rank.cu
+  LowLatencyPartials partials = LowLatencyPartials::kNone;
   // origin side
   const int64_t* topk_idx = nullptr;      // [T, K]
   const float* topk_weights = nullptr;    // [T, K]

@@ -25,6 +25,9 @@ void launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_bloc
 void launch_low_latency_dispatch_per_rank(const LowLatencyDispatchParams& p, int num_blocks, int smem_bytes,
                                           void* stream);
 void launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, void* stream);
+// The per-rank combine's kernels (combine_per_rank.cu); launch_low_latency_combine takes them where
+// p.partials != kNone.
+void launch_low_latency_combine_per_rank(const LowLatencyCombineParams& p, int num_blocks, void* stream);
 // Network path: see LowLatencyNetArgs.
 struct EmulatedNetParams;
 void launch_low_latency_dispatch_net(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,

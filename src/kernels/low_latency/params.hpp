@@ -27,7 +27,7 @@
 // Flags carry the call's sequence number (device counters, fresh at every graph replay) and are
 // never reset.
 //
-// EPCOMM_LL_PER_RANK >= 1 switches to the per-rank variants (dispatch.cu, combine.cu): a token goes
+// EPCOMM_LL_PER_RANK >= 1 switches to the per-rank variants (dispatch_per_rank.cu, combine_per_rank.cu): a token goes
 // once to each destination rank (staged, then fanned out by the receiver into the same rows), and
 // with 2, 3 or 4 (the default) the expert rank returns one pre-weighted partial per (token, rank).
 // Same layout.

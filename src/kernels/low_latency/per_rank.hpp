@@ -14,7 +14,7 @@ namespace epcomm {
 // is EPCOMM_LL_PER_RANK (core/env.cpp; read once per process, on the host; default 4). 0 keeps the
 // per-expert dispatch, 1 asks for the per-rank dispatch (same outputs bit for bit), 2 also for the
 // per-rank combine with BF16 partials, 3 with fine partials, 4 with float32 partials (none is
-// bit-identical to the per-expert sum; combine.cu gives their error bounds). A call uses them only
+// bit-identical to the per-expert sum; combine_per_rank.cu gives their error bounds). A call uses them only
 // where the layout and shared memory allow.
 int low_latency_per_rank_level();  // the environment's level
 constexpr int kLowLatencyPerRankMaxLevel = 4;
@@ -57,7 +57,7 @@ inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8,
 }
 
 // What the tests and the bench check a per-rank combine against, relative to sum_k |w_k y_k|: each
-// kind's bound (combine.cu) with slack, and the kind's name in their messages.
+// kind's bound (combine_per_rank.cu) with slack, and the kind's name in their messages.
 inline float low_latency_partials_tolerance(LowLatencyPartials k) {
   return k == LowLatencyPartials::kF32 ? 1.0f / 262144.0f : k == LowLatencyPartials::kFine ? 1.0f / 16384.0f : 1.0f / 256.0f;
 }

@@ -101,7 +101,7 @@ struct LowLatencyLayout {
     return staged_stride(use_fp8) <= static_cast<size_t>(local_experts) * msg_bytes;
   }
 
-  // Per-rank combine (EPCOMM_LL_PER_RANK=2..4, see combine.cu): the expert rank sums, per (token,
+  // Per-rank combine (EPCOMM_LL_PER_RANK=2..4, see combine_per_rank.cu): the expert rank sums, per (token,
   // origin), its local experts' rows weighted by the origin's topk_weights and sends one BF16
   // partial row to the origin's combine row [t][d], d = the rank's place among the token's
   // destination ranks (first occurrence in k order), in pr_parts parts with a flag each
