@@ -1,5 +1,5 @@
 // Buffer construction, memory, stream ordering and error reporting. The modes live in
-// buffer_normal.cpp and buffer_low_latency.cpp.
+// buffer_normal.cpp and buffer_low_latency*.cpp.
 #include <algorithm>
 #include <cstring>
 #include <string>

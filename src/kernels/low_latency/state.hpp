@@ -26,7 +26,7 @@ struct LowLatencyDeviceState {
   unsigned long long net_stats[2];
 };
 
-// What Buffer keeps on the host for LL mode (core/buffer_low_latency.cpp).
+// What Buffer keeps on the host for LL mode (core/buffer_low_latency*.cpp).
 struct LowLatencyHostState {
   size_t offset = 0;         // of the LL region inside the symmetric allocation (after the data part)
   size_t bytes = 0;          // its size: num_rdma_bytes rounded up to 4096
