@@ -1,12 +1,12 @@
 // Buffer construction, memory, stream ordering and error reporting. The modes live in
-// buffer_normal.cpp and buffer_low_latency.cpp.
+// buffer_normal.cpp and buffer_low_latency*.cpp.
 #include <algorithm>
 #include <cstring>
 #include <string>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
+#include "core/call_check.hpp"
 #include "core/env.hpp"
 #include "kernels/common/launch.hpp"
 #include "epcomm/error.hpp"
@@ -230,16 +230,17 @@ CommonParams Buffer::Impl::common(KernelId kernel) const {
 
 void Buffer::check_device_errors() {
   Impl& m = *impl_;
-  if (m.record->code != 0) {
+  if (m.record->error() != DeviceError::kNone) {
     // The kernels that saw the error have left; make the buffer usable for the next call.
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     const DeviceErrorRecord r = *m.record;
     std::memset(m.record, 0, sizeof(DeviceErrorRecord));
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, 2 * sizeof(int32_t), m.comm));  // abort, record_claimed
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
-    if (r.code == 3) throw ArgumentError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
-    if (r.code == 4) throw RuntimeFailure("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
-    throw TimeoutError("epcomm rank " + std::to_string(m.rank) + ": " + describe(r));
+    const std::string what = "epcomm rank " + std::to_string(m.rank) + ": " + describe(r);
+    if (r.error() == DeviceError::kBadArgument) throw ArgumentError(what);
+    if (r.error() == DeviceError::kCallNumbersUsedUp) throw RuntimeFailure(what);
+    throw TimeoutError(what);
   }
 }
 

@@ -72,7 +72,7 @@ struct Buffer::Impl {
   size_t dispatch_ring_offset() const { return data_offset; }
   size_t combine_ring_offset() const { return data_offset + ring_region_bytes(); }
   bool capturing(cudaStream_t stream) const;
-  // Low-latency mode (buffer_low_latency.cpp): its region follows the data part.
+  // Low-latency mode (buffer_low_latency*.cpp): its region follows the data part.
   LowLatencyHostState ll;
   void init_low_latency();                       // constructor: the device counters
   void release_low_latency();                    // destructor

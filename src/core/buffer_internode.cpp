@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
+#include "core/call_check.hpp"
 #include "epcomm/error.hpp"
 #include "transport/gin_context.hpp"
 

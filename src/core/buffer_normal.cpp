@@ -6,8 +6,8 @@
 #include <thread>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
+#include "core/call_check.hpp"
 #include "core/env.hpp"
 #include "core/ring_geometry.hpp"
 #include "epcomm/error.hpp"
@@ -180,7 +180,7 @@ void wait_for_notify(Buffer& buffer, Buffer::Impl& m, int32_t token) {
   const auto deadline = clock::now() + std::chrono::nanoseconds(3 * m.timeout_ns + 10'000'000'000ull);
   volatile int32_t* status = &m.host_result[kNotifyStatus];
   for (uint32_t spins = 0; *status != token && *status != -token; ++spins) {
-    if (m.record->code != 0) break;
+    if (m.record->error() != DeviceError::kNone) break;
     if ((spins & 1023) == 0) {
       const cudaError_t e = cudaStreamQuery(m.comm);
       if (e != cudaSuccess && e != cudaErrorNotReady) EPCOMM_CUDA_CHECK(e);
@@ -191,7 +191,7 @@ void wait_for_notify(Buffer& buffer, Buffer::Impl& m, int32_t token) {
       std::this_thread::yield();
     }
   }
-  if (*status != token || m.record->code != 0) {
+  if (*status != token || m.record->error() != DeviceError::kNone) {
     buffer.check_device_errors();
     throw RuntimeFailure("dispatch: the count exchange failed without a diagnostic record");
   }

@@ -2,7 +2,7 @@
 #include <cstring>
 
 #include "core/buffer_impl.hpp"
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "transport/gin_context.hpp"
 
 namespace epcomm {

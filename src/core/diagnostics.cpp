@@ -68,29 +68,29 @@ std::string hex(uint64_t v) {
 // the Python process (see TensorView::describe).
 std::string describe(const DeviceErrorRecord& r) {
   using std::to_string;
-  if (r.code == 4)
+  if (r.error() == DeviceError::kCallNumbersUsedUp)
     return std::string("kernel ") + kernel_name(r.kernel) + " on rank " + to_string(r.rank) + " did not run: this " +
            "buffer has used its " + to_string(r.expected) + " call numbers (32-bit, compared by every flag, so they " +
            "must not come round again); call reset() on every rank (clean_low_latency_buffer for low-latency " +
            "calls) to start them again";
-  if (r.code == 3 && r.kernel == KernelId::kLowLatencyDispatch)
+  if (r.error() == DeviceError::kBadArgument && r.kernel == KernelId::kLowLatencyDispatch)
     return "low_latency_dispatch on rank " + to_string(r.rank) +
            ": topk_idx sends more than num_max_dispatch_tokens_per_rank = " + to_string(r.expected) +
            " rows to expert " + to_string(r.peer) + " (some token lists it more than once); the rows past it were " +
            "dropped";
-  if (r.code == 3 && r.kernel == KernelId::kCombine)
+  if (r.error() == DeviceError::kBadArgument && r.kernel == KernelId::kCombine)
     return "combine on rank " + to_string(r.rank) + ": handle.recv_src_idx holds token " +
            to_string(static_cast<int32_t>(r.observed)) + ", outside [0, " + to_string(r.expected) +
            "); is the handle from a dispatch that failed or from another buffer? (those rows were skipped)";
-  if (r.code == 3 && static_cast<int32_t>(r.observed) < 0)
+  if (r.error() == DeviceError::kBadArgument && static_cast<int32_t>(r.observed) < 0)
     return "dispatch on rank " + to_string(r.rank) + " (kernel " + kernel_name(r.kernel) + "): the receive plan's row count is " +
            to_string(static_cast<int32_t>(r.observed)) + " (handle.chunk_offset was not written by this dispatch's count "
            "exchange); the num_worst_tokens padding was skipped";
-  if (r.code == 3)
+  if (r.error() == DeviceError::kBadArgument)
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
            " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +
            kernel_name(r.kernel) + ")";
-  if (r.code == 2)
+  if (r.error() == DeviceError::kMismatch)
     return std::string("ranks disagree on the call's parameters: kernel ") + kernel_name(r.kernel) + ", rank " +
            to_string(r.rank) + " expected 0x" + hex(r.expected) + " but peer " + to_string(r.peer) + " sent 0x" +
            hex(r.observed) + " (every rank must pass the same num_experts, config and chunk size)";

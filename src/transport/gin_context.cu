@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "epcomm/error.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/ptx.cuh"

@@ -6,7 +6,7 @@
 #include <mutex>
 #include <set>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "epcomm/group.hpp"
 
 namespace epcomm {

@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "core/env.hpp"
 #include "epcomm/group.hpp"
 #include "transport/gin_context.hpp"

@@ -3,7 +3,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "transport/nccl_lsa.hpp"
 
 namespace epcomm {

@@ -4,7 +4,7 @@
 #include <string>
 #include <thread>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "epcomm/error.hpp"
 
 namespace epcomm {

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
 #include "core/env.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"

@@ -20,7 +20,7 @@ constexpr int kMaxTopk = 16;
 // FP8 scale words (4 bytes each: float32 scales or packed int32) one token carries in normal mode.
 constexpr int kMaxScaleWords = 512;
 // Call numbers are 32 bits and flags compare them with >=, so a number must never come round again:
-// a kernel whose number would pass this one leaves at once with a record (code 4) instead of
+// a kernel whose number would pass this one leaves at once with a record (DeviceError::kCallNumbersUsedUp) instead of
 // running; Buffer::reset (and, for low-latency calls, clean_low_latency_buffer) starts them again.
 constexpr uint32_t kLastCallNumber = 0xffffff00u;
 // Numbers 1 .. kLastCallNumber may run (0 is where the counter would come round to).

@@ -37,9 +37,20 @@ enum class WaitPhase : int32_t {
   kNetworkFlush,               // the network transport consuming this rank's puts to the peer (GIN flush)
 };
 
+// What a kernel reports in a DeviceErrorRecord (dev::report in wait.cuh writes it; describe() and
+// Buffer::check_device_errors turn it into a message and an exception type).
+enum class DeviceError : int32_t {
+  kNone = 0,
+  kTimeout = 1,            // a bounded wait gave up (the kernel stops: the local abort flag)
+  kMismatch = 2,           // ranks disagree on a call's parameters (the kernel stops too)
+  kBadArgument = 3,        // an argument only the device could check (the kernel goes on, so peers are
+                           // not stranded); the host raises ArgumentError
+  kCallNumbersUsedUp = 4,  // the call's number is past kLastCallNumber: the kernel did not run
+};
+
 struct DeviceErrorRecord {
-  int32_t code;  // 0 = none, 1 = timeout, 2 = ranks disagree on a call's parameters, 3 = bad argument,
-                 // 4 = call numbers used up (kLastCallNumber)
+  // A DeviceError, kept as its number: tests/cpu/test_call_numbers.cpp fills a record with `code = 4`.
+  int32_t code;
   KernelId kernel;
   WaitPhase phase;
   int32_t rank;
@@ -47,6 +58,8 @@ struct DeviceErrorRecord {
   int32_t block;
   uint64_t expected;
   uint64_t observed;
+
+  DeviceError error() const { return static_cast<DeviceError>(code); }
 };
 
 // What every waiting kernel carries: where to report, when to give up, who it is.

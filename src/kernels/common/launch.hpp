@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 
 namespace epcomm {
 
@@ -25,6 +25,37 @@ inline void allow_dynamic_smem(const void* kernel, int bytes) {
   if (have >= bytes) return;
   EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   have = bytes;
+}
+
+// Runs `configure` once per device (every time on a device index past kMaxDevices). Each launcher
+// keeps its own (a function-local static), for the kernels it launches.
+class OncePerDevice {
+ public:
+  template <class F>
+  void run(F&& configure) {
+    int device = 0;
+    EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+    if (device >= 0 && device < kMaxDevices) std::call_once(configured_[device], configure);
+    else configure();
+  }
+
+ private:
+  static constexpr int kMaxDevices = 64;
+  std::once_flag configured_[kMaxDevices];
+};
+
+// Sets each kernel's dynamic shared-memory limit to the device's maximum less `static_bytes` (the
+// kernel's static shared memory). Launchers call it once per device (OncePerDevice), never lowering
+// it: ranks driven by threads of one process launch a kernel concurrently with different sizes,
+// and the launch path stays free of attribute calls.
+inline void allow_max_dynamic_smem(std::initializer_list<const void*> kernels, int static_bytes = 0) {
+  int device = 0, max_smem = 0;
+  EPCOMM_CUDA_CHECK(cudaGetDevice(&device));
+  EPCOMM_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  for (const void* kernel : kernels) {
+    EPCOMM_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem - static_bytes));
+  }
 }
 
 // CUDA loads each kernel at its first launch by default (CUDA_MODULE_LOADING=LAZY), and loading may

@@ -3,21 +3,23 @@
 // agree across ranks without any exchange.
 #pragma once
 
+#include "kernels/common/common_params.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"
-#include "kernels/normal/params.hpp"
 
 namespace epcomm::dev {
 
 // The number of the call now running (read by every block before any block can finish it).
 __device__ __forceinline__ uint32_t call_sequence(const CommonParams& c) { return ld_volatile(c.seq_counter) + 1; }
 
-// False (and a record, code 4) when `seq` is past kLastCallNumber (or came round to 0): the kernel
-// must leave before it touches a flag. Every rank makes the same calls, so all of them stop at the
-// same call, and every later one stops too (the counter is not advanced) until a reset.
+// False (and a record, DeviceError::kCallNumbersUsedUp) when `seq` is past kLastCallNumber (or came
+// round to 0): the kernel must leave before it touches a flag. Every rank makes the same calls, so all
+// of them stop at the same call, and every later one stops too (the counter is not advanced) until a
+// reset.
 __device__ __forceinline__ bool call_number_left(const WaitContext& w, uint32_t seq) {
   if (call_number_usable(seq)) return true;
-  if (threadIdx.x == 0 && blockIdx.x == 0) report(w, 4, WaitPhase::kNone, -1, kLastCallNumber, seq);
+  if (threadIdx.x == 0 && blockIdx.x == 0)
+    report(w, DeviceError::kCallNumbersUsedUp, WaitPhase::kNone, -1, kLastCallNumber, seq);
   return false;
 }
 

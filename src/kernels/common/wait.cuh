@@ -8,14 +8,15 @@
 
 namespace epcomm::dev {
 
+using epcomm::DeviceError;
 using epcomm::WaitContext;
 
 __device__ __forceinline__ bool aborted(const WaitContext& ctx) { return ld_volatile(ctx.abort_flag) != 0; }
 
-// code: 1 timeout, 2 ranks disagree on parameters (both stop the kernel: the local abort flag), 3 an
-// argument only the device could check (the kernel goes on, so peers are not stranded).
-static __device__ __noinline__ void report(const WaitContext& ctx, int code, WaitPhase phase, int peer, uint64_t expected,
-                                           uint64_t observed) {
+// Every error but DeviceError::kBadArgument stops the kernel (the local abort flag); a bad argument
+// only the device could check lets it go on, so peers are not stranded.
+static __device__ __noinline__ void report(const WaitContext& ctx, DeviceError code, WaitPhase phase, int peer,
+                                           uint64_t expected, uint64_t observed) {
   // A device flag decides who writes the record (no atomics on host memory over PCIe).
   if (atomicCAS(ctx.record_claimed, 0, 1) == 0) {
     volatile DeviceErrorRecord* r = ctx.record;
@@ -27,21 +28,21 @@ static __device__ __noinline__ void report(const WaitContext& ctx, int code, Wai
     r->expected = expected;
     r->observed = observed;
     __threadfence_system();
-    r->code = code;
+    r->code = static_cast<int32_t>(code);
     __threadfence_system();
   }
-  if (code != 3) atomicExch(ctx.abort_flag, 1);
+  if (code != DeviceError::kBadArgument) atomicExch(ctx.abort_flag, 1);
 }
 
 __device__ __forceinline__ void report_timeout(const WaitContext& ctx, WaitPhase phase, int peer, uint64_t expected,
                                                uint64_t observed) {
-  report(ctx, 1, phase, peer, expected, observed);
+  report(ctx, DeviceError::kTimeout, phase, peer, expected, observed);
 }
 
 // Ranks disagree on a call's parameters (chunk size, experts, SMs): the rings would not line up.
 __device__ __forceinline__ void report_mismatch(const WaitContext& ctx, WaitPhase phase, int peer, uint64_t expected,
                                                 uint64_t observed) {
-  report(ctx, 2, phase, peer, expected, observed);
+  report(ctx, DeviceError::kMismatch, phase, peer, expected, observed);
 }
 
 // Spins until load() >= target. Bounded: false when the call was aborted, or after the timeout with

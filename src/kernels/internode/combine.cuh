@@ -44,7 +44,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     }
     const int t = p.recv_src_idx[r];
     if (t < 0 || t >= L.max_tokens) {  // a handle from a failed dispatch: report, never write out of bounds
-      if (lane == 0) report(w, 3, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens), static_cast<uint64_t>(t));
+      if (lane == 0) report(w, DeviceError::kBadArgument, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens), static_cast<uint64_t>(t));
       continue;
     }
     const int fwd = me.node * me.P + i % me.P;

@@ -3,7 +3,7 @@
 // reachable (real nodes; buffer_internode.cpp); virtual nodes keep kernels.cu.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/internode/combine.cuh"
 #include "kernels/internode/dispatch.cuh"

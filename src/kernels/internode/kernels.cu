@@ -3,7 +3,7 @@
 // instantiates the same bodies with GinNet.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/internode/combine.cuh"
 #include "kernels/internode/dispatch.cuh"

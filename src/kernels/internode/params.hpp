@@ -27,8 +27,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/common/common_params.hpp"
 #include "kernels/common/control.hpp"
-#include "kernels/normal/params.hpp"
 #include "transport/net_params.hpp"
 
 namespace epcomm {

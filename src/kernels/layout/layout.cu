@@ -3,7 +3,7 @@
 // memory histograms, then one global atomic per bin per block. Outputs are zeroed by the launcher.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/normal/params.hpp"
 

@@ -1,4 +1,4 @@
-// clean_low_latency_buffer's barriers (params.hpp, LowLatencyCleanParams): one warp, a lane per
+// clean_low_latency_buffer's barriers (kernel_params.hpp, LowLatencyCleanParams): one warp, a lane per
 // rank, on the caller's stream, so a clean orders with the LL calls around it and can be captured
 // in a CUDA graph (SGLang cleans when it switches to low-latency mode, possibly while capturing).
 //
@@ -11,7 +11,7 @@
 // with a record like any other.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"

@@ -1,5 +1,5 @@
 // Low-latency mode to ranks of other nodes through the network transport (EPCOMM_LL_NET=1 with
-// more than one node; LowLatencyNetLayout in params.hpp says where things live). The LL kernels are
+// more than one node; LowLatencyNetLayout in net_layout.hpp says where things live). The LL kernels are
 // templates over a "net" argument: LLNoNet (the default path: every peer by LSA stores, the code
 // the compiler sees is the one it saw before) or LLNet<Net> (Net = EmulatedNet over virtual nodes,
 // or LLGinNet, ll_net_gin.cuh, across real nodes, where it is the default), which

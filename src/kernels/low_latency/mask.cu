@@ -2,7 +2,7 @@
 // stream, so it orders with the LL calls on that stream and can be captured in a CUDA graph.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/low_latency/params.hpp"
 

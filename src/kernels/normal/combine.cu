@@ -8,7 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"

@@ -6,7 +6,7 @@
 // shared memory, one bulk store from there into recv_x, lanes for scales / topk / source index.
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/bulk_copy.cuh"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"

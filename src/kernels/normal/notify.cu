@@ -8,7 +8,7 @@
 // notify, which waits for everybody's meta).
 #include <cuda_runtime.h>
 
-#include "core/check.hpp"
+#include "core/call_check.hpp"
 #include "kernels/common/launch.hpp"
 #include "kernels/common/sequence.cuh"
 #include "kernels/common/wait.cuh"

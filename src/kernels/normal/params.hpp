@@ -18,21 +18,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/common/common_params.hpp"
 #include "kernels/common/control.hpp"
-#include "kernels/common/diagnostics.hpp"
 
 namespace epcomm {
-
-// What every normal-mode kernel needs to find its peers and report.
-struct CommonParams {
-  int rank = 0;
-  int num_ranks = 0;
-  char* peer_base[kMaxNvlRanks] = {};  // symmetric region of each rank (peer_base[rank] is local)
-  ControlLayout ctl;
-  uint32_t* seq_counter = nullptr;     // device: sequence number of the last finished call
-  uint32_t* done_counter = nullptr;    // device: blocks finished in the current call
-  WaitContext wait{};
-};
 
 // Dispatch ring slot: [x rows: chunk * row_bytes][meta: chunk * meta_row_bytes]
 // where a meta row is [scales: num_scales 4-byte words][topk idx: K i32][topk weights: K f32], padded to 16.

@@ -113,7 +113,7 @@ __device__ __forceinline__ void pad_worst_topk(const WaitContext& w, int rank, c
   const int num_recv = chunk_offset[static_cast<int64_t>(num_ranks - 1) * stride + stride - 2];
   const bool sane = num_recv >= 0 && num_recv <= num_worst_tokens;
   if (!sane && blockIdx.x == 0 && threadIdx.x == 0)
-    report(w, 3, WaitPhase::kNone, rank, static_cast<uint64_t>(num_worst_tokens),
+    report(w, DeviceError::kBadArgument, WaitPhase::kNone, rank, static_cast<uint64_t>(num_worst_tokens),
            static_cast<uint64_t>(static_cast<uint32_t>(num_recv)));
   const int64_t begin = sane ? static_cast<int64_t>(num_recv) * K : 0;
   const int64_t end = sane ? static_cast<int64_t>(num_worst_tokens) * K : 0;

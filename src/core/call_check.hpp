@@ -13,6 +13,7 @@ namespace epcomm::detail {
 
 [[noreturn]] void throw_cuda_failure(cudaError_t e, const char* call, const char* file, int line);
 [[noreturn]] void throw_nccl_failure(ncclResult_t r, const char* call, const char* file, int line);
+[[noreturn]] void throw_launch_failure(cudaError_t e, const char* kernel_name, const char* file, int line);
 
 }  // namespace epcomm::detail
 
@@ -31,4 +32,9 @@ namespace epcomm::detail {
   } while (0)
 
 // After a kernel launch: launch-configuration errors surface here, with the kernel's name.
-#define EPCOMM_LAUNCH_CHECK(kernel_name) EPCOMM_CUDA_CHECK(cudaPeekAtLastError())
+#define EPCOMM_LAUNCH_CHECK(kernel_name)                                                    \
+  do {                                                                                      \
+    cudaError_t epcomm_err_ = cudaPeekAtLastError();                                        \
+    if (epcomm_err_ != cudaSuccess)                                                         \
+      ::epcomm::detail::throw_launch_failure(epcomm_err_, kernel_name, __FILE__, __LINE__); \
+  } while (0)

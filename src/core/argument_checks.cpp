@@ -1,4 +1,4 @@
-#include "core/checks.hpp"
+#include "core/argument_checks.hpp"
 
 #include <cstdint>
 #include <string>
