@@ -172,11 +172,10 @@ void run_dead_rank(int R, int dead, bool stop_in_combine, int64_t timeout_ms, in
                " seed=" + std::to_string(seed));
   const DeadRankRun run = make_dead_rank_run(c, dead, stop_in_combine, timeout_ms, seed);
   std::vector<DeadRankResult> results(R);
-  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
-  const int parts_before = result->total_part_count();
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) { results[r] = run_dead_rank_rank(run, r, group); },
-            c.ranks_per_node);
-  if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
+  if (!run_ranks_cleanly(
+          R, [&](int r, std::shared_ptr<Group> group) { results[r] = run_dead_rank_rank(run, r, group); },
+          c.ranks_per_node))
+    return;  // a rank failed: its outputs are incomplete
   check_dead_rank(run, results);
 }
 
