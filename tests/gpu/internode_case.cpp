@@ -94,7 +94,7 @@ BufferOptions inter_buffer_options(const InterCase& c) {
 }
 
 void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::shared_ptr<Group>& group, Buffer& buf) {
-  const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden, E = c.num_experts;
+  const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden;
   const int elt = c.dtype == DType::kBF16 ? 2 : 1;
   const int sms = test_num_sms(R, c.num_sms);
   const Traffic& traffic = run.traffic;
@@ -153,20 +153,16 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       }
     }
     // layout (per-node counts included)
-    buf.get_dispatch_layout(t.topk.view(), E, t.layout_outputs(), order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
-    t.expect_layout();
+    t.run_layout(buf, stream, order);
 
     at_part = "dispatch";
     const DispatchInputs di = t.dispatch_inputs(cfg);
     DispatchHandle h = t.handle();
-    const DispatchPlan plan = buf.dispatch_prepare(di, h, t.per_expert_recv.view(), order);
-    ASSERT_EQ(plan.num_rows, t.want.num_rows);
-    t.expect_plan(plan);
-    h.recv_src_idx = t.src.view();
+    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+    if (!plan) return;
     const DispatchOutputs dout = t.dispatch_outputs();
     buf.internode_stats(/*reset=*/true);
-    buf.dispatch_run(di, plan, h, dout, order);
+    buf.dispatch_run(di, *plan, h, dout, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
     const Buffer::InternodeStats ds = buf.internode_stats(true);
     report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
@@ -176,7 +172,7 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
     EXPECT_TRUE(same_values(t.chunk_off.download<int32_t>(),
                             expected_chunk_offset(run.reference.in, r, R, cfg.chunk_tokens(), stride),
                             "chunk_offset [source][chunk] (the receive plan)"))
-        << "plan.max_chunks " << plan.max_chunks << ", stride " << stride;
+        << "plan.max_chunks " << plan->max_chunks << ", stride " << stride;
     t.expect_dispatch();
     if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
 

@@ -147,6 +147,22 @@ DispatchOutputs NormalRank::cached_outputs() const {
   return cout_;
 }
 
+void NormalRank::run_layout(Buffer& buf, cudaStream_t stream, const StreamOrder& order) const {
+  buf.get_dispatch_layout(topk.view(), c.num_experts, layout_outputs(), order);
+  cuda_ok(cudaStreamSynchronize(stream), "sync layout");
+  expect_layout();
+}
+
+std::optional<DispatchPlan> NormalRank::prepare_dispatch(Buffer& buf, const DispatchInputs& di, DispatchHandle& h,
+                                                         const StreamOrder& order) const {
+  const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
+  EXPECT_EQ(plan.num_rows, want.num_rows);
+  if (plan.num_rows != want.num_rows) return std::nullopt;
+  expect_plan(plan);
+  h.recv_src_idx = src.view();
+  return plan;
+}
+
 void NormalRank::expect_layout() const {
   const ref::Layout& lay = ri.layout;
   EXPECT_TRUE(same_values(per_rank.download<int32_t>(), lay.num_tokens_per_rank, "num_tokens_per_rank"));

@@ -36,6 +36,14 @@ struct NormalRank {
   std::optional<TensorView> cached_scales() const;  // the second inputs' scales (FP8)
   DispatchOutputs cached_outputs() const;
 
+  // get_dispatch_layout on `stream`, waited for, each count against the reference.
+  void run_layout(Buffer& buf, cudaStream_t stream, const StreamOrder& order) const;
+  // The count exchange (dispatch_prepare) into `h` (a handle()), its plan against the reference,
+  // and h.recv_src_idx set for dispatch_run; nothing when the planned rows differ (a failure: the
+  // outputs cannot be compared).
+  std::optional<DispatchPlan> prepare_dispatch(Buffer& buf, const DispatchInputs& di, DispatchHandle& h,
+                                               const StreamOrder& order) const;
+
   // Each output against the reference (gtest expectations).
   void expect_layout() const;
   void expect_plan(const DispatchPlan& plan) const;  // the host's per-expert counts

@@ -34,7 +34,7 @@ std::string describe(const NormalCase& c) {
 void run_normal_case(const NormalCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
-  const int R = c.num_ranks, H = c.hidden, E = c.num_experts;
+  const int R = c.num_ranks, H = c.hidden;
   const int sms = test_num_sms(R, c.num_sms);
 
   // ---- inputs of every rank, and the reference results ----
@@ -59,19 +59,15 @@ void run_normal_case(const NormalCase& c) {
     t.upload_combine_inputs();
 
     // layout
-    buf.get_dispatch_layout(t.topk.view(), E, t.layout_outputs(), order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
-    t.expect_layout();
+    t.run_layout(buf, stream, order);
 
     // dispatch
     const DispatchInputs di = t.dispatch_inputs(cfg);
     DispatchHandle h = t.handle();
-    const DispatchPlan plan = buf.dispatch_prepare(di, h, t.per_expert_recv.view(), order);
-    ASSERT_EQ(plan.num_rows, t.want.num_rows);
-    t.expect_plan(plan);
-    h.recv_src_idx = t.src.view();
+    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+    if (!plan) return;
     const DispatchOutputs dout = t.dispatch_outputs();
-    buf.dispatch_run(di, plan, h, dout, order);
+    buf.dispatch_run(di, *plan, h, dout, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
     t.expect_dispatch();
 
