@@ -139,6 +139,13 @@ void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Grou
   }, fn);
 }
 
+bool run_ranks_cleanly(int num_ranks, const std::function<void(int, std::shared_ptr<Group>)>& fn, int ranks_per_node) {
+  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
+  const int parts_before = result->total_part_count();
+  run_ranks(num_ranks, fn, ranks_per_node);
+  return result->total_part_count() == parts_before;
+}
+
 void run_local_ranks(const std::vector<int>& devices, const std::function<void(int, std::shared_ptr<Group>)>& fn) {
   const std::vector<std::shared_ptr<Group>> local = Group::create_local(devices);
   run_rank_threads(iota_ranks(static_cast<int>(devices.size())), devices, [&](int r) { return local[r]; }, fn);

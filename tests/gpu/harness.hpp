@@ -73,6 +73,11 @@ void run_local_ranks(const std::vector<int>& devices,
 void run_group_threads(const std::vector<int>& ranks, const std::vector<std::shared_ptr<Group>>& groups,
                        const std::function<void(int rank, std::shared_ptr<Group> group)>& fn);
 
+// run_ranks, then whether every rank finished without a failure: a rank that failed left its
+// outputs incomplete, so a comparison of every rank's results afterwards is skipped when false.
+bool run_ranks_cleanly(int num_ranks, const std::function<void(int rank, std::shared_ptr<Group> group)>& fn,
+                       int ranks_per_node = 0);
+
 // The threads of the running run_ranks / run_local_ranks meet here; a no-op outside them, and
 // released at once when a rank has left (thrown or returned). A rank calls it before it frees its
 // tensors and Buffer: ranks sharing a GPU are threads of one process, and a rank that finished

@@ -11,6 +11,8 @@
 #include <random>
 #include <thread>
 
+#include "normal_rank.hpp"
+
 namespace epcomm::test {
 
 std::string describe(const InterCase& c) {
@@ -92,18 +94,12 @@ BufferOptions inter_buffer_options(const InterCase& c) {
 }
 
 void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::shared_ptr<Group>& group, Buffer& buf) {
-  const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden, K = c.num_topk, E = c.num_experts;
+  const int R = c.num_ranks, P = c.ranks_per_node, H = c.hidden;
   const int elt = c.dtype == DType::kBF16 ? 2 : 1;
-  const int G = c.scale_words();
   const int sms = test_num_sms(R, c.num_sms);
-  const NormalReference& reference = run.reference;
-  const std::vector<RankInputs>& in = reference.in;
   const Traffic& traffic = run.traffic;
   ASSERT_EQ(group->ranks_per_node(), P);
   ASSERT_EQ(group->num_nodes(), R / P);
-  const RankInputs& ri = in[r];
-  const int T = ri.num_tokens;
-  const int dev = group->device();
   Config cfg = Config::dispatch_default(R);
   cfg.num_sms = sms;
   if (c.chunk) cfg.nvl_chunk_size = c.chunk;
@@ -125,20 +121,6 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
   cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
   const StreamOrder order{stream, nullptr, false};
 
-  DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
-  x.upload(ri.x);
-  x2.upload(ri.x2);
-  DeviceTensor sc = scale_tensor(c, T, dev), sc2 = scale_tensor(c, T, dev);
-  if (c.dtype == DType::kFP8E4M3) {
-    sc.upload(scale_layout(c, ri.scales, T));
-    sc2.upload(scale_layout(c, ri.scales2, T));
-  }
-  DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
-  topk.upload(ri.topk);
-  weights.upload(ri.weights);
-  const auto& want = reference.dispatch[r];
-  const int nrecv = want.handle.num_recv;
-
   // On a failure, each rank prints its control words (signals, shadows, flags, counters).
   const auto dump = [&](const char* when) {
     std::fprintf(stderr, "[internode %s] %s\n", when, buf.internode_stats(false).control.c_str());
@@ -155,32 +137,7 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
   const bool free_each_step = std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr &&
                               std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
   const int stride = buf.chunk_offset_stride(cfg);
-  const int rows = want.num_rows;
-  DeviceTensor per_rank, per_node, per_expert, in_rank, prefix, chunk_off, per_expert_recv;
-  DeviceTensor rx, rsc, ridx, rw, src, y, cw, b0, b1, out, out_w, cx, csc;
-  const auto allocate_step_tensors = [&] {
-    per_rank = DeviceTensor(DType::kI32, {R}, dev);
-    per_node = DeviceTensor(DType::kI32, {R / P}, dev);
-    per_expert = DeviceTensor(DType::kI32, {E}, dev);
-    in_rank = DeviceTensor(DType::kBool, {T, R}, dev);
-    prefix = DeviceTensor(DType::kI32, {R, R}, dev);
-    chunk_off = DeviceTensor(DType::kI32, {R, stride}, dev);
-    per_expert_recv = DeviceTensor(DType::kI32, {E / R}, dev);
-    rx = DeviceTensor(c.dtype, {rows, H}, dev);
-    rsc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
-    ridx = DeviceTensor(DType::kI64, {rows, K}, dev);
-    rw = DeviceTensor(DType::kF32, {rows, K}, dev);
-    src = DeviceTensor(DType::kI32, {rows}, dev);
-    y = DeviceTensor(DType::kBF16, {rows, H}, dev);
-    cw = DeviceTensor(DType::kF32, {rows, K}, dev);
-    b0 = DeviceTensor(DType::kBF16, {T, H}, dev);
-    b1 = DeviceTensor(DType::kBF16, {T, H}, dev);
-    out = DeviceTensor(DType::kBF16, {T, H}, dev);
-    out_w = DeviceTensor(DType::kF32, {T, K}, dev);
-    cx = DeviceTensor(c.dtype, {rows, H}, dev);
-    csc = DeviceTensor(c.scale_dtype, {rows, G}, dev);
-  };
-  allocate_step_tensors();
+  NormalRank t(c, run.reference, r, stride, group->device());
   int at_step = 0;
   const char* at_part = "start";
   try {
@@ -190,157 +147,61 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
     at_part = "layout";
     if (step > 0) {
       if (free_each_step) {
-        allocate_step_tensors();  // frees the previous step's (cudaFree: device-wide wait)
+        t.allocate_outputs();  // frees the previous step's (cudaFree: device-wide wait)
       } else {
-        // Outputs must be written again by this step (no stale results from the last one).
-        for (const DeviceTensor* t : {&per_rank, &per_node, &per_expert, &in_rank, &prefix, &chunk_off,
-                                      &per_expert_recv, &rx, &rsc, &ridx, &rw, &src, &out, &out_w, &cx, &csc})
-          t->fill_bytes(0xA5);
+        t.poison_outputs();  // outputs must be written again by this step (no stale results from the last one)
       }
     }
     // layout (per-node counts included)
-    buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), per_node.view(), per_expert.view(), in_rank.view()},
-                            order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
-    EXPECT_TRUE(same_values(per_rank.download<int32_t>(), ri.layout.num_tokens_per_rank, "num_tokens_per_rank"));
-    EXPECT_TRUE(same_values(per_node.download<int32_t>(), ri.layout.num_tokens_per_node, "num_tokens_per_node"));
-    EXPECT_TRUE(same_values(per_expert.download<int32_t>(), ri.layout.num_tokens_per_expert, "num_tokens_per_expert"));
-    EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), ri.layout.is_token_in_rank, "is_token_in_rank"));
+    t.run_layout(buf, stream, order);
 
-    DispatchInputs di;
     at_part = "dispatch";
-    di.x = x.view();
-    if (c.dtype == DType::kFP8E4M3) di.x_scales = scale_view(c, sc, T);
-    if (c.with_topk) {
-      di.topk_idx = topk.view();
-      di.topk_weights = weights.view();
-    }
-    di.num_tokens_per_rank = per_rank.view();
-    di.is_token_in_rank = in_rank.view();
-    di.num_tokens_per_expert = per_expert.view();
-    di.expert_alignment = c.expert_alignment;
-    di.num_worst_tokens = reference.num_worst_tokens;
-    di.config = cfg;
-    DispatchHandle h;
-    h.rank_prefix_matrix = prefix.view();
-    h.chunk_offset = chunk_off.view();
-    const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
-    ASSERT_EQ(plan.num_rows, want.num_rows);
-    if (!c.worst && c.with_topk)
-      EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
-                                                   plan.num_recv_tokens_per_expert.end()),
-                              want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
-    h.recv_src_idx = src.view();
-    DispatchOutputs dout;
-    dout.recv_x = rx.view();
-    if (c.dtype == DType::kFP8E4M3) dout.recv_x_scales = rsc.view();
-    if (c.with_topk) {
-      dout.recv_topk_idx = ridx.view();
-      dout.recv_topk_weights = rw.view();
-    }
+    const DispatchInputs di = t.dispatch_inputs(cfg);
+    DispatchHandle h = t.handle();
+    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+    if (!plan) return;
+    const DispatchOutputs dout = t.dispatch_outputs();
     buf.internode_stats(/*reset=*/true);
-    buf.dispatch_run(di, plan, h, dout, order);
+    buf.dispatch_run(di, *plan, h, dout, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
     const Buffer::InternodeStats ds = buf.internode_stats(true);
     report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
     EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
     EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
         << "dispatch: bytes read from node peers";
-    EXPECT_TRUE(same_values(prefix.download<int32_t>(), want.handle.rank_prefix_matrix, "rank_prefix_matrix"));
-    EXPECT_TRUE(same_values(chunk_off.download<int32_t>(), expected_chunk_offset(in, r, R, cfg.chunk_tokens(), stride),
+    EXPECT_TRUE(same_values(t.chunk_off.download<int32_t>(),
+                            expected_chunk_offset(run.reference.in, r, R, cfg.chunk_tokens(), stride),
                             "chunk_offset [source][chunk] (the receive plan)"))
-        << "plan.max_chunks " << plan.max_chunks << ", stride " << stride;
-    if (c.with_topk)
-      EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
-                              "num_recv_tokens_per_expert (device)"));
-    EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
+        << "plan.max_chunks " << plan->max_chunks << ", stride " << stride;
+    t.expect_dispatch();
     if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
-    EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
-    if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(
-          same_scale_words(rsc, want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
-    if (c.with_topk) {
-      EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
-      EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
-    }
 
     // combine
     at_part = "combine";
-    y.upload(reference.combine_in[r].x);
-    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
-    if (c.with_bias) {
-      b0.upload(reference.combine_in[r].bias0);
-      b1.upload(reference.combine_in[r].bias1);
-    }
-    CombineInputs ci;
-    ci.x = y.view();
-    if (c.with_topk) ci.topk_weights = cw.view();
-    if (c.with_bias) {
-      ci.bias0 = b0.view();
-      ci.bias1 = b1.view();
-    }
-    ci.config = ccfg;
-    CombineOutputs co;
-    co.combined_x = out.view();
-    if (c.with_topk) co.combined_topk_weights = out_w.view();
+    t.upload_combine_inputs();
+    const CombineInputs ci = t.combine_inputs(ccfg);
+    const CombineOutputs co = t.combine_outputs();
     buf.combine(ci, h, co, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync combine");
     const Buffer::InternodeStats cs = buf.internode_stats(true);
     report("combine", step, cs, traffic.combine_net_rows[r]);
     EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
     // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
-    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x", 1e-2));
-    if (c.with_topk)
-      EXPECT_TRUE(same_values(out_w.download<float>(), reference.combine[r].combined_topk_weights,
-          "combined_topk_weights"));
+    t.expect_combine(/*bit_exact=*/false);
 
     // cached dispatch with new x
     at_part = "cached dispatch";
-    DispatchOutputs cout_;
-    cout_.recv_x = cx.view();
-    if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
-    std::optional<TensorView> sc2v;
-    if (c.dtype == DType::kFP8E4M3) sc2v = scale_view(c, sc2, T);
-    buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
+    buf.cached_dispatch(t.x2.view(), t.cached_scales(), h, t.cached_outputs(), cfg, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync cached");
     const Buffer::InternodeStats cached_stats = buf.internode_stats(true);
     report("cached dispatch", step, cached_stats, traffic.dispatch_net_rows[r]);
     EXPECT_EQ(cached_stats.network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
-    EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x, "cached recv_x",
-                            static_cast<size_t>(nrecv) * H * elt));
-    if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_scale_words(csc, reference.cached[r].recv_scales, "cached recv_x_scales",
-                              static_cast<size_t>(nrecv) * G));
+    t.expect_cached();
 
     if (c.graph && step == 0) {
-    at_part = "graph";
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-      buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), per_node.view(), per_expert.view(), in_rank.view()},
-                              order);
-      DispatchHandle gh;
-      gh.rank_prefix_matrix = prefix.view();
-      gh.chunk_offset = chunk_off.view();
-      const DispatchPlan gp = buf.dispatch_prepare(di, gh, per_expert_recv.view(), order);
-      gh.recv_src_idx = src.view();
-      buf.dispatch_run(di, gp, gh, dout, order);
-      buf.combine(ci, gh, co, order);
-      cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
-      cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-      for (int replay = 0; replay < 3; ++replay) {
-        x.upload(replay % 2 ? ri.x : ri.x2);
-        cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
-        cuda_ok(cudaStreamSynchronize(stream), "graph sync");
-        const auto& want_x = replay % 2 ? want.recv_x : reference.cached[r].recv_x;
-        EXPECT_TRUE(
-            same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
-        EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x,
-            "graph combined_x", 1e-2));
-      }
-      x.upload(ri.x);
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
+      at_part = "graph";
+      t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/false);
+      t.x.upload(t.ri.x);
     }
   }
   } catch (...) {

@@ -284,11 +284,10 @@ void run_case(const LLCase& c) {
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
   const LLRun run = make_ll_run(c, seed);
   std::vector<LLRankResult> results(c.num_ranks);
-  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
-  const int parts_before = result->total_part_count();
-  run_ranks(c.num_ranks, [&](int r, std::shared_ptr<Group> group) { results[r] = run_ll_rank(c, run, r, group); },
-            c.ranks_per_node);
-  if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
+  if (!run_ranks_cleanly(
+          c.num_ranks, [&](int r, std::shared_ptr<Group> group) { results[r] = run_ll_rank(c, run, r, group); },
+          c.ranks_per_node))
+    return;  // a rank failed: its outputs are incomplete
   check_ll_run(c, run, results);
 }
 

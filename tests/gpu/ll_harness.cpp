@@ -137,6 +137,10 @@ Batch make_batch(const LLCase& c, int R, int T, int dev, int sms, const DeviceTe
   return b;
 }
 
+Batch make_batch(const LLCase& c, int T, int dev) {
+  return make_batch(c, c.num_ranks, T, dev, test_num_sms(c.num_ranks, 132), nullptr, nullptr, nullptr);
+}
+
 void upload_dispatch_inputs(Batch& b, const RoundInput& in) {
   b.x.upload(in.x);
   b.topk.upload(in.topk);

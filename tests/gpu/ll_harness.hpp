@@ -61,10 +61,12 @@ struct RoundOutput {
   std::vector<uint16_t> out;
 };
 
-// A buffer sized for the case, with a stream of this rank's own (destroyed with it).
+// One rank's low-latency set-up: a buffer sized for the case, with a stream of this rank's own
+// (destroyed with it) and the order of calls on that stream.
 struct RankBuffer {
   RankBuffer(const std::shared_ptr<Group>& group, const LLCase& c, int64_t timeout_ms, bool enable_shrink = false,
-             size_t num_nvl_bytes = 0) {
+             size_t num_nvl_bytes = 0)
+      : device(group->device()) {
     BufferOptions bo;
     bo.enable_shrink = enable_shrink;
     bo.num_nvl_bytes = num_nvl_bytes;
@@ -79,10 +81,14 @@ struct RankBuffer {
     bo.first_call_number = c.first_call_number;
     buffer = std::make_unique<Buffer>(group, bo);
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    order = StreamOrder{stream, nullptr, false};
   }
   ~RankBuffer() { cudaStreamDestroy(stream); }
+  void sync(const char* what) const { cuda_ok(cudaStreamSynchronize(stream), what); }
   std::unique_ptr<Buffer> buffer;
   cudaStream_t stream = nullptr;
+  StreamOrder order;  // on `stream`, no previous event, no async finish
+  int device = 0;
 };
 
 // Views of the outputs of one batch on one rank.
@@ -103,6 +109,8 @@ RoundInput make_input(const LLCase& c, uint64_t seed, int round, int rank, int n
 
 Batch make_batch(const LLCase& c, int R, int T, int dev, int sms, const DeviceTensor* cum, const DeviceTensor* dwait,
                  const DeviceTensor* cwait);
+// A batch of T tokens on the case's R ranks, with the blocks of test_num_sms(R, 132), no stats tensors.
+Batch make_batch(const LLCase& c, int T, int dev);
 
 void upload_dispatch_inputs(Batch& b, const RoundInput& in);
 

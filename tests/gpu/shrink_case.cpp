@@ -53,14 +53,9 @@ void combine_half(const LLCase& c, Buffer& buf, cudaStream_t stream, Batch& b, c
 
 // P > 0: virtual nodes of P ranks; net = 1: LL through the network transport to other nodes.
 LLCase shrink_case(int R, int P, int net) {
-  LLCase c;
+  LLCase c = small_case(R, /*Tmax=*/32, /*H=*/512, /*E=*/4 * R, /*K=*/4);
   c.ranks_per_node = P;
   c.low_latency_net = net;
-  c.num_ranks = R;
-  c.hidden = 512;
-  c.num_topk = 4;
-  c.num_experts = 4 * R;
-  c.max_tokens = 32;
   c.drop_rate = 0.05;
   return c;
 }
@@ -95,8 +90,8 @@ DeadRankResult run_dead_rank_rank(const DeadRankRun& run, int r, const std::shar
   RankBuffer rb(group, c, run.timeout_ms, /*enable_shrink=*/true);
   Buffer& buf = *rb.buffer;
   cudaStream_t s = rb.stream;
-  Batch b = make_batch(c, R, run.tokens[r], group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
-  DeviceTensor mask_t(DType::kI32, {R}, group->device());
+  Batch b = make_batch(c, run.tokens[r], rb.device);
+  DeviceTensor mask_t(DType::kI32, {R}, rb.device);
   auto round = [&](int k, bool hook) {
     const auto t0 = std::chrono::steady_clock::now();
     dispatch_half(c, buf, s, b, run.in[k][r], hook, res.got[k]);
@@ -172,11 +167,10 @@ void run_dead_rank(int R, int dead, bool stop_in_combine, int64_t timeout_ms, in
                " seed=" + std::to_string(seed));
   const DeadRankRun run = make_dead_rank_run(c, dead, stop_in_combine, timeout_ms, seed);
   std::vector<DeadRankResult> results(R);
-  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
-  const int parts_before = result->total_part_count();
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) { results[r] = run_dead_rank_rank(run, r, group); },
-            c.ranks_per_node);
-  if (result->total_part_count() != parts_before) return;  // a rank failed: its outputs are incomplete
+  if (!run_ranks_cleanly(
+          R, [&](int r, std::shared_ptr<Group> group) { results[r] = run_dead_rank_rank(run, r, group); },
+          c.ranks_per_node))
+    return;  // a rank failed: its outputs are incomplete
   check_dead_rank(run, results);
 }
 

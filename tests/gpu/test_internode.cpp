@@ -22,6 +22,7 @@
 #include "epcomm/error.hpp"
 #include "harness.hpp"
 #include "internode_case.hpp"
+#include "ll_case.hpp"
 #include "ll_harness.hpp"
 
 namespace epcomm::test {
@@ -158,36 +159,27 @@ TEST(InternodeLowLatency, TwoNodesOfTwoAndFourOfOne) {
     c.max_tokens = 64;
     const uint64_t seed = std::random_device{}();
     SCOPED_TRACE(describe(c) + " P=" + std::to_string(s.P) + " seed=" + std::to_string(seed));
-    std::vector<RoundInput> in(s.R);
+    const std::vector<RoundInput> in = make_ll_run(c, seed).in[0];  // T: rank 0 Tmax, the others random
     std::vector<RoundOutput> got(s.R);
-    for (int r = 0; r < s.R; ++r) {
-      std::mt19937_64 rng(seed + 17 * r);
-      const int T = r == 0 ? c.max_tokens : std::uniform_int_distribution<int>(0, c.max_tokens)(rng);
-      in[r] = make_input(c, seed, 0, r, T);
-    }
-    const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
-    const int parts_before = result->total_part_count();
-    run_ranks(
+    const bool clean = run_ranks_cleanly(
         s.R,
         [&](int r, std::shared_ptr<Group> group) {
           ASSERT_EQ(group->num_nodes(), s.R / s.P);
           RankBuffer rb(group, c, c.timeout_ms);
           Buffer& buf = *rb.buffer;
-          const StreamOrder order{rb.stream, nullptr, false};
-          Batch b = make_batch(c, s.R, in[r].num_tokens, group->device(), test_num_sms(s.R, 132), nullptr, nullptr,
-                               nullptr);
+          Batch b = make_batch(c, in[r].num_tokens, rb.device);
           upload_dispatch_inputs(b, in[r]);
-          buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
-          cuda_ok(cudaStreamSynchronize(rb.stream), "dispatch");
+          buf.low_latency_dispatch(b.din, b.dout, b.handle, false, rb.order);
+          rb.sync("dispatch");
           got[r] = download_dispatch(c, s.R, b);
           upload_y(c, buf, b, in[r]);
-          buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
-          cuda_ok(cudaStreamSynchronize(rb.stream), "combine");
+          buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, rb.order);
+          rb.sync("combine");
           got[r].out = b.out.download<uint16_t>();
           buf.check_device_errors();
         },
         s.P);
-    if (result->total_part_count() != parts_before) continue;
+    if (!clean) continue;
     compare_round(c, 0, in, got);
   }
 }

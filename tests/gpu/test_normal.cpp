@@ -8,6 +8,7 @@
 
 #include "harness.hpp"
 #include "normal_problem.hpp"
+#include "normal_rank.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -33,19 +34,13 @@ std::string describe(const NormalCase& c) {
 void run_normal_case(const NormalCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
-  const int R = c.num_ranks, H = c.hidden, K = c.num_topk, E = c.num_experts;
-  const int elt = c.dtype == DType::kBF16 ? 2 : 1;
-  const int G = c.scale_words();
+  const int R = c.num_ranks, H = c.hidden;
   const int sms = test_num_sms(R, c.num_sms);
 
   // ---- inputs of every rank, and the reference results ----
   const NormalReference reference = make_normal_reference(c, seed);
-  const std::vector<RankInputs>& in = reference.in;
 
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
-    const RankInputs& ri = in[r];
-    const int T = ri.num_tokens;
-    const int dev = group->device();
     Config cfg = Config::dispatch_default(R);
     cfg.num_sms = sms;
     Config ccfg = Config::combine_default(R);
@@ -59,156 +54,37 @@ void run_normal_case(const NormalCase& c) {
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     const StreamOrder order{stream, nullptr, false};
 
-    DeviceTensor x(c.dtype, {T, H}, dev), x2(c.dtype, {T, H}, dev);
-    x.upload(ri.x);
-    x2.upload(ri.x2);
-    DeviceTensor sc = scale_tensor(c, T, dev), sc2 = scale_tensor(c, T, dev);
-    if (c.dtype == DType::kFP8E4M3) {
-      sc.upload(scale_layout(c, ri.scales, T));
-      sc2.upload(scale_layout(c, ri.scales2, T));
-    }
-    DeviceTensor topk(DType::kI64, {T, K}, dev), weights(DType::kF32, {T, K}, dev);
-    topk.upload(ri.topk);
-    weights.upload(ri.weights);
-
-    // Every device tensor of the case is allocated (and filled) before the first call: ranks that
-    // share a GPU are threads of one process, and an allocation that synchronizes the device would
-    // wait for a co-resident rank's kernel that waits for this rank (README "Limits").
-    const auto& want = reference.dispatch[r];
-    const int rows = want.num_rows;
-    const int stride = buf.chunk_offset_stride(cfg);
-    DeviceTensor per_rank(DType::kI32, {R}, dev), per_expert(DType::kI32, {E}, dev), in_rank(DType::kBool, {T, R}, dev);
-    DeviceTensor prefix(DType::kI32, {R, R}, dev), chunk_off(DType::kI32, {R, stride}, dev);
-    DeviceTensor per_expert_recv(DType::kI32, {E / R}, dev);
-    DeviceTensor rx(c.dtype, {rows, H}, dev), rsc(c.scale_dtype, {rows, G}, dev);
-    DeviceTensor ridx(DType::kI64, {rows, K}, dev), rw(DType::kF32, {rows, K}, dev), src(DType::kI32, {rows}, dev);
-    DeviceTensor y(DType::kBF16, {rows, H}, dev), cw(DType::kF32, {rows, K}, dev);
-    y.upload(reference.combine_in[r].x);
-    if (c.with_topk) cw.upload(reference.combine_in[r].topk_weights);
-    DeviceTensor b0(DType::kBF16, {T, H}, dev), b1(DType::kBF16, {T, H}, dev);
-    if (c.with_bias) {
-      b0.upload(reference.combine_in[r].bias0);
-      b1.upload(reference.combine_in[r].bias1);
-    }
-    DeviceTensor out(DType::kBF16, {T, H}, dev), out_w(DType::kF32, {T, K}, dev);
-    DeviceTensor cx(c.dtype, {rows, H}, dev), csc(c.scale_dtype, {rows, G}, dev);
+    // Every device tensor of the case is allocated (and filled) before the first call (normal_rank.hpp).
+    const NormalRank t(c, reference, r, buf.chunk_offset_stride(cfg), group->device());
+    t.upload_combine_inputs();
 
     // layout
-    buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync layout");
-    const ref::Layout& lay = ri.layout;
-    EXPECT_TRUE(same_values(per_rank.download<int32_t>(), lay.num_tokens_per_rank, "num_tokens_per_rank"));
-    EXPECT_TRUE(same_values(per_expert.download<int32_t>(), lay.num_tokens_per_expert, "num_tokens_per_expert"));
-    EXPECT_TRUE(same_values(in_rank.download<uint8_t>(), lay.is_token_in_rank, "is_token_in_rank"));
+    t.run_layout(buf, stream, order);
 
     // dispatch
-    DispatchInputs di;
-    di.x = x.view();
-    if (c.dtype == DType::kFP8E4M3) di.x_scales = scale_view(c, sc, T);
-    if (c.with_topk) {
-      di.topk_idx = topk.view();
-      di.topk_weights = weights.view();
-    }
-    di.num_tokens_per_rank = per_rank.view();
-    di.is_token_in_rank = in_rank.view();
-    di.num_tokens_per_expert = per_expert.view();
-    di.expert_alignment = c.expert_alignment;
-    di.num_worst_tokens = reference.num_worst_tokens;
-    di.config = cfg;
-    DispatchHandle h;
-    h.rank_prefix_matrix = prefix.view();
-    h.chunk_offset = chunk_off.view();
-    const DispatchPlan plan = buf.dispatch_prepare(di, h, per_expert_recv.view(), order);
-    ASSERT_EQ(plan.num_rows, want.num_rows);
-    if (!c.worst && c.with_topk)
-      EXPECT_TRUE(same_values(std::vector<int32_t>(plan.num_recv_tokens_per_expert.begin(),
-                                                   plan.num_recv_tokens_per_expert.end()),
-                              want.num_recv_tokens_per_expert, "num_recv_tokens_per_expert (host)"));
-    h.recv_src_idx = src.view();
-    DispatchOutputs dout;
-    dout.recv_x = rx.view();
-    if (c.dtype == DType::kFP8E4M3) dout.recv_x_scales = rsc.view();
-    if (c.with_topk) {
-      dout.recv_topk_idx = ridx.view();
-      dout.recv_topk_weights = rw.view();
-    }
-    buf.dispatch_run(di, plan, h, dout, order);
+    const DispatchInputs di = t.dispatch_inputs(cfg);
+    DispatchHandle h = t.handle();
+    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+    if (!plan) return;
+    const DispatchOutputs dout = t.dispatch_outputs();
+    buf.dispatch_run(di, *plan, h, dout, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
-    const int nrecv = want.handle.num_recv;
-    EXPECT_TRUE(same_values(prefix.download<int32_t>(), want.handle.rank_prefix_matrix, "rank_prefix_matrix"));
-    if (c.with_topk)
-      EXPECT_TRUE(same_values(per_expert_recv.download<int32_t>(), want.num_recv_tokens_per_expert,
-                              "num_recv_tokens_per_expert (device)"));
-    EXPECT_TRUE(same_values(rx.download<uint8_t>(), want.recv_x, "recv_x", static_cast<size_t>(nrecv) * H * elt));
-    EXPECT_TRUE(same_values(src.download<int32_t>(), want.handle.recv_src_idx, "recv_src_idx", nrecv));
-    if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_scale_words(rsc, want.recv_scales, "recv_x_scales", static_cast<size_t>(nrecv) * G));
-    if (c.with_topk) {
-      EXPECT_TRUE(same_values(ridx.download<int64_t>(), want.recv_topk_idx, "recv_topk_idx"));
-      EXPECT_TRUE(same_values(rw.download<float>(), want.recv_topk_weights, "recv_topk_weights"));
-    }
+    t.expect_dispatch();
 
     // combine
-    CombineInputs ci;
-    ci.x = y.view();
-    if (c.with_topk) ci.topk_weights = cw.view();
-    if (c.with_bias) {
-      ci.bias0 = b0.view();
-      ci.bias1 = b1.view();
-    }
-    ci.config = ccfg;
-    CombineOutputs co;
-    co.combined_x = out.view();
-    if (c.with_topk) co.combined_topk_weights = out_w.view();
+    const CombineInputs ci = t.combine_inputs(ccfg);
+    const CombineOutputs co = t.combine_outputs();
     buf.combine(ci, h, co, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync combine");
-    EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x", 1e-2));
-    EXPECT_TRUE(same_values(out.download<uint16_t>(), reference.combine[r].combined_x, "combined_x (bit-exact)"));
-    if (c.with_topk)
-      EXPECT_TRUE(same_values(out_w.download<float>(), reference.combine[r].combined_topk_weights,
-          "combined_topk_weights"));
+    t.expect_combine(/*bit_exact=*/true);
 
     // cached dispatch with new x
-    DispatchOutputs cout_;
-    cout_.recv_x = cx.view();
-    if (c.dtype == DType::kFP8E4M3) cout_.recv_x_scales = csc.view();
-    std::optional<TensorView> sc2v;
-    if (c.dtype == DType::kFP8E4M3) sc2v = scale_view(c, sc2, T);
-    buf.cached_dispatch(x2.view(), sc2v, h, cout_, cfg, order);
+    buf.cached_dispatch(t.x2.view(), t.cached_scales(), h, t.cached_outputs(), cfg, order);
     cuda_ok(cudaStreamSynchronize(stream), "sync cached");
-    EXPECT_TRUE(same_values(cx.download<uint8_t>(), reference.cached[r].recv_x,
-        "cached recv_x", static_cast<size_t>(nrecv) * H * elt));
-    if (c.dtype == DType::kFP8E4M3)
-      EXPECT_TRUE(same_scale_words(csc, reference.cached[r].recv_scales, "cached recv_x_scales",
-                                   static_cast<size_t>(nrecv) * G));
+    t.expect_cached();
 
     // CUDA graph: the whole step captured once, replayed with new inputs each time.
-    if (c.graph) {
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      cuda_ok(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-      buf.get_dispatch_layout(topk.view(), E, {per_rank.view(), std::nullopt, per_expert.view(), in_rank.view()}, order);
-      DispatchHandle gh;
-      gh.rank_prefix_matrix = prefix.view();
-      gh.chunk_offset = chunk_off.view();
-      const DispatchPlan gp = buf.dispatch_prepare(di, gh, per_expert_recv.view(), order);
-      gh.recv_src_idx = src.view();
-      buf.dispatch_run(di, gp, gh, dout, order);
-      buf.combine(ci, gh, co, order);
-      cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
-      cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-      for (int replay = 0; replay < 3; ++replay) {
-        // Same routing, new data: outputs must follow.
-        x.upload(replay % 2 ? ri.x : ri.x2);
-        cuda_ok(cudaGraphLaunch(exec, stream), "graph launch");
-        cuda_ok(cudaStreamSynchronize(stream), "graph sync");
-        const auto& want_x = replay % 2 ? want.recv_x : reference.cached[r].recv_x;
-        EXPECT_TRUE(same_values(rx.download<uint8_t>(), want_x, "graph recv_x", static_cast<size_t>(nrecv) * H * elt));
-        EXPECT_TRUE(same_values(out.download<uint16_t>(), reference.combine[r].combined_x, "graph combined_x"));
-      }
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
-    }
+    if (c.graph) t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/true);
     ranks_meet();  // no rank frees its memory while another's calls run (harness.hpp)
     cudaStreamDestroy(stream);
   });

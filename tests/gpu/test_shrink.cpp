@@ -52,14 +52,12 @@ TEST(ShrinkGpu, CudaGraphReplaysFollowTheMask) {
     for (int r = 0; r < R; ++r) in[k][r] = make_input(c, seed, k, r, c.max_tokens);
   std::vector<std::vector<RoundOutput>> got(kReplays, std::vector<RoundOutput>(R));
   std::vector<double> secs(R, 0.0);
-  const auto* result = ::testing::UnitTest::GetInstance()->current_test_info()->result();
-  const int parts_before = result->total_part_count();
-  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+  const bool clean = run_ranks_cleanly(R, [&](int r, std::shared_ptr<Group> group) {
     RankBuffer rb(group, c, kTimeoutMs, /*enable_shrink=*/true);
     Buffer& buf = *rb.buffer;
     cudaStream_t s = rb.stream;
-    Batch b = make_batch(c, R, c.max_tokens, group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    const StreamOrder order{s, nullptr, false};
+    Batch b = make_batch(c, c.max_tokens, rb.device);
+    const StreamOrder& order = rb.order;
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     cuda_ok(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "begin capture");
@@ -89,7 +87,7 @@ TEST(ShrinkGpu, CudaGraphReplaysFollowTheMask) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
   });
-  if (result->total_part_count() != parts_before) return;
+  if (!clean) return;
   std::vector<uint8_t> masked(R, 0);
   masked[away] = 1;
   compare_round(c, 0, in[0], got[0]);
@@ -109,8 +107,8 @@ TEST(ShrinkGpu, WithoutShrinkAStallIsStillATimeoutError) {
     RankBuffer rb(group, c, kTimeoutMs, /*enable_shrink=*/false);
     Buffer& buf = *rb.buffer;
     cudaStream_t s = rb.stream;
-    Batch b = make_batch(c, R, c.max_tokens, group->device(), test_num_sms(R, 132), nullptr, nullptr, nullptr);
-    DeviceTensor mask_t(DType::kI32, {R}, group->device());
+    Batch b = make_batch(c, c.max_tokens, rb.device);
+    DeviceTensor mask_t(DType::kI32, {R}, rb.device);
     RoundOutput out;
     try {
       buf.low_latency_update_mask_buffer(1 - r, true, s);

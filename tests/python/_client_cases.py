@@ -2,7 +2,7 @@
 rank by _cluster (one process per GPU; one GPU = one rank works too). Each case makes exactly the
 calls the client's file makes (python/README.md, "What clients call"), through `import deep_ep`
 (the compatibility package, python/deep_ep_compat), and checks every output against the torch
-reference (_reference.py), as _gpu_cases.py does. All collectives come before the first assertion."""
+reference (_reference.py), as the cases of test_gpu.py do (_gpu_cases.py). All collectives come before the first assertion."""
 
 import gc
 import os
@@ -17,9 +17,10 @@ import torch.distributed as dist  # noqa: E402
 
 import _reference as ref  # noqa: E402
 import deep_ep  # noqa: E402
-from _gpu_cases import (Checks, Inputs, LLInputs, capture_graph, gather, generators, ll_expert_y,  # noqa: E402
-                        ll_gather, ll_verify)
-from _gpu_cases import take_timings  # noqa: E402,F401 -- _cluster reads each case's phase times through it
+from _gpu_checks import Checks, capture_graph, gather, generators  # noqa: E402
+from _gpu_checks import take_timings  # noqa: E402,F401 -- _cluster reads each case's phase times through it
+from _gpu_low_latency import LLInputs, ll_expert_y, ll_gather, ll_verify  # noqa: E402
+from _gpu_normal import Inputs  # noqa: E402
 from deep_ep import Buffer, Config  # noqa: E402
 from deep_ep.utils import EventHandle, EventOverlap  # noqa: E402
 

@@ -7,6 +7,7 @@ times (TIMINGS; conftest.py prints them at the end of the pytest run)."""
 import importlib
 import os
 import queue
+import random
 import socket
 import sys
 import time
@@ -170,3 +171,22 @@ def ranks_for_tests(max_ranks: int = 8) -> int:
     env = os.environ.get("EPCOMM_TEST_RANKS")
     return int(env) if env else min(visible_gpus(), max_ranks)
 
+
+def gpu_test_marks() -> list:
+    """pytestmark of a GPU test module: every test skipped with a visible reason where PyTorch is
+    not installed or no GPU is visible (CTest's python-gpu counts those reasons as skipped)."""
+    import pytest
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        torch = None
+    return [
+        pytest.mark.skipif(torch is None, reason="PyTorch is not installed"),
+        pytest.mark.skipif(torch is not None and visible_gpus() == 0, reason="skipped (no GPU)"),
+    ]
+
+
+def case_seed() -> int:
+    """The random inputs' seed of a GPU test run: EPCOMM_TEST_SEED, else a fresh one."""
+    return int(os.environ.get("EPCOMM_TEST_SEED", random.randrange(1 << 30)))

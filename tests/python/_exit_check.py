@@ -1,5 +1,5 @@
 """Starts the ranks of test_exit.py as fresh interpreters (_exit_worker.py) and reads what they
-printed; no torch here, so the CPU tests (test_cpu.py) check the output rule too."""
+printed; no torch here, so the CPU tests (test_cpu_arguments.py) check the output rule too."""
 
 import os
 import re

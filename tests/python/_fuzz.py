@@ -5,7 +5,7 @@ FakeTensors on the CPU), breaks exactly one argument in one way (wrong dtype, sh
 strides, None, a non-tensor, a negative or huge integer, a string for a flag, a damaged or foreign
 handle, ...) and makes the call. The rule: a Python exception (ValueError, TypeError or
 RuntimeError) whose message names the broken argument (or a name listed beside it), and nothing
-else: no crash, no hang, no other exception type. test_cpu.py runs the cases over the Python layer
+else: no crash, no hang, no other exception type. test_fuzz.py runs the cases over the Python layer
 with a stand-in core; _fuzz_gpu.py runs them on GPUs against the real core, with verified calls
 between batches (a bad call must not corrupt a later one).
 

@@ -1,6 +1,6 @@
 """Torch references for epcomm's normal mode, built from every rank's inputs (all-gathered), per
-docs/contract.md §3.1-3.2. Plain torch ops, any device; test_cpu.py checks them on the CPU, test_gpu.py
-compares epcomm's outputs with them."""
+docs/contract.md §3.1-3.2. Plain torch ops, any device; test_cpu_reference.py checks them on the CPU,
+test_gpu.py compares epcomm's outputs with them."""
 
 from typing import Dict, List, Optional, Sequence
 

@@ -1,5 +1,6 @@
 """What the Python CPU test files share where pytest may be missing (CI's interpreter has none):
-skipping, the `raises` check, and the runner behind `python3 tests/python/test_x.py`."""
+skipping, the `raises` check, and the runner behind `python3 tests/python/test_x.py` (one file) and
+`python3 tests/python/_runner.py tests/python/test_cpu_*.py` (several)."""
 
 import sys
 
@@ -30,19 +31,50 @@ def raises(exc_type, fn, *fragments):
     raise AssertionError(f"no {exc_type.__name__} raised")
 
 
-def run_tests(namespace, names=None):
-    """Runs the test_* functions of `namespace` (a module's globals), or those in `names`, printing
-    PASS / SKIP / FAIL per test; exits 1 if any failed."""
+def _run(namespace, names=None, prefix=""):
+    """Runs the test_* functions of `namespace`, or those in `names`, printing PASS / SKIP / FAIL per
+    test (names after `prefix`); returns how many failed."""
     if names is None:
         names = sorted(n for n, f in namespace.items() if n.startswith("test_") and callable(f))
     failed = 0
     for name in names:
         try:
             namespace[name]()
-            print(f"PASS {name}")
+            print(f"PASS {prefix}{name}")
         except SkipTest as e:
-            print(f"SKIP {name}: {e}")
+            print(f"SKIP {prefix}{name}: {e}")
         except Exception as e:  # noqa: BLE001 -- reported
             failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {e}")
+            print(f"FAIL {prefix}{name}: {type(e).__name__}: {e}")
+    return failed
+
+
+def run_tests(namespace, names=None):
+    """Runs the test_* functions of `namespace` (a module's globals), or those in `names`, printing
+    PASS / SKIP / FAIL per test; exits 1 if any failed."""
+    sys.exit(1 if _run(namespace, names) else 0)
+
+
+def run_files(paths):
+    """Runs the test_* functions of every test file in `paths`, one after the other in one
+    interpreter; exits 1 if any failed."""
+    import importlib.util
+    import os
+
+    failed = 0
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        failed += _run(vars(module), prefix=f"{name}::")
     sys.exit(1 if failed else 0)
+
+
+# Several test files without pytest: python3 tests/python/_runner.py tests/python/test_cpu_*.py
+if __name__ == "__main__":
+    import _runner  # the module the test files import: its SkipTest is the one they raise
+
+    _runner.run_files(sys.argv[1:])

@@ -10,7 +10,6 @@ EPCOMM_TEST_SEED fixes the random inputs. Without a GPU every test is skipped wi
 """
 
 import os
-import random
 import sys
 
 import pytest
@@ -19,19 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.normpath(os.path.join(HERE, "..", "..", "python", "deep_ep_compat")))
 
-from _cluster import Cluster, ranks_for_tests, visible_gpus  # noqa: E402
+from _cluster import Cluster, case_seed, gpu_test_marks, ranks_for_tests  # noqa: E402
 
-try:
-    import torch  # noqa: F401
-except ImportError:
-    torch = None
+pytestmark = gpu_test_marks()
 
-pytestmark = [
-    pytest.mark.skipif(torch is None, reason="PyTorch is not installed"),
-    pytest.mark.skipif(torch is not None and visible_gpus() == 0, reason="skipped (no GPU)"),
-]
-
-SEED = int(os.environ.get("EPCOMM_TEST_SEED", random.randrange(1 << 30)))
+SEED = case_seed()
 
 
 @pytest.fixture(scope="module")

@@ -435,7 +435,7 @@ def test_client_calls_bind_to_the_signatures():
 def test_client_attributes():
     """Attributes the clients read from a Buffer: Megatron `group`, `num_nvl_bytes`, `num_rdma_bytes`;
     SGLang `group_size`, `low_latency_mode`; both `Buffer.num_sms`. Set by the constructor (checked
-    on a buffer built over stand-ins, as test_cpu.py does)."""
+    on a buffer built over stand-ins, as test_cpu_arguments.py does)."""
     import types
 
     from epcomm import buffer as buffer_module

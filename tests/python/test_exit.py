@@ -6,7 +6,7 @@ low-latency calls a framework makes (sync and async, allocate_on_comm_stream on 
 previous_event, FP8, cached dispatch, num_worst_tokens, hooks, CUDA graphs; every output checked
 against the reference), then tears down one of three ways (_exit_check.TEARDOWNS) and exits. The
 test fails on a non-zero status, a hang, or a line of CUDA / C++ teardown noise in the output. The
-CPU side (the output rule, the pool stream the Buffer gives the core) is in test_cpu.py.
+CPU side (the output rule, the pool stream the Buffer gives the core) is in test_cpu_arguments.py.
 
 The bug this guards against: the core made and destroyed its own communication stream, the
 Python layer record_stream-ed the tensors of async calls on it, and PyTorch's caching allocator,

@@ -17,26 +17,17 @@ every test is skipped with "skipped (no GPU)".
 """
 
 import os
-import random
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _cluster import Cluster, ranks_for_tests, visible_gpus  # noqa: E402
+from _cluster import Cluster, case_seed, gpu_test_marks, ranks_for_tests  # noqa: E402
 
-try:
-    import torch  # noqa: F401
-except ImportError:
-    torch = None
+pytestmark = gpu_test_marks()
 
-pytestmark = [
-    pytest.mark.skipif(torch is None, reason="PyTorch is not installed"),
-    pytest.mark.skipif(torch is not None and visible_gpus() == 0, reason="skipped (no GPU)"),
-]
-
-SEED = int(os.environ.get("EPCOMM_TEST_SEED", random.randrange(1 << 30)))
+SEED = case_seed()
 STANDARD = dict(max_tokens=4096, fixed_tokens=4096, hidden=7168, num_topk=8, num_experts=256)
 
 
@@ -73,49 +64,29 @@ def test_hidden_sizes(cluster, hidden):
         cluster.run("normal", seed=SEED, what=f"hidden={hidden} fp8={fp8}", fp8=fp8, hidden=hidden, max_tokens=200)
 
 
-def test_fp8_scale_forms(cluster):
-    cluster.run("scale_forms", seed=SEED)
-
-
 def test_few_tokens(cluster):
     for max_tokens in (0, 1, 3):
         cluster.run("normal", seed=SEED + max_tokens, what=f"T<={max_tokens}", max_tokens=max_tokens, bias=True)
 
 
-def test_receive_reservation(cluster):
-    cluster.run("reserve_paths", seed=SEED)
+def seeded(case):
+    """A test that runs `case` (_gpu_cases.py) with the run's seed and nothing else."""
+    def test(cluster):
+        cluster.run(case, seed=SEED)
+    test.__doc__ = f"_gpu_cases.{case}"
+    return test
 
 
-def test_num_worst_tokens(cluster):
-    cluster.run("worst_tokens", seed=SEED)
-
-
-def test_stream_options(cluster):
-    cluster.run("stream_modes", seed=SEED)
-
-
-def test_config_and_hints(cluster):
-    cluster.run("configs", seed=SEED)
-
-
-def test_set_num_sms(cluster):
-    cluster.run("set_num_sms", seed=SEED)
-
-
-def test_cuda_graph(cluster):
-    cluster.run("graph", seed=SEED)
-
-
-def test_argument_errors(cluster):
-    cluster.run("errors", seed=SEED)
-
-
-def test_out_of_range_topk(cluster):
-    cluster.run("invalid_topk", seed=SEED)
-
-
-def test_lifetime_and_statics(cluster):
-    cluster.run("lifetime", seed=SEED)
+test_fp8_scale_forms = seeded("scale_forms")
+test_receive_reservation = seeded("reserve_paths")
+test_num_worst_tokens = seeded("worst_tokens")
+test_stream_options = seeded("stream_modes")
+test_config_and_hints = seeded("configs")
+test_set_num_sms = seeded("set_num_sms")
+test_cuda_graph = seeded("graph")
+test_argument_errors = seeded("errors")
+test_out_of_range_topk = seeded("invalid_topk")
+test_lifetime_and_statics = seeded("lifetime")
 
 
 # ---------------------------------------------------------------------------- low-latency mode
@@ -161,12 +132,8 @@ def test_low_latency_cuda_graph(cluster, hook):
     _report(cluster.run("low_latency_graph", seed=SEED, hook=hook)[0])
 
 
-def test_low_latency_argument_errors(cluster):
-    cluster.run("low_latency_errors", seed=SEED)
-
-
-def test_low_latency_memory_views(cluster):
-    cluster.run("low_latency_memory", seed=SEED)
+test_low_latency_argument_errors = seeded("low_latency_errors")
+test_low_latency_memory_views = seeded("low_latency_memory")
 
 
 def test_moe_layer_example(cluster):
