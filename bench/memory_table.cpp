@@ -89,6 +89,22 @@ size_t deepep_nvl_hint(const DeepEpConfig& c, size_t hidden_bytes, int num_ranks
   return align_up(bytes, 128);
 }
 
+// ---- the proposed ring of chunks (docs/design-scale.md "Internode ring of chunks") ----
+// Per channel (num_sms / 2) and remote node, a receive ring and a send staging ring of `depth`
+// tokens, the depth shared out of a fixed per-channel budget of kRingBudget tokens but never below
+// two chunks of kRingChunk tokens per remote node. A slot holds the wider of a dispatch row (row,
+// 8-byte source meta, K ids, K weights, scales) and a combine partial (float32 row, K weights).
+constexpr int kRingChunk = 8, kRingBudget = 512;
+size_t proposed_ring_bytes(int num_sms, int nodes, int hidden, int topk) {
+  if (nodes <= 1) return 0;
+  const size_t channels = num_sms / 2, remote = nodes - 1;
+  const size_t drow = align_up(static_cast<size_t>(hidden) * 2 + 8 + 8 * topk + 4 * (hidden / 128), 16);
+  const size_t prow = align_up(static_cast<size_t>(hidden) * 4 + 4 * topk, 16);
+  const size_t depth = std::max<size_t>(kRingBudget / remote / kRingChunk * kRingChunk, 2 * kRingChunk);
+  const size_t control = channels * remote * 4 * 16;  // head / tail words per ring and direction
+  return align_up(2 * channels * remote * depth * std::max(drow, prow) + control, 4096);
+}
+
 // ---- printing ----
 std::string mib(size_t bytes) {
   char s[32];
@@ -136,9 +152,9 @@ void normal_table(int tokens, int hidden) {
   const size_t hidden_bytes = static_cast<size_t>(hidden) * 2;
   std::printf("### Normal mode: %d tokens per rank, hidden = %d (BF16), top-%d, %d experts, %d ranks per node (MiB per rank)\n\n",
               tokens, hidden, topk, E, P);
-  std::printf("| ranks | nodes | epcomm internode_size_hint | epcomm allocated (x2) | epcomm Config rdma hint (compat) | DeepEP rdma hint | epcomm / DeepEP rdma | epcomm nvl hint | DeepEP nvl hint |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-  for (int R : {16, 32, 64, 96, 128}) {
+  std::printf("| ranks | nodes | epcomm internode_size_hint | epcomm allocated (x2) | epcomm Config rdma hint (compat) | DeepEP rdma hint | epcomm / DeepEP rdma | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
     const size_t alloc = epcomm_allocated(inter, N);
@@ -146,11 +162,13 @@ void normal_table(int tokens, int hidden) {
     const size_t compat = std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));
     const size_t enl = std::max(ed.get_nvl_buffer_size_hint(hidden_bytes, R), ec.get_nvl_buffer_size_hint(hidden_bytes, R));
     DeepEpConfig dd{}, dc{};
-    deepep_configs(R, dd, dc);
-    const size_t drdma = std::max(deepep_rdma_hint(dd, hidden_bytes, R), deepep_rdma_hint(dc, hidden_bytes, R));
-    const size_t dnvl = std::max(deepep_nvl_hint(dd, hidden_bytes, R), deepep_nvl_hint(dc, hidden_bytes, R));
-    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(), mib(alloc).c_str(),
-                mib(compat).c_str(), mib(drdma).c_str(), ratio(inter, drdma).c_str(), mib(enl).c_str(), mib(dnvl).c_str());
+    const bool deepep = deepep_configs(R, dd, dc);  // no config past 160 ranks
+    const size_t drdma = deepep ? std::max(deepep_rdma_hint(dd, hidden_bytes, R), deepep_rdma_hint(dc, hidden_bytes, R)) : 0;
+    const size_t dnvl = deepep ? std::max(deepep_nvl_hint(dd, hidden_bytes, R), deepep_nvl_hint(dc, hidden_bytes, R)) : 0;
+    const size_t ring = proposed_ring_bytes(ed.num_sms, N, hidden, topk);
+    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(), mib(alloc).c_str(),
+                mib(compat).c_str(), deepep ? mib(drdma).c_str() : "(none)", ratio(inter, drdma).c_str(),
+                mib(ring).c_str(), mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)");
   }
   std::printf("\n");
 }
