@@ -1,8 +1,11 @@
-// HostCluster: ranks as threads. A collective has two steps, each ending at a barrier:
+// HostCluster: ranks as threads. A collective has three steps, each ending at a barrier:
 //   1. prepare: validate this rank's inputs, build its source (reference_internal.hpp) and
 //      publish a pointer to it in this rank's slot;
-//   2. receive: run the cross-rank checks and compute this rank's outputs from every source.
-// The barrier after step 2 also keeps every source alive until all ranks have read it.
+//   2. check: run the cross-rank checks, each rank the part that concerns it as a receiver (its
+//      handle against every sender's routing), so R ranks together do the work of one all-ranks
+//      check and not R times it (O(R^4) at R = 320 was seconds per call);
+//   3. receive: compute this rank's outputs from every source, now that all of them passed.
+// The barrier after step 3 also keeps every source alive until all ranks have read it.
 // Errors are exchanged like data, so all ranks leave a failing collective the same way.
 #include "epcomm/host_cluster.hpp"
 
@@ -89,7 +92,8 @@ struct HostCluster::State {
     for (int r = 0; r < num_ranks; ++r) {
       const Slot& s = buffer[r];
       if (s.step != n || std::strcmp(s.op, op) != 0 || s.phase != phase)
-        throw Error(cat(rank_prefix(rank), "HostCluster collective #", (n + 1) / 2, " is ", op, " here but rank ",
+        throw Error(cat(rank_prefix(rank), "HostCluster collective #", (n + kSteps - 1) / kSteps, " is ", op,
+                        " here but rank ",
                         r, s.step == n ? cat(" is in ", s.op) : std::string(" is elsewhere (returned from run?)"),
                         "; every rank must make the same collective calls in the same order"));
     }
@@ -98,8 +102,12 @@ struct HostCluster::State {
     return buffer;
   }
 
-  // The two steps of a collective: make() builds and validates this rank's source, receive() turns
-  // every rank's source into this rank's output after check() has run the cross-rank rules.
+  // The three steps of a collective: make() builds and validates this rank's source, check()
+  // runs this rank's part of the cross-rank rules, and receive() turns every rank's source into
+  // this rank's output once every rank's check has passed (a receiver reads every sender's source,
+  // so it must not start before the others' parts are checked). An error in any rank's check
+  // reaches every rank as the lowest failing rank's, the one the all-ranks check names first.
+  static constexpr uint64_t kSteps = 3;
   template <typename Source, typename Make, typename Check, typename Receive>
   auto collective(int rank, const char* op, Make make, Check check, Receive receive) {
     check_rank(rank, op);
@@ -110,11 +118,9 @@ struct HostCluster::State {
     });
     std::vector<const Source*> sources;
     for (const Slot& slot : sent) sources.push_back(static_cast<const Source*>(slot.payload));
+    step(rank, op, 1, [&](Slot&) { check(sources); });
     decltype(receive(sources)) out;
-    step(rank, op, 1, [&](Slot&) {
-      check(sources);
-      out = receive(sources);
-    });
+    step(rank, op, 2, [&](Slot&) { out = receive(sources); });
     return out;
   }
 };
@@ -173,7 +179,7 @@ NormalDispatchOutput HostCluster::dispatch(int rank, const NormalInput& input, c
   const int R = state_->num_ranks;
   return state_->collective<detail::DispatchSource>(
       rank, "dispatch", [&] { return detail::make_dispatch_source(rank, R, input, options); },
-      [](const auto& sources) { detail::check_dispatch_sources(sources); },
+      [&](const auto& sources) { detail::check_dispatch_sources(sources, rank); },
       [&](const auto& sources) { return detail::receive_dispatch(rank, sources); });
 }
 
@@ -183,7 +189,7 @@ NormalDispatchOutput HostCluster::cached_dispatch(int rank, const NormalInput& i
   return state_->collective<detail::DispatchSource>(
       rank, "cached_dispatch",
       [&] { return detail::make_cached_dispatch_source(rank, R, input, handle, options); },
-      [](const auto& sources) { detail::check_dispatch_sources(sources); },
+      [&](const auto& sources) { detail::check_dispatch_sources(sources, rank); },
       [&](const auto& sources) { return detail::receive_dispatch(rank, sources); });
 }
 
@@ -197,7 +203,7 @@ CombineOutput HostCluster::combine(int rank, const CombineInput& input, const No
         detail::check_combine_source(source, R);
         return source;
       },
-      [](const auto& sources) { detail::check_combine_sources(sources); },
+      [&](const auto& sources) { detail::check_combine_sources(sources, rank); },
       [&](const auto& sources) { return detail::combine_for_source(rank, sources); });
 }
 

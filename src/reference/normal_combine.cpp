@@ -33,7 +33,7 @@ void check_combine_source(const CombineSource& s, int num_ranks) {
   if (!in.bias1.empty()) check_size(who, "bias1", in.bias1.size(), out_size, formula);
 }
 
-void check_combine_sources(const std::vector<const CombineSource*>& sources) {
+void check_combine_sources(const std::vector<const CombineSource*>& sources, int receiver) {
   const CombineSource& first = *sources[0];
   std::vector<const NormalHandle*> handles;
   for (const CombineSource* s : sources) {
@@ -42,7 +42,7 @@ void check_combine_sources(const std::vector<const CombineSource*>& sources) {
     check_same(who, "num_topk", s->num_topk, first.num_topk);
     handles.push_back(s->handle);
   }
-  check_handles_consistent(handles);
+  check_handles_consistent(handles, receiver);
 }
 
 CombineOutput combine_for_source(int rank, const std::vector<const CombineSource*>& sources) {

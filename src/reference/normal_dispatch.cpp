@@ -115,7 +115,7 @@ DispatchSource make_cached_dispatch_source(int rank, int num_ranks, const Normal
   return src;
 }
 
-void check_dispatch_sources(const std::vector<const DispatchSource*>& sources) {
+void check_dispatch_sources(const std::vector<const DispatchSource*>& sources, int receiver) {
   const DispatchSource& first = *sources[0];
   const NormalOptions& o0 = *first.options;
   for (const DispatchSource* s : sources) {
@@ -132,7 +132,7 @@ void check_dispatch_sources(const std::vector<const DispatchSource*>& sources) {
   if (first.handle) {
     std::vector<const NormalHandle*> handles;
     for (const DispatchSource* s : sources) handles.push_back(s->handle);
-    check_handles_consistent(handles);
+    check_handles_consistent(handles, receiver);
   }
 }
 

@@ -76,13 +76,17 @@ DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& 
                                     const NormalOptions& options);
 DispatchSource make_cached_dispatch_source(int rank, int num_ranks, const NormalInput& input,
                                            const NormalHandle& handle, const NormalOptions& options);
-void check_dispatch_sources(const std::vector<const DispatchSource*>& sources);
+// receiver >= 0 (HostCluster, where every rank checks its own part): the handle rules of that
+// receiver only; -1: of every rank. The rules that are O(R) run for every rank either way.
+void check_dispatch_sources(const std::vector<const DispatchSource*>& sources, int receiver = -1);
 NormalDispatchOutput receive_dispatch(int rank, const std::vector<const DispatchSource*>& sources);
 
 // Handles (normal_handle.cpp): one rank's handle on its own, then all handles together (the
-// receivers' rows must be exactly what the senders' is_token_in_rank implies).
+// receivers' rows must be exactly what the senders' is_token_in_rank implies). With receiver >= 0
+// only that receiver's handle is compared: O(R^2 T) instead of O(R^3 + R^2 T), so R ranks that each
+// check their own part cost O(R^3 T) together, not O(R^4) (HostCluster at R = 320).
 void check_handle(const std::string& who, const NormalHandle& handle, int num_ranks);
-void check_handles_consistent(const std::vector<const NormalHandle*>& handles);
+void check_handles_consistent(const std::vector<const NormalHandle*>& handles, int receiver = -1);
 
 // ---- normal combine (normal_combine.cpp) ----
 struct CombineSource {
@@ -93,7 +97,7 @@ struct CombineSource {
   int num_topk = 0;
 };
 void check_combine_source(const CombineSource& source, int num_ranks);
-void check_combine_sources(const std::vector<const CombineSource*>& sources);
+void check_combine_sources(const std::vector<const CombineSource*>& sources, int receiver = -1);
 CombineOutput combine_for_source(int rank, const std::vector<const CombineSource*>& sources);
 
 // ---- low-latency (low_latency_dispatch.cpp, low_latency_combine.cpp) ----
