@@ -17,4 +17,5 @@ from .handle import DispatchHandle, HandleMeta, LowLatencyHandle
 topk_idx_t = torch.int64 if torch is not None else None
 
 __version__ = _epcomm.__version__
-__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
+__all__ = ["ArgumentError", "Buffer", "Config", "DispatchHandle", "Error", "EventHandle", "EventOverlap", "HandleMeta",
+           "LowLatencyHandle", "TimeoutError", "topk_idx_t"]

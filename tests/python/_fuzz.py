@@ -16,8 +16,6 @@ import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from epcomm.handle import DispatchHandle, HandleMeta, LowLatencyHandle
-
 DTYPES = ("bf16", "fp8", "f32", "i32", "i64", "bool", "u8", "f16")
 
 
