@@ -23,13 +23,13 @@
 namespace epcomm {
 
 struct BufferOptions {
-  size_t num_nvl_bytes = 0;            // NVLink ring memory (normal mode); see Config hints
-  size_t num_rdma_bytes = 0;           // low-latency and network-hop memory
+  size_t num_nvl_bytes = 0;   // NVLink ring memory (normal mode); see Config hints
+  size_t num_rdma_bytes = 0;  // low-latency and network-hop memory
   bool low_latency_mode = false;
-  int max_tokens_per_rank = 0;         // normal mode; 0 = EPCOMM_MAX_TOKENS_PER_RANK
-  int max_experts_per_rank = 0;        // 0 = EPCOMM_MAX_EXPERTS_PER_RANK
-  int64_t timeout_ms = 0;              // 0 = EPCOMM_TIMEOUT_MS
-  bool enable_shrink = false;          // low-latency shrink mode: mask peers that time out (see below)
+  int max_tokens_per_rank = 0;   // normal mode; 0 = EPCOMM_MAX_TOKENS_PER_RANK
+  int max_experts_per_rank = 0;  // 0 = EPCOMM_MAX_EXPERTS_PER_RANK
+  int64_t timeout_ms = 0;        // 0 = EPCOMM_TIMEOUT_MS
+  bool enable_shrink = false;    // low-latency shrink mode: mask peers that time out (see below)
   // Low-latency mode with more than one node: 1 sends to ranks of other nodes only through the
   // network transport (puts + signals; docs/design-internode.md), 0 by LSA stores to every rank,
   // -1 = EPCOMM_LL_NET. Needs num_rdma_bytes >= low_latency_net_size_hint. Across real nodes (ranks
@@ -56,9 +56,9 @@ struct BufferOptions {
 
 // How a call orders itself with the caller's work.
 struct StreamOrder {
-  cudaStream_t stream = nullptr;          // the caller's stream
-  cudaEvent_t previous_event = nullptr;   // if set, wait for this instead of `stream`
-  bool async_finish = false;              // if set, `stream` does not wait; the call returns an event
+  cudaStream_t stream = nullptr;         // the caller's stream
+  cudaEvent_t previous_event = nullptr;  // if set, wait for this instead of `stream`
+  bool async_finish = false;             // if set, `stream` does not wait; the call returns an event
 };
 
 // An owned CUDA event (empty when the call was not async).
@@ -90,15 +90,15 @@ struct LayoutOutputs {
 
 // ---- normal mode ----
 struct DispatchInputs {
-  TensorView x;                                   // [T, hidden] bf16 or fp8 e4m3, rows contiguous
+  TensorView x;  // [T, hidden] bf16 or fp8 e4m3, rows contiguous
   // fp8: [T, S] scales, any strides, S in [1, 512] 4-byte words per token: float32 (S = ceil(hidden /
   // 128) for 128-channel groups, or any other group count), or int32 words (UE8M0 exponents packed
   // four per word, as DeepGEMM takes them). Moved bit for bit, never interpreted (DeepEP's rule).
   std::optional<TensorView> x_scales;
-  std::optional<TensorView> topk_idx;             // [T, K] i64 (global expert ids, -1 = none)
-  std::optional<TensorView> topk_weights;         // [T, K] f32
-  std::optional<TensorView> num_tokens_per_rank;  // [R] i32 (from the layout)
-  std::optional<TensorView> is_token_in_rank;     // [T, R] bool
+  std::optional<TensorView> topk_idx;               // [T, K] i64 (global expert ids, -1 = none)
+  std::optional<TensorView> topk_weights;           // [T, K] f32
+  std::optional<TensorView> num_tokens_per_rank;    // [R] i32 (from the layout)
+  std::optional<TensorView> is_token_in_rank;       // [T, R] bool
   std::optional<TensorView> num_tokens_per_expert;  // [E] i32
   int expert_alignment = 1;
   int num_worst_tokens = 0;
@@ -130,21 +130,21 @@ struct DispatchPlan {
 };
 
 struct DispatchOutputs {
-  TensorView recv_x;                              // [num_rows, hidden], dtype of x
-  std::optional<TensorView> recv_x_scales;        // [num_rows, S] contiguous, dtype of x_scales
-  std::optional<TensorView> recv_topk_idx;        // [num_rows, K] i64
-  std::optional<TensorView> recv_topk_weights;    // [num_rows, K] f32
+  TensorView recv_x;                            // [num_rows, hidden], dtype of x
+  std::optional<TensorView> recv_x_scales;      // [num_rows, S] contiguous, dtype of x_scales
+  std::optional<TensorView> recv_topk_idx;      // [num_rows, K] i64
+  std::optional<TensorView> recv_topk_weights;  // [num_rows, K] f32
 };
 
 struct CombineInputs {
-  TensorView x;                                   // [num_recv, hidden] bf16, rows as dispatch gave them
-  std::optional<TensorView> topk_weights;         // [num_recv, K] f32
-  std::optional<TensorView> bias0, bias1;         // [T, hidden] bf16
+  TensorView x;                            // [num_recv, hidden] bf16, rows as dispatch gave them
+  std::optional<TensorView> topk_weights;  // [num_recv, K] f32
+  std::optional<TensorView> bias0, bias1;  // [T, hidden] bf16
   Config config;
 };
 
 struct CombineOutputs {
-  TensorView combined_x;                          // [T, hidden] bf16
+  TensorView combined_x;                            // [T, hidden] bf16
   std::optional<TensorView> combined_topk_weights;  // [T, K] f32
 };
 
@@ -182,41 +182,41 @@ struct CombineOutputs {
 //   set to 0); in the call where a peer answers exactly at the timeout, outputs of tokens routed
 //   to it may or may not include its rows. Normal mode is not affected.
 struct LowLatencyDispatchInputs {
-  TensorView x;                 // [T, hidden] bf16, rows contiguous, 16-byte aligned; T <= Tmax
-  TensorView topk_idx;          // [T, K] i64 contiguous, K <= min(16, num_experts)
+  TensorView x;                              // [T, hidden] bf16, rows contiguous, 16-byte aligned; T <= Tmax
+  TensorView topk_idx;                       // [T, K] i64 contiguous, K <= min(16, num_experts)
   int num_max_dispatch_tokens_per_rank = 0;  // Tmax, 1..4096
-  int num_experts = 0;          // divisible by the number of ranks
-  bool use_fp8 = true;          // cast to e4m3 per 128 channels in the kernel, else send BF16
-  bool round_scale = false;     // scales rounded up to powers of two
-  bool use_ue8m0 = false;       // scales as UE8M0 bytes packed 4 per int32 (needs round_scale)
+  int num_experts = 0;                       // divisible by the number of ranks
+  bool use_fp8 = true;                       // cast to e4m3 per 128 channels in the kernel, else send BF16
+  bool round_scale = false;                  // scales rounded up to powers of two
+  bool use_ue8m0 = false;                    // scales as UE8M0 bytes packed 4 per int32 (needs round_scale)
   std::optional<TensorView> cumulative_local_expert_recv_stats;  // [E/R] i32: += rows received
   std::optional<TensorView> dispatch_wait_recv_cost_stats;       // [R] i64: += clock cycles spent
                                                                  // waiting for each source
-  int num_sms = 0;              // blocks (one per SM); 0 = every SM of the device
+  int num_sms = 0;                                               // blocks (one per SM); 0 = every SM of the device
 };
 
 // Caller-allocated outputs (RT = R * Tmax, G = hidden / 128). Rows of an expert past recv_count
 // are not written.
 struct LowLatencyDispatchOutputs {
-  TensorView recv_x;            // [E/R, RT, hidden] fp8 e4m3 (use_fp8) or bf16, contiguous
+  TensorView recv_x;  // [E/R, RT, hidden] fp8 e4m3 (use_fp8) or bf16, contiguous
   // use_fp8 && !use_ue8m0: f32 [E/R, RT, G] with strides (G*RT, 1, RT), i.e. stored [E/R][G][RT];
   // use_ue8m0: i32 [E/R, RT, ceil(G/4)] with strides (ceil(G/4)*RT, 1, RT). Unused for BF16.
   std::optional<TensorView> recv_x_scales;
-  TensorView recv_count;        // [E/R] i32
-  TensorView src_info;          // [E/R, RT] i32: source token index of each row
-  TensorView layout_range;      // [E/R, R] i64: (begin << 32) | count of the rows from each source
+  TensorView recv_count;    // [E/R] i32
+  TensorView src_info;      // [E/R, RT] i32: source token index of each row
+  TensorView layout_range;  // [E/R, R] i64: (begin << 32) | count of the rows from each source
 };
 
 // What combine (and get_next_low_latency_combine_buffer) needs. DeepEP's Python handle is
 // (src_info, layout_range, Tmax, hidden, num_experts); epcomm's Python layer appends
 // buffer_index as a sixth element.
 struct LowLatencyHandle {
-  TensorView src_info;          // [E/R, RT] i32
-  TensorView layout_range;      // [E/R, R] i64
+  TensorView src_info;      // [E/R, RT] i32
+  TensorView layout_range;  // [E/R, R] i64
   int num_max_dispatch_tokens_per_rank = 0;
   int hidden = 0;
   int num_experts = 0;
-  int buffer_index = 0;         // which of the two LL buffers the dispatch used (0 or 1)
+  int buffer_index = 0;  // which of the two LL buffers the dispatch used (0 or 1)
 };
 
 struct LowLatencyCombineInputs {
@@ -224,12 +224,12 @@ struct LowLatencyCombineInputs {
   // zero_copy its data is not read (the caller wrote it into get_next_low_latency_combine_buffer);
   // its shape is still checked.
   TensorView x;
-  TensorView topk_idx;          // [T, K] i64: the dispatch's
-  TensorView topk_weights;      // [T, K] f32
+  TensorView topk_idx;      // [T, K] i64: the dispatch's
+  TensorView topk_weights;  // [T, K] f32
   bool zero_copy = false;
-  bool use_logfmt = false;      // accepted for compatibility; epcomm always sends BF16 (exact)
+  bool use_logfmt = false;  // accepted for compatibility; epcomm always sends BF16 (exact)
   std::optional<TensorView> combine_wait_recv_cost_stats;  // [R] i64: += cycles waiting per rank
-  int num_sms = 0;              // 0 = every SM of the device
+  int num_sms = 0;                                         // 0 = every SM of the device
 };
 // ===================== end of low-latency mode structs =====================
 
@@ -264,23 +264,20 @@ class Buffer {
   // and (if given) the device copy of the per-expert counts. Waits on the host for the counts unless
   // num_worst_tokens > 0.
   DispatchPlan dispatch_prepare(const DispatchInputs& in, DispatchHandle& handle,
-                                const std::optional<TensorView>& num_recv_tokens_per_expert,
-                                const StreamOrder& order);
+                                const std::optional<TensorView>& num_recv_tokens_per_expert, const StreamOrder& order);
   // Phase 2: moves the data. handle.recv_src_idx must have plan.num_rows entries.
   Event dispatch_run(const DispatchInputs& in, const DispatchPlan& plan, DispatchHandle& handle,
                      const DispatchOutputs& out, const StreamOrder& order);
   // Cached dispatch: the routing of `handle`, new x (and scales). No count exchange, no host sync.
-  Event cached_dispatch(const TensorView& x, const std::optional<TensorView>& x_scales,
-                        const DispatchHandle& handle, const DispatchOutputs& out, const Config& config,
-                        const StreamOrder& order);
+  Event cached_dispatch(const TensorView& x, const std::optional<TensorView>& x_scales, const DispatchHandle& handle,
+                        const DispatchOutputs& out, const Config& config, const StreamOrder& order);
   Event combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                 const StreamOrder& order);
 
   // ---------------- low-latency mode (see the structs above) ----------------
   // Bytes of num_rdma_bytes low-latency mode needs for this problem (both buffers). Never more than
   // DeepEP's get_low_latency_rdma_size_hint for the same arguments.
-  static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
-                                      int num_experts);
+  static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks, int num_experts);
   // The same with the network path's area (BufferOptions::low_latency_net / EPCOMM_LL_NET): the two
   // buffers plus staging and signals (about 2 * Tmax rows and the counts more).
   static size_t low_latency_net_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,

@@ -42,13 +42,12 @@ class HostCluster {
 
   // ---- per-rank calls, from inside run() ----
   // Local: no exchange needed, so not a collective.
-  Layout get_dispatch_layout(int rank, const std::vector<int64_t>& topk_idx, int num_tokens,
-                             int num_topk, int num_experts) const;
+  Layout get_dispatch_layout(int rank, const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
+                             int num_experts) const;
   NormalDispatchOutput dispatch(int rank, const NormalInput& input, const NormalOptions& options);
   NormalDispatchOutput cached_dispatch(int rank, const NormalInput& input, const NormalHandle& handle,
                                        const NormalOptions& options);
-  CombineOutput combine(int rank, const CombineInput& input, const NormalHandle& handle, int hidden,
-                        int num_topk);
+  CombineOutput combine(int rank, const CombineInput& input, const NormalHandle& handle, int hidden, int num_topk);
   LowLatencyDispatchOutput low_latency_dispatch(int rank, const LowLatencyDispatchInput& input,
                                                 const LowLatencyOptions& options);
   // my_dispatch_output: what this rank's low_latency_dispatch returned (its experts' handle).

@@ -13,12 +13,18 @@ enum class DType : uint8_t { kBF16, kFP8E4M3, kF32, kI32, kI64, kBool };
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
-    case DType::kBF16: return 2;
-    case DType::kFP8E4M3: return 1;
-    case DType::kF32: return 4;
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
-    case DType::kBool: return 1;
+    case DType::kBF16:
+      return 2;
+    case DType::kFP8E4M3:
+      return 1;
+    case DType::kF32:
+      return 4;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
+    case DType::kBool:
+      return 1;
   }
   return 0;
 }
@@ -47,7 +53,9 @@ struct TensorView {
   bool on_host() const { return device < 0; }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
   template <typename T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
   // "[4096, 7168] bf16 on cuda:0" for error messages.
   std::string describe() const;
 };

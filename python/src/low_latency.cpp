@@ -148,8 +148,9 @@ class LowLatencyCall {
   py::object recv() {
     const char* what = is_dispatch ? "low_latency_dispatch hook" : "low_latency_combine hook";
     if (!pending)
-      throw RuntimeFailure(std::string(what) +
-                           ": nothing to receive (the call was made without return_recv_hook, or the hook already ran)");
+      throw RuntimeFailure(
+          std::string(what) +
+          ": nothing to receive (the call was made without return_recv_hook, or the hook already ran)");
     Buffer& buf = runtime.cast<const Runtime&>().buffer();
     Event e;
     {
@@ -186,13 +187,15 @@ std::unique_ptr<LowLatencyCall> low_latency_dispatch(
   // Shapes of pointer outputs; the core checks them (and everything else) before it launches.
   const int R = buf.num_ranks(), dev = buf.device();
   const int64_t EL = num_experts > 0 ? num_experts / R : 0;
-  const int64_t RT = static_cast<int64_t>(R) * (num_max_dispatch_tokens_per_rank > 0 ? num_max_dispatch_tokens_per_rank : 0);
+  const int64_t RT =
+      static_cast<int64_t>(R) * (num_max_dispatch_tokens_per_rank > 0 ? num_max_dispatch_tokens_per_rank : 0);
   const int64_t H = in.x.ndim == 2 ? in.x.shape[1] : 0, G = H / 128, W = (G + 3) / 4;
   LowLatencyDispatchOutputs& out = call->dout;
   out.recv_x = output_view(recv_x, "recv_x", use_fp8 ? DType::kFP8E4M3 : DType::kBF16, {EL, RT, H}, {}, dev);
   if (!recv_x_scales.is_none())
-    out.recv_x_scales = use_ue8m0 ? output_view(recv_x_scales, "recv_x_scales", DType::kI32, {EL, RT, W}, {W * RT, 1, RT}, dev)
-                                  : output_view(recv_x_scales, "recv_x_scales", DType::kF32, {EL, RT, G}, {G * RT, 1, RT}, dev);
+    out.recv_x_scales =
+        use_ue8m0 ? output_view(recv_x_scales, "recv_x_scales", DType::kI32, {EL, RT, W}, {W * RT, 1, RT}, dev)
+                  : output_view(recv_x_scales, "recv_x_scales", DType::kF32, {EL, RT, G}, {G * RT, 1, RT}, dev);
   out.recv_count = output_view(recv_count, "recv_count", DType::kI32, {EL}, {}, dev);
   out.src_info = output_view(src_info, "src_info", DType::kI32, {EL, RT}, {}, dev);
   out.layout_range = output_view(layout_range, "layout_range", DType::kI64, {EL, R}, {}, dev);
@@ -219,11 +222,13 @@ LowLatencyHandle handle_from(py::handle src_info, py::handle layout_range, int n
   return h;
 }
 
-std::unique_ptr<LowLatencyCall> low_latency_combine(
-    const py::object& self, py::handle x, py::handle topk_idx, py::handle topk_weights, py::handle src_info,
-    py::handle layout_range, int num_max_dispatch_tokens_per_rank, int hidden, int num_experts, int buffer_index,
-    py::handle out, py::handle combine_wait_recv_cost_stats, bool use_logfmt, bool zero_copy, py::handle stream,
-    bool async_finish, bool return_recv_hook) {
+std::unique_ptr<LowLatencyCall> low_latency_combine(const py::object& self, py::handle x, py::handle topk_idx,
+                                                    py::handle topk_weights, py::handle src_info,
+                                                    py::handle layout_range, int num_max_dispatch_tokens_per_rank,
+                                                    int hidden, int num_experts, int buffer_index, py::handle out,
+                                                    py::handle combine_wait_recv_cost_stats, bool use_logfmt,
+                                                    bool zero_copy, py::handle stream, bool async_finish,
+                                                    bool return_recv_hook) {
   Buffer& buf = self.cast<const Runtime&>().buffer();
   auto call = std::make_unique<LowLatencyCall>();
   call->is_dispatch = false;
@@ -235,7 +240,8 @@ std::unique_ptr<LowLatencyCall> low_latency_combine(
   in.zero_copy = zero_copy;
   in.use_logfmt = use_logfmt;
   in.combine_wait_recv_cost_stats = to_optional_view(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats");
-  call->handle = handle_from(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts, buffer_index);
+  call->handle =
+      handle_from(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts, buffer_index);
   const int dev = buf.device();
   const int64_t T = in.topk_idx.ndim == 2 ? in.topk_idx.shape[0] : 0;
   call->out = output_view(out, "out", DType::kBF16, {T, static_cast<int64_t>(hidden)}, {}, dev);
@@ -295,12 +301,14 @@ void bind_low_latency(py::module_& m) {
   py::class_<LowLatencyCall>(m, "LowLatencyCall",
                              "A low-latency dispatch or combine after its launch: the event (async_finish), the LL "
                              "buffer it used, and recv(), the receive half a hook runs.")
-      .def_property_readonly("event", [](const LowLatencyCall& c) { return c.event; },
-                             "an Event with async_finish, else None")
-      .def_property_readonly("buffer_index", [](const LowLatencyCall& c) { return c.handle.buffer_index; },
-                             "which of the two LL buffers the dispatch used (0 or 1)")
-      .def_property_readonly("recv_pending", [](const LowLatencyCall& c) { return c.pending; },
-                             "whether recv() is still to run (return_recv_hook)")
+      .def_property_readonly(
+          "event", [](const LowLatencyCall& c) { return c.event; }, "an Event with async_finish, else None")
+      .def_property_readonly(
+          "buffer_index", [](const LowLatencyCall& c) { return c.handle.buffer_index; },
+          "which of the two LL buffers the dispatch used (0 or 1)")
+      .def_property_readonly(
+          "recv_pending", [](const LowLatencyCall& c) { return c.pending; },
+          "whether recv() is still to run (return_recv_hook)")
       .def("recv", &LowLatencyCall::recv,
            "Launches the receive half on the stream of the send half (once). Returns None (or an Event when "
            "async_finish was set).");
@@ -323,7 +331,8 @@ void bind_low_latency(py::module_& m) {
       .def("next_combine_buffer", &next_combine_buffer, py::arg("src_info"), py::arg("layout_range"),
            py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"),
            py::arg("buffer_index"),
-           "(data pointer, bytes, shape) of the [E/R, R*Tmax, hidden] bf16 buffer a zero_copy combine of the handle reads")
+           "(data pointer, bytes, shape) of the [E/R, R*Tmax, hidden] bf16 buffer a zero_copy combine of the handle "
+           "reads")
       .def(
           "clean_low_latency_buffer",
           [](const Runtime& rt, int tmax, int hidden, int num_experts, py::handle stream) {
@@ -348,10 +357,13 @@ void bind_low_latency(py::module_& m) {
           py::arg("mask_status"), py::arg("stream"))
       .def(
           "low_latency_clean_mask_buffer",
-          [](const Runtime& rt, py::handle stream) { rt.buffer().low_latency_clean_mask_buffer(to_stream(stream, "stream")); },
+          [](const Runtime& rt, py::handle stream) {
+            rt.buffer().low_latency_clean_mask_buffer(to_stream(stream, "stream"));
+          },
           py::arg("stream"))
-      .def_property_readonly("enable_shrink", [](const Runtime& rt) { return rt.buffer().options().enable_shrink; },
-                             "whether low-latency shrink mode is on");
+      .def_property_readonly(
+          "enable_shrink", [](const Runtime& rt) { return rt.buffer().options().enable_shrink; },
+          "whether low-latency shrink mode is on");
 
   m.def(
       "low_latency_size_hint",

@@ -40,13 +40,14 @@ void register_errors(py::module_& m) {
                                       "An epcomm failure: CUDA or NCCL error, missing feature, device timeout.",
                                       PyExc_RuntimeError, nullptr);
   py::tuple arg_bases = py::make_tuple(py::handle(PyExc_ValueError), py::handle(g_error));
-  g_argument_error = PyErr_NewExceptionWithDoc(
-      (prefix + "ArgumentError").c_str(),
-      "A bad argument (dtype, shape, range, device, size); raised before anything is launched.", arg_bases.ptr(),
-      nullptr);
-  g_timeout_error = PyErr_NewExceptionWithDoc(
-      (prefix + "TimeoutError").c_str(),
-      "A GPU wait ran past EPCOMM_TIMEOUT_MS; the message names kernel, phase, rank and peer.", g_error, nullptr);
+  g_argument_error = PyErr_NewExceptionWithDoc((prefix + "ArgumentError").c_str(),
+                                               "A bad argument (dtype, shape, range, device, size); raised before "
+                                               "anything is launched.",
+                                               arg_bases.ptr(), nullptr);
+  g_timeout_error = PyErr_NewExceptionWithDoc((prefix + "TimeoutError").c_str(),
+                                              "A GPU wait ran past EPCOMM_TIMEOUT_MS; the message names kernel, phase, "
+                                              "rank and peer.",
+                                              g_error, nullptr);
   if (!g_error || !g_argument_error || !g_timeout_error) throw py::error_already_set();
   m.add_object("Error", py::handle(g_error));
   m.add_object("ArgumentError", py::handle(g_argument_error));
@@ -73,7 +74,8 @@ Config make_config(int num_sms, int nvl_chunk_size, int nvl_buffer_size, int rdm
                                                 {"rdma_chunk_size", rdma_chunk_size},
                                                 {"rdma_buffer_size", rdma_buffer_size}};
   for (const auto& [name, value] : fields)
-    if (value < 1) throw ArgumentError(std::string("Config.") + name + " = " + std::to_string(value) + " must be positive");
+    if (value < 1)
+      throw ArgumentError(std::string("Config.") + name + " = " + std::to_string(value) + " must be positive");
   Config c;
   c.num_sms = num_sms;
   c.nvl_chunk_size = nvl_chunk_size;
@@ -87,10 +89,10 @@ Config make_config(int num_sms, int nvl_chunk_size, int nvl_buffer_size, int rdm
 // with DeepEP's names); the positional order is the same for both. A field named twice is an error.
 Config make_config_named(std::optional<int> num_sms, std::optional<int> nvl_chunk_size,
                          std::optional<int> nvl_buffer_size, std::optional<int> rdma_chunk_size,
-                         std::optional<int> rdma_buffer_size, std::optional<int> nvl_send,
-                         std::optional<int> nvl_recv, std::optional<int> rdma_send, std::optional<int> rdma_recv) {
-  const auto pick = [](std::optional<int> ours, std::optional<int> deepep, const char* our_name, const char* deepep_name,
-                       int fallback) {
+                         std::optional<int> rdma_buffer_size, std::optional<int> nvl_send, std::optional<int> nvl_recv,
+                         std::optional<int> rdma_send, std::optional<int> rdma_recv) {
+  const auto pick = [](std::optional<int> ours, std::optional<int> deepep, const char* our_name,
+                       const char* deepep_name, int fallback) {
     if (ours && deepep)
       throw ArgumentError(std::string("Config: ") + our_name + " and " + deepep_name +
                           " name the same field; pass one of them");
@@ -116,10 +118,12 @@ Config make_config_named(std::optional<int> num_sms, std::optional<int> nvl_chun
                " (epcomm's chunks hold 8 to 32 tokens);";
     if (c.ring_slots() * c.chunk_tokens() != c.nvl_buffer_size)
       notes += " a ring of " + std::to_string(c.nvl_buffer_size) + " tokens per SM becomes " +
-               std::to_string(c.ring_slots()) + " slots of " + std::to_string(c.chunk_tokens()) + " tokens (1 to 16 slots);";
+               std::to_string(c.ring_slots()) + " slots of " + std::to_string(c.chunk_tokens()) +
+               " tokens (1 to 16 slots);";
     if (rdma_chunk_size || rdma_send || rdma_buffer_size || rdma_recv)
-      notes += " the RDMA chunk sizes are not used by the kernels (the network hop sizes itself; only "
-               "get_rdma_buffer_size_hint reads the RDMA buffer size);";
+      notes +=
+          " the RDMA chunk sizes are not used by the kernels (the network hop sizes itself; only "
+          "get_rdma_buffer_size_hint reads the RDMA buffer size);";
     if (!notes.empty()) logger.attr("debug")("epcomm " + c.describe() + ":" + notes);
   }
   return c;
@@ -198,10 +202,12 @@ void bind_config(py::module_& m) {
       .def("__repr__", &Config::describe)
       .def(py::pickle(
           [](const Config& c) {
-            return py::make_tuple(c.num_sms, c.nvl_chunk_size, c.nvl_buffer_size, c.rdma_chunk_size, c.rdma_buffer_size);
+            return py::make_tuple(c.num_sms, c.nvl_chunk_size, c.nvl_buffer_size, c.rdma_chunk_size,
+                                  c.rdma_buffer_size);
           },
           [](const py::tuple& t) {
-            return make_config(t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), t[3].cast<int>(), t[4].cast<int>());
+            return make_config(t[0].cast<int>(), t[1].cast<int>(), t[2].cast<int>(), t[3].cast<int>(),
+                               t[4].cast<int>());
           }));
 }
 
@@ -271,12 +277,14 @@ PYBIND11_MODULE(_epcomm, m) {
     return v;
   });
   m.def("device_count", &device_count, "Visible CUDA devices (0 when there is no driver or no GPU).");
-  m.def("is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
+  m.def(
+      "is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
   m.def(
       "dtype_size", [](py::handle dtype) { return dtype_size(python::dtype_from_object(dtype, "dtype")); },
       py::arg("dtype"));
   m.def(
-      "describe_view", [](py::handle tensor, const std::string& name) { return python::to_view(tensor, name.c_str()).describe(); },
+      "describe_view",
+      [](py::handle tensor, const std::string& name) { return python::to_view(tensor, name.c_str()).describe(); },
       py::arg("tensor"), py::arg("name") = "tensor",
       "How the core sees a tensor-like object, e.g. '[4, 8] bfloat16 on cuda:0' (for tests and messages).");
   m.def("_throw_for_test", &throw_for_test, py::arg("kind"), py::arg("message"));

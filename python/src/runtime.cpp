@@ -35,8 +35,9 @@ Runtime::Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     cudaGetLastError();
-    throw RuntimeFailure("epcomm.Buffer: no CUDA device is visible to this process; epcomm's normal and "
-                         "low-latency modes run on Hopper (sm_90) GPUs");
+    throw RuntimeFailure(
+        "epcomm.Buffer: no CUDA device is visible to this process; epcomm's normal and "
+        "low-latency modes run on Hopper (sm_90) GPUs");
   }
   if (device < 0 || device >= count)
     throw ArgumentError("device = " + std::to_string(device) + " must be in [0, " + std::to_string(count) + ")");
@@ -119,8 +120,10 @@ std::optional<ReservedOutputs> reserved_from(py::handle obj) {
   if (obj.is_none()) return std::nullopt;
   const py::sequence s = py::reinterpret_borrow<py::sequence>(obj);
   if (py::len(s) != 6)
-    throw ArgumentError("reserved: expected (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, "
-                        "capacity), got " + std::to_string(py::len(s)) + " items");
+    throw ArgumentError(
+        "reserved: expected (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx, "
+        "capacity), got " +
+        std::to_string(py::len(s)) + " items");
   ReservedOutputs r;
   r.recv_x = pointer_or_null(s[0], "recv_x");
   r.recv_x_scales = pointer_or_null(s[1], "recv_x_scales");
@@ -128,8 +131,7 @@ std::optional<ReservedOutputs> reserved_from(py::handle obj) {
   r.recv_topk_weights = pointer_or_null(s[3], "recv_topk_weights");
   r.recv_src_idx = pointer_or_null(s[4], "recv_src_idx");
   r.capacity = s[5].cast<int64_t>();
-  if (!r.recv_x || !r.recv_src_idx)
-    throw ArgumentError("reserved: recv_x and recv_src_idx are required");
+  if (!r.recv_x || !r.recv_src_idx) throw ArgumentError("reserved: recv_x and recv_src_idx are required");
   if (r.capacity < 0) throw ArgumentError("reserved: capacity = " + std::to_string(r.capacity) + " must be >= 0");
   return r;
 }
@@ -154,8 +156,8 @@ class DispatchCall {
 
   // Each output is a tensor, or the data pointer of a contiguous tensor of the shape and dtype this
   // call expects (cheaper).
-  py::object run(py::handle recv_x, py::handle recv_x_scales, py::handle recv_topk_idx,
-                 py::handle recv_topk_weights, py::handle recv_src_idx) {
+  py::object run(py::handle recv_x, py::handle recv_x_scales, py::handle recv_topk_idx, py::handle recv_topk_weights,
+                 py::handle recv_src_idx) {
     if (ran_) throw RuntimeFailure("DispatchCall.run: already ran");
     if (recv_x.is_none()) throw ArgumentError("recv_x: a tensor is required, got None");
     if (recv_src_idx.is_none()) throw ArgumentError("recv_src_idx: a tensor is required, got None");
@@ -246,13 +248,11 @@ py::object get_dispatch_layout(const Runtime& rt, py::handle topk_idx, int num_e
   return wrap_event(std::move(e), buf.device());
 }
 
-std::unique_ptr<DispatchCall> dispatch_prepare(const Runtime& rt, py::handle x, py::handle x_scales, py::handle topk_idx,
-                                               py::handle topk_weights, py::handle num_tokens_per_rank,
-                                               py::handle is_token_in_rank, py::handle num_tokens_per_expert,
-                                               int expert_alignment, int num_worst_tokens, const Config& config,
-                                               py::handle rank_prefix_matrix, py::handle chunk_offset,
-                                               py::handle stream, py::handle previous_event, bool async_finish,
-                                               py::handle reserved) {
+std::unique_ptr<DispatchCall> dispatch_prepare(
+    const Runtime& rt, py::handle x, py::handle x_scales, py::handle topk_idx, py::handle topk_weights,
+    py::handle num_tokens_per_rank, py::handle is_token_in_rank, py::handle num_tokens_per_expert, int expert_alignment,
+    int num_worst_tokens, const Config& config, py::handle rank_prefix_matrix, py::handle chunk_offset,
+    py::handle stream, py::handle previous_event, bool async_finish, py::handle reserved) {
   const std::optional<ReservedOutputs> reserve = reserved_from(reserved);
   DispatchInputs in;
   in.x = to_view(x, "x");
@@ -297,8 +297,8 @@ py::object cached_dispatch(const Runtime& rt, py::handle x, py::handle x_scales,
 py::object combine(const Runtime& rt, py::handle x, py::handle topk_weights, py::handle bias0, py::handle bias1,
                    py::handle rank_prefix_matrix, py::handle chunk_offset, py::handle recv_src_idx,
                    py::handle is_token_in_rank, py::handle meta, py::handle combined_x,
-                   py::handle combined_topk_weights, const Config& config, py::handle stream,
-                   py::handle previous_event, bool async_finish) {
+                   py::handle combined_topk_weights, const Config& config, py::handle stream, py::handle previous_event,
+                   bool async_finish) {
   Buffer& buf = rt.buffer();
   CombineInputs in;
   in.x = to_view(x, "x");
@@ -355,15 +355,17 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("transport", [](const Runtime& r) { return r.group().transport(); })
       .def_property_readonly("max_tokens_per_rank", [](const Runtime& r) { return r.buffer().max_tokens_per_rank(); })
       .def_property_readonly("num_nvl_bytes", [](const Runtime& r) { return r.buffer().options().num_nvl_bytes; })
-      .def_property_readonly("comm_stream",
-                             [](const Runtime& r) { return reinterpret_cast<uintptr_t>(r.buffer().comm_stream()); },
-                             "the communication stream, as a cudaStream_t integer")
+      .def_property_readonly(
+          "comm_stream", [](const Runtime& r) { return reinterpret_cast<uintptr_t>(r.buffer().comm_stream()); },
+          "the communication stream, as a cudaStream_t integer")
       .def_property_readonly("destroyed", &Runtime::destroyed)
-      .def("chunk_offset_stride", [](const Runtime& r, const Config& c) { return r.buffer().chunk_offset_stride(c); },
-           py::arg("config"))
+      .def(
+          "chunk_offset_stride", [](const Runtime& r, const Config& c) { return r.buffer().chunk_offset_stride(c); },
+          py::arg("config"))
       .def("check_device_errors", [](const Runtime& r) { r.buffer().check_device_errors(); })
-      .def("reset", [](const Runtime& r) { r.buffer().reset(); }, py::call_guard<py::gil_scoped_release>(),
-           "collective: clears the flags and call counters after a failed call (Buffer::reset)")
+      .def(
+          "reset", [](const Runtime& r) { r.buffer().reset(); }, py::call_guard<py::gil_scoped_release>(),
+          "collective: clears the flags and call counters after a failed call (Buffer::reset)")
       .def(
           "local_buffer",
           [](const Runtime& r, bool rdma) {
@@ -387,12 +389,12 @@ void bind_runtime(py::module_& m) {
            "into them at once (DispatchCall.ran), else the caller allocates num_rows rows and calls run().")
       .def("cached_dispatch", &cached_dispatch, py::arg("x"), py::arg("x_scales"), py::arg("rank_prefix_matrix"),
            py::arg("chunk_offset"), py::arg("recv_src_idx"), py::arg("is_token_in_rank"), py::arg("meta"),
-           py::arg("recv_x"), py::arg("recv_x_scales"), py::arg("config"), py::arg("stream"),
-           py::arg("previous_event"), py::arg("async_finish"))
+           py::arg("recv_x"), py::arg("recv_x_scales"), py::arg("config"), py::arg("stream"), py::arg("previous_event"),
+           py::arg("async_finish"))
       .def("combine", &combine, py::arg("x"), py::arg("topk_weights"), py::arg("bias0"), py::arg("bias1"),
-           py::arg("rank_prefix_matrix"), py::arg("chunk_offset"), py::arg("recv_src_idx"),
-           py::arg("is_token_in_rank"), py::arg("meta"), py::arg("combined_x"), py::arg("combined_topk_weights"),
-           py::arg("config"), py::arg("stream"), py::arg("previous_event"), py::arg("async_finish"));
+           py::arg("rank_prefix_matrix"), py::arg("chunk_offset"), py::arg("recv_src_idx"), py::arg("is_token_in_rank"),
+           py::arg("meta"), py::arg("combined_x"), py::arg("combined_topk_weights"), py::arg("config"),
+           py::arg("stream"), py::arg("previous_event"), py::arg("async_finish"));
 }
 
 }  // namespace epcomm::python

@@ -18,9 +18,9 @@ namespace py = pybind11;
 class Runtime {
  public:
   // Collective: creates the communicator from `unique_id` and the Buffer (the GIL is released).
-  Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device, size_t num_nvl_bytes,
-          size_t num_rdma_bytes, bool low_latency_mode, int max_tokens_per_rank, int max_experts_per_rank,
-          int64_t timeout_ms, bool enable_shrink = false, uintptr_t comm_stream = 0);
+  Runtime(const py::bytes& unique_id, int num_ranks, int rank, int device, size_t num_nvl_bytes, size_t num_rdma_bytes,
+          bool low_latency_mode, int max_tokens_per_rank, int max_experts_per_rank, int64_t timeout_ms,
+          bool enable_shrink = false, uintptr_t comm_stream = 0);
 
   Buffer& buffer() const {
     if (!buffer_) throw RuntimeFailure("epcomm.Buffer: this buffer was destroyed (destroy() was called)");

@@ -51,10 +51,11 @@ TensorView from_tuple(py::handle obj, const char* arg) {
 DType dtype_from_name(const std::string& full, const char* arg) {
   std::string name = full;
   if (name.rfind("torch.", 0) == 0) name = name.substr(6);
-  static const std::pair<const char*, DType> table[] = {
-      {"bfloat16", DType::kBF16}, {"float8_e4m3fn", DType::kFP8E4M3}, {"float32", DType::kF32},
-      {"float", DType::kF32},     {"int32", DType::kI32},             {"int", DType::kI32},
-      {"int64", DType::kI64},     {"long", DType::kI64},              {"bool", DType::kBool}};
+  static const std::pair<const char*, DType> table[] = {{"bfloat16", DType::kBF16}, {"float8_e4m3fn", DType::kFP8E4M3},
+                                                        {"float32", DType::kF32},   {"float", DType::kF32},
+                                                        {"int32", DType::kI32},     {"int", DType::kI32},
+                                                        {"int64", DType::kI64},     {"long", DType::kI64},
+                                                        {"bool", DType::kBool}};
   for (const auto& [n, d] : table)
     if (name == n) return d;
   throw ArgumentError(std::string(arg) + ": dtype " + full +
@@ -76,8 +77,7 @@ TensorView to_view(py::handle obj, const char* arg) {
   if (obj.is_none()) throw ArgumentError(std::string(arg) + ": a tensor is required, got None");
   if (py::isinstance<py::tuple>(obj)) return from_tuple(obj, arg);
   const py::object data_ptr = py::getattr(obj, "data_ptr", py::none());
-  if (data_ptr.is_none())
-    throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
+  if (data_ptr.is_none()) throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
   TensorView v;
   v.data = reinterpret_cast<void*>(data_ptr().cast<uintptr_t>());
   v.dtype = dtype_from_object(obj.attr("dtype"), arg);

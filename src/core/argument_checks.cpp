@@ -31,7 +31,8 @@ void ndim(const char* name, const TensorView& t, int expected) {
 
 void dim(const char* name, const TensorView& t, int d, int64_t expected, const char* meaning) {
   if (t.ndim <= d || t.shape[d] != expected)
-    fail(name, t, "size of dimension " + std::to_string(d) + " must be " + std::to_string(expected) + " (" + meaning + ")");
+    fail(name, t,
+         "size of dimension " + std::to_string(d) + " must be " + std::to_string(expected) + " (" + meaning + ")");
 }
 
 void contiguous(const char* name, const TensorView& t) {
@@ -70,8 +71,8 @@ void topk_ids_host(const char* name, const TensorView& t, int64_t num_experts) {
     for (int64_t k = 0; k < cols; ++k) {
       const int64_t v = ids[r * t.strides[0] + k * (t.ndim > 1 ? t.strides[1] : 0)];
       if (v < -1 || v >= num_experts)
-        throw ArgumentError(std::string(name) + "[" + std::to_string(r) + "][" + std::to_string(k) + "] = " +
-                            std::to_string(v) + " is out of range [-1, " + std::to_string(num_experts) + ")");
+        throw ArgumentError(std::string(name) + "[" + std::to_string(r) + "][" + std::to_string(k) +
+                            "] = " + std::to_string(v) + " is out of range [-1, " + std::to_string(num_experts) + ")");
     }
 }
 

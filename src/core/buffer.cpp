@@ -56,8 +56,9 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   int device_count = 0;
   if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
     cudaGetLastError();
-    throw RuntimeFailure("Buffer: no CUDA device is visible (epcomm's GPU backend needs one; the CPU reference "
-                         "backend is epcomm::ref::HostCluster)");
+    throw RuntimeFailure(
+        "Buffer: no CUDA device is visible (epcomm's GPU backend needs one; the CPU reference "
+        "backend is epcomm::ref::HostCluster)");
   }
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   if (options.comm_stream) {  // checked before anything collective, so every rank can throw alike
@@ -71,15 +72,17 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   // network (buffer_low_latency.cpp): the LSA path to every rank cannot be asked for there.
   if (options.low_latency_net == 0 && m.group->nccl_comm() != nullptr &&
       nccl_lsa_size(m.group->nccl_comm()) < m.num_ranks)
-    throw ArgumentError("low_latency_net = 0: the ranks of other nodes are not load/store reachable (NCCL's NVLink "
-                        "domain has " + std::to_string(nccl_lsa_size(m.group->nccl_comm())) + " of " +
-                        std::to_string(m.num_ranks) + " ranks), so low-latency mode reaches them through the network "
-                        "(leave it -1 or set 1)");
+    throw ArgumentError(
+        "low_latency_net = 0: the ranks of other nodes are not load/store reachable (NCCL's NVLink "
+        "domain has " +
+        std::to_string(nccl_lsa_size(m.group->nccl_comm())) + " of " + std::to_string(m.num_ranks) +
+        " ranks), so low-latency mode reaches them through the network "
+        "(leave it -1 or set 1)");
   cudaDeviceProp prop{};
   EPCOMM_CUDA_CHECK(cudaGetDeviceProperties(&prop, m.device));
   if (prop.major < 9)
-    throw RuntimeFailure("Buffer: cuda:" + std::to_string(m.device) + " is sm_" + std::to_string(prop.major * 10 + prop.minor) +
-                         "; epcomm needs Hopper (sm_90) or newer");
+    throw RuntimeFailure("Buffer: cuda:" + std::to_string(m.device) + " is sm_" +
+                         std::to_string(prop.major * 10 + prop.minor) + "; epcomm needs Hopper (sm_90) or newer");
   m.sm_count = prop.multiProcessorCount;
   m.max_smem = static_cast<int>(prop.sharedMemPerBlockOptin);
 

@@ -19,9 +19,9 @@ struct GinNetParams;
 
 // Counters the kernels keep on the device (see kernels/common/sequence.cuh).
 struct DeviceCounters {
-  uint32_t seq;           // last finished call
-  uint32_t done;          // blocks finished in the running call
-  uint32_t notify_count;  // notifies so far (meta parity)
+  uint32_t seq;            // last finished call
+  uint32_t done;           // blocks finished in the running call
+  uint32_t notify_count;   // notifies so far (meta parity)
   int32_t abort;           // set by a timed-out wait
   int32_t record_claimed;  // the first error writes the record (cleared with abort)
   int32_t invalid_topk;    // first out-of-range topk entry seen by a kernel (flat index), or -1
@@ -48,12 +48,12 @@ struct Buffer::Impl {
   size_t data_offset = 0;  // of the ring part inside the symmetric region
   size_t data_bytes = 0;
 
-  DeviceCounters* counters = nullptr;      // device
-  DeviceErrorRecord* record = nullptr;     // host-mapped
-  DeviceErrorRecord* record_dev = nullptr; // its device address
-  int32_t* host_result = nullptr;          // host-mapped: notify output
+  DeviceCounters* counters = nullptr;       // device
+  DeviceErrorRecord* record = nullptr;      // host-mapped
+  DeviceErrorRecord* record_dev = nullptr;  // its device address
+  int32_t* host_result = nullptr;           // host-mapped: notify output
   int32_t* host_result_dev = nullptr;
-  int32_t notify_token = 0;                // distinguishes this call's notify result from earlier ones
+  int32_t notify_token = 0;  // distinguishes this call's notify result from earlier ones
   cudaStream_t comm = nullptr;
   bool owns_comm = false;  // false: BufferOptions::comm_stream, the caller's to destroy
   cudaEvent_t order_event = nullptr;
@@ -74,18 +74,18 @@ struct Buffer::Impl {
   bool capturing(cudaStream_t stream) const;
   // Low-latency mode (buffer_low_latency*.cpp): its region follows the data part.
   LowLatencyHostState ll;
-  void init_low_latency();                       // constructor: the device counters
-  void release_low_latency();                    // destructor
-  void reset_low_latency(cudaStream_t stream);   // zero the LL region and counters (one rank; no barrier)
-  GinNetParams low_latency_gin_params() const;    // the LL network path's GIN arguments (gin != nullptr)
+  void init_low_latency();                      // constructor: the device counters
+  void release_low_latency();                   // destructor
+  void reset_low_latency(cudaStream_t stream);  // zero the LL region and counters (one rank; no barrier)
+  GinNetParams low_latency_gin_params() const;  // the LL network path's GIN arguments (gin != nullptr)
   // Normal mode across nodes (buffer_internode.cpp): its region follows the LL region.
   struct Internode {
     bool enabled = false;  // more than one node
     size_t offset = 0, bytes = 0;
     InterLayout layout;
   } inter;
-  void init_internode();                          // constructor (before the barrier)
-  void reset_internode(cudaStream_t stream);      // zero the region (one rank; no barrier)
+  void init_internode();                      // constructor (before the barrier)
+  void reset_internode(cudaStream_t stream);  // zero the region (one rank; no barrier)
   InterCommon inter_common(KernelId kernel, int num_blocks) const;
   GinNetParams inter_gin_params() const;  // the internode kernels' GIN arguments (gin != nullptr)
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.

@@ -23,8 +23,8 @@ size_t required_bytes(const InterLayout& l, size_t half) { return l.control_byte
 void Buffer::Impl::init_internode() {
   if (!inter.enabled) return;
   const int max_chunks = (max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
-  inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, max_chunks, max_local_experts,
-                                   inter.bytes);
+  inter.layout =
+      InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, max_chunks, max_local_experts, inter.bytes);
 }
 
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
@@ -35,8 +35,8 @@ void Buffer::Impl::reset_internode(cudaStream_t stream) {
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.bytes, stream));
 }
 
-size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
-                                   int num_topk, int max_experts_per_rank) {
+size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
+                                   int max_experts_per_rank) {
   checks::positive("max_tokens_per_rank", max_tokens_per_rank);
   checks::positive("hidden", hidden);
   checks::positive("ranks_per_node", ranks_per_node);

@@ -82,7 +82,8 @@ LowLatencyPartials combine_partials(const Buffer::Impl& m, bool per_rank_dispatc
 }
 
 Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in, const LowLatencyDispatchOutputs& out,
-                             const DispatchCall& call, int buffer, int phases, bool per_rank, const StreamOrder& order) {
+                             const DispatchCall& call, int buffer, int phases, bool per_rank,
+                             const StreamOrder& order) {
   const LowLatencyLayout& l = call.layout;
   LowLatencyDispatchParams p;
   p.common = m.common(KernelId::kLowLatencyDispatch);
@@ -99,7 +100,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.per_rank = per_rank;
   p.per_rank_combine = combine_partials(m, per_rank, l) != LowLatencyPartials::kNone;
   const int smem_limit = m.ll.net ? m.max_smem - kLowLatencyNetStaticSmem : m.max_smem;
-  p.staging_buffers = low_latency_dispatch_launch_shared_bytes(l, call.blocks, 2, per_rank, phases) <= smem_limit ? 2 : 1;
+  p.staging_buffers =
+      low_latency_dispatch_launch_shared_bytes(l, call.blocks, 2, per_rank, phases) <= smem_limit ? 2 : 1;
   p.x = in.x.ptr<const uint16_t>();
   p.topk_idx = in.topk_idx.ptr<const int64_t>();
   p.recv_x = out.recv_x.ptr<uint8_t>();
@@ -108,7 +110,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
   p.recv_count = out.recv_count.ptr<int32_t>();
   p.src_info = out.src_info.ptr<int32_t>();
   p.layout_range = out.layout_range.ptr<int64_t>();
-  if (in.cumulative_local_expert_recv_stats) p.cumulative_recv_stats = in.cumulative_local_expert_recv_stats->ptr<int32_t>();
+  if (in.cumulative_local_expert_recv_stats)
+    p.cumulative_recv_stats = in.cumulative_local_expert_recv_stats->ptr<int32_t>();
   if (in.dispatch_wait_recv_cost_stats) p.wait_cost_stats = in.dispatch_wait_recv_cost_stats->ptr<int64_t>();
   if (m.options.enable_shrink) {
     p.mask = m.ll.mask;
@@ -121,10 +124,8 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     LowLatencyNetArgs a;
     a.layout = LowLatencyNetLayout::make(l);
     a.ranks_per_node = m.group->ranks_per_node();
-    if (m.gin)
-      launch_low_latency_dispatch_gin(p, a, m.low_latency_gin_params(), call.blocks, smem, stream);
-    else
-      launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
+    if (m.gin) launch_low_latency_dispatch_gin(p, a, m.low_latency_gin_params(), call.blocks, smem, stream);
+    else launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
   } else {
     launch_low_latency_dispatch(p, call.blocks, smem, stream);
   }
@@ -159,10 +160,8 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
     a.layout = LowLatencyNetLayout::make(l);
     a.ranks_per_node = m.group->ranks_per_node();
     a.y_in_window = in.zero_copy;
-    if (m.gin)
-      launch_low_latency_combine_gin(p, a, m.low_latency_gin_params(), call.blocks, stream);
-    else
-      launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
+    if (m.gin) launch_low_latency_combine_gin(p, a, m.low_latency_gin_params(), call.blocks, stream);
+    else launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
   } else {
     launch_low_latency_combine(p, call.blocks, stream);
   }
@@ -206,8 +205,8 @@ Event Buffer::low_latency_dispatch_recv(const LowLatencyDispatchInputs& in, cons
                                 m.ll.per_rank[handle.buffer_index], order);
 }
 
-Event Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle, const TensorView& out,
-                                  bool return_recv_hook, const StreamOrder& order) {
+Event Buffer::low_latency_combine(const LowLatencyCombineInputs& in, const LowLatencyHandle& handle,
+                                  const TensorView& out, bool return_recv_hook, const StreamOrder& order) {
   Impl& m = *impl_;
   check_device_errors();
   const CombineCall call = check_combine(m, in, handle, out);
@@ -227,12 +226,12 @@ Event Buffer::low_latency_combine_recv(const LowLatencyCombineInputs& in, const 
 
 TensorView Buffer::get_next_low_latency_combine_buffer(const LowLatencyHandle& handle) const {
   const Impl& m = *impl_;
-  const LowLatencyLayout l =
-      layout_for(m, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts);
+  const LowLatencyLayout l = layout_for(m, handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts);
   check_handle(m, handle, l);
   void* base = static_cast<char*>(m.sym->local()) + m.ll.offset + l.message(handle.buffer_index, 0, 0, 0);
   return TensorView::contiguous(base, DType::kBF16,
-                                {l.local_experts, static_cast<int64_t>(m.num_ranks) * l.max_tokens, l.hidden}, m.device);
+                                {l.local_experts, static_cast<int64_t>(m.num_ranks) * l.max_tokens, l.hidden},
+                                m.device);
 }
 
 }  // namespace epcomm

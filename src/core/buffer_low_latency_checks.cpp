@@ -34,16 +34,16 @@ LowLatencyLayout layout_for(const Buffer::Impl& m, int tmax, int hidden, int num
                         " (EPCOMM_MAX_EXPERTS_PER_RANK)");
   const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, m.num_ranks, num_experts);
   if (l.total_bytes > m.options.num_rdma_bytes)
-    throw ArgumentError("num_rdma_bytes = " + std::to_string(m.options.num_rdma_bytes) +
-                        " is too small for low-latency mode with " +
-                        shape_text(tmax, hidden, m.num_ranks, num_experts) + ": it needs " +
-                        std::to_string(l.total_bytes) +
-                        " bytes (Buffer::low_latency_size_hint, Python get_low_latency_rdma_size_hint)");
+    throw ArgumentError(
+        "num_rdma_bytes = " + std::to_string(m.options.num_rdma_bytes) + " is too small for low-latency mode with " +
+        shape_text(tmax, hidden, m.num_ranks, num_experts) + ": it needs " + std::to_string(l.total_bytes) +
+        " bytes (Buffer::low_latency_size_hint, Python get_low_latency_rdma_size_hint)");
   if (m.ll.net && LowLatencyNetLayout::make(l).end > m.options.num_rdma_bytes)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(m.options.num_rdma_bytes) +
                         " is too small for low-latency mode through the network transport (EPCOMM_LL_NET / "
-                        "BufferOptions::low_latency_net) with " + shape_text(tmax, hidden, m.num_ranks, num_experts) +
-                        ": it needs " + std::to_string(LowLatencyNetLayout::make(l).end) +
+                        "BufferOptions::low_latency_net) with " +
+                        shape_text(tmax, hidden, m.num_ranks, num_experts) + ": it needs " +
+                        std::to_string(LowLatencyNetLayout::make(l).end) +
                         " bytes (Buffer::low_latency_net_size_hint)");
   if (m.ll.layout.max_tokens != 0 && !m.ll.layout.same_shape(l))
     throw ArgumentError("low-latency shape changed from " +
@@ -90,8 +90,8 @@ DispatchCall check_dispatch(const Buffer::Impl& m, const LowLatencyDispatchInput
   const int64_t RT = static_cast<int64_t>(R) * l.max_tokens;
   const int T = static_cast<int>(in.x.shape[0]);
   if (T > l.max_tokens)
-    throw ArgumentError("x: " + std::to_string(T) + " tokens exceed num_max_dispatch_tokens_per_rank = " +
-                        std::to_string(l.max_tokens));
+    throw ArgumentError("x: " + std::to_string(T) +
+                        " tokens exceed num_max_dispatch_tokens_per_rank = " + std::to_string(l.max_tokens));
   checks::device_tensor("topk_idx", in.topk_idx, m.device, {DType::kI64}, 2);
   checks::dim("topk_idx", in.topk_idx, 0, T, "tokens of x");
   const int K = static_cast<int>(in.topk_idx.shape[1]);
@@ -131,7 +131,8 @@ DispatchCall check_dispatch(const Buffer::Impl& m, const LowLatencyDispatchInput
                 "num_experts / num_ranks");
   }
   if (in.dispatch_wait_recv_cost_stats) {
-    checks::device_tensor("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, m.device, {DType::kI64}, 1);
+    checks::device_tensor("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, m.device, {DType::kI64},
+                          1);
     checks::dim("dispatch_wait_recv_cost_stats", *in.dispatch_wait_recv_cost_stats, 0, R, "num_ranks");
   }
   call.blocks = blocks_for(m, in.num_sms);
@@ -184,17 +185,20 @@ CombineCall check_combine(const Buffer::Impl& m, const LowLatencyCombineInputs& 
   const int T = static_cast<int>(in.topk_idx.shape[0]);
   const int K = static_cast<int>(in.topk_idx.shape[1]);
   if (T > l.max_tokens)
-    throw ArgumentError("topk_idx: " + std::to_string(T) + " tokens exceed num_max_dispatch_tokens_per_rank = " +
-                        std::to_string(l.max_tokens));
+    throw ArgumentError("topk_idx: " + std::to_string(T) +
+                        " tokens exceed num_max_dispatch_tokens_per_rank = " + std::to_string(l.max_tokens));
   if (K < 1 || K > l.kslots)
     throw ArgumentError("num_topk = " + std::to_string(K) + " must be in [1, " + std::to_string(l.kslots) +
                         "] (low-latency mode: at most min(16, num_experts))");
   // The dispatch's plan covers its own tokens and top-k slots: a combine over others would wait for
   // rows that never come or read weights past their end.
   if (T != m.ll.issued_tokens[h.buffer_index] || K != m.ll.issued_topk[h.buffer_index])
-    throw ArgumentError("topk_idx: [" + std::to_string(T) + ", " + std::to_string(K) + "], but the dispatch of this "
-                        "handle had [" + std::to_string(m.ll.issued_tokens[h.buffer_index]) + ", " +
-                        std::to_string(m.ll.issued_topk[h.buffer_index]) + "]: a combine takes its dispatch's topk_idx");
+    throw ArgumentError("topk_idx: [" + std::to_string(T) + ", " + std::to_string(K) +
+                        "], but the dispatch of this "
+                        "handle had [" +
+                        std::to_string(m.ll.issued_tokens[h.buffer_index]) + ", " +
+                        std::to_string(m.ll.issued_topk[h.buffer_index]) +
+                        "]: a combine takes its dispatch's topk_idx");
   checks::device_tensor("topk_weights", in.topk_weights, m.device, {DType::kF32}, 2);
   checks::dim("topk_weights", in.topk_weights, 0, T, "tokens of topk_idx");
   checks::dim("topk_weights", in.topk_weights, 1, K, "topk");

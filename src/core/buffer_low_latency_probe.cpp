@@ -24,7 +24,7 @@ std::string Buffer::low_latency_probe_report() {
   static const char* const names[] = {"entry",     "histogram",  "counts",    "tokens",
                                       "published", "recv entry", "recv done", "recv counts"};
   // In order of time within a block (the per-rank receive stamps its counts between entry and done).
-  static const int order[] = {kProbeEntry,     kProbeHistogram,  kProbeCounts,     kProbeTokens,
+  static const int order[] = {kProbeEntry,     kProbeHistogram, kProbeCounts,     kProbeTokens,
                               kProbePublished, kProbeRecvEntry, kProbeRecvCounts, kProbeRecvDone};
   unsigned long long t0 = ~0ull;
   for (int b = 0; b < m.sm_count; ++b) {
@@ -38,7 +38,8 @@ std::string Buffer::low_latency_probe_report() {
     return std::string(buf);
   };
   std::string s = "LL dispatch probe, rank " + std::to_string(m.rank) +
-                  " (us after the first block's entry: min / median / max over blocks; then SM-clock median since the previous mark)";
+                  " (us after the first block's entry: min / median / max over blocks; then SM-clock median since the "
+                  "previous mark)";
   for (int oi = 0; oi < static_cast<int>(std::size(order)); ++oi) {
     const int mark = order[oi];
     std::vector<double> at, since;
@@ -50,8 +51,7 @@ std::string Buffer::low_latency_probe_report() {
       // before its warp 0 publishes).
       int pi = oi - 1;
       while (pi >= 0 && (row[order[pi]] == 0 || row[order[pi]] > row[mark])) --pi;
-      if (pi >= 0 && khz > 0)
-        since.push_back(static_cast<double>(row[8 + mark] - row[8 + order[pi]]) / khz * 1000.0);
+      if (pi >= 0 && khz > 0) since.push_back(static_cast<double>(row[8 + mark] - row[8 + order[pi]]) / khz * 1000.0);
     }
     if (at.empty()) continue;
     std::sort(at.begin(), at.end());

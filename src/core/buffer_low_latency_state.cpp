@@ -24,7 +24,8 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.sym->local()) + m.ll.offset, 0, m.ll.bytes, stream));
   if (m.gin) m.gin->reset_signals(m.gin_signals.low_latency_base(), m.gin_signals.low_latency_count(), stream);
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
-  if (m.ll.count_decisions) EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
+  if (m.ll.count_decisions)
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
   m.ll.next_buffer = 0;
   m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
 }
@@ -68,8 +69,8 @@ void Buffer::Impl::release_low_latency() {
 
 GinNetParams Buffer::Impl::low_latency_gin_params() const {
   char* local = static_cast<char*>(sym->local()) + ll.offset;
-  return gin->params(ll.offset, gin_signals.low_latency_base(), local, reinterpret_cast<uint64_t*>(&ll.state->net_stats[0]),
-                     group->ranks_per_node());
+  return gin->params(ll.offset, gin_signals.low_latency_base(), local,
+                     reinterpret_cast<uint64_t*>(&ll.state->net_stats[0]), group->ranks_per_node());
 }
 
 // Buffer::reset: as if new, the mask included.
@@ -186,8 +187,8 @@ void Buffer::low_latency_query_mask_buffer(const TensorView& mask_status, cudaSt
   checks::device_tensor("mask_status", mask_status, m.device, {DType::kI32}, 1);
   checks::dim("mask_status", mask_status, 0, m.num_ranks, "num_ranks");
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
-  EPCOMM_CUDA_CHECK(cudaMemcpyAsync(mask_status.data, m.ll.mask, sizeof(int32_t) * m.num_ranks,
-                                    cudaMemcpyDeviceToDevice, stream));
+  EPCOMM_CUDA_CHECK(
+      cudaMemcpyAsync(mask_status.data, m.ll.mask, sizeof(int32_t) * m.num_ranks, cudaMemcpyDeviceToDevice, stream));
 }
 
 void Buffer::low_latency_clean_mask_buffer(cudaStream_t stream) {

@@ -26,7 +26,9 @@ constexpr int kReducerWarps = 12;
 // rule): float32 scales of any group size (ceil(hidden / 128) for the usual 128-channel groups), or
 // int32 words such as UE8M0 exponents packed four per word. Received scales are [rows, words]
 // row-major, of the dtype x_scales had.
-int scale_words(const std::optional<TensorView>& x_scales) { return x_scales ? static_cast<int>(x_scales->shape[1]) : 0; }
+int scale_words(const std::optional<TensorView>& x_scales) {
+  return x_scales ? static_cast<int>(x_scales->shape[1]) : 0;
+}
 
 struct DispatchKernelShape {
   int puller_warps = 0;
@@ -63,8 +65,10 @@ DispatchKernelShape shape_dispatch_kernel(int row_bytes, int chunk, int meta_row
     }
   }
   throw ArgumentError("hidden, x_scales: a row of " + std::to_string(row_bytes) + " bytes with " +
-                      std::to_string(meta_row_bytes) + " bytes of scales and topk per token does not fit the shared "
-                      "memory of one SM (" + std::to_string(max_smem) + " bytes)");
+                      std::to_string(meta_row_bytes) +
+                      " bytes of scales and topk per token does not fit the shared "
+                      "memory of one SM (" +
+                      std::to_string(max_smem) + " bytes)");
 }
 
 // Chunks are dealt round-robin to num_sms blocks. Take the chunk (at most the config's, at least
@@ -121,7 +125,8 @@ void check_filled_handle(const Buffer::Impl& m, const DispatchHandle& h) {
   checks::divisible("handle.num_experts", h.num_experts, "num_ranks", R);
 }
 
-void check_x(const Buffer::Impl& m, const TensorView& x, const std::optional<TensorView>& scales, int num_tokens_expected) {
+void check_x(const Buffer::Impl& m, const TensorView& x, const std::optional<TensorView>& scales,
+             int num_tokens_expected) {
   checks::device_tensor("x", x, m.device, {DType::kBF16, DType::kFP8E4M3}, 2);
   checks::aligned("x", x, 16);
   const int64_t row_bytes = x.shape[1] * static_cast<int64_t>(dtype_size(x.dtype));
@@ -141,7 +146,8 @@ void check_x(const Buffer::Impl& m, const TensorView& x, const std::optional<Ten
     checks::dim("x_scales", *scales, 0, x.shape[0], "tokens");
     checks::in_range("x_scales.shape[1] (scale words per token)", scales->shape[1], 1, kMaxScaleWords);
     if (scales->shape[0] > 1 && scales->strides[0] == 0)
-      throw ArgumentError("x_scales: stride 0 along tokens (" + scales->describe() + "); each token needs its own scales");
+      throw ArgumentError("x_scales: stride 0 along tokens (" + scales->describe() +
+                          "); each token needs its own scales");
   } else if (scales) {
     throw ArgumentError("x_scales: given for BF16 x; scales belong to FP8 input only");
   }
@@ -265,8 +271,9 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     throw ArgumentError("topk_weights: given without topk_idx");
   }
   if (!in.num_tokens_per_rank || !in.is_token_in_rank || !in.num_tokens_per_expert)
-    throw ArgumentError("dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
-                        "num_tokens_per_expert (from get_dispatch_layout)");
+    throw ArgumentError(
+        "dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
+        "num_tokens_per_expert (from get_dispatch_layout)");
   checks::device_tensor("num_tokens_per_rank", *in.num_tokens_per_rank, m.device, {DType::kI32}, 1);
   checks::dim("num_tokens_per_rank", *in.num_tokens_per_rank, 0, R, "ranks");
   checks::device_tensor("is_token_in_rank", *in.is_token_in_rank, m.device, {DType::kBool}, 2);
@@ -277,14 +284,16 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   checks::positive("num_experts", E);
   checks::divisible("num_experts", E, "num_ranks", R);
   if (E / R > m.max_local_experts)
-    throw ArgumentError("num_experts / num_ranks = " + std::to_string(E / R) + " exceeds the buffer's max_experts_per_rank = " +
-                        std::to_string(m.max_local_experts) + " (EPCOMM_MAX_EXPERTS_PER_RANK)");
+    throw ArgumentError("num_experts / num_ranks = " + std::to_string(E / R) +
+                        " exceeds the buffer's max_experts_per_rank = " + std::to_string(m.max_local_experts) +
+                        " (EPCOMM_MAX_EXPERTS_PER_RANK)");
   checks::in_range("expert_alignment", in.expert_alignment, 1, 1 << 20);
   // No dispatch receives more rows than every rank's largest T (receive tensors of more are waste).
   checks::in_range("num_worst_tokens", in.num_worst_tokens, 0, static_cast<int64_t>(R) * m.max_tokens);
   in.config.validate(m.sm_count);
   check_handle_core(m, handle);
-  checks::dim("handle.chunk_offset", handle.chunk_offset, 1, chunk_offset_stride(in.config), "Buffer::chunk_offset_stride");
+  checks::dim("handle.chunk_offset", handle.chunk_offset, 1, chunk_offset_stride(in.config),
+              "Buffer::chunk_offset_stride");
   if (num_recv_tokens_per_expert) {
     checks::device_tensor("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, m.device, {DType::kI32}, 1);
     checks::dim("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, 0, E / R, "local experts");
@@ -303,8 +312,9 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
                  dispatch_max_slots(), m.options.num_nvl_bytes);
   }
   if (in.num_worst_tokens == 0 && m.capturing(order.stream))
-    throw ArgumentError("num_worst_tokens: a dispatch captured in a CUDA graph cannot wait for counts on the host; "
-                        "pass num_worst_tokens > 0");
+    throw ArgumentError(
+        "num_worst_tokens: a dispatch captured in a CUDA graph cannot wait for counts on the host; "
+        "pass num_worst_tokens > 0");
 
   NotifyParams p;
   p.common = m.common(KernelId::kNotifyDispatch);
@@ -330,10 +340,8 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   m.notify_token = m.notify_token % (1 << 30) + 1;
   p.host_token = m.notify_token;
   m.enter(order);
-  if (m.inter.enabled)
-    m.launch_internode_notify(p);  // across nodes (buffer_internode.cpp)
-  else
-    launch_notify_dispatch(p, m.comm);
+  if (m.inter.enabled) m.launch_internode_notify(p);  // across nodes (buffer_internode.cpp)
+  else launch_notify_dispatch(p, m.comm);
 
   DispatchPlan plan;
   handle.chunk = p.chunk;
@@ -350,17 +358,19 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   plan.num_recv_tokens = m.host_result[kNotifyNumRecv];
   plan.num_rows = plan.num_recv_tokens;
   plan.max_chunks = m.host_result[kNotifyMaxChunks];
-  plan.num_recv_tokens_per_expert.assign(m.host_result + kNotifyExpertCounts, m.host_result + kNotifyExpertCounts + E / R);
+  plan.num_recv_tokens_per_expert.assign(m.host_result + kNotifyExpertCounts,
+                                         m.host_result + kNotifyExpertCounts + E / R);
   if (m.host_result[kNotifyInvalidTopk] >= 0) plan.invalid_topk_index = m.host_result[kNotifyInvalidTopk];
   return plan;
 }
 
 namespace {
 
-Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& x, const std::optional<TensorView>& x_scales,
-                             const std::optional<TensorView>& topk_idx, const std::optional<TensorView>& topk_weights,
-                             const DispatchHandle& handle, int num_rows, int num_worst_tokens, bool cached,
-                             const DispatchOutputs& out, const Config& config, const StreamOrder& order) {
+Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& x,
+                             const std::optional<TensorView>& x_scales, const std::optional<TensorView>& topk_idx,
+                             const std::optional<TensorView>& topk_weights, const DispatchHandle& handle, int num_rows,
+                             int num_worst_tokens, bool cached, const DispatchOutputs& out, const Config& config,
+                             const StreamOrder& order) {
   const int R = m.num_ranks;
   const int hidden = static_cast<int>(x.shape[1]);
   const int row_bytes = hidden * static_cast<int>(dtype_size(x.dtype));
@@ -388,8 +398,9 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.ring.slot_bytes = ring::dispatch_slot_bytes(p.chunk, row_bytes, num_scales, K);
   p.ring.meta_offset = align_up(static_cast<size_t>(p.chunk) * row_bytes, 128);
   p.ring.offset = m.dispatch_ring_offset();
-  const DispatchKernelShape shape =
-      m.inter.enabled ? DispatchKernelShape{} : shape_dispatch_kernel(row_bytes, p.chunk, p.ring.meta_row_bytes, m.max_smem);
+  const DispatchKernelShape shape = m.inter.enabled
+                                        ? DispatchKernelShape{}
+                                        : shape_dispatch_kernel(row_bytes, p.chunk, p.ring.meta_row_bytes, m.max_smem);
   if (!m.inter.enabled)
     p.ring.slots = ring_slots("dispatch", m.ring_region_bytes(), config.num_sms, p.ring.slot_bytes, config.ring_slots(),
                               dispatch_max_slots(), m.options.num_nvl_bytes);
@@ -439,8 +450,9 @@ Event Buffer::dispatch_run(const DispatchInputs& in, const DispatchPlan& plan, D
   return e;
 }
 
-Event Buffer::cached_dispatch(const TensorView& x, const std::optional<TensorView>& x_scales, const DispatchHandle& handle,
-                              const DispatchOutputs& out, const Config& config, const StreamOrder& order) {
+Event Buffer::cached_dispatch(const TensorView& x, const std::optional<TensorView>& x_scales,
+                              const DispatchHandle& handle, const DispatchOutputs& out, const Config& config,
+                              const StreamOrder& order) {
   Impl& m = *impl_;
   check_device_errors();
   check_x(m, x, x_scales, handle.num_tokens);

@@ -17,18 +17,16 @@ namespace epcomm::detail {
 
 }  // namespace epcomm::detail
 
-#define EPCOMM_CUDA_CHECK(expr)                                                          \
-  do {                                                                                   \
-    cudaError_t epcomm_err_ = (expr);                                                    \
-    if (epcomm_err_ != cudaSuccess)                                                      \
-      ::epcomm::detail::throw_cuda_failure(epcomm_err_, #expr, __FILE__, __LINE__);      \
+#define EPCOMM_CUDA_CHECK(expr)                                                                                   \
+  do {                                                                                                            \
+    cudaError_t epcomm_err_ = (expr);                                                                             \
+    if (epcomm_err_ != cudaSuccess) ::epcomm::detail::throw_cuda_failure(epcomm_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-#define EPCOMM_NCCL_CHECK(expr)                                                          \
-  do {                                                                                   \
-    ncclResult_t epcomm_res_ = (expr);                                                   \
-    if (epcomm_res_ != ncclSuccess)                                                      \
-      ::epcomm::detail::throw_nccl_failure(epcomm_res_, #expr, __FILE__, __LINE__);      \
+#define EPCOMM_NCCL_CHECK(expr)                                                                                   \
+  do {                                                                                                            \
+    ncclResult_t epcomm_res_ = (expr);                                                                            \
+    if (epcomm_res_ != ncclSuccess) ::epcomm::detail::throw_nccl_failure(epcomm_res_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 // After a kernel launch: launch-configuration errors surface here, with the kernel's name.

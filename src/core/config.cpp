@@ -21,10 +21,10 @@ size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) cons
   const int chunk = chunk_tokens();
   const int row = static_cast<int>(hidden_bytes);
   const int hidden = static_cast<int>(hidden_bytes / 2);
-  const size_t dispatch = static_cast<size_t>(num_sms) * ring_slots() *
-                          ring::dispatch_slot_bytes(chunk, row, (row + 127) / 128, kMaxTopk);
-  const size_t combine = static_cast<size_t>(num_sms) * ring_slots() *
-                         ring::combine_slot_bytes(chunk, num_ranks, hidden, kMaxTopk);
+  const size_t dispatch =
+      static_cast<size_t>(num_sms) * ring_slots() * ring::dispatch_slot_bytes(chunk, row, (row + 127) / 128, kMaxTopk);
+  const size_t combine =
+      static_cast<size_t>(num_sms) * ring_slots() * ring::combine_slot_bytes(chunk, num_ranks, hidden, kMaxTopk);
   return 2 * std::max(dispatch, combine);
 }
 
@@ -54,13 +54,16 @@ void Config::validate(int device_sm_count) const {
   if (num_sms < 1 || num_sms > std::min(device_sm_count, kMaxBlocks))
     throw ArgumentError("config.num_sms = " + std::to_string(num_sms) + " must be in [1, " +
                         std::to_string(std::min(device_sm_count, kMaxBlocks)) + "] on this device");
-  if (nvl_chunk_size < 1) throw ArgumentError("config.nvl_chunk_size = " + std::to_string(nvl_chunk_size) + " must be positive");
-  if (nvl_buffer_size < 1) throw ArgumentError("config.nvl_buffer_size = " + std::to_string(nvl_buffer_size) + " must be positive");
+  if (nvl_chunk_size < 1)
+    throw ArgumentError("config.nvl_chunk_size = " + std::to_string(nvl_chunk_size) + " must be positive");
+  if (nvl_buffer_size < 1)
+    throw ArgumentError("config.nvl_buffer_size = " + std::to_string(nvl_buffer_size) + " must be positive");
 }
 
 std::string Config::describe() const {
   return "Config(num_sms=" + std::to_string(num_sms) + ", nvl_chunk_size=" + std::to_string(nvl_chunk_size) +
-         ", nvl_buffer_size=" + std::to_string(nvl_buffer_size) + ", rdma_chunk_size=" + std::to_string(rdma_chunk_size) +
+         ", nvl_buffer_size=" + std::to_string(nvl_buffer_size) +
+         ", rdma_chunk_size=" + std::to_string(rdma_chunk_size) +
          ", rdma_buffer_size=" + std::to_string(rdma_buffer_size) + ")";
 }
 

@@ -7,29 +7,46 @@ namespace epcomm {
 
 const char* kernel_name(KernelId k) {
   switch (k) {
-    case KernelId::kNone: return "none";
-    case KernelId::kLayout: return "layout";
-    case KernelId::kNotifyDispatch: return "notify_dispatch";
-    case KernelId::kDispatch: return "dispatch";
-    case KernelId::kCombine: return "combine";
-    case KernelId::kLowLatencyDispatch: return "low_latency_dispatch";
-    case KernelId::kLowLatencyCombine: return "low_latency_combine";
-    case KernelId::kBarrier: return "barrier";
-    case KernelId::kLowLatencyClean: return "clean_low_latency_buffer";
+    case KernelId::kNone:
+      return "none";
+    case KernelId::kLayout:
+      return "layout";
+    case KernelId::kNotifyDispatch:
+      return "notify_dispatch";
+    case KernelId::kDispatch:
+      return "dispatch";
+    case KernelId::kCombine:
+      return "combine";
+    case KernelId::kLowLatencyDispatch:
+      return "low_latency_dispatch";
+    case KernelId::kLowLatencyCombine:
+      return "low_latency_combine";
+    case KernelId::kBarrier:
+      return "barrier";
+    case KernelId::kLowLatencyClean:
+      return "clean_low_latency_buffer";
   }
   return "?";
 }
 
 const char* phase_name(WaitPhase p) {
   switch (p) {
-    case WaitPhase::kNone: return "none";
-    case WaitPhase::kNotifyMeta: return "waiting for the peer's counts (notify)";
-    case WaitPhase::kDispatchReady: return "waiting for the peer to stage a chunk (dispatch receive)";
-    case WaitPhase::kDispatchSlotFree: return "waiting for the peer to release a ring slot (dispatch send)";
-    case WaitPhase::kCombineReady: return "waiting for the peer's rows (combine receive)";
-    case WaitPhase::kCombineSlotFree: return "waiting for the peer to release a ring slot (combine send)";
-    case WaitPhase::kLowLatencyRecv: return "waiting for the peer's tokens (low-latency receive)";
-    case WaitPhase::kBarrier: return "waiting at a barrier";
+    case WaitPhase::kNone:
+      return "none";
+    case WaitPhase::kNotifyMeta:
+      return "waiting for the peer's counts (notify)";
+    case WaitPhase::kDispatchReady:
+      return "waiting for the peer to stage a chunk (dispatch receive)";
+    case WaitPhase::kDispatchSlotFree:
+      return "waiting for the peer to release a ring slot (dispatch send)";
+    case WaitPhase::kCombineReady:
+      return "waiting for the peer's rows (combine receive)";
+    case WaitPhase::kCombineSlotFree:
+      return "waiting for the peer to release a ring slot (combine send)";
+    case WaitPhase::kLowLatencyRecv:
+      return "waiting for the peer's tokens (low-latency receive)";
+    case WaitPhase::kBarrier:
+      return "waiting at a barrier";
     case WaitPhase::kLowLatencyDispatchCount:
       return "waiting for the peer's row count of a local expert (low-latency dispatch receive)";
     case WaitPhase::kLowLatencyDispatchMessage:
@@ -83,8 +100,9 @@ std::string describe(const DeviceErrorRecord& r) {
            to_string(static_cast<int32_t>(r.observed)) + ", outside [0, " + to_string(r.expected) +
            "); is the handle from a dispatch that failed or from another buffer? (those rows were skipped)";
   if (r.error() == DeviceError::kBadArgument && static_cast<int32_t>(r.observed) < 0)
-    return "dispatch on rank " + to_string(r.rank) + " (kernel " + kernel_name(r.kernel) + "): the receive plan's row count is " +
-           to_string(static_cast<int32_t>(r.observed)) + " (handle.chunk_offset was not written by this dispatch's count "
+    return "dispatch on rank " + to_string(r.rank) + " (kernel " + kernel_name(r.kernel) +
+           "): the receive plan's row count is " + to_string(static_cast<int32_t>(r.observed)) +
+           " (handle.chunk_offset was not written by this dispatch's count "
            "exchange); the num_worst_tokens padding was skipped";
   if (r.error() == DeviceError::kBadArgument)
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +

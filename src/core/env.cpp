@@ -21,7 +21,8 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_MAX_TOKENS_PER_RANK", 65536, "largest T one rank may pass to normal-mode dispatch"},
       {"EPCOMM_MAX_EXPERTS_PER_RANK", 1024, "largest E/R the buffer supports"},
       // Kernel shapes, for tuning sweeps (0: the built-in rule).
-      {"EPCOMM_DISPATCH_PULLER_WARPS", 0, "dispatch: puller warps per block (0: as many as shared memory holds with two rows each, up to 8)"},
+      {"EPCOMM_DISPATCH_PULLER_WARPS", 0,
+       "dispatch: puller warps per block (0: as many as shared memory holds with two rows each, up to 8)"},
       {"EPCOMM_DISPATCH_PULLER_STAGES", 0, "dispatch: rows in flight per puller warp (0: as many as fit, up to 6)"},
       {"EPCOMM_COMBINE_PUSHER_WARPS", 0, "combine: pusher warps per block (0: 4, at most one per rank)"},
       {"EPCOMM_COMBINE_PUSHER_STAGES", 0, "combine: 16 KiB buffers per pusher warp (0: 2)"},
@@ -51,8 +52,7 @@ int64_t env_value(const char* name) {
     if (!s || !*s) return p.default_value;
     char* end = nullptr;
     long long v = std::strtoll(s, &end, 10);
-    if (*end != '\0' || v < 0)
-      throw ArgumentError(std::string(name) + "='" + s + "' is not a non-negative integer");
+    if (*end != '\0' || v < 0) throw ArgumentError(std::string(name) + "='" + s + "' is not a non-negative integer");
     return v;
   }
   throw Error(std::string("unknown epcomm environment parameter ") + name);

@@ -8,12 +8,18 @@ namespace epcomm {
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kBF16: return "bfloat16";
-    case DType::kFP8E4M3: return "float8_e4m3fn";
-    case DType::kF32: return "float32";
-    case DType::kI32: return "int32";
-    case DType::kI64: return "int64";
-    case DType::kBool: return "bool";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kFP8E4M3:
+      return "float8_e4m3fn";
+    case DType::kF32:
+      return "float32";
+    case DType::kI32:
+      return "int32";
+    case DType::kI64:
+      return "int64";
+    case DType::kBool:
+      return "bool";
   }
   return "?";
 }

@@ -50,8 +50,7 @@ std::vector<NormalDispatchOutput> normal_cached_dispatch(const std::vector<Norma
 }
 
 std::vector<CombineOutput> normal_combine(const std::vector<CombineInput>& inputs,
-                                          const std::vector<NormalHandle>& handles, int hidden,
-                                          int num_topk) {
+                                          const std::vector<NormalHandle>& handles, int hidden, int num_topk) {
   check_rank_lists(inputs.size(), handles.size(), "handles");
   const int R = static_cast<int>(inputs.size());
   std::vector<detail::CombineSource> sources(R);
@@ -66,8 +65,8 @@ std::vector<CombineOutput> normal_combine(const std::vector<CombineInput>& input
   return outputs;
 }
 
-std::vector<LowLatencyDispatchOutput> low_latency_dispatch(
-    const std::vector<LowLatencyDispatchInput>& inputs, const LowLatencyOptions& options) {
+std::vector<LowLatencyDispatchOutput> low_latency_dispatch(const std::vector<LowLatencyDispatchInput>& inputs,
+                                                           const LowLatencyOptions& options) {
   check_rank_lists(inputs.size(), inputs.size(), "inputs");
   const int R = static_cast<int>(inputs.size());
   std::vector<detail::LowLatencySource> sources;
@@ -79,9 +78,9 @@ std::vector<LowLatencyDispatchOutput> low_latency_dispatch(
   return outputs;
 }
 
-std::vector<std::vector<uint16_t>> low_latency_combine(
-    const std::vector<LowLatencyCombineInput>& inputs,
-    const std::vector<LowLatencyDispatchOutput>& dispatch_outputs, const LowLatencyOptions& options) {
+std::vector<std::vector<uint16_t>> low_latency_combine(const std::vector<LowLatencyCombineInput>& inputs,
+                                                       const std::vector<LowLatencyDispatchOutput>& dispatch_outputs,
+                                                       const LowLatencyOptions& options) {
   check_rank_lists(inputs.size(), dispatch_outputs.size(), "dispatch_outputs");
   const int R = static_cast<int>(inputs.size());
   std::vector<detail::LowLatencyCombineSource> sources(R);

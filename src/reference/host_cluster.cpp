@@ -57,8 +57,7 @@ struct HostCluster::State {
 
   void check_rank(int rank, const char* method) const {
     if (!running.load()) throw Error(cat("HostCluster::", method, " called outside HostCluster::run"));
-    if (rank < 0 || rank >= num_ranks)
-      detail::fail("", cat("rank = ", rank, " is out of range [0, ", num_ranks, ")"));
+    if (rank < 0 || rank >= num_ranks) detail::fail("", cat("rank = ", rank, " is out of range [0, ", num_ranks, ")"));
   }
 
   void record_failure(std::exception_ptr e) {
@@ -93,8 +92,8 @@ struct HostCluster::State {
       const Slot& s = buffer[r];
       if (s.step != n || std::strcmp(s.op, op) != 0 || s.phase != phase)
         throw Error(cat(rank_prefix(rank), "HostCluster collective #", (n + kSteps - 1) / kSteps, " is ", op,
-                        " here but rank ",
-                        r, s.step == n ? cat(" is in ", s.op) : std::string(" is elsewhere (returned from run?)"),
+                        " here but rank ", r,
+                        s.step == n ? cat(" is in ", s.op) : std::string(" is elsewhere (returned from run?)"),
                         "; every rank must make the same collective calls in the same order"));
     }
     for (int r = 0; r < num_ranks; ++r)
@@ -168,11 +167,11 @@ void HostCluster::run(const std::function<void(int rank)>& fn) {
   if (s.first_abort) std::rethrow_exception(s.first_abort);
 }
 
-Layout HostCluster::get_dispatch_layout(int rank, const std::vector<int64_t>& topk_idx, int num_tokens,
-                                        int num_topk, int num_experts) const {
+Layout HostCluster::get_dispatch_layout(int rank, const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
+                                        int num_experts) const {
   state_->check_rank(rank, "get_dispatch_layout");
-  return detail::checked_layout(rank_prefix(rank), topk_idx, num_tokens, num_topk, num_experts,
-                                state_->num_ranks, state_->ranks_per_node);
+  return detail::checked_layout(rank_prefix(rank), topk_idx, num_tokens, num_topk, num_experts, state_->num_ranks,
+                                state_->ranks_per_node);
 }
 
 NormalDispatchOutput HostCluster::dispatch(int rank, const NormalInput& input, const NormalOptions& options) {
@@ -183,18 +182,17 @@ NormalDispatchOutput HostCluster::dispatch(int rank, const NormalInput& input, c
       [&](const auto& sources) { return detail::receive_dispatch(rank, sources); });
 }
 
-NormalDispatchOutput HostCluster::cached_dispatch(int rank, const NormalInput& input,
-                                                  const NormalHandle& handle, const NormalOptions& options) {
+NormalDispatchOutput HostCluster::cached_dispatch(int rank, const NormalInput& input, const NormalHandle& handle,
+                                                  const NormalOptions& options) {
   const int R = state_->num_ranks;
   return state_->collective<detail::DispatchSource>(
-      rank, "cached_dispatch",
-      [&] { return detail::make_cached_dispatch_source(rank, R, input, handle, options); },
+      rank, "cached_dispatch", [&] { return detail::make_cached_dispatch_source(rank, R, input, handle, options); },
       [&](const auto& sources) { detail::check_dispatch_sources(sources, rank); },
       [&](const auto& sources) { return detail::receive_dispatch(rank, sources); });
 }
 
-CombineOutput HostCluster::combine(int rank, const CombineInput& input, const NormalHandle& handle,
-                                   int hidden, int num_topk) {
+CombineOutput HostCluster::combine(int rank, const CombineInput& input, const NormalHandle& handle, int hidden,
+                                   int num_topk) {
   const int R = state_->num_ranks;
   return state_->collective<detail::CombineSource>(
       rank, "combine",

@@ -6,8 +6,8 @@
 namespace epcomm::ref {
 namespace detail {
 
-Layout compute_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                      int num_ranks, int ranks_per_node) {
+Layout compute_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                      int ranks_per_node) {
   const int experts_per_rank = num_experts / num_ranks;
   const int num_nodes = num_ranks / ranks_per_node;
   Layout layout;
@@ -34,8 +34,8 @@ Layout compute_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int
   return layout;
 }
 
-Layout checked_layout(const std::string& who, const std::vector<int64_t>& topk_idx, int num_tokens,
-                      int num_topk, int num_experts, int num_ranks, int ranks_per_node) {
+Layout checked_layout(const std::string& who, const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
+                      int num_experts, int num_ranks, int ranks_per_node) {
   check_num_ranks(num_ranks, ranks_per_node);
   if (num_tokens < 0) fail(who, cat("num_tokens = ", num_tokens, " must be >= 0"));
   check_num_topk(who, num_topk, 1);
@@ -46,10 +46,9 @@ Layout checked_layout(const std::string& who, const std::vector<int64_t>& topk_i
 
 }  // namespace detail
 
-Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
-                           int num_experts, int num_ranks, int ranks_per_node) {
-  return detail::checked_layout("", topk_idx, num_tokens, num_topk, num_experts, num_ranks,
-                                ranks_per_node);
+Layout get_dispatch_layout(const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk, int num_experts,
+                           int num_ranks, int ranks_per_node) {
+  return detail::checked_layout("", topk_idx, num_tokens, num_topk, num_experts, num_ranks, ranks_per_node);
 }
 
 }  // namespace epcomm::ref

@@ -31,23 +31,23 @@ void check_low_latency_combine_source(const LowLatencyCombineSource& s, int num_
   const int experts_per_rank = o.num_experts / num_ranks;
   const int64_t slots = int64_t{num_ranks} * Tmax;
   check_size(who, "y", in.y.size(), experts_per_rank * slots * o.hidden,
-             cat("num_experts / num_ranks * num_ranks * num_max_dispatch_tokens_per_rank * hidden = ",
-                 experts_per_rank, " * ", num_ranks, " * ", Tmax, " * ", o.hidden));
+             cat("num_experts / num_ranks * num_ranks * num_max_dispatch_tokens_per_rank * hidden = ", experts_per_rank,
+                 " * ", num_ranks, " * ", Tmax, " * ", o.hidden));
   check_topk_idx(who, "topk_idx", in.topk_idx, T, o.num_topk, o.num_experts);
   check_size(who, "topk_weights", in.topk_weights.size(), int64_t{T} * o.num_topk,
              cat("num_tokens * num_topk = ", T, " * ", o.num_topk));
   const LowLatencyDispatchOutput& d = *s.dispatch_output;
   check_size(who, "handle src_info", d.src_info.size(), experts_per_rank * slots,
-             cat("num_experts / num_ranks * num_ranks * num_max_dispatch_tokens_per_rank = ",
-                 experts_per_rank, " * ", num_ranks, " * ", Tmax));
+             cat("num_experts / num_ranks * num_ranks * num_max_dispatch_tokens_per_rank = ", experts_per_rank, " * ",
+                 num_ranks, " * ", Tmax));
   check_size(who, "handle layout_range", d.layout_range.size(), int64_t{experts_per_rank} * num_ranks,
              cat("num_experts / num_ranks * num_ranks = ", experts_per_rank, " * ", num_ranks));
   for (size_t k = 0; k < d.layout_range.size(); ++k) {
     const int64_t begin = d.layout_range[k] >> 32;
     const int64_t count = d.layout_range[k] & 0xffffffff;
     if (begin < 0 || begin + count > slots)
-      fail(who, cat("handle layout_range[", k / num_ranks, "][", k % num_ranks, "] = (begin ", begin,
-                    ", count ", count, ") runs past the ", slots, " slots of an expert"));
+      fail(who, cat("handle layout_range[", k / num_ranks, "][", k % num_ranks, "] = (begin ", begin, ", count ", count,
+                    ") runs past the ", slots, " slots of an expert"));
   }
 }
 
@@ -65,8 +65,8 @@ void check_low_latency_combine_sources(const std::vector<const LowLatencyCombine
   }
 }
 
-std::vector<uint16_t> low_latency_combine_for_source(
-    int rank, const std::vector<const LowLatencyCombineSource*>& sources) {
+std::vector<uint16_t> low_latency_combine_for_source(int rank,
+                                                     const std::vector<const LowLatencyCombineSource*>& sources) {
   const int num_ranks = static_cast<int>(sources.size());
   const LowLatencyCombineInput& in = *sources[rank]->input;
   const LowLatencyOptions& o = *sources[rank]->options;

@@ -11,13 +11,11 @@ namespace epcomm::ref::detail {
 
 void check_low_latency_options(const std::string& who, const LowLatencyOptions& o, int num_ranks) {
   if (o.hidden <= 0 || o.hidden % kScaleGroup != 0)
-    fail(who, cat("hidden = ", o.hidden, " must be a positive multiple of ", kScaleGroup,
-                  " in low-latency mode"));
+    fail(who, cat("hidden = ", o.hidden, " must be a positive multiple of ", kScaleGroup, " in low-latency mode"));
   check_num_topk(who, o.num_topk, 1);
   check_num_experts(who, o.num_experts, num_ranks, /*required=*/true);
   if (o.num_max_dispatch_tokens_per_rank < 1)
-    fail(who, cat("num_max_dispatch_tokens_per_rank = ", o.num_max_dispatch_tokens_per_rank,
-                  " must be >= 1"));
+    fail(who, cat("num_max_dispatch_tokens_per_rank = ", o.num_max_dispatch_tokens_per_rank, " must be >= 1"));
   if (o.use_ue8m0 && !o.round_scale)
     fail(who, "use_ue8m0 = true requires round_scale = true (UE8M0 scales are powers of two)");
   if (!o.masked_ranks.empty()) {
@@ -41,8 +39,8 @@ LowLatencySource make_low_latency_source(int rank, int num_ranks, const LowLaten
   std::vector<int> per_expert(o.num_experts, 0);
   for (int64_t e : in.topk_idx)
     if (e >= 0 && ++per_expert[e] > Tmax)
-      fail(who, cat("topk_idx sends more than num_max_dispatch_tokens_per_rank = ", Tmax,
-                    " rows to expert ", e, " (some token lists it more than once)"));
+      fail(who, cat("topk_idx sends more than num_max_dispatch_tokens_per_rank = ", Tmax, " rows to expert ", e,
+                    " (some token lists it more than once)"));
 
   LowLatencySource src;
   src.rank = rank;
@@ -66,8 +64,7 @@ LowLatencySource make_low_latency_source(int rank, int num_ranks, const LowLaten
     for (int c = 0; c < kScaleGroup; ++c) amax = std::fmax(amax, std::fabs(bf16_to_float(in.x[base + c])));
     const float scale = fp8_group_scale(amax, o.round_scale);
     src.scales[g] = scale;
-    for (int c = 0; c < kScaleGroup; ++c)
-      src.payload[base + c] = float_to_e4m3(bf16_to_float(in.x[base + c]) / scale);
+    for (int c = 0; c < kScaleGroup; ++c) src.payload[base + c] = float_to_e4m3(bf16_to_float(in.x[base + c]) / scale);
   }
   return src;
 }
@@ -89,8 +86,7 @@ void check_low_latency_sources(const std::vector<const LowLatencySource*>& sourc
   }
 }
 
-LowLatencyDispatchOutput receive_low_latency_dispatch(
-    int rank, const std::vector<const LowLatencySource*>& sources) {
+LowLatencyDispatchOutput receive_low_latency_dispatch(int rank, const std::vector<const LowLatencySource*>& sources) {
   const int num_ranks = static_cast<int>(sources.size());
   const LowLatencyOptions& o = *sources[rank]->options;
   const int experts_per_rank = o.num_experts / num_ranks;

@@ -11,8 +11,8 @@ void check_combine_source(const CombineSource& s, int num_ranks) {
   const CombineInput& in = *s.input;
   const NormalHandle& h = *s.handle;
   if (s.hidden <= 0 || (s.hidden * 2) % kNormalRowAlign != 0)
-    fail(who, cat("hidden = ", s.hidden, " must be > 0 with a bfloat16 row of a multiple of ",
-                  kNormalRowAlign, " bytes"));
+    fail(who,
+         cat("hidden = ", s.hidden, " must be > 0 with a bfloat16 row of a multiple of ", kNormalRowAlign, " bytes"));
   check_num_topk(who, s.num_topk, 0);
   check_handle(who, h, num_ranks);
   // x may carry padding rows past num_recv (a num_worst_tokens dispatch); they are ignored.
@@ -25,8 +25,8 @@ void check_combine_source(const CombineSource& s, int num_ranks) {
   if (s.num_topk == 0 && !in.topk_weights.empty())
     fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements but num_topk = 0"));
   if (s.num_topk > 0 && static_cast<int64_t>(in.topk_weights.size()) != rows * s.num_topk)
-    fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements; expected rows of x * num_topk = ",
-                  rows, " * ", s.num_topk, " = ", rows * s.num_topk, " (pass num_topk = 0 to combine no weights)"));
+    fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements; expected rows of x * num_topk = ", rows,
+                  " * ", s.num_topk, " = ", rows * s.num_topk, " (pass num_topk = 0 to combine no weights)"));
   const int64_t out_size = int64_t{h.num_tokens} * s.hidden;
   const std::string formula = cat("handle.num_tokens * hidden = ", h.num_tokens, " * ", s.hidden);
   if (!in.bias0.empty()) check_size(who, "bias0", in.bias0.size(), out_size, formula);

@@ -21,19 +21,18 @@ void check_options(const std::string& who, const NormalOptions& o, int num_ranks
                   ") is not a multiple of ", kNormalRowAlign, " bytes"));
   check_num_experts(who, o.num_experts, num_ranks, /*required=*/false);
   check_num_topk(who, o.num_topk, 0);
-  if (o.expert_alignment < 1)
-    fail(who, cat("expert_alignment = ", o.expert_alignment, " must be >= 1"));
-  if (o.num_worst_tokens < 0)
-    fail(who, cat("num_worst_tokens = ", o.num_worst_tokens, " must be >= 0"));
+  if (o.expert_alignment < 1) fail(who, cat("expert_alignment = ", o.expert_alignment, " must be >= 1"));
+  if (o.num_worst_tokens < 0) fail(who, cat("num_worst_tokens = ", o.num_worst_tokens, " must be >= 0"));
   if (o.num_scales < 0 || o.num_scales > kMaxNormalScaleWords)
-    fail(who, cat("num_scales = ", o.num_scales, " must be in [0, ", kMaxNormalScaleWords, "] (0: ceil(hidden / 128))"));
+    fail(who,
+         cat("num_scales = ", o.num_scales, " must be in [0, ", kMaxNormalScaleWords, "] (0: ceil(hidden / 128))"));
 }
 
 void check_x(const std::string& who, const NormalInput& in, const NormalOptions& o) {
   if (in.num_tokens < 0) fail(who, cat("num_tokens = ", in.num_tokens, " must be >= 0"));
   check_size(who, "x (bytes)", in.x.size(), static_cast<int64_t>(in.num_tokens) * row_bytes(o),
-             cat("num_tokens * hidden * ", dtype_size(o.dtype), " = ", in.num_tokens, " * ", o.hidden,
-                 " * ", dtype_size(o.dtype)));
+             cat("num_tokens * hidden * ", dtype_size(o.dtype), " = ", in.num_tokens, " * ", o.hidden, " * ",
+                 dtype_size(o.dtype)));
   if (o.dtype == DType::kFP8E4M3) {
     check_size(who, "scales", in.scales.size(), int64_t{in.num_tokens} * o.scale_words(),
                cat("num_tokens * scale words per token (options.num_scales; 0: ceil(hidden / 128)) = ", in.num_tokens,
@@ -51,8 +50,7 @@ void check_is_token_in_rank_shape(const std::string& who, const NormalInput& in,
 
 }  // namespace
 
-DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& in,
-                                    const NormalOptions& o) {
+DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& in, const NormalOptions& o) {
   const std::string who = rank_prefix(rank);
   check_options(who, o, num_ranks);
   check_x(who, in, o);
@@ -70,32 +68,29 @@ DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& 
     // "no rows" on ranks without tokens.
     check_size(who, "topk_weights", in.topk_weights.size(), int64_t{in.num_tokens} * o.num_topk,
                cat("num_tokens * num_topk = ", in.num_tokens, " * ", o.num_topk));
-    Layout layout = compute_layout(in.topk_idx.data(), in.num_tokens, o.num_topk, o.num_experts,
-                                   num_ranks, num_ranks);
+    Layout layout = compute_layout(in.topk_idx.data(), in.num_tokens, o.num_topk, o.num_experts, num_ranks, num_ranks);
     if (!in.is_token_in_rank.empty()) {
       check_is_token_in_rank_shape(who, in, num_ranks);
       for (size_t k = 0; k < in.is_token_in_rank.size(); ++k)
         if (in.is_token_in_rank[k] != layout.is_token_in_rank[k])
-          fail(who, cat("is_token_in_rank[", k / num_ranks, "][", k % num_ranks, "] = ",
-                        int{in.is_token_in_rank[k]}, " but topk_idx implies ",
-                        int{layout.is_token_in_rank[k]}, " (leave it empty to derive it from topk_idx)"));
+          fail(who, cat("is_token_in_rank[", k / num_ranks, "][", k % num_ranks, "] = ", int{in.is_token_in_rank[k]},
+                        " but topk_idx implies ", int{layout.is_token_in_rank[k]},
+                        " (leave it empty to derive it from topk_idx)"));
     }
     src.is_token_in_rank = std::move(layout.is_token_in_rank);
     src.num_tokens_per_expert = std::move(layout.num_tokens_per_expert);
   } else {
-    if (!in.topk_idx.empty())
-      fail(who, cat("topk_idx has ", in.topk_idx.size(), " elements but num_topk = 0"));
+    if (!in.topk_idx.empty()) fail(who, cat("topk_idx has ", in.topk_idx.size(), " elements but num_topk = 0"));
     if (!in.topk_weights.empty())
-      fail(who, cat("topk_weights has ", in.topk_weights.size(),
-                    " elements but there is no topk_idx (num_topk = 0)"));
+      fail(who, cat("topk_weights has ", in.topk_weights.size(), " elements but there is no topk_idx (num_topk = 0)"));
     check_is_token_in_rank_shape(who, in, num_ranks);
     src.is_token_in_rank = in.is_token_in_rank;
   }
   return src;
 }
 
-DispatchSource make_cached_dispatch_source(int rank, int num_ranks, const NormalInput& in,
-                                           const NormalHandle& handle, const NormalOptions& o) {
+DispatchSource make_cached_dispatch_source(int rank, int num_ranks, const NormalInput& in, const NormalHandle& handle,
+                                           const NormalOptions& o) {
   const std::string who = rank_prefix(rank);
   check_options(who, o, num_ranks);
   check_x(who, in, o);
@@ -154,8 +149,7 @@ NormalDispatchOutput receive_dispatch(int rank, const std::vector<const Dispatch
     const DispatchSource& s = *sources[i];
     for (int j = 0; j < num_ranks; ++j) {
       int32_t sent = 0;
-      for (int t = 0; t < s.input->num_tokens; ++t)
-        sent += s.is_token_in_rank[static_cast<size_t>(t) * num_ranks + j];
+      for (int t = 0; t < s.input->num_tokens; ++t) sent += s.is_token_in_rank[static_cast<size_t>(t) * num_ranks + j];
       h.rank_prefix_matrix[i * num_ranks + j] = (i > 0 ? h.rank_prefix_matrix[(i - 1) * num_ranks + j] : 0) + sent;
     }
   }
@@ -186,7 +180,8 @@ NormalDispatchOutput receive_dispatch(int rank, const std::vector<const Dispatch
       std::copy_n(in.x.begin() + t * rb, rb, out.recv_x.begin() + row * rb);
       // Words, bit for bit (an int32 word may read as a NaN float; memcpy keeps its payload).
       if (sc > 0)
-        std::memcpy(out.recv_scales.data() + row * sc, in.scales.data() + static_cast<size_t>(t) * sc, sc * sizeof(float));
+        std::memcpy(out.recv_scales.data() + row * sc, in.scales.data() + static_cast<size_t>(t) * sc,
+                    sc * sizeof(float));
       for (int k = 0; with_topk && k < K; ++k) {
         const int64_t e = in.topk_idx[static_cast<size_t>(t) * K + k];
         if (e < first_expert || e >= first_expert + experts_per_rank) continue;

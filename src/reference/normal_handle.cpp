@@ -21,29 +21,27 @@ std::vector<int32_t> implied_prefix_matrix(const std::vector<const NormalHandle*
   return prefix;
 }
 
-void check_receiver_handle(const std::vector<const NormalHandle*>& handles, const std::vector<int32_t>& prefix,
-                           int j) {
+void check_receiver_handle(const std::vector<const NormalHandle*>& handles, const std::vector<int32_t>& prefix, int j) {
   const int num_ranks = static_cast<int>(handles.size());
   const NormalHandle& h = *handles[j];
   const std::string who = rank_prefix(j);
   for (int k = 0; k < num_ranks * num_ranks; ++k)
     if (h.rank_prefix_matrix[k] != prefix[k])
-      fail(who, cat("handle.rank_prefix_matrix[", k / num_ranks, "][", k % num_ranks, "] = ",
-                    h.rank_prefix_matrix[k], " but the senders' handle.is_token_in_rank imply ",
-                    prefix[k], "; pass the handles of one dispatch, one per rank"));
+      fail(who, cat("handle.rank_prefix_matrix[", k / num_ranks, "][", k % num_ranks, "] = ", h.rank_prefix_matrix[k],
+                    " but the senders' handle.is_token_in_rank imply ", prefix[k],
+                    "; pass the handles of one dispatch, one per rank"));
   const int expected_recv = prefix[(num_ranks - 1) * num_ranks + j];
   if (h.num_recv != expected_recv)
-    fail(who, cat("handle.num_recv = ", h.num_recv, " but the senders' handles route ",
-                  expected_recv, " tokens to this rank"));
+    fail(who, cat("handle.num_recv = ", h.num_recv, " but the senders' handles route ", expected_recv,
+                  " tokens to this rank"));
   int row = 0;
   for (int i = 0; i < num_ranks; ++i) {
     const NormalHandle& src = *handles[i];
     for (int t = 0; t < src.num_tokens; ++t) {
       if (!src.is_token_in_rank[static_cast<size_t>(t) * num_ranks + j]) continue;
       if (h.recv_src_rank[row] != i || h.recv_src_idx[row] != t)
-        fail(who, cat("handle row ", row, " comes from (rank ", h.recv_src_rank[row], ", token ",
-                      h.recv_src_idx[row], ") but the senders' handles put (rank ", i, ", token ",
-                      t, ") there"));
+        fail(who, cat("handle row ", row, " comes from (rank ", h.recv_src_rank[row], ", token ", h.recv_src_idx[row],
+                      ") but the senders' handles put (rank ", i, ", token ", t, ") there"));
       ++row;
     }
   }
@@ -54,15 +52,13 @@ void check_receiver_handle(const std::vector<const NormalHandle*>& handles, cons
 void check_handle(const std::string& who, const NormalHandle& handle, int num_ranks) {
   if (handle.num_tokens < 0) fail(who, cat("handle.num_tokens = ", handle.num_tokens, " must be >= 0"));
   if (handle.num_recv < 0) fail(who, cat("handle.num_recv = ", handle.num_recv, " must be >= 0"));
-  check_size(who, "handle.rank_prefix_matrix", handle.rank_prefix_matrix.size(),
-             int64_t{num_ranks} * num_ranks, cat("num_ranks * num_ranks = ", num_ranks, " * ", num_ranks));
-  check_size(who, "handle.is_token_in_rank", handle.is_token_in_rank.size(),
-             int64_t{handle.num_tokens} * num_ranks,
+  check_size(who, "handle.rank_prefix_matrix", handle.rank_prefix_matrix.size(), int64_t{num_ranks} * num_ranks,
+             cat("num_ranks * num_ranks = ", num_ranks, " * ", num_ranks));
+  check_size(who, "handle.is_token_in_rank", handle.is_token_in_rank.size(), int64_t{handle.num_tokens} * num_ranks,
              cat("handle.num_tokens * num_ranks = ", handle.num_tokens, " * ", num_ranks));
   check_zero_one(who, "handle.is_token_in_rank", handle.is_token_in_rank);
   check_size(who, "handle.recv_src_idx", handle.recv_src_idx.size(), handle.num_recv, "handle.num_recv");
-  check_size(who, "handle.recv_src_rank", handle.recv_src_rank.size(), handle.num_recv,
-             "handle.num_recv");
+  check_size(who, "handle.recv_src_rank", handle.recv_src_rank.size(), handle.num_recv, "handle.num_recv");
 }
 
 void check_handles_consistent(const std::vector<const NormalHandle*>& handles, int receiver) {

@@ -67,7 +67,7 @@ uint8_t float_to_e4m3(float f) {
     // Subnormal target: multiples of 2^-9. Scaling by 2^9 is exact, so one rounding to an integer
     // (0..8, where 8 is the smallest normal's code) is the whole conversion.
     const float steps = magnitude * 512.0f;
-    uint32_t q = static_cast<uint32_t>(steps);  // truncation
+    uint32_t q = static_cast<uint32_t>(steps);         // truncation
     const float rest = steps - static_cast<float>(q);  // exact: steps < 2^4
     if (rest > 0.5f || (rest == 0.5f && (q & 1u))) ++q;
     return sign | static_cast<uint8_t>(q);
@@ -87,8 +87,6 @@ float fp8_group_scale(float amax, bool round_scale) {
   return float_of(u);
 }
 
-uint8_t ue8m0_of(float power_of_two_scale) {
-  return static_cast<uint8_t>((bits_of(power_of_two_scale) >> 23) & 0xffu);
-}
+uint8_t ue8m0_of(float power_of_two_scale) { return static_cast<uint8_t>((bits_of(power_of_two_scale) >> 23) & 0xffu); }
 
 }  // namespace epcomm::ref

@@ -22,8 +22,8 @@
 namespace epcomm::ref::detail {
 
 inline constexpr int kMaxTopk = 16;
-inline constexpr int kScaleGroup = 128;     // channels per FP8 scale
-inline constexpr int kNormalRowAlign = 16;  // bytes a normal-mode row must be a multiple of
+inline constexpr int kScaleGroup = 128;           // channels per FP8 scale
+inline constexpr int kNormalRowAlign = 16;        // bytes a normal-mode row must be a multiple of
 inline constexpr int kMaxNormalScaleWords = 512;  // FP8 scale words per token (the library's kMaxScaleWords)
 
 // ---- argument checking (validate.cpp) ----
@@ -46,34 +46,32 @@ std::string cat(const Args&... args) {
 std::string rank_prefix(int rank);  // "rank 3: "
 [[noreturn]] void fail(const std::string& who, const std::string& message);
 // "<name> has <actual> elements; expected <formula> = <expected>"
-void check_size(const std::string& who, const char* name, size_t actual, int64_t expected,
-                const std::string& formula);
+void check_size(const std::string& who, const char* name, size_t actual, int64_t expected, const std::string& formula);
 void check_num_ranks(int num_ranks, int ranks_per_node);
 void check_num_experts(const std::string& who, int num_experts, int num_ranks, bool required);
 void check_num_topk(const std::string& who, int num_topk, int min_topk);
 // Size [T, K] and every value in [-1, E).
-void check_topk_idx(const std::string& who, const char* name, const std::vector<int64_t>& topk_idx,
-                    int num_tokens, int num_topk, int num_experts);
+void check_topk_idx(const std::string& who, const char* name, const std::vector<int64_t>& topk_idx, int num_tokens,
+                    int num_topk, int num_experts);
 void check_zero_one(const std::string& who, const char* name, const std::vector<uint8_t>& values);
 
 // ---- layout (layout.cpp) ----
 // Unchecked: topk_idx must already be valid.
-Layout compute_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
-                      int num_ranks, int ranks_per_node);
-Layout checked_layout(const std::string& who, const std::vector<int64_t>& topk_idx, int num_tokens,
-                      int num_topk, int num_experts, int num_ranks, int ranks_per_node);
+Layout compute_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                      int ranks_per_node);
+Layout checked_layout(const std::string& who, const std::vector<int64_t>& topk_idx, int num_tokens, int num_topk,
+                      int num_experts, int num_ranks, int ranks_per_node);
 
 // ---- normal dispatch (normal_dispatch.cpp) ----
 struct DispatchSource {
   int rank = 0;
   const NormalInput* input = nullptr;
   const NormalOptions* options = nullptr;
-  const NormalHandle* handle = nullptr;         // cached dispatch only
-  std::vector<uint8_t> is_token_in_rank;        // [T, R]: the routing, whatever its origin
-  std::vector<int32_t> num_tokens_per_expert;   // [E]; empty without topk
+  const NormalHandle* handle = nullptr;        // cached dispatch only
+  std::vector<uint8_t> is_token_in_rank;       // [T, R]: the routing, whatever its origin
+  std::vector<int32_t> num_tokens_per_expert;  // [E]; empty without topk
 };
-DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& input,
-                                    const NormalOptions& options);
+DispatchSource make_dispatch_source(int rank, int num_ranks, const NormalInput& input, const NormalOptions& options);
 DispatchSource make_cached_dispatch_source(int rank, int num_ranks, const NormalInput& input,
                                            const NormalHandle& handle, const NormalOptions& options);
 // receiver >= 0 (HostCluster, where every rank checks its own part): the handle rules of that
@@ -101,8 +99,7 @@ void check_combine_sources(const std::vector<const CombineSource*>& sources, int
 CombineOutput combine_for_source(int rank, const std::vector<const CombineSource*>& sources);
 
 // ---- low-latency (low_latency_dispatch.cpp, low_latency_combine.cpp) ----
-void check_low_latency_options(const std::string& who, const LowLatencyOptions& options,
-                               int num_ranks);
+void check_low_latency_options(const std::string& who, const LowLatencyOptions& options, int num_ranks);
 // Shrink mode: whether `rank` is in options.masked_ranks.
 inline bool is_masked(const LowLatencyOptions& options, int rank) {
   return !options.masked_ranks.empty() && options.masked_ranks[rank] != 0;
@@ -117,8 +114,7 @@ struct LowLatencySource {
 LowLatencySource make_low_latency_source(int rank, int num_ranks, const LowLatencyDispatchInput& input,
                                          const LowLatencyOptions& options);
 void check_low_latency_sources(const std::vector<const LowLatencySource*>& sources);
-LowLatencyDispatchOutput receive_low_latency_dispatch(
-    int rank, const std::vector<const LowLatencySource*>& sources);
+LowLatencyDispatchOutput receive_low_latency_dispatch(int rank, const std::vector<const LowLatencySource*>& sources);
 
 struct LowLatencyCombineSource {
   int rank = 0;
@@ -128,15 +124,14 @@ struct LowLatencyCombineSource {
 };
 void check_low_latency_combine_source(const LowLatencyCombineSource& source, int num_ranks);
 void check_low_latency_combine_sources(const std::vector<const LowLatencyCombineSource*>& sources);
-std::vector<uint16_t> low_latency_combine_for_source(
-    int rank, const std::vector<const LowLatencyCombineSource*>& sources);
+std::vector<uint16_t> low_latency_combine_for_source(int rank,
+                                                     const std::vector<const LowLatencyCombineSource*>& sources);
 
 // Comparisons of options across ranks, shared by the normal and LL cross-rank checks.
 template <typename T>
 void check_same(const std::string& who, const char* name, const T& mine, const T& rank0s) {
   if (!(mine == rank0s))
-    fail(who, cat(name, " = ", mine, " differs from rank 0's ", rank0s,
-                  "; every rank must pass the same value"));
+    fail(who, cat(name, " = ", mine, " differs from rank 0's ", rank0s, "; every rank must pass the same value"));
 }
 
 // Shrink mode: every rank must pass the same masked_ranks.

@@ -132,8 +132,10 @@ std::unique_ptr<GinContext> GinContext::create(ncclComm_t comm, int rank, int si
   std::vector<uint64_t> hashes(size);
   std::memcpy(hashes.data(), hashes_raw.data(), sizeof(uint64_t) * size);
   if (const std::vector<int> bad = ranks_disagreeing(hashes); !bad.empty())
-    throw RuntimeFailure("epcomm rank " + std::to_string(rank) + ": " + why + ", and the ranks disagree on NCCL's GIN "
-                         "settings: rank(s) " + rank_list(bad) + " differ from rank 0 (this rank: " + line +
+    throw RuntimeFailure("epcomm rank " + std::to_string(rank) + ": " + why +
+                         ", and the ranks disagree on NCCL's GIN "
+                         "settings: rank(s) " +
+                         rank_list(bad) + " differ from rank 0 (this rank: " + line +
                          "); set them alike on every rank");
 
   // 2. The device communicator: GIN signals only (no barriers, counters or multimem).
@@ -173,13 +175,15 @@ std::unique_ptr<GinContext> GinContext::create(ncclComm_t comm, int rank, int si
     const char* e = errors.data() + static_cast<size_t>(r) * kErrorText;
     if (e[0] == '\0') continue;
     failed.push_back(r);
-    if (failed.size() <= 4) texts += " [rank " + std::to_string(r) + ": " + std::string(e, strnlen(e, kErrorText)) + "]";
+    if (failed.size() <= 4)
+      texts += " [rank " + std::to_string(r) + ": " + std::string(e, strnlen(e, kErrorText)) + "]";
   }
   if (!failed.empty()) {
     if (res == ncclSuccess) ncclDevCommDestroy(comm, &dev);
-    throw RuntimeFailure("epcomm rank " + std::to_string(rank) + ": " + why + ", and NCCL could not create the GIN "
-                         "device communicator (ncclDevCommCreate with " + std::to_string(num_signals) +
-                         " GIN signals) on rank(s) " + rank_list(failed) + ":" + texts +
+    throw RuntimeFailure("epcomm rank " + std::to_string(rank) + ": " + why +
+                         ", and NCCL could not create the GIN "
+                         "device communicator (ncclDevCommCreate with " +
+                         std::to_string(num_signals) + " GIN signals) on rank(s) " + rank_list(failed) + ":" + texts +
                          ". GIN needs a network plugin with a GIN implementation (NCCL 2.28: the built-in IB plugin "
                          "on a GPUDirect RDMA NIC, or one NCCL_NET_PLUGIN names) and NCCL_GIN_ENABLE unset or 1");
   }

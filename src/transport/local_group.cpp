@@ -69,8 +69,8 @@ class LocalGroup : public Group {
       int can = 0;
       EPCOMM_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device_, devices_[r]));
       if (!can)
-        throw RuntimeFailure("local group: cuda:" + std::to_string(device_) + " cannot access cuda:" +
-                             std::to_string(devices_[r]) + " directly (no NVLink/P2P)");
+        throw RuntimeFailure("local group: cuda:" + std::to_string(device_) +
+                             " cannot access cuda:" + std::to_string(devices_[r]) + " directly (no NVLink/P2P)");
       cudaError_t e = cudaDeviceEnablePeerAccess(devices_[r], 0);
       if (e == cudaErrorPeerAccessAlreadyEnabled) {
         cudaGetLastError();

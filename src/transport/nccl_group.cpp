@@ -49,10 +49,8 @@ class NcclSymmetricMemory : public SymmetricMemory {
   void release() {
     if (window_ && !*aborted_) ncclCommWindowDeregister(comm_, window_);
     window_ = nullptr;
-    if (*aborted_)
-      (void)gin_.release();  // its communicator is gone: nothing of it may be called, the memory is lost
-    else
-      gin_.reset();
+    if (*aborted_) (void)gin_.release();  // its communicator is gone: nothing of it may be called, the memory is lost
+    else gin_.reset();
     if (base_) ncclMemFree(base_);
     base_ = nullptr;
   }
@@ -80,7 +78,8 @@ class NcclGroup : public Group {
 
   ncclComm_t nccl_comm() const override { return comm_; }
   std::string transport() const override {
-    return nccl_lsa_size(comm_) < size_ ? "NCCL symmetric memory (LSA; GIN to other nodes)" : "NCCL symmetric memory (LSA)";
+    return nccl_lsa_size(comm_) < size_ ? "NCCL symmetric memory (LSA; GIN to other nodes)"
+                                        : "NCCL symmetric memory (LSA)";
   }
 
   void barrier() override {
@@ -93,7 +92,8 @@ class NcclGroup : public Group {
     require_alive("all_gather");
     void* dev = nullptr;
     EPCOMM_CUDA_CHECK(cudaMallocAsync(&dev, bytes * size_, stream_));
-    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dev) + rank_ * bytes, mine, bytes, cudaMemcpyHostToDevice, stream_));
+    EPCOMM_CUDA_CHECK(
+        cudaMemcpyAsync(static_cast<char*>(dev) + rank_ * bytes, mine, bytes, cudaMemcpyHostToDevice, stream_));
     EPCOMM_NCCL_CHECK(ncclAllGather(static_cast<char*>(dev) + rank_ * bytes, dev, bytes, ncclUint8, comm_, stream_));
     EPCOMM_CUDA_CHECK(cudaMemcpyAsync(all, dev, bytes * size_, cudaMemcpyDeviceToHost, stream_));
     EPCOMM_CUDA_CHECK(cudaFreeAsync(dev, stream_));
@@ -150,7 +150,8 @@ std::shared_ptr<Group> Group::from_nccl(ncclComm_t comm, int ranks_per_node) {
 std::shared_ptr<Group> Group::create_nccl(const ncclUniqueId& id, int num_ranks, int rank, int device,
                                           int ranks_per_node) {
   if (num_ranks < 1 || rank < 0 || rank >= num_ranks)
-    throw ArgumentError("create_nccl: rank " + std::to_string(rank) + " must be in [0, " + std::to_string(num_ranks) + ")");
+    throw ArgumentError("create_nccl: rank " + std::to_string(rank) + " must be in [0, " + std::to_string(num_ranks) +
+                        ")");
   EPCOMM_CUDA_CHECK(cudaSetDevice(device));
   ncclComm_t comm = nullptr;
   EPCOMM_NCCL_CHECK(ncclCommInitRank(&comm, num_ranks, id, rank));

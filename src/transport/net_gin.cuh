@@ -55,7 +55,8 @@ struct GinNet {
   __device__ __forceinline__ bool wait_signal(const WaitContext& ctx, int id, uint64_t least, WaitPhase phase,
                                               int peer) const {
     const ncclGinSignal_t s = p.signal_base + static_cast<uint32_t>(id);
-    return wait_geq(ctx, [&] { return gin.readSignal(s); }, least, phase, peer);
+    return wait_geq(
+        ctx, [&] { return gin.readSignal(s); }, least, phase, peer);
   }
 
   __device__ __forceinline__ uint64_t read_signal(int id) const {
@@ -79,8 +80,9 @@ struct GinNet {
       const uint32_t posted = ld_volatile(q->pis + pe);
       const uint32_t* consumed = q->cis + pe;
       // Rolling comparison (the indices wrap): done once the consumer index reached `posted`.
-      ok = wait_geq(ctx, [&] { return static_cast<int32_t>(ld_acquire_sys(consumed) - posted) >= 0 ? 1ull : 0ull; }, 1,
-                    WaitPhase::kNetworkFlush, pe);
+      ok = wait_geq(
+          ctx, [&] { return static_cast<int32_t>(ld_acquire_sys(consumed) - posted) >= 0 ? 1ull : 0ull; }, 1,
+          WaitPhase::kNetworkFlush, pe);
     }
     __syncthreads();
     return ok;

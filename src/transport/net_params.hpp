@@ -19,9 +19,9 @@ struct EmulatedNetParams {
   // Internode region of each rank: an LSA pointer for ranks of this node (for the emulated network:
   // for every rank), nullptr where not load/store reachable. [rank] is this rank's own.
   char* window[kMaxInterRanks] = {};
-  size_t signals = 0;                 // offset of the uint64 signal array inside a region (emulated)
-  uint64_t* stats = nullptr;          // local: [0] puts, [1] bytes put (to ranks of other nodes)
-  int ranks_per_node = 1;             // for the statistics: which puts cross the network
+  size_t signals = 0;         // offset of the uint64 signal array inside a region (emulated)
+  uint64_t* stats = nullptr;  // local: [0] puts, [1] bytes put (to ranks of other nodes)
+  int ranks_per_node = 1;     // for the statistics: which puts cross the network
 };
 
 }  // namespace epcomm

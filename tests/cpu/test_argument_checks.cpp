@@ -35,8 +35,11 @@ alignas(16) char storage[4096];
 TEST(ArgumentChecks, Dtype) {
   const TensorView x = view(storage, DType::kF32, {4, 8});
   EXPECT_NO_THROW(checks::dtype_in("x", x, {DType::kF32}));
-  expect_argument_error([&] { checks::dtype_in("x", x, {DType::kBF16, DType::kFP8E4M3}); },
-                        {"x", "bfloat16 or float8_e4m3fn", "float32"});
+  expect_argument_error(
+      [&] {
+        checks::dtype_in("x", x, {DType::kBF16, DType::kFP8E4M3});
+      },
+      {"x", "bfloat16 or float8_e4m3fn", "float32"});
 }
 
 TEST(ArgumentChecks, ShapeAndRank) {
@@ -86,8 +89,11 @@ TEST(ArgumentChecks, TopkIdsOnTheHost) {
 }
 
 TEST(ArgumentChecks, DeviceTensorBundle) {
-  expect_argument_error([&] { checks::device_tensor("x", view(nullptr, DType::kBF16, {4, 8}), 0, {DType::kBF16}, 2); },
-                        {"x", "null"});
+  expect_argument_error(
+      [&] {
+        checks::device_tensor("x", view(nullptr, DType::kBF16, {4, 8}), 0, {DType::kBF16}, 2);
+      },
+      {"x", "null"});
   EXPECT_NO_THROW(checks::device_tensor("x", view(nullptr, DType::kBF16, {0, 8}), 0, {DType::kBF16}, 2));
 }
 

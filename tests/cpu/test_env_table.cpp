@@ -72,7 +72,8 @@ TEST(EnvTable, ReadmeListsEveryRegistryVariableWithItsDefault) {
     EXPECT_EQ(it->second, std::to_string(value)) << name << ": README's default differs from env_params()";
   }
   for (const auto& [name, cell] : rows)
-    EXPECT_TRUE(registry.count(name)) << name << " (default " << cell << ") is in README's table but not in env_params()";
+    EXPECT_TRUE(registry.count(name)) << name << " (default " << cell
+                                      << ") is in README's table but not in env_params()";
 }
 
 }  // namespace

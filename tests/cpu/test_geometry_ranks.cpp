@@ -145,7 +145,8 @@ TEST(FinePartials, RoundsToNearestAtSixteenBits) {
     const double err = std::fabs(static_cast<double>(y) - x);
     ASSERT_EQ(err, std::min(e_down, e_up)) << std::hex << bits;
     if (e_down == e_up) ASSERT_EQ(r, down + 0x100u) << std::hex << bits;
-    if (std::fabs(x) >= 1.17549435e-38f) ASSERT_LE(err, std::ldexp(std::fabs(static_cast<double>(x)), -16)) << std::hex << bits;
+    if (std::fabs(x) >= 1.17549435e-38f)
+      ASSERT_LE(err, std::ldexp(std::fabs(static_cast<double>(x)), -16)) << std::hex << bits;
     ++checked;
   }
   EXPECT_GT(checked, 190000);
@@ -166,7 +167,8 @@ TEST(GeometryRanks, LowLatencySizeHintNoLargerThanDeepEP) {
         for (int per_rank : {1, 2, 5, 9, 72})
           for (int extra : {0, 1}) {
             const int E = R * per_rank + extra * R;
-            EXPECT_LE(Buffer::low_latency_size_hint(tmax, hidden, R, E), deepep_low_latency_size_hint(tmax, hidden, R, E))
+            EXPECT_LE(Buffer::low_latency_size_hint(tmax, hidden, R, E),
+                      deepep_low_latency_size_hint(tmax, hidden, R, E))
                 << "Tmax=" << tmax << " hidden=" << hidden << " R=" << R << " E=" << E;
           }
   // The standard problem: about half of DeepEP's; EP8 (DeepSeek-V3 shape) likewise.

@@ -76,8 +76,9 @@ TEST_F(LauncherTest, AFailureCutsTheOthersShortAndNamesTheHungChild) {
 TEST_F(LauncherTest, TheDeadlineKillsEveryChildStillRunningWithWhatItStarted) {
   RunReport r;
   // The second child starts a grandchild in its group and waits for it: killing the group ends both.
-  const double secs = seconds_of(
-      [&] { r = run_children({shell("x", "sleep 30"), shell("y", "sleep 30 & wait")}, 1, 1); });
+  const double secs = seconds_of([&] {
+    r = run_children({shell("x", "sleep 30"), shell("y", "sleep 30 & wait")}, 1, 1);
+  });
   EXPECT_LT(secs, 15.0);
   EXPECT_TRUE(r.timed_out);
   EXPECT_EQ(r.exit_code, 1);

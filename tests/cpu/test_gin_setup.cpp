@@ -65,6 +65,7 @@ class EnvGuard {
     if (had_) setenv(name_, old_.c_str(), 1);
     else unsetenv(name_);
   }
+
  private:
   const char* name_;
   bool had_ = false;

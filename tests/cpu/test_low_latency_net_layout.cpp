@@ -68,7 +68,7 @@ TEST(LowLatencyNetLayout, SwitchDefaultsToOffAndHintChecksItsArguments) {
     EXPECT_EQ(env_value("EPCOMM_LL_NET"), 0);
     EXPECT_FALSE(low_latency_net_requested());
   }
-  EXPECT_EQ(BufferOptions{}.low_latency_net, -1);  // -1: the environment decides
+  EXPECT_EQ(BufferOptions{}.low_latency_net, -1);                                 // -1: the environment decides
   EXPECT_THROW(Buffer::low_latency_net_size_hint(16, 100, 2, 4), ArgumentError);  // hidden not a multiple of 128
   EXPECT_THROW(Buffer::low_latency_net_size_hint(16, 128, 3, 4), ArgumentError);  // E not a multiple of R
   EXPECT_THROW(Buffer::low_latency_net_size_hint(0, 128, 2, 4), ArgumentError);

@@ -107,8 +107,8 @@ Assignment by_lanes(const std::vector<int64_t>& ids, int E, int EL, int tmax, st
     }
     if (valid[l] && !((kept_lanes >> l) & 1u)) ++a.dropped;
     if ((kept_lanes >> l) & 1u)
-      slots[ls[l].place][lane_entry_position(l, same_d[l], kept_lanes)] = static_cast<uint32_t>(e[l] % EL) | (static_cast<uint32_t>(s[l]) << 16) |
-                                     (static_cast<uint32_t>(l) << 28);
+      slots[ls[l].place][lane_entry_position(l, same_d[l], kept_lanes)] =
+          static_cast<uint32_t>(e[l] % EL) | (static_cast<uint32_t>(s[l]) << 16) | (static_cast<uint32_t>(l) << 28);
   }
   for (int di = 0; di < nd; ++di)
     for (int i = 0; i < a.nent[di]; ++i) a.entries[di].push_back(slots[di][i]);

@@ -19,8 +19,7 @@ TEST(ReferenceErrors, LayoutTopkIdxOutOfRange) {
 }
 
 TEST(ReferenceErrors, LayoutExpertsNotDivisibleByRanks) {
-  expect_argument_error([] { get_dispatch_layout({0, 1}, 1, 2, 10, 4, 4); },
-                        {"num_experts = 10", "num_ranks = 4"});
+  expect_argument_error([] { get_dispatch_layout({0, 1}, 1, 2, 10, 4, 4); }, {"num_experts = 10", "num_ranks = 4"});
   expect_argument_error([] { get_dispatch_layout({}, 0, 2, 0, 4, 4); }, {"num_experts = 0"});
 }
 
@@ -30,8 +29,11 @@ TEST(ReferenceErrors, LayoutTopkCount) {
 }
 
 TEST(ReferenceErrors, LayoutSizes) {
-  expect_argument_error([] { get_dispatch_layout({0, 1, 2}, 2, 2, 8, 2, 2); },
-                        {"topk_idx has 3 elements", "num_tokens * num_topk", "= 4"});
+  expect_argument_error(
+      [] {
+        get_dispatch_layout({0, 1, 2}, 2, 2, 8, 2, 2);
+      },
+      {"topk_idx has 3 elements", "num_tokens * num_topk", "= 4"});
   expect_argument_error([] { get_dispatch_layout({}, -1, 2, 8, 2, 2); }, {"num_tokens = -1"});
   expect_argument_error([] { get_dispatch_layout({}, 0, 2, 8, 4, 3); }, {"ranks_per_node = 3"});
   expect_argument_error([] { get_dispatch_layout({}, 0, 2, 8, 0, 1); }, {"num_ranks = 0"});
@@ -146,7 +148,8 @@ TEST(ReferenceErrors, NormalIsTokenInRank) {
   in = normal_inputs();
   in[0].topk_idx.assign(6, 0);
   in[0].is_token_in_rank = {1, 0, 1, 0, 1, 1};  // token 2 goes to rank 0 only
-  expect_argument_error([&] { normal_dispatch(in, normal_options()); }, {"is_token_in_rank[2][1] = 1", "topk_idx implies 0"});
+  expect_argument_error([&] { normal_dispatch(in, normal_options()); },
+                        {"is_token_in_rank[2][1] = 1", "topk_idx implies 0"});
   in = normal_inputs();
   o.num_topk = 0;
   expect_argument_error([&] { normal_dispatch(in, o); }, {"topk_idx has 6 elements but num_topk = 0"});
@@ -276,7 +279,8 @@ TEST(ReferenceErrors, LowLatencyDispatchArguments) {
   expect_argument_error([&] { low_latency_dispatch(in, ll_options()); }, {"x has 5", "num_tokens * hidden"});
   in = ll_inputs();
   in[0].topk_idx = {1, 1, 1, 1, 1, -1};  // 5 rows for expert 1 from one source; Tmax is 4
-  expect_argument_error([&] { low_latency_dispatch(in, ll_options()); }, {"expert 1", "num_max_dispatch_tokens_per_rank = 4"});
+  expect_argument_error([&] { low_latency_dispatch(in, ll_options()); },
+                        {"expert 1", "num_max_dispatch_tokens_per_rank = 4"});
 }
 
 TEST(ReferenceErrors, LowLatencyCombineArguments) {

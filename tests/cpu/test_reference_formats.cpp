@@ -26,13 +26,12 @@ uint8_t cuda_e4m3(float f) { return __nv_cvt_float_to_fp8(f, __NV_SATFINITE, __N
 std::vector<float> rounding_probes() {
   std::vector<float> v;
   for (uint32_t hi = 0; hi < 0x10000; ++hi)
-    for (uint32_t lo : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu})
-      v.push_back(from_bits((hi << 16) | lo));
-  for (float f : {0.0f, -0.0f, 448.0f, 464.0f, std::nextafter(464.0f, 0.0f), 480.0f, 1e30f,
-                  std::numeric_limits<float>::max(), std::numeric_limits<float>::infinity(),
-                  -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(),
-                  std::numeric_limits<float>::denorm_min(), 0x1p-10f, std::nextafter(0x1p-10f, 1.0f),
-                  0x1p-9f * 1.5f, 0x1p-6f, std::nextafter(0x1p-6f, 0.0f)})
+    for (uint32_t lo : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) v.push_back(from_bits((hi << 16) | lo));
+  for (float f :
+       {0.0f, -0.0f, 448.0f, 464.0f, std::nextafter(464.0f, 0.0f), 480.0f, 1e30f, std::numeric_limits<float>::max(),
+        std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+        std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::denorm_min(), 0x1p-10f,
+        std::nextafter(0x1p-10f, 1.0f), 0x1p-9f * 1.5f, 0x1p-6f, std::nextafter(0x1p-6f, 0.0f)})
     v.push_back(f), v.push_back(-f);
   return v;
 }
@@ -65,8 +64,8 @@ TEST(ReferenceFormats, Bf16ToFloatIsExactAndRoundTrips) {
     ASSERT_EQ(float_to_bf16(f), b) << v;
   }
   EXPECT_EQ(float_to_bf16(1.0f), 0x3f80);
-  EXPECT_EQ(float_to_bf16(from_bits(0x3f808000)), 0x3f80);  // tie, even stays
-  EXPECT_EQ(float_to_bf16(from_bits(0x3f818000)), 0x3f82);  // tie, odd rounds up
+  EXPECT_EQ(float_to_bf16(from_bits(0x3f808000)), 0x3f80);              // tie, even stays
+  EXPECT_EQ(float_to_bf16(from_bits(0x3f818000)), 0x3f82);              // tie, odd rounds up
   EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::max()), 0x7f80);  // rounds to infinity
 }
 
@@ -97,17 +96,17 @@ TEST(ReferenceFormats, E4m3HandValues) {
   EXPECT_EQ(float_to_e4m3(1.0f), 0x38);
   EXPECT_EQ(float_to_e4m3(-1.0f), 0xb8);
   EXPECT_EQ(float_to_e4m3(448.0f), 0x7e);
-  EXPECT_EQ(float_to_e4m3(1000.0f), 0x7e);     // saturates
+  EXPECT_EQ(float_to_e4m3(1000.0f), 0x7e);  // saturates
   EXPECT_EQ(float_to_e4m3(-1e9f), 0xfe);
   EXPECT_EQ(float_to_e4m3(std::numeric_limits<float>::infinity()), 0x7e);
   EXPECT_EQ(float_to_e4m3(std::nanf("")), 0x7f);
   EXPECT_EQ(float_to_e4m3(-std::nanf("")), 0x7f);
-  EXPECT_EQ(float_to_e4m3(112.0f), 0x6e);      // 1.75 * 2^6
-  EXPECT_EQ(float_to_e4m3(336.0f), 0x7a);      // tie between 320 and 352 -> even mantissa (320)
-  EXPECT_EQ(float_to_e4m3(0x1p-9f), 0x01);     // smallest subnormal
-  EXPECT_EQ(float_to_e4m3(0x1p-10f), 0x00);    // half of it: tie to even (zero)
+  EXPECT_EQ(float_to_e4m3(112.0f), 0x6e);          // 1.75 * 2^6
+  EXPECT_EQ(float_to_e4m3(336.0f), 0x7a);          // tie between 320 and 352 -> even mantissa (320)
+  EXPECT_EQ(float_to_e4m3(0x1p-9f), 0x01);         // smallest subnormal
+  EXPECT_EQ(float_to_e4m3(0x1p-10f), 0x00);        // half of it: tie to even (zero)
   EXPECT_EQ(float_to_e4m3(0x1p-9f * 1.5f), 0x02);  // tie to even (2)
-  EXPECT_EQ(float_to_e4m3(0x1p-6f), 0x08);     // smallest normal
+  EXPECT_EQ(float_to_e4m3(0x1p-6f), 0x08);         // smallest normal
 }
 
 TEST(ReferenceFormats, E4m3ToFloatMatchesCudaAndRoundTrips) {
@@ -130,13 +129,13 @@ TEST(ReferenceFormats, E4m3ToFloatMatchesCudaAndRoundTrips) {
 
 TEST(ReferenceFormats, GroupScale) {
   EXPECT_EQ(fp8_group_scale(448.0f, false), 1.0f);
-  EXPECT_EQ(fp8_group_scale(0.0f, false), 1e-4f / 448.0f);    // floor on amax
+  EXPECT_EQ(fp8_group_scale(0.0f, false), 1e-4f / 448.0f);  // floor on amax
   EXPECT_EQ(fp8_group_scale(std::nanf(""), false), 1e-4f / 448.0f);
   EXPECT_EQ(fp8_group_scale(4.0f, false), 4.0f / 448.0f);
-  EXPECT_EQ(fp8_group_scale(448.0f, true), 1.0f);             // already a power of two
+  EXPECT_EQ(fp8_group_scale(448.0f, true), 1.0f);  // already a power of two
   EXPECT_EQ(fp8_group_scale(449.0f, true), 2.0f);
-  EXPECT_EQ(fp8_group_scale(4.0f, true), 0x1p-6f);            // 0.0089 -> 2^-6
-  EXPECT_EQ(fp8_group_scale(0.0f, true), 0x1p-22f);           // 2.2e-7 -> 2^-22
+  EXPECT_EQ(fp8_group_scale(4.0f, true), 0x1p-6f);   // 0.0089 -> 2^-6
+  EXPECT_EQ(fp8_group_scale(0.0f, true), 0x1p-22f);  // 2.2e-7 -> 2^-22
   EXPECT_EQ(ue8m0_of(1.0f), 127);
   EXPECT_EQ(ue8m0_of(2.0f), 128);
   EXPECT_EQ(ue8m0_of(0x1p-6f), 121);

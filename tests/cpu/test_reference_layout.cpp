@@ -47,8 +47,7 @@ TEST(ReferenceLayout, EmptyAndAllMinusOne) {
 }
 
 // Checks every output against its definition, written here token by token.
-void check_layout_properties(const Layout& l, const std::vector<int64_t>& topk, int T, int K, int E,
-                             int R, int P) {
+void check_layout_properties(const Layout& l, const std::vector<int64_t>& topk, int T, int K, int E, int R, int P) {
   const int per_rank = E / R;
   const int nodes = R / P;
   V32 per_expert(E, 0), tokens_per_rank(R, 0), tokens_per_node(nodes, 0);

@@ -54,7 +54,9 @@ TEST(ReferenceLowLatency, DispatchSlotLayoutHandComputed) {
   // BF16 mode: rows copied, the rest zero, no scales.
   const auto x0 = as_bf16(out[0].recv_x);
   ASSERT_EQ(x0.size(), 2u * slots * 128);
-  auto row = [](const std::vector<uint16_t>& x, int t) { return std::vector<uint16_t>(x.begin() + t * 128, x.begin() + (t + 1) * 128); };
+  auto row = [](const std::vector<uint16_t>& x, int t) {
+    return std::vector<uint16_t>(x.begin() + t * 128, x.begin() + (t + 1) * 128);
+  };
   auto slot = [&](const std::vector<uint16_t>& x, int e, int s) { return row(x, e * slots + s); };
   EXPECT_EQ(slot(x0, 0, 1), row(in[1].x, 2));
   EXPECT_EQ(slot(x0, 1, 0), row(in[0].x, 0));

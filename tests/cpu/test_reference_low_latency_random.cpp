@@ -100,13 +100,15 @@ void check_dispatch(const Problem& p, const std::vector<LowLatencyDispatchOutput
       const size_t elt = p.o.use_fp8 ? 1 : 2;
       for (int s = total; s < S; ++s) ASSERT_EQ(o.src_info[e * S + s], -1);
       ASSERT_TRUE(std::all_of(o.recv_x.begin() + (static_cast<size_t>(e) * S + total) * H * elt,
-                              o.recv_x.begin() + (static_cast<size_t>(e) + 1) * S * H * elt, [](uint8_t b) { return b == 0; }));
+                              o.recv_x.begin() + (static_cast<size_t>(e) + 1) * S * H * elt,
+                              [](uint8_t b) { return b == 0; }));
     }
   }
 }
 
 // The expert outputs an identity expert would produce: the received row, dequantized, as BF16.
-std::vector<LowLatencyCombineInput> identity_combine_inputs(const Problem& p, const std::vector<LowLatencyDispatchOutput>& out) {
+std::vector<LowLatencyCombineInput> identity_combine_inputs(const Problem& p,
+                                                            const std::vector<LowLatencyDispatchOutput>& out) {
   const int Epr = p.experts_per_rank(), S = p.slots(), H = p.o.hidden, G = H / 128, W = (G + 3) / 4;
   std::vector<LowLatencyCombineInput> cin(p.R);
   for (int r = 0; r < p.R; ++r) {
@@ -121,9 +123,13 @@ std::vector<LowLatencyCombineInput> identity_combine_inputs(const Problem& p, co
     for (size_t slot = 0; slot < static_cast<size_t>(Epr) * S; ++slot)
       for (int c = 0; c < H; ++c) {
         const int g = c / 128;
-        const float scale = p.o.use_ue8m0
-            ? std::exp2(static_cast<float>((static_cast<uint32_t>(out[r].recv_scales_ue8m0[slot * W + g / 4]) >> (8 * (g % 4))) & 0xff) - 127.0f)
-            : out[r].recv_scales[slot * G + g];
+        const float scale =
+            p.o.use_ue8m0
+                ? std::exp2(
+                      static_cast<float>(
+                          (static_cast<uint32_t>(out[r].recv_scales_ue8m0[slot * W + g / 4]) >> (8 * (g % 4))) & 0xff) -
+                      127.0f)
+                : out[r].recv_scales[slot * G + g];
         cin[r].y[slot * H + c] = bf16(e4m3_to_float(out[r].recv_x[slot * H + c]) * scale);
       }
   }
@@ -146,7 +152,8 @@ void check_identity_combine(const Problem& p, const std::vector<std::vector<uint
           ASSERT_EQ(got, bf16_to_float(bf16(want))) << "rank " << r << " token " << t << " channel " << c;
         } else {  // e4m3 keeps 3 mantissa bits; scales up to 2x coarser with round_scale
           float amax = 0;
-          for (int i = 0; i < 128; ++i) amax = std::max(amax, std::fabs(bf16_to_float(in.x[static_cast<size_t>(t) * H + c / 128 * 128 + i])));
+          for (int i = 0; i < 128; ++i)
+            amax = std::max(amax, std::fabs(bf16_to_float(in.x[static_cast<size_t>(t) * H + c / 128 * 128 + i])));
           // Per element: e4m3 half-ulp (1/16 relative) or, below e4m3's normal range, half a subnormal
           // step (2^-10 of a scale up to 2 * amax / 448); BF16 rounding of y and of the output.
           const float tol = weight_sum * (std::fabs(x) * (1.0f / 16 + 1.0f / 256) + amax / 448 * 0x1p-9f) +
@@ -168,8 +175,8 @@ TEST_P(LowLatencyRandom, IdentityExpertsRoundTrip) {
       const bool skewed = variant == 1;
       const int fixed_T = variant == 2 ? 0 : variant == 3 ? 1 : -1;
       const Problem p = make_problem(rng, R, mode, skewed, fixed_T);
-      SCOPED_TRACE(::testing::Message() << "mode " << static_cast<int>(mode) << " E=" << p.o.num_experts << " K="
-                                        << p.o.num_topk << " Tmax=" << p.o.num_max_dispatch_tokens_per_rank
+      SCOPED_TRACE(::testing::Message() << "mode " << static_cast<int>(mode) << " E=" << p.o.num_experts
+                                        << " K=" << p.o.num_topk << " Tmax=" << p.o.num_max_dispatch_tokens_per_rank
                                         << " hidden=" << p.o.hidden << " skewed=" << skewed << " T=" << fixed_T);
       const auto out = low_latency_dispatch(p.inputs, p.o);
       check_dispatch(p, out);
@@ -223,7 +230,8 @@ TEST_P(LowLatencyRandom, CombineDoesNotDependOnSlotOrder) {
         out[r].layout_range[e * R + i] = (int64_t{next} << 32) | range_count(range);
         for (int old : rows) {
           src[next] = out[r].src_info[e * S + old];
-          std::copy_n(cin[r].y.begin() + (static_cast<size_t>(e) * S + old) * H, H, y.begin() + static_cast<size_t>(next) * H);
+          std::copy_n(cin[r].y.begin() + (static_cast<size_t>(e) * S + old) * H, H,
+                      y.begin() + static_cast<size_t>(next) * H);
           ++next;
         }
       }

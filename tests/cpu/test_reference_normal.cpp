@@ -176,7 +176,8 @@ TEST(ReferenceNormal, Fp8ScaleWordsOfAnyCountTravelBitForBit) {
     ASSERT_EQ(got.size(), 4u * words);
     for (int i = 0; i < 4; ++i)
       for (int w = 0; w < words; ++w)
-        EXPECT_EQ(got[i * words + w], sent[rows0[i].first][rows0[i].second * words + w]) << "row " << i << " word " << w;
+        EXPECT_EQ(got[i * words + w], sent[rows0[i].first][rows0[i].second * words + w])
+            << "row " << i << " word " << w;
     // Cached dispatch of new words: the same rows.
     std::vector<NormalHandle> handles{out[0].handle, out[1].handle};
     std::vector<NormalInput> again = in;

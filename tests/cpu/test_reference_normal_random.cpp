@@ -37,7 +37,8 @@ Problem make_problem(std::mt19937& rng, int R, DType dtype, Routing routing, int
       in.x = as_bytes(random_small_bf16(rng, static_cast<size_t>(T) * p.hidden));
     } else {
       for (int i = 0; i < T * p.hidden; ++i) in.x.push_back(static_cast<uint8_t>(rng()));
-      for (int i = 0; i < T * ((p.hidden + 127) / 128); ++i) in.scales.push_back(static_cast<float>(rng() % 1000) / 7.0f);
+      for (int i = 0; i < T * ((p.hidden + 127) / 128); ++i)
+        in.scales.push_back(static_cast<float>(rng() % 1000) / 7.0f);
     }
     if (routing == Routing::kSkewed) {
       in.topk_idx.assign(static_cast<size_t>(T) * p.K, -1);
@@ -86,8 +87,8 @@ void check_dispatch_against_layout(const Problem& p, const std::vector<NormalDis
       const NormalInput& in = p.inputs[i];
       ASSERT_TRUE(std::equal(in.x.begin() + t * row_bytes, in.x.begin() + (t + 1) * row_bytes,
                              o.recv_x.begin() + row * row_bytes));
-      ASSERT_TRUE(std::equal(in.scales.begin() + t * sc, in.scales.begin() + (t + 1) * sc,
-                             o.recv_scales.begin() + row * sc));
+      ASSERT_TRUE(
+          std::equal(in.scales.begin() + t * sc, in.scales.begin() + (t + 1) * sc, o.recv_scales.begin() + row * sc));
       for (int k = 0; k < p.K; ++k) {
         const int64_t e = in.topk_idx[t * p.K + k];
         const bool local = e >= int64_t{j} * per_rank && e < int64_t{j + 1} * per_rank;
@@ -158,7 +159,8 @@ void check_host_cluster(const Problem& p, const std::vector<CombineInput>& cin) 
   std::vector<NormalHandle> handles;
   for (const auto& o : want) handles.push_back(o.handle);
   std::vector<NormalInput> bare(p.R);  // cached dispatch: x and scales only
-  for (int r = 0; r < p.R; ++r) bare[r].num_tokens = p.inputs[r].num_tokens, bare[r].x = p.inputs[r].x, bare[r].scales = p.inputs[r].scales;
+  for (int r = 0; r < p.R; ++r)
+    bare[r].num_tokens = p.inputs[r].num_tokens, bare[r].x = p.inputs[r].x, bare[r].scales = p.inputs[r].scales;
   const auto want_cached = normal_cached_dispatch(bare, handles, p.options);
   const auto want_combined = normal_combine(cin, handles, p.hidden, p.K);
 
@@ -188,8 +190,8 @@ TEST_P(NormalRandom, DispatchCombineRoundTrip) {
     for (int fixed_T : {-1, 0, 1}) {
       for (int trial = 0; trial < 3; ++trial) {
         const Problem p = make_problem(rng, R, DType::kBF16, routing, fixed_T);
-        SCOPED_TRACE(::testing::Message() << "E=" << p.E << " K=" << p.K << " hidden=" << p.hidden << " T="
-                                          << fixed_T << " skewed=" << (routing == Routing::kSkewed));
+        SCOPED_TRACE(::testing::Message() << "E=" << p.E << " K=" << p.K << " hidden=" << p.hidden << " T=" << fixed_T
+                                          << " skewed=" << (routing == Routing::kSkewed));
         const auto out = normal_dispatch(p.inputs, p.options);
         check_dispatch_against_layout(p, out);
         std::vector<NormalHandle> handles;
@@ -226,15 +228,19 @@ TEST_P(NormalRandom, Fp8DispatchAndCachedDispatch) {
       EXPECT_EQ(cached[j].recv_x, full[j].recv_x);
       EXPECT_EQ(cached[j].recv_scales, full[j].recv_scales);
     }
-    check_host_cluster(p, identity_combine_inputs(p, [&] {
-      // Combine is BF16 only; give it BF16 rows of the received shape.
-      std::vector<NormalDispatchOutput> bf(R);
-      for (int j = 0; j < R; ++j) {
-        bf[j] = full[j];
-        bf[j].recv_x = as_bytes(random_small_bf16(rng, static_cast<size_t>(full[j].num_rows) * p.hidden));
-      }
-      return bf;
-    }(), rng, true));
+    check_host_cluster(p, identity_combine_inputs(
+                              p,
+                              [&] {
+                                // Combine is BF16 only; give it BF16 rows of the received shape.
+                                std::vector<NormalDispatchOutput> bf(R);
+                                for (int j = 0; j < R; ++j) {
+                                  bf[j] = full[j];
+                                  bf[j].recv_x = as_bytes(
+                                      random_small_bf16(rng, static_cast<size_t>(full[j].num_rows) * p.hidden));
+                                }
+                                return bf;
+                              }(),
+                              rng, true));
   }
 }
 

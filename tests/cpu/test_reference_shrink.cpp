@@ -39,8 +39,8 @@ Problem random_problem(std::mt19937& rng, int R, bool fp8) {
 // Expert outputs y = recv rows (BF16 mode) or any values: per slot, from the rank's dispatch.
 std::vector<LowLatencyCombineInput> combine_inputs(const Problem& p, std::mt19937& rng) {
   std::vector<LowLatencyCombineInput> c(p.R);
-  const size_t y_size = static_cast<size_t>(p.o.num_experts / p.R) * p.R * p.o.num_max_dispatch_tokens_per_rank *
-                        p.o.hidden;
+  const size_t y_size =
+      static_cast<size_t>(p.o.num_experts / p.R) * p.R * p.o.num_max_dispatch_tokens_per_rank * p.o.hidden;
   for (int r = 0; r < p.R; ++r) c[r] = {p.in[r].num_tokens, random_small_bf16(rng, y_size), p.in[r].topk_idx, p.w[r]};
   return c;
 }

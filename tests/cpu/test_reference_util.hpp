@@ -25,10 +25,10 @@ inline uint32_t fresh_seed() {
 }
 
 // Declares `rng`, seeded freshly, with the seed in every failure message of the enclosing scope.
-#define EPCOMM_SEEDED_RNG(rng)                                                              \
-  const uint32_t rng##_seed = ::epcomm::ref::testing_util::fresh_seed();                    \
-  SCOPED_TRACE(::testing::Message() << "seed " << rng##_seed << " (EPCOMM_TEST_SEED=" \
-                                    << rng##_seed << " replays it)");                      \
+#define EPCOMM_SEEDED_RNG(rng)                                                                      \
+  const uint32_t rng##_seed = ::epcomm::ref::testing_util::fresh_seed();                            \
+  SCOPED_TRACE(::testing::Message() << "seed " << rng##_seed << " (EPCOMM_TEST_SEED=" << rng##_seed \
+                                    << " replays it)");                                             \
   std::mt19937 rng(rng##_seed)
 
 inline int uniform(std::mt19937& rng, int lo, int hi) {  // [lo, hi]
@@ -108,8 +108,7 @@ inline int64_t range_begin(int64_t range) { return range >> 32; }
 inline int64_t range_count(int64_t range) { return range & 0xffffffff; }
 
 // Runs f, expects an ArgumentError whose message contains every fragment; returns the message.
-inline std::string expect_argument_error(const std::function<void()>& f,
-                                         std::initializer_list<std::string> fragments) {
+inline std::string expect_argument_error(const std::function<void()>& f, std::initializer_list<std::string> fragments) {
   try {
     f();
   } catch (const ArgumentError& e) {

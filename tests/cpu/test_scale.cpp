@@ -345,8 +345,8 @@ HierarchicalDispatch model_hierarchical_dispatch(const NormalProblem& p) {
 // Hierarchical combine: forwarder (m, l) sums, in float32, the rows its node's ranks return for a
 // token of origin (n, l), ascending local rank; the origin adds the node partials ascending node,
 // then bias0, bias1, and rounds once (docs/design-internode.md "Combine mirrors it").
-std::vector<std::vector<uint16_t>> model_hierarchical_combine(const NormalProblem& p, const std::vector<CombineInput>& cin,
-                                                              bool real) {
+std::vector<std::vector<uint16_t>> model_hierarchical_combine(const NormalProblem& p,
+                                                              const std::vector<CombineInput>& cin, bool real) {
   const int R = p.R, P = p.P, N = R / P, K = p.K, H = p.hidden, per_rank = p.E / R;
   std::vector<std::vector<uint16_t>> out(R);
   std::vector<float> partial(H), acc(H);
@@ -485,21 +485,21 @@ TEST_P(ScaleNormal, HierarchicalModelMatchesReference) {
       }
     }
   }
-  std::printf("[ scale    ] hierarchical %s: %d nodes, %llu network rows, %d of %d outputs differ by rounding, %.2f s\n",
-              name_of(c).c_str(), N, static_cast<unsigned long long>(net_total), differ, total, seconds_since(start));
+  std::
+      printf("[ scale    ] hierarchical %s: %d nodes, %llu network rows, %d of %d outputs differ by rounding, %.2f s\n",
+             name_of(c).c_str(), N, static_cast<unsigned long long>(net_total), differ, total, seconds_since(start));
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Ranks, ScaleNormal,
-    ::testing::Values(NormalCase{64, 64, DType::kBF16},   // one NVLink domain of 64
+    ::testing::Values(NormalCase{64, 64, DType::kBF16},     // one NVLink domain of 64
                       NormalCase{72, 72, DType::kFP8E4M3},  // NVL72
-                      NormalCase{64, 8, DType::kBF16},    // 8 nodes x 8
-                      NormalCase{128, 8, DType::kBF16},   // 16 nodes x 8: the normal-mode target
-                      NormalCase{128, 8, DType::kFP8E4M3},
-                      NormalCase{144, 72, DType::kBF16},  // 2 x NVL72
-                      NormalCase{256, 8, DType::kBF16},   // 32 nodes x 8
-                      NormalCase{320, 8, DType::kBF16},   // 40 nodes x 8
-                      NormalCase{320, 1, DType::kBF16}),  // 320 nodes of one rank
+                      NormalCase{64, 8, DType::kBF16},      // 8 nodes x 8
+                      NormalCase{128, 8, DType::kBF16},     // 16 nodes x 8: the normal-mode target
+                      NormalCase{128, 8, DType::kFP8E4M3}, NormalCase{144, 72, DType::kBF16},  // 2 x NVL72
+                      NormalCase{256, 8, DType::kBF16},                                        // 32 nodes x 8
+                      NormalCase{320, 8, DType::kBF16},                                        // 40 nodes x 8
+                      NormalCase{320, 1, DType::kBF16}),                                       // 320 nodes of one rank
     [](const auto& info) { return name_of(info.param); });
 
 // ---- low-latency mode ----
@@ -595,8 +595,7 @@ void check_low_latency_dispatch(const LowLatencyProblem& p, const std::vector<Lo
             if (p.o.use_ue8m0)
               ASSERT_EQ((static_cast<uint32_t>(o.recv_scales_ue8m0[slot * W + g / 4]) >> (8 * (g % 4))) & 0xff,
                         ue8m0_of(scale));
-            else
-              ASSERT_EQ(o.recv_scales[slot * G + g], scale);
+            else ASSERT_EQ(o.recv_scales[slot * G + g], scale);
             for (int ch = 0; ch < 128; ++ch)
               ASSERT_EQ(o.recv_x[slot * H + g * 128 + ch], float_to_e4m3(bf16_to_float(x[g * 128 + ch]) / scale));
           }
@@ -648,7 +647,8 @@ void check_low_latency_combine(const LowLatencyProblem& p, const std::vector<std
           const int64_t e = in.topk_idx[static_cast<size_t>(t) * K + k];
           if (e >= 0) want += p.weights[i][static_cast<size_t>(t) * K + k] * expert_value(e, i, t, c);
         }
-        ASSERT_EQ(out[i][static_cast<size_t>(t) * H + c], bf16(want)) << "rank " << i << " token " << t << " channel " << c;
+        ASSERT_EQ(out[i][static_cast<size_t>(t) * H + c], bf16(want))
+            << "rank " << i << " token " << t << " channel " << c;
       }
   }
 }

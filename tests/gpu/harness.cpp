@@ -134,9 +134,10 @@ void run_ranks(int num_ranks, const std::function<void(int, std::shared_ptr<Grou
   } else {
     local = Group::create_local(devices, ranks_per_node);
   }
-  run_rank_threads(iota_ranks(num_ranks), devices, [&](int r) {
-    return use_nccl ? Group::create_nccl(id, num_ranks, r, devices[r], ranks_per_node) : local[r];
-  }, fn);
+  run_rank_threads(
+      iota_ranks(num_ranks), devices,
+      [&](int r) { return use_nccl ? Group::create_nccl(id, num_ranks, r, devices[r], ranks_per_node) : local[r]; },
+      fn);
 }
 
 bool run_ranks_cleanly(int num_ranks, const std::function<void(int, std::shared_ptr<Group>)>& fn, int ranks_per_node) {
@@ -148,14 +149,16 @@ bool run_ranks_cleanly(int num_ranks, const std::function<void(int, std::shared_
 
 void run_local_ranks(const std::vector<int>& devices, const std::function<void(int, std::shared_ptr<Group>)>& fn) {
   const std::vector<std::shared_ptr<Group>> local = Group::create_local(devices);
-  run_rank_threads(iota_ranks(static_cast<int>(devices.size())), devices, [&](int r) { return local[r]; }, fn);
+  run_rank_threads(
+      iota_ranks(static_cast<int>(devices.size())), devices, [&](int r) { return local[r]; }, fn);
 }
 
 void run_group_threads(const std::vector<int>& ranks, const std::vector<std::shared_ptr<Group>>& groups,
                        const std::function<void(int, std::shared_ptr<Group>)>& fn) {
   std::vector<int> devices;
   for (const auto& g : groups) devices.push_back(g->device());
-  run_rank_threads(ranks, devices, [&](int i) { return groups[i]; }, fn);
+  run_rank_threads(
+      ranks, devices, [&](int i) { return groups[i]; }, fn);
 }
 
 ::testing::AssertionResult close_bf16(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,

@@ -105,8 +105,8 @@ template <typename T>
   if (got.size() < count || want.size() < count) return ::testing::AssertionFailure() << what << ": size mismatch";
   for (size_t i = 0; i < count; ++i)
     if (!(got[i] == want[i]))
-      return ::testing::AssertionFailure() << what << ": first mismatch at element " << i << " of " << count
-                                           << " (got " << +got[i] << ", want " << +want[i] << ")";
+      return ::testing::AssertionFailure() << what << ": first mismatch at element " << i << " of " << count << " (got "
+                                           << +got[i] << ", want " << +want[i] << ")";
   return ::testing::AssertionSuccess();
 }
 

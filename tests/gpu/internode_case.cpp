@@ -73,7 +73,6 @@ std::vector<int32_t> expected_chunk_offset(const std::vector<RankInputs>& in, in
   return want;
 }
 
-
 InterRun make_inter_run(const InterCase& c, uint64_t seed) {
   InterRun run;
   run.seed = seed;
@@ -110,11 +109,12 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
   // crosses the network once per destination node): rows checked below, puts and bytes as counted.
   const auto report = [&](const char* what, int step, const Buffer::InternodeStats& s, uint64_t want_rows) {
     if (!c.report_traffic) return;
-    std::printf("[traffic] rank %d step %d %s: network rows %llu (expected %llu), puts %llu, bytes %llu, "
-                "NVLink bytes %llu\n",
-                r, step, what, static_cast<unsigned long long>(s.network_rows),
-                static_cast<unsigned long long>(want_rows), static_cast<unsigned long long>(s.network_puts),
-                static_cast<unsigned long long>(s.network_bytes), static_cast<unsigned long long>(s.nvlink_bytes));
+    std::printf(
+        "[traffic] rank %d step %d %s: network rows %llu (expected %llu), puts %llu, bytes %llu, "
+        "NVLink bytes %llu\n",
+        r, step, what, static_cast<unsigned long long>(s.network_rows), static_cast<unsigned long long>(want_rows),
+        static_cast<unsigned long long>(s.network_puts), static_cast<unsigned long long>(s.network_bytes),
+        static_cast<unsigned long long>(s.nvlink_bytes));
     std::fflush(stdout);
   };
   cudaStream_t stream;
@@ -134,76 +134,76 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
   // GPU timeout (the "lost" step-1 meta signals, which in fact arrived after the waiters gave
   // up). EPCOMM_TEST_FREE_EACH_STEP=1 brings that pattern back (fresh tensors each step, the
   // old ones freed at the step boundary) to show the hang on ranks sharing a GPU.
-  const bool free_each_step = std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr &&
-                              std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
+  const bool free_each_step =
+      std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr && std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
   const int stride = buf.chunk_offset_stride(cfg);
   NormalRank t(c, run.reference, r, stride, group->device());
   int at_step = 0;
   const char* at_part = "start";
   try {
-  for (int step = 0; step < c.steps; ++step) {
-    SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
-    at_step = step;
-    at_part = "layout";
-    if (step > 0) {
-      if (free_each_step) {
-        t.allocate_outputs();  // frees the previous step's (cudaFree: device-wide wait)
-      } else {
-        t.poison_outputs();  // outputs must be written again by this step (no stale results from the last one)
+    for (int step = 0; step < c.steps; ++step) {
+      SCOPED_TRACE("rank " + std::to_string(r) + " step " + std::to_string(step));
+      at_step = step;
+      at_part = "layout";
+      if (step > 0) {
+        if (free_each_step) {
+          t.allocate_outputs();  // frees the previous step's (cudaFree: device-wide wait)
+        } else {
+          t.poison_outputs();  // outputs must be written again by this step (no stale results from the last one)
+        }
+      }
+      // layout (per-node counts included)
+      t.run_layout(buf, stream, order);
+
+      at_part = "dispatch";
+      const DispatchInputs di = t.dispatch_inputs(cfg);
+      DispatchHandle h = t.handle();
+      const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+      if (!plan) return;
+      const DispatchOutputs dout = t.dispatch_outputs();
+      buf.internode_stats(/*reset=*/true);
+      buf.dispatch_run(di, *plan, h, dout, order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
+      const Buffer::InternodeStats ds = buf.internode_stats(true);
+      report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
+      EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
+      EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
+          << "dispatch: bytes read from node peers";
+      EXPECT_TRUE(same_values(t.chunk_off.download<int32_t>(),
+                              expected_chunk_offset(run.reference.in, r, R, cfg.chunk_tokens(), stride),
+                              "chunk_offset [source][chunk] (the receive plan)"))
+          << "plan.max_chunks " << plan->max_chunks << ", stride " << stride;
+      t.expect_dispatch();
+      if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
+
+      // combine
+      at_part = "combine";
+      t.upload_combine_inputs();
+      const CombineInputs ci = t.combine_inputs(ccfg);
+      const CombineOutputs co = t.combine_outputs();
+      buf.combine(ci, h, co, order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync combine");
+      const Buffer::InternodeStats cs = buf.internode_stats(true);
+      report("combine", step, cs, traffic.combine_net_rows[r]);
+      EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
+      // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
+      t.expect_combine(/*bit_exact=*/false);
+
+      // cached dispatch with new x
+      at_part = "cached dispatch";
+      buf.cached_dispatch(t.x2.view(), t.cached_scales(), h, t.cached_outputs(), cfg, order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync cached");
+      const Buffer::InternodeStats cached_stats = buf.internode_stats(true);
+      report("cached dispatch", step, cached_stats, traffic.dispatch_net_rows[r]);
+      EXPECT_EQ(cached_stats.network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
+      t.expect_cached();
+
+      if (c.graph && step == 0) {
+        at_part = "graph";
+        t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/false);
+        t.x.upload(t.ri.x);
       }
     }
-    // layout (per-node counts included)
-    t.run_layout(buf, stream, order);
-
-    at_part = "dispatch";
-    const DispatchInputs di = t.dispatch_inputs(cfg);
-    DispatchHandle h = t.handle();
-    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
-    if (!plan) return;
-    const DispatchOutputs dout = t.dispatch_outputs();
-    buf.internode_stats(/*reset=*/true);
-    buf.dispatch_run(di, *plan, h, dout, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
-    const Buffer::InternodeStats ds = buf.internode_stats(true);
-    report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
-    EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
-    EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
-        << "dispatch: bytes read from node peers";
-    EXPECT_TRUE(same_values(t.chunk_off.download<int32_t>(),
-                            expected_chunk_offset(run.reference.in, r, R, cfg.chunk_tokens(), stride),
-                            "chunk_offset [source][chunk] (the receive plan)"))
-        << "plan.max_chunks " << plan->max_chunks << ", stride " << stride;
-    t.expect_dispatch();
-    if (::testing::Test::HasFailure()) dump(("after dispatch, step " + std::to_string(step)).c_str());
-
-    // combine
-    at_part = "combine";
-    t.upload_combine_inputs();
-    const CombineInputs ci = t.combine_inputs(ccfg);
-    const CombineOutputs co = t.combine_outputs();
-    buf.combine(ci, h, co, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync combine");
-    const Buffer::InternodeStats cs = buf.internode_stats(true);
-    report("combine", step, cs, traffic.combine_net_rows[r]);
-    EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
-    // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
-    t.expect_combine(/*bit_exact=*/false);
-
-    // cached dispatch with new x
-    at_part = "cached dispatch";
-    buf.cached_dispatch(t.x2.view(), t.cached_scales(), h, t.cached_outputs(), cfg, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync cached");
-    const Buffer::InternodeStats cached_stats = buf.internode_stats(true);
-    report("cached dispatch", step, cached_stats, traffic.dispatch_net_rows[r]);
-    EXPECT_EQ(cached_stats.network_rows, traffic.dispatch_net_rows[r]) << "cached: network rows";
-    t.expect_cached();
-
-    if (c.graph && step == 0) {
-      at_part = "graph";
-      t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/false);
-      t.x.upload(t.ri.x);
-    }
-  }
   } catch (...) {
     std::fprintf(stderr, "[internode] rank %d: error in step %d, %s\n", r, at_step, at_part);
     dump("after an error");

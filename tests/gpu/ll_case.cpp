@@ -152,9 +152,11 @@ LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::sh
     for (int bi = 0; bi < 2; ++bi) {
       std::vector<uint64_t> counts(static_cast<size_t>(EL) * R), done(R);
       cuda_ok(cudaMemcpyAsync(counts.data(), region + L.count(bi, 0, 0), counts.size() * 8, cudaMemcpyDeviceToHost,
-                              cudaStreamPerThread), "read counts");
+                              cudaStreamPerThread),
+              "read counts");
       cuda_ok(cudaMemcpyAsync(done.data(), region + L.done(bi, 0), done.size() * 8, cudaMemcpyDeviceToHost,
-                              cudaStreamPerThread), "read done");
+                              cudaStreamPerThread),
+              "read done");
       cuda_ok(cudaStreamSynchronize(cudaStreamPerThread), "read region");
       for (int src = 0; src < R; ++src) {
         if (src / P == r / P) continue;

@@ -26,7 +26,7 @@ struct LLRankResult {
   std::vector<RoundOutput> got;  // [round]
   std::vector<int32_t> cum;      // cumulative_local_expert_recv_stats
   std::vector<int64_t> dwait, cwait;
-  int net_used = 0;              // the network path (where the case expects it)
+  int net_used = 0;  // the network path (where the case expects it)
   uint64_t net_puts = 0, net_bytes = 0, lsa_remote_words = 0;
 };
 LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::shared_ptr<Group>& group);

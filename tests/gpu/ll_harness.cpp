@@ -22,8 +22,8 @@ struct Row {
   bool operator==(const Row& o) const { return src == o.src && bytes == o.bytes; }
 };
 
-Row make_row(const LLCase& c, int64_t slot, int32_t src, const std::vector<uint8_t>& x, const std::vector<float>& scales,
-             const std::vector<int32_t>& packed) {
+Row make_row(const LLCase& c, int64_t slot, int32_t src, const std::vector<uint8_t>& x,
+             const std::vector<float>& scales, const std::vector<int32_t>& packed) {
   const int H = c.hidden, G = H / 128, W = (G + 3) / 4;
   const size_t row_bytes = static_cast<size_t>(H) * (c.use_fp8 ? 1 : 2);
   Row r{src, std::vector<uint8_t>(x.begin() + slot * row_bytes, x.begin() + (slot + 1) * row_bytes)};
@@ -41,9 +41,9 @@ Row make_row(const LLCase& c, int64_t slot, int32_t src, const std::vector<uint8
 }  // namespace
 
 std::string describe(const LLCase& c) {
-  std::string s = "R=" + std::to_string(c.num_ranks) + " hidden=" + std::to_string(c.hidden) + " K=" +
-                  std::to_string(c.num_topk) + " E=" + std::to_string(c.num_experts) + " Tmax=" +
-                  std::to_string(c.max_tokens) + (c.use_fp8 ? " fp8" : " bf16");
+  std::string s = "R=" + std::to_string(c.num_ranks) + " hidden=" + std::to_string(c.hidden) +
+                  " K=" + std::to_string(c.num_topk) + " E=" + std::to_string(c.num_experts) +
+                  " Tmax=" + std::to_string(c.max_tokens) + (c.use_fp8 ? " fp8" : " bf16");
   if (c.round_scale) s += " round_scale";
   if (c.use_ue8m0) s += " ue8m0";
   if (c.hook) s += " hook";
@@ -84,7 +84,8 @@ RoundInput make_input(const LLCase& c, uint64_t seed, int round, int rank, int n
   in.topk = in.ref_topk;
   if (c.out_of_range)
     for (size_t i = 0; i < in.topk.size(); ++i)
-      if (in.topk[i] < 0 && i % 3 == 0) in.topk[i] = (i % 2) ? c.num_experts + static_cast<int64_t>(i % 5) : -2 - static_cast<int64_t>(i % 7);
+      if (in.topk[i] < 0 && i % 3 == 0)
+        in.topk[i] = (i % 2) ? c.num_experts + static_cast<int64_t>(i % 5) : -2 - static_cast<int64_t>(i % 7);
   in.weights = random_weights(rng, in.topk.size());
   const int64_t slots = static_cast<int64_t>(c.num_ranks) * c.max_tokens;
   in.y = testing::fast_bf16(seed * 31 + round * 1009 + rank,
@@ -174,14 +175,16 @@ RoundOutput download_dispatch(const LLCase& c, int R, const Batch& b) {
     o.scales.resize(raw.size());
     for (int e = 0; e < EL; ++e)
       for (int g = 0; g < G; ++g)
-        for (int64_t s = 0; s < RT; ++s) o.scales[(e * RT + s) * G + g] = raw[(static_cast<int64_t>(e) * G + g) * RT + s];
+        for (int64_t s = 0; s < RT; ++s)
+          o.scales[(e * RT + s) * G + g] = raw[(static_cast<int64_t>(e) * G + g) * RT + s];
   }
   if (c.use_fp8 && c.use_ue8m0) {
     const auto raw = b.scales.download<int32_t>();  // [EL][W][RT]
     o.packed.resize(raw.size());
     for (int e = 0; e < EL; ++e)
       for (int w = 0; w < W; ++w)
-        for (int64_t s = 0; s < RT; ++s) o.packed[(e * RT + s) * W + w] = raw[(static_cast<int64_t>(e) * W + w) * RT + s];
+        for (int64_t s = 0; s < RT; ++s)
+          o.packed[(e * RT + s) * W + w] = raw[(static_cast<int64_t>(e) * W + w) * RT + s];
   }
   return o;
 }
@@ -210,15 +213,16 @@ LowLatencyPartials partials_in_use(const LLCase& c) {
 // only (|error| <= 30 * 2^-24 absref, tested with 2^-18).
 std::string close_combine(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
                           const std::vector<uint16_t>& absref, LowLatencyPartials kind) {
-  if (got.size() != want.size()) return "combined x: size " + std::to_string(got.size()) + ", want " + std::to_string(want.size());
+  if (got.size() != want.size())
+    return "combined x: size " + std::to_string(got.size()) + ", want " + std::to_string(want.size());
   const float rel = low_latency_partials_tolerance(kind);
   for (size_t i = 0; i < got.size(); ++i) {
     const float g = bf16_value(got[i]), w = bf16_value(want[i]), a = bf16_value(absref[i]);
     const float tol = a * rel + std::fabs(w) * (1.0f / 128.0f);
     if (!(std::fabs(g - w) <= tol))
-      return std::string("combined x (per-rank ") + low_latency_partials_name(kind) + " partials, tolerance) differs at element " +
-             std::to_string(i) + ": got " + std::to_string(g) + ", want " + std::to_string(w) + ", tolerance " +
-             std::to_string(tol);
+      return std::string("combined x (per-rank ") + low_latency_partials_name(kind) +
+             " partials, tolerance) differs at element " + std::to_string(i) + ": got " + std::to_string(g) +
+             ", want " + std::to_string(w) + ", tolerance " + std::to_string(tol);
   }
   return "";
 }
@@ -262,8 +266,8 @@ std::string check_round(const LLCase& c, const std::vector<RoundInput>& in, cons
         std::vector<Row> a, b;
         for (int64_t i = 0; i < gn; ++i) {
           a.push_back(make_row(c, e * RT + gb + i, g.src_info[e * RT + gb + i], g.recv_x, g.scales, g.packed));
-          b.push_back(make_row(c, e * RT + wb + i, w.src_info[e * RT + wb + i], w.recv_x, w.recv_scales,
-                               w.recv_scales_ue8m0));
+          b.push_back(
+              make_row(c, e * RT + wb + i, w.src_info[e * RT + wb + i], w.recv_x, w.recv_scales, w.recv_scales_ue8m0));
         }
         std::sort(a.begin(), a.end());
         std::sort(b.begin(), b.end());

@@ -22,8 +22,8 @@ struct LLCase {
   int hidden = 1024;
   int num_topk = 8;
   int num_experts = 16;
-  int max_tokens = 64;        // Tmax
-  int fixed_tokens = -1;      // >= 0: every rank has exactly this many tokens, else random (rank 0: Tmax)
+  int max_tokens = 64;    // Tmax
+  int fixed_tokens = -1;  // >= 0: every rank has exactly this many tokens, else random (rank 0: Tmax)
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
@@ -36,10 +36,10 @@ struct LLCase {
   int order_mode = 0;         // 0: on the caller's stream, 1: async_finish + event, 2: previous_event
   double drop_rate = 0.1;
   int64_t timeout_ms = 5000;
-  int ranks_per_node = 0;     // > 0: virtual nodes of this many ranks (Group::ranks_per_node)
-  int low_latency_net = -1;   // BufferOptions::low_latency_net (1: sized with low_latency_net_size_hint)
-  bool expect_network = false;  // the network path without asking for it (real nodes, tests/gin): sized
-                                // for it, its counters checked as with low_latency_net = 1
+  int ranks_per_node = 0;          // > 0: virtual nodes of this many ranks (Group::ranks_per_node)
+  int low_latency_net = -1;        // BufferOptions::low_latency_net (1: sized with low_latency_net_size_hint)
+  bool expect_network = false;     // the network path without asking for it (real nodes, tests/gin): sized
+                                   // for it, its counters checked as with low_latency_net = 1
   uint32_t first_call_number = 0;  // BufferOptions::first_call_number (numbers near kLastCallNumber)
 };
 
@@ -49,15 +49,15 @@ struct RoundInput {
   std::vector<int64_t> topk;      // as the device gets it
   std::vector<int64_t> ref_topk;  // out-of-range ids replaced by -1
   std::vector<float> weights;
-  std::vector<uint16_t> y;        // [E/R, R*Tmax, hidden]
+  std::vector<uint16_t> y;  // [E/R, R*Tmax, hidden]
 };
 
 struct RoundOutput {
   std::vector<int32_t> recv_count, src_info;
   std::vector<int64_t> layout_range;
   std::vector<uint8_t> recv_x;
-  std::vector<float> scales;      // logical [E/R, R*Tmax, G]
-  std::vector<int32_t> packed;    // logical [E/R, R*Tmax, ceil(G/4)]
+  std::vector<float> scales;    // logical [E/R, R*Tmax, G]
+  std::vector<int32_t> packed;  // logical [E/R, R*Tmax, ceil(G/4)]
   std::vector<uint16_t> out;
 };
 
@@ -72,8 +72,8 @@ struct RankBuffer {
     bo.num_nvl_bytes = num_nvl_bytes;
     // The network path's size where it may be taken (the option, or EPCOMM_LL_NET for -1).
     const char* env_net = std::getenv("EPCOMM_LL_NET");
-    const bool net = c.low_latency_net == 1 || c.expect_network ||
-                     (c.low_latency_net < 0 && env_net && std::atoi(env_net) != 0);
+    const bool net =
+        c.low_latency_net == 1 || c.expect_network || (c.low_latency_net < 0 && env_net && std::atoi(env_net) != 0);
     bo.num_rdma_bytes = net ? Buffer::low_latency_net_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts)
                             : Buffer::low_latency_size_hint(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
     bo.low_latency_net = c.low_latency_net;

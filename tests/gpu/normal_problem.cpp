@@ -93,7 +93,8 @@ NormalReference make_normal_reference(const NormalProblem& c, uint64_t seed) {
 std::vector<float> column_major(const std::vector<float>& row_major, int rows, int cols) {
   std::vector<float> out(row_major.size());
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
+    for (int c = 0; c < cols; ++c)
+      out[static_cast<size_t>(c) * rows + r] = row_major[static_cast<size_t>(r) * cols + c];
   return out;
 }
 

@@ -18,13 +18,13 @@ struct NormalProblem {
   int hidden = 1024;
   int num_topk = 8;
   int num_experts = 64;
-  int max_tokens = 300;    // T of each rank drawn from [0, max_tokens]; rank 0 gets max_tokens
-  int fixed_tokens = -1;   // >= 0: every rank has exactly this many tokens
+  int max_tokens = 300;   // T of each rank drawn from [0, max_tokens]; rank 0 gets max_tokens
+  int fixed_tokens = -1;  // >= 0: every rank has exactly this many tokens
   bool with_topk = true;
   bool skewed = false;
-  bool worst = false;      // num_worst_tokens = R * max_tokens
+  bool worst = false;  // num_worst_tokens = R * max_tokens
   bool with_bias = true;
-  bool graph = false;      // also capture layout + dispatch + combine in a CUDA graph and replay
+  bool graph = false;  // also capture layout + dispatch + combine in a CUDA graph and replay
   int num_sms = 8;
   int expert_alignment = 4;
   // FP8 scales (DeepEP's forms): float32 or int32 words (packed UE8M0 exponents), num_scales words per
@@ -48,7 +48,7 @@ struct RankInputs {
   std::vector<float> scales, scales2;  // fp8 scale words, row-major (device layout: scale_layout)
   std::vector<int64_t> topk;
   std::vector<float> weights;
-  ref::Layout layout;                  // the reference layout (per-node counts with several nodes)
+  ref::Layout layout;  // the reference layout (per-node counts with several nodes)
 };
 
 struct NormalReference {

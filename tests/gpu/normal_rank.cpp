@@ -199,8 +199,7 @@ void NormalRank::expect_combine(bool bit_exact) const {
   const ref::CombineOutput& w = reference.combine[r];
   EXPECT_TRUE(close_bf16(out.download<uint16_t>(), w.combined_x, "combined_x", 1e-2));
   if (bit_exact) EXPECT_TRUE(same_values(out.download<uint16_t>(), w.combined_x, "combined_x (bit-exact)"));
-  if (c.with_topk)
-    EXPECT_TRUE(same_values(out_w.download<float>(), w.combined_topk_weights, "combined_topk_weights"));
+  if (c.with_topk) EXPECT_TRUE(same_values(out_w.download<float>(), w.combined_topk_weights, "combined_topk_weights"));
 }
 
 void NormalRank::expect_cached() const {
@@ -235,8 +234,7 @@ void NormalRank::replay_graph(Buffer& buf, cudaStream_t stream, const StreamOrde
     EXPECT_TRUE(same_values(rx.download<uint8_t>(), want_x, "graph recv_x", nrecv * c.hidden * elt));
     if (bit_exact)
       EXPECT_TRUE(same_values(out.download<uint16_t>(), reference.combine[r].combined_x, "graph combined_x"));
-    else
-      EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "graph combined_x", 1e-2));
+    else EXPECT_TRUE(close_bf16(out.download<uint16_t>(), reference.combine[r].combined_x, "graph combined_x", 1e-2));
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);

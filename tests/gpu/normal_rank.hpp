@@ -47,7 +47,7 @@ struct NormalRank {
   // Each output against the reference (gtest expectations).
   void expect_layout() const;
   void expect_plan(const DispatchPlan& plan) const;  // the host's per-expert counts
-  void expect_dispatch() const;  // prefix matrix, per-expert counts, rows, source indices, scales, topk
+  void expect_dispatch() const;               // prefix matrix, per-expert counts, rows, source indices, scales, topk
   void expect_combine(bool bit_exact) const;  // within BF16 rounding; bit_exact: also bit for bit
   void expect_cached() const;
 

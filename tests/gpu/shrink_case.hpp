@@ -40,9 +40,9 @@ struct DeadRankRun {
 DeadRankRun make_dead_rank_run(const LLCase& c, int dead, bool stop_in_combine, int64_t timeout_ms, uint64_t seed);
 
 struct DeadRankResult {
-  std::vector<RoundOutput> got;               // [round]
-  std::vector<double> secs;                   // [round]
-  std::vector<std::vector<int32_t>> masks;    // [round]
+  std::vector<RoundOutput> got;             // [round]
+  std::vector<double> secs;                 // [round]
+  std::vector<std::vector<int32_t>> masks;  // [round]
 };
 DeadRankResult run_dead_rank_rank(const DeadRankRun& run, int r, const std::shared_ptr<Group>& group);
 void check_dead_rank(const DeadRankRun& run, const std::vector<DeadRankResult>& results);

@@ -18,8 +18,8 @@ std::vector<int64_t> step_topk(std::mt19937_64& rng, const Step& s, int T, int E
 }
 
 struct NormalRankInput {
-  ref::NormalInput in, cached;   // dispatch, cached dispatch (new x)
-  std::vector<uint16_t> bias0;   // combine bias
+  ref::NormalInput in, cached;  // dispatch, cached dispatch (new x)
+  std::vector<uint16_t> bias0;  // combine bias
 };
 
 NormalRankInput normal_input(const Problem& p, const Step& s, int step, int rank) {
@@ -257,7 +257,8 @@ std::string check_normal(const Problem& p, const Step& s, int step, const std::v
     if (m.empty()) m = first_diff(g.per_rank, lay.num_tokens_per_rank, R, "num_tokens_per_rank");
     if (m.empty()) m = first_diff(g.per_expert, lay.num_tokens_per_expert, E, "num_tokens_per_expert");
     if (m.empty()) m = first_diff(g.in_rank, lay.is_token_in_rank, lay.is_token_in_rank.size(), "is_token_in_rank");
-    if (m.empty()) m = first_diff(g.prefix, w.handle.rank_prefix_matrix, static_cast<size_t>(R) * R, "rank_prefix_matrix");
+    if (m.empty())
+      m = first_diff(g.prefix, w.handle.rank_prefix_matrix, static_cast<size_t>(R) * R, "rank_prefix_matrix");
     if (m.empty())
       m = first_diff(g.recv_per_expert, w.num_recv_tokens_per_expert, E / R, "num_recv_tokens_per_expert (device)");
     if (m.empty()) m = first_diff(g.src_idx, w.handle.recv_src_idx, nrecv, "recv_src_idx");
@@ -268,8 +269,8 @@ std::string check_normal(const Problem& p, const Step& s, int step, const std::v
     if (m.empty())
       m = first_diff(g.combined_x, want_comb[r].combined_x, want_comb[r].combined_x.size(), "combined_x (bit-exact)");
     if (m.empty())
-      m = first_diff(g.combined_weights, want_comb[r].combined_topk_weights,
-                     want_comb[r].combined_topk_weights.size(), "combined_topk_weights");
+      m = first_diff(g.combined_weights, want_comb[r].combined_topk_weights, want_comb[r].combined_topk_weights.size(),
+                     "combined_topk_weights");
     if (m.empty() && s.cached) m = first_diff(g.cached_x, want_cached[r].recv_x, nrecv * H * elt, "cached recv_x");
     if (m.empty() && s.cached && s.fp8)
       m = first_diff(g.cached_scales, want_cached[r].recv_scales, nrecv * G, "cached recv_x_scales");

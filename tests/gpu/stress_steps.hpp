@@ -26,10 +26,10 @@ int env_int(const char* name, int fallback);
 struct Step {
   bool low_latency = false;
   bool fp8 = false;
-  int routing = 0;       // 0 uniform, 1 hot rank (experts of ranks 0-1 only), 2 every token to expert 0
-  bool worst = false;    // normal: num_worst_tokens
-  bool cached = false;   // normal: also a cached dispatch
-  bool hook = false;     // LL: send and receive halves as two calls
+  int routing = 0;      // 0 uniform, 1 hot rank (experts of ranks 0-1 only), 2 every token to expert 0
+  bool worst = false;   // normal: num_worst_tokens
+  bool cached = false;  // normal: also a cached dispatch
+  bool hook = false;    // LL: send and receive halves as two calls
   int hidden = 0;
   int num_topk = 0;
   std::vector<int> tokens;  // per rank

@@ -146,8 +146,8 @@ TEST(InternodeGpu, TokenToTwoGpusOfOneRemoteNodeCrossesOnce) {
   EXPECT_EQ(tr.dispatch_net_rows[0], static_cast<uint64_t>(kT));  // once, though two GPUs of node 1 get each token
   EXPECT_EQ(tr.dispatch_nvl_rows[3], static_cast<uint64_t>(kT));  // rank 3 pulls from its forwarder, rank 2
   EXPECT_EQ(tr.dispatch_nvl_rows[2], 0u);
-  EXPECT_EQ(tr.combine_net_rows[2], static_cast<uint64_t>(kT));   // one partial sum per token back to rank 0
-  run_inter_case(c);  // asserts the GPU counters equal these
+  EXPECT_EQ(tr.combine_net_rows[2], static_cast<uint64_t>(kT));  // one partial sum per token back to rank 0
+  run_inter_case(c);                                             // asserts the GPU counters equal these
 }
 
 // Low-latency mode over virtual nodes: every output against the reference (ll_harness).
@@ -196,15 +196,16 @@ TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
         bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
         Buffer buf(group, bo);
         const int dev = group->device();
-        DeviceTensor x(DType::kBF16, {8, 4096}, dev), per_rank(DType::kI32, {2}, dev), in_rank(DType::kBool, {8, 2}, dev),
-            per_expert(DType::kI32, {8}, dev);
+        DeviceTensor x(DType::kBF16, {8, 4096}, dev), per_rank(DType::kI32, {2}, dev),
+            in_rank(DType::kBool, {8, 2}, dev), per_expert(DType::kI32, {8}, dev);
         DispatchInputs di;
         di.x = x.view();
         di.num_tokens_per_rank = per_rank.view();
         di.is_token_in_rank = in_rank.view();
         di.num_tokens_per_expert = per_expert.view();
         di.config.num_sms = 2;
-        DeviceTensor prefix(DType::kI32, {2, 2}, dev), chunk_off(DType::kI32, {2, buf.chunk_offset_stride(di.config)}, dev);
+        DeviceTensor prefix(DType::kI32, {2, 2}, dev),
+            chunk_off(DType::kI32, {2, buf.chunk_offset_stride(di.config)}, dev);
         DispatchHandle h;
         h.rank_prefix_matrix = prefix.view();
         h.chunk_offset = chunk_off.view();

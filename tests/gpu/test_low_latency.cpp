@@ -44,10 +44,13 @@ TEST(InternodeLowLatencyNet, OneNodeOrSwitchOffKeepsLsa) {
   for (int P : {4, 2}) {
     LLCase c = net_cases(P)[0];
     c.low_latency_net = P == 4 ? 1 : 0;
-    run_ranks(4, [&](int, std::shared_ptr<Group> group) {
-      RankBuffer rb(group, c, c.timeout_ms);
-      EXPECT_FALSE(rb.buffer->low_latency_uses_network()) << "P=" << P;
-    }, P);
+    run_ranks(
+        4,
+        [&](int, std::shared_ptr<Group> group) {
+          RankBuffer rb(group, c, c.timeout_ms);
+          EXPECT_FALSE(rb.buffer->low_latency_uses_network()) << "P=" << P;
+        },
+        P);
     run_case(c);
   }
 }

@@ -57,88 +57,93 @@ void run_many_calls(const LLCase& base, int eager_rounds, int graph_replays) {
     for (int r = 0; r < R; ++r) in[k][r] = make_input(variant(k), seed, k, r, tokens[r]);
   std::vector<std::vector<RoundOutput>> got(rounds, std::vector<RoundOutput>(R));
 
-  const bool clean = run_ranks_cleanly(R, [&](int r, std::shared_ptr<Group> group) {
-    const int sms = test_num_sms(R, 132);
-    RankBuffer rb(group, base, base.timeout_ms);
-    Buffer& buf = *rb.buffer;
-    const StreamOrder& order = rb.order;
-    const int dev = rb.device, T = tokens[r];
-    auto sync = [&](const char* what) { rb.sync(what); };
-    auto late = [&] {
-      if (r % 2 == 1) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    };
-    auto dispatch = [&](Batch& b, const LLCase& c) {
-      buf.low_latency_dispatch(b.din, b.dout, b.handle, c.hook, order);
-      if (c.hook) buf.low_latency_dispatch_recv(b.din, b.dout, b.handle, order);
-    };
-    auto combine = [&](Batch& b, const LLCase& c) {
-      buf.low_latency_combine(b.cin, b.handle, b.out.view(), c.hook, order);
-      if (c.hook) buf.low_latency_combine_recv(b.cin, b.handle, b.out.view(), order);
-    };
+  const bool clean = run_ranks_cleanly(
+      R,
+      [&](int r, std::shared_ptr<Group> group) {
+        const int sms = test_num_sms(R, 132);
+        RankBuffer rb(group, base, base.timeout_ms);
+        Buffer& buf = *rb.buffer;
+        const StreamOrder& order = rb.order;
+        const int dev = rb.device, T = tokens[r];
+        auto sync = [&](const char* what) { rb.sync(what); };
+        auto late = [&] {
+          if (r % 2 == 1) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        };
+        auto dispatch = [&](Batch& b, const LLCase& c) {
+          buf.low_latency_dispatch(b.din, b.dout, b.handle, c.hook, order);
+          if (c.hook) buf.low_latency_dispatch_recv(b.din, b.dout, b.handle, order);
+        };
+        auto combine = [&](Batch& b, const LLCase& c) {
+          buf.low_latency_combine(b.cin, b.handle, b.out.view(), c.hook, order);
+          if (c.hook) buf.low_latency_combine_recv(b.cin, b.handle, b.out.view(), order);
+        };
 
-    // Every device tensor before the first call: ranks that share a GPU must not allocate or free
-    // while a co-resident rank's kernel may wait for them (README "Limits").
-    std::vector<Batch> eager;
-    for (int k = 0; k < eager_rounds; ++k) eager.push_back(make_batch(variant(k), R, T, dev, sms, nullptr, nullptr, nullptr));
-    std::vector<Batch> g;
-    for (int i = 0; i < kGraphPairs; ++i) g.push_back(make_batch(variant(eager_rounds + i), R, T, dev, sms, nullptr, nullptr, nullptr));
+        // Every device tensor before the first call: ranks that share a GPU must not allocate or free
+        // while a co-resident rank's kernel may wait for them (README "Limits").
+        std::vector<Batch> eager;
+        for (int k = 0; k < eager_rounds; ++k)
+          eager.push_back(make_batch(variant(k), R, T, dev, sms, nullptr, nullptr, nullptr));
+        std::vector<Batch> g;
+        for (int i = 0; i < kGraphPairs; ++i)
+          g.push_back(make_batch(variant(eager_rounds + i), R, T, dev, sms, nullptr, nullptr, nullptr));
 
-    for (int k = 0; k < eager_rounds; ++k) {
-      const LLCase c = variant(k);
-      Batch& b = eager[k];
-      upload_dispatch_inputs(b, in[k][r]);
-      b.out.fill_bytes(0);
-      late();
-      dispatch(b, c);
-      sync("dispatch");
-      EXPECT_EQ(b.handle.buffer_index, k % 2) << "round " << k;
-      got[k][r] = download_dispatch(c, R, b);
-      upload_y(c, buf, b, in[k][r]);
-      combine(b, c);
-      if (repeat_combine(k)) {
-        sync("combine");
-        b.out.fill_bytes(0);
-        combine(b, c);  // the same handle again: the same rows, the next combine number
-      }
-      sync("combine");
-      got[k][r].out = b.out.download<uint16_t>();
-    }
+        for (int k = 0; k < eager_rounds; ++k) {
+          const LLCase c = variant(k);
+          Batch& b = eager[k];
+          upload_dispatch_inputs(b, in[k][r]);
+          b.out.fill_bytes(0);
+          late();
+          dispatch(b, c);
+          sync("dispatch");
+          EXPECT_EQ(b.handle.buffer_index, k % 2) << "round " << k;
+          got[k][r] = download_dispatch(c, R, b);
+          upload_y(c, buf, b, in[k][r]);
+          combine(b, c);
+          if (repeat_combine(k)) {
+            sync("combine");
+            b.out.fill_bytes(0);
+            combine(b, c);  // the same handle again: the same rows, the next combine number
+          }
+          sync("combine");
+          got[k][r].out = b.out.download<uint16_t>();
+        }
 
-    for (int i = 0; i < kGraphPairs; ++i) upload_dispatch_inputs(g[i], in[eager_rounds + i][r]);
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    cuda_ok(cudaStreamBeginCapture(rb.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-    for (int i = 0; i < kGraphPairs; ++i) {
-      const LLCase c = variant(eager_rounds + i);
-      dispatch(g[i], c);
-      combine(g[i], c);
-    }
-    cuda_ok(cudaStreamEndCapture(rb.stream, &graph), "end capture");
-    cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-    for (int m = 0; m < graph_replays; ++m) {
-      for (int i = 0; i < kGraphPairs; ++i) {
-        const int k = eager_rounds + m * kGraphPairs + i;
-        upload_dispatch_inputs(g[i], in[k][r]);
-        g[i].y.upload(in[k][r].y);
-        g[i].out.fill_bytes(0);
-      }
-      late();
-      cuda_ok(cudaGraphLaunch(exec, rb.stream), "graph launch");
-      sync("graph replay");
-      for (int i = 0; i < kGraphPairs; ++i) {
-        const int k = eager_rounds + m * kGraphPairs + i;
-        got[k][r] = download_dispatch(variant(k), R, g[i]);
-        got[k][r].out = g[i].out.download<uint16_t>();
-      }
-    }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    buf.check_device_errors();
-    if (base.low_latency_net == 1 && base.ranks_per_node > 0 && base.ranks_per_node < R) {
-      EXPECT_TRUE(buf.low_latency_uses_network()) << "rank " << r;
-      EXPECT_GT(buf.low_latency_net_stats().puts, 0u) << "rank " << r << ": no network puts";
-    }
-  }, base.ranks_per_node);
+        for (int i = 0; i < kGraphPairs; ++i) upload_dispatch_inputs(g[i], in[eager_rounds + i][r]);
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        cuda_ok(cudaStreamBeginCapture(rb.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+        for (int i = 0; i < kGraphPairs; ++i) {
+          const LLCase c = variant(eager_rounds + i);
+          dispatch(g[i], c);
+          combine(g[i], c);
+        }
+        cuda_ok(cudaStreamEndCapture(rb.stream, &graph), "end capture");
+        cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+        for (int m = 0; m < graph_replays; ++m) {
+          for (int i = 0; i < kGraphPairs; ++i) {
+            const int k = eager_rounds + m * kGraphPairs + i;
+            upload_dispatch_inputs(g[i], in[k][r]);
+            g[i].y.upload(in[k][r].y);
+            g[i].out.fill_bytes(0);
+          }
+          late();
+          cuda_ok(cudaGraphLaunch(exec, rb.stream), "graph launch");
+          sync("graph replay");
+          for (int i = 0; i < kGraphPairs; ++i) {
+            const int k = eager_rounds + m * kGraphPairs + i;
+            got[k][r] = download_dispatch(variant(k), R, g[i]);
+            got[k][r].out = g[i].out.download<uint16_t>();
+          }
+        }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        buf.check_device_errors();
+        if (base.low_latency_net == 1 && base.ranks_per_node > 0 && base.ranks_per_node < R) {
+          EXPECT_TRUE(buf.low_latency_uses_network()) << "rank " << r;
+          EXPECT_GT(buf.low_latency_net_stats().puts, 0u) << "rank " << r << ": no network puts";
+        }
+      },
+      base.ranks_per_node);
   if (!clean) return;  // a rank failed: its outputs are incomplete
   for (int k = 0; k < rounds; ++k) {
     SCOPED_TRACE("round " + std::to_string(k) + ": " + describe(variant(k)) +

@@ -45,62 +45,64 @@ void round_trip(Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batc
 TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
   const int R = 2, Tmax = 16, H = 256, E = 8, K = 4;
   const LLCase c = small_case(R, Tmax, H, E, K);
-  run_error_path(c, 5000, 99, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
-                                  const RoundInput& in) {
-    const int dev = buf.device();
-    auto expect_error = [&](LowLatencyDispatchInputs din, LowLatencyDispatchOutputs dout, const std::string& needle) {
-      LowLatencyHandle h;
-      try {
-        buf.low_latency_dispatch(din, dout, h, false, order);
-        ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
-      } catch (const ArgumentError& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-      }
-    };
-    LowLatencyDispatchInputs d = b.din;
-    d.num_max_dispatch_tokens_per_rank = Tmax - 1;  // T = Tmax > Tmax - 1
-    expect_error(d, b.dout, "exceed num_max_dispatch_tokens_per_rank");
-    d = b.din;
-    d.num_experts = 7;
-    expect_error(d, b.dout, "num_experts = 7 must be divisible by num_ranks");
-    d = b.din;
-    d.num_max_dispatch_tokens_per_rank = 4096;
-    expect_error(d, b.dout, "num_rdma_bytes");
-    d = b.din;
-    d.use_ue8m0 = true;
-    expect_error(d, b.dout, "round_scale");
-    DeviceTensor x_bad(DType::kBF16, {Tmax, 200}, dev);
-    d = b.din;
-    d.x = x_bad.view();
-    expect_error(d, b.dout, "hidden = 200 must be a positive multiple of 128");
-    DeviceTensor topk_bad(DType::kI64, {Tmax, 17}, dev);
-    d = b.din;
-    d.topk_idx = topk_bad.view();
-    expect_error(d, b.dout, "num_topk = 17");
-    LowLatencyDispatchOutputs o = b.dout;
-    TensorView s = *o.recv_x_scales;
-    s.strides = {s.strides[0], static_cast<int64_t>(H / 128), 1, 0};  // row-major instead of transposed
-    o.recv_x_scales = s;
-    expect_error(b.din, o, "strides");
-    // The buffer still works.
-    round_trip(buf, stream, order, b, in, "sync");
-    buf.check_device_errors();
-    const auto count = b.count.download<int32_t>();
-    int total = 0;
-    for (int v : count) total += v;
-    EXPECT_GT(total, 0);
-    // Another shape needs clean_low_latency_buffer first; after it the new shape works.
-    LLCase c8 = c;
-    c8.max_tokens = 8;
-    Batch b8 = make_batch(c8, 8, dev);
-    const RoundInput in8 = make_input(c8, 7, 0, r, 8);
-    upload_dispatch_inputs(b8, in8);
-    expect_error(b8.din, b8.dout, "clean_low_latency_buffer");
-    buf.clean_low_latency_buffer(8, H, E, stream);
-    round_trip(buf, stream, order, b8, in8, "sync");
-    EXPECT_EQ(b8.handle.buffer_index, 0) << "clean starts over at buffer 0";
-    buf.check_device_errors();
-  });
+  run_error_path(c, 5000, 99,
+                 [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                     const RoundInput& in) {
+                   const int dev = buf.device();
+                   auto expect_error = [&](LowLatencyDispatchInputs din, LowLatencyDispatchOutputs dout,
+                                           const std::string& needle) {
+                     LowLatencyHandle h;
+                     try {
+                       buf.low_latency_dispatch(din, dout, h, false, order);
+                       ADD_FAILURE() << "no error; expected one mentioning '" << needle << "'";
+                     } catch (const ArgumentError& e) {
+                       EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+                     }
+                   };
+                   LowLatencyDispatchInputs d = b.din;
+                   d.num_max_dispatch_tokens_per_rank = Tmax - 1;  // T = Tmax > Tmax - 1
+                   expect_error(d, b.dout, "exceed num_max_dispatch_tokens_per_rank");
+                   d = b.din;
+                   d.num_experts = 7;
+                   expect_error(d, b.dout, "num_experts = 7 must be divisible by num_ranks");
+                   d = b.din;
+                   d.num_max_dispatch_tokens_per_rank = 4096;
+                   expect_error(d, b.dout, "num_rdma_bytes");
+                   d = b.din;
+                   d.use_ue8m0 = true;
+                   expect_error(d, b.dout, "round_scale");
+                   DeviceTensor x_bad(DType::kBF16, {Tmax, 200}, dev);
+                   d = b.din;
+                   d.x = x_bad.view();
+                   expect_error(d, b.dout, "hidden = 200 must be a positive multiple of 128");
+                   DeviceTensor topk_bad(DType::kI64, {Tmax, 17}, dev);
+                   d = b.din;
+                   d.topk_idx = topk_bad.view();
+                   expect_error(d, b.dout, "num_topk = 17");
+                   LowLatencyDispatchOutputs o = b.dout;
+                   TensorView s = *o.recv_x_scales;
+                   s.strides = {s.strides[0], static_cast<int64_t>(H / 128), 1, 0};  // row-major instead of transposed
+                   o.recv_x_scales = s;
+                   expect_error(b.din, o, "strides");
+                   // The buffer still works.
+                   round_trip(buf, stream, order, b, in, "sync");
+                   buf.check_device_errors();
+                   const auto count = b.count.download<int32_t>();
+                   int total = 0;
+                   for (int v : count) total += v;
+                   EXPECT_GT(total, 0);
+                   // Another shape needs clean_low_latency_buffer first; after it the new shape works.
+                   LLCase c8 = c;
+                   c8.max_tokens = 8;
+                   Batch b8 = make_batch(c8, 8, dev);
+                   const RoundInput in8 = make_input(c8, 7, 0, r, 8);
+                   upload_dispatch_inputs(b8, in8);
+                   expect_error(b8.din, b8.dout, "clean_low_latency_buffer");
+                   buf.clean_low_latency_buffer(8, H, E, stream);
+                   round_trip(buf, stream, order, b8, in8, "sync");
+                   EXPECT_EQ(b8.handle.buffer_index, 0) << "clean starts over at buffer 0";
+                   buf.check_device_errors();
+                 });
 }
 
 // Tokens that list one expert twice may push more than Tmax rows to it: the rows past Tmax are
@@ -108,24 +110,26 @@ TEST(LowLatencyGpu, ArgumentErrorsLeaveTheBufferUsable) {
 TEST(LowLatencyGpu, TooManyRowsForOneExpertIsReported) {
   const int R = 2, Tmax = 4, H = 256, E = 4, K = 2;
   const LLCase c = small_case(R, Tmax, H, E, K);
-  run_error_path(c, 5000, 5, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
-                                 const RoundInput& in) {
-    b.topk.upload(std::vector<int64_t>(static_cast<size_t>(Tmax) * K, 0));  // 8 rows for expert 0
-    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync");
-    try {
-      buf.check_device_errors();
-      ADD_FAILURE() << "rank " << r << ": the overflow was not reported";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("more than num_max_dispatch_tokens_per_rank = 4 rows to expert 0"),
-                std::string::npos)
-          << e.what();
-    }
-    buf.clean_low_latency_buffer(Tmax, H, E, stream);
-    upload_dispatch_inputs(b, in);
-    round_trip(buf, stream, order, b, in, "sync after clean");
-    buf.check_device_errors();
-  });
+  run_error_path(c, 5000, 5,
+                 [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                     const RoundInput& in) {
+                   b.topk.upload(std::vector<int64_t>(static_cast<size_t>(Tmax) * K, 0));  // 8 rows for expert 0
+                   buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+                   cuda_ok(cudaStreamSynchronize(stream), "sync");
+                   try {
+                     buf.check_device_errors();
+                     ADD_FAILURE() << "rank " << r << ": the overflow was not reported";
+                   } catch (const Error& e) {
+                     EXPECT_NE(std::string(e.what()).find(
+                                   "more than num_max_dispatch_tokens_per_rank = 4 rows to expert 0"),
+                               std::string::npos)
+                         << e.what();
+                   }
+                   buf.clean_low_latency_buffer(Tmax, H, E, stream);
+                   upload_dispatch_inputs(b, in);
+                   round_trip(buf, stream, order, b, in, "sync after clean");
+                   buf.check_device_errors();
+                 });
 }
 
 // Past the last call number a low-latency kernel does not run: the next call raises a
@@ -135,33 +139,35 @@ TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
   const int R = 2, Tmax = 8, H = 256, E = 8, K = 4;
   LLCase c = small_case(R, Tmax, H, E, K);
   c.first_call_number = kLastCallNumber - 1;  // one dispatch and one combine left
-  run_error_path(c, 5000, 7, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
-                                 const RoundInput& in) {
-    const auto round = [&](const char* what) { round_trip(buf, stream, order, b, in, what); };
-    round("the last numbers");
-    buf.check_device_errors();
-    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);  // number kLastCallNumber + 1
-    cuda_ok(cudaStreamSynchronize(stream), "past the last number");
-    try {
-      buf.check_device_errors();
-      ADD_FAILURE() << "rank " << r << ": a dispatch past the last call number ran";
-    } catch (const RuntimeFailure& e) {
-      EXPECT_NE(std::string(e.what()).find("low_latency_dispatch on rank " + std::to_string(r) + " did not run"),
-                std::string::npos)
-          << e.what();
-      EXPECT_NE(std::string(e.what()).find("call numbers"), std::string::npos) << e.what();
-    }
-    try {  // still refused: the numbers do not move on by themselves
-      buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
-      cuda_ok(cudaStreamSynchronize(stream), "refused again");
-      buf.check_device_errors();
-      ADD_FAILURE() << "rank " << r << ": a second dispatch past the last call number ran";
-    } catch (const RuntimeFailure&) {
-    }
-    buf.clean_low_latency_buffer(Tmax, H, E, stream);
-    round("after clean");
-    buf.check_device_errors();
-  });
+  run_error_path(c, 5000, 7,
+                 [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                     const RoundInput& in) {
+                   const auto round = [&](const char* what) { round_trip(buf, stream, order, b, in, what); };
+                   round("the last numbers");
+                   buf.check_device_errors();
+                   buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);  // number kLastCallNumber + 1
+                   cuda_ok(cudaStreamSynchronize(stream), "past the last number");
+                   try {
+                     buf.check_device_errors();
+                     ADD_FAILURE() << "rank " << r << ": a dispatch past the last call number ran";
+                   } catch (const RuntimeFailure& e) {
+                     EXPECT_NE(std::string(e.what()).find("low_latency_dispatch on rank " + std::to_string(r) +
+                                                          " did not run"),
+                               std::string::npos)
+                         << e.what();
+                     EXPECT_NE(std::string(e.what()).find("call numbers"), std::string::npos) << e.what();
+                   }
+                   try {  // still refused: the numbers do not move on by themselves
+                     buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+                     cuda_ok(cudaStreamSynchronize(stream), "refused again");
+                     buf.check_device_errors();
+                     ADD_FAILURE() << "rank " << r << ": a second dispatch past the last call number ran";
+                   } catch (const RuntimeFailure&) {
+                   }
+                   buf.clean_low_latency_buffer(Tmax, H, E, stream);
+                   round("after clean");
+                   buf.check_device_errors();
+                 });
 }
 
 // clean_low_latency_buffer is stream work (docs/contract.md §4): eager with no host wait before the next
@@ -244,8 +250,11 @@ TEST(LowLatencyGpu, CleanIsStreamWorkCapturableAndZeroingIsHarmless) {
   });
   if (!clean) return;
   for (int k = 0; k < rounds; ++k) {
-    SCOPED_TRACE("round " + std::to_string(k) + (k == 1 ? " (after an eager clean)" : k >= 2 && k < kEager
-                     ? " (after zeroing the region)" : k >= kEager ? " (graph with clean inside)" : ""));
+    SCOPED_TRACE("round " + std::to_string(k) +
+                 (k == 1                 ? " (after an eager clean)"
+                  : k >= 2 && k < kEager ? " (after zeroing the region)"
+                  : k >= kEager          ? " (graph with clean inside)"
+                                         : ""));
     compare_round(c, k, in[k], got[k]);
   }
 }
@@ -262,47 +271,49 @@ TEST(LowLatencyGpu, TimeoutNamesThePeerAndCleanRecovers) {
   c.max_tokens = 16;
   c.fixed_tokens = 16;
   c.drop_rate = 0.5;
-  run_error_path(c, 1000, 1234, [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
-                                    const RoundInput& in) {
-    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
-    b.y.upload(in.y);
-    if (r == 0) {
-      // Rank 0 combines with one -1 turned into an expert of rank 1: that row never comes.
-      std::vector<int64_t> topk = in.topk;
-      for (size_t i = 0; i < topk.size(); ++i)
-        if (topk[i] < 0) {
-          topk[i] = c.num_experts - 1;
-          bool dup = false;
-          const size_t row = i / c.num_topk;
-          for (int k = 0; k < c.num_topk; ++k) dup |= (row * c.num_topk + k != i && topk[row * c.num_topk + k] == topk[i]);
-          if (!dup) break;
-          topk[i] = -1;
-        }
-      b.topk.upload(topk);
-    }
-    buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync");
-    if (r == 0) {
-      try {
-        buf.check_device_errors();
-        ADD_FAILURE() << "rank 0: no timeout reported";
-      } catch (const TimeoutError& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("low_latency_combine"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("peer 1"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("expert output row"), std::string::npos) << msg;
-      }
-    } else {
-      buf.check_device_errors();
-    }
-    buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, stream);
-    // A correct round afterwards.
-    b.topk.upload(in.topk);
-    buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
-    buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync after clean");
-    buf.check_device_errors();
-  });
+  run_error_path(c, 1000, 1234,
+                 [&](int r, Buffer& buf, cudaStream_t stream, const StreamOrder& order, Batch& b,
+                     const RoundInput& in) {
+                   buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+                   b.y.upload(in.y);
+                   if (r == 0) {
+                     // Rank 0 combines with one -1 turned into an expert of rank 1: that row never comes.
+                     std::vector<int64_t> topk = in.topk;
+                     for (size_t i = 0; i < topk.size(); ++i)
+                       if (topk[i] < 0) {
+                         topk[i] = c.num_experts - 1;
+                         bool dup = false;
+                         const size_t row = i / c.num_topk;
+                         for (int k = 0; k < c.num_topk; ++k)
+                           dup |= (row * c.num_topk + k != i && topk[row * c.num_topk + k] == topk[i]);
+                         if (!dup) break;
+                         topk[i] = -1;
+                       }
+                     b.topk.upload(topk);
+                   }
+                   buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
+                   cuda_ok(cudaStreamSynchronize(stream), "sync");
+                   if (r == 0) {
+                     try {
+                       buf.check_device_errors();
+                       ADD_FAILURE() << "rank 0: no timeout reported";
+                     } catch (const TimeoutError& e) {
+                       const std::string msg = e.what();
+                       EXPECT_NE(msg.find("low_latency_combine"), std::string::npos) << msg;
+                       EXPECT_NE(msg.find("peer 1"), std::string::npos) << msg;
+                       EXPECT_NE(msg.find("expert output row"), std::string::npos) << msg;
+                     }
+                   } else {
+                     buf.check_device_errors();
+                   }
+                   buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, stream);
+                   // A correct round afterwards.
+                   b.topk.upload(in.topk);
+                   buf.low_latency_dispatch(b.din, b.dout, b.handle, false, order);
+                   buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, order);
+                   cuda_ok(cudaStreamSynchronize(stream), "sync after clean");
+                   buf.check_device_errors();
+                 });
 }
 
 }  // namespace

@@ -17,8 +17,8 @@ using NormalCase = NormalProblem;
 
 std::string describe(const NormalCase& c) {
   std::string s = "R=" + std::to_string(c.num_ranks) + (c.dtype == DType::kBF16 ? " bf16" : " fp8") +
-                  " hidden=" + std::to_string(c.hidden) + " K=" + std::to_string(c.num_topk) + " E=" +
-                  std::to_string(c.num_experts) + " T<=" + std::to_string(c.max_tokens);
+                  " hidden=" + std::to_string(c.hidden) + " K=" + std::to_string(c.num_topk) +
+                  " E=" + std::to_string(c.num_experts) + " T<=" + std::to_string(c.max_tokens);
   if (c.fixed_tokens >= 0) s += " T=" + std::to_string(c.fixed_tokens);
   if (!c.with_topk) s += " no-topk";
   if (c.skewed) s += " skewed";
@@ -121,8 +121,8 @@ TEST(NormalGpu, Fp8ScaleForms) {
     int align;
     bool row_major;
   };
-  const Form forms[] = {{DType::kI32, 2, 4, false},   // hidden 1008: ceil(ceil(1008/128) / 4) = 2 words
-                        {DType::kF32, 16, 1, true},   // 64-channel groups (ceil(1008 / 64) = 16)
+  const Form forms[] = {{DType::kI32, 2, 4, false},  // hidden 1008: ceil(ceil(1008/128) / 4) = 2 words
+                        {DType::kF32, 16, 1, true},  // 64-channel groups (ceil(1008 / 64) = 16)
                         {DType::kI32, 1, 1, true},
                         {DType::kF32, 3, 4, false}};
   for (const Form& f : forms) {

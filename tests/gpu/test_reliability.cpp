@@ -139,22 +139,26 @@ TEST(ReliabilityGpu, CallNumbersRunOutThenReset) {
   const uint64_t seed = std::random_device{}();
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
     // A round takes three numbers (count exchange, dispatch, combine): the first one ends at the last.
-    with_buffer(group, 5000, [&](Buffer& buf, cudaStream_t stream) {
-      good_round(buf, rank, group->device(), stream, seed);
-      Round r = make_round(buf, rank, group->device(), seed + 1);
-      const StreamOrder order{stream, nullptr, false};
-      run_layout(buf, r, order);
-      try {
-        buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
-        ADD_FAILURE() << "rank " << rank << ": a count exchange past the last call number ran";
-      } catch (const RuntimeFailure& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("notify_dispatch on rank " + std::to_string(rank) + " did not run"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("call numbers"), std::string::npos) << msg;
-      }
-      buf.reset();
-      good_round(buf, rank, group->device(), stream, seed + 2);
-    }, kLastCallNumber - 3);
+    with_buffer(
+        group, 5000,
+        [&](Buffer& buf, cudaStream_t stream) {
+          good_round(buf, rank, group->device(), stream, seed);
+          Round r = make_round(buf, rank, group->device(), seed + 1);
+          const StreamOrder order{stream, nullptr, false};
+          run_layout(buf, r, order);
+          try {
+            buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
+            ADD_FAILURE() << "rank " << rank << ": a count exchange past the last call number ran";
+          } catch (const RuntimeFailure& e) {
+            const std::string msg = e.what();
+            EXPECT_NE(msg.find("notify_dispatch on rank " + std::to_string(rank) + " did not run"), std::string::npos)
+                << msg;
+            EXPECT_NE(msg.find("call numbers"), std::string::npos) << msg;
+          }
+          buf.reset();
+          good_round(buf, rank, group->device(), stream, seed + 2);
+        },
+        kLastCallNumber - 3);
   });
 }
 
@@ -206,7 +210,8 @@ TEST(ReliabilityGpu, TooSmallWorstTokensIsReportedNotOverrun) {
       DeviceTensor recv(DType::kBF16, {plan.num_rows + 4, kH}, group->device());
       TensorView recv_view = recv.view();
       recv_view.shape[0] = plan.num_rows;
-      DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device()), src(DType::kI32, {plan.num_rows}, group->device());
+      DeviceTensor ridx(DType::kI64, {plan.num_rows, kK}, group->device()),
+          src(DType::kI32, {plan.num_rows}, group->device());
       r.handle.recv_src_idx = src.view();
       DispatchOutputs dout;
       dout.recv_x = recv_view;

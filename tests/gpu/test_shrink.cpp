@@ -25,9 +25,7 @@ TEST(ShrinkGpu, RankThatStopsIsMaskedSkippedAndCleanBringsItBack) {
   run_dead_rank(4, 1, /*stop_in_combine=*/false, kTimeoutMs);
 }
 
-TEST(ShrinkGpu, RankThatStopsBeforeCombineIsMaskedThere) {
-  run_dead_rank(3, 2, /*stop_in_combine=*/true, kTimeoutMs);
-}
+TEST(ShrinkGpu, RankThatStopsBeforeCombineIsMaskedThere) { run_dead_rank(3, 2, /*stop_in_combine=*/true, kTimeoutMs); }
 
 // The same through the network transport (BufferOptions::low_latency_net = 1) over virtual nodes:
 // the dead rank is on another node for some ranks (2 x 2) or for all (4 x 1).

@@ -55,7 +55,8 @@ int run_rank(int rank, const std::string& id_file) {
   cudaGetDeviceCount(&devices);
   auto group = epcomm::Group::create_nccl(id, kRanks, rank, rank % devices);
   group->barrier();
-  std::printf("rank %d: group of %d made (%d node(s)), first barrier passed\n", rank, group->size(), group->num_nodes());
+  std::printf("rank %d: group of %d made (%d node(s)), first barrier passed\n", rank, group->size(),
+              group->num_nodes());
   std::fflush(stdout);
   if (rank == 1) {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));

@@ -74,8 +74,8 @@ __device__ __forceinline__ bool warp_wait_flag(const WaitContext& ctx, const uin
 
 // Every lane waits on the mbarrier (so every lane sees the bulk-copied shared memory); the warp
 // agrees on the verdict.
-__device__ __forceinline__ bool warp_wait_mbar(const WaitContext& ctx, uint64_t* bar, uint32_t parity,
-                                               WaitPhase phase, int peer) {
+__device__ __forceinline__ bool warp_wait_mbar(const WaitContext& ctx, uint64_t* bar, uint32_t parity, WaitPhase phase,
+                                               int peer) {
   const bool ok = wait_mbar(ctx, bar, parity, phase, peer);
   return __all_sync(0xffffffffu, ok);
 }

@@ -14,8 +14,8 @@ struct CommonParams {
   int num_ranks = 0;
   char* peer_base[kMaxNvlRanks] = {};  // symmetric region of each rank (peer_base[rank] is local)
   ControlLayout ctl;
-  uint32_t* seq_counter = nullptr;     // device: sequence number of the last finished call
-  uint32_t* done_counter = nullptr;    // device: blocks finished in the current call
+  uint32_t* seq_counter = nullptr;   // device: sequence number of the last finished call
+  uint32_t* done_counter = nullptr;  // device: blocks finished in the current call
   WaitContext wait{};
 };
 

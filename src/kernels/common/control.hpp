@@ -13,8 +13,8 @@
 
 namespace epcomm {
 
-constexpr int kMaxNvlRanks = 32;   // ranks one NVLink domain may hold
-constexpr int kMaxBlocks = 160;    // blocks (SMs) one communication kernel may use
+constexpr int kMaxNvlRanks = 32;     // ranks one NVLink domain may hold
+constexpr int kMaxBlocks = 160;      // blocks (SMs) one communication kernel may use
 constexpr int kMaxChunkTokens = 32;  // tokens per chunk: one bit each in a 32-bit mask
 constexpr int kMaxTopk = 16;
 // FP8 scale words (4 bytes each: float32 scales or packed int32) one token carries in normal mode.
@@ -34,7 +34,7 @@ struct NotifyHeader {
   int32_t num_experts;
   int32_t chunk_tokens;  // ring geometry: rows per slot, the same on every rank
   int32_t num_blocks;
-  int32_t cut_tokens;    // this rank's tokens per chunk (<= chunk_tokens; see balanced_chunk)
+  int32_t cut_tokens;  // this rank's tokens per chunk (<= chunk_tokens; see balanced_chunk)
 };
 
 // Byte offsets inside one meta entry: the header, counts_to_rank[R], expert_counts[max_local_experts],
@@ -51,19 +51,19 @@ constexpr MetaEntryLayout meta_entry_layout(int num_ranks, int max_local_experts
 
 struct ControlLayout {
   int num_ranks = 0;
-  int max_chunks = 0;          // per source, = ceil(max tokens per rank / chunk)
+  int max_chunks = 0;  // per source, = ceil(max tokens per rank / chunk)
   int max_local_experts = 0;
 
-  size_t notify_flags = 0;     // uint64 [R]: source i sets entry i after writing its meta
-  size_t notify_meta = 0;      // meta [2 parities][R sources], meta_entry.stride bytes each
+  size_t notify_flags = 0;       // uint64 [R]: source i sets entry i after writing its meta
+  size_t notify_meta = 0;        // meta [2 parities][R sources], meta_entry.stride bytes each
   MetaEntryLayout meta_entry{};  // offsets inside one meta entry
-  size_t dispatch_ready = 0;   // uint64 [R][kMaxBlocks]: sender i staged iteration n of block b
-  size_t dispatch_ack = 0;     // uint64 [R][kMaxBlocks]: receiver j released iteration n of block b
-  size_t combine_ready = 0;    // uint64 [R][kMaxBlocks]: expert rank j pushed iteration n of block b
-  size_t combine_ack = 0;      // uint64 [R][kMaxBlocks]: origin i reduced iteration n of block b
-  size_t ll_region = 0;        // low-latency flags and counters
+  size_t dispatch_ready = 0;     // uint64 [R][kMaxBlocks]: sender i staged iteration n of block b
+  size_t dispatch_ack = 0;       // uint64 [R][kMaxBlocks]: receiver j released iteration n of block b
+  size_t combine_ready = 0;      // uint64 [R][kMaxBlocks]: expert rank j pushed iteration n of block b
+  size_t combine_ack = 0;        // uint64 [R][kMaxBlocks]: origin i reduced iteration n of block b
+  size_t ll_region = 0;          // low-latency flags and counters
   size_t ll_bytes = 0;
-  size_t total = 0;            // bytes of the control part; the data part starts here (aligned)
+  size_t total = 0;  // bytes of the control part; the data part starts here (aligned)
 
   static ControlLayout make(int num_ranks, int max_chunks, int max_local_experts, size_t ll_bytes) {
     ControlLayout c;

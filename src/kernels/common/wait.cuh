@@ -48,7 +48,8 @@ __device__ __forceinline__ void report_mismatch(const WaitContext& ctx, WaitPhas
 // Spins until load() >= target. Bounded: false when the call was aborted, or after the timeout with
 // a record naming the phase and the awaited peer. One thread calls it.
 template <class Load>
-__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, Load load, uint64_t target, WaitPhase phase, int peer) {
+__device__ __forceinline__ bool wait_geq(const WaitContext& ctx, Load load, uint64_t target, WaitPhase phase,
+                                         int peer) {
   uint64_t v = load();
   if (v >= target) return true;
   const uint64_t start = global_timer_ns();
@@ -68,7 +69,8 @@ __device__ __forceinline__ bool wait_geq(const WaitContext& ctx, Load load, uint
 // Spins until *flag >= target (acquire, system scope). One thread calls it.
 __device__ __forceinline__ bool wait_flag_geq(const WaitContext& ctx, const uint64_t* flag, uint64_t target,
                                               WaitPhase phase, int peer) {
-  return wait_geq(ctx, [flag] { return ld_acquire_sys(flag); }, target, phase, peer);
+  return wait_geq(
+      ctx, [flag] { return ld_acquire_sys(flag); }, target, phase, peer);
 }
 
 // Spins on an mbarrier phase (local, but bounded too: a lost bulk copy must not hang the GPU).

@@ -44,13 +44,16 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     }
     const int t = p.recv_src_idx[r];
     if (t < 0 || t >= L.max_tokens) {  // a handle from a failed dispatch: report, never write out of bounds
-      if (lane == 0) report(w, DeviceError::kBadArgument, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens), static_cast<uint64_t>(t));
+      if (lane == 0)
+        report(w, DeviceError::kBadArgument, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens),
+               static_cast<uint64_t>(t));
       continue;
     }
     const int fwd = me.node * me.P + i % me.P;
     char* dst = ic.net.window[fwd] + g.in_row(L, i / me.P, me.local, t);
     warp_copy(dst + 16, p.x + static_cast<size_t>(r) * H, row_bytes);
-    if (lane < K) at<float>(dst, 16 + row_bytes)[lane] = p.topk_weights ? p.topk_weights[static_cast<int64_t>(r) * K + lane] : 0.f;
+    if (lane < K)
+      at<float>(dst, 16 + row_bytes)[lane] = p.topk_weights ? p.topk_weights[static_cast<int64_t>(r) * K + lane] : 0.f;
     if (lane == 0) *at<uint32_t>(dst, 0) = seq;
     if (fwd != me.rank) nvl_bytes += row_bytes;
   }

@@ -84,8 +84,10 @@ __device__ __forceinline__ void warp_copy(void* dst, const void* src, size_t byt
 }
 
 __device__ __forceinline__ void add_stat(const InterCommon& ic, int which, uint64_t v) {
-  if (v) atomicAdd(reinterpret_cast<unsigned long long*>(at<uint64_t>(ic.net.window[ic.common.rank], ic.layout.stats) + which),
-                   static_cast<unsigned long long>(v));
+  if (v)
+    atomicAdd(reinterpret_cast<unsigned long long*>(at<uint64_t>(ic.net.window[ic.common.rank], ic.layout.stats) +
+                                                    which),
+              static_cast<unsigned long long>(v));
 }
 
 }  // namespace epcomm::dev

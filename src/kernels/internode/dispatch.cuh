@@ -69,12 +69,10 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
       auto* meta = reinterpret_cast<uint32_t*>(row + p.row_bytes);
       for (int f = lane; f < G + 2 * K; f += 32) {
         uint32_t v;
-        if (f < G)
-          v = p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group];
+        if (f < G) v = p.x_scales[t * p.scale_stride_token + f * p.scale_stride_group];
         else if (f < G + K)
           v = static_cast<uint32_t>(static_cast<int32_t>(p.topk_idx[static_cast<int64_t>(t) * K + (f - G)]));
-        else
-          v = p.topk_weights ? __float_as_uint(p.topk_weights[static_cast<int64_t>(t) * K + (f - G - K)]) : 0u;
+        else v = p.topk_weights ? __float_as_uint(p.topk_weights[static_cast<int64_t>(t) * K + (f - G - K)]) : 0u;
         meta[f] = v;
       }
       __syncwarp();
@@ -150,7 +148,8 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
     const int fwd = me.node * me.P + i % me.P;
     const char* F = ic.net.window[fwd];
     if (!((ready >> i) & 1u)) {
-      ok = warp_wait_flag(w, at<uint64_t>(F, L.flag(kFlagForwardReady, n)), tag(seq, 1), WaitPhase::kDispatchReady, fwd);
+      ok =
+          warp_wait_flag(w, at<uint64_t>(F, L.flag(kFlagForwardReady, n)), tag(seq, 1), WaitPhase::kDispatchReady, fwd);
       if (!ok) break;
       __syncwarp();  // every lane's loads below come after lane 0's acquire
       ready |= 1ull << i;
@@ -198,7 +197,8 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
     // Every row of the plan must have been copied: a skipped item is an error, never silent.
     if (threadIdx.x == 0) {
       const uint32_t got = atomicExch(at<uint32_t>(mine, L.counters) + kCountRowsReceived, 0u);
-      const int32_t end = p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];
+      const int32_t end =
+          p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];
       if (!aborted(w) && got != static_cast<uint32_t>(end))
         report_mismatch(w, WaitPhase::kDispatchReady, me.rank, static_cast<uint64_t>(end), got);
     }

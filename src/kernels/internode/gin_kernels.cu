@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kInterNotifyThreads, 1)
 }
 
 __global__ void __launch_bounds__(kInterThreads, 1)
-    inter_dispatch_send_gin_kernel(const __grid_constant__ InterDispatchParams p, const __grid_constant__ GinNetParams g) {
+    inter_dispatch_send_gin_kernel(const __grid_constant__ InterDispatchParams p,
+                                   const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
   if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_send(p, GinNet(g, p.ic.common.rank));
@@ -32,7 +33,8 @@ __global__ void __launch_bounds__(kInterThreads, 1)
 }
 
 __global__ void __launch_bounds__(kInterThreads, 1)
-    inter_dispatch_recv_gin_kernel(const __grid_constant__ InterDispatchParams p, const __grid_constant__ GinNetParams g) {
+    inter_dispatch_recv_gin_kernel(const __grid_constant__ InterDispatchParams p,
+                                   const __grid_constant__ GinNetParams g) {
   const uint32_t seq = call_sequence(p.ic.common);
   if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_recv(p, GinNet(g, p.ic.common.rank), seq);

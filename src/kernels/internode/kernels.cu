@@ -14,21 +14,24 @@ namespace {
 
 using namespace epcomm::dev;
 
-__global__ void __launch_bounds__(kInterNotifyThreads, 1) inter_notify_kernel(const __grid_constant__ InterNotifyParams p) {
+__global__ void __launch_bounds__(kInterNotifyThreads, 1)
+    inter_notify_kernel(const __grid_constant__ InterNotifyParams p) {
   const uint32_t seq = call_sequence(p.ic.common);
   if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_notify(p, EmulatedNet{p.ic.net, p.ic.common.rank});
   finish_call(p.ic.common, seq);
 }
 
-__global__ void __launch_bounds__(kInterThreads, 1) inter_dispatch_send_kernel(const __grid_constant__ InterDispatchParams p) {
+__global__ void __launch_bounds__(kInterThreads, 1)
+    inter_dispatch_send_kernel(const __grid_constant__ InterDispatchParams p) {
   const uint32_t seq = call_sequence(p.ic.common);
   if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_send(p, EmulatedNet{p.ic.net, p.ic.common.rank});
   finish_call(p.ic.common, seq);
 }
 
-__global__ void __launch_bounds__(kInterThreads, 1) inter_dispatch_recv_kernel(const __grid_constant__ InterDispatchParams p) {
+__global__ void __launch_bounds__(kInterThreads, 1)
+    inter_dispatch_recv_kernel(const __grid_constant__ InterDispatchParams p) {
   const uint32_t seq = call_sequence(p.ic.common);
   if (!call_number_left(p.ic.common.wait, seq)) return;
   inter_dispatch_recv(p, EmulatedNet{p.ic.net, p.ic.common.rank}, seq);
@@ -42,9 +45,10 @@ __global__ void __launch_bounds__(kInterThreads, 1) inter_combine_kernel(const _
   finish_call(p.ic.common, seq);
 }
 
-const KernelRegistration kKernels{
-    reinterpret_cast<const void*>(inter_notify_kernel), reinterpret_cast<const void*>(inter_dispatch_send_kernel),
-    reinterpret_cast<const void*>(inter_dispatch_recv_kernel), reinterpret_cast<const void*>(inter_combine_kernel)};
+const KernelRegistration kKernels{reinterpret_cast<const void*>(inter_notify_kernel),
+                                  reinterpret_cast<const void*>(inter_dispatch_send_kernel),
+                                  reinterpret_cast<const void*>(inter_dispatch_recv_kernel),
+                                  reinterpret_cast<const void*>(inter_combine_kernel)};
 
 }  // namespace
 

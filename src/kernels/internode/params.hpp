@@ -33,7 +33,14 @@
 
 namespace epcomm {
 
-enum InterSignal : int { kSigMeta = 0, kSigDispatchData, kSigDispatchFree, kSigCombineData, kSigCombineFree, kNumSignals };
+enum InterSignal : int {
+  kSigMeta = 0,
+  kSigDispatchData,
+  kSigDispatchFree,
+  kSigCombineData,
+  kSigCombineFree,
+  kNumSignals
+};
 enum InterFlag : int {
   kFlagForwardReady = 0,  // [source node]: this rank (forwarder) holds that node's dispatch rows
   kFlagDispatchRead,      // [local rank]: that node peer finished reading this rank's dispatch rows
@@ -42,8 +49,15 @@ enum InterFlag : int {
   kFlagOwnPartial,        // [0]: this rank's own-node partial sums are written (local)
   kNumFlags
 };
-enum InterCounter : int { kCountSendDone = 0, kCountRecvDone, kCountPushDone, kCountReduceDone, kCountFinalDone,
-                          kCountRowsReceived, kNumCounters = 8 };
+enum InterCounter : int {
+  kCountSendDone = 0,
+  kCountRecvDone,
+  kCountPushDone,
+  kCountReduceDone,
+  kCountFinalDone,
+  kCountRowsReceived,
+  kNumCounters = 8
+};
 enum InterStat : int { kStatPuts = 0, kStatPutBytes, kStatNvlBytes, kStatRowsSent, kNumStats = 8 };
 
 struct InterLayout {
@@ -90,10 +104,16 @@ struct InterLayout {
     return l;
   }
 
-  EPCOMM_HD size_t signal(int kind, int peer) const { return signals + (static_cast<size_t>(kind) * num_ranks + peer) * 8; }
+  EPCOMM_HD size_t signal(int kind, int peer) const {
+    return signals + (static_cast<size_t>(kind) * num_ranks + peer) * 8;
+  }
   EPCOMM_HD int signal_id(int kind, int peer) const { return kind * num_ranks + peer; }
-  EPCOMM_HD size_t shadow(int kind, int peer) const { return shadows + (static_cast<size_t>(kind) * num_ranks + peer) * 8; }
-  EPCOMM_HD size_t flag(int kind, int index) const { return flags + (static_cast<size_t>(kind) * flag_stride + index) * 8; }
+  EPCOMM_HD size_t shadow(int kind, int peer) const {
+    return shadows + (static_cast<size_t>(kind) * num_ranks + peer) * 8;
+  }
+  EPCOMM_HD size_t flag(int kind, int index) const {
+    return flags + (static_cast<size_t>(kind) * flag_stride + index) * 8;
+  }
   EPCOMM_HD size_t meta(int parity, int source) const {
     return meta_in + (static_cast<size_t>(parity) * num_ranks + source) * meta_entry.stride;
   }
@@ -104,10 +124,10 @@ struct InterLayout {
 
 // Sizes of one dispatch's rows and where its arrays sit in the dispatch half.
 struct InterDispatchGeometry {
-  size_t row_bytes = 0;   // x row
-  size_t drow = 0;        // row + scales + topk idx + weights, 16-aligned
+  size_t row_bytes = 0;                        // x row
+  size_t drow = 0;                             // row + scales + topk idx + weights, 16-aligned
   size_t masks = 0, send_masks = 0, rows = 0;  // offsets in the region
-  size_t bytes = 0;       // of the dispatch half this needs
+  size_t bytes = 0;                            // of the dispatch half this needs
 
   static InterDispatchGeometry make(const InterLayout& l, int row_bytes, int num_scales, int num_topk) {
     InterDispatchGeometry g;
@@ -161,9 +181,9 @@ struct InterCombineGeometry {
 
 // What every internode kernel carries.
 struct InterCommon {
-  CommonParams common;            // rank, wait context, call sequence (peer_base unused)
+  CommonParams common;  // rank, wait context, call sequence (peer_base unused)
   InterLayout layout;
-  EmulatedNetParams net;          // window[r]: internode region of rank r (LSA pointer where reachable)
+  EmulatedNetParams net;  // window[r]: internode region of rank r (LSA pointer where reachable)
   int num_blocks = 0;
 };
 
@@ -174,8 +194,8 @@ struct InterNotifyParams {
   const int32_t* num_tokens_per_rank = nullptr;    // [R]
   const int32_t* num_tokens_per_expert = nullptr;  // [E]
   uint32_t* parity_counter = nullptr;
-  int32_t* rank_prefix_matrix = nullptr;           // [R, R]
-  int32_t* chunk_offset = nullptr;                 // [R, stride]
+  int32_t* rank_prefix_matrix = nullptr;  // [R, R]
+  int32_t* chunk_offset = nullptr;        // [R, stride]
   int chunk_offset_stride = 0;
   int32_t* num_recv_tokens_per_expert = nullptr;
   int32_t* invalid_topk = nullptr;
@@ -198,7 +218,7 @@ struct InterDispatchParams {
   const int32_t* chunk_offset = nullptr;      // [R, stride]
   int chunk_offset_stride = 0;
   uint8_t* recv_x = nullptr;
-  uint32_t* recv_scales = nullptr;     // [rows, num_scales] words, row-major
+  uint32_t* recv_scales = nullptr;  // [rows, num_scales] words, row-major
   int64_t* recv_topk_idx = nullptr;
   float* recv_topk_weights = nullptr;
   int32_t* recv_src_idx = nullptr;
@@ -210,8 +230,8 @@ struct InterCombineParams {
   InterCommon ic;
   InterCombineGeometry geo;
   int chunk = 0, max_chunks = 0, num_tokens = 0, hidden = 0, num_topk = 0;
-  const uint16_t* x = nullptr;                // [num_recv, hidden]
-  const float* topk_weights = nullptr;        // [num_recv, K]
+  const uint16_t* x = nullptr;          // [num_recv, hidden]
+  const float* topk_weights = nullptr;  // [num_recv, K]
   const int32_t* rank_prefix_matrix = nullptr;
   const int32_t* recv_src_idx = nullptr;
   int num_rows = 0;

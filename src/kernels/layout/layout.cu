@@ -78,8 +78,8 @@ void launch_layout(const LayoutParams& p, void* stream_ptr) {
   const int blocks = (p.num_tokens + kLayoutThreads - 1) / kLayoutThreads;
   const size_t smem = sizeof(int32_t) * (p.num_experts + p.num_ranks + num_nodes);
   if (smem > 48 * 1024)
-    EPCOMM_CUDA_CHECK(cudaFuncSetAttribute(layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem)));
+    EPCOMM_CUDA_CHECK(
+        cudaFuncSetAttribute(layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(p);
   EPCOMM_LAUNCH_CHECK("layout_kernel");
 }

@@ -43,7 +43,8 @@ __device__ bool wait_arrival(const WaitContext& w, int32_t* mask, const uint64_t
   }
 }
 
-__global__ void __launch_bounds__(32, 1) low_latency_clean_barrier_kernel(const __grid_constant__ LowLatencyCleanParams p) {
+__global__ void __launch_bounds__(32, 1)
+    low_latency_clean_barrier_kernel(const __grid_constant__ LowLatencyCleanParams p) {
   const CommonParams& c = p.common;
   const int r = lane_id();
   // Every rank made the same number of cleans, so this number is the same everywhere.

@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_combine_kernel(const __grid_constant__ LowLatencyCombineParams p) {
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
-  const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     combine_send(p, seq, LLNoNet{}, nullptr);

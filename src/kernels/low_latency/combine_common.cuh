@@ -48,7 +48,7 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
           }
         }
         st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
-                         tag(seq, 1));
+                       tag(seq, 1));
       }
       __threadfence();
       atomicExch(&p.state->combine_seq, seq);

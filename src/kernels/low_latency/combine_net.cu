@@ -25,7 +25,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const auto net = make_ll_net(p, a, np);
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
-  const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     combine_send(p, seq, net, &ns);
@@ -52,8 +53,8 @@ void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowL
 }
 
 // The same over NCCL GIN (Buffer launches it when its group spans real nodes).
-void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
-                                    const GinNetParams& g, int num_blocks, void* stream) {
+void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a, const GinNetParams& g,
+                                    int num_blocks, void* stream) {
   low_latency_combine_net_kernel<GinNetParams>
       <<<num_blocks, kLowLatencyThreads, 0, static_cast<cudaStream_t>(stream)>>>(p, a, g);
   EPCOMM_LAUNCH_CHECK("low_latency_combine_gin_kernel");

@@ -76,8 +76,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
       }
       warp_copy<8>(reinterpret_cast<int4*>(origin + L.combine_row(p.buffer, t, k)), row, H / 8, LoadNc{});
       __syncwarp();
-      if (lane == 0)
-        st_release_sys(reinterpret_cast<uint64_t*>(origin + L.combine_flag(p.buffer, t, k)), tag(seq, 1));
+      if (lane == 0) st_release_sys(reinterpret_cast<uint64_t*>(origin + L.combine_flag(p.buffer, t, k)), tag(seq, 1));
     }
   }
   if constexpr (NetT::kEnabled) {
@@ -114,19 +113,22 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
     __syncthreads();
     for (int64_t i = tid; i < static_cast<int64_t>(T) * K; i += nthreads) {
       const int64_t id = p.topk_idx[i];
-      if (id >= 0 && id < E && net.remote(static_cast<int>(id) / EL)) atomicAdd(&ns->rows[static_cast<int>(id) / EL], 1);
+      if (id >= 0 && id < E && net.remote(static_cast<int>(id) / EL))
+        atomicAdd(&ns->rows[static_cast<int>(id) / EL], 1);
     }
     __syncthreads();
     for (int r = tid; r < c.num_ranks; r += nthreads) {
       if (ns->rows[r] == 0) continue;
       long long cycles = 0;
-      const PeerWait got = net.wait(c.wait, p.mask, p.buffer, kLLNetCombineData, r,
-                                    net.shadow_value(p.buffer, kLLNetCombineData, r) + static_cast<uint64_t>(ns->rows[r]),
-                                    WaitPhase::kLowLatencyCombineRow, cycles);
+      const PeerWait got =
+          net.wait(c.wait, p.mask, p.buffer, kLLNetCombineData, r,
+                   net.shadow_value(p.buffer, kLLNetCombineData, r) + static_cast<uint64_t>(ns->rows[r]),
+                   WaitPhase::kLowLatencyCombineRow, cycles);
       if (got == PeerWait::kAborted) ns->stop = 1;
       if (got == PeerWait::kMasked) ns->dead[r] = 1;
       if (p.wait_cost_stats && blockIdx.x == 0 && cycles > 0)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + r), static_cast<unsigned long long>(cycles));
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + r),
+                  static_cast<unsigned long long>(cycles));
     }
     __syncthreads();
     if (ns->stop) return;
@@ -161,7 +163,8 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
     }
     if (!__all_sync(0xffffffffu, ok)) return;
     if (p.wait_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner), static_cast<unsigned long long>(cycles));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner),
+                static_cast<unsigned long long>(cycles));
     const uint32_t valid = __ballot_sync(0xffffffffu, e >= 0);
     const int c0 = s * kSliceChannels + lane * 8;
     const bool active = c0 < H;

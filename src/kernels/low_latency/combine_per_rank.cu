@@ -168,7 +168,8 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
                                                     WaitPhase::kLowLatencyCombineWeights, src, v, cycles));
             wt = __uint_as_float(static_cast<uint32_t>(v));
             if (p.wait_cost_stats && cycles > 0)
-              atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+              atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src),
+                        static_cast<unsigned long long>(cycles));
           }
         }
       }
@@ -177,8 +178,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) break;
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kMasked))) continue;  // shrink mode, as above
     char* origin = c.peer_base[src] + p.region;
-    char* dst_row =
-        origin + (kWide ? L.pr_wide_row(p.buffer, t, d, partial_bytes(kP)) : L.combine_row(p.buffer, t, d));
+    char* dst_row = origin + (kWide ? L.pr_wide_row(p.buffer, t, d, partial_bytes(kP)) : L.combine_row(p.buffer, t, d));
     int4* dst = reinterpret_cast<int4*>(dst_row);
     const int4* y = reinterpret_cast<const int4*>(p.y);
     const int v0 = part * V / P, v1 = (part + 1) * V / P;
@@ -276,7 +276,8 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
     }
     if (!__all_sync(0xffffffffu, ok)) return;
     if (p.wait_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner), static_cast<unsigned long long>(cycles));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + owner),
+                static_cast<unsigned long long>(cycles));
     const uint32_t arrived_mask = __ballot_sync(0xffffffffu, arrived);
     const uint32_t part_mask = (1u << P) - 1u;
     const int c0 = s * kSliceChannels + lane * 8;
@@ -311,7 +312,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     low_latency_combine_per_rank_kernel(const __grid_constant__ LowLatencyCombineParams p) {
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
-  const uint32_t seq = send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->combine_seq) + 1u : ld_volatile(&p.state->buffer_combine_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     combine_send_per_rank<kP>(p, seq);
@@ -333,10 +335,10 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   if (recv) combine_recv_per_rank<kP>(p, seq);
 }
 
-const KernelRegistration kKernels{
-    reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kBf16>),
-    reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kFine>),
-    reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kF32>)};
+const KernelRegistration
+    kKernels{reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kBf16>),
+             reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kFine>),
+             reinterpret_cast<const void*>(low_latency_combine_per_rank_kernel<LowLatencyPartials::kF32>)};
 
 }  // namespace
 

@@ -31,7 +31,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
   // Every block reads the number before any block can publish it (publishing waits for all).
   probe_mark<kProbe>(p, send ? kProbeEntry : kProbeRecvEntry);
-  const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     const LowLatencyLayout& L = p.layout;

@@ -77,8 +77,8 @@ __device__ __forceinline__ bool receive_count(const LowLatencyDispatchParams& p,
   const uint64_t* flag = reinterpret_cast<const uint64_t*>(mine + L.count(p.buffer, le, src));
   uint64_t v = 0;
   // Counts are stored relaxed (they guard no data): read them relaxed too.
-  const PeerWait w =
-      wait_payload_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount, src, v, cycles);
+  const PeerWait w = wait_payload_or_mask(p.common.wait, p.mask, flag, tag(seq, 1), WaitPhase::kLowLatencyDispatchCount,
+                                          src, v, cycles);
   if (w == PeerWait::kAborted) return false;
   payload = w == PeerWait::kArrived ? static_cast<uint32_t>(v) : 0u;
   payload = settled_count(p, le, src, seq, payload);

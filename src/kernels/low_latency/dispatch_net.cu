@@ -26,7 +26,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
   const auto net = make_ll_net(p, a, np);
   const bool send = (p.phases & kLowLatencySend) != 0;
   const bool recv = (p.phases & kLowLatencyRecv) != 0;
-  const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     const SendSmem sm = carve_send_smem(p.layout, smem);

@@ -85,7 +85,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
     if (warp == 0) {
       // The token's K ids in one load (a lane each); lane 0 then hands out the slots.
       const int64_t mine = lane < K ? p.topk_idx[static_cast<int64_t>(t) * K + lane] : -1;
-      if constexpr (NetT::kEnabled) if (lane == 0) ns->any_remote[sb] = 0;
+      if constexpr (NetT::kEnabled)
+        if (lane == 0) ns->any_remote[sb] = 0;
       // In k order, so a token that names an expert twice gets increasing slots: rows stay in
       // (token, k) order inside each source, as the reference lays them out.
       for (int k = 0; k < K; ++k) {
@@ -94,7 +95,8 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
         const bool ok = e >= 0 && e < E;
         int s = ok ? sm.hist[e]++ : -1;
         if (s >= L.max_tokens) {  // no room: dropped and reported, never written past the slots
-          report(c.wait, DeviceError::kBadArgument, WaitPhase::kNone, static_cast<int>(e), static_cast<uint64_t>(L.max_tokens), 0);
+          report(c.wait, DeviceError::kBadArgument, WaitPhase::kNone, static_cast<int>(e),
+                 static_cast<uint64_t>(L.max_tokens), 0);
           s = -1;
         }
         expert[k] = s >= 0 ? static_cast<int>(e) : -1;
@@ -172,8 +174,8 @@ __device__ __forceinline__ bool receive_count_net(const LowLatencyDispatchParams
                                                   uint32_t seq, uint32_t& payload, long long& cycles) {
   const LowLatencyLayout& L = p.layout;
   const uint64_t target = net.shadow_value(p.buffer, kLLNetMeta, src) + 1;
-  const PeerWait w = net.wait(p.common.wait, p.mask, p.buffer, kLLNetMeta, src, target,
-                              WaitPhase::kLowLatencyDispatchCount, cycles);
+  const PeerWait w =
+      net.wait(p.common.wait, p.mask, p.buffer, kLLNetMeta, src, target, WaitPhase::kLowLatencyDispatchCount, cycles);
   if (w == PeerWait::kAborted) return false;
   payload = w == PeerWait::kArrived
                 ? static_cast<uint32_t>(min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens)) + 1u
@@ -250,7 +252,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
         __syncwarp();  // lane 0 acquired the data signal: the messages and headers are read after it
         if (got == static_cast<int>(PeerWait::kAborted)) return;
         if (got == static_cast<int>(PeerWait::kMasked)) {
-          if (q == 0 && lane == 0) p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin) << 32;
+          if (q == 0 && lane == 0)
+            p.layout_range[static_cast<int64_t>(le) * R + src] = static_cast<int64_t>(begin) << 32;
           continue;
         }
       }
@@ -263,14 +266,12 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
           // The header came in the meta entry; the combine reads it from the per-expert header.
           const uint32_t hv = net.header_in(p.buffer, src, le, j);
           h = static_cast<uint64_t>(hv) + 1u;
-          if (lane == 0)
-            *reinterpret_cast<uint64_t*>(net.mine + L.header(p.buffer, le, src, j)) = tag(seq, hv + 1u);
+          if (lane == 0) *reinterpret_cast<uint64_t*>(net.mine + L.header(p.buffer, le, src, j)) = tag(seq, hv + 1u);
         }
       } else if (lane == 0) {
-        got = static_cast<int>(wait_tag_or_mask(c.wait, p.mask,
-                                                reinterpret_cast<const uint64_t*>(mine + L.header(p.buffer, le, src, j)),
-                                                tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h,
-                                                message_cycles));
+        got = static_cast<int>(
+            wait_tag_or_mask(c.wait, p.mask, reinterpret_cast<const uint64_t*>(mine + L.header(p.buffer, le, src, j)),
+                             tag(seq, 1), WaitPhase::kLowLatencyDispatchMessage, src, h, message_cycles));
       }
       got = __shfl_sync(0xffffffffu, got, 0);
       if (got == static_cast<int>(PeerWait::kAborted)) return;
@@ -324,7 +325,8 @@ __device__ void finish_dispatch_recv_net(const LowLatencyDispatchParams& p, cons
     *net.shadow(p.buffer, kLLNetMeta, src) = meta;
     if (net.signal_value(p.buffer, kLLNetMeta, src) < meta) continue;
     uint64_t total = 0;
-    for (int le = 0; le < L.local_experts; ++le) total += min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens);
+    for (int le = 0; le < L.local_experts; ++le)
+      total += min(static_cast<int>(net.count_in(p.buffer, src, le)), L.max_tokens);
     *net.shadow(p.buffer, kLLNetData, src) = net.shadow_value(p.buffer, kLLNetData, src) + total;
   }
 }

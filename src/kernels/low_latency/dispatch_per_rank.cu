@@ -47,12 +47,12 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   const int lane = lane_id();
   const bool first = blockIdx.x == 0;
   char* mine = c.peer_base[c.rank] + p.region;
-  int32_t* cnt = ints;          // [le][src] rows
-  int32_t* begin = cnt + E;     // [le][src] first packed row
-  int32_t* rtot = begin + E;    // [src] staged tokens
-  int32_t* ipre = rtot + R;     // [src + 1] prefix of rtot: the items
-  int32_t* stop = ipre + R + 1; // a count wait was aborted
-  int32_t* dead = stop + 1;     // [src] shrink mode: some count of src settled as masked
+  int32_t* cnt = ints;           // [le][src] rows
+  int32_t* begin = cnt + E;      // [le][src] first packed row
+  int32_t* rtot = begin + E;     // [src] staged tokens
+  int32_t* ipre = rtot + R;      // [src + 1] prefix of rtot: the items
+  int32_t* stop = ipre + R + 1;  // a count wait was aborted
+  int32_t* dead = stop + 1;      // [src] shrink mode: some count of src settled as masked
 
   for (int i = tid; i < R + 1; i += nthreads) stop[i] = 0;  // dead follows stop
   barrier();
@@ -68,7 +68,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     if (payload == 0) dead[src] = 1;
     if (le == 0) rtot[src] = min(static_cast<int>(payload >> 16), L.max_tokens);
     if (first && p.wait_cost_stats && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src),
+                static_cast<unsigned long long>(cycles));
   }
   barrier();
   if (stop[0]) return;
@@ -93,7 +94,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
       ipre[src] = run;
       run += dead[src] ? 0 : rtot[src];
       if (first && p.per_rank_combine)
-        *reinterpret_cast<uint32_t*>(mine + L.pr_count(p.buffer, src)) = static_cast<uint32_t>(dead[src] ? 0 : rtot[src]);
+        *reinterpret_cast<uint32_t*>(mine + L.pr_count(p.buffer, src)) =
+            static_cast<uint32_t>(dead[src] ? 0 : rtot[src]);
     }
     ipre[R] = run;
   }
@@ -105,7 +107,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   // Items go round the blocks first (item w to block w % grid), so fewer items than warps still
   // spread over every SM (BENCHMARKS runs 47-48).
   const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
-  const int data16 = p.use_fp8 ? H / 16 : H / 8;  // 16-byte vectors of one recv_x row
+  const int data16 = p.use_fp8 ? H / 16 : H / 8;                            // 16-byte vectors of one recv_x row
   const int P = max(1, min(min(total_warps / max(N, 1), 8), data16 / 32));  // parts per staged token
   const size_t head_off = L.staged_head_offset(p.use_fp8);
   const int payload16 = L.staged_payload16(p.use_fp8);
@@ -135,7 +137,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
       continue;
     }
     if (p.wait_cost_stats && lane == 0 && cycles > 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src), static_cast<unsigned long long>(cycles));
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_cost_stats + src),
+                static_cast<unsigned long long>(cycles));
     // Every read of this part at once (none depends on another): the first vectors of the part,
     // the head, the entries (all kslots; those past the head's count are ignored) and, for an FP8
     // token, the first 32 of the part's scales.
@@ -150,7 +153,9 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
     }
     const uint32_t v = __ldcg(reinterpret_cast<const unsigned int*>(msg + head_off));
     const uint32_t ent =
-        lane < L.kslots ? __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane) : 0u;
+        lane < L.kslots
+            ? __ldcg(reinterpret_cast<const unsigned int*>(msg + static_cast<size_t>(payload16) * 16) + lane)
+            : 0u;
     // The scales are split over the parts as the data is (each part a share of the groups, or of
     // the packed words): one part writing all of them for n rows was the receive's slowest item.
     const float* scales = reinterpret_cast<const float*>(msg + H);
@@ -212,10 +217,12 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
           uint32_t word = 0;
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            if (g < s1 && 4 * g + i < G) word |= ((__float_as_uint(__ldcg(scales + 4 * g + i)) >> 23) & 0xffu) << (8 * i);
+            if (g < s1 && 4 * g + i < G)
+              word |= ((__float_as_uint(__ldcg(scales + 4 * g + i)) >> 23) & 0xffu) << (8 * i);
           for (int e = 0; e < n; ++e) {
             const int le = __shfl_sync(0xffffffffu, rle, e), pos = __shfl_sync(0xffffffffu, rpos, e);
-            if (le >= 0 && g < s1) p.recv_scales_packed[(static_cast<int64_t>(le) * W + g) * RT + pos] = static_cast<int32_t>(word);
+            if (le >= 0 && g < s1)
+              p.recv_scales_packed[(static_cast<int64_t>(le) * W + g) * RT + pos] = static_cast<int32_t>(word);
           }
         }
       }
@@ -249,7 +256,8 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
       // the staged tokens' flags (LowLatencyLayout::staged_flag), which peers are releasing.
       const int le = static_cast<int>(ent & 0xffffu), slot = static_cast<int>((ent >> 16) & 0xfffu);
       const uint32_t k = ent >> 28;
-      *reinterpret_cast<uint32_t*>(mine + L.header(p.buffer, le, src, slot)) = (static_cast<uint32_t>(t) | (k << 16)) + 1u;
+      *reinterpret_cast<uint32_t*>(mine + L.header(p.buffer, le, src, slot)) =
+          (static_cast<uint32_t>(t) | (k << 16)) + 1u;
     }
   }
 }
@@ -270,7 +278,8 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
     if (threadIdx.x == 0)
       for (int i = kProbeItemWait; i < kLowLatencyProbeSlots; ++i) row[i] = 0;
   }
-  const uint32_t seq = send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
+  const uint32_t seq =
+      send ? ld_volatile(&p.state->dispatch_seq) + 1u : ld_volatile(&p.state->buffer_dispatch_seq[p.buffer]);
   if (send && !call_number_left(p.common.wait, seq)) return;  // a receive half's number was checked by its send
   if (send) {
     const LowLatencyLayout& L = p.layout;
@@ -291,8 +300,9 @@ __global__ void __launch_bounds__(kLowLatencyThreads, 1)
         return;
       }
       probe_mark<kProbe>(p, kProbeRecvEntry, 32);
-      dispatch_recv_per_rank<true, kProbe>(
-          p, seq, reinterpret_cast<int32_t*>(smem + per_rank_recv_offset(L, grid, p.staging_buffers)));
+      dispatch_recv_per_rank<true, kProbe>(p, seq,
+                                           reinterpret_cast<int32_t*>(
+                                               smem + per_rank_recv_offset(L, grid, p.staging_buffers)));
       if constexpr (kProbe) {  // the last warp of the block to finish (no barrier: a warp may have aborted)
         if (lane_id() == 0) {
           atomicMax(p.probe + blockIdx.x * kLowLatencyProbeSlots + kProbeRecvDone, global_timer_ns());
@@ -331,8 +341,7 @@ void launch_low_latency_dispatch_per_rank(const LowLatencyDispatchParams& p, int
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.probe != nullptr)
     low_latency_dispatch_per_rank_kernel<true><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
-  else
-    low_latency_dispatch_per_rank_kernel<false><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
+  else low_latency_dispatch_per_rank_kernel<false><<<num_blocks, kLowLatencyThreads, smem_bytes, s>>>(p);
   EPCOMM_LAUNCH_CHECK("low_latency_dispatch_per_rank_kernel");
 }
 

@@ -94,7 +94,8 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
   };
   load_ids(0);
   // Warp 0 hands out the slots of each token after the histogram; the first token's ids are read now.
-  const int64_t first_ids = warp == 0 && t_begin < t_end && lane < K ? p.topk_idx[static_cast<int64_t>(t_begin) * K + lane] : -1;
+  const int64_t first_ids =
+      warp == 0 && t_begin < t_end && lane < K ? p.topk_idx[static_cast<int64_t>(t_begin) * K + lane] : -1;
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   for (int i = tid; i < 2 * R; i += nthreads) rank_hist[i] = 0;      // rank_total follows rank_hist
   for (int i = tid; i < T; i += nthreads) tok_dests[i] = 0u;
@@ -174,12 +175,11 @@ __device__ void dispatch_send_per_rank(const LowLatencyDispatchParams& p, uint32
       const int P = max(1, kLowLatencyWarps / nd);
       const int di = warp / P, part = warp % P;
       if (di < nd && !peer_masked(p.mask, m.dest[di])) {
-        int4* dst = reinterpret_cast<int4*>(peer_region(p, m.dest[di]) +
-                                            L.staged(p.buffer, c.rank, m.dslot[di], p.use_fp8));
+        int4* dst =
+            reinterpret_cast<int4*>(peer_region(p, m.dest[di]) + L.staged(p.buffer, c.rank, m.dslot[di], p.use_fp8));
         const int v0 = part * payload16 / P, v1 = (part + 1) * payload16 / P;
         warp_copy<4>(dst + v0, reinterpret_cast<const int4*>(msg) + v0, v1 - v0, LoadShared{});
-        if (part == 0 && lane < entry16)
-          dst[payload16 + lane] = reinterpret_cast<const int4*>(m.entries[di])[lane];
+        if (part == 0 && lane < entry16) dst[payload16 + lane] = reinterpret_cast<const int4*>(m.entries[di])[lane];
       }
     }
     pending = it % 3;

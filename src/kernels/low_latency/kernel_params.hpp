@@ -13,41 +13,41 @@
 
 namespace epcomm {
 
-constexpr int kLowLatencyThreads = 512;      // threads per block of both LL kernels
-constexpr int kLowLatencySend = 1;           // kernel phases
+constexpr int kLowLatencyThreads = 512;  // threads per block of both LL kernels
+constexpr int kLowLatencySend = 1;       // kernel phases
 constexpr int kLowLatencyRecv = 2;
 
 struct LowLatencyDispatchParams {
-  CommonParams common;       // peers, rank, wait context (the control layout is not used)
+  CommonParams common;  // peers, rank, wait context (the control layout is not used)
   LowLatencyLayout layout;
-  size_t region = 0;         // offset of the LL region inside the symmetric allocation
+  size_t region = 0;  // offset of the LL region inside the symmetric allocation
   LowLatencyDeviceState* state = nullptr;
-  int buffer = 0;            // 0 or 1
-  int phases = 0;            // kLowLatencySend | kLowLatencyRecv
-  int num_tokens = 0;        // T of this rank
+  int buffer = 0;      // 0 or 1
+  int phases = 0;      // kLowLatencySend | kLowLatencyRecv
+  int num_tokens = 0;  // T of this rank
   int num_topk = 0;
-  int staging_buffers = 2;   // token staging areas in shared memory (2: cast the next while sending)
+  int staging_buffers = 2;  // token staging areas in shared memory (2: cast the next while sending)
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
-  bool per_rank = false;     // per-rank path (staging slots, fan-out on the receiver), see dispatch_per_rank.cu
+  bool per_rank = false;          // per-rank path (staging slots, fan-out on the receiver), see dispatch_per_rank.cu
   bool per_rank_combine = false;  // (per_rank only) write the per-rank combine's plan instead of headers
   // inputs (send half)
-  const uint16_t* x = nullptr;         // [T, hidden] bf16
-  const int64_t* topk_idx = nullptr;   // [T, K]
+  const uint16_t* x = nullptr;        // [T, hidden] bf16
+  const int64_t* topk_idx = nullptr;  // [T, K]
   // outputs (receive half)
-  uint8_t* recv_x = nullptr;           // [E/R, R*Tmax, hidden] fp8 or bf16
-  float* recv_scales = nullptr;        // fp8: [E/R][G][R*Tmax] (transposed)
-  int32_t* recv_scales_packed = nullptr;  // ue8m0: [E/R][ceil(G/4)][R*Tmax]
-  int32_t* recv_count = nullptr;       // [E/R]
-  int32_t* src_info = nullptr;         // [E/R, R*Tmax]
-  int64_t* layout_range = nullptr;     // [E/R, R]
+  uint8_t* recv_x = nullptr;                 // [E/R, R*Tmax, hidden] fp8 or bf16
+  float* recv_scales = nullptr;              // fp8: [E/R][G][R*Tmax] (transposed)
+  int32_t* recv_scales_packed = nullptr;     // ue8m0: [E/R][ceil(G/4)][R*Tmax]
+  int32_t* recv_count = nullptr;             // [E/R]
+  int32_t* src_info = nullptr;               // [E/R, R*Tmax]
+  int64_t* layout_range = nullptr;           // [E/R, R]
   int32_t* cumulative_recv_stats = nullptr;  // [E/R], optional
   int64_t* wait_cost_stats = nullptr;        // [R], optional: clock cycles spent waiting per source
   // shrink mode (nullptr when off): see kernels/low_latency/shrink.cuh
-  int32_t* mask = nullptr;                   // [R]: 1 = masked peer (skipped; a timed-out wait sets it)
-  uint64_t* count_decisions = nullptr;       // [2][E]: each count settled once per call
-  unsigned long long* probe = nullptr;       // diagnostics (EPCOMM_LL_PROBE): see LowLatencyHostState
+  int32_t* mask = nullptr;              // [R]: 1 = masked peer (skipped; a timed-out wait sets it)
+  uint64_t* count_decisions = nullptr;  // [2][E]: each count settled once per call
+  unsigned long long* probe = nullptr;  // diagnostics (EPCOMM_LL_PROBE): see LowLatencyHostState
 };
 
 struct LowLatencyCombineParams {
@@ -57,7 +57,7 @@ struct LowLatencyCombineParams {
   LowLatencyDeviceState* state = nullptr;
   int buffer = 0;
   int phases = 0;
-  int num_tokens = 0;        // T of this rank (origin side)
+  int num_tokens = 0;  // T of this rank (origin side)
   int num_topk = 0;
   // expert side
   const uint16_t* y = nullptr;            // [E/R, R*Tmax, hidden] bf16 (user tensor or the zero-copy area)
@@ -65,11 +65,11 @@ struct LowLatencyCombineParams {
   // kNone: per-expert rows; else the per-rank combine (the dispatch wrote its plan), see combine_per_rank.cu
   LowLatencyPartials partials = LowLatencyPartials::kNone;
   // origin side
-  const int64_t* topk_idx = nullptr;      // [T, K]
-  const float* topk_weights = nullptr;    // [T, K]
-  uint16_t* out = nullptr;                // [T, hidden] bf16
-  int64_t* wait_cost_stats = nullptr;     // [R], optional
-  int32_t* mask = nullptr;                // shrink mode: [R] masked peers (nullptr when off)
+  const int64_t* topk_idx = nullptr;    // [T, K]
+  const float* topk_weights = nullptr;  // [T, K]
+  uint16_t* out = nullptr;              // [T, hidden] bf16
+  int64_t* wait_cost_stats = nullptr;   // [R], optional
+  int32_t* mask = nullptr;              // shrink mode: [R] masked peers (nullptr when off)
 };
 
 // Network path (LowLatencyNetLayout): the same kernels with sends to ranks of other nodes through
@@ -91,10 +91,10 @@ struct LowLatencyNetArgs {
 // part, masked ones included (clean.cu says why).
 constexpr size_t kLowLatencyCleanFlagBytes = sizeof(uint64_t) * kMaxNvlRanks;  // u64 [R] in the control part
 struct LowLatencyCleanParams {
-  CommonParams common;           // peers, rank, wait context; ctl.ll_region holds the flags
+  CommonParams common;              // peers, rank, wait context; ctl.ll_region holds the flags
   uint32_t* clean_count = nullptr;  // device: cleans finished
-  int barrier = 1;               // 1: before zeroing, 2: after (and count this clean)
-  int32_t* mask = nullptr;       // shrink mode: a peer that never arrives is masked (nullptr: a record)
+  int barrier = 1;                  // 1: before zeroing, 2: after (and count this clean)
+  int32_t* mask = nullptr;          // shrink mode: a peer that never arrives is masked (nullptr: a record)
 };
 
 }  // namespace epcomm

@@ -39,8 +39,8 @@ void launch_low_latency_combine_net(const LowLatencyCombineParams& p, const LowL
 struct GinNetParams;
 void launch_low_latency_dispatch_gin(const LowLatencyDispatchParams& p, const LowLatencyNetArgs& a,
                                      const GinNetParams& g, int num_blocks, int smem_bytes, void* stream);
-void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a,
-                                    const GinNetParams& g, int num_blocks, void* stream);
+void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a, const GinNetParams& g,
+                                    int num_blocks, void* stream);
 // Static shared memory the network path's kernels add to the dynamic amount.
 constexpr int kLowLatencyNetStaticSmem = 1024;
 // One barrier of clean_low_latency_buffer (LowLatencyCleanParams says how the clean goes).

@@ -17,7 +17,6 @@ constexpr int kLowLatencyWarps = kLowLatencyThreads / 32;
 // The low half of a tag: what the sender put there (count + 1, or header + 1).
 __device__ __forceinline__ uint32_t tag_payload(uint64_t v) { return static_cast<uint32_t>(v) - 1u; }
 
-
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
 // docs/contract.md §3.3 scale of one group, bit for bit ref::fp8_group_scale: IEEE division, and rounding
@@ -66,10 +65,12 @@ __device__ __forceinline__ void stage_fp8(const uint16_t* __restrict__ x, int hi
       uint32_t q[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(f[4 * i], scale), __fdiv_rn(f[4 * i + 1], scale)),
-                                                     __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(
-            make_float2(__fdiv_rn(f[4 * i + 2], scale), __fdiv_rn(f[4 * i + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t lo =
+            __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(f[4 * i], scale), __fdiv_rn(f[4 * i + 1], scale)),
+                                     __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi =
+            __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(f[4 * i + 2], scale), __fdiv_rn(f[4 * i + 3], scale)),
+                                     __NV_SATFINITE, __NV_E4M3);
         q[i] = lo | (hi << 16);
       }
       *reinterpret_cast<int4*>(msg + c) =

@@ -53,9 +53,7 @@ struct LLNet {
   int rank;
 
   __device__ __forceinline__ const LowLatencyNetLayout& L() const { return a.layout; }
-  __device__ __forceinline__ bool remote(int peer) const {
-    return peer / a.ranks_per_node != rank / a.ranks_per_node;
-  }
+  __device__ __forceinline__ bool remote(int peer) const { return peer / a.ranks_per_node != rank / a.ranks_per_node; }
   __device__ __forceinline__ uint64_t* shadow(int b, int kind, int peer) const {
     return reinterpret_cast<uint64_t*>(mine + a.layout.shadow(b, kind, peer));
   }
@@ -71,14 +69,16 @@ struct LLNet {
     uint64_t v = 0;
     const int id = a.layout.signal_id(b, kind, peer);
     const Net& n = net;
-    return wait_geq_or_mask(ctx, mask, [&n, id] { return n.read_signal(id); }, target, phase, peer, v, cycles);
+    return wait_geq_or_mask(
+        ctx, mask, [&n, id] { return n.read_signal(id); }, target, phase, peer, v, cycles);
   }
   // meta_in [b][src]: count of local expert le, and the header of slot j.
   __device__ __forceinline__ uint32_t count_in(int b, int src, int le) const {
     return __ldcg(reinterpret_cast<const unsigned int*>(mine + a.layout.in_entry(b, src)) + le);
   }
   __device__ __forceinline__ uint32_t header_in(int b, int src, int le, int j) const {
-    return __ldcg(reinterpret_cast<const unsigned int*>(mine + a.layout.in_entry(b, src) + a.layout.header_in_entry(le, j)));
+    return __ldcg(
+        reinterpret_cast<const unsigned int*>(mine + a.layout.in_entry(b, src) + a.layout.header_in_entry(le, j)));
   }
 };
 

@@ -56,9 +56,15 @@ struct LowLatencyNetLayout {
     return n;
   }
   EPCOMM_HD int signal_id(int b, int kind, int peer) const { return (b * kLLNetKinds + kind) * num_ranks + peer; }
-  EPCOMM_HD size_t shadow(int b, int kind, int peer) const { return shadows + sizeof(uint64_t) * signal_id(b, kind, peer); }
-  EPCOMM_HD size_t out_entry(int b, int dest) const { return meta_out + (static_cast<size_t>(b) * num_ranks + dest) * entry_bytes; }
-  EPCOMM_HD size_t in_entry(int b, int src) const { return meta_in + (static_cast<size_t>(b) * num_ranks + src) * entry_bytes; }
+  EPCOMM_HD size_t shadow(int b, int kind, int peer) const {
+    return shadows + sizeof(uint64_t) * signal_id(b, kind, peer);
+  }
+  EPCOMM_HD size_t out_entry(int b, int dest) const {
+    return meta_out + (static_cast<size_t>(b) * num_ranks + dest) * entry_bytes;
+  }
+  EPCOMM_HD size_t in_entry(int b, int src) const {
+    return meta_in + (static_cast<size_t>(b) * num_ranks + src) * entry_bytes;
+  }
   EPCOMM_HD size_t header_in_entry(int le, int slot) const {
     return counts_bytes + (static_cast<size_t>(le) * tpad + slot) * sizeof(uint32_t);
   }

@@ -59,7 +59,9 @@ inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8,
 // What the tests and the bench check a per-rank combine against, relative to sum_k |w_k y_k|: each
 // kind's bound (combine_per_rank.cu) with slack, and the kind's name in their messages.
 inline float low_latency_partials_tolerance(LowLatencyPartials k) {
-  return k == LowLatencyPartials::kF32 ? 1.0f / 262144.0f : k == LowLatencyPartials::kFine ? 1.0f / 16384.0f : 1.0f / 256.0f;
+  return k == LowLatencyPartials::kF32    ? 1.0f / 262144.0f
+         : k == LowLatencyPartials::kFine ? 1.0f / 16384.0f
+                                          : 1.0f / 256.0f;
 }
 inline const char* low_latency_partials_name(LowLatencyPartials k) {
   return k == LowLatencyPartials::kF32 ? "float32" : k == LowLatencyPartials::kFine ? "fine" : "BF16";

@@ -6,14 +6,14 @@ namespace epcomm {
 
 // Probe marks of the LL dispatch kernel: global-timer ns in slot m, SM clock in slot 8 + m.
 enum LowLatencyProbeMark : int {
-  kProbeEntry = 0,      // kernel entry
-  kProbeHistogram = 1,  // send: the topk histogram is built
-  kProbeCounts = 2,     // send: counts released
-  kProbeTokens = 3,     // send: every message stored and released
-  kProbePublished = 4,  // send: publish_dispatch done
-  kProbeRecvEntry = 5,  // receive half starts
-  kProbeRecvDone = 6,   // receive half done
-  kProbeRecvCounts = 7, // per-rank receive: every count read, the begins computed (between 5 and 6)
+  kProbeEntry = 0,       // kernel entry
+  kProbeHistogram = 1,   // send: the topk histogram is built
+  kProbeCounts = 2,      // send: counts released
+  kProbeTokens = 3,      // send: every message stored and released
+  kProbePublished = 4,   // send: publish_dispatch done
+  kProbeRecvEntry = 5,   // receive half starts
+  kProbeRecvDone = 6,    // receive half done
+  kProbeRecvCounts = 7,  // per-rank receive: every count read, the begins computed (between 5 and 6)
 };
 // Past the marks (per-rank receive, per block): the longest flag wait of one of its warps' items
 // (ns), the longest copy after the flag (ns), the items its warps took, and the last item that took

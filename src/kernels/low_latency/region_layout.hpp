@@ -10,8 +10,8 @@
 
 namespace epcomm {
 
-constexpr int kLowLatencyMaxTokens = 4096;   // Tmax limit (token index fits 16 bits of a header)
-constexpr int kLowLatencyScaleGroup = 128;   // channels per FP8 scale
+constexpr int kLowLatencyMaxTokens = 4096;  // Tmax limit (token index fits 16 bits of a header)
+constexpr int kLowLatencyScaleGroup = 128;  // channels per FP8 scale
 
 // One LL buffer (offsets inside it), and the two of them. Everything depends only on (Tmax,
 // hidden, R, E), so every rank computes the same layout.
@@ -29,7 +29,7 @@ struct LowLatencyLayout {
   int hidden = 0;
   int num_experts = 0;
   int local_experts = 0;
-  int kslots = 0;      // combine rows per token = min(kMaxTopk, E): topk may not exceed it
+  int kslots = 0;  // combine rows per token = min(kMaxTopk, E): topk may not exceed it
   size_t msg_bytes = 0;
   size_t combine_rows = 0, dispatch_data = 0, dispatch_header = 0, dispatch_count = 0, combine_flags = 0,
          combine_done = 0;

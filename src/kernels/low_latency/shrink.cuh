@@ -69,22 +69,24 @@ __device__ __forceinline__ PeerWait wait_geq_or_mask(const WaitContext& ctx, int
 __device__ __forceinline__ PeerWait wait_tag_or_mask(const WaitContext& ctx, int32_t* mask, const uint64_t* flag,
                                                      uint64_t target, WaitPhase phase, int peer, uint64_t& value,
                                                      long long& cycles) {
-  return wait_geq_or_mask(ctx, mask, [flag] { return ld_acquire_sys(flag); }, target, phase, peer, value, cycles);
+  return wait_geq_or_mask(
+      ctx, mask, [flag] { return ld_acquire_sys(flag); }, target, phase, peer, value, cycles);
 }
 
 // The same for a flag that guards no data (its payload is all the reader needs): relaxed loads.
 __device__ __forceinline__ PeerWait wait_payload_or_mask(const WaitContext& ctx, int32_t* mask, const uint64_t* flag,
                                                          uint64_t target, WaitPhase phase, int peer, uint64_t& value,
                                                          long long& cycles) {
-  return wait_geq_or_mask(ctx, mask, [flag] { return ld_relaxed_sys(flag); }, target, phase, peer, value, cycles);
+  return wait_geq_or_mask(
+      ctx, mask, [flag] { return ld_relaxed_sys(flag); }, target, phase, peer, value, cycles);
 }
 
 // The same for a 32-bit flag holding a call number: arrived when *flag >= seq.
 __device__ __forceinline__ PeerWait wait_seq_or_mask(const WaitContext& ctx, int32_t* mask, const uint32_t* flag,
                                                      uint32_t seq, WaitPhase phase, int peer, long long& cycles) {
   uint64_t value = 0;
-  return wait_geq_or_mask(ctx, mask, [flag] { return static_cast<uint64_t>(ld_acquire_sys(flag)); }, seq, phase,
-                          peer, value, cycles);
+  return wait_geq_or_mask(
+      ctx, mask, [flag] { return static_cast<uint64_t>(ld_acquire_sys(flag)); }, seq, phase, peer, value, cycles);
 }
 
 // Settles one count of a dispatch: `proposal` is tag(seq, count + 1) when the count arrived, or

@@ -30,8 +30,8 @@ constexpr int kPusherBarrier = 2;
 
 struct CombineShared {
   uint64_t pusher_bars[kMaxPusherWarps][kMaxPusherBufs];
-  int32_t next_segment;                  // the pushers' work counter: segment i = (chunk i / R, origin i % R)
-  int32_t released[kMaxNvlRanks];        // per origin: the last chunk whose rows this rank released (-1: none)
+  int32_t next_segment;            // the pushers' work counter: segment i = (chunk i / R, origin i % R)
+  int32_t released[kMaxNvlRanks];  // per origin: the last chunk whose rows this rank released (-1: none)
   const int4* sources[kMaxReducerWarps][kMaxNvlRanks];  // a token's rows in the slot, by sender
   int32_t positions[kMaxReducerWarps][kMaxNvlRanks];
 };
@@ -110,15 +110,16 @@ __device__ void run_pusher(const CombineParams& p, uint32_t seq, CombineShared& 
     if (lane == 0) {
       fence_proxy_async_global();
       ok = bulk_copy(c.wait, pipe, slot + static_cast<size_t>(rank) * p.chunk * row_bytes,
-                       reinterpret_cast<const uint8_t*>(p.x) + static_cast<size_t>(row_begin) * row_bytes,
-                       static_cast<size_t>(rows) * row_bytes, WaitPhase::kCombineSlotFree, origin, [&](int issued) {
-                         // The previous segment's stores are older than these `issued` ones.
-                         if (pending.n < 0) return true;
-                         if (issued >= 2) bulk_wait<2>(); else bulk_wait<1>();
-                         const bool released = release_segment(p, seq, sh, pending);
-                         pending = PendingSegment{};
-                         return released;
-                       });
+                     reinterpret_cast<const uint8_t*>(p.x) + static_cast<size_t>(row_begin) * row_bytes,
+                     static_cast<size_t>(rows) * row_bytes, WaitPhase::kCombineSlotFree, origin, [&](int issued) {
+                       // The previous segment's stores are older than these `issued` ones.
+                       if (pending.n < 0) return true;
+                       if (issued >= 2) bulk_wait<2>();
+                       else bulk_wait<1>();
+                       const bool released = release_segment(p, seq, sh, pending);
+                       pending = PendingSegment{};
+                       return released;
+                     });
     }
     if (K > 0) {
       float* w = reinterpret_cast<float*>(slot + p.ring.weights_offset) + static_cast<size_t>(rank) * p.chunk * K;
@@ -186,7 +187,8 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
       if (lane < R && ((token_dests >> lane) & 1u)) {
         const int idx = __popc(token_dests & ((1u << lane) - 1u));
         const int pos = __popc(my_mask & ((1u << tl) - 1u));
-        sh.sources[rw][idx] = reinterpret_cast<const int4*>(slot + (static_cast<size_t>(lane) * p.chunk + pos) * row_bytes);
+        sh.sources[rw][idx] =
+            reinterpret_cast<const int4*>(slot + (static_cast<size_t>(lane) * p.chunk + pos) * row_bytes);
         sh.positions[rw][idx] = lane * p.chunk + pos;
       }
       __syncwarp();
@@ -257,7 +259,8 @@ __device__ void run_reducer(const CombineParams& p, uint32_t seq, int rw, Combin
   }
 }
 
-__global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1) combine_kernel(const __grid_constant__ CombineParams p) {
+__global__ void __launch_bounds__(32 * (kMaxPusherWarps + kMaxReducerWarps), 1)
+    combine_kernel(const __grid_constant__ CombineParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   auto& sh = *reinterpret_cast<CombineShared*>(smem);
   const CommonParams& c = p.common;

@@ -26,10 +26,10 @@ constexpr int kMaxSlots = 16;
 struct DispatchShared {
   uint64_t stager_bars[kStagerBufs];
   uint64_t puller_bars[kMaxPullerWarps][kMaxSlots + 1];  // [stages..., meta]
-  uint32_t slot_needed[kMaxSlots];      // destinations that need each ring slot's current chunk
-  int32_t last_needed[kMaxNvlRanks];    // last iteration each destination needed
-  int32_t next_segment;                 // the pullers' work counter: segment i = (chunk i / R, source i % R)
-  int32_t acked[kMaxNvlRanks];          // per source: the last chunk whose rows this rank acknowledged (-1: none)
+  uint32_t slot_needed[kMaxSlots];                       // destinations that need each ring slot's current chunk
+  int32_t last_needed[kMaxNvlRanks];                     // last iteration each destination needed
+  int32_t next_segment;         // the pullers' work counter: segment i = (chunk i / R, source i % R)
+  int32_t acked[kMaxNvlRanks];  // per source: the last chunk whose rows this rank acknowledged (-1: none)
 };
 
 __device__ __forceinline__ uint64_t* flag_at(const CommonParams& c, int owner, size_t base, int peer, int block) {
@@ -259,7 +259,8 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
           const int next_pos = __ffs(issue_mask) - 1;
           issue_mask &= issue_mask - 1;
           const int pst = prev % P;
-          if (P > 1) bulk_wait_read<1>(); else bulk_wait_read<0>();
+          if (P > 1) bulk_wait_read<1>();
+          else bulk_wait_read<0>();
           mbar_arrive_expect_tx(&bars[pst], p.row_bytes);
           tma_load(stages + static_cast<size_t>(pst) * p.row_bytes, slot + static_cast<size_t>(next_pos) * p.row_bytes,
                    p.row_bytes, &bars[pst]);
@@ -283,7 +284,8 @@ __device__ void run_puller(const DispatchParams& p, uint32_t seq, int pw, Dispat
   if (lane == 0) bulk_wait_all();
 }
 
-__global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(32 * (2 + kMaxPullerWarps), 1)
+    dispatch_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   auto& sh = *reinterpret_cast<DispatchShared*>(smem);
   const CommonParams& c = p.common;
@@ -323,10 +325,10 @@ const KernelRegistration kKernels{reinterpret_cast<const void*>(dispatch_kernel)
 
 int dispatch_shared_bytes(int puller_warps, int puller_stages, int row_bytes, int chunk, int meta_row_bytes,
                           int stager_piece_bytes) {
-  return static_cast<int>(align_up(sizeof(DispatchShared), 128) + static_cast<size_t>(kStagerBufs) * stager_piece_bytes +
-                          static_cast<size_t>(puller_warps) *
-                              (static_cast<size_t>(puller_stages) * row_bytes +
-                               align_up(static_cast<size_t>(chunk) * meta_row_bytes, 128)));
+  return static_cast<int>(
+      align_up(sizeof(DispatchShared), 128) + static_cast<size_t>(kStagerBufs) * stager_piece_bytes +
+      static_cast<size_t>(puller_warps) * (static_cast<size_t>(puller_stages) * row_bytes +
+                                           align_up(static_cast<size_t>(chunk) * meta_row_bytes, 128)));
 }
 
 int dispatch_max_puller_warps() { return kMaxPullerWarps; }

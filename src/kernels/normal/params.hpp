@@ -26,10 +26,10 @@ namespace epcomm {
 // Dispatch ring slot: [x rows: chunk * row_bytes][meta: chunk * meta_row_bytes]
 // where a meta row is [scales: num_scales 4-byte words][topk idx: K i32][topk weights: K f32], padded to 16.
 struct DispatchRing {
-  size_t offset = 0;        // of slot (0, 0) inside the symmetric region
+  size_t offset = 0;  // of slot (0, 0) inside the symmetric region
   size_t slot_bytes = 0;
-  size_t meta_offset = 0;   // inside a slot
-  int slots = 0;            // per block
+  size_t meta_offset = 0;  // inside a slot
+  int slots = 0;           // per block
   int meta_row_bytes = 0;
 
   EPCOMM_HD size_t slot(int block, int s) const {
@@ -41,28 +41,28 @@ struct NotifyParams {
   CommonParams common;
   int num_tokens = 0;
   int num_experts = 0;
-  int chunk = 0;        // ring geometry (rows per slot), the same on every rank
-  int cut = 0;          // this rank's tokens per chunk, <= chunk
+  int chunk = 0;  // ring geometry (rows per slot), the same on every rank
+  int cut = 0;    // this rank's tokens per chunk, <= chunk
   int num_blocks = 0;
   int expert_alignment = 1;
-  const uint8_t* is_token_in_rank = nullptr;    // [T, R]
-  const int32_t* num_tokens_per_rank = nullptr; // [R]
+  const uint8_t* is_token_in_rank = nullptr;       // [T, R]
+  const int32_t* num_tokens_per_rank = nullptr;    // [R]
   const int32_t* num_tokens_per_expert = nullptr;  // [E]
-  uint32_t* parity_counter = nullptr;           // device: notifies so far (selects the meta slot)
+  uint32_t* parity_counter = nullptr;              // device: notifies so far (selects the meta slot)
   // outputs
-  int32_t* rank_prefix_matrix = nullptr;        // [R, R]
-  int32_t* chunk_offset = nullptr;              // [R, stride]: first recv row of (source, chunk), then
-                                                // the end row, then (last column) the source's cut
+  int32_t* rank_prefix_matrix = nullptr;          // [R, R]
+  int32_t* chunk_offset = nullptr;                // [R, stride]: first recv row of (source, chunk), then
+                                                  // the end row, then (last column) the source's cut
   int32_t* num_recv_tokens_per_expert = nullptr;  // [E/R], aligned
   int chunk_offset_stride = 0;
-  int32_t* invalid_topk = nullptr;              // device: first bad topk entry the layout saw, or -1
-  int32_t* host_result = nullptr;               // mapped: see NotifyResult
-  int32_t host_token = 0;                       // written to kNotifyStatus (negated on failure)
+  int32_t* invalid_topk = nullptr;  // device: first bad topk entry the layout saw, or -1
+  int32_t* host_result = nullptr;   // mapped: see NotifyResult
+  int32_t host_token = 0;           // written to kNotifyStatus (negated on failure)
 };
 
 // Layout of the mapped ints the notify kernel hands to the host.
 enum NotifyResult : int {
-  kNotifyStatus = 0,      // the call's token when done, minus it on failure
+  kNotifyStatus = 0,  // the call's token when done, minus it on failure
   kNotifyNumRecv = 1,
   kNotifyMaxChunks = 2,
   kNotifyInvalidTopk = 3,
@@ -74,11 +74,11 @@ struct DispatchParams {
   DispatchRing ring;
   int num_blocks = 0;
   int chunk = 0;
-  int max_chunks = 0;          // chunks of the rank with the most tokens (loop bound)
-  int num_tokens = 0;          // T of this rank
-  int row_bytes = 0;           // hidden * element size
-  int num_scales = 0;          // FP8: scale words per token (x_scales' columns), else 0
-  int num_topk = 0;            // 0: dispatch without topk
+  int max_chunks = 0;  // chunks of the rank with the most tokens (loop bound)
+  int num_tokens = 0;  // T of this rank
+  int row_bytes = 0;   // hidden * element size
+  int num_scales = 0;  // FP8: scale words per token (x_scales' columns), else 0
+  int num_topk = 0;    // 0: dispatch without topk
   int experts_per_rank = 0;
   int puller_warps = 0;
   int puller_stages = 0;
@@ -90,21 +90,21 @@ struct DispatchParams {
   // exponents), moved bit for bit.
   const uint32_t* x_scales = nullptr;
   int64_t scale_stride_token = 0, scale_stride_group = 0;  // in elements
-  const int64_t* topk_idx = nullptr;      // [T, K]
-  const float* topk_weights = nullptr;    // [T, K]
-  const uint8_t* is_token_in_rank = nullptr;  // [T, R]
+  const int64_t* topk_idx = nullptr;                       // [T, K]
+  const float* topk_weights = nullptr;                     // [T, K]
+  const uint8_t* is_token_in_rank = nullptr;               // [T, R]
   // routing of what this rank receives
   const int32_t* chunk_offset = nullptr;  // [R, chunk_offset_stride]
   int chunk_offset_stride = 0;
   const uint32_t* parity_counter = nullptr;  // not cached: the meta slot the notify filled
   // outputs
   uint8_t* recv_x = nullptr;
-  uint32_t* recv_scales = nullptr;        // [rows, num_scales] words, row-major
-  int64_t* recv_topk_idx = nullptr;       // [rows, K]
-  float* recv_topk_weights = nullptr;     // [rows, K]
-  int32_t* recv_src_idx = nullptr;        // [rows]; input when cached
-  int num_worst_tokens = 0;               // > 0: pad rows past num_recv
-  int num_rows = 0;                       // rows the caller allocated (writes beyond are dropped)
+  uint32_t* recv_scales = nullptr;     // [rows, num_scales] words, row-major
+  int64_t* recv_topk_idx = nullptr;    // [rows, K]
+  float* recv_topk_weights = nullptr;  // [rows, K]
+  int32_t* recv_src_idx = nullptr;     // [rows]; input when cached
+  int num_worst_tokens = 0;            // > 0: pad rows past num_recv
+  int num_rows = 0;                    // rows the caller allocated (writes beyond are dropped)
 };
 
 // Combine ring slot: [R senders][chunk rows of hidden bf16] then [R senders][chunk][K] f32.
@@ -125,9 +125,9 @@ struct CombineParams {
   int num_blocks = 0;
   int chunk = 0;
   int max_chunks = 0;
-  int num_tokens = 0;          // T of this rank (origin side)
+  int num_tokens = 0;  // T of this rank (origin side)
   int hidden = 0;
-  int num_topk = 0;            // 0: no weights
+  int num_topk = 0;  // 0: no weights
   int pusher_warps = 0;
   int pusher_stages = 0;
   int piece_bytes = 0;
@@ -141,8 +141,8 @@ struct CombineParams {
   const uint8_t* is_token_in_rank = nullptr;  // [T, R]
   const uint16_t* bias0 = nullptr;
   const uint16_t* bias1 = nullptr;
-  uint16_t* out = nullptr;                // [T, hidden]
-  float* out_topk_weights = nullptr;      // [T, K]
+  uint16_t* out = nullptr;            // [T, hidden]
+  float* out_topk_weights = nullptr;  // [T, K]
 };
 
 struct LayoutParams {
@@ -156,7 +156,7 @@ struct LayoutParams {
   int32_t* num_tokens_per_node = nullptr;  // may be null (one node)
   int32_t* num_tokens_per_expert = nullptr;
   uint8_t* is_token_in_rank = nullptr;
-  int32_t* invalid_index = nullptr;        // device: first bad topk entry seen (flat index), or -1
+  int32_t* invalid_index = nullptr;  // device: first bad topk entry seen (flat index), or -1
 };
 
 // Host-side launchers (kernels/*/*.cu).

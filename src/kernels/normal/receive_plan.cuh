@@ -15,8 +15,8 @@ namespace epcomm::dev {
 // alignment; chunk_offset: the first receive row of each (source, chunk), then the end row, and
 // the source's cut in the last column) and hands the totals to the host, status last.
 template <class Params, class Entry>
-__device__ void build_receive_plan(const Params& p, const WaitContext& w, const MetaEntryLayout& layout, int R, int rank,
-                                   int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
+__device__ void build_receive_plan(const Params& p, const WaitContext& w, const MetaEntryLayout& layout, int R,
+                                   int rank, int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
   const int lane = lane_id(), warp = warp_id(), num_warps = blockDim.x / 32;
   const int experts_per_rank = p.num_experts / R;
   __shared__ int32_t s_counts[kMaxNvlRanks][kMaxNvlRanks];  // [source][destination]

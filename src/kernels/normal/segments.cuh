@@ -41,7 +41,8 @@ __device__ __forceinline__ int take_segment(int32_t* counter) {
 // peer's last flagged iteration. False on timeout or abort (recorded).
 __device__ __forceinline__ bool flag_in_chunk_order(const WaitContext& ctx, volatile int32_t* done, int prev, int n,
                                                     uint64_t* flag, uint64_t value, WaitPhase phase, int peer) {
-  if (!wait_geq(ctx, [done] { return static_cast<uint64_t>(*done + 1); }, static_cast<uint64_t>(prev + 1), phase, peer))
+  if (!wait_geq(
+          ctx, [done] { return static_cast<uint64_t>(*done + 1); }, static_cast<uint64_t>(prev + 1), phase, peer))
     return false;
   st_release_sys(flag, value);
   __threadfence();  // the flag's store is ordered before the next warp's, which reads *done first
