@@ -10,11 +10,23 @@ cached dispatch (every row that was summed gets the token's gradient). One proce
 
 Every rank checks its forward output and its gradients (input, gate, its own experts' weights)
 against the same layer computed on one GPU without communication, and prints the errors.
+
+Across nodes without a second machine: --fake-nodes N starts one process per rank (--ranks, default
+N) over N fake nodes, processes that NCCL takes for different hosts (distinct NCCL_HOSTID), joined by
+the test-only loopback net plugin with GIN (tests/gin_loopback; --net-plugin), so dispatch and
+combine take epcomm's path across nodes. Ranks share GPUs where there are fewer GPUs than ranks
+(slowly: their kernels take turns).
+
+    PYTHONPATH=python python examples/moe_layer.py --fake-nodes 2 [--ranks 4] [--net-plugin PATH]
 """
 
 import argparse
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -162,13 +174,14 @@ def check_against_single_gpu(buffer, group, seed=0, tokens=128, hidden=512, ffn=
     return {"rank": rank, "ok": all(v < tol for v in errors.values()), **errors}
 
 
-def _worker(rank, num_ranks, port, args):
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
-    hint = max(epcomm.Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(args.hidden * 2, num_ranks),
-               epcomm.Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(args.hidden * 2, num_ranks))
-    buffer = epcomm.Buffer(dist.group.WORLD, num_nvl_bytes=hint, explicitly_destroy=True)
+def _run_rank(rank, num_ranks, ranks_per_node, args):
+    """One rank's check, once its process group exists; raises SystemExit if the layer differs."""
+    configs = (epcomm.Buffer.get_dispatch_config(num_ranks), epcomm.Buffer.get_combine_config(num_ranks))
+    hidden_bytes = args.hidden * 2
+    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    # Network memory for normal mode across nodes (0 when the ranks fit in one node, as DeepEP's hint).
+    rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, ranks_per_node=ranks_per_node) for c in configs)
+    buffer = epcomm.Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
     try:
         report = check_against_single_gpu(buffer, dist.group.WORLD, seed=args.seed, tokens=args.tokens,
                                           hidden=args.hidden, ffn=args.ffn, num_topk=args.topk,
@@ -182,22 +195,119 @@ def _worker(rank, num_ranks, port, args):
         dist.destroy_process_group()
 
 
+def _worker(rank, num_ranks, port, args):
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
+    _run_rank(rank, num_ranks, num_ranks, args)
+
+
+# ---------------------------------------------------------------------------- fake nodes
+def _find_plugin(given):
+    """The loopback net plugin: --net-plugin, $EPCOMM_TEST_NET_PLUGIN, or where the build puts it."""
+    root = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    built = [os.path.join(root, d, "tests", "gin_loopback", "libnccl-net-epcomm-loopback.so")
+             for d in ("build-gpu", "build")]
+    candidates = [given] if given else [os.environ["EPCOMM_TEST_NET_PLUGIN"]] if os.environ.get(
+        "EPCOMM_TEST_NET_PLUGIN") else built
+    for path in candidates:
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    raise SystemExit(f"--fake-nodes needs the loopback net plugin (built with the C++ tests); not found: {candidates}")
+
+
+def _fake_node_child(args):
+    """One rank of --fake-nodes, in the environment _run_fake_nodes gave it."""
+    rank, num_ranks = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(int(os.environ["EPCOMM_FAKE_GPU"]))
+    # gloo: ranks may share a GPU; epcomm makes its own NCCL communicator (through the plugin).
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=rank,
+                            world_size=num_ranks)
+    _run_rank(rank, num_ranks, int(os.environ["EPCOMM_FAKE_RANKS_PER_NODE"]), args)
+
+
+def _run_fake_nodes(args, port):
+    """Starts one process per rank over args.fake_nodes fake nodes and waits for them (at most
+    args.timeout seconds, 60 s after the first that fails); True if every rank passed."""
+    gpus, nodes = torch.cuda.device_count(), args.fake_nodes
+    ranks = args.ranks or nodes
+    if nodes < 2 or ranks % nodes:
+        raise SystemExit(f"--fake-nodes {nodes} --ranks {ranks}: at least 2 nodes, and ranks a multiple of them")
+    per_node = ranks // nodes
+    if per_node > gpus:
+        raise SystemExit(f"--fake-nodes: a node's {per_node} ranks need {per_node} GPUs; {gpus} visible")
+    plugin = _find_plugin(args.net_plugin)
+    argv = [sys.executable, os.path.abspath(__file__), "--fake-node-child", "--tokens", str(args.tokens),
+            "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--topk", str(args.topk),
+            "--experts-per-rank", str(args.experts_per_rank), "--seed", str(args.seed)]
+    procs = []
+    for r in range(ranks):
+        node, gpu = r // per_node, (r if gpus >= ranks else r % per_node)
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(ranks), MASTER_PORT=str(port), EPCOMM_FAKE_GPU=str(gpu),
+                   EPCOMM_FAKE_RANKS_PER_NODE=str(per_node), NCCL_HOSTID=f"epcomm-moe-example-node{node}",
+                   NCCL_NET_PLUGIN=plugin, NCCL_NET="EpcommLoopback", NCCL_GIN_TYPE="2", NCCL_NVLS_ENABLE="0",
+                   TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+                   EPCOMM_RANKS_PER_NODE="0",  # the node is what NCCL says: this fake node's ranks
+                   PYTHONUNBUFFERED="1")
+        # The normal-mode buffer's network memory is sized for this many tokens per rank (epcomm's
+        # default, 65536, would need far more); a live peer on a shared GPU can be seconds late.
+        env.setdefault("EPCOMM_MAX_TOKENS_PER_RANK", str(args.tokens))
+        env.setdefault("EPCOMM_TIMEOUT_MS", "30000")
+        print(f"rank {r}: fake node {node}, GPU {gpu}", flush=True)
+        procs.append(subprocess.Popen(argv, env=env, start_new_session=True))
+    deadline = time.monotonic() + args.timeout
+    status = [None] * ranks
+    while any(s is None for s in status) and time.monotonic() < deadline:
+        for r, p in enumerate(procs):
+            if status[r] is None and p.poll() is not None:
+                status[r] = p.returncode
+                if p.returncode != 0:  # its peers may wait for it until their own timeouts
+                    deadline = min(deadline, time.monotonic() + 60)
+        time.sleep(0.1)
+    for r, p in enumerate(procs):
+        if status[r] is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            print(f"rank {r}: still running after the time limit, killed", flush=True)
+        elif status[r] != 0:
+            print(f"rank {r}: exit status {status[r]}", flush=True)
+    return all(s == 0 for s in status)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=0, help="processes, one per GPU (default: every GPU)")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="processes, one per GPU (default: every GPU; with --fake-nodes: one per node)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--experts-per-rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fake-nodes", type=int, default=0,
+                        help="run over this many fake nodes through the loopback net plugin (one process per rank)")
+    parser.add_argument("--net-plugin", default=None,
+                        help="the loopback plugin for --fake-nodes (default: $EPCOMM_TEST_NET_PLUGIN, else "
+                             "build-gpu/ then build/ tests/gin_loopback/libnccl-net-epcomm-loopback.so)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="--fake-nodes: seconds before ranks still running are killed (default 600)")
+    parser.add_argument("--fake-node-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    ranks = args.ranks or torch.cuda.device_count()
-    if ranks < 1:
-        raise SystemExit("moe_layer.py needs at least one CUDA GPU")
+    if args.fake_node_child:
+        _fake_node_child(args)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if args.fake_nodes:
+        if not _run_fake_nodes(args, port):
+            raise SystemExit(f"MoE layer over {args.fake_nodes} fake nodes: FAILED")
+        print(f"MoE layer over {args.fake_nodes} fake nodes ({args.ranks or args.fake_nodes} ranks): forward and "
+              f"gradients match the single-GPU layer")
+        return
+    ranks = args.ranks or torch.cuda.device_count()
+    if ranks < 1:
+        raise SystemExit("moe_layer.py needs at least one CUDA GPU")
     torch.multiprocessing.spawn(_worker, args=(ranks, port, args), nprocs=ranks)
     print(f"MoE layer on {ranks} GPU(s): forward and gradients match the single-GPU layer")
 
