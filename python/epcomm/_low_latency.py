@@ -101,14 +101,17 @@ class LowLatencyMixin:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """``num_rdma_bytes`` low-latency mode needs for this problem (both buffers, BF16 or FP8),
-        never more than DeepEP's hint for the same arguments. Raises ValueError for a shape
-        low-latency mode cannot run (hidden not a multiple of 128, num_experts not divisible by
-        num_ranks, Tmax out of range)."""
-        return _epcomm.low_latency_size_hint(
-            check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1),
-            check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
-            check_int("num_experts", num_experts, lo=1))
+        """``num_rdma_bytes`` low-latency mode needs for this problem (both buffers, BF16 or FP8).
+        DeepEP's signature has no node count, so with more than one rank it also covers the network
+        path that ranks of other nodes take (a few percent more: its staging). At most DeepEP's hint
+        for the same arguments with 32 or more experts and 2 or more per rank (a handful of experts
+        can need up to ~1.5x DeepEP's there). Raises ValueError for a shape low-latency mode cannot
+        run (hidden not a multiple of 128, num_experts not divisible by num_ranks, Tmax out of range)."""
+        args = (check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, lo=1),
+                check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
+                check_int("num_experts", num_experts, lo=1))
+        inside = _epcomm.low_latency_size_hint(*args)
+        return inside if args[2] == 1 else max(inside, _epcomm.low_latency_net_size_hint(*args))
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Zeroes the low-latency memory and call counters on every rank and fixes the shape

@@ -371,7 +371,15 @@ void bind_low_latency(py::module_& m) {
         return Buffer::low_latency_size_hint(tmax, hidden, num_ranks, num_experts);
       },
       py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"),
-      "Bytes of num_rdma_bytes low-latency mode needs (both buffers); raises ValueError for a shape it cannot run.");
+      "Bytes of num_rdma_bytes low-latency mode needs inside a node (both buffers); raises ValueError for a shape "
+      "it cannot run.");
+  m.def(
+      "low_latency_net_size_hint",
+      [](int tmax, int hidden, int num_ranks, int num_experts) {
+        return Buffer::low_latency_net_size_hint(tmax, hidden, num_ranks, num_experts);
+      },
+      py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"),
+      "Bytes of num_rdma_bytes low-latency mode needs when it reaches other nodes through the network.");
   m.def("wrap_memory", &wrap_memory, py::arg("ptr"), py::arg("nbytes"), py::arg("device"), py::arg("owner"),
         "A DLPack capsule of [nbytes] uint8 at `ptr` (device -1: host memory) that holds a reference to `owner` "
         "until the consumer frees it: torch.utils.dlpack.from_dlpack(capsule) is a tensor over epcomm's memory.");

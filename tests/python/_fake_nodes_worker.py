@@ -99,9 +99,8 @@ def make_buffers(group, R, P):
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, R, ranks_per_node=P) for c in configs)
     buffer = deep_ep.Buffer(group, nvl, rdma, explicitly_destroy=True)
     tmax, hidden, E = ll_shapes(R)["basic"]
-    # Twice the hint: across nodes the low-latency calls take the network path, whose area
-    # (Buffer::low_latency_net_size_hint, C++ only) is a few percent more than this hint.
-    ll_bytes = 2 * deep_ep.Buffer.get_low_latency_rdma_size_hint(tmax, hidden, R, E)
+    # Exactly the hint, as DeepEP's clients size it: across nodes it must cover the network path.
+    ll_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(tmax, hidden, R, E)
     ll_buffer = deep_ep.Buffer(group, num_rdma_bytes=ll_bytes, low_latency_mode=True, explicitly_destroy=True)
     return buffer, ll_buffer
 

@@ -2,6 +2,7 @@
 skipping, the `raises` check, and the runner behind `python3 tests/python/test_x.py` (one file) and
 `python3 tests/python/_runner.py tests/python/test_cpu_*.py` (several)."""
 
+import os
 import sys
 
 try:
@@ -15,7 +16,9 @@ class SkipTest(Exception):
 
 
 def skip(reason):
-    if pytest is not None:
+    # pytest's Skipped is a BaseException: only under pytest (which sets PYTEST_CURRENT_TEST while a
+    # test runs), never in the runner below, even where pytest is installed.
+    if pytest is not None and "PYTEST_CURRENT_TEST" in os.environ:
         pytest.skip(reason)
     raise SkipTest(reason)
 

@@ -199,8 +199,16 @@ def test_low_latency_size_hint():
     for tmax, hidden, R, E in ((1, 128, 1, 1), (128, 7168, 8, 288), (128, 7168, 4, 288), (1024, 4096, 16, 256),
                                (7, 640, 3, 12)):
         got = hint(tmax, hidden, R, E)
-        assert 0 < got <= _deepep_low_latency_size_hint(tmax, hidden, R, E), (tmax, hidden, R, E, got)
-        assert got == _epcomm.low_latency_size_hint(tmax, hidden, R, E)
+        inside = _epcomm.low_latency_size_hint(tmax, hidden, R, E)
+        across = _epcomm.low_latency_net_size_hint(tmax, hidden, R, E)
+        assert got == (inside if R == 1 else max(inside, across)), (tmax, hidden, R, E, got, inside, across)
+        if R == 1 or (E >= 32 and E >= 2 * R):
+            assert 0 < got <= _deepep_low_latency_size_hint(tmax, hidden, R, E), (tmax, hidden, R, E, got)
+    for R in (2, 4, 8, 16, 32, 64):  # the network path fits below DeepEP's hint at production shapes
+        for E in (64, 256, 288):
+            if E % R == 0 and E >= 2 * R:
+                assert hint(128, 7168, R, E) <= _deepep_low_latency_size_hint(128, 7168, R, E), (R, E)
+                assert hint(128, 7168, R, E) >= _epcomm.low_latency_net_size_hint(128, 7168, R, E), (R, E)
     assert hint(128, 7168, 8, 288) < hint(256, 7168, 8, 288)
     raises(ValueError, lambda: hint(0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
     raises(ValueError, lambda: hint(5000, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
