@@ -13,7 +13,10 @@
 #include <utility>
 #include <vector>
 
+#include <nccl.h>
+
 #include "common/random_inputs.hpp"
+#include "epcomm/group.hpp"
 #include "epcomm/types.hpp"
 
 namespace epcomm::bench {
@@ -146,6 +149,32 @@ inline void run_threads(int n, const std::function<void(int)>& fn) {
   for (auto& t : th) t.join();
   for (auto& e : err)
     if (e) std::rethrow_exception(e);
+}
+
+// One NCCL group per rank of this process (ranks[i] on devices[i]) out of num_ranks, made together
+// (ncclCommInitRank is collective); every rank of every process calls it with the same id.
+inline std::vector<std::shared_ptr<Group>> create_nccl_groups(const ncclUniqueId& id, int num_ranks,
+                                                              const std::vector<int>& ranks,
+                                                              const std::vector<int>& devices, int ranks_per_node) {
+  std::vector<std::shared_ptr<Group>> groups(ranks.size());
+  run_threads(static_cast<int>(ranks.size()), [&](int i) {
+    groups[i] = Group::create_nccl(id, num_ranks, ranks[i], devices[i], ranks_per_node);
+  });
+  return groups;
+}
+// The same for a run whose ranks are all threads of this process.
+inline std::vector<std::shared_ptr<Group>> create_nccl_groups(int num_ranks, const std::vector<int>& ranks,
+                                                              const std::vector<int>& devices, int ranks_per_node) {
+  ncclUniqueId id;
+  if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
+  return create_nccl_groups(id, num_ranks, ranks, devices, ranks_per_node);
+}
+
+// Drops the groups, each on a thread of its own, all at once (as the ranks' own threads would: an
+// NCCL communicator's teardown may wait for the other ranks').
+inline void destroy_groups(std::vector<std::shared_ptr<Group>>& groups) {
+  run_threads(static_cast<int>(groups.size()), [&](int i) { groups[i].reset(); });
+  groups.clear();
 }
 
 inline std::string device_description(int n) {

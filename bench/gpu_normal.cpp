@@ -1,4 +1,5 @@
-// Normal-mode benchmark on the GPUs: one thread per GPU, an NCCL group, the standard problem.
+// Normal-mode benchmark on the GPUs: one thread per rank, an NCCL group, the standard problem (or,
+// in a fake-node process, that process's ranks of a group across processes).
 // Times layout, dispatch (BF16 / FP8, counts exchange and host sync included, as users see it),
 // cached dispatch and combine; checks the results against the CPU reference after the first call and
 // again after the timed calls.
@@ -81,23 +82,41 @@ bool close_bf16_bytes(const DevMem& m, const std::vector<uint16_t>& want) {
   return true;
 }
 
+// A timed row with the bytes one call moved (the counters of the checked first call).
+void with_bytes(Row& row, const Buffer::InternodeStats& s) {
+  row.net_bytes = static_cast<double>(s.network_bytes);
+  row.net_puts = static_cast<double>(s.network_puts);
+  row.nvl_bytes = static_cast<double>(s.nvlink_bytes);
+}
+
 }  // namespace
 
 void run_gpu_normal(const Options& o, Report& report) {
   const int R = gpu_ranks(o.ranks);
+  std::vector<int> ranks(R);
+  for (int r = 0; r < R; ++r) ranks[r] = r;
+  report.device = device_description(R);
+  auto groups = create_nccl_groups(R, ranks, ranks, o.ranks_per_node);
+  run_gpu_normal_ranks(o, R, o.seed ? o.seed : std::random_device{}(), ranks, groups, report);
+  destroy_groups(groups);
+}
+
+void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vector<int>& ranks,
+                          const std::vector<std::shared_ptr<Group>>& groups, Report& report) {
   const int T = o.tokens >= 0 ? o.tokens : 4096;
   const int H = o.hidden > 0 ? o.hidden : 7168;
   const int K = o.topk;
   const int E = o.experts > 0 ? o.experts : 256;
   const int G = (H + 127) / 128;
-  report.device = device_description(R);
   report.ranks = R;
   report.problem = "normal: tokens " + std::to_string(T) + "/rank, hidden " + std::to_string(H) + ", top-" +
                    std::to_string(K) + ", " + std::to_string(E) + " experts, uniform routing";
-  const int P = o.ranks_per_node > 0 ? o.ranks_per_node : R;
+  // Nodes as the groups see them: --ranks-per-node (virtual nodes), or NCCL's (fake nodes).
+  const int P = groups.front()->ranks_per_node();
   const bool internode = P < R;
-  if (internode) report.problem += ", " + std::to_string(R / P) + " (virtual) nodes x " + std::to_string(P);
-  const uint64_t seed = std::random_device{}();
+  if (internode)
+    report.problem += ", " + std::to_string(R / P) + (o.fake_nodes > 0 ? " (fake) nodes x " : " (virtual) nodes x ") +
+                      std::to_string(P);
   std::vector<RankData> data(R);
   for (int r = 0; r < R; ++r) data[r] = make_rank_data(seed, r, T, H, K, E);
 
@@ -139,12 +158,12 @@ void run_gpu_normal(const Options& o, Report& report) {
   if (o.dtype != "bf16") dtypes.push_back(true);
   const int max_sms = *std::max_element(o.sms.begin(), o.sms.end());
 
-  ncclUniqueId id;
-  if (ncclGetUniqueId(&id) != ncclSuccess) throw std::runtime_error("ncclGetUniqueId failed");
   std::mutex mu;
-  run_threads(R, [&](int r) {
-    cuda_check(cudaSetDevice(r), "cudaSetDevice");
-    auto group = Group::create_nccl(id, R, r, r, o.ranks_per_node);
+  run_threads(static_cast<int>(ranks.size()), [&](int i) {
+    const int r = ranks[i];
+    const std::shared_ptr<Group>& group = groups[i];
+    const int dev = group->device();
+    cuda_check(cudaSetDevice(dev), "cudaSetDevice");
     Config big = Config::dispatch_default(R);
     big.num_sms = max_sms;
     Config bigc = Config::combine_default(R);
@@ -176,9 +195,9 @@ void run_gpu_normal(const Options& o, Report& report) {
     DevMem recv_w(sizeof(float) * cap * K), src_idx(sizeof(int32_t) * cap), out(static_cast<size_t>(T) * H * 2);
     DevMem out_w(sizeof(float) * T * K), cached_x(static_cast<size_t>(cap) * H * 2);
 
-    LayoutOutputs lo{view_i32(per_rank, {R}, r), std::nullopt, view_i32(per_expert, {E}, r),
-                     view(in_rank, DType::kBool, {T, R}, r)};
-    auto layout = [&] { buf.get_dispatch_layout(view(topk, DType::kI64, {T, K}, r), E, lo, order); };
+    LayoutOutputs lo{view_i32(per_rank, {R}, dev), std::nullopt, view_i32(per_expert, {E}, dev),
+                     view(in_rank, DType::kBool, {T, R}, dev)};
+    auto layout = [&] { buf.get_dispatch_layout(view(topk, DType::kI64, {T, K}, dev), E, lo, order); };
     layout();
     cuda_check(cudaStreamSynchronize(stream), "layout");
     const double layout_us = time_us(stream, o.warmup, o.iters, layout);
@@ -196,14 +215,14 @@ void run_gpu_normal(const Options& o, Report& report) {
       if (o.ring > 0) cfg.nvl_buffer_size = ccfg.nvl_buffer_size = o.ring;
       const int stride = buf.chunk_offset_stride(cfg);
       DispatchHandle h;
-      h.rank_prefix_matrix = view_i32(prefix, {R, R}, r);
-      h.chunk_offset = view_i32(chunk_off, {R, stride}, r);
+      h.rank_prefix_matrix = view_i32(prefix, {R, R}, dev);
+      h.chunk_offset = view_i32(chunk_off, {R, stride}, dev);
       for (bool fp8 : dtypes) {
         DispatchInputs di;
-        di.x = fp8 ? view(x8, DType::kFP8E4M3, {T, H}, r) : view(x, DType::kBF16, {T, H}, r);
-        if (fp8) di.x_scales = strided(sc, DType::kF32, {T, G}, {1, T}, r);
-        di.topk_idx = view(topk, DType::kI64, {T, K}, r);
-        di.topk_weights = view(weights, DType::kF32, {T, K}, r);
+        di.x = fp8 ? view(x8, DType::kFP8E4M3, {T, H}, dev) : view(x, DType::kBF16, {T, H}, dev);
+        if (fp8) di.x_scales = strided(sc, DType::kF32, {T, G}, {1, T}, dev);
+        di.topk_idx = view(topk, DType::kI64, {T, K}, dev);
+        di.topk_weights = view(weights, DType::kF32, {T, K}, dev);
         di.num_tokens_per_rank = lo.num_tokens_per_rank;
         di.is_token_in_rank = lo.is_token_in_rank;
         di.num_tokens_per_expert = lo.num_tokens_per_expert;
@@ -212,20 +231,22 @@ void run_gpu_normal(const Options& o, Report& report) {
         auto prepare = [&] { return buf.dispatch_prepare(di, h, std::nullopt, order); };
         auto run = [&](const DispatchPlan& plan) {
           rows = plan.num_rows;
-          h.recv_src_idx = view_i32(src_idx, {rows}, r);
+          h.recv_src_idx = view_i32(src_idx, {rows}, dev);
           DispatchOutputs dout;
-          dout.recv_x = view(recv_x, di.x.dtype, {rows, H}, r);
-          if (fp8) dout.recv_x_scales = view(recv_sc, DType::kF32, {rows, G}, r);
-          dout.recv_topk_idx = view(recv_idx, DType::kI64, {rows, K}, r);
-          dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
+          dout.recv_x = view(recv_x, di.x.dtype, {rows, H}, dev);
+          if (fp8) dout.recv_x_scales = view(recv_sc, DType::kF32, {rows, G}, dev);
+          dout.recv_topk_idx = view(recv_idx, DType::kI64, {rows, K}, dev);
+          dout.recv_topk_weights = view(recv_w, DType::kF32, {rows, K}, dev);
           buf.dispatch_run(di, plan, h, dout, order);
         };
         auto dispatch = [&] { run(prepare()); };
         if (internode) buf.internode_stats(/*reset=*/true);
         dispatch();
         cuda_check(cudaStreamSynchronize(stream), "dispatch");
+        Buffer::InternodeStats dispatch_bytes;  // of this first call (every call moves the same)
         if (internode) {
           const Buffer::InternodeStats s = buf.internode_stats(true);
+          dispatch_bytes = s;
           const NodeTraffic nt = node_traffic(d, r, K, E, R, P);
           const double rb = fp8 ? H + 4.0 * G : 2.0 * H;
           char note[256];
@@ -268,7 +289,9 @@ void run_gpu_normal(const Options& o, Report& report) {
         const std::string op = fp8 ? "dispatch-fp8" : "dispatch-bf16";
         {
           std::lock_guard<std::mutex> lock(mu);
-          report.rows.push_back({"epcomm", op, r, sms, us, rows * row_bytes / us / 1e3, std::to_string(rows) + " rows"});
+          Row row{"epcomm", op, r, sms, us, rows * row_bytes / us / 1e3, std::to_string(rows) + " rows"};
+          if (internode) with_bytes(row, dispatch_bytes);
+          report.rows.push_back(row);
           report.rows.push_back({"epcomm", op + ":counts", r, sms, split.first, 0, "notify + host wait"});
           report.rows.push_back({"epcomm", op + ":data", r, sms, split.second, 0, "launch + data kernel"});
         }
@@ -277,21 +300,27 @@ void run_gpu_normal(const Options& o, Report& report) {
         // Cached dispatch and combine reuse the BF16 routing.
         auto cached = [&] {
           DispatchOutputs cout_;
-          cout_.recv_x = view(cached_x, DType::kBF16, {rows, H}, r);
+          cout_.recv_x = view(cached_x, DType::kBF16, {rows, H}, dev);
           buf.cached_dispatch(di.x, std::nullopt, h, cout_, cfg, order);
         };
+        if (internode) buf.internode_stats(/*reset=*/true);
+        cached();
+        cuda_check(cudaStreamSynchronize(stream), "cached dispatch");
+        const Buffer::InternodeStats cached_bytes = internode ? buf.internode_stats(true) : Buffer::InternodeStats{};
         const double cus = time_us(stream, o.warmup, o.iters, cached);
         CombineInputs ci;
-        ci.x = view(recv_x, DType::kBF16, {rows, H}, r);
-        ci.topk_weights = view(recv_w, DType::kF32, {rows, K}, r);
+        ci.x = view(recv_x, DType::kBF16, {rows, H}, dev);
+        ci.topk_weights = view(recv_w, DType::kF32, {rows, K}, dev);
         ci.config = ccfg;
-        CombineOutputs co{view(out, DType::kBF16, {T, H}, r), view(out_w, DType::kF32, {T, K}, r)};
+        CombineOutputs co{view(out, DType::kBF16, {T, H}, dev), view(out_w, DType::kF32, {T, K}, dev)};
         auto combine = [&] { buf.combine(ci, h, co, order); };
         if (internode) buf.internode_stats(/*reset=*/true);
         combine();
         cuda_check(cudaStreamSynchronize(stream), "combine");
+        Buffer::InternodeStats combine_bytes;
         if (internode) {
           const Buffer::InternodeStats s = buf.internode_stats(true);
+          combine_bytes = s;
           char note[160];
           std::snprintf(note, sizeof note, "network %.1f MB (%llu partial rows, f32), NVLink %.1f MB", s.network_bytes / 1e6,
                         static_cast<unsigned long long>(s.network_rows), s.nvlink_bytes / 1e6);
@@ -320,8 +349,12 @@ void run_gpu_normal(const Options& o, Report& report) {
           report.ok = report.ok && ok;
         }
         std::lock_guard<std::mutex> lock(mu);
-        report.rows.push_back({"epcomm", "cached-dispatch-bf16", r, sms, cus, rows * 2.0 * H / cus / 1e3, ""});
-        report.rows.push_back({"epcomm", "combine", r, sms, comb_us, rows * 2.0 * H / comb_us / 1e3, ""});
+        Row cached_row{"epcomm", "cached-dispatch-bf16", r, sms, cus, rows * 2.0 * H / cus / 1e3, ""};
+        if (internode) with_bytes(cached_row, cached_bytes);
+        report.rows.push_back(cached_row);
+        Row crow{"epcomm", "combine", r, sms, comb_us, rows * 2.0 * H / comb_us / 1e3, ""};
+        if (internode) with_bytes(crow, combine_bytes);
+        report.rows.push_back(crow);
       }
     }
     cuda_check(cudaStreamSynchronize(stream), "final");

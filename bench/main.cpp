@@ -19,39 +19,97 @@
 
 namespace epcomm::bench {
 
+namespace {
+
+bool has_bytes(const Report& r) {
+  return std::any_of(r.rows.begin(), r.rows.end(), [](const Row& x) { return x.net_bytes >= 0 || x.nvl_bytes >= 0; });
+}
+
+std::string count_text(double v) {  // a byte or put count, "-" where not counted
+  if (v < 0) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, "%.0f", v);
+  return b;
+}
+
+std::string json_count(double v) { return v < 0 ? "null" : count_text(v); }
+
+void print_warning(const Report& r) {
+  if (!r.warning.empty()) std::printf("\n!!!!! %s !!!!!\n", r.warning.c_str());
+}
+
+}  // namespace
+
 void print_table(const Report& r) {
+  print_warning(r);
   std::printf("\n%s | ranks %d | %s\n", r.device.c_str(), r.ranks, r.problem.c_str());
-  std::printf("%-14s %-22s %5s %4s %11s %10s  %s\n", "system", "op", "rank", "SMs", "us", "GB/s", "note");
+  const bool bytes = has_bytes(r);
+  if (bytes) {
+    std::printf("bytes: what this rank moved in one call (Buffer counters): to ranks of other nodes (network puts)\n"
+                "and to / from ranks of its node over NVLink; \"-\" = not counted\n");
+    std::printf("%-14s %-22s %5s %4s %11s %10s %12s %8s %12s  %s\n", "system", "op", "rank", "SMs", "us", "GB/s",
+                "net bytes", "net puts", "NVLink bytes", "note");
+  } else {
+    std::printf("%-14s %-22s %5s %4s %11s %10s  %s\n", "system", "op", "rank", "SMs", "us", "GB/s", "note");
+  }
   for (const Row& row : r.rows) {
     char gb[32] = "-";
     if (row.gbps > 0) std::snprintf(gb, sizeof gb, "%.1f", row.gbps);
-    std::printf("%-14s %-22s %5d %4d %11.1f %10s  %s\n", row.system.c_str(), row.op.c_str(), row.rank, row.sms, row.us,
-                gb, row.note.c_str());
+    if (bytes)
+      std::printf("%-14s %-22s %5d %4d %11.1f %10s %12s %8s %12s  %s\n", row.system.c_str(), row.op.c_str(), row.rank,
+                  row.sms, row.us, gb, count_text(row.net_bytes).c_str(), count_text(row.net_puts).c_str(),
+                  count_text(row.nvl_bytes).c_str(), row.note.c_str());
+    else
+      std::printf("%-14s %-22s %5d %4d %11.1f %10s  %s\n", row.system.c_str(), row.op.c_str(), row.rank, row.sms,
+                  row.us, gb, row.note.c_str());
   }
-  // Summary: the figure that counts per docs/contract.md §7 is the minimum over ranks.
-  std::map<std::string, std::pair<double, double>> summary;  // key -> (max us, min GB/s)
+  // Summary: the figure that counts per docs/contract.md §7 is the minimum over ranks; bytes as the
+  // range over ranks.
+  struct Sum {
+    double us = 0, gbps = 0, net_lo = -1, net_hi = -1, nvl_lo = -1, nvl_hi = -1;
+    bool first = true;
+  };
+  std::map<std::string, Sum> summary;
+  const auto widen = [](double& lo, double& hi, double v) {
+    if (v < 0) return;
+    lo = lo < 0 ? v : std::min(lo, v);
+    hi = std::max(hi, v);
+  };
   for (const Row& row : r.rows) {
-    const std::string key = row.system + " " + row.op + " @" + std::to_string(row.sms) + " SMs";
-    auto it = summary.find(key);
-    if (it == summary.end()) summary[key] = {row.us, row.gbps};
-    else it->second = {std::max(it->second.first, row.us), std::min(it->second.second, row.gbps)};
+    Sum& s = summary[row.system + " " + row.op + " @" + std::to_string(row.sms) + " SMs"];
+    s.us = s.first ? row.us : std::max(s.us, row.us);
+    s.gbps = s.first ? row.gbps : std::min(s.gbps, row.gbps);
+    s.first = false;
+    widen(s.net_lo, s.net_hi, row.net_bytes);
+    widen(s.nvl_lo, s.nvl_hi, row.nvl_bytes);
   }
-  std::printf("\nsummary (slowest rank):\n");
-  for (const auto& [key, v] : summary)
-    std::printf("  %-48s %10.1f us %10.1f GB/s\n", key.c_str(), v.first, v.second);
+  std::printf("\nsummary (slowest rank%s):\n", bytes ? "; bytes per rank and call, lowest..highest rank" : "");
+  for (const auto& [key, v] : summary) {
+    std::printf("  %-48s %10.1f us %10.1f GB/s", key.c_str(), v.us, v.gbps);
+    if (v.net_lo >= 0) std::printf("   net %s..%s B", count_text(v.net_lo).c_str(), count_text(v.net_hi).c_str());
+    if (v.nvl_lo >= 0) std::printf("   NVLink %s..%s B", count_text(v.nvl_lo).c_str(), count_text(v.nvl_hi).c_str());
+    std::printf("\n");
+  }
   for (const auto& c : r.checks) std::printf("check: %s\n", c.c_str());
   std::printf("verification: %s\n", r.ok ? "PASSED" : "FAILED");
+  print_warning(r);
 }
 
 void write_json(const Report& r, const std::string& path) {
   std::ostringstream s;
   s << "{\n  \"device\": \"" << r.device << "\",\n  \"ranks\": " << r.ranks << ",\n  \"problem\": \"" << r.problem
-    << "\",\n  \"verified\": " << (r.ok ? "true" : "false") << ",\n  \"rows\": [\n";
+    << "\",\n  \"verified\": " << (r.ok ? "true" : "false") << ",\n";
+  if (!r.warning.empty()) s << "  \"warning\": \"" << r.warning << "\",\n";
+  s << "  \"rows\": [\n";
   for (size_t i = 0; i < r.rows.size(); ++i) {
     const Row& x = r.rows[i];
     s << "    {\"system\": \"" << x.system << "\", \"op\": \"" << x.op << "\", \"rank\": " << x.rank
-      << ", \"sms\": " << x.sms << ", \"us\": " << x.us << ", \"gbps\": " << x.gbps << ", \"note\": \"" << x.note
-      << "\"}" << (i + 1 < r.rows.size() ? "," : "") << "\n";
+      << ", \"sms\": " << x.sms << ", \"us\": " << x.us << ", \"gbps\": " << x.gbps;
+    // Bytes one call moved (null: not counted); present where any row was counted.
+    if (has_bytes(r))
+      s << ", \"net_bytes\": " << json_count(x.net_bytes) << ", \"net_puts\": " << json_count(x.net_puts)
+        << ", \"nvl_bytes\": " << json_count(x.nvl_bytes);
+    s << ", \"note\": \"" << x.note << "\"}" << (i + 1 < r.rows.size() ? "," : "") << "\n";
   }
   s << "  ]\n}\n";
   if (path == "-") {
@@ -86,15 +144,34 @@ void usage() {
       "  --no-verify      skip the comparison with the CPU reference\n"
       "  --cpu            run the CPU reference backend even with a GPU\n"
       "  --json PATH      also write the results as JSON (- for stdout)\n"
-      "  --print-env      list the EPCOMM_* environment variables and exit\n");
+      "  --seed N         the inputs' seed (default: random)\n"
+      "  --print-env      list the EPCOMM_* environment variables and exit\n"
+      "across fake nodes (NCCL GIN through a net plugin; for the byte counts, NOT for timings):\n"
+      "  --fake-nodes N   N processes of ranks/N ranks each, every process a node to NCCL (its own\n"
+      "                   NCCL_HOSTID), one NCCL group across them. Ranks on distinct GPUs where there\n"
+      "                   are enough, else every node's ranks on GPUs 0..ranks/N-1 (fake nodes share\n"
+      "                   GPUs, as epcomm_gin_tests places them; a process's ranks need distinct GPUs:\n"
+      "                   --ranks 4 --fake-nodes 2 needs 2 GPUs, --ranks 4 --fake-nodes 4 runs on one).\n"
+      "                   Normal mode (layout, dispatch BF16/FP8, cached dispatch, combine) and LL\n"
+      "                   (dispatch FP8/BF16, combine) with --mode all (the default here), each row with\n"
+      "                   the bytes one call moved over the network and over NVLink. Small defaults:\n"
+      "                   normal 256 tokens, LL 32, hidden 2048, 16 experts per rank, 10 iterations, 2\n"
+      "                   warm-up; no NCCL baseline. Times through a loopback net mean nothing.\n"
+      "  --net-plugin P   the NCCL net plugin with GIN (default $EPCOMM_TEST_NET_PLUGIN), e.g.\n"
+      "                   build/tests/gin_loopback/libnccl-net-epcomm-loopback.so\n"
+      "  --timeout-s S    watchdog: processes still running after S seconds are killed (default 240)\n"
+      "  --log-dir DIR    the processes' logs and results (default: a new directory under $TMPDIR)\n"
+      "  --dry-run G      print each process (environment, command line) for a machine of G GPUs and\n"
+      "                   exit without starting any (no GPU needed)\n"
+      "  Exits 0 with \"skipped (no GPU)\" on a machine without a GPU.\n");
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  using namespace epcomm::bench;
-  Options o;
-  for (int i = 1; i < argc; ++i) {
+namespace epcomm::bench {
+
+int parse_options(int argc, char** argv, int first, Options& o, std::vector<std::string>* rest) {
+  for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -117,12 +194,23 @@ int main(int argc, char** argv) {
     else if (a == "--chunk") o.chunk = std::atoi(next());
     else if (a == "--ring") o.ring = std::atoi(next());
     else if (a == "--ranks-per-node") o.ranks_per_node = std::atoi(next());
-    else if (a == "--iters") o.iters = std::atoi(next());
-    else if (a == "--warmup") o.warmup = std::atoi(next());
+    else if (a == "--iters") {
+      o.iters = std::atoi(next());
+      o.iters_given = true;
+    } else if (a == "--warmup") {
+      o.warmup = std::atoi(next());
+      o.warmup_given = true;
+    }
     else if (a == "--no-baseline") o.baseline = false;
     else if (a == "--no-verify") o.verify = false;
     else if (a == "--cpu") o.cpu = true;
     else if (a == "--json") o.json = next();
+    else if (a == "--seed") o.seed = std::strtoull(next(), nullptr, 10);
+    else if (a == "--fake-nodes") o.fake_nodes = std::atoi(next());
+    else if (a == "--net-plugin") o.net_plugin = next();
+    else if (a == "--timeout-s") o.timeout_s = std::atof(next());
+    else if (a == "--log-dir") o.log_dir = next();
+    else if (a == "--dry-run") o.dry_run_gpus = std::max(1, std::atoi(next()));
     else if (a == "--print-env") {
       for (const auto& p : epcomm::env_params())
         std::printf("%-28s default %-8lld %s\n", p.name, static_cast<long long>(p.default_value), p.meaning);
@@ -130,6 +218,8 @@ int main(int argc, char** argv) {
     } else if (a == "-h" || a == "--help") {
       usage();
       return 0;
+    } else if (rest) {
+      rest->push_back(a);
     } else {
       std::fprintf(stderr, "epcomm-bench: unknown option %s\n", a.c_str());
       usage();
@@ -144,6 +234,25 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "epcomm-bench: --dtype must be bf16, fp8 or both\n");
     return 2;
   }
+  if (o.iters < 1 || o.warmup < 0) {
+    std::fprintf(stderr, "epcomm-bench: --iters must be at least 1 and --warmup at least 0\n");
+    return 2;
+  }
+  return -1;
+}
+
+}  // namespace epcomm::bench
+
+int main(int argc, char** argv) {
+  using namespace epcomm::bench;
+  if (argc > 1 && std::strcmp(argv[1], kFakeNodeChildFlag) == 0) return fake_node_child_main(argc, argv);
+  Options o;
+  // --mode's default is normal, except across fake nodes (both modes): note whether it was given.
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--mode") == 0) o.mode_given = true;
+  const int rc = parse_options(argc, argv, 1, o, nullptr);
+  if (rc >= 0) return rc;
+  if (o.fake_nodes > 0) return run_fake_nodes(o);
   int gpus = 0;
   if (cudaGetDeviceCount(&gpus) != cudaSuccess) {
     cudaGetLastError();

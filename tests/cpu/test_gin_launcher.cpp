@@ -1,4 +1,4 @@
-// The process launcher of epcomm_gin_tests (tests/gin/launcher.*), with plain shells as children:
+// The process launcher of epcomm_gin_tests and epcomm-bench --fake-nodes (tests/common/process_launcher.*), with plain shells as children:
 // exit codes, each child's own environment and log, and the watchdog that kills children that
 // hang (after the deadline, or a grace period after another child failed) and names them.
 #include <gtest/gtest.h>
@@ -9,9 +9,9 @@
 #include <chrono>
 #include <string>
 
-#include "gin/launcher.hpp"
+#include "common/process_launcher.hpp"
 
-namespace epcomm::gin_test {
+namespace epcomm::testing {
 namespace {
 
 class LauncherTest : public ::testing::Test {
@@ -119,4 +119,4 @@ TEST(GinLauncherLayout, LayoutsAndDevices) {
 }
 
 }  // namespace
-}  // namespace epcomm::gin_test
+}  // namespace epcomm::testing

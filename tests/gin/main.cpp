@@ -31,11 +31,19 @@
 #include <thread>
 #include <vector>
 
-#include "gin/launcher.hpp"
+#include "common/process_launcher.hpp"
 #include "gin/world.hpp"
 
 namespace epcomm::gin_test {
 namespace {
+
+using testing::ChildOutcome;
+using testing::ChildSpec;
+using testing::node_devices;
+using testing::parse_layout;
+using testing::run_children;
+using testing::RunReport;
+using testing::tail_of_file;
 
 const char* const kUsage =
     "usage: epcomm_gin_tests [--layouts 2x1,4x1,...] [--net-plugin PATH] [--timeout-s S] [--grace-s S]\n"

@@ -1,5 +1,6 @@
-// The parent side of epcomm_gin_tests: child processes, each a fake node to NCCL, started with their
-// own environment and log, watched against a deadline, killed when they hang, and reported one line
+// The parent side of the programs that start one process per fake node (epcomm_gin_tests,
+// epcomm-bench --fake-nodes): child processes, each a fake node to NCCL, started with their own
+// environment and log, watched against a deadline, killed when they hang, and reported one line
 // each. POSIX only (fork/execve/waitpid) and no CUDA, so the CPU tests exercise it with plain
 // shells (tests/cpu/test_gin_launcher.cpp).
 #pragma once
@@ -8,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-namespace epcomm::gin_test {
+namespace epcomm::testing {
 
 struct ChildSpec {
   std::string name;               // for the report, e.g. "node 1 (rank 1, GPU 0)"
@@ -51,4 +52,4 @@ std::pair<int, int> parse_layout(const std::string& text);
 // NCCL they are different hosts); empty when P > gpus (ranks of one process need distinct GPUs).
 std::vector<int> node_devices(int node, int nodes, int ranks_per_node, int gpus);
 
-}  // namespace epcomm::gin_test
+}  // namespace epcomm::testing

@@ -1,5 +1,5 @@
-// See launcher.hpp.
-#include "gin/launcher.hpp"
+// See process_launcher.hpp.
+#include "common/process_launcher.hpp"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -17,7 +17,7 @@
 
 extern char** environ;
 
-namespace epcomm::gin_test {
+namespace epcomm::testing {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -97,7 +97,7 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
         close(fd);
       }
       execve(argv[0], argv.data(), envp.data());
-      const char msg[] = "epcomm_gin_tests: execve failed\n";
+      const char msg[] = "process launcher: execve failed\n";
       (void)!write(STDERR_FILENO, msg, sizeof(msg) - 1);
       _exit(127);
     }
@@ -225,4 +225,4 @@ std::vector<int> node_devices(int node, int nodes, int ranks_per_node, int gpus)
   return d;
 }
 
-}  // namespace epcomm::gin_test
+}  // namespace epcomm::testing
