@@ -9,7 +9,8 @@
 #   EPCOMM_CHECK_STEPS="build isolated" scripts/gpu-check.sh   # each test in its own process
 #   EPCOMM_CHECK_STEPS="build tests llvariants" scripts/gpu-check.sh  # LL tests under each opt-in path
 #   EPCOMM_CHECK_STEPS="build repeat" EPCOMM_REPEAT_FILTER='StressGpu.RanksSharingOneGpu' scripts/gpu-check.sh
-#   EPCOMM_CHECK_STEPS="build gin" scripts/gpu-check.sh   # NCCL GIN across processes (fake nodes)
+#   EPCOMM_CHECK_STEPS="build gin" scripts/gpu-check.sh   # NCCL GIN across processes (fake nodes), C++ and Python
+#   EPCOMM_CHECK_STEPS="build bench-fake" scripts/gpu-check.sh   # epcomm-bench across fake nodes (byte counts)
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -129,6 +130,43 @@ if [[ " $steps " == *" gin "* ]]; then
   grep -E "^\[gin\]|^  node|^epcomm GIN tests|HUNG|FAILED" "$out/gin-tests.log" | head -60
   [[ $rc -eq 124 ]] && log "gin: the launcher itself timed out after ${EPCOMM_GIN_TIMEOUT:-3000} s"
   log "gin tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
+  if [[ -f $plugin && -z ${EPCOMM_GIN_NO_PYTHON:-} ]]; then
+    # The same from Python: one process per rank, torch.distributed (gloo), import epcomm as
+    # deep_ep, NCCL_HOSTID per fake node (tests/python/test_fake_nodes.py); EPCOMM_FAKE_CASES picks cases.
+    log "gin: tests/python/test_fake_nodes.py (Python over fake nodes; logs: $out/fake-nodes)"
+    PYTHONPATH=$root/python:$root/python/deep_ep_compat EPCOMM_TEST_NET_PLUGIN=$plugin EPCOMM_FAKE_NODES_LOG_DIR=$out/fake-nodes \
+      timeout ${EPCOMM_FAKE_NODES_TIMEOUT_ALL:-900} python3 -m pytest -rs -q ${EPCOMM_FAKE_NODES_PYTEST_ARGS:-} \
+      "$root/tests/python/test_fake_nodes.py" >"$out/python-fake-nodes.log" 2>&1
+    rc=$?
+    grep -E "^\[fake-nodes\] layout|^  rank|FAIL|SKIP|case .*: ok" "$out/python-fake-nodes.log" | head -60; tail -3 "$out/python-fake-nodes.log"
+    log "python fake-node tests rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+    log "gin: examples/moe_layer.py --fake-nodes 2"
+    PYTHONPATH=$root/python EPCOMM_TEST_NET_PLUGIN=$plugin timeout ${EPCOMM_MOE_FAKE_TIMEOUT:-400} python3 \
+      "$root/examples/moe_layer.py" --fake-nodes 2 >"$out/moe-fake-nodes.log" 2>&1
+    rc=$?
+    tail -5 "$out/moe-fake-nodes.log"
+    log "moe_layer --fake-nodes 2 rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+  fi
+fi
+
+if [[ " $steps " == *" bench-fake "* ]]; then
+  # epcomm-bench across fake nodes (one process each, GIN through the loopback plugin): network and
+  # NVLink bytes per call beside times that mean nothing through a loopback. Two ranks of a fake node
+  # need two GPUs (NCCL refuses two ranks of one node on one GPU): 4 x 1 on one GPU.
+  plugin=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so}
+  layout="--ranks 4 --fake-nodes 2"
+  [[ $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -lt 2 ]] && layout="--ranks 4 --fake-nodes 4"
+  layout=${EPCOMM_BENCH_FAKE_LAYOUT:-$layout}
+  rm -rf "$out/bench-fake"
+  log "bench: epcomm-bench $layout (fake nodes, GIN through $plugin)"
+  timeout ${EPCOMM_BENCH_FAKE_TIMEOUT:-300} "$build/bench/epcomm-bench" $layout --net-plugin "$plugin" \
+    --log-dir "$out/bench-fake" --json "$out/bench-fake.json" >"$out/bench-fake.log" 2>&1
+  rc=$?
+  sed -n '/^summary/,$p' "$out/bench-fake.log"; grep -E "HUNG|FAILED|MISMATCH|NOT MEANINGFUL" "$out/bench-fake.log" | head -5
+  log "bench fake nodes rc=$rc"
   [[ $rc -ne 0 ]] && status=1
 fi
 
