@@ -81,9 +81,9 @@ def test_gpu_process_death(scenario=None):
     plan = dv.make_plan(gpus, dict(os.environ))
     if plan.ranks < 2:
         skip(f"a death needs 2 ranks or more (EPCOMM_TEST_RANKS = {plan.ranks})")
-    if plan.shared and plan.plugin is None:
-        skip("one GPU: the fake nodes need the loopback net plugin (tests/gin_loopback), which is not built "
-             "(EPCOMM_TEST_NET_PLUGIN, or build-gpu/tests/gin_loopback)")
+    if plan.shared and (plan.plugin is None or not os.path.isfile(plan.plugin)):
+        skip(f"one GPU: the fake nodes need the loopback net plugin (tests/gin_loopback), not found "
+             f"({plan.plugin or 'EPCOMM_TEST_NET_PLUGIN unset, none in build-gpu or build'})")
     todo = plan.scenarios if scenario is None else [scenario]
     if scenario is not None and scenario not in plan.scenarios:
         skip(f"{scenario}: not in this machine's plan {list(plan.scenarios)} (EPCOMM_DEATH_SCENARIOS)")
