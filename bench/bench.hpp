@@ -26,18 +26,18 @@ struct Options {
   int ranks_per_node = 0;       // normal mode: > 0 splits the GPUs into (virtual) nodes of this many
   int iters = 30;
   int warmup = 5;
-  bool baseline = true;         // also run the NCCL all-to-all baseline
+  bool baseline = true;  // also run the NCCL all-to-all baseline
   bool verify = true;
-  bool cpu = false;             // force the CPU reference backend
-  std::string json;             // write results as JSON to this file ("-" = stdout)
+  bool cpu = false;  // force the CPU reference backend
+  std::string json;  // write results as JSON to this file ("-" = stdout)
   // --fake-nodes N: N processes, each a node to NCCL (NCCL_HOSTID), through a net plugin with GIN
   // (fake_nodes.cpp). Byte counts are the point; times through a loopback mean nothing.
   int fake_nodes = 0;
-  std::string net_plugin;       // --net-plugin (default $EPCOMM_TEST_NET_PLUGIN)
-  double timeout_s = 0;         // watchdog for the processes (0: 240 s)
-  std::string log_dir;          // the processes' logs and results (default: a new directory)
-  uint64_t seed = 0;            // inputs of every rank (0: random); the same in every process
-  int dry_run_gpus = 0;         // --dry-run G: print the processes for a machine of G GPUs, start none
+  std::string net_plugin;  // --net-plugin (default $EPCOMM_TEST_NET_PLUGIN)
+  double timeout_s = 0;    // watchdog for the processes (0: 240 s)
+  std::string log_dir;     // the processes' logs and results (default: a new directory)
+  uint64_t seed = 0;       // inputs of every rank (0: random); the same in every process
+  int dry_run_gpus = 0;    // --dry-run G: print the processes for a machine of G GPUs, start none
   bool iters_given = false, warmup_given = false, mode_given = false;
 };
 
@@ -46,12 +46,12 @@ struct Options {
 int parse_options(int argc, char** argv, int first, Options& o, std::vector<std::string>* rest);
 
 struct Row {
-  std::string system;   // epcomm | nccl-a2a | reference-cpu
-  std::string op;       // layout, dispatch-bf16, dispatch-fp8, cached-dispatch-bf16, combine, ...
+  std::string system;  // epcomm | nccl-a2a | reference-cpu
+  std::string op;      // layout, dispatch-bf16, dispatch-fp8, cached-dispatch-bf16, combine, ...
   int rank = 0;
   int sms = 0;
-  double us = 0;        // median per call
-  double gbps = 0;      // logical GB/s (docs/contract.md §7), 0 where it does not apply
+  double us = 0;    // median per call
+  double gbps = 0;  // logical GB/s (docs/contract.md §7), 0 where it does not apply
   std::string note;
   // Bytes this rank moved in one call, from the Buffer's counters (-1: not counted): to ranks of
   // other nodes (network puts) and to / from ranks of its node over NVLink.
@@ -59,7 +59,7 @@ struct Row {
 };
 
 struct Report {
-  std::string device;   // e.g. "4 x NVIDIA H100 80GB HBM3"
+  std::string device;  // e.g. "4 x NVIDIA H100 80GB HBM3"
   int ranks = 0;
   std::string problem;
   std::vector<Row> rows;

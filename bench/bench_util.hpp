@@ -130,7 +130,8 @@ inline int gpu_ranks(int requested) {
   int gpus = 0;
   cuda_check(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
   const int R = requested > 0 ? requested : std::min(gpus, 8);
-  if (R > gpus) throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
+  if (R > gpus)
+    throw std::runtime_error("--ranks " + std::to_string(R) + " exceeds the " + std::to_string(gpus) + " GPUs");
   return R;
 }
 
@@ -157,9 +158,8 @@ inline std::vector<std::shared_ptr<Group>> create_nccl_groups(const ncclUniqueId
                                                               const std::vector<int>& ranks,
                                                               const std::vector<int>& devices, int ranks_per_node) {
   std::vector<std::shared_ptr<Group>> groups(ranks.size());
-  run_threads(static_cast<int>(ranks.size()), [&](int i) {
-    groups[i] = Group::create_nccl(id, num_ranks, ranks[i], devices[i], ranks_per_node);
-  });
+  run_threads(static_cast<int>(ranks.size()),
+              [&](int i) { groups[i] = Group::create_nccl(id, num_ranks, ranks[i], devices[i], ranks_per_node); });
   return groups;
 }
 // The same for a run whose ranks are all threads of this process.

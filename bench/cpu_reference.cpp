@@ -79,8 +79,9 @@ void run_cpu_reference(const Options& o, Report& report) {
     report.rows.push_back({"reference-cpu", "dispatch-bf16", r, 0, d_us, d.num_rows * 2.0 * H / d_us / 1e3,
                            std::to_string(d.num_rows) + " rows"});
     report.rows.push_back({"reference-cpu", "combine", r, 0, c_us, d.num_rows * 2.0 * H / c_us / 1e3, ""});
-    report.checks.push_back("rank " + std::to_string(r) + ": combine(dispatch(x)) == x * destination ranks, weights restored: " +
-                            (ok ? "yes" : "NO"));
+    report.checks.push_back(
+        "rank " + std::to_string(r) +
+        ": combine(dispatch(x)) == x * destination ranks, weights restored: " + (ok ? "yes" : "NO"));
     report.ok = report.ok && ok;
   });
 }

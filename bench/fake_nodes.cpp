@@ -44,7 +44,7 @@ using testing::ChildOutcome;
 using testing::ChildSpec;
 using testing::RunReport;
 
-constexpr double kGraceS = 30;        // after a process failed, the others (waiting for it) get this long
+constexpr double kGraceS = 30;  // after a process failed, the others (waiting for it) get this long
 constexpr double kDefaultTimeoutS = 240;
 
 std::string self_exe() {
@@ -133,12 +133,12 @@ Options low_latency_options(const Options& o, bool tokens_given) {
 
 // The options a child gets (the problem made explicit, so every process has the same).
 std::vector<std::string> forwarded(const Options& o, int ll_tokens) {
-  std::vector<std::string> a = {"--ranks", std::to_string(o.ranks),     "--mode",    o.mode,
-                                "--tokens", std::to_string(o.tokens),   "--ll-tokens", std::to_string(ll_tokens),
-                                "--hidden", std::to_string(o.hidden),   "--topk",    std::to_string(o.topk),
-                                "--experts", std::to_string(o.experts), "--dtype",   o.dtype,
-                                "--iters", std::to_string(o.iters),     "--warmup",  std::to_string(o.warmup),
-                                "--seed", std::to_string(o.seed)};
+  std::vector<std::string> a = {"--ranks",   std::to_string(o.ranks),   "--mode",      o.mode,
+                                "--tokens",  std::to_string(o.tokens),  "--ll-tokens", std::to_string(ll_tokens),
+                                "--hidden",  std::to_string(o.hidden),  "--topk",      std::to_string(o.topk),
+                                "--experts", std::to_string(o.experts), "--dtype",     o.dtype,
+                                "--iters",   std::to_string(o.iters),   "--warmup",    std::to_string(o.warmup),
+                                "--seed",    std::to_string(o.seed)};
   if (o.sms_given) a.insert(a.end(), {"--sms", join(o.sms)});
   if (o.chunk > 0) a.insert(a.end(), {"--chunk", std::to_string(o.chunk)});
   if (o.ring > 0) a.insert(a.end(), {"--ring", std::to_string(o.ring)});
@@ -171,12 +171,15 @@ int run_fake_nodes(const Options& given) {
   const int N = given.fake_nodes;
   const int R = given.ranks > 0 ? given.ranks : N;
   if (N < 2 || R % N != 0) {
-    std::fprintf(stderr, "epcomm-bench: --fake-nodes N needs N >= 2 and --ranks a multiple of N (got %d nodes, %d ranks)\n",
-                 N, R);
+    std::fprintf(stderr,
+                 "epcomm-bench: --fake-nodes N needs N >= 2 and --ranks a multiple of N (got %d nodes, %d ranks)\n", N,
+                 R);
     return 2;
   }
   if (given.ranks_per_node > 0 || given.cpu) {
-    std::fprintf(stderr, "epcomm-bench: --fake-nodes goes with neither --ranks-per-node nor --cpu (the nodes are the processes)\n");
+    std::fprintf(stderr,
+                 "epcomm-bench: --fake-nodes goes with neither --ranks-per-node nor --cpu (the nodes are the "
+                 "processes)\n");
     return 2;
   }
   const int P = R / N;
@@ -249,8 +252,8 @@ int run_fake_nodes(const Options& given) {
              std::to_string(n * P + P - 1) + ", GPU" + (P > 1 ? "s " : " ") + join(devices) + ")";
     placement += (n ? "; " : "") + s.name;
     s.log_path = dir + "/node" + std::to_string(n) + ".log";
-    s.argv = {self_exe(), kFakeNodeChildFlag, "--node", std::to_string(n), "--nodes", std::to_string(N),
-              "--devices", join(devices), "--id-file", id_file, "--out-dir", dir};
+    s.argv = {self_exe(),  kFakeNodeChildFlag, "--node",    std::to_string(n), "--nodes",   std::to_string(N),
+              "--devices", join(devices),      "--id-file", id_file,           "--out-dir", dir};
     const std::vector<std::string> f = forwarded(o, ll.tokens);
     s.argv.insert(s.argv.end(), f.begin(), f.end());
     s.env = {{"NCCL_HOSTID", "epcomm-bench-fake-node" + std::to_string(n)},
@@ -292,8 +295,8 @@ int run_fake_nodes(const Options& given) {
   if (run.exit_code != 0) {
     for (const ChildOutcome& c : run.children)
       if (c.killed || c.signal || c.exit_code != 0)
-        std::printf("----- last lines of %s (%s) -----\n%s\n----- end of %s -----\n", c.name.c_str(), c.log_path.c_str(),
-                    testing::tail_of_file(c.log_path, 6000).c_str(), c.name.c_str());
+        std::printf("----- last lines of %s (%s) -----\n%s\n----- end of %s -----\n", c.name.c_str(),
+                    c.log_path.c_str(), testing::tail_of_file(c.log_path, 6000).c_str(), c.name.c_str());
     std::printf("epcomm-bench --fake-nodes: FAILED\n");
     return 1;
   }
@@ -398,8 +401,9 @@ int fake_node_child_main(int argc, char** argv) {
   const std::vector<int> devices = parse_list(devices_text);
   const int R = o.ranks, P = static_cast<int>(devices.size());
   if (node < 0 || nodes < 2 || P < 1 || R != nodes * P || id_file.empty() || dir.empty()) {
-    std::printf("fake-node child: needs --node, --nodes, --devices (one per rank of the node), --ranks, --id-file, "
-                "--out-dir\n");
+    std::printf(
+        "fake-node child: needs --node, --nodes, --devices (one per rank of the node), --ranks, --id-file, "
+        "--out-dir\n");
     return 2;
   }
   std::vector<int> ranks(P);
@@ -411,8 +415,8 @@ int fake_node_child_main(int argc, char** argv) {
     const ncclUniqueId id = shared_unique_id(node, id_file);
     std::vector<std::shared_ptr<Group>> groups = create_nccl_groups(id, R, ranks, devices, 0);
     for (size_t l = 0; l < groups.size(); ++l)
-      std::printf("[fake node %d] rank %d: %d ranks per node (NCCL's load/store domain), %d nodes, transport %s\n", node,
-                  ranks[l], groups[l]->ranks_per_node(), groups[l]->num_nodes(), groups[l]->transport().c_str());
+      std::printf("[fake node %d] rank %d: %d ranks per node (NCCL's load/store domain), %d nodes, transport %s\n",
+                  node, ranks[l], groups[l]->ranks_per_node(), groups[l]->num_nodes(), groups[l]->transport().c_str());
     if (groups.front()->ranks_per_node() != P)
       throw std::runtime_error("NCCL's load/store domain has " + std::to_string(groups.front()->ranks_per_node()) +
                                " ranks, not this process's " + std::to_string(P) + " (is NCCL_HOSTID honoured?)");

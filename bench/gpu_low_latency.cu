@@ -8,9 +8,8 @@
 //   ll-*-kernel                                       the same calls' kernel durations as a profiler
 //                                                     records them (CUPTI: no launch or queue time),
 //                                                     DeepEP's way of timing (kineto)
-// checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer size
-// beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same
-// token count.
+// checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer
+// size beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same token count.
 #include <cstdio>
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -139,9 +138,9 @@ std::vector<T> download(const DevMem& m, size_t count) {
 // runs (fake = false) time every op; a fake node's processes time one launch of each op (and no
 // graphs, hook halves or kernel clocks: through a loopback net times mean nothing). Where the
 // buffer takes the network path, each op's row carries the network bytes one call moved.
-void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankData>& data, const std::vector<int>& ranks,
-                  const std::vector<std::shared_ptr<Group>>& groups, bool fake, Report& report,
-                  std::vector<LLRankResult>& got, std::vector<LLRankResult>& got_last) {
+void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankData>& data,
+                  const std::vector<int>& ranks, const std::vector<std::shared_ptr<Group>>& groups, bool fake,
+                  Report& report, std::vector<LLRankResult>& got, std::vector<LLRankResult>& got_last) {
   const int R = p.R, T = p.T, Tmax = p.Tmax, H = p.H, K = p.K, E = p.E, EL = p.EL, G = p.G;
   const int64_t RT = p.RT;
   const int local = static_cast<int>(ranks.size());
@@ -176,7 +175,8 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
     const StreamOrder order{stream, nullptr, false};
     cudaDeviceProp prop{};
     cuda_check(cudaGetDeviceProperties(&prop, dev), "props");
-    const int sms = o.sms_given && !o.sms.empty() ? std::min(o.sms.front(), prop.multiProcessorCount) : prop.multiProcessorCount;
+    const int sms =
+        o.sms_given && !o.sms.empty() ? std::min(o.sms.front(), prop.multiProcessorCount) : prop.multiProcessorCount;
     const LLRankData& d = data[r];
     DevMem x(d.x), topk(d.topk), weights(d.weights), y(d.y);
     DevMem recv8(static_cast<size_t>(EL) * RT * H), recv16(static_cast<size_t>(EL) * RT * H * 2);
@@ -238,7 +238,12 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         cuda_check(cudaStreamSynchronize(stream), "counted call");
         st = buf.low_latency_net_stats(/*reset=*/true);
       }
-      Row x{"epcomm", op, r, sms, time_us(stream, o.warmup, o.iters, fn), 0,
+      Row x{"epcomm",
+            op,
+            r,
+            sms,
+            time_us(stream, o.warmup, o.iters, fn),
+            0,
             net ? note + "; NVLink bytes: no LL counter" : note};
       if (net) {
         x.net_bytes = static_cast<double>(st.bytes);
@@ -255,15 +260,18 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
       std::fprintf(stderr, "[%s] %s\n", what, s.c_str());
     };
     if (o.dtype != "bf16") {
-      timed_row("ll-dispatch-fp8", [&] { buf.low_latency_dispatch(din, d8, h8, false, order); }, "one launch");
+      timed_row(
+          "ll-dispatch-fp8", [&] { buf.low_latency_dispatch(din, d8, h8, false, order); }, "one launch");
       buf.low_latency_dispatch(din, d8, h8, false, order);
       probe("fp8 dispatch, one launch, after the timed loop");
     }
     if (o.dtype != "fp8")
-      timed_row("ll-dispatch-bf16", [&] { buf.low_latency_dispatch(din16, d16, h16, false, order); }, "one launch");
+      timed_row(
+          "ll-dispatch-bf16", [&] { buf.low_latency_dispatch(din16, d16, h16, false, order); }, "one launch");
     // A fresh dispatch, then combines of its handle (repeating a combine rewrites the same rows).
     buf.low_latency_dispatch(din, d8, h8, false, order);
-    timed_row("ll-combine", [&] { buf.low_latency_combine(cin, h8, outv, false, order); }, "bf16, one launch");
+    timed_row(
+        "ll-combine", [&] { buf.low_latency_combine(cin, h8, outv, false, order); }, "bf16, one launch");
     if (fake) {
       checked_round(got_last[r]);
       cuda_check(cudaStreamSynchronize(stream), "final");
@@ -278,7 +286,8 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         time_graph_us(stream, graph_iters, [&] { buf.low_latency_dispatch(din, d8, h8, false, order); }),
         "per call, calls replayed from one CUDA graph");
     buf.low_latency_dispatch(din, d8, h8, false, order);
-    row("ll-combine-graph", time_graph_us(stream, graph_iters, [&] { buf.low_latency_combine(cin, h8, outv, false, order); }),
+    row("ll-combine-graph",
+        time_graph_us(stream, graph_iters, [&] { buf.low_latency_combine(cin, h8, outv, false, order); }),
         "per call, calls replayed from one CUDA graph");
 
     const auto dh = time_halves(
@@ -372,11 +381,12 @@ void describe_ll(const LLShape& p, bool fake, Report& report) {
   // where the plan fits, else one row per (token, expert).
   const LowLatencyPartials kind =
       low_latency_per_rank_wanted(l, true, level) ? low_latency_partials(l, level) : LowLatencyPartials::kNone;
-  report.checks.push_back("low-latency paths (EPCOMM_LL_PER_RANK=" + std::to_string(low_latency_per_rank_level()) +
-                          "): dispatch fp8 " + path(true) + ", dispatch bf16 " + path(false) + ", combine " +
-                          (kind == LowLatencyPartials::kNone
-                               ? std::string("per (token, expert)")
-                               : std::string("per-rank (") + low_latency_partials_name(kind) + " partials per token and rank)"));
+  report.checks.push_back(
+      "low-latency paths (EPCOMM_LL_PER_RANK=" + std::to_string(low_latency_per_rank_level()) + "): dispatch fp8 " +
+      path(true) + ", dispatch bf16 " + path(false) + ", combine " +
+      (kind == LowLatencyPartials::kNone
+           ? std::string("per (token, expert)")
+           : std::string("per-rank (") + low_latency_partials_name(kind) + " partials per token and rank)"));
 }
 
 }  // namespace
@@ -410,7 +420,9 @@ void run_gpu_low_latency(const Options& o, Report& report) {
   }
 }
 
-std::string ll_results_path(const std::string& dir, int rank) { return dir + "/ll-rank" + std::to_string(rank) + ".bin"; }
+std::string ll_results_path(const std::string& dir, int rank) {
+  return dir + "/ll-rank" + std::to_string(rank) + ".bin";
+}
 
 void run_gpu_low_latency_ranks(const Options& o, int R, uint64_t seed, const std::vector<int>& ranks,
                                const std::vector<std::shared_ptr<Group>>& groups, const std::string& dir,

@@ -26,9 +26,9 @@ namespace {
 
 struct RankData {
   int num_tokens = 0;
-  std::vector<uint16_t> x;       // bf16
+  std::vector<uint16_t> x;  // bf16
   std::vector<uint8_t> x_fp8;
-  std::vector<float> scales;     // row-major [T, G]
+  std::vector<float> scales;  // row-major [T, G]
   std::vector<int64_t> topk;
   std::vector<float> weights;
 };
@@ -69,8 +69,7 @@ NodeTraffic node_traffic(const RankData& d, int rank, int K, int E, int R, int P
 // BF16 outputs equal within one rounding step (the hierarchical combine sums node by node).
 bool close_bf16_bytes(const DevMem& m, const std::vector<uint16_t>& want) {
   std::vector<uint16_t> got(want.size());
-  if (!got.empty())
-    cuda_check(cudaMemcpy(got.data(), m.get(), got.size() * 2, cudaMemcpyDeviceToHost), "download");
+  if (!got.empty()) cuda_check(cudaMemcpy(got.data(), m.get(), got.size() * 2, cudaMemcpyDeviceToHost), "download");
   auto f = [](uint16_t b) {
     uint32_t u = static_cast<uint32_t>(b) << 16;
     float v;
@@ -191,7 +190,8 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
     Config smallest_chunk;
     smallest_chunk.nvl_chunk_size = 8;
     DevMem prefix(sizeof(int32_t) * R * R), chunk_off(sizeof(int32_t) * R * buf.chunk_offset_stride(smallest_chunk));
-    DevMem recv_x(static_cast<size_t>(cap) * H * 2), recv_sc(sizeof(float) * cap * G), recv_idx(sizeof(int64_t) * cap * K);
+    DevMem recv_x(static_cast<size_t>(cap) * H * 2), recv_sc(sizeof(float) * cap * G),
+        recv_idx(sizeof(int64_t) * cap * K);
     DevMem recv_w(sizeof(float) * cap * K), src_idx(sizeof(int32_t) * cap), out(static_cast<size_t>(T) * H * 2);
     DevMem out_w(sizeof(float) * T * K), cached_x(static_cast<size_t>(cap) * H * 2);
 
@@ -251,13 +251,14 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
           const double rb = fp8 ? H + 4.0 * G : 2.0 * H;
           char note[256];
           std::snprintf(note, sizeof note,
-                        "network %.1f MB (%llu rows, expected %.0f; %llu puts), NVLink %.1f MB; DeepEP RDMA bytes %.1f MB",
+                        "network %.1f MB (%llu rows, expected %.0f; %llu puts), NVLink %.1f MB; DeepEP RDMA bytes %.1f "
+                        "MB",
                         s.network_bytes / 1e6, static_cast<unsigned long long>(s.network_rows), nt.network_rows,
                         static_cast<unsigned long long>(s.network_puts), s.nvlink_bytes / 1e6,
                         nt.deepep_rdma_rows * rb / 1e6);
           std::lock_guard<std::mutex> lock(mu);
-          report.rows.push_back({"epcomm", std::string(fp8 ? "dispatch-fp8" : "dispatch-bf16") + ":traffic", r, sms, 0, 0,
-                                 note});
+          report.rows.push_back(
+              {"epcomm", std::string(fp8 ? "dispatch-fp8" : "dispatch-bf16") + ":traffic", r, sms, 0, 0, note});
           if (s.network_rows != static_cast<uint64_t>(nt.network_rows)) report.ok = false;
         }
         // The outputs against the reference: after the first call, and again after the timed calls
@@ -322,16 +323,17 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
           const Buffer::InternodeStats s = buf.internode_stats(true);
           combine_bytes = s;
           char note[160];
-          std::snprintf(note, sizeof note, "network %.1f MB (%llu partial rows, f32), NVLink %.1f MB", s.network_bytes / 1e6,
-                        static_cast<unsigned long long>(s.network_rows), s.nvlink_bytes / 1e6);
+          std::snprintf(note, sizeof note, "network %.1f MB (%llu partial rows, f32), NVLink %.1f MB",
+                        s.network_bytes / 1e6, static_cast<unsigned long long>(s.network_rows), s.nvlink_bytes / 1e6);
           std::lock_guard<std::mutex> lock(mu);
           report.rows.push_back({"epcomm", "combine:traffic", r, sms, 0, 0, note});
         }
         const auto verify_combine = [&](const char* when) {
           if (!o.verify) return;
-          const bool ok = (internode ? close_bf16_bytes(out, want_comb[r].combined_x)
-                                     : equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2)) &&
-                          equal_bytes(out_w, want_comb[r].combined_topk_weights.data(), sizeof(float) * T * K);
+          const bool ok =
+              (internode ? close_bf16_bytes(out, want_comb[r].combined_x)
+                         : equal_bytes(out, want_comb[r].combined_x.data(), static_cast<size_t>(T) * H * 2)) &&
+              equal_bytes(out_w, want_comb[r].combined_topk_weights.data(), sizeof(float) * T * K);
           std::lock_guard<std::mutex> lock(mu);
           report.checks.push_back("combine @" + std::to_string(sms) + " SMs rank " + std::to_string(r) + ", " + when +
                                   (ok ? ": matches the reference" : ": MISMATCH"));

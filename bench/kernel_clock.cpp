@@ -46,8 +46,7 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
 }  // namespace
 
 bool KernelClock::start() {
-  static const bool registered =
-      cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) == CUPTI_SUCCESS;
+  static const bool registered = cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) == CUPTI_SUCCESS;
   if (!registered) return false;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -73,7 +72,8 @@ std::vector<double> KernelClock::durations(int device, const std::string& name, 
   std::lock_guard<std::mutex> lock(mu);
   std::vector<std::pair<uint64_t, double>> got;
   for (const Record& r : records)
-    if (static_cast<int>(r.device) == device && r.start >= t0 && r.start <= t1 && r.name.find(name) != std::string::npos)
+    if (static_cast<int>(r.device) == device && r.start >= t0 && r.start <= t1 &&
+        r.name.find(name) != std::string::npos)
       got.push_back({r.start, (r.end - r.start) * 1e-3});
   std::sort(got.begin(), got.end());
   std::vector<double> us;

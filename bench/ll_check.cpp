@@ -18,8 +18,8 @@ namespace {
 // Rows per (local expert, source) as sets, counts exactly; combine bit for bit through the GPU's
 // handles (per-rank combine: within its bound, and `inexact` counts the elements that are not bit
 // for bit the per-expert sum). Returns "" or what differs.
-std::string verify(const std::vector<LLRankData>& data, const std::vector<LLRankResult>& got, int T, int Tmax, int H, int K,
-                   int E, LowLatencyPartials partials, size_t* inexact = nullptr) {
+std::string verify(const std::vector<LLRankData>& data, const std::vector<LLRankResult>& got, int T, int Tmax, int H,
+                   int K, int E, LowLatencyPartials partials, size_t* inexact = nullptr) {
   const int R = static_cast<int>(data.size()), EL = E / R, G = H / 128;
   const int64_t RT = static_cast<int64_t>(R) * Tmax;
   ref::LowLatencyOptions opt;

@@ -45,8 +45,9 @@ void print_table(const Report& r) {
   std::printf("\n%s | ranks %d | %s\n", r.device.c_str(), r.ranks, r.problem.c_str());
   const bool bytes = has_bytes(r);
   if (bytes) {
-    std::printf("bytes: what this rank moved in one call (Buffer counters): to ranks of other nodes (network puts)\n"
-                "and to / from ranks of its node over NVLink; \"-\" = not counted\n");
+    std::printf(
+        "bytes: what this rank moved in one call (Buffer counters): to ranks of other nodes (network puts)\n"
+        "and to / from ranks of its node over NVLink; \"-\" = not counted\n");
     std::printf("%-14s %-22s %5s %4s %11s %10s %12s %8s %12s  %s\n", "system", "op", "rank", "SMs", "us", "GB/s",
                 "net bytes", "net puts", "NVLink bytes", "note");
   } else {
@@ -190,8 +191,7 @@ int parse_options(int argc, char** argv, int first, Options& o, std::vector<std:
     else if (a == "--sms") {
       o.sms = parse_list(next());
       o.sms_given = true;
-    }
-    else if (a == "--chunk") o.chunk = std::atoi(next());
+    } else if (a == "--chunk") o.chunk = std::atoi(next());
     else if (a == "--ring") o.ring = std::atoi(next());
     else if (a == "--ranks-per-node") o.ranks_per_node = std::atoi(next());
     else if (a == "--iters") {
@@ -200,8 +200,7 @@ int parse_options(int argc, char** argv, int first, Options& o, std::vector<std:
     } else if (a == "--warmup") {
       o.warmup = std::atoi(next());
       o.warmup_given = true;
-    }
-    else if (a == "--no-baseline") o.baseline = false;
+    } else if (a == "--no-baseline") o.baseline = false;
     else if (a == "--no-verify") o.verify = false;
     else if (a == "--cpu") o.cpu = true;
     else if (a == "--json") o.json = next();

@@ -22,12 +22,12 @@ namespace {
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 // ---- DeepEP 1.x, restated ----
-constexpr int kDeepEpNvlPeers = 8;     // NUM_MAX_NVL_PEERS: ranks of one node
-constexpr int kDeepEpMaxTopk = 128;    // the hints assume up to 128 top-k entries...
-constexpr int kDeepEpMaxScales = 128;  // ...and 128 scales per token
-constexpr size_t kDeepEpTopkIdx = 8;   // topk_idx_t: int64 by default (EP_NUM_TOPK_IDX_BITS = 64)
+constexpr int kDeepEpNvlPeers = 8;       // NUM_MAX_NVL_PEERS: ranks of one node
+constexpr int kDeepEpMaxTopk = 128;      // the hints assume up to 128 top-k entries...
+constexpr int kDeepEpMaxScales = 128;    // ...and 128 scales per token
+constexpr size_t kDeepEpTopkIdx = 8;     // topk_idx_t: int64 by default (EP_NUM_TOPK_IDX_BITS = 64)
 constexpr size_t kDeepEpSourceMeta = 8;  // SourceMeta: source node, bits of the node's ranks
-constexpr int kDeepEpNumSms = 20;      // Buffer.num_sms default
+constexpr int kDeepEpNumSms = 20;        // Buffer.num_sms default
 
 // Low-latency: two buffers, each a send area, a receive area and a signal area. A dispatch message
 // is a 16-byte header and the wider of the BF16 row and the FP8 row + float32 scales; a combine
@@ -55,10 +55,10 @@ bool deepep_configs(int num_ranks, DeepEpConfig& dispatch, DeepEpConfig& combine
     DeepEpConfig d, c;
   };
   static const Row rows[] = {
-      {16, {36, 288, 20, 128}, {4, 288, 12, 128}},  {24, {32, 288, 8, 128}, {1, 288, 8, 128}},
-      {32, {32, 288, 8, 128}, {1, 288, 8, 128}},    {48, {32, 288, 8, 128}, {1, 288, 8, 128}},
-      {64, {32, 288, 8, 128}, {1, 288, 8, 128}},    {96, {20, 480, 12, 128}, {1, 480, 8, 128}},
-      {128, {20, 560, 12, 128}, {1, 560, 8, 128}},  {144, {32, 720, 12, 128}, {2, 720, 8, 128}},
+      {16, {36, 288, 20, 128}, {4, 288, 12, 128}}, {24, {32, 288, 8, 128}, {1, 288, 8, 128}},
+      {32, {32, 288, 8, 128}, {1, 288, 8, 128}},   {48, {32, 288, 8, 128}, {1, 288, 8, 128}},
+      {64, {32, 288, 8, 128}, {1, 288, 8, 128}},   {96, {20, 480, 12, 128}, {1, 480, 8, 128}},
+      {128, {20, 560, 12, 128}, {1, 560, 8, 128}}, {144, {32, 720, 12, 128}, {2, 720, 8, 128}},
       {160, {28, 720, 12, 128}, {2, 720, 8, 128}},
   };
   for (const Row& r : rows)
@@ -73,8 +73,8 @@ bool deepep_configs(int num_ranks, DeepEpConfig& dispatch, DeepEpConfig& combine
 size_t deepep_rdma_hint(const DeepEpConfig& c, size_t hidden_bytes, int num_ranks) {
   if (num_ranks <= kDeepEpNvlPeers) return 0;
   const size_t channels = kDeepEpNumSms / 2, nodes = num_ranks / kDeepEpNvlPeers, ring = c.rdma_recv_aligned();
-  const size_t per_token = hidden_bytes + kDeepEpSourceMeta + kDeepEpMaxTopk * (kDeepEpTopkIdx + 4) +
-                           kDeepEpMaxScales * 4 + 16;
+  const size_t per_token =
+      hidden_bytes + kDeepEpSourceMeta + kDeepEpMaxTopk * (kDeepEpTopkIdx + 4) + kDeepEpMaxScales * 4 + 16;
   const size_t bytes = channels * nodes * (kDeepEpNvlPeers * 2 + 2) * 2 * 4 + channels * nodes * ring * per_token * 2;
   return align_up(bytes, 128);
 }
@@ -84,7 +84,8 @@ size_t deepep_rdma_hint(const DeepEpConfig& c, size_t hidden_bytes, int num_rank
 size_t deepep_nvl_hint(const DeepEpConfig& c, size_t hidden_bytes, int num_ranks) {
   const size_t channels = kDeepEpNumSms / 2;
   const size_t nodes = std::max(num_ranks / kDeepEpNvlPeers, 1), peers = std::min(num_ranks, kDeepEpNvlPeers);
-  const size_t per_token = hidden_bytes + kDeepEpSourceMeta + kDeepEpMaxTopk * (kDeepEpTopkIdx + 4) + kDeepEpMaxScales * 4;
+  const size_t per_token =
+      hidden_bytes + kDeepEpSourceMeta + kDeepEpMaxTopk * (kDeepEpTopkIdx + 4) + kDeepEpMaxScales * 4;
   const size_t bytes = channels * peers * (2 * nodes + 3) * 4 + channels * peers * c.nvl_recv * per_token;
   return align_up(bytes, 128);
 }
@@ -127,7 +128,9 @@ size_t epcomm_allocated(size_t num_rdma_bytes, int nodes) {
 
 void low_latency_table(int tmax, int hidden) {
   std::printf("### Low-latency mode: Tmax = %d, hidden = %d, 8 ranks per node (MiB per rank)\n\n", tmax, hidden);
-  std::printf("| ranks | nodes | experts | epcomm region (LSA) | epcomm region (network path) | epcomm allocated (network path, x2 with >1 node) | DeepEP hint | network path / DeepEP | allocated / DeepEP |\n");
+  std::printf(
+      "| ranks | nodes | experts | epcomm region (LSA) | epcomm region (network path) | epcomm allocated (network "
+      "path, x2 with >1 node) | DeepEP hint | network path / DeepEP | allocated / DeepEP |\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 72, 128, 144, 256, 288, 320}) {
     std::vector<int> experts;
@@ -150,21 +153,30 @@ void low_latency_table(int tmax, int hidden) {
 void normal_table(int tokens, int hidden) {
   const int P = 8, topk = 8, E = 256;
   const size_t hidden_bytes = static_cast<size_t>(hidden) * 2;
-  std::printf("### Normal mode: %d tokens per rank, hidden = %d (BF16), top-%d, %d experts, %d ranks per node (MiB per rank)\n\n",
-              tokens, hidden, topk, E, P);
-  std::printf("| ranks | nodes | epcomm internode_size_hint | epcomm allocated (x2) | epcomm Config rdma hint (compat) | DeepEP rdma hint | epcomm / DeepEP rdma | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint |\n");
+  std::printf(
+      "### Normal mode: %d tokens per rank, hidden = %d (BF16), top-%d, %d experts, %d ranks per node (MiB per "
+      "rank)\n\n",
+      tokens, hidden, topk, E, P);
+  std::printf(
+      "| ranks | nodes | epcomm internode_size_hint | epcomm allocated (x2) | epcomm Config rdma hint (compat) | "
+      "DeepEP rdma hint | epcomm / DeepEP rdma | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint "
+      "|\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
     const size_t alloc = epcomm_allocated(inter, N);
     const epcomm::Config ed = epcomm::Config::dispatch_default(R), ec = epcomm::Config::combine_default(R);
-    const size_t compat = std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));
-    const size_t enl = std::max(ed.get_nvl_buffer_size_hint(hidden_bytes, R), ec.get_nvl_buffer_size_hint(hidden_bytes, R));
+    const size_t compat =
+        std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));
+    const size_t enl =
+        std::max(ed.get_nvl_buffer_size_hint(hidden_bytes, R), ec.get_nvl_buffer_size_hint(hidden_bytes, R));
     DeepEpConfig dd{}, dc{};
     const bool deepep = deepep_configs(R, dd, dc);  // no config past 160 ranks
-    const size_t drdma = deepep ? std::max(deepep_rdma_hint(dd, hidden_bytes, R), deepep_rdma_hint(dc, hidden_bytes, R)) : 0;
-    const size_t dnvl = deepep ? std::max(deepep_nvl_hint(dd, hidden_bytes, R), deepep_nvl_hint(dc, hidden_bytes, R)) : 0;
+    const size_t drdma =
+        deepep ? std::max(deepep_rdma_hint(dd, hidden_bytes, R), deepep_rdma_hint(dc, hidden_bytes, R)) : 0;
+    const size_t dnvl =
+        deepep ? std::max(deepep_nvl_hint(dd, hidden_bytes, R), deepep_nvl_hint(dc, hidden_bytes, R)) : 0;
     const size_t ring = proposed_ring_bytes(ed.num_sms, N, hidden, topk);
     std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(), mib(alloc).c_str(),
                 mib(compat).c_str(), deepep ? mib(drdma).c_str() : "(none)", ratio(inter, drdma).c_str(),

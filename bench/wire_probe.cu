@@ -32,13 +32,13 @@ namespace {
 
 using namespace epcomm::dev;
 
-#define PROBE_CHECK(call)                                                                              \
-  do {                                                                                                 \
-    const cudaError_t e_ = (call);                                                                     \
-    if (e_ != cudaSuccess) {                                                                           \
-      std::fprintf(stderr, "epcomm-wire-probe: %s failed: %s\n", #call, cudaGetErrorString(e_));     \
-      std::exit(1);                                                                                    \
-    }                                                                                                  \
+#define PROBE_CHECK(call)                                                                        \
+  do {                                                                                           \
+    const cudaError_t e_ = (call);                                                               \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "epcomm-wire-probe: %s failed: %s\n", #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
 
 constexpr int kMaxRanks = 8;
@@ -71,7 +71,8 @@ __global__ void __launch_bounds__(512) simt_kernel(const Args a) {
   int peer;
   size_t begin, end;
   my_share(a, peer, begin, end);
-  const int4* src = reinterpret_cast<const int4*>(kPush ? a.send + peer * a.bytes : a.peer_send[peer] + a.rank * a.bytes);
+  const int4* src =
+      reinterpret_cast<const int4*>(kPush ? a.send + peer * a.bytes : a.peer_send[peer] + a.rank * a.bytes);
   int4* dst = reinterpret_cast<int4*>(kPush ? a.peer_recv[peer] + a.rank * a.bytes : a.recv + peer * a.bytes);
   const size_t v0 = begin / 16, v1 = end / 16;
   constexpr int kUnroll = 4;
@@ -231,10 +232,18 @@ int main(int argc, char** argv) {
           PROBE_CHECK(cudaSetDevice(r));
           PROBE_CHECK(cudaEventRecord(start[r], streams[r]));
           switch (mode) {
-            case Mode::kStore: simt_kernel<true><<<blocks, 512, 0, streams[r]>>>(args[r]); break;
-            case Mode::kLoad: simt_kernel<false><<<blocks, 512, 0, streams[r]>>>(args[r]); break;
-            case Mode::kTmaPush: tma_kernel<true><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]); break;
-            case Mode::kTmaPull: tma_kernel<false><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]); break;
+            case Mode::kStore:
+              simt_kernel<true><<<blocks, 512, 0, streams[r]>>>(args[r]);
+              break;
+            case Mode::kLoad:
+              simt_kernel<false><<<blocks, 512, 0, streams[r]>>>(args[r]);
+              break;
+            case Mode::kTmaPush:
+              tma_kernel<true><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]);
+              break;
+            case Mode::kTmaPull:
+              tma_kernel<false><<<blocks, 32 * warps, warps * bufs * piece, streams[r]>>>(args[r]);
+              break;
             case Mode::kCePush:
             case Mode::kCePull:
               // A stream per peer, forked from and joined back into the rank's stream; the pair
@@ -246,11 +255,11 @@ int main(int argc, char** argv) {
                 for (size_t off = 0; off < bytes; off += ce_piece) {
                   const size_t n = std::min(ce_piece, bytes - off);
                   if (mode == Mode::kCePush)
-                    PROBE_CHECK(cudaMemcpyPeerAsync(args[p].recv + r * bytes + off, p, args[r].send + p * bytes + off, r,
-                                                    n, s));
+                    PROBE_CHECK(cudaMemcpyPeerAsync(args[p].recv + r * bytes + off, p, args[r].send + p * bytes + off,
+                                                    r, n, s));
                   else
-                    PROBE_CHECK(cudaMemcpyPeerAsync(args[r].recv + p * bytes + off, r, args[p].send + r * bytes + off, p,
-                                                    n, s));
+                    PROBE_CHECK(cudaMemcpyPeerAsync(args[r].recv + p * bytes + off, r, args[p].send + r * bytes + off,
+                                                    p, n, s));
                 }
                 PROBE_CHECK(cudaEventRecord(pair_done[r][p], s));
                 PROBE_CHECK(cudaStreamWaitEvent(streams[r], pair_done[r][p], 0));

@@ -40,8 +40,9 @@ int main(int argc, char** argv) {
   const int K = 4, E = 64;
   int R = 0;
   if (cudaGetDeviceCount(&R) != cudaSuccess || R == 0) {
-    std::printf("epcomm_example: no CUDA device; this example needs GPUs (the CPU reference backend is "
-                "epcomm::ref::HostCluster)\n");
+    std::printf(
+        "epcomm_example: no CUDA device; this example needs GPUs (the CPU reference backend is "
+        "epcomm::ref::HostCluster)\n");
     return 0;
   }
   ncclUniqueId id;

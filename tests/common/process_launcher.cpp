@@ -33,7 +33,8 @@ std::vector<std::string> child_environment(const std::vector<std::pair<std::stri
   for (char** e = environ; e && *e; ++e) {
     const std::string entry = *e;
     const std::string name = entry.substr(0, entry.find('='));
-    const bool replaced = std::any_of(overrides.begin(), overrides.end(), [&](const auto& o) { return o.first == name; });
+    const bool replaced =
+        std::any_of(overrides.begin(), overrides.end(), [&](const auto& o) { return o.first == name; });
     if (!replaced) env.push_back(entry);
   }
   for (const auto& [name, value] : overrides) env.push_back(name + "=" + value);
@@ -73,7 +74,8 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
   std::vector<bool> done(n, false);
   report.children.resize(n);
   const Clock::time_point start = Clock::now();
-  struct sigaction sa {}, old_int {}, old_term {};
+  struct sigaction sa {
+  }, old_int{}, old_term{};
   sa.sa_handler = kill_children_and_leave;
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, &old_int);
@@ -115,7 +117,8 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
     }
   }
 
-  Clock::time_point deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  Clock::time_point deadline =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   bool failure_seen = false;
   for (;;) {
     size_t running = 0;
@@ -125,7 +128,8 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
       // what it left behind in the group can be killed before the id could go to anyone else.
       siginfo_t info;
       std::memset(&info, 0, sizeof(info));
-      if (waitid(P_PID, static_cast<id_t>(pids[i]), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pids[i]) {
+      if (waitid(P_PID, static_cast<id_t>(pids[i]), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+          info.si_pid == pids[i]) {
         kill(-pids[i], SIGKILL);
         int status = 0;
         waitpid(pids[i], &status, 0);
@@ -138,8 +142,8 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
         if (WIFSIGNALED(status)) o.signal = WTERMSIG(status);
         if (o.exit_code != 0 && o.exit_code != 77 && !failure_seen) {
           failure_seen = true;
-          const auto grace = start + std::chrono::duration_cast<Clock::duration>(
-                                         std::chrono::duration<double>(o.seconds + grace_s));
+          const auto grace =
+              start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.seconds + grace_s));
           deadline = std::min(deadline, grace);
         }
       } else {
@@ -173,18 +177,13 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
     all_zero = all_zero && o.exited && o.signal == 0 && o.exit_code == 0;
     all_skipped = all_skipped && o.exited && o.signal == 0 && o.exit_code == 77;
     std::string how;
-    if (o.killed)
-      how = "HUNG: still running after " + fmt_seconds(o.seconds) + ", killed by the watchdog";
-    else if (o.signal)
-      how = "died of signal " + std::to_string(o.signal) + " (" + strsignal(o.signal) + ")";
-    else if (o.exit_code == 0)
-      how = "passed";
-    else if (o.exit_code == 77)
-      how = "skipped (exit 77)";
-    else
-      how = "FAILED (exit " + std::to_string(o.exit_code) + ")";
-    report.summary += "  " + o.name + ": " + how + (o.killed ? "" : " after " + fmt_seconds(o.seconds)) +
-                      "; log " + o.log_path + "\n";
+    if (o.killed) how = "HUNG: still running after " + fmt_seconds(o.seconds) + ", killed by the watchdog";
+    else if (o.signal) how = "died of signal " + std::to_string(o.signal) + " (" + strsignal(o.signal) + ")";
+    else if (o.exit_code == 0) how = "passed";
+    else if (o.exit_code == 77) how = "skipped (exit 77)";
+    else how = "FAILED (exit " + std::to_string(o.exit_code) + ")";
+    report.summary += "  " + o.name + ": " + how + (o.killed ? "" : " after " + fmt_seconds(o.seconds)) + "; log " +
+                      o.log_path + "\n";
   }
   report.exit_code = all_zero ? 0 : all_skipped ? 77 : 1;
   return report;

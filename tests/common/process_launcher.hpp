@@ -12,15 +12,15 @@
 namespace epcomm::testing {
 
 struct ChildSpec {
-  std::string name;               // for the report, e.g. "node 1 (rank 1, GPU 0)"
-  std::vector<std::string> argv;  // argv[0] is the program's path (execve)
+  std::string name;                                      // for the report, e.g. "node 1 (rank 1, GPU 0)"
+  std::vector<std::string> argv;                         // argv[0] is the program's path (execve)
   std::vector<std::pair<std::string, std::string>> env;  // set in the child (over the parent's environment)
-  std::string log_path;           // the child's stdout and stderr
+  std::string log_path;                                  // the child's stdout and stderr
 };
 
 struct ChildOutcome {
   std::string name, log_path;
-  bool exited = false;   // it ended by itself: exit_code or signal says how
+  bool exited = false;  // it ended by itself: exit_code or signal says how
   int exit_code = -1;
   int signal = 0;
   bool killed = false;   // the watchdog ended it (it was still running at the deadline)
@@ -32,7 +32,7 @@ struct RunReport {
   bool timed_out = false;  // the deadline came with children still running
   // 0: every child exited 0; 77: every child exited 77 (nothing to run); 1: anything else.
   int exit_code = 1;
-  std::string summary;     // one line per child: name, how it ended, seconds, log
+  std::string summary;  // one line per child: name, how it ended, seconds, log
 };
 
 // Starts every child (each in a process group of its own), waits until all have ended or

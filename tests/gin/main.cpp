@@ -193,8 +193,20 @@ int parent_main(int argc, char** argv) {
                std::to_string(last) + ", GPU" + (per_node > 1 ? "s " : " ") + join(devices) + ")";
       placement += (n ? "; " : "") + s.name;
       s.log_path = dir + "/node" + std::to_string(n) + ".log";
-      s.argv = {exe, "--child", "--node", std::to_string(n), "--nodes", std::to_string(nodes), "--ranks-per-node",
-                std::to_string(per_node), "--devices", join(devices), "--id-file", id_file, "--seed", std::to_string(seed)};
+      s.argv = {exe,
+                "--child",
+                "--node",
+                std::to_string(n),
+                "--nodes",
+                std::to_string(nodes),
+                "--ranks-per-node",
+                std::to_string(per_node),
+                "--devices",
+                join(devices),
+                "--id-file",
+                id_file,
+                "--seed",
+                std::to_string(seed)};
       if (plugin.empty()) s.argv.push_back("--no-gin");
       if (shared) s.argv.push_back("--shared-gpus");
       s.argv.insert(s.argv.end(), passthrough.begin(), passthrough.end());
@@ -224,7 +236,9 @@ int parent_main(int argc, char** argv) {
     const bool ok = report.exit_code == 0;
     failed = failed || !ok;
     std::printf("[gin] layout %s: %s%s\n%s", layout.c_str(),
-                ok ? "PASSED" : report.exit_code == 77 ? "skipped by the children" : "FAILED",
+                ok                       ? "PASSED"
+                : report.exit_code == 77 ? "skipped by the children"
+                                         : "FAILED",
                 report.timed_out ? " (watchdog: children killed)" : "", report.summary.c_str());
     if (!ok)
       for (const ChildOutcome& o : report.children)
@@ -283,9 +297,10 @@ int child_main(int argc, char** argv) {
   }
   const char* hostid = std::getenv("NCCL_HOSTID");
   const char* plugin = std::getenv("NCCL_NET_PLUGIN");
-  std::printf("[gin child] node %d of %d: ranks %d-%d on GPU(s) %s, NCCL_HOSTID=%s, NCCL_NET_PLUGIN=%s, timeout %lld ms\n",
-              w.node, w.nodes, w.ranks.front(), w.ranks.back(), devices.c_str(), hostid ? hostid : "(unset)",
-              plugin ? plugin : "(unset)", static_cast<long long>(w.timeout_ms));
+  std::printf(
+      "[gin child] node %d of %d: ranks %d-%d on GPU(s) %s, NCCL_HOSTID=%s, NCCL_NET_PLUGIN=%s, timeout %lld ms\n",
+      w.node, w.nodes, w.ranks.front(), w.ranks.back(), devices.c_str(), hostid ? hostid : "(unset)",
+      plugin ? plugin : "(unset)", static_cast<long long>(w.timeout_ms));
 
   // The unique id: node 0 makes it and renames it into place; the others wait for the file.
   ncclUniqueId id{};
@@ -338,7 +353,8 @@ int child_main(int argc, char** argv) {
     std::printf("[gin child] rank %d: %d ranks per node (NCCL's load/store domain), %d nodes, transport %s\n",
                 w.ranks[l], w.groups[l]->ranks_per_node(), w.groups[l]->num_nodes(), w.groups[l]->transport().c_str());
 
-  if (!filter_given) gtest_args.push_back(w.expect_gin ? "--gtest_filter=-GinUnavailable.*" : "--gtest_filter=GinUnavailable.*");
+  if (!filter_given)
+    gtest_args.push_back(w.expect_gin ? "--gtest_filter=-GinUnavailable.*" : "--gtest_filter=GinUnavailable.*");
   std::vector<char*> gargv;
   for (auto& a : gtest_args) gargv.push_back(a.data());
   int gargc = static_cast<int>(gargv.size());

@@ -16,12 +16,12 @@ namespace epcomm::gin_test {
 
 struct GinWorld {
   int node = 0, nodes = 1, ranks_per_node = 1, num_ranks = 1;
-  uint64_t seed = 0;           // the same in every process: every case's inputs derive from it
-  bool expect_gin = true;      // a net plugin was named (else the GinUnavailable cases run)
-  bool shared_gpus = false;    // fake nodes share GPUs (kernels of different processes time-slice)
-  int64_t timeout_ms = 30000;  // EPCOMM_TIMEOUT_MS, as the parent set it
-  std::vector<int> ranks, devices;                // this process's ranks and their GPUs
-  std::vector<std::shared_ptr<Group>> groups;     // one NCCL group per local rank
+  uint64_t seed = 0;                           // the same in every process: every case's inputs derive from it
+  bool expect_gin = true;                      // a net plugin was named (else the GinUnavailable cases run)
+  bool shared_gpus = false;                    // fake nodes share GPUs (kernels of different processes time-slice)
+  int64_t timeout_ms = 30000;                  // EPCOMM_TIMEOUT_MS, as the parent set it
+  std::vector<int> ranks, devices;             // this process's ranks and their GPUs
+  std::vector<std::shared_ptr<Group>> groups;  // one NCCL group per local rank
 };
 GinWorld& world();
 
