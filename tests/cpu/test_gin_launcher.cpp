@@ -1,6 +1,6 @@
-// The process launcher of epcomm_gin_tests and epcomm-bench --fake-nodes (tests/common/process_launcher.*), with plain shells as children:
-// exit codes, each child's own environment and log, and the watchdog that kills children that
-// hang (after the deadline, or a grace period after another child failed) and names them.
+// The process launcher of epcomm_gin_tests and epcomm-bench --fake-nodes (tests/common/process_launcher.*), with plain
+// shells as children: exit codes, each child's own environment and log, and the watchdog that kills children that hang
+// (after the deadline, or a grace period after another child failed) and names them.
 #include <gtest/gtest.h>
 
 #include <stdlib.h>

@@ -42,7 +42,8 @@ using Clock = std::chrono::steady_clock;
 [[noreturn]] void usage(const std::string& why) {
   fprintf(stderr,
           "epcomm-gin-probe: %s\nusage: epcomm-gin-probe [--procs P] [--ranks-per-proc R] [--device-of-rank d0,d1,...] "
-          "[--rounds N (1..%d)] [--bytes B] [--timeout S] [--kernel-timeout S] [--wait-ms MS] [--plugin PATH] [--put-value]\n",
+          "[--rounds N (1..%d)] [--bytes B] [--timeout S] [--kernel-timeout S] [--wait-ms MS] [--plugin PATH] "
+          "[--put-value]\n",
           why.c_str(), kMaxRounds);
   exit(2);
 }
@@ -119,8 +120,10 @@ std::string default_plugin() {
 int run_launcher(const Options& o, char** argv) {
   const std::string plugin = o.plugin.empty() ? default_plugin() : o.plugin;
   if (plugin.find('/') != std::string::npos && access(plugin.c_str(), R_OK) != 0) {
-    say(-1, "FAIL: the loopback plugin %s is not readable (%s); build the target nccl-net-epcomm-loopback or pass "
-            "--plugin", plugin.c_str(), strerror(errno));
+    say(-1,
+        "FAIL: the loopback plugin %s is not readable (%s); build the target nccl-net-epcomm-loopback or pass "
+        "--plugin",
+        plugin.c_str(), strerror(errno));
     return 1;
   }
   char dir[] = "/tmp/epcomm-gin-probe-XXXXXX";

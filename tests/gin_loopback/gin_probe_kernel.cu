@@ -13,10 +13,14 @@ __device__ unsigned long long now_ns() {
 __device__ uint64_t expected_value(int kind, int round) {
   const uint64_t k = uint64_t(round);
   switch (kind) {
-    case kData: return (k + 1) * (k + 2) / 2;
-    case kInc: return k + 1;
-    case kZero: return 2 * (k + 1);
-    default: return k + 1;
+    case kData:
+      return (k + 1) * (k + 2) / 2;
+    case kInc:
+      return k + 1;
+    case kZero:
+      return 2 * (k + 1);
+    default:
+      return k + 1;
   }
 }
 
@@ -60,8 +64,8 @@ __device__ bool wait_signals(const ncclGin& gin, const ProbeParams& p, int kind,
 
 }  // namespace
 
-__global__ void __launch_bounds__(kThreads) probe_kernel(ncclDevComm comm, ncclWindow_t window, ProbeParams p,
-                                                         ProbeResult* result) {
+__global__ void __launch_bounds__(kThreads)
+    probe_kernel(ncclDevComm comm, ncclWindow_t window, ProbeParams p, ProbeResult* result) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
@@ -76,7 +80,8 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(ncclDevComm comm, ncclW
     if (k > 0 && !wait_signals(gin, p, kAck, k - 1, false, result, &failed)) return;
     for (int dst = 0; dst < n; ++dst) {
       if (dst == me) continue;
-      for (size_t i = threadIdx.x; i < bytes; i += blockDim.x) local[send_offset(p, dst) + i] = pattern(p.context, k, me, dst, i);
+      for (size_t i = threadIdx.x; i < bytes; i += blockDim.x)
+        local[send_offset(p, dst) + i] = pattern(p.context, k, me, dst, i);
     }
     // The proxy reads the source with a copy from the host side: every thread's stores must be
     // visible at system scope before thread 0 posts the puts.

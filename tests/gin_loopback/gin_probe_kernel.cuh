@@ -25,21 +25,21 @@ constexpr int kMaxRounds = 16;
 enum SignalKind : int { kData = 0, kInc = 1, kZero = 2, kAck = 3, kKinds = 4 };
 
 struct ProbeParams {
-  int context;                       // the GIN context this launch uses (each has its own signals)
+  int context;  // the GIN context this launch uses (each has its own signals)
   int rounds;
-  size_t slot;                       // bytes per peer slot; the window holds 2 x nRanks slots
-  size_t round_bytes[kMaxRounds];    // bytes put to each peer in round k (0 allowed)
-  unsigned long long wait_ns;        // bound on each signal wait
-  int put_value;                     // also an inline putValue per peer and round (Options::put_value)
+  size_t slot;                     // bytes per peer slot; the window holds 2 x nRanks slots
+  size_t round_bytes[kMaxRounds];  // bytes put to each peer in round k (0 allowed)
+  unsigned long long wait_ns;      // bound on each signal wait
+  int put_value;                   // also an inline putValue per peer and round (Options::put_value)
 };
 
 enum ProbeStatus : int { kOk = 0, kTimeout = 1, kBadSignal = 2, kBadData = 3, kBadValue = 4 };
 
 struct ProbeResult {
   int status;
-  int round, peer, kind;             // where the first failure was seen
-  unsigned long long seen, expected; // signal values at that failure
-  unsigned long long mismatches;     // bytes that differ, all rounds
+  int round, peer, kind;              // where the first failure was seen
+  unsigned long long seen, expected;  // signal values at that failure
+  unsigned long long mismatches;      // bytes that differ, all rounds
   unsigned long long first_bad_offset;
   int first_bad_got, first_bad_want;
   int rounds_done;
@@ -47,8 +47,8 @@ struct ProbeResult {
 
 // The byte at `offset` of what rank `src` puts to rank `dst` in `round` of `context`.
 __host__ __device__ inline uint8_t pattern(int context, int round, int src, int dst, size_t offset) {
-  uint64_t x = (uint64_t(context) << 56) ^ (uint64_t(round) << 48) ^ (uint64_t(src) << 36) ^
-               (uint64_t(dst) << 24) ^ (offset * 0x9e3779b97f4a7c15ull);
+  uint64_t x = (uint64_t(context) << 56) ^ (uint64_t(round) << 48) ^ (uint64_t(src) << 36) ^ (uint64_t(dst) << 24) ^
+               (offset * 0x9e3779b97f4a7c15ull);
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return uint8_t(x ^ (x >> 31));

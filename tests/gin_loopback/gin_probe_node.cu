@@ -75,8 +75,8 @@ bool wait_stream(Rank& rk, cudaStream_t stream, ncclComm_t comm, int timeout_s) 
     if (ncclCommGetAsyncError(comm, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress)
       return nccl_ok(async, rk, comm);
     if (Clock::now() >= deadline) {
-      say(rk.rank, "FAIL in %s: not finished after %d s (--kernel-timeout); the GPU work is still running", rk.phase.load(),
-          timeout_s);
+      say(rk.rank, "FAIL in %s: not finished after %d s (--kernel-timeout); the GPU work is still running",
+          rk.phase.load(), timeout_s);
       return false;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -233,7 +233,8 @@ bool run_rank(Node& node, Rank& rk) {
     return false;
   }
   say(rk.rank, "%d GIN contexts x %d rounds: every put, signal and byte as expected (puts of %zu..%zu bytes)",
-      int(dev.ginContextCount), params.rounds, *std::min_element(params.round_bytes, params.round_bytes + params.rounds),
+      int(dev.ginContextCount), params.rounds,
+      *std::min_element(params.round_bytes, params.round_bytes + params.rounds),
       *std::max_element(params.round_bytes, params.round_bytes + params.rounds));
 
   rk.phase = "teardown";
@@ -273,9 +274,10 @@ int run_node(const Options& o) {
     }
     for (const auto& other : ranks) {
       if (other->device == rk->device) {
-        say(rk->rank, "FAIL: ranks %d and %d of one process (one node) share GPU %d; NCCL refuses a duplicate GPU "
-                      "within a node: give them distinct devices or use --ranks-per-proc 1", other->rank, rk->rank,
-            rk->device);
+        say(rk->rank,
+            "FAIL: ranks %d and %d of one process (one node) share GPU %d; NCCL refuses a duplicate GPU "
+            "within a node: give them distinct devices or use --ranks-per-proc 1",
+            other->rank, rk->rank, rk->device);
         return 1;
       }
     }
@@ -303,7 +305,8 @@ int run_node(const Options& o) {
   std::unique_lock<std::mutex> lock(node.mutex);
   node.changed.wait_until(lock, deadline, [&] { return count(0) == 0 || count(-1) > 0; });
   if (count(-1) > 0 && count(0) > 0)
-    node.changed.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::seconds(3)), [&] { return count(0) == 0; });
+    node.changed.wait_until(lock, std::min(deadline, Clock::now() + std::chrono::seconds(3)),
+                            [&] { return count(0) == 0; });
   if (count(0) > 0) {
     for (const auto& r : ranks)
       if (r->outcome == 0) say(r->rank, "FAIL: still in %s when node %d gave up", r->phase.load(), k);

@@ -5,13 +5,13 @@
 
 #include "loopback_socket.h"
 
-#define LB_CUDACHECK(expr, what)                                                           \
-  do {                                                                                     \
-    cudaError_t lb_err_ = (expr);                                                          \
-    if (lb_err_ != cudaSuccess) {                                                          \
+#define LB_CUDACHECK(expr, what)                                                            \
+  do {                                                                                      \
+    cudaError_t lb_err_ = (expr);                                                           \
+    if (lb_err_ != cudaSuccess) {                                                           \
       LB_WARN("loopback gin: %s: %s failed: %s", what, #expr, cudaGetErrorString(lb_err_)); \
-      return ncclUnhandledCudaError;                                                       \
-    }                                                                                      \
+      return ncclUnhandledCudaError;                                                        \
+    }                                                                                       \
   } while (0)
 
 namespace epcomm::loopback {

@@ -1,6 +1,7 @@
 // The GIN half of the loopback plugin (loopback_gin.h describes the protocol).
 #include "loopback_gin.h"
 
+#include <cstdlib>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -49,15 +50,16 @@ struct Registration {
 struct Peer {
   int fd = -1;
   bool closed = false;
+  bool dead = false;  // closed with work in flight, under EPCOMM_LOOPBACK_DEAD_PEERS=1 (puts to it dropped)
   std::deque<std::vector<char>> out;  // whole messages, the front one partly written
   size_t out_done = 0;
   Wire in{};
   size_t in_header_got = 0;
   std::vector<char> in_bytes;
   size_t in_bytes_got = 0;
-  uint64_t next_seq = 1;      // the next put to this peer
-  uint64_t acked = 0;         // the last put acknowledged by this peer
-  uint64_t received = 0;      // the last put received from this peer
+  uint64_t next_seq = 1;  // the next put to this peer
+  uint64_t acked = 0;     // the last put acknowledged by this peer
+  uint64_t received = 0;  // the last put received from this peer
 };
 
 struct Request {
@@ -79,11 +81,36 @@ struct CollComm {
   ncclResult_t error = ncclSuccess;
 };
 
+// EPCOMM_LOOPBACK_DEAD_PEERS=1: a peer that closes its connection with work in flight has died (a
+// process killed with SIGKILL); its puts are dropped and count as done, and the other peers go on, as
+// a network's queue pairs to other nodes do. Default: that is an error of the whole communicator
+// (which catches a rank tearing down before its peers had its puts).
+bool dead_peers_allowed() {
+  static const bool allowed = [] {
+    const char* v = getenv("EPCOMM_LOOPBACK_DEAD_PEERS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return allowed;
+}
+
+// Marks `peer` dead: nothing more goes to it, every put to it counts as done.
+void bury(CollComm* c, int peer, const char* when) {
+  Peer& p = c->peers[peer];
+  if (!p.dead)
+    LB_WARN("loopback gin: rank %d: rank %d closed its connection %s; it is dead (EPCOMM_LOOPBACK_DEAD_PEERS=1): "
+            "puts to it are dropped",
+            c->rank, peer, when);
+  p.dead = p.closed = true;
+  p.out.clear();
+  p.out_done = 0;
+  p.acked = p.next_seq - 1;
+}
+
 ncclResult_t sticky(CollComm* c, ncclResult_t res) {
   if (res != ncclSuccess && c->error == ncclSuccess) {
     c->error = res;
-    LB_WARN("loopback gin: rank %d: this GIN communicator has failed (error %d); every later call reports it",
-            c->rank, int(res));
+    LB_WARN("loopback gin: rank %d: this GIN communicator has failed (error %d); every later call reports it", c->rank,
+            int(res));
   }
   return res;
 }
@@ -100,7 +127,9 @@ Registration* lookup(CollComm* c, uint32_t index, uint64_t offset, uint64_t byte
   if (!r || !r->live || offset > r->size || bytes > r->size - offset) {
     LB_WARN("loopback gin: rank %d: %s from rank %d names registration %u [%llu, +%llu), which is %s", c->rank, what,
             from, index, static_cast<unsigned long long>(offset), static_cast<unsigned long long>(bytes),
-            !r ? "unknown" : !r->live ? "deregistered" : "out of range");
+            !r         ? "unknown"
+            : !r->live ? "deregistered"
+                       : "out of range");
     return nullptr;
   }
   return r;
@@ -126,7 +155,8 @@ ncclResult_t apply_put(CollComm* c, const Wire& w, const char* bytes, int from) 
     }
   }
   if (w.signal_index == kNone) return ncclSuccess;
-  if (w.signal_offset % sizeof(uint64_t) != 0 || (w.signal_op != abi::kSignalOpInc && w.signal_op != abi::kSignalOpAdd)) {
+  if (w.signal_offset % sizeof(uint64_t) != 0 ||
+      (w.signal_op != abi::kSignalOpInc && w.signal_op != abi::kSignalOpAdd)) {
     LB_WARN("loopback gin: rank %d: a signal from rank %d with offset %llu and op %u (want 8-byte aligned, INC or ADD)",
             c->rank, from, static_cast<unsigned long long>(w.signal_offset), w.signal_op);
     return ncclInternalError;
@@ -158,6 +188,10 @@ ncclResult_t flush_out(CollComm* c, int peer) {
       // A peer that has closed needs no more acknowledgements; a put it will never see is an error.
       for (const auto& queued : p.out) {
         if (reinterpret_cast<const Wire*>(queued.data())->kind == kKindPut) {
+          if (dead_peers_allowed()) {
+            bury(c, peer, "with puts still to send");
+            return ncclSuccess;
+          }
           LB_WARN("loopback gin: rank %d: rank %d closed its connection with puts still to send", c->rank, peer);
           return ncclSystemError;
         }
@@ -208,8 +242,8 @@ ncclResult_t read_in(CollComm* c, int peer) {
     bool closed = false;
     const bool in_header = p.in_header_got < sizeof(Wire);
     if (in_header) {
-      LB_CHECK(recv_some(p.fd, reinterpret_cast<char*>(&p.in) + p.in_header_got, sizeof(Wire) - p.in_header_got,
-                         &moved, &closed));
+      LB_CHECK(recv_some(p.fd, reinterpret_cast<char*>(&p.in) + p.in_header_got, sizeof(Wire) - p.in_header_got, &moved,
+                         &closed));
       p.in_header_got += moved;
       if (p.in_header_got == sizeof(Wire)) {
         if (p.in.kind != kKindPut && p.in.kind != kKindAck) {
@@ -220,12 +254,16 @@ ncclResult_t read_in(CollComm* c, int peer) {
         p.in_bytes_got = 0;
       }
     } else {
-      LB_CHECK(recv_some(p.fd, p.in_bytes.data() + p.in_bytes_got, p.in_bytes.size() - p.in_bytes_got, &moved,
-                         &closed));
+      LB_CHECK(
+          recv_some(p.fd, p.in_bytes.data() + p.in_bytes_got, p.in_bytes.size() - p.in_bytes_got, &moved, &closed));
       p.in_bytes_got += moved;
     }
     if (closed) {
       const bool waiting = p.in_header_got > 0 || p.acked + 1 < p.next_seq;
+      if (waiting && dead_peers_allowed()) {
+        bury(c, peer, "with puts unacknowledged");
+        return ncclSuccess;
+      }
       if (waiting) {
         LB_WARN("loopback gin: rank %d: rank %d closed its connection with %llu puts unacknowledged%s", c->rank, peer,
                 static_cast<unsigned long long>(p.next_seq - 1 - p.acked),
@@ -262,9 +300,9 @@ Registration* own_registration(CollComm* c, const void* handle) {
   return nullptr;
 }
 
-ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off, void* dst_mhandle,
-                  uint32_t rank, uint64_t signal_off, void* signal_mhandle, uint64_t signal_value, uint32_t signal_op,
-                  void** request) {
+ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off,
+                         void* dst_mhandle, uint32_t rank, uint64_t signal_off, void* signal_mhandle,
+                         uint64_t signal_value, uint32_t signal_op, void** request) {
   *request = nullptr;
   if (rank >= static_cast<uint32_t>(c->nranks)) {
     LB_WARN("loopback gin: rank %d: a put to rank %u of %d", c->rank, rank, c->nranks);
@@ -282,13 +320,19 @@ ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_
     Registration* src = own_registration(c, src_mhandle);
     Registration* dst = own_registration(c, dst_mhandle);
     if (!src || !dst || !src->live || !dst->live || src_off > src->size || size > src->size - src_off) {
-      LB_WARN("loopback gin: rank %d: a put of %zu bytes to rank %u with a missing, deregistered or too small source "
-              "or destination registration: src %p (%s, offset %llu, %zu bytes registered), dst %p (%s, offset %llu); "
-              "this context holds %zu registrations",
-              c->rank, size, rank, src_mhandle, !src ? "not this context's" : src->live ? "live" : "deregistered",
-              static_cast<unsigned long long>(src_off), src ? src->size : 0, dst_mhandle,
-              !dst ? "not this context's" : dst->live ? "live" : "deregistered", static_cast<unsigned long long>(dst_off),
-              c->regs.size());
+      LB_WARN(
+          "loopback gin: rank %d: a put of %zu bytes to rank %u with a missing, deregistered or too small source "
+          "or destination registration: src %p (%s, offset %llu, %zu bytes registered), dst %p (%s, offset %llu); "
+          "this context holds %zu registrations",
+          c->rank, size, rank, src_mhandle,
+          !src        ? "not this context's"
+          : src->live ? "live"
+                      : "deregistered",
+          static_cast<unsigned long long>(src_off), src ? src->size : 0, dst_mhandle,
+          !dst        ? "not this context's"
+          : dst->live ? "live"
+                      : "deregistered",
+          static_cast<unsigned long long>(dst_off), c->regs.size());
       return ncclInvalidArgument;
     }
     w.dst_index = dst->index;
@@ -313,6 +357,11 @@ ncclResult_t post_locked(CollComm* c, uint64_t src_off, void* src_mhandle, size_
     return ncclSuccess;
   }
   Peer& p = c->peers[rank];
+  if (p.dead || (p.closed && dead_peers_allowed())) {  // dropped: done at once
+    bury(c, static_cast<int>(rank), "before this put");
+    *request = new Request{rank, 0};
+    return ncclSuccess;
+  }
   if (p.closed) {
     LB_WARN("loopback gin: rank %d: a put to rank %u, which has closed its connection", c->rank, rank);
     return ncclSystemError;
@@ -483,8 +532,8 @@ ncclResult_t close_listen(void* listen_comm) {
 
 ncclResult_t iput(void* coll_comm, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off,
                   void* dst_mhandle, uint32_t rank, void** request) {
-  return post(static_cast<CollComm*>(coll_comm), src_off, src_mhandle, size, dst_off, dst_mhandle, rank, 0, nullptr,
-              0, 0, request);
+  return post(static_cast<CollComm*>(coll_comm), src_off, src_mhandle, size, dst_off, dst_mhandle, rank, 0, nullptr, 0,
+              0, request);
 }
 
 ncclResult_t iput_signal(void* coll_comm, uint64_t src_off, void* src_mhandle, size_t size, uint64_t dst_off,

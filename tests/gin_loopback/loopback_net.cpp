@@ -54,8 +54,8 @@ struct Request {
   bool in_use = false;
   bool done = false;
   char* data = nullptr;
-  size_t size = 0;          // send: the message size; receive: the posted capacity
-  uint64_t wire_size = 0;   // the length on the wire (send: = size; receive: read from the header)
+  size_t size = 0;         // send: the message size; receive: the posted capacity
+  uint64_t wire_size = 0;  // the length on the wire (send: = size; receive: read from the header)
   size_t header_done = 0;
   size_t data_done = 0;
 };
@@ -261,8 +261,8 @@ ncclResult_t accept(void* listen_comm, void** recv_comm, abi::NetDeviceHandle**)
   LB_CHECK(recv_some(l->pending_fd, reinterpret_cast<char*>(&l->hello) + l->hello_got, sizeof(l->hello) - l->hello_got,
                      &moved, &closed));
   l->hello_got += moved;
-  if (closed || (l->hello_got == sizeof(l->hello) &&
-                 (l->hello.magic != kHelloMagic || l->hello.nonce != l->endpoint.nonce))) {
+  if (closed ||
+      (l->hello_got == sizeof(l->hello) && (l->hello.magic != kHelloMagic || l->hello.nonce != l->endpoint.nonce))) {
     LB_WARN("loopback net: refused a connection on port %u (%s)", l->endpoint.port,
             closed ? "closed during the handshake" : "not for this listener: wrong magic or nonce");
     close_fd(&l->pending_fd);

@@ -15,6 +15,9 @@
 //   NCCL_GIN_TYPE=2                     optional: NCCL checks the GIN type it gets against it
 //   NCCL_HOSTID=<distinct per process>  makes each process its own node (nNodes > 1)
 //   EPCOMM_LOOPBACK_TIMEOUT_MS          the bound on every wait in the plugin (default 120000)
+//   EPCOMM_LOOPBACK_DEAD_PEERS=1        a peer that closes with work in flight has died: its puts are
+//                                       dropped and the others go on (process-death tests); default:
+//                                       an error of the whole GIN communicator
 // NCCL's GIN is used only when its net plugin carries a GIN table: the external plugin comes
 // first in NCCL's list, and the GIN table is taken from the same library as the net.
 #include "loopback_gin.h"

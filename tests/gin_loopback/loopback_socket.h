@@ -23,12 +23,12 @@ void log_message(abi::LogLevel level, const char* file, int line, const char* fm
 #define LB_INFO(...) ::epcomm::loopback::log_message(::epcomm::loopback::abi::kLogInfo, __FILE__, __LINE__, __VA_ARGS__)
 
 // A failed system call becomes a WARN naming the call and errno, and ncclSystemError.
-#define LB_SYSCHECK(expr, what)                                                 \
-  do {                                                                          \
-    if ((expr) < 0) {                                                           \
-      LB_WARN("loopback: %s failed: %s (%s)", what, strerror(errno), #expr);    \
-      return ncclSystemError;                                                   \
-    }                                                                           \
+#define LB_SYSCHECK(expr, what)                                              \
+  do {                                                                       \
+    if ((expr) < 0) {                                                        \
+      LB_WARN("loopback: %s failed: %s (%s)", what, strerror(errno), #expr); \
+      return ncclSystemError;                                                \
+    }                                                                        \
   } while (0)
 
 #define LB_CHECK(expr)                          \
@@ -54,7 +54,7 @@ class Deadline {
 // Where a listening socket can be reached; the start of every handle the plugin hands to NCCL.
 struct Endpoint {
   uint32_t magic;
-  uint16_t port;   // network byte order is not needed: one host
+  uint16_t port;  // network byte order is not needed: one host
   uint16_t pad;
   uint64_t nonce;  // random per listen: a connection to a port reused by another listener is refused
 };

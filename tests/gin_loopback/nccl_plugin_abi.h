@@ -24,16 +24,16 @@
 namespace epcomm::loopback::abi {
 
 // src/include/plugin/nccl_net.h
-constexpr int kNetHandleMaxSize = 128;               // NCCL_NET_HANDLE_MAXSIZE
-constexpr int kPtrHost = 0x1;                        // NCCL_PTR_HOST
-constexpr int kPtrCuda = 0x2;                        // NCCL_PTR_CUDA
-constexpr int kPtrDmaBuf = 0x4;                      // NCCL_PTR_DMABUF
-constexpr uint32_t kSignalOpInc = 0x1;               // NCCL_NET_SIGNAL_OP_INC
-constexpr uint32_t kSignalOpAdd = 0x2;               // NCCL_NET_SIGNAL_OP_ADD
-constexpr int kNetMaxRequests = 32;                  // NCCL_NET_MAX_REQUESTS (per comm object)
-constexpr int kNetMaxDevsPerNic = 4;                 // NCCL_NET_MAX_DEVS_PER_NIC
-constexpr size_t kMaxNetSizeBytes = 1ull << 40;      // NCCL_MAX_NET_SIZE_BYTES
-constexpr uintptr_t kOptionalRecvCompletion = 0x1;   // NCCL_NET_OPTIONAL_RECV_COMPLETION
+constexpr int kNetHandleMaxSize = 128;              // NCCL_NET_HANDLE_MAXSIZE
+constexpr int kPtrHost = 0x1;                       // NCCL_PTR_HOST
+constexpr int kPtrCuda = 0x2;                       // NCCL_PTR_CUDA
+constexpr int kPtrDmaBuf = 0x4;                     // NCCL_PTR_DMABUF
+constexpr uint32_t kSignalOpInc = 0x1;              // NCCL_NET_SIGNAL_OP_INC
+constexpr uint32_t kSignalOpAdd = 0x2;              // NCCL_NET_SIGNAL_OP_ADD
+constexpr int kNetMaxRequests = 32;                 // NCCL_NET_MAX_REQUESTS (per comm object)
+constexpr int kNetMaxDevsPerNic = 4;                // NCCL_NET_MAX_DEVS_PER_NIC
+constexpr size_t kMaxNetSizeBytes = 1ull << 40;     // NCCL_MAX_NET_SIZE_BYTES
+constexpr uintptr_t kOptionalRecvCompletion = 0x1;  // NCCL_NET_OPTIONAL_RECV_COMPLETION
 
 // src/include/nccl_device/net_device.h (a C enum: int-sized)
 enum NetDeviceType : int {
@@ -138,7 +138,8 @@ struct Gin {  // ncclGin_v11_t: the slot order is the ABI
   ncclResult_t (*getProperties)(int dev, NetProperties* props);
   ncclResult_t (*listen)(void* ctx, int dev, void* handle, void** listenComm);
   ncclResult_t (*connect)(void* ctx, void* handles[], int nranks, int rank, void* listenComm, void** collComm);
-  ncclResult_t (*createContext)(void* collComm, int nSignals, int nCounters, void** ginCtx, NetDeviceHandle** devHandle);
+  ncclResult_t (*createContext)(void* collComm, int nSignals, int nCounters, void** ginCtx,
+                                NetDeviceHandle** devHandle);
   ncclResult_t (*regMrSym)(void* collComm, void* data, size_t size, int type, uint64_t mrFlags, void** mhandle,
                            void** ginHandle);
   ncclResult_t (*regMrSymDmaBuf)(void* collComm, void* data, size_t size, int type, uint64_t offset, int fd,

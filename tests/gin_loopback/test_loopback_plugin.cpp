@@ -62,14 +62,14 @@ uint8_t pattern(int sender, int index, size_t i) {
   return static_cast<uint8_t>(x ^ (x >> 33));
 }
 
-#define CHILD_CHECK(cond, ...)                                  \
-  do {                                                          \
-    if (!(cond)) {                                              \
+#define CHILD_CHECK(cond, ...)                                       \
+  do {                                                               \
+    if (!(cond)) {                                                   \
       fprintf(stderr, "[child %d] %s:%d: ", me, __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fprintf(stderr, "\n");                                    \
-      return false;                                             \
-    }                                                           \
+      fprintf(stderr, __VA_ARGS__);                                  \
+      fprintf(stderr, "\n");                                         \
+      return false;                                                  \
+    }                                                                \
   } while (0)
 
 // Runs body(index, handles) in n forked processes. Each child first publishes one 128-byte handle
@@ -369,7 +369,8 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
     const size_t recv_base = kRanks * kSlot, plain_base = 2 * kRanks * kSlot, plain_in = plain_base + kRanks * kPlain;
     void *sig_mh, *sig_gh, *win_mh, *win_gh;
     CHILD_CHECK(p.gin->regMrSym(coll, signals.data(), signals.size() * 8, abi::kPtrHost, 0, &sig_mh, &sig_gh) ==
-                    ncclSuccess, "regMrSym signals");
+                    ncclSuccess,
+                "regMrSym signals");
     CHILD_CHECK(p.gin->regMrSym(coll, window.data(), window.size(), abi::kPtrHost, 0, &win_mh, &win_gh) == ncclSuccess,
                 "regMrSym window");
     CHILD_CHECK(sig_mh == sig_gh && win_mh == win_gh, "mhandle and ginHandle differ");
@@ -394,11 +395,13 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
     uint64_t data_sum = 0;
     for (int k = 0; k < kRounds; ++k) {
       std::vector<void*> requests;
-      CHILD_CHECK(drive(requests, [&] {
-        for (int r = 0; r < kRanks; ++r)
-          if (r != me && signal(3, r) < static_cast<uint64_t>(k)) return false;
-        return true;
-      }), "round %d: peers' acknowledgements of round %d", k, k - 1);
+      CHILD_CHECK(drive(requests,
+                        [&] {
+                          for (int r = 0; r < kRanks; ++r)
+                            if (r != me && signal(3, r) < static_cast<uint64_t>(k)) return false;
+                          return true;
+                        }),
+                  "round %d: peers' acknowledgements of round %d", k, k - 1);
       const size_t bytes = round_bytes[k];
       for (int dst = 0; dst < kRanks; ++dst) {
         for (size_t b = 0; b < kSlot; ++b) window[dst * kSlot + b] = pattern(me, k * 16 + dst, b);
@@ -407,28 +410,35 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
       for (int dst = 0; dst < kRanks; ++dst) {
         void* r[4] = {};
         CHILD_CHECK(p.gin->iput(coll, plain_base + dst * kPlain, win_mh, kPlain, plain_in + me * kPlain, win_mh, dst,
-                                &r[0]) == ncclSuccess, "iput");
+                                &r[0]) == ncclSuccess,
+                    "iput");
         CHILD_CHECK(p.gin->iputSignal(coll, dst * kSlot, win_mh, bytes, recv_base + me * kSlot, win_mh, dst, 8 * me,
-                                      sig_gh, k + 1, abi::kSignalOpAdd, &r[1]) == ncclSuccess, "iputSignal data");
+                                      sig_gh, k + 1, abi::kSignalOpAdd, &r[1]) == ncclSuccess,
+                    "iputSignal data");
         CHILD_CHECK(p.gin->iputSignal(coll, 0, nullptr, 0, 0, nullptr, dst, 8 * (kRanks + me), sig_gh, 0,
-                                      abi::kSignalOpInc, &r[2]) == ncclSuccess, "iputSignal INC, signal only");
+                                      abi::kSignalOpInc, &r[2]) == ncclSuccess,
+                    "iputSignal INC, signal only");
         CHILD_CHECK(p.gin->iputSignal(coll, 0, win_mh, 0, 0, win_mh, dst, 8 * (2 * kRanks + me), sig_gh, 2,
-                                      abi::kSignalOpAdd, &r[3]) == ncclSuccess, "iputSignal size 0");
+                                      abi::kSignalOpAdd, &r[3]) == ncclSuccess,
+                    "iputSignal size 0");
         for (void* x : r) CHILD_CHECK(x, "a null request");
         requests.insert(requests.end(), r, r + 4);
       }
       data_sum += k + 1;
-      CHILD_CHECK(drive(requests, [&] {
-        for (int r = 0; r < kRanks; ++r)
-          if (signal(0, r) < data_sum || signal(1, r) < uint64_t(k + 1) || signal(2, r) < uint64_t(2 * (k + 1)))
-            return false;
-        return true;
-      }), "round %d: puts and signals", k);
+      CHILD_CHECK(drive(requests,
+                        [&] {
+                          for (int r = 0; r < kRanks; ++r)
+                            if (signal(0, r) < data_sum || signal(1, r) < uint64_t(k + 1) ||
+                                signal(2, r) < uint64_t(2 * (k + 1)))
+                              return false;
+                          return true;
+                        }),
+                  "round %d: puts and signals", k);
       for (int src = 0; src < kRanks; ++src) {
         CHILD_CHECK(signal(0, src) == data_sum && signal(1, src) == uint64_t(k + 1) &&
-                    signal(2, src) == uint64_t(2 * (k + 1)), "round %d: signals from %d are %llu %llu %llu", k, src,
-                    (unsigned long long)signal(0, src), (unsigned long long)signal(1, src),
-                    (unsigned long long)signal(2, src));
+                        signal(2, src) == uint64_t(2 * (k + 1)),
+                    "round %d: signals from %d are %llu %llu %llu", k, src, (unsigned long long)signal(0, src),
+                    (unsigned long long)signal(1, src), (unsigned long long)signal(2, src));
         for (size_t b = 0; b < bytes; ++b)
           CHILD_CHECK(window[recv_base + src * kSlot + b] == pattern(src, k * 16 + me, b),
                       "round %d: byte %zu from rank %d differs", k, b, src);
@@ -441,17 +451,21 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
         if (dst == me) continue;
         void* r = nullptr;
         CHILD_CHECK(p.gin->iputSignal(coll, 0, nullptr, 0, 0, nullptr, dst, 8 * (3 * kRanks + me), sig_gh, 1,
-                                      abi::kSignalOpAdd, &r) == ncclSuccess && r, "acknowledgement");
+                                      abi::kSignalOpAdd, &r) == ncclSuccess &&
+                        r,
+                    "acknowledgement");
         acks.push_back(r);
       }
       CHILD_CHECK(drive(acks, [] { return true; }), "round %d: acknowledgements", k);
     }
     std::vector<void*> none;
-    CHILD_CHECK(drive(none, [&] {
-      for (int r = 0; r < kRanks; ++r)
-        if (r != me && signal(3, r) < static_cast<uint64_t>(kRounds)) return false;
-      return true;
-    }), "final acknowledgements");
+    CHILD_CHECK(drive(none,
+                      [&] {
+                        for (int r = 0; r < kRanks; ++r)
+                          if (r != me && signal(3, r) < static_cast<uint64_t>(kRounds)) return false;
+                        return true;
+                      }),
+                "final acknowledgements");
     CHILD_CHECK(p.gin->deregMrSym(coll, win_mh) == ncclSuccess && p.gin->deregMrSym(coll, sig_mh) == ncclSuccess,
                 "deregMrSym");
     CHILD_CHECK(p.gin->closeColl(coll) == ncclSuccess && p.gin->finalize(s->ctx) == ncclSuccess, "closeColl");
@@ -500,6 +514,71 @@ TEST(LoopbackPlugin, GinPeerClosingWithAPutInFlightIsAnErrorThatSticks) {
     return p.gin->closeColl(coll) == ncclSuccess;
   };
   run_processes(2, make_handle, body);
+}
+
+// EPCOMM_LOOPBACK_DEAD_PEERS=1 (the process-death tests): rank 2 goes away with a put to it in
+// flight; rank 0's puts to it count as done and are dropped, and ranks 0 and 1 still put to each
+// other, bytes checked. The variable is read once per process: only the forked children set it.
+TEST(LoopbackPlugin, GinDeadPeerModeDropsPutsToTheDeadAndTheOthersGoOn) {
+  Plugin p = load_plugin();
+  ASSERT_NE(p.gin, nullptr);
+  constexpr int kRanks = 3;
+  struct State {
+    void* ctx;
+    void* listen_comm;
+  };
+  auto make_handle = [&](int me, void* handle, void** state) {
+    setenv("EPCOMM_LOOPBACK_DEAD_PEERS", "1", 1);
+    auto* s = new State{};
+    CHILD_CHECK(p.gin->init(&s->ctx, 13, log_to_stderr) == ncclSuccess, "gin init");
+    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
+    *state = s;
+    return true;
+  };
+  auto body = [&](int me, const std::vector<char>& handles, void* state) {
+    auto* s = static_cast<State*>(state);
+    std::vector<void*> hs(kRanks);
+    for (int r = 0; r < kRanks; ++r) hs[r] = const_cast<char*>(handles.data()) + r * abi::kNetHandleMaxSize;
+    void* coll = nullptr;
+    CHILD_CHECK(p.gin->connect(s->ctx, hs.data(), kRanks, me, s->listen_comm, &coll) == ncclSuccess && coll,
+                "gin connect");
+    constexpr size_t kBytes = 1 << 12;
+    std::vector<uint8_t> window(2 * kBytes, 0);  // [0, kBytes): what this rank sends; [kBytes, 2 kBytes): received
+    for (size_t i = 0; i < kBytes; ++i) window[i] = static_cast<uint8_t>(17 * me + i);
+    void *mh = nullptr, *gh = nullptr;
+    CHILD_CHECK(p.gin->regMrSym(coll, window.data(), window.size(), abi::kPtrHost, 0, &mh, &gh) == ncclSuccess,
+                "regMrSym");
+    if (me == 2) _exit(0);  // dies: no close, no acknowledgement
+    const auto wait_done = [&](void* r, const char* what) {
+      const auto deadline = Clock::now() + std::chrono::seconds(20);
+      int done = 0;
+      while (!done && Clock::now() < deadline) CHILD_CHECK(p.gin->test(coll, r, &done) == ncclSuccess, "%s", what);
+      CHILD_CHECK(done, "%s: not done within 20 s", what);
+      return true;
+    };
+    if (me == 0) {  // a put to the dead rank, first in flight as it dies, then after
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      for (int i = 0; i < 2; ++i) {
+        void* r = nullptr;
+        CHILD_CHECK(p.gin->iput(coll, 0, mh, kBytes, kBytes, mh, 2, &r) == ncclSuccess && r, "put to the dead rank");
+        if (!wait_done(r, "put to the dead rank")) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    }
+    const int other = 1 - me;  // ranks 0 and 1 still reach each other
+    void* r = nullptr;
+    CHILD_CHECK(p.gin->iput(coll, 0, mh, kBytes, kBytes, mh, other, &r) == ncclSuccess && r, "put to the live rank");
+    if (!wait_done(r, "put to the live rank")) return false;
+    const auto deadline = Clock::now() + std::chrono::seconds(20);
+    while (window[2 * kBytes - 1] != static_cast<uint8_t>(17 * other + kBytes - 1) && Clock::now() < deadline) {
+      CHILD_CHECK(p.gin->ginProgress(coll) == ncclSuccess, "progress");
+    }
+    for (size_t i = 0; i < kBytes; ++i)
+      CHILD_CHECK(window[kBytes + i] == static_cast<uint8_t>(17 * other + i), "byte %zu from rank %d", i, other);
+    CHILD_CHECK(p.gin->deregMrSym(coll, mh) == ncclSuccess, "deregMrSym");
+    return p.gin->closeColl(coll) == ncclSuccess;
+  };
+  run_processes(kRanks, make_handle, body);
 }
 
 }  // namespace

@@ -135,6 +135,9 @@ def rank_env(base: Dict[str, str], plan: Plan, scenario: str, rank: int, port: i
                    NCCL_NET="EpcommLoopback", NCCL_GIN_TYPE="2", EPCOMM_RANKS_PER_NODE="0")
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         env.setdefault("EPCOMM_LOOPBACK_TIMEOUT_MS", "30000")  # the plugin's own waits (default 120 s)
+        # A rank that closes with puts in flight has died: the plugin drops its puts and lets the
+        # others go on, as a network's connections to other nodes do (by default a failure of all).
+        env["EPCOMM_LOOPBACK_DEAD_PEERS"] = "1"
     return env
 
 

@@ -269,7 +269,7 @@ def test_verdict_plan_and_environment():
     env = dv.rank_env({"PATH": "/bin"}, one, "construct", 1, 1234)
     for k, v in dict(RANK="1", WORLD_SIZE="3", MASTER_PORT="1234", EPCOMM_TIMEOUT_MS="10000", NCCL_NET="EpcommLoopback",
                      NCCL_GIN_TYPE="2", NCCL_NET_PLUGIN=os.path.abspath("plug.so"), NCCL_NVLS_ENABLE="0",
-                     EPCOMM_RANKS_PER_NODE="0").items():
+                     EPCOMM_RANKS_PER_NODE="0", EPCOMM_LOOPBACK_DEAD_PEERS="1").items():
         assert env[k] == v, (k, env.get(k))
     assert env["NCCL_HOSTID"] != dv.rank_env({}, one, "construct", 0, 1234)["NCCL_HOSTID"]
     distinct = dv.rank_env({}, eight, "ll-timeout", 0, 1)
