@@ -97,9 +97,10 @@ bool dead_peers_allowed() {
 void bury(CollComm* c, int peer, const char* when) {
   Peer& p = c->peers[peer];
   if (!p.dead)
-    LB_WARN("loopback gin: rank %d: rank %d closed its connection %s; it is dead (EPCOMM_LOOPBACK_DEAD_PEERS=1): "
-            "puts to it are dropped",
-            c->rank, peer, when);
+    LB_WARN(
+        "loopback gin: rank %d: rank %d closed its connection %s; it is dead (EPCOMM_LOOPBACK_DEAD_PEERS=1): "
+        "puts to it are dropped",
+        c->rank, peer, when);
   p.dead = p.closed = true;
   p.out.clear();
   p.out_done = 0;
