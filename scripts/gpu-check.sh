@@ -252,6 +252,14 @@ if [[ " $steps " == *" python "* ]]; then
   grep "^\[epcomm exit\]" "$out/python-exit.log"; tail -3 "$out/python-exit.log"
   log "python exit tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
+  log "python: pytest tests/python/test_process_death.py (a rank killed with SIGKILL; 1 GPU: 3 fake nodes)"
+  EPCOMM_TEST_NET_PLUGIN=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so} \
+    timeout ${EPCOMM_DEATH_TIMEOUT:-900} python3 -m pytest -rs -q "$root/tests/python/test_process_death.py" \
+    >"$out/python-death.log" 2>&1
+  rc=$?
+  grep -E "^\[epcomm death\]|^  rank " "$out/python-death.log" | cut -c1-600; tail -3 "$out/python-death.log"
+  log "python process-death tests rc=$rc"
+  [[ $rc -ne 0 ]] && status=1
   log "python: tests/python/test_fuzz.py (bad input for every public call, on the GPUs)"
   timeout ${EPCOMM_PYTHON_TIMEOUT:-900} python3 "$root/tests/python/test_fuzz.py" --gpu >"$out/python-fuzz.log" 2>&1
   rc=$?

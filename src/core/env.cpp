@@ -14,6 +14,11 @@ const std::vector<EnvParam>& env_params() {
       // still loading kernels or compiling (frameworks warm up unevenly) must not fail.
       {"EPCOMM_TIMEOUT_MS", 100000,
        "timeout of every GPU wait (and of the host's wait for dispatch counts), in milliseconds"},
+      // 0 keeps NCCL's own blocking ncclCommInitRank (no bound); the bounded path (non-blocking
+      // init, then a blocking split) is opt-in until it has run on more machines (BENCHMARKS.md).
+      {"EPCOMM_INIT_TIMEOUT_MS", 0,
+       "bound on making the group's NCCL communicator (Group::create_nccl, the Python Buffer), in "
+       "milliseconds; 0 = NCCL's blocking init, which waits for ever for a rank that never joins"},
       {"EPCOMM_RANKS_PER_NODE", 0,
        "ranks per node; 0 = the NVLink (LSA) domain NCCL reports. Smaller values split one machine into "
        "virtual nodes"},

@@ -1,11 +1,14 @@
 // Group over an NCCL communicator: host collectives through NCCL, symmetric memory through
 // ncclMemAlloc + a symmetric window, peers reached by LSA (NVLink load/store) pointers, and across
 // real nodes NCCL GIN (gin_context.hpp) for the ranks that are not.
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/call_check.hpp"
 #include "core/env.hpp"
+#include "epcomm/error.hpp"
 #include "epcomm/group.hpp"
 #include "transport/gin_context.hpp"
 #include "transport/nccl_lsa.hpp"
@@ -147,6 +150,82 @@ std::shared_ptr<Group> Group::from_nccl(ncclComm_t comm, int ranks_per_node) {
   return std::shared_ptr<Group>(new NcclGroup(comm, false, rank, size, device, rpn));
 }
 
+namespace {
+
+// Polls `*comm` (non-blocking) until NCCL's asynchronous state leaves ncclInProgress, at most
+// `timeout_ms`; on expiry or an error, aborts it and throws naming `what`, the rank and the group.
+// `*comm` may still be null while a split is in flight (NCCL sets it when the child is complete).
+void wait_nonblocking(ncclComm_t* comm, ncclComm_t abort_instead, int64_t timeout_ms, const char* what, int rank,
+                      int size) {
+  const auto start = std::chrono::steady_clock::now();
+  const auto where = [&] {
+    return std::string(what) + " on rank " + std::to_string(rank) + " of " + std::to_string(size);
+  };
+  for (;;) {
+    ncclResult_t state = ncclInProgress;
+    if (*comm != nullptr) {
+      EPCOMM_NCCL_CHECK(ncclCommGetAsyncError(*comm, &state));
+    } else if (abort_instead != nullptr) {
+      ncclResult_t parent = ncclSuccess;
+      EPCOMM_NCCL_CHECK(ncclCommGetAsyncError(abort_instead, &parent));
+      if (parent != ncclSuccess && parent != ncclInProgress) state = parent;
+    }
+    if (state == ncclSuccess) return;
+    ncclComm_t victim = *comm != nullptr ? *comm : abort_instead;
+    if (state != ncclInProgress) {
+      const std::string last = victim ? ncclGetLastError(victim) : "";
+      if (victim) ncclCommAbort(victim);
+      *comm = nullptr;
+      throw RuntimeFailure(where() + " failed: " + ncclGetErrorString(state) + (last.empty() ? "" : " (" + last + ")"));
+    }
+    const int64_t waited =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
+    if (waited > timeout_ms) {
+      if (victim) ncclCommAbort(victim);
+      *comm = nullptr;
+      throw TimeoutError(where() + " did not finish within " + std::to_string(timeout_ms) +
+                         " ms (EPCOMM_INIT_TIMEOUT_MS): a rank of the group never joined or died while joining; "
+                         "the communicator was aborted");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+// ncclCommInitRank waits without a bound for every rank to join, so a rank that dies before joining
+// (a process killed while the others build their Buffer) holds the others for ever. With a bound
+// (EPCOMM_INIT_TIMEOUT_MS > 0) the communicator is made non-blocking and polled; the rest of epcomm
+// calls NCCL in blocking mode, so a blocking communicator is then split off it (every rank has just
+// joined) and the non-blocking one destroyed. Returns the blocking communicator.
+ncclComm_t init_bounded(const ncclUniqueId& id, int num_ranks, int rank, int64_t timeout_ms) {
+  ncclConfig_t nonblocking = NCCL_CONFIG_INITIALIZER;
+  nonblocking.blocking = 0;
+  ncclComm_t parent = nullptr;
+  const ncclResult_t r = ncclCommInitRankConfig(&parent, num_ranks, id, rank, &nonblocking);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    if (parent) ncclCommAbort(parent);
+    EPCOMM_NCCL_CHECK(r);
+  }
+  wait_nonblocking(&parent, nullptr, timeout_ms, "ncclCommInitRank", rank, num_ranks);
+  ncclConfig_t blocking = NCCL_CONFIG_INITIALIZER;
+  blocking.blocking = 1;
+  ncclComm_t comm = nullptr;
+  const ncclResult_t s = ncclCommSplit(parent, 0, rank, &comm, &blocking);
+  if (s != ncclSuccess && s != ncclInProgress) {
+    ncclCommAbort(parent);
+    EPCOMM_NCCL_CHECK(s);
+  }
+  try {
+    wait_nonblocking(&comm, parent, timeout_ms, "ncclCommSplit (the blocking communicator)", rank, num_ranks);
+  } catch (...) {
+    if (comm == nullptr) ncclCommAbort(parent);  // aborted already when the child was the victim
+    throw;
+  }
+  ncclCommDestroy(parent);  // non-blocking: may finish in the background
+  return comm;
+}
+
+}  // namespace
+
 std::shared_ptr<Group> Group::create_nccl(const ncclUniqueId& id, int num_ranks, int rank, int device,
                                           int ranks_per_node) {
   if (num_ranks < 1 || rank < 0 || rank >= num_ranks)
@@ -154,7 +233,12 @@ std::shared_ptr<Group> Group::create_nccl(const ncclUniqueId& id, int num_ranks,
                         ")");
   EPCOMM_CUDA_CHECK(cudaSetDevice(device));
   ncclComm_t comm = nullptr;
-  EPCOMM_NCCL_CHECK(ncclCommInitRank(&comm, num_ranks, id, rank));
+  const int64_t init_timeout_ms = env_value("EPCOMM_INIT_TIMEOUT_MS");
+  if (init_timeout_ms > 0) {
+    comm = init_bounded(id, num_ranks, rank, init_timeout_ms);
+  } else {
+    EPCOMM_NCCL_CHECK(ncclCommInitRank(&comm, num_ranks, id, rank));
+  }
   try {
     const int rpn = resolve_ranks_per_node(comm, num_ranks, ranks_per_node);
     return std::shared_ptr<Group>(new NcclGroup(comm, true, rank, num_ranks, device, rpn));

@@ -52,7 +52,8 @@ GOOD_STEPS = 5  # verified steps before the kill
 
 # A constructor's error is "clear" when it names the dead rank or says what happened to it (every
 # epcomm message names the rank that raises it: that alone does not count).
-_CLEAR_CONSTRUCT_CAUSE = r"tim(ed |e)?out|abort|closed|exited|did not answer|connection|unreachable|remote process"
+_CLEAR_CONSTRUCT_CAUSE = (r"tim(ed |e)?out|abort|closed|exited|did not answer|did not finish|never joined|connection|"
+                          r"unreachable|remote process")
 
 
 class Plan(NamedTuple):
@@ -127,7 +128,10 @@ def rank_env(base: Dict[str, str], plan: Plan, scenario: str, rank: int, port: i
                MASTER_PORT=str(port), EPCOMM_TIMEOUT_MS=str(plan.timeout_ms),
                # Normal mode across nodes sizes its network region for this many tokens per rank
                # (_death_steps.normal_buffer); the tests send at most NORMAL_SHAPE's 128.
-               EPCOMM_MAX_TOKENS_PER_RANK="128")
+               EPCOMM_MAX_TOKENS_PER_RANK="128",
+               # NCCL's communicator creation bounded too (by default NCCL waits for ever for a
+               # rank that never joins): the "construct" scenario's survivors are inside it.
+               EPCOMM_INIT_TIMEOUT_MS=str(plan.timeout_ms))
     if plan.shared:
         # Each process its own node to NCCL (NCCL_HOSTID), GIN between them through the test-only
         # loopback plugin (docs/design-internode.md), as epcomm_gin_tests and the peer-death test.
