@@ -119,18 +119,18 @@ std::string ratio(size_t a, size_t b) {
   return s;
 }
 
-// Buffer's symmetric allocation with several nodes holds num_rdma_bytes twice: the LL region and
-// the internode region are both num_rdma_bytes long, whichever mode the buffer is for
-// (src/core/buffer.cpp, Buffer::Buffer: m.ll.bytes and m.inter.bytes). Control part not counted.
-size_t epcomm_allocated(size_t num_rdma_bytes, int nodes) {
-  return align_up(num_rdma_bytes, 4096) * (nodes > 1 ? 2 : 1);
+// Buffer's symmetric allocation with several nodes holds num_rdma_bytes twice for a normal-mode
+// buffer (the LL region and the internode region, src/core/buffer.cpp: m.ll.bytes and m.inter.bytes),
+// once for a low_latency_mode buffer (no internode region). Control part not counted.
+size_t epcomm_allocated(size_t num_rdma_bytes, int nodes, bool low_latency_mode) {
+  return align_up(num_rdma_bytes, 4096) * (nodes > 1 && !low_latency_mode ? 2 : 1);
 }
 
 void low_latency_table(int tmax, int hidden) {
   std::printf("### Low-latency mode: Tmax = %d, hidden = %d, 8 ranks per node (MiB per rank)\n\n", tmax, hidden);
   std::printf(
-      "| ranks | nodes | experts | epcomm region (LSA) | epcomm region (network path) | epcomm allocated (network "
-      "path, x2 with >1 node) | DeepEP hint | network path / DeepEP | allocated / DeepEP |\n");
+      "| ranks | nodes | experts | epcomm region (LSA) | epcomm region (network path) | epcomm allocated "
+      "(low_latency_mode, network path) | DeepEP hint | network path / DeepEP | allocated / DeepEP |\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 72, 128, 144, 256, 288, 320}) {
     std::vector<int> experts;
@@ -140,7 +140,7 @@ void low_latency_table(int tmax, int hidden) {
     for (int E : experts) {
       const size_t lsa = epcomm::Buffer::low_latency_size_hint(tmax, hidden, R, E);
       const size_t net = epcomm::Buffer::low_latency_net_size_hint(tmax, hidden, R, E);
-      const size_t alloc = epcomm_allocated(net, R / 8);
+      const size_t alloc = epcomm_allocated(net, R / 8, true);
       const size_t deepep = deepep_low_latency_hint(tmax, hidden, E);
       std::printf("| %d | %d | %d | %s | %s | %s | %s | %s | %s |\n", R, std::max(R / 8, 1), E, mib(lsa).c_str(),
                   mib(net).c_str(), mib(alloc).c_str(), mib(deepep).c_str(), ratio(net, deepep).c_str(),
@@ -165,7 +165,7 @@ void normal_table(int tokens, int hidden) {
   for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
-    const size_t alloc = epcomm_allocated(inter, N);
+    const size_t alloc = epcomm_allocated(inter, N, false);
     const epcomm::Config ed = epcomm::Config::dispatch_default(R), ec = epcomm::Config::combine_default(R);
     const size_t compat =
         std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));

@@ -100,8 +100,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
   m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
-  m.inter.offset = m.ll.offset + m.ll.bytes;  // internode region: num_rdma_bytes again, only with several nodes
-  m.inter.bytes = m.inter.enabled ? align_up(options.num_rdma_bytes, 4096) : 0;
+  // Internode region: num_rdma_bytes again, only with several nodes and not for a low_latency_mode
+  // buffer (its normal-mode calls across nodes are refused: require_internode_region), which then
+  // holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the memory table).
+  m.inter.offset = m.ll.offset + m.ll.bytes;
+  m.inter.bytes = m.inter.enabled && !options.low_latency_mode ? align_up(options.num_rdma_bytes, 4096) : 0;
   // Across real nodes this also creates NCCL GIN, or throws on every rank (gin_context.hpp).
   m.sym = m.group->allocate_symmetric(m.inter.offset + m.inter.bytes);
   m.gin = m.sym->gin();
