@@ -147,6 +147,32 @@ void run_processes(int n, const std::function<bool(int, void* handle, void** sta
   }
 }
 
+// One GIN rank of a test: its context and listening end (published as the handle), then its
+// connection to all n ranks from the handles every child got.
+struct GinRank {
+  void* ctx = nullptr;
+  void* listen_comm = nullptr;
+};
+
+std::function<bool(int, void*, void**)> gin_rank_maker(const Plugin& p, int comm_id) {
+  return [&p, comm_id](int me, void* handle, void** state) {
+    auto* s = new GinRank{};
+    CHILD_CHECK(p.gin->init(&s->ctx, comm_id, log_to_stderr) == ncclSuccess, "gin init");
+    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
+    *state = s;
+    return true;
+  };
+}
+
+bool gin_connect(const Plugin& p, void* state, const std::vector<char>& handles, int n, int me, void** coll) {
+  auto* s = static_cast<GinRank*>(state);
+  std::vector<void*> hs(n);
+  for (int r = 0; r < n; ++r) hs[r] = const_cast<char*>(handles.data()) + r * abi::kNetHandleMaxSize;
+  *coll = nullptr;
+  CHILD_CHECK(p.gin->connect(s->ctx, hs.data(), n, me, s->listen_comm, coll) == ncclSuccess && *coll, "gin connect");
+  return true;
+}
+
 TEST(LoopbackPlugin, ExportsNetAndProxyGinTablesWithOneDevice) {
   Plugin p = load_plugin();
   ASSERT_NE(p.net, nullptr) << "ncclNetPlugin_v11 not exported";
@@ -345,24 +371,10 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
   constexpr int kRanks = 3, kRounds = 5;
   constexpr size_t kSlot = 70000, kPlain = 16;
   const size_t round_bytes[kRounds] = {1, 4099, 0, kSlot, 8};
-  struct State {
-    void* ctx;
-    void* listen_comm;
-  };
-  auto make_handle = [&](int me, void* handle, void** state) {
-    auto* s = new State{};
-    CHILD_CHECK(p.gin->init(&s->ctx, 11, log_to_stderr) == ncclSuccess, "gin init");
-    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
-    *state = s;
-    return true;
-  };
   auto body = [&](int me, const std::vector<char>& handles, void* state) {
-    auto* s = static_cast<State*>(state);
-    std::vector<void*> hs(kRanks);
-    for (int r = 0; r < kRanks; ++r) hs[r] = const_cast<char*>(handles.data()) + r * abi::kNetHandleMaxSize;
+    auto* s = static_cast<GinRank*>(state);
     void* coll = nullptr;
-    CHILD_CHECK(p.gin->connect(s->ctx, hs.data(), kRanks, me, s->listen_comm, &coll) == ncclSuccess && coll,
-                "gin connect");
+    if (!gin_connect(p, state, handles, kRanks, me, &coll)) return false;
     CHILD_CHECK(p.gin->closeListen(s->listen_comm) == ncclSuccess, "closeListen");
     std::vector<uint64_t> signals(4 * kRanks, 0);
     std::vector<uint8_t> window(2 * kRanks * kSlot + 2 * kRanks * kPlain, 0);
@@ -471,7 +483,7 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
     CHILD_CHECK(p.gin->closeColl(coll) == ncclSuccess && p.gin->finalize(s->ctx) == ncclSuccess, "closeColl");
     return true;
   };
-  run_processes(kRanks, make_handle, body);
+  run_processes(kRanks, gin_rank_maker(p, 11), body);
 }
 
 // A rank that goes away with a put to it in flight: the sender's test() fails (it does not wait
@@ -480,22 +492,9 @@ TEST(LoopbackPlugin, GinHostPutsAndSignalsAcrossThreeProcessesInOrder) {
 TEST(LoopbackPlugin, GinPeerClosingWithAPutInFlightIsAnErrorThatSticks) {
   Plugin p = load_plugin();
   ASSERT_NE(p.gin, nullptr);
-  struct State {
-    void* ctx;
-    void* listen_comm;
-  };
-  auto make_handle = [&](int me, void* handle, void** state) {
-    auto* s = new State{};
-    CHILD_CHECK(p.gin->init(&s->ctx, 13, log_to_stderr) == ncclSuccess, "gin init");
-    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
-    *state = s;
-    return true;
-  };
   auto body = [&](int me, const std::vector<char>& handles, void* state) {
-    auto* s = static_cast<State*>(state);
-    void* hs[2] = {const_cast<char*>(handles.data()), const_cast<char*>(handles.data()) + abi::kNetHandleMaxSize};
     void* coll = nullptr;
-    CHILD_CHECK(p.gin->connect(s->ctx, hs, 2, me, s->listen_comm, &coll) == ncclSuccess && coll, "gin connect");
+    if (!gin_connect(p, state, handles, 2, me, &coll)) return false;
     std::vector<uint8_t> window(1 << 16, 1);
     void *mh = nullptr, *gh = nullptr;
     CHILD_CHECK(p.gin->regMrSym(coll, window.data(), window.size(), abi::kPtrHost, 0, &mh, &gh) == ncclSuccess,
@@ -513,7 +512,7 @@ TEST(LoopbackPlugin, GinPeerClosingWithAPutInFlightIsAnErrorThatSticks) {
     CHILD_CHECK(p.gin->ginProgress(coll) == res, "progress must report it too");
     return p.gin->closeColl(coll) == ncclSuccess;
   };
-  run_processes(2, make_handle, body);
+  run_processes(2, gin_rank_maker(p, 13), body);
 }
 
 // EPCOMM_LOOPBACK_DEAD_PEERS=1 (the process-death tests): rank 2 goes away with a put to it in
@@ -523,25 +522,14 @@ TEST(LoopbackPlugin, GinDeadPeerModeDropsPutsToTheDeadAndTheOthersGoOn) {
   Plugin p = load_plugin();
   ASSERT_NE(p.gin, nullptr);
   constexpr int kRanks = 3;
-  struct State {
-    void* ctx;
-    void* listen_comm;
-  };
+  const auto make_rank = gin_rank_maker(p, 13);
   auto make_handle = [&](int me, void* handle, void** state) {
     setenv("EPCOMM_LOOPBACK_DEAD_PEERS", "1", 1);
-    auto* s = new State{};
-    CHILD_CHECK(p.gin->init(&s->ctx, 13, log_to_stderr) == ncclSuccess, "gin init");
-    CHILD_CHECK(p.gin->listen(s->ctx, 0, handle, &s->listen_comm) == ncclSuccess, "gin listen");
-    *state = s;
-    return true;
+    return make_rank(me, handle, state);
   };
   auto body = [&](int me, const std::vector<char>& handles, void* state) {
-    auto* s = static_cast<State*>(state);
-    std::vector<void*> hs(kRanks);
-    for (int r = 0; r < kRanks; ++r) hs[r] = const_cast<char*>(handles.data()) + r * abi::kNetHandleMaxSize;
     void* coll = nullptr;
-    CHILD_CHECK(p.gin->connect(s->ctx, hs.data(), kRanks, me, s->listen_comm, &coll) == ncclSuccess && coll,
-                "gin connect");
+    if (!gin_connect(p, state, handles, kRanks, me, &coll)) return false;
     constexpr size_t kBytes = 1 << 12;
     std::vector<uint8_t> window(2 * kBytes, 0);  // [0, kBytes): what this rank sends; [kBytes, 2 kBytes): received
     for (size_t i = 0; i < kBytes; ++i) window[i] = static_cast<uint8_t>(17 * me + i);
