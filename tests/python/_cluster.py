@@ -160,11 +160,13 @@ class Cluster:
 
 
 def visible_gpus() -> int:
+    """GPUs this process sees; 0 without torch or a driver."""
     try:
         import torch
-    except ImportError:
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 -- no torch, no driver
         return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def ranks_for_tests(max_ranks: int = 8) -> int:

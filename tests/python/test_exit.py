@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _cluster import visible_gpus  # noqa: E402
 from _exit_check import TEARDOWNS, problems, run_ranks  # noqa: E402
 
 try:
@@ -33,22 +34,15 @@ except ImportError:
     torch = None
 
 
-def _visible_gpus() -> int:
-    try:
-        return torch.cuda.device_count() if torch is not None else 0
-    except Exception:  # noqa: BLE001 -- no driver
-        return 0
-
-
 pytestmark = [
     pytest.mark.skipif(torch is None, reason="PyTorch is not installed"),
-    pytest.mark.skipif(torch is not None and _visible_gpus() == 0, reason="skipped (no GPU)"),
+    pytest.mark.skipif(torch is not None and visible_gpus() == 0, reason="skipped (no GPU)"),
 ]
 
 
 @pytest.mark.parametrize("teardown", TEARDOWNS)
 def test_worker_exits_cleanly(teardown):
-    ranks = int(os.environ.get("EPCOMM_TEST_RANKS", min(_visible_gpus(), 4)))
+    ranks = int(os.environ.get("EPCOMM_TEST_RANKS", min(visible_gpus(), 4)))
     start = time.monotonic()
     seed, results = run_ranks(teardown, ranks)
     found = problems(results)

@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _death_verdict as dv  # noqa: E402
+from _cluster import visible_gpus  # noqa: E402
 from _runner import run_tests, skip  # noqa: E402
 
 try:
@@ -57,13 +58,6 @@ except ImportError:
     torch = None
 
 
-def _visible_gpus() -> int:
-    try:
-        return torch.cuda.device_count() if torch is not None else 0
-    except Exception:  # noqa: BLE001 -- no driver
-        return 0
-
-
 def _parametrize(fn):
     if pytest is None:
         return fn
@@ -75,7 +69,7 @@ def test_gpu_process_death(scenario=None):
     """One scenario (pytest), or every planned one in turn (the runner without pytest)."""
     if torch is None:
         skip("PyTorch is not installed")
-    gpus = _visible_gpus()
+    gpus = visible_gpus()
     if gpus == 0:
         skip("skipped (no GPU)")
     plan = dv.make_plan(gpus, dict(os.environ))
