@@ -223,15 +223,7 @@ int run_fake_nodes(const Options& given) {
   const double timeout_s = given.timeout_s > 0 ? given.timeout_s : kDefaultTimeoutS;
   std::string dir = o.log_dir;
   if (dir.empty() && dry_run) dir = "<log-dir>";
-  if (dir.empty()) {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/epcomm-bench-fake-XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) {
-      std::perror("epcomm-bench: mkdtemp");
-      return 1;
-    }
-    dir = tmpl;
-  }
+  if (dir.empty() && (dir = testing::make_log_dir("epcomm-bench-fake-", "epcomm-bench")).empty()) return 1;
   const std::string id_file = dir + "/nccl_unique_id";
   if (!dry_run) {
     mkdir(dir.c_str(), 0755);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -187,6 +188,16 @@ RunReport run_children(const std::vector<ChildSpec>& specs, double timeout_s, do
   }
   report.exit_code = all_zero ? 0 : all_skipped ? 77 : 1;
   return report;
+}
+
+std::string make_log_dir(const char* prefix, const char* who) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/" + prefix + "XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) {
+    std::perror((std::string(who) + ": mkdtemp").c_str());
+    return "";
+  }
+  return tmpl;
 }
 
 std::string tail_of_file(const std::string& path, size_t max_bytes) {

@@ -44,6 +44,10 @@ RunReport run_children(const std::vector<ChildSpec>& children, double timeout_s,
 // The last max_bytes of a file (the start of a partial first line dropped), or "" if unreadable.
 std::string tail_of_file(const std::string& path, size_t max_bytes);
 
+// A new directory $TMPDIR/<prefix>XXXXXX (or under /tmp) for the children's logs; "" after printing
+// why (as `who`) when it cannot be made.
+std::string make_log_dir(const char* prefix, const char* who);
+
 // "2x1" -> {2, 1}: nodes x ranks per node; {0, 0} when malformed.
 std::pair<int, int> parse_layout(const std::string& text);
 

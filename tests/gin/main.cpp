@@ -39,6 +39,7 @@ namespace {
 
 using testing::ChildOutcome;
 using testing::ChildSpec;
+using testing::make_log_dir;
 using testing::node_devices;
 using testing::parse_layout;
 using testing::run_children;
@@ -145,15 +146,7 @@ int parent_main(int argc, char** argv) {
     return 1;
   }
   if (log_dir.empty() && dry_run_gpus > 0) log_dir = "<log-dir>";
-  if (log_dir.empty()) {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/epcomm-gin-XXXXXX";
-    if (mkdtemp(tmpl.data()) == nullptr) {
-      std::perror("epcomm_gin_tests: mkdtemp");
-      return 1;
-    }
-    log_dir = tmpl;
-  }
+  if (log_dir.empty() && (log_dir = make_log_dir("epcomm-gin-", "epcomm_gin_tests")).empty()) return 1;
   if (dry_run_gpus == 0) mkdir(log_dir.c_str(), 0755);
   const std::string exe = self_exe();
   const char* env_timeout = std::getenv("EPCOMM_TIMEOUT_MS");
