@@ -97,8 +97,7 @@ void low_latency_tables(const Model& m) {
   const int ranks[] = {64, 128, 144, 256, 320};
   const Routing routings[] = {Routing::kUniform, Routing::kSkewed};
   std::printf(
-      "### Low-latency mode: bytes per rank per call (MB = 1e6 bytes), 128 tokens per rank, hidden 7168, top-8, "
-      "8 ranks per node\n\n");
+      "### Low-latency mode: bytes per rank per call (MB = 1e6 bytes), 128 tokens, hidden 7168, top-8, P = 8\n\n");
   std::printf(
       "| EP | nodes | experts | routing | op | network send max / mean | network recv max | NVLink send max / mean "
       "| NVLink recv max | network messages max (puts + signals) | DeepEP's count (its test: every selection) |\n");
@@ -147,8 +146,8 @@ void normal_tables(const Model& m) {
   const int ranks[] = {16, 32, 64, 128};
   const Routing routings[] = {Routing::kUniform, Routing::kSkewed, Routing::kGrouped};
   std::printf(
-      "### Normal mode across nodes: bytes per rank per call (MB), 4096 tokens per rank, hidden 7168, top-8, 256 "
-      "experts, 8 ranks per node\n\n");
+      "### Normal mode across nodes: bytes per rank per call (MB), 4096 tokens, hidden 7168, top-8, 256 experts, "
+      "P = 8\n\n");
   std::printf(
       "| EP | nodes | routing | op | network send max / mean | network recv max | NVLink send max / mean | NVLink "
       "recv max | network messages max | rows received max / mean | DeepEP's RDMA count (its test) |\n");
