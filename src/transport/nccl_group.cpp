@@ -153,36 +153,37 @@ std::shared_ptr<Group> Group::from_nccl(ncclComm_t comm, int ranks_per_node) {
 namespace {
 
 // Polls `*comm` (non-blocking) until NCCL's asynchronous state leaves ncclInProgress, at most
-// `timeout_ms`; on expiry or an error, aborts it and throws naming `what`, the rank and the group.
-// `*comm` may still be null while a split is in flight (NCCL sets it when the child is complete).
-void wait_nonblocking(ncclComm_t* comm, ncclComm_t abort_instead, int64_t timeout_ms, const char* what, int rank,
-                      int size) {
+// `timeout_ms`; on expiry or an error, aborts `*comm` (if NCCL has handed it out) and throws naming
+// `what`, the rank and the group. While a split is in flight `*comm` is still null (NCCL sets it when
+// the child is complete): then `parent`'s state tells an error. `parent` is never aborted here.
+void wait_nonblocking(ncclComm_t* comm, ncclComm_t parent, int64_t timeout_ms, const char* what, int rank, int size) {
   const auto start = std::chrono::steady_clock::now();
   const auto where = [&] {
     return std::string(what) + " on rank " + std::to_string(rank) + " of " + std::to_string(size);
   };
+  const auto give_up = [&] {
+    if (*comm != nullptr) ncclCommAbort(*comm);
+    *comm = nullptr;
+  };
   for (;;) {
     ncclResult_t state = ncclInProgress;
-    if (*comm != nullptr) {
-      EPCOMM_NCCL_CHECK(ncclCommGetAsyncError(*comm, &state));
-    } else if (abort_instead != nullptr) {
-      ncclResult_t parent = ncclSuccess;
-      EPCOMM_NCCL_CHECK(ncclCommGetAsyncError(abort_instead, &parent));
-      if (parent != ncclSuccess && parent != ncclInProgress) state = parent;
+    ncclComm_t watched = *comm != nullptr ? *comm : parent;
+    if (watched != nullptr) {
+      ncclResult_t r = ncclInProgress;
+      EPCOMM_NCCL_CHECK(ncclCommGetAsyncError(watched, &r));
+      // The parent's success says nothing about the child still being made.
+      state = (watched == parent && r == ncclSuccess) ? ncclInProgress : r;
     }
     if (state == ncclSuccess) return;
-    ncclComm_t victim = *comm != nullptr ? *comm : abort_instead;
     if (state != ncclInProgress) {
-      const std::string last = victim ? ncclGetLastError(victim) : "";
-      if (victim) ncclCommAbort(victim);
-      *comm = nullptr;
+      const std::string last = watched ? ncclGetLastError(watched) : "";
+      give_up();
       throw RuntimeFailure(where() + " failed: " + ncclGetErrorString(state) + (last.empty() ? "" : " (" + last + ")"));
     }
-    const int64_t waited =
+    const auto waited =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
     if (waited > timeout_ms) {
-      if (victim) ncclCommAbort(victim);
-      *comm = nullptr;
+      give_up();
       throw TimeoutError(where() + " did not finish within " + std::to_string(timeout_ms) +
                          " ms (EPCOMM_INIT_TIMEOUT_MS): a rank of the group never joined or died while joining; "
                          "the communicator was aborted");
@@ -205,21 +206,22 @@ ncclComm_t init_bounded(const ncclUniqueId& id, int num_ranks, int rank, int64_t
     if (parent) ncclCommAbort(parent);
     EPCOMM_NCCL_CHECK(r);
   }
-  wait_nonblocking(&parent, nullptr, timeout_ms, "ncclCommInitRank", rank, num_ranks);
+  wait_nonblocking(&parent, nullptr, timeout_ms, "ncclCommInitRank", rank, num_ranks);  // aborts it on failure
   ncclConfig_t blocking = NCCL_CONFIG_INITIALIZER;
   blocking.blocking = 1;
-  ncclComm_t comm = nullptr;
-  const ncclResult_t s = ncclCommSplit(parent, 0, rank, &comm, &blocking);
-  if (s != ncclSuccess && s != ncclInProgress) {
-    ncclCommAbort(parent);
-    EPCOMM_NCCL_CHECK(s);
-  }
+  // NCCL's split job writes the child into *slot from its own thread when it ends, which after a
+  // timeout may be after this function returned: the slot lives on the heap, left behind on failure.
+  auto* slot = new ncclComm_t(nullptr);
   try {
-    wait_nonblocking(&comm, parent, timeout_ms, "ncclCommSplit (the blocking communicator)", rank, num_ranks);
+    const ncclResult_t s = ncclCommSplit(parent, 0, rank, slot, &blocking);
+    if (s != ncclSuccess && s != ncclInProgress) EPCOMM_NCCL_CHECK(s);
+    wait_nonblocking(slot, parent, timeout_ms, "ncclCommSplit (the blocking communicator)", rank, num_ranks);
   } catch (...) {
-    if (comm == nullptr) ncclCommAbort(parent);  // aborted already when the child was the victim
+    ncclCommAbort(parent);  // also stops a child still being made (NCCL's child abort flag)
     throw;
   }
+  const ncclComm_t comm = *slot;
+  delete slot;
   ncclCommDestroy(parent);  // non-blocking: may finish in the background
   return comm;
 }
