@@ -43,16 +43,13 @@ def _default_num_sms() -> int:
 
 
 def _first_rows(t, rows: int):
-    """The first ``rows`` rows of a reserved receive tensor, as a tensor of their own over its
-    storage (not a view, so autograd and in-place ops treat it as any fresh tensor; the storage
-    keeps the reserved size)."""
+    """The first ``rows`` rows of a reserved receive tensor (fresh, contiguous, held by nothing
+    else), as a tensor of their own over its storage (not a view, so autograd and in-place ops treat
+    it as any fresh tensor; the storage keeps the reserved size: resize_ never shrinks a storage).
+    One torch op in place, where a new tensor set_ to the storage took two and a storage object."""
     if t is None or t.size(0) == rows:
         return t
-    storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
-    try:
-        return t.new_empty((0,)).set_(storage, 0, (rows,) + tuple(t.shape[1:]), t.stride())
-    except (RuntimeError, TypeError):  # a torch whose set_ refuses this storage: a narrowed view
-        return t.narrow(0, 0, rows)
+    return t.resize_((rows,) + t.shape[1:])
 
 
 class Buffer(LowLatencyMixin):
@@ -420,7 +417,7 @@ class Buffer(LowLatencyMixin):
         rows = call.num_rows
         if call.ran:
             event = call.take_event()
-            outputs = tuple(_first_rows(t, rows) for t in reserved)
+            outputs = tuple([_first_rows(t, rows) for t in reserved])
         else:
             # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
             # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
