@@ -46,6 +46,7 @@ from typing import Tuple
 from . import _epcomm
 from ._args import ArgumentError, check_bool, check_int, check_low_latency_handle, check_tensor
 from ._compat import torch
+from .event import EventOverlap
 from .handle import LowLatencyHandle
 
 SCALE_GROUP = 128  # channels per FP8 scale
@@ -130,8 +131,9 @@ class LowLatencyMixin:
         runtime.clean_low_latency_buffer(tmax, hidden, num_experts, _current_stream(self._device))
 
     def _check_low_latency_shape(self, tmax: int, hidden: int, num_experts: int) -> None:
-        # The core checks every call; this runs once per shape, before the Python layer allocates
-        # tensors whose sizes follow from it (so a bad Tmax raises instead of allocating).
+        # The core checks every call; this runs once per shape (the calls test the set first), before
+        # the Python layer allocates tensors whose sizes follow from it (so a bad Tmax raises instead
+        # of allocating).
         key = (tmax, hidden, num_experts)
         if key not in self._ll_shapes:
             _epcomm.low_latency_size_hint(tmax, hidden, self.group_size, num_experts)
@@ -188,7 +190,8 @@ class LowLatencyMixin:
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         _exclusive(async_finish, return_recv_hook)
         hidden = x.size(1)
-        self._check_low_latency_shape(tmax, hidden, num_experts)
+        if (tmax, hidden, num_experts) not in self._ll_shapes:
+            self._check_low_latency_shape(tmax, hidden, num_experts)
 
         R, dev = self.group_size, self._device
         EL, RT = num_experts // R, R * tmax
@@ -209,6 +212,8 @@ class LowLatencyMixin:
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),
             src_info.data_ptr(), layout_range.data_ptr(), stream, async_finish, return_recv_hook)
         handle = LowLatencyHandle(src_info, layout_range, tmax, hidden, num_experts, call.buffer_index)
+        if not (async_finish or return_recv_hook):  # the decode path: nothing to hold, no event
+            return (recv_x, scales) if use_fp8 else recv_x, recv_count, handle, EventOverlap(), None
         inputs = (x, topk_idx, cum_stats, wait_stats)
         outputs = (recv_x, scales, recv_count, src_info, layout_range)
         overlap = self._finish(call.event, async_finish, False, None, inputs, outputs)
@@ -249,16 +254,20 @@ class LowLatencyMixin:
         wait_stats = check_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, ndim=1,
                                   allow_none=True)
         _exclusive(async_finish, return_recv_hook)
-        self._check_low_latency_shape(h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts)
+        src_info, layout_range, tmax, hidden, num_experts, buffer_index = h
+        if (tmax, hidden, num_experts) not in self._ll_shapes:
+            self._check_low_latency_shape(tmax, hidden, num_experts)
 
         stream = _current_stream(self._device)
         combined_x = out if out is not None else \
-            torch.empty((topk_idx.size(0), h.hidden), dtype=torch.bfloat16, device=self._device)
+            torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=self._device)
         call = runtime.low_latency_combine(
-            x, topk_idx, topk_weights, h.src_info, h.layout_range, h.num_max_dispatch_tokens_per_rank, h.hidden,
-            h.num_experts, h.buffer_index, out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt,
-            zero_copy, stream, async_finish, return_recv_hook)
-        inputs = (x, topk_idx, topk_weights, h.src_info, h.layout_range, wait_stats)
+            x, topk_idx, topk_weights, src_info, layout_range, tmax, hidden, num_experts, buffer_index,
+            out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt, zero_copy, stream, async_finish,
+            return_recv_hook)
+        if not (async_finish or return_recv_hook):  # the decode path: nothing to hold, no event
+            return combined_x, EventOverlap(), None
+        inputs = (x, topk_idx, topk_weights, src_info, layout_range, wait_stats)
         overlap = self._finish(call.event, async_finish, False, None, inputs, (combined_x,))
         hook = RecvHook(call, inputs + (combined_x,), "low_latency_combine") if return_recv_hook else None
         return combined_x, overlap, hook
