@@ -156,11 +156,12 @@ class LowLatencyMixin:
         Returns ``(recv_x, recv_count, handle, event, hook)``:
 
         - ``recv_x``: ``(x_e4m3 [E/R, R*Tmax, hidden], scales [E/R, R*Tmax, hidden/128] float32)``
-          with ``use_fp8``, the scales a transposed view (storage ``[E/R, hidden/128, R*Tmax]``, so
-          the token dimension is contiguous per expert); with ``use_ue8m0`` (needs ``round_scale``)
-          the scales are the exponent bytes packed 4 per int32, ``[E/R, R*Tmax, ceil(hidden/512)]``,
-          transposed the same way; ``[E/R, R*Tmax, hidden]`` BF16 without ``use_fp8``. Rows of local
-          expert ``e`` past ``recv_count[e]`` are not written.
+          with ``use_fp8``, the scales transposed (storage ``[E/R, hidden/128, R*Tmax]``, so the token
+          dimension is contiguous per expert: DeepEP's strides, though made by ``empty_strided``, not
+          as a view); with ``use_ue8m0`` (needs ``round_scale``) the scales are the exponent bytes
+          packed 4 per int32, ``[E/R, R*Tmax, ceil(hidden/512)]``, transposed the same way;
+          ``[E/R, R*Tmax, hidden]`` BF16 without ``use_fp8``. Rows of local expert ``e`` past
+          ``recv_count[e]`` are not written.
         - ``recv_count`` ``[E/R]`` int32: rows received per local expert.
         - ``handle``: ``(src_info [E/R, R*Tmax] int32 (source token index of each row), layout_range
           [E/R, R] int64 ((begin << 32) | count of the rows from each source rank), Tmax, hidden,
@@ -199,11 +200,11 @@ class LowLatencyMixin:
         recv_x = torch.empty((EL, RT, hidden), dtype=_fp8_dtype() if use_fp8 else torch.bfloat16, device=dev)
         scales = None
         if use_fp8:
-            groups = hidden // SCALE_GROUP
-            if use_ue8m0:
-                scales = torch.empty((EL, (groups + 3) // 4, RT), dtype=torch.int32, device=dev).transpose(1, 2)
-            else:
-                scales = torch.empty((EL, groups, RT), dtype=torch.float32, device=dev).transpose(1, 2)
+            # [E/R, RT, S] over storage [E/R, S, RT] (tokens contiguous per expert): the strides of
+            # empty((EL, S, RT)).transpose(1, 2), in one torch op instead of two.
+            words = (hidden // SCALE_GROUP + 3) // 4 if use_ue8m0 else hidden // SCALE_GROUP
+            scales = torch.empty_strided((EL, RT, words), (words * RT, 1, RT),
+                                         dtype=torch.int32 if use_ue8m0 else torch.float32, device=dev)
         recv_count = torch.empty((EL,), dtype=torch.int32, device=dev)
         src_info = torch.empty((EL, RT), dtype=torch.int32, device=dev)
         layout_range = torch.empty((EL, R), dtype=torch.int64, device=dev)
