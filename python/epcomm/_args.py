@@ -13,6 +13,8 @@ INT32_MAX, INT64_MAX = (1 << 31) - 1, (1 << 63) - 1
 
 def check_int(name, value, lo=None, hi=INT32_MAX) -> int:
     """An integer in [lo, hi]; hi defaults to the C++ core's int (sizes in bytes pass INT64_MAX)."""
+    if type(value) is int and (lo is None or value >= lo) and (hi is None or value <= hi):
+        return value  # the common case, as the checks below would return it
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise ArgumentError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     v = operator.index(value)

@@ -46,6 +46,7 @@ from typing import Tuple
 from . import _epcomm
 from ._args import ArgumentError, check_bool, check_int, check_low_latency_handle, check_tensor
 from ._compat import torch
+from .event import EventOverlap
 from .handle import LowLatencyHandle
 
 SCALE_GROUP = 128  # channels per FP8 scale
@@ -130,8 +131,9 @@ class LowLatencyMixin:
         runtime.clean_low_latency_buffer(tmax, hidden, num_experts, _current_stream(self._device))
 
     def _check_low_latency_shape(self, tmax: int, hidden: int, num_experts: int) -> None:
-        # The core checks every call; this runs once per shape, before the Python layer allocates
-        # tensors whose sizes follow from it (so a bad Tmax raises instead of allocating).
+        # The core checks every call; this runs once per shape (the calls test the set first), before
+        # the Python layer allocates tensors whose sizes follow from it (so a bad Tmax raises instead
+        # of allocating).
         key = (tmax, hidden, num_experts)
         if key not in self._ll_shapes:
             _epcomm.low_latency_size_hint(tmax, hidden, self.group_size, num_experts)
@@ -154,11 +156,12 @@ class LowLatencyMixin:
         Returns ``(recv_x, recv_count, handle, event, hook)``:
 
         - ``recv_x``: ``(x_e4m3 [E/R, R*Tmax, hidden], scales [E/R, R*Tmax, hidden/128] float32)``
-          with ``use_fp8``, the scales a transposed view (storage ``[E/R, hidden/128, R*Tmax]``, so
-          the token dimension is contiguous per expert); with ``use_ue8m0`` (needs ``round_scale``)
-          the scales are the exponent bytes packed 4 per int32, ``[E/R, R*Tmax, ceil(hidden/512)]``,
-          transposed the same way; ``[E/R, R*Tmax, hidden]`` BF16 without ``use_fp8``. Rows of local
-          expert ``e`` past ``recv_count[e]`` are not written.
+          with ``use_fp8``, the scales transposed (storage ``[E/R, hidden/128, R*Tmax]``, so the token
+          dimension is contiguous per expert: DeepEP's strides, though made by ``empty_strided``, not
+          as a view); with ``use_ue8m0`` (needs ``round_scale``) the scales are the exponent bytes
+          packed 4 per int32, ``[E/R, R*Tmax, ceil(hidden/512)]``, transposed the same way;
+          ``[E/R, R*Tmax, hidden]`` BF16 without ``use_fp8``. Rows of local expert ``e`` past
+          ``recv_count[e]`` are not written.
         - ``recv_count`` ``[E/R]`` int32: rows received per local expert.
         - ``handle``: ``(src_info [E/R, R*Tmax] int32 (source token index of each row), layout_range
           [E/R, R] int64 ((begin << 32) | count of the rows from each source rank), Tmax, hidden,
@@ -188,7 +191,8 @@ class LowLatencyMixin:
         return_recv_hook = check_bool("return_recv_hook", return_recv_hook)
         _exclusive(async_finish, return_recv_hook)
         hidden = x.size(1)
-        self._check_low_latency_shape(tmax, hidden, num_experts)
+        if (tmax, hidden, num_experts) not in self._ll_shapes:
+            self._check_low_latency_shape(tmax, hidden, num_experts)
 
         R, dev = self.group_size, self._device
         EL, RT = num_experts // R, R * tmax
@@ -196,11 +200,11 @@ class LowLatencyMixin:
         recv_x = torch.empty((EL, RT, hidden), dtype=_fp8_dtype() if use_fp8 else torch.bfloat16, device=dev)
         scales = None
         if use_fp8:
-            groups = hidden // SCALE_GROUP
-            if use_ue8m0:
-                scales = torch.empty((EL, (groups + 3) // 4, RT), dtype=torch.int32, device=dev).transpose(1, 2)
-            else:
-                scales = torch.empty((EL, groups, RT), dtype=torch.float32, device=dev).transpose(1, 2)
+            # [E/R, RT, S] over storage [E/R, S, RT] (tokens contiguous per expert): the strides of
+            # empty((EL, S, RT)).transpose(1, 2), in one torch op instead of two.
+            words = (hidden // SCALE_GROUP + 3) // 4 if use_ue8m0 else hidden // SCALE_GROUP
+            scales = torch.empty_strided((EL, RT, words), (words * RT, 1, RT),
+                                         dtype=torch.int32 if use_ue8m0 else torch.float32, device=dev)
         recv_count = torch.empty((EL,), dtype=torch.int32, device=dev)
         src_info = torch.empty((EL, RT), dtype=torch.int32, device=dev)
         layout_range = torch.empty((EL, R), dtype=torch.int64, device=dev)
@@ -209,6 +213,8 @@ class LowLatencyMixin:
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),
             src_info.data_ptr(), layout_range.data_ptr(), stream, async_finish, return_recv_hook)
         handle = LowLatencyHandle(src_info, layout_range, tmax, hidden, num_experts, call.buffer_index)
+        if not (async_finish or return_recv_hook):  # the decode path: nothing to hold, no event
+            return (recv_x, scales) if use_fp8 else recv_x, recv_count, handle, EventOverlap(), None
         inputs = (x, topk_idx, cum_stats, wait_stats)
         outputs = (recv_x, scales, recv_count, src_info, layout_range)
         overlap = self._finish(call.event, async_finish, False, None, inputs, outputs)
@@ -249,16 +255,20 @@ class LowLatencyMixin:
         wait_stats = check_tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, ndim=1,
                                   allow_none=True)
         _exclusive(async_finish, return_recv_hook)
-        self._check_low_latency_shape(h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts)
+        src_info, layout_range, tmax, hidden, num_experts, buffer_index = h
+        if (tmax, hidden, num_experts) not in self._ll_shapes:
+            self._check_low_latency_shape(tmax, hidden, num_experts)
 
         stream = _current_stream(self._device)
         combined_x = out if out is not None else \
-            torch.empty((topk_idx.size(0), h.hidden), dtype=torch.bfloat16, device=self._device)
+            torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=self._device)
         call = runtime.low_latency_combine(
-            x, topk_idx, topk_weights, h.src_info, h.layout_range, h.num_max_dispatch_tokens_per_rank, h.hidden,
-            h.num_experts, h.buffer_index, out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt,
-            zero_copy, stream, async_finish, return_recv_hook)
-        inputs = (x, topk_idx, topk_weights, h.src_info, h.layout_range, wait_stats)
+            x, topk_idx, topk_weights, src_info, layout_range, tmax, hidden, num_experts, buffer_index,
+            out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt, zero_copy, stream, async_finish,
+            return_recv_hook)
+        if not (async_finish or return_recv_hook):  # the decode path: nothing to hold, no event
+            return combined_x, EventOverlap(), None
+        inputs = (x, topk_idx, topk_weights, src_info, layout_range, wait_stats)
         overlap = self._finish(call.event, async_finish, False, None, inputs, (combined_x,))
         hook = RecvHook(call, inputs + (combined_x,), "low_latency_combine") if return_recv_hook else None
         return combined_x, overlap, hook

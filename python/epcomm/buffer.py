@@ -43,16 +43,13 @@ def _default_num_sms() -> int:
 
 
 def _first_rows(t, rows: int):
-    """The first ``rows`` rows of a reserved receive tensor, as a tensor of their own over its
-    storage (not a view, so autograd and in-place ops treat it as any fresh tensor; the storage
-    keeps the reserved size)."""
+    """The first ``rows`` rows of a reserved receive tensor (fresh, contiguous, held by nothing
+    else), as a tensor of their own over its storage (not a view, so autograd and in-place ops treat
+    it as any fresh tensor; the storage keeps the reserved size: resize_ never shrinks a storage).
+    One torch op in place, where a new tensor set_ to the storage took two and a storage object."""
     if t is None or t.size(0) == rows:
         return t
-    storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
-    try:
-        return t.new_empty((0,)).set_(storage, 0, (rows,) + tuple(t.shape[1:]), t.stride())
-    except (RuntimeError, TypeError):  # a torch whose set_ refuses this storage: a narrowed view
-        return t.narrow(0, 0, rows)
+    return t.resize_((rows,) + t.shape[1:])
 
 
 class Buffer(LowLatencyMixin):
@@ -261,7 +258,8 @@ class Buffer(LowLatencyMixin):
     def _finish(self, event, async_finish: bool, on_comm_stream: bool, compute_stream, inputs: tuple,
                 outputs: tuple) -> EventOverlap:
         """Applies the lifetime rules of the module docstring and wraps the event. ``compute_stream``
-        (the caller's current stream) is only needed with ``on_comm_stream``; None looks it up."""
+        (the caller's current stream) is only needed with ``on_comm_stream``; None looks it up. With
+        neither flag it only returns ``EventOverlap()``, and the calls return that without calling it."""
         if on_comm_stream:
             if compute_stream is None:
                 compute_stream = torch.cuda.current_stream(self._device)
@@ -297,7 +295,9 @@ class Buffer(LowLatencyMixin):
             torch.empty((num_experts,), dtype=i32, device=dev),
             torch.empty((T, R), dtype=torch.bool, device=dev)))
         event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, stream, prev, async_finish)
-        return (*outputs, self._finish(event, async_finish, on_comm, None, (topk_idx,), outputs))
+        overlap = (self._finish(event, async_finish, on_comm, None, (topk_idx,), outputs)
+                   if async_finish or on_comm else EventOverlap())
+        return (*outputs, overlap)
 
     # ------------------------------------------------------------------ normal mode
     def dispatch(self, x, handle: Optional[tuple] = None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
@@ -378,8 +378,8 @@ class Buffer(LowLatencyMixin):
             event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                             h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
                                             stream, prev, async_finish)
-            overlap = self._finish(event, async_finish, on_comm, None, (x, x_scales) + tuple(h[:4]),
-                                   (recv_x, recv_x_scales))
+            overlap = (self._finish(event, async_finish, on_comm, None, (x, x_scales) + tuple(h[:4]),
+                                    (recv_x, recv_x_scales)) if async_finish or on_comm else EventOverlap())
             return (recv_x if x_scales is None else (recv_x, recv_x_scales)), None, None, None, None, overlap
 
         if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
@@ -410,7 +410,7 @@ class Buffer(LowLatencyMixin):
             torch.empty((R, stride), dtype=torch.int32, device=dev)) + (receive_tensors(capacity) if capacity else ()))
         pointers = None
         if reserved:
-            pointers = tuple(None if t is None else t.data_ptr() for t in reserved) + (capacity,)
+            pointers = (*[None if t is None else t.data_ptr() for t in reserved], capacity)
         # Phase 1 exchanges the counts (the host waits for them unless num_worst_tokens > 0) and, when
         # the rows fit the reserved tensors, phase 2 moves the data at once (in C++, without the GIL).
         call = runtime.dispatch_prepare(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
@@ -420,7 +420,7 @@ class Buffer(LowLatencyMixin):
         rows = call.num_rows
         if call.ran:
             event = call.take_event()
-            outputs = tuple(_first_rows(t, rows) for t in reserved)
+            outputs = tuple([_first_rows(t, rows) for t in reserved])
         else:
             # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
             # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
@@ -431,10 +431,11 @@ class Buffer(LowLatencyMixin):
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = outputs
         handle = DispatchHandle(rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank,
                                 HandleMeta._make(call.meta))
-        overlap = self._finish(event, async_finish, on_comm, None,
-                               (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                                num_tokens_per_expert),
-                               (rank_prefix_matrix, chunk_offset) + outputs)
+        overlap = (self._finish(event, async_finish, on_comm, None,
+                                (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                                 num_tokens_per_expert),
+                                (rank_prefix_matrix, chunk_offset) + outputs)
+                   if async_finish or on_comm else EventOverlap())
         recv = recv_x if x_scales is None else (recv_x, recv_x_scales)
         return recv, recv_topk_idx, recv_topk_weights, call.num_recv_tokens_per_expert, handle, overlap
 
@@ -485,7 +486,7 @@ class Buffer(LowLatencyMixin):
             torch.empty((T, topk_weights.size(1)), dtype=torch.float32, device=dev)))
         event = runtime.combine(x, topk_weights, bias0, bias1, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                 h.is_token_in_rank, h.meta, *outputs, config, stream, prev, async_finish)
-        overlap = self._finish(event, async_finish, on_comm, None,
-                               (x, topk_weights, bias0, bias1) + tuple(h[:4]), outputs)
+        overlap = (self._finish(event, async_finish, on_comm, None, (x, topk_weights, bias0, bias1) + tuple(h[:4]),
+                                outputs) if async_finish or on_comm else EventOverlap())
         return outputs[0], outputs[1], overlap
 

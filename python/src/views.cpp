@@ -18,6 +18,20 @@ std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).
 
 // Elements of a shape or strides sequence, as int64.
 int copy_dims(py::handle seq, std::array<int64_t, TensorView::kMaxDims>& out, const char* arg) {
+  // The hot path: a tuple (torch.Size is one) of plain ints, read without pybind's accessors.
+  if (PyTuple_Check(seq.ptr())) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(seq.ptr());
+    bool plain = n <= TensorView::kMaxDims;
+    for (Py_ssize_t i = 0; plain && i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(seq.ptr(), i);
+      int overflow = 0;
+      const long long v = PyLong_CheckExact(item) ? PyLong_AsLongLongAndOverflow(item, &overflow) : 0;
+      plain = PyLong_CheckExact(item) && overflow == 0 && !(v == -1 && PyErr_Occurred());
+      out[i] = v;
+    }
+    if (plain) return static_cast<int>(n);
+    PyErr_Clear();  // anything else takes the general path below, which raises as it always did
+  }
   const py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
   const size_t n = py::len(s);
   if (n > static_cast<size_t>(TensorView::kMaxDims))
@@ -25,6 +39,29 @@ int copy_dims(py::handle seq, std::array<int64_t, TensorView::kMaxDims>& out, co
                         std::to_string(TensorView::kMaxDims));
   for (size_t i = 0; i < n; ++i) out[i] = s[i].cast<int64_t>();
   return static_cast<int>(n);
+}
+
+// The attribute names to_view reads on every tensor of every call, made (and hashed) once.
+struct TensorAttrs {
+  py::str data_ptr{"data_ptr"}, dtype{"dtype"}, shape{"shape"}, stride{"stride"}, get_device{"get_device"};
+};
+const TensorAttrs& tensor_attrs() {
+  static const TensorAttrs* names = new TensorAttrs;  // never freed: Python may be gone at exit
+  return *names;
+}
+
+// obj.name, raising what pybind11's obj.attr(name) raises.
+py::object attr(py::handle obj, const py::str& name) {
+  PyObject* v = PyObject_GetAttr(obj.ptr(), name.ptr());
+  if (v == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(v);
+}
+
+// obj.name(), raising what pybind11's obj.attr(name)() raises.
+py::object call_method(py::handle obj, const py::str& name) {
+  PyObject* v = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
+  if (v == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(v);
 }
 
 TensorView from_tuple(py::handle obj, const char* arg) {
@@ -76,15 +113,21 @@ DType dtype_from_object(py::handle dtype, const char* arg) {
 TensorView to_view(py::handle obj, const char* arg) {
   if (obj.is_none()) throw ArgumentError(std::string(arg) + ": a tensor is required, got None");
   if (py::isinstance<py::tuple>(obj)) return from_tuple(obj, arg);
-  const py::object data_ptr = py::getattr(obj, "data_ptr", py::none());
-  if (data_ptr.is_none()) throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
+  const TensorAttrs& names = tensor_attrs();
+  PyObject* data_ptr = PyObject_GetAttr(obj.ptr(), names.data_ptr.ptr());
+  if (data_ptr == nullptr) PyErr_Clear();  // as py::getattr(obj, name, default) does
+  if (data_ptr == nullptr || data_ptr == Py_None) {
+    Py_XDECREF(data_ptr);
+    throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
+  }
+  const py::object data_ptr_method = py::reinterpret_steal<py::object>(data_ptr);
   TensorView v;
-  v.data = reinterpret_cast<void*>(data_ptr().cast<uintptr_t>());
-  v.dtype = dtype_from_object(obj.attr("dtype"), arg);
-  v.ndim = copy_dims(obj.attr("shape"), v.shape, arg);
-  const int nstrides = copy_dims(obj.attr("stride")(), v.strides, arg);
+  v.data = reinterpret_cast<void*>(data_ptr_method().cast<uintptr_t>());
+  v.dtype = dtype_from_object(attr(obj, names.dtype), arg);
+  v.ndim = copy_dims(attr(obj, names.shape), v.shape, arg);
+  const int nstrides = copy_dims(call_method(obj, names.stride), v.strides, arg);
   if (nstrides != v.ndim) throw ArgumentError(std::string(arg) + ": stride() and shape disagree in length");
-  v.device = obj.attr("get_device")().cast<int>();
+  v.device = call_method(obj, names.get_device).cast<int>();
   return v;
 }
 

@@ -115,3 +115,65 @@ def host_view(ptr, shape, dtype):
         numel *= n
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     return from_dlpack(_epcomm.wrap_memory(ptr, nbytes, -1, None)).view(dtype).view(shape)
+
+
+class NullCall:
+    """What a core call returns (LowLatencyCall / DispatchCall), doing nothing: no event, the data
+    phase "already ran", the hook's receive half a no-op."""
+
+    event, buffer_index, recv_pending, ran = None, 0, False, True
+
+    def __init__(self, num_rows=0, meta=None, hook=False):
+        self.num_rows, self.meta, self.recv_pending = num_rows, meta, hook
+        self.num_recv_tokens_per_expert = [num_rows]
+
+    def recv(self):
+        self.recv_pending = False
+
+    def take_event(self):
+        return None
+
+    def run(self, *outputs):
+        return None
+
+
+class NullRuntime:
+    """A Runtime stand-in that takes every call the Python layer makes, with the same arguments, and
+    does nothing: the Python layer's own host time (checks, allocations, handles) can be timed
+    without a GPU (bench_host_cpu.py). Normal dispatch reports `rows` received rows."""
+
+    max_tokens_per_rank, num_nodes = 65536, 1
+
+    def __init__(self, rows=0, num_experts=1):
+        self.rows, self.meta = rows, (rows, rows, 1, 32, rows, num_experts)
+        self.ll_call = NullCall()  # made once: the stand-in's own time stays out of the figures
+
+    def low_latency_dispatch(self, x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale,
+                             use_ue8m0, recv_x, recv_x_scales, recv_count, src_info, layout_range, stream,
+                             async_finish, return_recv_hook):
+        return NullCall(hook=True) if return_recv_hook else self.ll_call
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, src_info, layout_range, tmax, hidden, num_experts,
+                            buffer_index, out, wait_stats, use_logfmt, zero_copy, stream, async_finish,
+                            return_recv_hook):
+        return NullCall(hook=True) if return_recv_hook else self.ll_call
+
+    def get_dispatch_layout(self, topk_idx, num_experts, ntpr, ntprr, ntpe, in_rank, stream, prev, async_finish):
+        return None
+
+    def chunk_offset_stride(self, config):
+        return 4
+
+    def dispatch_prepare(self, x, x_scales, topk_idx, topk_weights, ntpr, in_rank, ntpe, alignment, num_worst_tokens,
+                         config, rank_prefix_matrix, chunk_offset, stream, previous_event, async_finish, reserved):
+        call = NullCall(self.rows, self.meta)
+        call.ran = reserved is not None and self.rows <= reserved[-1]
+        return call
+
+    def cached_dispatch(self, x, x_scales, rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank, meta,
+                        recv_x, recv_x_scales, config, stream, previous_event, async_finish):
+        return None
+
+    def combine(self, x, topk_weights, bias0, bias1, rank_prefix_matrix, chunk_offset, recv_src_idx, is_token_in_rank,
+                meta, combined_x, combined_topk_weights, config, stream, previous_event, async_finish):
+        return None

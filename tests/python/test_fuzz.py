@@ -122,7 +122,7 @@ class _StubTorch:
     def empty(*args, **kwargs):
         raise _fuzz.ReachedCore()
 
-    empty_like = zeros = empty
+    empty_like = empty_strided = zeros = empty
 
 
 class _CoreStandIn:
