@@ -322,7 +322,8 @@ void bind_low_latency(py::module_& m) {
            py::arg("recv_count"), py::arg("src_info"), py::arg("layout_range"), py::arg("stream"),
            py::arg("async_finish"), py::arg("return_recv_hook"),
            "Launches a low-latency dispatch (the send half only with return_recv_hook). Outputs are tensors or "
-           "data pointers of tensors of the shapes the core expects (recv_x_scales: the transposed view).")
+           "data pointers of tensors of the shapes the core expects (recv_x_scales: [E/R, R*Tmax, S] with the token "
+           "dimension contiguous per expert, DeepEP's strides).")
       .def("low_latency_combine", &low_latency_combine, py::arg("x"), py::arg("topk_idx"), py::arg("topk_weights"),
            py::arg("src_info"), py::arg("layout_range"), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"),
            py::arg("num_experts"), py::arg("buffer_index"), py::arg("out"), py::arg("combine_wait_recv_cost_stats"),
