@@ -39,6 +39,23 @@ TEST(TrafficModel, LowLatencyCountedByHand) {
   EXPECT_EQ(count_low_latency(s, topk, false, 1).payload, 256u);
 }
 
+// Every rank's bytes each way, puts and rows of dispatch and combine, as the brute-force count has them.
+void expect_counts_match(const Count& want_dispatch, const Count& want_combine, const Count& dispatch,
+                         const Count& combine) {
+  for (size_t r = 0; r < want_dispatch.size(); ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    for (const auto& [want, got] :
+         {std::pair{&want_dispatch[r], &dispatch[r]}, std::pair{&want_combine[r], &combine[r]}}) {
+      EXPECT_EQ(got->net_tx, want->net_tx);
+      EXPECT_EQ(got->net_rx, want->net_rx);
+      EXPECT_EQ(got->nvl_tx, want->nvl_tx);
+      EXPECT_EQ(got->nvl_rx, want->nvl_rx);
+      EXPECT_EQ(got->puts, want->puts);
+      EXPECT_EQ(got->rows, want->rows);
+    }
+  }
+}
+
 // R = 4 in 2 nodes of 2, one expert per rank, one token on rank 0 to ranks 1, 2, 3: one network
 // row to the forwarder rank 2, which rank 3 pulls; rank 1 pulls from rank 0.
 TEST(TrafficModel, NormalCountedByHand) {
@@ -107,17 +124,7 @@ TEST(TrafficModel, LowLatencyMatchesReferenceRows) {
           }
         }
       const LowLatencyTraffic t = count_low_latency(s, topk, fp8, 132);
-      for (int r = 0; r < R; ++r) {
-        SCOPED_TRACE("rank " + std::to_string(r));
-        for (const auto& [want, got] : {std::pair{&d[r], &t.dispatch[r]}, std::pair{&c[r], &t.combine[r]}}) {
-          EXPECT_EQ(got->net_tx, want->net_tx);
-          EXPECT_EQ(got->net_rx, want->net_rx);
-          EXPECT_EQ(got->nvl_tx, want->nvl_tx);
-          EXPECT_EQ(got->nvl_rx, want->nvl_rx);
-          EXPECT_EQ(got->puts, want->puts);
-          EXPECT_EQ(got->rows, want->rows);
-        }
-      }
+      expect_counts_match(d, c, t.dispatch, t.combine);
     }
 }
 
@@ -177,17 +184,7 @@ TEST(TrafficModel, NormalMatchesReferenceRows) {
           }
       }
       const NormalTraffic t = count_normal(s, topk, fp8, 24, chunk, 1024);
-      for (int r = 0; r < R; ++r) {
-        SCOPED_TRACE("rank " + std::to_string(r));
-        for (const auto& [want, got] : {std::pair{&d[r], &t.dispatch[r]}, std::pair{&c[r], &t.combine[r]}}) {
-          EXPECT_EQ(got->net_tx, want->net_tx);
-          EXPECT_EQ(got->net_rx, want->net_rx);
-          EXPECT_EQ(got->nvl_tx, want->nvl_tx);
-          EXPECT_EQ(got->nvl_rx, want->nvl_rx);
-          EXPECT_EQ(got->puts, want->puts);
-          EXPECT_EQ(got->rows, want->rows);
-        }
-      }
+      expect_counts_match(d, c, t.dispatch, t.combine);
     }
 }
 
