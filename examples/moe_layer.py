@@ -137,6 +137,22 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def warm_up(hidden, ffn, num_experts, num_topk, seed, device):
+    """The layer on one GPU, forward and backward on a few tokens, without communication.
+
+    CUDA loads a kernel's module at its first launch, and the load waits for the kernels already
+    running. Across fake nodes the data a spinning dispatch waits for is copied by CUDA calls of
+    this same process (the loopback plugin), so an expert kernel launched for the first time during
+    a dispatch would wait for ever; real NICs need no CUDA call, and there it costs one wait."""
+    gate, w1, w2 = (t.to(device).requires_grad_() for t in init_weights(hidden, ffn, num_experts, seed))
+    x = torch.randn(8, hidden, device=device).to(torch.bfloat16).requires_grad_()
+    weights, idx = torch.softmax(x.float() @ gate.t(), dim=1).topk(num_topk, dim=1)
+    out = expert_mlp(x, weights, idx, w1, w2).to(torch.bfloat16)
+    (out.float() * torch.randn_like(out.float())).sum().backward()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def check_against_single_gpu(buffer, group, seed=0, tokens=128, hidden=512, ffn=1024, num_topk=4,
                              experts_per_rank=8, tol=3e-2, device=None):
     """Runs the layer forward and backward on every rank and the same layer on one GPU (each rank
@@ -144,6 +160,7 @@ def check_against_single_gpu(buffer, group, seed=0, tokens=128, hidden=512, ffn=
     R, rank = buffer.group_size, buffer.rank
     E = experts_per_rank * R
     device = device or torch.device("cuda", torch.cuda.current_device())
+    warm_up(hidden, ffn, E, num_topk, seed, device)  # kernels loaded before any dispatch spins
     layer = MoELayer(buffer, hidden, ffn, E, num_topk, seed, device)
     g = torch.Generator().manual_seed(seed * 1000 + rank + 1)
     x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(device).requires_grad_()

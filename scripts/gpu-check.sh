@@ -253,8 +253,10 @@ if [[ " $steps " == *" python "* ]]; then
   log "python exit tests rc=$rc"
   [[ $rc -ne 0 ]] && status=1
   log "python: pytest tests/python/test_process_death.py (a rank killed with SIGKILL; 1 GPU: 3 fake nodes)"
+  # -s: the per-scenario reports (time from the kill to each survivor's error or mask) are prints.
   EPCOMM_TEST_NET_PLUGIN=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so} \
-    timeout ${EPCOMM_DEATH_TIMEOUT:-900} python3 -m pytest -rs -q "$root/tests/python/test_process_death.py" \
+    EPCOMM_DEATH_LOG_DIR=$out/death timeout ${EPCOMM_DEATH_TIMEOUT:-900} python3 -m pytest -rs -q -s \
+    "$root/tests/python/test_process_death.py" \
     >"$out/python-death.log" 2>&1
   rc=$?
   grep -E "^\[epcomm death\]|^  rank " "$out/python-death.log" | cut -c1-600; tail -3 "$out/python-death.log"

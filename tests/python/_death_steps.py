@@ -48,13 +48,12 @@ def step_inputs(seed: int, step: int, num_ranks: int, shape: dict, device, ranks
 
 
 # ---------------------------------------------------------------------------- buffers
-def ll_buffer(group, num_ranks: int, shrink: bool, across_nodes: bool):
-    """The low-latency buffer. Across nodes (fake nodes on one GPU) the network path needs more
-    than get_low_latency_rdma_size_hint: Buffer::low_latency_net_size_hint, which Python does not
-    offer (about 1.03 x the hint at these shapes, measured with the C++ function); twice the hint."""
+def ll_buffer(group, num_ranks: int, shrink: bool):
+    """The low-latency buffer, sized by get_low_latency_rdma_size_hint as clients size it (for
+    R > 1 it covers the network path across nodes too)."""
     hint = epcomm.Buffer.get_low_latency_rdma_size_hint(LL_SHAPE["max_tokens"], LL_SHAPE["hidden"], num_ranks,
                                                         num_experts(num_ranks))
-    return epcomm.Buffer(group, num_rdma_bytes=2 * hint if across_nodes else hint, low_latency_mode=True,
+    return epcomm.Buffer(group, num_rdma_bytes=hint, low_latency_mode=True,
                          explicitly_destroy=True, enable_shrink=shrink)
 
 

@@ -170,11 +170,16 @@ def run_scenario(plan: Plan, scenario: str, seed: int, limits: Limits, env: Opti
         kill_file = os.path.join(tmp, "kill_time")
         config = json.dumps(worker_config(plan, scenario, kill_file, seed))
         logs, procs = [], []
+        # EPCOMM_DEATH_LOG_DIR keeps the ranks' logs (one folder per scenario); else they go with tmp.
+        log_dir = os.path.join(env["EPCOMM_DEATH_LOG_DIR"], scenario) if env.get("EPCOMM_DEATH_LOG_DIR") else tmp
+        os.makedirs(log_dir, exist_ok=True)
         for r in range(plan.ranks):
-            log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
+            log = open(os.path.join(log_dir, f"rank{r}.log"), "w+")
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, WORKER, config], env=rank_env(env, plan, scenario, r, port),
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            renv = rank_env(env, plan, scenario, r, port)
+            renv["EPCOMM_DUMP_AFTER_S"] = str(max(limits.watchdog_s - 10.0, 1.0))  # stacks before the watchdog
+            procs.append(subprocess.Popen([sys.executable, WORKER, config], env=renv, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
         exit_wall = wait_all(procs, limits.watchdog_s, grace_s=limits.teardown_s + plan.timeout_ms / 1000.0,
                              victim=victim_of(plan))
         results = []

@@ -11,6 +11,7 @@ epcomm.TimeoutError naming it. Then destroy(), destroy_process_group() and an or
 """
 
 import datetime
+import faulthandler
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import _death_steps as steps  # noqa: E402
 import epcomm  # noqa: E402
 from _cluster import Context  # noqa: E402
 from _death_verdict import DEATH_TAG  # noqa: E402
+from _gpu_low_latency import warm_expert_kernels  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 TIMEOUT_AFTER_DEATH_STEPS = 4  # without shrink mode: calls made after the death before the error must have come
@@ -168,7 +170,7 @@ def construct(cfg, group, R: int) -> None:
 
         dist.all_gather_object = gather_then_die  # Buffer calls torch.distributed.all_gather_object
     try:
-        buf = steps.ll_buffer(group, R, False, cfg["shared"])
+        buf = steps.ll_buffer(group, R, False)
     except Exception as e:  # noqa: BLE001 -- reported; the parent checks the message
         detected(cfg, "error", **error_fields(e))
         return
@@ -194,6 +196,8 @@ def teardown(buf) -> None:
 
 def main(cfg) -> int:
     R = int(os.environ["WORLD_SIZE"])
+    if float(os.environ.get("EPCOMM_DUMP_AFTER_S", "0")) > 0:  # a hang names its Python line in the log
+        faulthandler.dump_traceback_later(float(os.environ["EPCOMM_DUMP_AFTER_S"]), exit=False)
     device = 0 if cfg["shared"] else RANK
     torch.cuda.set_device(device)
     init = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
@@ -207,10 +211,12 @@ def main(cfg) -> int:
             construct(cfg, group, R)
         else:
             if cfg["mode"] == "ll":
-                buf = steps.ll_buffer(group, R, cfg["shrink"], cfg["shared"])
+                buf = steps.ll_buffer(group, R, cfg["shrink"])
             else:
                 buf = steps.normal_buffer(group, R, cfg["shared"])
             ctx = Context(RANK, R, buf, group, torch.device("cuda", device))
+            if cfg["mode"] == "ll":  # the stand-in expert's kernels loaded before any kernel spins
+                warm_expert_kernels(ctx, steps.num_experts(R), steps.LL_SHAPE["hidden"])
             good_steps(cfg, ctx, buf, cfg["mode"])
             if RANK == cfg["victim"]:
                 if cfg["mode"] == "ll":

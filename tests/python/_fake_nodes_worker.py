@@ -21,6 +21,7 @@ once (the ranks are out of step), exit 1.
 """
 
 import datetime
+import faulthandler
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ import epcomm as deep_ep  # noqa: E402
 from _cluster import Context  # noqa: E402
 from _exit_check import DONE_LINE  # noqa: E402
 from _gpu_checks import Checks  # noqa: E402
-from _gpu_low_latency import ll_shapes, low_latency  # noqa: E402
+from _gpu_low_latency import ll_shapes, low_latency, warm_expert_kernels  # noqa: E402
 from _gpu_normal import Inputs, run_normal, verify_normal  # noqa: E402
 
 HIDDEN = 2048  # normal mode; the buffer is sized for it (low latency: ll_shapes' "basic", hidden 1024)
@@ -120,6 +121,10 @@ def main() -> int:
           f"seed {seed}, cases {chosen}", flush=True)
 
     start = time.monotonic()
+    # A hang names its Python line: every thread's stack into the log before the watchdog's SIGKILL.
+    dump_after = float(os.environ.get("EPCOMM_FAKE_DUMP_AFTER_S", "0"))
+    if dump_after > 0:
+        faulthandler.dump_traceback_later(dump_after, exit=False)
     torch.cuda.set_device(gpu)
     # gloo: ranks may share a GPU; epcomm makes its own NCCL communicator (through the plugin).
     dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
@@ -136,6 +141,8 @@ def main() -> int:
         os._exit(1)
     ctx = Context(rank, R, buffer, group, torch.device("cuda", gpu))
     ctx.ll_buffer = ll_buffer  # _gpu_low_latency.ll_buffer takes it from here
+    _, ll_hidden, ll_experts = ll_shapes(R)["basic"]
+    warm_expert_kernels(ctx, ll_experts, ll_hidden)  # before any kernel spins (see its docstring)
     ctx.num_nodes, ctx.ranks_per_node = N, P
 
     failed = []

@@ -44,6 +44,8 @@ def ll_buffer(ctx):
         R = ctx.num_ranks
         nbytes = max(epcomm.Buffer.get_low_latency_rdma_size_hint(t, h, R, e) for t, h, e in ll_shapes(R).values())
         buf = ctx.ll_buffer = epcomm.Buffer(ctx.group, num_rdma_bytes=nbytes, low_latency_mode=True)
+        _, hidden, E = ll_shapes(R)["basic"]
+        warm_expert_kernels(ctx, E, hidden)
     return buf
 
 
@@ -111,6 +113,25 @@ def ll_expert_y(ctx, num_experts, recv, fp8, ue8m0, hidden):
             rows = x_q[e].float()
         y[e] = ref.ll_expert(rows, factor[e])
     return y
+
+
+def warm_expert_kernels(ctx, num_experts, hidden):
+    """Runs the stand-in expert once on dummy rows (BF16, FP8, FP8 with UE8M0 scales) and waits.
+
+    CUDA loads a kernel's module on its first launch (lazy loading, the default), and a load waits
+    for the kernels already running in the context. The expert runs while a receive kernel spins for
+    its peers' data; where that data arrives through CUDA copies of this same process (the loopback
+    GIN plugin's proxy thread), the load and the spin wait for each other for ever. Real NICs write
+    without CUDA calls, so only the first call pays a wait there; the tests warm the kernels first."""
+    EL = max(num_experts // ctx.num_ranks, 1)
+    x = torch.zeros((EL, 2, hidden), dtype=torch.bfloat16, device=ctx.device)
+    q = x.to(torch.float8_e4m3fn)
+    scales = torch.ones((EL, 2, hidden // ref.SCALE_GROUP), dtype=torch.float32, device=ctx.device)
+    packed = torch.zeros((EL, 2, (hidden // ref.SCALE_GROUP + 3) // 4), dtype=torch.int32, device=ctx.device)
+    ll_expert_y(ctx, num_experts, x, False, False, hidden)
+    ll_expert_y(ctx, num_experts, (q, scales), True, False, hidden)
+    ll_expert_y(ctx, num_experts, (q, packed), True, True, hidden).clone()  # clone: zero_copy's copy_
+    torch.cuda.synchronize(ctx.device)
 
 
 @timed("epcomm")

@@ -36,13 +36,15 @@ def raises(exc_type, fn, *fragments):
 
 def _run(namespace, names=None, prefix=""):
     """Runs the test_* functions of `namespace`, or those in `names`, printing PASS / SKIP / FAIL per
-    test (names after `prefix`); returns how many failed."""
+    test (names after `prefix`); returns how many failed. A test that takes pytest parameters names
+    its call without them in `runner_call` (e.g. every case in turn)."""
     if names is None:
         names = sorted(n for n, f in namespace.items() if n.startswith("test_") and callable(f))
     failed = 0
     for name in names:
         try:
-            namespace[name]()
+            fn = namespace[name]
+            getattr(fn, "runner_call", fn)()
             print(f"PASS {prefix}{name}")
         except SkipTest as e:
             print(f"SKIP {prefix}{name}: {e}")

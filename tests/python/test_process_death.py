@@ -26,7 +26,7 @@ test-only loopback net plugin (NCCL_NET_PLUGIN from EPCOMM_TEST_NET_PLUGIN, else
 build-gpu/tests/gin_loopback/libnccl-net-epcomm-loopback.so); their kernels take turns on the GPU,
 so the timeout is 10 s, the shrink runs take 100 steps after the death, and ll-shrink-dispatch-sent
 is left out. Knobs: EPCOMM_TEST_RANKS, EPCOMM_TIMEOUT_MS, EPCOMM_DEATH_STEPS, EPCOMM_DEATH_SCENARIOS
-(comma-separated), EPCOMM_TEST_SEED.
+(comma-separated), EPCOMM_TEST_SEED, EPCOMM_DEATH_LOG_DIR (keeps the ranks' logs).
 
     PYTHONPATH=python python -m pytest -rs -s tests/python/test_process_death.py
 
@@ -58,13 +58,20 @@ except ImportError:
     torch = None
 
 
-def _parametrize(fn):
+def _death_test(fn):
+    """pytest: one test per scenario (a parametrized argument may not have a default). The runner
+    without pytest calls runner_call: every planned scenario in turn."""
+    def test_gpu_process_death(scenario):
+        fn(scenario)
+
+    test_gpu_process_death.__doc__ = fn.__doc__
+    test_gpu_process_death.runner_call = fn
     if pytest is None:
-        return fn
-    return pytest.mark.parametrize("scenario", list(dv.SCENARIOS))(fn)
+        return test_gpu_process_death
+    return pytest.mark.parametrize("scenario", list(dv.SCENARIOS))(test_gpu_process_death)
 
 
-@_parametrize
+@_death_test
 def test_gpu_process_death(scenario=None):
     """One scenario (pytest), or every planned one in turn (the runner without pytest)."""
     if torch is None:
