@@ -265,6 +265,9 @@ def _run_fake_nodes(args, port):
                    NCCL_NET_PLUGIN=plugin, NCCL_NET="EpcommLoopback", NCCL_GIN_TYPE="2", NCCL_NVLS_ENABLE="0",
                    TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                    EPCOMM_RANKS_PER_NODE="0",  # the node is what NCCL says: this fake node's ranks
+                   # Every kernel loaded when the context starts (warm_up's docstring says why; the
+                   # warm-up alone left a deadlock in BENCHMARKS.md run 74; not yet run with this).
+                   CUDA_MODULE_LOADING="EAGER",
                    PYTHONUNBUFFERED="1")
         # The normal-mode buffer's network memory is sized for this many tokens per rank (epcomm's
         # default, 65536, would need far more); a live peer on a shared GPU can be seconds late.
