@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "core/buffer_impl.hpp"
 #include "core/argument_checks.hpp"
@@ -41,14 +42,24 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.rank = m.group->rank();
   m.num_ranks = m.group->size();
   m.device = m.group->device();
-  if (m.group->ranks_per_node() > kMaxNvlRanks)
-    throw ArgumentError("ranks per node = " + std::to_string(m.group->ranks_per_node()) + " exceeds the supported " +
-                        std::to_string(kMaxNvlRanks));
-  m.inter.enabled = m.group->num_nodes() > 1;  // normal mode across nodes (buffer_internode.cpp)
-  // Across nodes, CommonParams still lists every rank's window (kMaxNvlRanks entries).
-  if (m.inter.enabled && m.num_ranks > std::min(kMaxInterRanks, kMaxNvlRanks))
+  if (m.group->ranks_per_node() > kMaxLsaRanks)
+    throw ArgumentError("ranks per node = " + std::to_string(m.group->ranks_per_node()) + " exceeds the " +
+                        std::to_string(kMaxLsaRanks) + " one NVLink domain may hold");
+  if (m.num_ranks > kMaxLowLatencyRanks)
     throw ArgumentError("num_ranks = " + std::to_string(m.num_ranks) + " exceeds the " +
-                        std::to_string(std::min(kMaxInterRanks, kMaxNvlRanks)) + " ranks the internode path supports");
+                        std::to_string(kMaxLowLatencyRanks) + " ranks epcomm supports");
+  m.inter.enabled = m.group->num_nodes() > 1;  // normal mode across nodes (buffer_internode.cpp)
+  if (m.num_ranks > kMaxLsaRanks && options.low_latency_net == 0)
+    throw ArgumentError("low_latency_net = 0 with " + std::to_string(m.num_ranks) +
+                        " ranks: low-latency mode reaches at most " + std::to_string(kMaxLsaRanks) +
+                        " ranks by load/store, the others through the network (leave it -1 or set 1)");
+  // Larger groups than normal mode's kernels hold are for low-latency mode alone.
+  if (!m.normal_mode_fits() && !options.low_latency_mode)
+    throw ArgumentError(m.normal_mode_limit_text() +
+                        "; a buffer for low-latency mode alone (low_latency_mode = true) "
+                        "takes up to " +
+                        std::to_string(kMaxLsaRanks) + " ranks per node and " + std::to_string(kMaxLowLatencyRanks) +
+                        " in all");
 
   // Checked before anything collective, so every rank throws alike.
   checks::in_range("BufferOptions::low_latency_per_rank", options.low_latency_per_rank, -1, kLowLatencyPerRankMaxLevel);
@@ -95,7 +106,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
 
   const int max_chunks = (m.max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
   // The control part's LL area holds clean_low_latency_buffer's barrier flags (one per rank).
-  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts, kLowLatencyCleanFlagBytes);
+  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts,
+                              low_latency_clean_flag_bytes(m.num_ranks));
   m.data_offset = m.ctl.total;
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
@@ -124,6 +136,18 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
       throw RuntimeFailure("Buffer: rank " + std::to_string(r) + " is not reachable by NVLink load/store from rank " +
                            std::to_string(m.rank) + ", and the group gave no network transport to reach it (" +
                            m.group->transport() + ")");
+  }
+
+  {
+    std::vector<char*> tables(3 * static_cast<size_t>(m.num_ranks), nullptr);
+    for (int r = 0; r < m.num_ranks; ++r) {
+      char* base = static_cast<char*>(m.sym->peers()[r]);
+      tables[r] = base;
+      tables[m.num_ranks + r] = base ? base + m.ll.offset : nullptr;
+      tables[2 * static_cast<size_t>(m.num_ranks) + r] = base ? base + m.inter.offset : nullptr;
+    }
+    EPCOMM_CUDA_CHECK(cudaMalloc(&m.peer_tables, sizeof(char*) * tables.size()));
+    EPCOMM_CUDA_CHECK(cudaMemcpy(m.peer_tables, tables.data(), sizeof(char*) * tables.size(), cudaMemcpyHostToDevice));
   }
 
   if (options.comm_stream) {
@@ -165,6 +189,7 @@ Buffer::~Buffer() {
   } catch (...) {
   }
   m.sym.reset();
+  cudaFree(m.peer_tables);
   cudaFree(m.counters);
   m.release_low_latency();
   cudaFreeHost(m.record);
@@ -217,11 +242,25 @@ bool Buffer::Impl::capturing(cudaStream_t stream) const {
   return status != cudaStreamCaptureStatusNone;
 }
 
+std::string Buffer::Impl::normal_mode_limit_text() const {
+  return "normal mode takes at most " + std::to_string(kMaxNvlRanks) + " ranks per node and, across nodes, " +
+         std::to_string(kMaxNvlRanks) + " ranks in all; this group has " + std::to_string(num_ranks) + " ranks, " +
+         std::to_string(group->ranks_per_node()) + " per node";
+}
+
+void Buffer::Impl::require_normal_mode(const char* call) const {
+  if (!normal_mode_fits()) throw ArgumentError(std::string(call) + ": " + normal_mode_limit_text());
+}
+
 CommonParams Buffer::Impl::common(KernelId kernel) const {
   CommonParams c;
   c.rank = rank;
   c.num_ranks = num_ranks;
-  for (int r = 0; r < num_ranks; ++r) c.peer_base[r] = static_cast<char*>(sym->peers()[r]);
+  // Every rank where the group fits the table (normal mode indexes it by rank), else this rank's
+  // node (low-latency mode: other nodes through the network; the constructor checked P).
+  const LsaWindow w = lsa_window(rank, num_ranks, group->ranks_per_node());
+  c.lsa_first = w.first;
+  for (int i = 0; i < w.count; ++i) c.peer_base[i] = static_cast<char*>(sym->peers()[w.first + i]);
   c.ctl = ctl;
   c.seq_counter = &counters->seq;
   c.done_counter = &counters->done;

@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <memory>
+#include <string>
 
 #include "core/gin_signals.hpp"
 #include "epcomm/buffer.hpp"
@@ -67,6 +68,23 @@ struct Buffer::Impl {
   // Makes the caller wait for the comm stream, or returns the event when async.
   Event leave(const StreamOrder& order);
   CommonParams common(KernelId kernel) const;
+  // Normal mode's kernels hold a node's ranks in 32-bit masks and, across nodes, every rank in
+  // CommonParams::peer_base (design-scale.md §3): at most kMaxNvlRanks per node, and across nodes
+  // kMaxNvlRanks in all. Larger groups are low-latency only (Buffer checks at creation and at
+  // every normal-mode call).
+  bool normal_mode_fits() const {
+    return group->ranks_per_node() <= kMaxNvlRanks && (group->num_nodes() == 1 || num_ranks <= kMaxNvlRanks);
+  }
+  std::string normal_mode_limit_text() const;        // what the group has, against those limits
+  void require_normal_mode(const char* call) const;  // ArgumentError naming the call unless it fits
+  // Device tables [R], written once in the constructor: every rank's symmetric region, and the
+  // same plus the LL / internode region's offset (the emulated network's windows); nullptr where
+  // not load/store reachable. Kernels that reach any rank by load/store take them (no R-sized
+  // array in kernel parameters: design-scale.md §3).
+  char** peer_tables = nullptr;  // [3][R]
+  char* const* peer_regions() const { return peer_tables; }
+  char* const* ll_windows() const { return peer_tables + num_ranks; }
+  char* const* inter_windows() const { return peer_tables + 2 * static_cast<size_t>(num_ranks); }
   // Half of the data part each normal-mode ring may use.
   size_t ring_region_bytes() const { return data_bytes / 2; }
   size_t dispatch_ring_offset() const { return data_offset; }

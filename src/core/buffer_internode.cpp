@@ -21,8 +21,8 @@ size_t required_bytes(const InterLayout& l, size_t half) { return l.control_byte
 }  // namespace
 
 void Buffer::Impl::init_internode() {
-  if (!inter.enabled) return;
-  const int max_chunks = (max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
+  if (!inter.enabled || !normal_mode_fits()) return;  // a group for low-latency mode alone
+  const int max_chunks = (max_tokens + 7) / 8;        // the smallest chunk is 8 tokens
   inter.layout =
       InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, max_chunks, max_local_experts, inter.bytes);
 }
@@ -53,13 +53,10 @@ InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
   InterCommon ic;
   ic.common = common(kernel);
   ic.layout = inter.layout;
-  for (int r = 0; r < num_ranks; ++r) {
-    char* base = static_cast<char*>(sym->peers()[r]);
-    ic.net.window[r] = base ? base + inter.offset : nullptr;
-  }
+  ic.net.window = inter_windows();
   ic.net.signals = inter.layout.signals;
   ic.net.ranks_per_node = inter.layout.ranks_per_node;
-  ic.net.stats = reinterpret_cast<uint64_t*>(ic.net.window[rank] + inter.layout.stats);
+  ic.net.stats = reinterpret_cast<uint64_t*>(static_cast<char*>(sym->local()) + inter.offset + inter.layout.stats);
   ic.num_blocks = num_blocks;
   return ic;
 }

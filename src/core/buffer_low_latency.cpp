@@ -59,9 +59,9 @@ namespace {
 
 // The network path's transport arguments: every rank's LL region as its window (virtual nodes:
 // all load/store reachable), the signal array, the traffic counters in the device state.
-EmulatedNetParams ll_net_params(const Buffer::Impl& m, const CommonParams& c, const LowLatencyNetLayout& nl) {
+EmulatedNetParams ll_net_params(const Buffer::Impl& m, const LowLatencyNetLayout& nl) {
   EmulatedNetParams n;
-  for (int r = 0; r < m.num_ranks && r < kMaxInterRanks; ++r) n.window[r] = c.peer_base[r] + m.ll.offset;
+  n.window = m.ll_windows();
   n.signals = nl.signals;
   n.stats = reinterpret_cast<uint64_t*>(&m.ll.state->net_stats[0]);
   n.ranks_per_node = m.group->ranks_per_node();
@@ -125,7 +125,7 @@ Event launch_dispatch_phases(Buffer::Impl& m, const LowLatencyDispatchInputs& in
     a.layout = LowLatencyNetLayout::make(l);
     a.ranks_per_node = m.group->ranks_per_node();
     if (m.gin) launch_low_latency_dispatch_gin(p, a, m.low_latency_gin_params(), call.blocks, smem, stream);
-    else launch_low_latency_dispatch_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, smem, stream);
+    else launch_low_latency_dispatch_net(p, a, ll_net_params(m, a.layout), call.blocks, smem, stream);
   } else {
     launch_low_latency_dispatch(p, call.blocks, smem, stream);
   }
@@ -161,7 +161,7 @@ Event launch_combine_phases(Buffer::Impl& m, const LowLatencyCombineInputs& in, 
     a.ranks_per_node = m.group->ranks_per_node();
     a.y_in_window = in.zero_copy;
     if (m.gin) launch_low_latency_combine_gin(p, a, m.low_latency_gin_params(), call.blocks, stream);
-    else launch_low_latency_combine_net(p, a, ll_net_params(m, p.common, a.layout), call.blocks, stream);
+    else launch_low_latency_combine_net(p, a, ll_net_params(m, a.layout), call.blocks, stream);
   } else {
     launch_low_latency_combine(p, call.blocks, stream);
   }

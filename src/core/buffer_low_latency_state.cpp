@@ -35,7 +35,11 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
 void Buffer::Impl::init_low_latency() {
   // Across real nodes always (the constructor refused low_latency_net = 0 there).
   const bool asked = options.low_latency_net < 0 ? low_latency_net_requested() : options.low_latency_net != 0;
-  ll.net = (gin != nullptr || asked) && group->ranks_per_node() < num_ranks;
+  // More ranks than one CommonParams::peer_base holds (kMaxLsaRanks): the kernels reach only this
+  // node's ranks by load/store, the others through the network, over virtual nodes too (the
+  // constructor refused low_latency_net = 0 there).
+  const bool too_many_for_lsa = num_ranks > kMaxLsaRanks;
+  ll.net = (gin != nullptr || asked || too_many_for_lsa) && group->ranks_per_node() < num_ranks;
   ll.per_rank_level = low_latency_per_rank_choice(options.low_latency_per_rank, low_latency_per_rank_level());
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.state, sizeof(LowLatencyDeviceState)));
   EPCOMM_CUDA_CHECK(cudaMalloc(&ll.mask, sizeof(int32_t) * num_ranks));
@@ -153,6 +157,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   // comm stream comes first (begin_call joins it, as for any LL call).
   LowLatencyCleanParams p;
   p.common = m.common(KernelId::kLowLatencyClean);
+  p.peers = m.peer_regions();
   // Ranks reach clean after their own earlier calls, each of which may wait up to a timeout (a
   // masked peer's first missing answer costs one per half): the barriers allow a rank three
   // timeouts and 10 s more to arrive, as the host allows the count exchange.

@@ -214,6 +214,7 @@ int Buffer::chunk_offset_stride(const Config& config) const {
 Event Buffer::get_dispatch_layout(const TensorView& topk_idx, int num_experts, const LayoutOutputs& out,
                                   const StreamOrder& order) {
   Impl& m = *impl_;
+  m.require_normal_mode("get_dispatch_layout");
   check_device_errors();
   const int R = m.num_ranks;
   checks::device_tensor("topk_idx", topk_idx, m.device, {DType::kI64}, 2);
@@ -254,6 +255,7 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
                                       const std::optional<TensorView>& num_recv_tokens_per_expert,
                                       const StreamOrder& order) {
   Impl& m = *impl_;
+  m.require_normal_mode("dispatch");
   check_device_errors();
   const int R = m.num_ranks;
   check_x(m, in.x, in.x_scales, -1);
@@ -454,6 +456,7 @@ Event Buffer::cached_dispatch(const TensorView& x, const std::optional<TensorVie
                               const DispatchHandle& handle, const DispatchOutputs& out, const Config& config,
                               const StreamOrder& order) {
   Impl& m = *impl_;
+  m.require_normal_mode("dispatch (cached)");
   check_device_errors();
   check_x(m, x, x_scales, handle.num_tokens);
   config.validate(m.sm_count);
@@ -465,6 +468,7 @@ Event Buffer::cached_dispatch(const TensorView& x, const std::optional<TensorVie
 Event Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                       const StreamOrder& order) {
   Impl& m = *impl_;
+  m.require_normal_mode("combine");
   check_device_errors();
   const int R = m.num_ranks;
   check_filled_handle(m, handle);

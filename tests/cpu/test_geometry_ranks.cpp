@@ -14,12 +14,14 @@
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
 #include "kernels/internode/params.hpp"
+#include "kernels/low_latency/launchers.hpp"
 #include "kernels/low_latency/params.hpp"
+#include "transport/net_params.hpp"
 
 namespace epcomm {
 namespace {
 
-const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32};
+const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 33, 64, 72, 128, 320};
 
 // One LL buffer's parts in order, each inside its own range; the last entry of every array ends
 // before the next part starts.
@@ -56,6 +58,40 @@ TEST(GeometryRanks, LowLatencyLayoutPartsAreDisjointAtEveryR) {
                        " hidden=" + std::to_string(hidden));
           expect_low_latency_layout(LowLatencyLayout::make(tmax, hidden, R, R * per_rank));
         }
+}
+
+// Low-latency mode past 32 ranks (design-scale.md §3): the kernels' peer table lists every rank up
+// to kMaxLsaRanks, else the rank's node; the per-rank path (32-bit destination masks) steps aside;
+// the clean barrier's flags are one u64 per rank; the network path's per-rank counters fit their
+// static shared memory at the largest group.
+TEST(GeometryRanks, LowLatencyPastThirtyTwoRanks) {
+  for (int R : {1, 8, 32, 64, 72}) {
+    const LsaWindow w = lsa_window(R - 1, R, R);
+    EXPECT_EQ(w.first, 0) << R;
+    EXPECT_EQ(w.count, R) << R;
+  }
+  for (int R : {72, 16})  // virtual nodes of 8 within the table: still every rank
+    EXPECT_EQ(lsa_window(R - 1, R, 8).count, R);
+  for (int P : {1, 8, 72})
+    for (int R : {P * 2 > kMaxLsaRanks ? P * 2 : 80, 128, 320, kMaxLowLatencyRanks}) {
+      if (R % P) continue;
+      for (int rank : {0, P - 1, P, R / 2, R - 1}) {
+        const LsaWindow w = lsa_window(rank, R, P);
+        SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P) + " rank=" + std::to_string(rank));
+        EXPECT_EQ(w.count, P);
+        EXPECT_LE(w.count, kMaxLsaRanks);
+        EXPECT_EQ(w.first % P, 0);
+        EXPECT_LE(w.first, rank);
+        EXPECT_LT(rank, w.first + w.count);  // its own region is in the table
+      }
+    }
+  for (int R : {32, 33, 64, 320}) {
+    const LowLatencyLayout l = LowLatencyLayout::make(128, 7168, R, 2 * R);
+    EXPECT_EQ(low_latency_per_rank_wanted(l, true, kLowLatencyPerRankMaxLevel), R <= 32 && l.per_rank_fits(true)) << R;
+  }
+  EXPECT_EQ(low_latency_clean_flag_bytes(320), 320u * 8);
+  EXPECT_LE(2 * sizeof(int32_t) * kMaxLowLatencyRanks + 8, static_cast<size_t>(kLowLatencyNetStaticSmem));
+  EXPECT_LE(kMaxLowLatencyRanks * kGinSignalsPerRank, 1 << 16);  // NCCL's signal ids are 16 bits
 }
 
 // The per-rank dispatch (EPCOMM_LL_PER_RANK >= 1, the default) overlays its staging slots on the

@@ -79,6 +79,8 @@ struct RankBuffer {
     bo.low_latency_net = c.low_latency_net;
     bo.timeout_ms = timeout_ms;
     bo.first_call_number = c.first_call_number;
+    // Past 32 ranks normal mode is out of reach: a buffer for low-latency mode alone.
+    bo.low_latency_mode = c.num_ranks > 32;
     buffer = std::make_unique<Buffer>(group, bo);
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     order = StreamOrder{stream, nullptr, false};

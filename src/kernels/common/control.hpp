@@ -13,7 +13,12 @@
 
 namespace epcomm {
 
-constexpr int kMaxNvlRanks = 32;     // ranks one NVLink domain may hold
+constexpr int kMaxNvlRanks = 32;  // ranks per node in normal mode (its masks: u32 over a node's ranks)
+// Ranks one load/store (NVLink) domain may hold (NVL72): CommonParams::peer_base's entries.
+constexpr int kMaxLsaRanks = 72;
+// Ranks of a group in low-latency mode (design-scale.md §5: nothing R-sized is left in kernel
+// parameters or on the stack; the network path's per-rank counters take 3 x 4 KB of shared memory).
+constexpr int kMaxLowLatencyRanks = 1024;
 constexpr int kMaxBlocks = 160;      // blocks (SMs) one communication kernel may use
 constexpr int kMaxChunkTokens = 32;  // tokens per chunk: one bit each in a 32-bit mask
 constexpr int kMaxTopk = 16;

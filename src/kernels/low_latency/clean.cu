@@ -1,5 +1,5 @@
-// clean_low_latency_buffer's barriers (kernel_params.hpp, LowLatencyCleanParams): one warp, a lane per
-// rank, on the caller's stream, so a clean orders with the LL calls around it and can be captured
+// clean_low_latency_buffer's barriers (kernel_params.hpp, LowLatencyCleanParams): one warp, lane l for
+// ranks l, l + 32, ..., on the caller's stream, so a clean orders with the LL calls around it and can be captured
 // in a CUDA graph (SGLang cleans when it switches to low-latency mode, possibly while capturing).
 //
 // Every rank takes part, masked ones too (shrink mode): a masked rank that is alive comes back
@@ -46,21 +46,21 @@ __device__ bool wait_arrival(const WaitContext& w, int32_t* mask, const uint64_t
 __global__ void __launch_bounds__(32, 1)
     low_latency_clean_barrier_kernel(const __grid_constant__ LowLatencyCleanParams p) {
   const CommonParams& c = p.common;
-  const int r = lane_id();
   // Every rank made the same number of cleans, so this number is the same everywhere.
   const uint32_t number = ld_volatile(p.clean_count) + 1u;
   const uint64_t target = tag(number, static_cast<uint32_t>(p.barrier));
   const size_t slot = c.ctl.ll_region + sizeof(uint64_t) * static_cast<size_t>(c.rank);
-  if (r < c.num_ranks) {
-    __threadfence_system();  // this rank's earlier writes (its zeroed region) before the flag
-    st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + slot), target);
-    const uint64_t* arrived = reinterpret_cast<const uint64_t*>(c.peer_base[c.rank] + c.ctl.ll_region) + r;
-    // Barrier 2 waits for the ranks that reached barrier 1 (one that timed out there is not
-    // waited for twice).
-    if (p.barrier == 1 || ld_acquire_sys(arrived) >= tag(number, 1)) wait_arrival(c.wait, p.mask, arrived, target, r);
-  }
+  const uint64_t* flags = reinterpret_cast<const uint64_t*>(p.peers[c.rank] + c.ctl.ll_region);
+  __threadfence_system();  // this rank's earlier writes (its zeroed region) before the flags
+  for (int r = lane_id(); r < c.num_ranks; r += 32)
+    st_release_sys(reinterpret_cast<uint64_t*>(p.peers[r] + slot), target);
+  // Lane l waits for ranks l, l + 32, ... Barrier 2 waits for the ranks that reached barrier 1
+  // (one that timed out there is not waited for twice).
+  for (int r = lane_id(); r < c.num_ranks; r += 32)
+    if (p.barrier == 1 || ld_acquire_sys(flags + r) >= tag(number, 1))
+      wait_arrival(c.wait, p.mask, flags + r, target, r);
   __syncwarp();
-  if (p.barrier == 2 && r == 0) {
+  if (p.barrier == 2 && lane_id() == 0) {
     __threadfence();
     *p.clean_count = number;
   }

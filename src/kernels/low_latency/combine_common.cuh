@@ -47,7 +47,7 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
             continue;
           }
         }
-        st_release_sys(reinterpret_cast<uint64_t*>(c.peer_base[r] + p.region + p.layout.done(p.buffer, c.rank)),
+        st_release_sys(reinterpret_cast<uint64_t*>(lsa_peer(c, r) + p.region + p.layout.done(p.buffer, c.rank)),
                        tag(seq, 1));
       }
       __threadfence();
@@ -57,24 +57,25 @@ __device__ void finish_combine_send(const LowLatencyCombineParams& p, uint32_t s
 }
 
 // Leave only when every expert rank is past its send half: then no rank still reads its own
-// buffer for this combine, so this rank's next dispatch may write into it.
+// buffer for this combine, so this rank's next dispatch may write into it. Warp 0 of block 0,
+// lane r waits for ranks r, r + 32, ...
 template <class NetT>
 __device__ void wait_all_done(const LowLatencyCombineParams& p, uint32_t seq, const NetT& net) {
   const CommonParams& c = p.common;
-  const int lane = lane_id();
-  if (blockIdx.x == 0 && warp_id() == 0 && lane < c.num_ranks && !aborted(c.wait)) {
+  if (blockIdx.x != 0 || warp_id() != 0) return;
+  for (int r = lane_id(); r < c.num_ranks && !aborted(c.wait); r += 32) {
     uint64_t v;
     long long cycles = 0;
     if constexpr (NetT::kEnabled) {
-      if (net.remote(lane)) {
-        net.wait(c.wait, p.mask, p.buffer, kLLNetCombineDone, lane,
-                 net.shadow_value(p.buffer, kLLNetCombineDone, lane) + 1, WaitPhase::kLowLatencyCombineDone, cycles);
-        return;
+      if (net.remote(r)) {
+        net.wait(c.wait, p.mask, p.buffer, kLLNetCombineDone, r, net.shadow_value(p.buffer, kLLNetCombineDone, r) + 1,
+                 WaitPhase::kLowLatencyCombineDone, cycles);
+        continue;
       }
     }
     wait_tag_or_mask(c.wait, p.mask,
-                     reinterpret_cast<const uint64_t*>(c.peer_base[c.rank] + p.region + p.layout.done(p.buffer, lane)),
-                     tag(seq, 1), WaitPhase::kLowLatencyCombineDone, lane, v, cycles);
+                     reinterpret_cast<const uint64_t*>(lsa_peer(c, c.rank) + p.region + p.layout.done(p.buffer, r)),
+                     tag(seq, 1), WaitPhase::kLowLatencyCombineDone, r, v, cycles);
   }
 }
 

@@ -21,9 +21,9 @@ namespace epcomm::dev {
 
 // Network path's shared memory (static, inside kLowLatencyNetStaticSmem).
 struct NetCombineSmem {
-  int32_t rows[kMaxInterRanks];  // send: rows this block put to each origin; receive: rows each rank owes
-  int32_t dead[kMaxInterRanks];  // receive: that rank was masked (its rows contribute nothing)
-  int32_t stop;                  // receive: a wait was aborted
+  int32_t rows[kMaxLowLatencyRanks];  // send: rows this block put to each origin; receive: rows each rank owes
+  int32_t dead[kMaxLowLatencyRanks];  // receive: that rank was masked (its rows contribute nothing)
+  int32_t stop;                       // receive: a wait was aborted
   int32_t last;
 };
 
@@ -37,9 +37,9 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
   const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   const int Q = total_warps >= E ? total_warps / E : 1;
-  const char* mine = c.peer_base[c.rank] + p.region;
+  const char* mine = lsa_peer(c, c.rank) + p.region;
   if constexpr (NetT::kEnabled) {
-    for (int i = static_cast<int>(threadIdx.x); i < kMaxInterRanks; i += static_cast<int>(blockDim.x)) ns->rows[i] = 0;
+    for (int i = static_cast<int>(threadIdx.x); i < c.num_ranks; i += static_cast<int>(blockDim.x)) ns->rows[i] = 0;
     __syncthreads();
   }
 
@@ -53,7 +53,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
     // A handle that does not fit the layout (not this buffer's dispatch) must not write out of
     // bounds on a peer; its rows are dropped and the origin times out naming this rank.
     if (begin < 0 || begin + count > RT || count > L.max_tokens) count = 0;
-    char* origin = c.peer_base[src] + p.region;
+    char* origin = lsa_peer(c, src) + p.region;
     for (int j = q; j < count; j += Q) {
       const uint64_t h = __ldcg(reinterpret_cast<const unsigned long long*>(mine + L.header(p.buffer, le, src, j)));
       const uint32_t v = tag_payload(h);
@@ -103,12 +103,12 @@ __device__ void combine_recv(const LowLatencyCombineParams& p, uint32_t seq, con
   const int total_warps = static_cast<int>(gridDim.x) * kWarps;
   const int gw = static_cast<int>(blockIdx.x) * kWarps + warp_id() - kFirstWarp;
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
-  const char* mine = c.peer_base[c.rank] + p.region;
+  const char* mine = lsa_peer(c, c.rank) + p.region;
   if constexpr (NetT::kEnabled) {
     // The rows each rank of another node owes this rank (one per valid (t, k) on its experts),
     // then one wait per such rank for all of them.
     const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
-    for (int i = tid; i < kMaxInterRanks; i += nthreads) ns->rows[i] = ns->dead[i] = 0;
+    for (int i = tid; i < c.num_ranks; i += nthreads) ns->rows[i] = ns->dead[i] = 0;
     if (tid == 0) ns->stop = 0;
     __syncthreads();
     for (int64_t i = tid; i < static_cast<int64_t>(T) * K; i += nthreads) {

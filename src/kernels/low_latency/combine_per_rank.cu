@@ -103,7 +103,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   // at the standard shape), which the fabric takes faster than the same stores from every SM
   // (BENCHMARKS run 48: round the blocks first was 2 us slower there, though faster at R = 1, 2).
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
-  char* mine = c.peer_base[c.rank] + p.region;
+  char* mine = lsa_peer(c, c.rank) + p.region;
 
   // This rank's weights go to the ranks that hold their experts, a thread of the grid per (t, k):
   // one 8-byte store each, tagged with the call's number, so it is its own flag.
@@ -114,7 +114,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     const int d = static_cast<int>(e) / EL;
     if (peer_masked(p.mask, d)) continue;
     const size_t at = static_cast<size_t>(i / K) * KS + i % K;
-    st_relaxed_sys(reinterpret_cast<uint64_t*>(c.peer_base[d] + p.region + L.pr_weights(p.buffer, c.rank)) + at,
+    st_relaxed_sys(reinterpret_cast<uint64_t*>(lsa_peer(c, d) + p.region + L.pr_weights(p.buffer, c.rank)) + at,
                    tag(seq, __float_as_uint(__ldg(p.topk_weights + i))));
   }
 
@@ -177,7 +177,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
     // Aborted (reported): stop sending, but leave normally (a split launch's barrier follows).
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kAborted))) break;
     if (__any_sync(0xffffffffu, got == static_cast<int>(PeerWait::kMasked))) continue;  // shrink mode, as above
-    char* origin = c.peer_base[src] + p.region;
+    char* origin = lsa_peer(c, src) + p.region;
     char* dst_row = origin + (kWide ? L.pr_wide_row(p.buffer, t, d, partial_bytes(kP)) : L.combine_row(p.buffer, t, d));
     int4* dst = reinterpret_cast<int4*>(dst_row);
     const int4* y = reinterpret_cast<const int4*>(p.y);
@@ -238,7 +238,7 @@ __device__ void combine_recv_per_rank(const LowLatencyCombineParams& p, uint32_t
   // T) every SM takes a share (BENCHMARKS run 47).
   const int gw = (warp_id() - kFirstWarp) * static_cast<int>(gridDim.x) + static_cast<int>(blockIdx.x);
   const int slices = (H + kSliceChannels - 1) / kSliceChannels;
-  const char* mine = c.peer_base[c.rank] + p.region;
+  const char* mine = lsa_peer(c, c.rank) + p.region;
 
   for (int item = gw; item < T * slices; item += total_warps) {
     const int t = item / slices, s = item % slices;

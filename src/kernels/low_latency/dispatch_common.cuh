@@ -11,7 +11,7 @@
 namespace epcomm::dev {
 
 __device__ __forceinline__ char* peer_region(const LowLatencyDispatchParams& p, int rank) {
-  return p.common.peer_base[rank] + p.region;
+  return lsa_peer(p.common, rank) + p.region;
 }
 
 // Token t of x into a staging area of shared memory: cast to FP8 (scales after the row) or as BF16.

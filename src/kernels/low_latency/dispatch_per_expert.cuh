@@ -23,8 +23,8 @@ namespace epcomm::dev {
 
 // Network path's shared memory of the send half (static, inside kLowLatencyNetStaticSmem).
 struct NetSendSmem {
-  int32_t sent[kMaxInterRanks];  // messages this block put to each rank
-  int32_t any_remote[2];         // per staging area: the token has a k on a rank of another node
+  int32_t sent[kMaxLowLatencyRanks];  // messages this block put to each rank
+  int32_t any_remote[2];              // per staging area: the token has a k on a rank of another node
   int32_t last;
 };
 
@@ -43,7 +43,7 @@ __device__ void dispatch_send(const LowLatencyDispatchParams& p, uint32_t seq, c
 
   for (int i = tid; i < E + owned_n; i += nthreads) sm.hist[i] = 0;  // owned follows hist
   if constexpr (NetT::kEnabled)
-    for (int i = tid; i < kMaxInterRanks; i += nthreads) ns->sent[i] = 0;
+    for (int i = tid; i < c.num_ranks; i += nthreads) ns->sent[i] = 0;
   __syncthreads();
   const int64_t entries = static_cast<int64_t>(T) * K;
   for (int64_t i = tid; i < entries; i += nthreads) {
@@ -195,34 +195,47 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
   const int total_warps = static_cast<int>(gridDim.x) * kLowLatencyWarps;
   const int gw = static_cast<int>(blockIdx.x) * kLowLatencyWarps + warp_id();
   const int Q = total_warps >= E ? total_warps / E : 1;  // warps per unit
-  const char* mine = p.common.peer_base[c.rank] + p.region;
+  const char* mine = lsa_peer(p.common, c.rank) + p.region;
 
   for (int item = gw; item < E * Q; item += total_warps) {
     const int u = item % E, q = item / E;
     const int le = u / R, src = u % R;
-    long long count_cycles = 0, message_cycles = 0;
-    uint32_t payload = 0;
-    bool ok = true;
-    if (lane <= src) {
-      bool via_net = false;
-      if constexpr (NetT::kEnabled) via_net = net.remote(lane);
-      if (via_net) {
-        if constexpr (NetT::kEnabled) ok = receive_count_net(p, net, le, lane, seq, payload, count_cycles);
+    long long message_cycles = 0;
+    // The counts of sources 0..src, 32 at a time (lane = source - base): src's rows start after
+    // those of every source before it. One pass where R <= 32.
+    int before = 0, count = 0;
+    long long count_cycles = 0;
+    for (int base = 0; base <= src; base += 32) {
+      const int s = base + lane;
+      long long cycles = 0;
+      uint32_t payload = 0;
+      bool ok = true;
+      if (s <= src) {
+        bool via_net = false;
+        if constexpr (NetT::kEnabled) via_net = net.remote(s);
+        if (via_net) {
+          if constexpr (NetT::kEnabled) ok = receive_count_net(p, net, le, s, seq, payload, cycles);
+        } else {
+          ok = receive_count(p, mine, le, s, seq, payload, cycles);
+        }
+      }
+      if (!__all_sync(0xffffffffu, ok)) return;
+      const int cnt = payload > 0 ? static_cast<int>(payload - 1u) : 0;
+      int incl = cnt;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += n;
+      }
+      if (src - base < 32) {  // the last pass: src is lane src - base
+        count = __shfl_sync(0xffffffffu, cnt, src - base);
+        before += __shfl_sync(0xffffffffu, incl, src - base) - count;
+        count_cycles = __shfl_sync(0xffffffffu, cycles, src - base);
       } else {
-        ok = receive_count(p, mine, le, lane, seq, payload, count_cycles);
+        before += __shfl_sync(0xffffffffu, incl, 31);
       }
     }
-    if (!__all_sync(0xffffffffu, ok)) return;
-    const int cnt = payload > 0 ? static_cast<int>(payload - 1u) : 0;
-    int incl = cnt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += n;
-    }
-    const int count = __shfl_sync(0xffffffffu, cnt, src);
-    const int begin = __shfl_sync(0xffffffffu, incl, src) - count;
-    count_cycles = __shfl_sync(0xffffffffu, count_cycles, src);
+    const int begin = before;
     if (q == 0 && lane == 0) {
       p.layout_range[static_cast<int64_t>(le) * R + src] = (static_cast<int64_t>(begin) << 32) | count;
       if (src == R - 1) {
@@ -235,8 +248,8 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
       via_net = net.remote(src);
       if (via_net && count > 0) {
         // Every message of src to this rank (all local experts) is in once its kLLNetData signal
-        // passed the shadow by the sum of its counts. (Lane src acquired the meta signal; the warp
-        // barrier orders the other lanes' reads of the counts after it.)
+        // passed the shadow by the sum of its counts. (Lane src % 32 of the last pass above acquired
+        // the meta signal; the warp barrier orders the other lanes' reads of the counts after it.)
         __syncwarp();
         int total = 0;
         for (int e2 = lane; e2 < EL; e2 += 32)

@@ -46,7 +46,7 @@ __device__ void dispatch_recv_per_rank(const LowLatencyDispatchParams& p, uint32
   };
   const int lane = lane_id();
   const bool first = blockIdx.x == 0;
-  char* mine = c.peer_base[c.rank] + p.region;
+  char* mine = lsa_peer(c, c.rank) + p.region;
   int32_t* cnt = ints;           // [le][src] rows
   int32_t* begin = cnt + E;      // [le][src] first packed row
   int32_t* rtot = begin + E;     // [src] staged tokens

@@ -89,9 +89,11 @@ struct LowLatencyNetArgs {
 // after barrier 2 every region is zeroed, so the next LL call may write. `c` is a device counter
 // (DeviceCounters::ll_cleans), the same on every rank, and barrier 2 advances it. Every rank takes
 // part, masked ones included (clean.cu says why).
-constexpr size_t kLowLatencyCleanFlagBytes = sizeof(uint64_t) * kMaxNvlRanks;  // u64 [R] in the control part
+// The flags: u64 [R] in the control part.
+constexpr size_t low_latency_clean_flag_bytes(int num_ranks) { return sizeof(uint64_t) * num_ranks; }
 struct LowLatencyCleanParams {
-  CommonParams common;              // peers, rank, wait context; ctl.ll_region holds the flags
+  CommonParams common;              // rank, wait context; ctl.ll_region holds the flags
+  char* const* peers = nullptr;     // device [R]: every rank's symmetric region (all load/store reachable)
   uint32_t* clean_count = nullptr;  // device: cleans finished
   int barrier = 1;                  // 1: before zeroing, 2: after (and count this clean)
   int32_t* mask = nullptr;          // shrink mode: a peer that never arrives is masked (nullptr: a record)

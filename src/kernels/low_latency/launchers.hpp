@@ -41,8 +41,9 @@ void launch_low_latency_dispatch_gin(const LowLatencyDispatchParams& p, const Lo
                                      const GinNetParams& g, int num_blocks, int smem_bytes, void* stream);
 void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowLatencyNetArgs& a, const GinNetParams& g,
                                     int num_blocks, void* stream);
-// Static shared memory the network path's kernels add to the dynamic amount.
-constexpr int kLowLatencyNetStaticSmem = 1024;
+// Static shared memory the network path's kernels add to the dynamic amount (NetCombineSmem: two
+// int32 per rank for kMaxLowLatencyRanks ranks, and flags; the .cu files check it).
+constexpr int kLowLatencyNetStaticSmem = 8448;
 // One barrier of clean_low_latency_buffer (LowLatencyCleanParams says how the clean goes).
 void launch_low_latency_clean_barrier(const LowLatencyCleanParams& p, void* stream);
 

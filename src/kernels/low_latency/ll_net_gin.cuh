@@ -28,13 +28,13 @@ struct LLGinNet {
 template <class Params>
 __device__ __forceinline__ LLNet<EmulatedNet> make_ll_net(const Params& p, const LowLatencyNetArgs& a,
                                                           const EmulatedNetParams& np) {
-  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region,
+  return LLNet<EmulatedNet>{EmulatedNet{np, p.common.rank}, a, lsa_peer(p.common, p.common.rank) + p.region,
                             p.common.rank};
 }
 template <class Params>
 __device__ __forceinline__ LLNet<LLGinNet> make_ll_net(const Params& p, const LowLatencyNetArgs& a,
                                                        const GinNetParams& g) {
-  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, p.common.peer_base[p.common.rank] + p.region, p.common.rank};
+  return LLNet<LLGinNet>{LLGinNet{g, p.common.rank}, a, lsa_peer(p.common, p.common.rank) + p.region, p.common.rank};
 }
 
 }  // namespace epcomm::dev

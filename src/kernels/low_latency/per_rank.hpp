@@ -52,8 +52,9 @@ inline LowLatencyPartials low_latency_partials(const LowLatencyLayout& l, int le
 // The per-rank dispatch where it is asked for and the layout allows it (entries carry the local
 // expert in 16 bits); the library also needs its shared memory to fit (every test and bench shape
 // does), and the combine of such a dispatch returns low_latency_partials(l, level).
+// (Its send holds a token's destination ranks in 32 bits: groups of up to 32 ranks.)
 inline bool low_latency_per_rank_wanted(const LowLatencyLayout& l, bool use_fp8, int level) {
-  return level >= 1 && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff;
+  return level >= 1 && l.num_ranks <= 32 && l.per_rank_fits(use_fp8) && l.local_experts <= 0xffff;
 }
 
 // What the tests and the bench check a per-rank combine against, relative to sum_k |w_k y_k|: each

@@ -1,0 +1,70 @@
+// Low-latency mode with more ranks than one warp has lanes (issue 21, docs/design-scale.md §3 and §5):
+// the receive's prefix over sources, the wait for every rank's `done`, the clean barrier and the
+// network path's per-rank counters all stride over ranks past 32; past kMaxLsaRanks (72) the
+// kernels reach only their node's ranks by load/store and the others through the network.
+//
+// Ranks are threads of this process sharing the GPUs (one block each where they share one:
+// test_num_sms), outputs against the CPU reference as in test_low_latency.cpp. A case whose ranks'
+// blocks cannot all be resident at once on the GPUs here is skipped, naming what it needs.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "harness.hpp"
+#include "ll_case.hpp"
+#include "ll_harness.hpp"
+
+namespace epcomm::test {
+namespace {
+
+// Small rows, two experts per rank, Tmax 8: the point is the rank count, not the bytes.
+LLCase scale_case(int R, int P) {
+  LLCase c;
+  c.num_ranks = R;
+  c.ranks_per_node = P;
+  c.hidden = 512;
+  c.num_topk = 4;
+  c.num_experts = 2 * R;
+  c.max_tokens = 8;
+  c.timeout_ms = 20000;                       // a rank's single block takes its turn among R on a shared GPU
+  if (P > 0 && P < R) c.low_latency_net = 1;  // other nodes through the network (forced past 72 ranks)
+  return c;
+}
+
+// Every rank's one block resident at once: at most one rank per SM (less one SM a GPU for the rest).
+bool fits_here(int R, std::string& why) {
+  const int gpus = std::max(device_count(), 1);
+  cudaDeviceProp prop{};
+  cuda_ok(cudaGetDeviceProperties(&prop, 0), "props");
+  const int per_gpu = (R + gpus - 1) / gpus;
+  if (per_gpu <= prop.multiProcessorCount - 1) return true;
+  why = std::to_string(R) + " ranks need " +
+        std::to_string((R + prop.multiProcessorCount - 2) / (prop.multiProcessorCount - 1)) + " GPUs of " +
+        std::to_string(prop.multiProcessorCount) + " SMs (one resident block per rank); " + std::to_string(gpus) +
+        " visible";
+  return false;
+}
+
+void run_scale(int R, int P) {
+  std::string why;
+  if (!fits_here(R, why)) GTEST_SKIP() << why;
+  LLCase c = scale_case(R, P);
+  run_case(c);  // FP8, plain calls
+  c.use_fp8 = false;
+  c.hook = true;
+  run_case(c);  // BF16 with hooks
+}
+
+// One node (every rank by load/store): 64 ranks, lanes past 31 in every per-rank wait.
+TEST(ScaleGpu, LowLatency64RanksOneNode) { run_scale(64, 0); }
+
+// 16 virtual nodes of 8 (128 ranks, past kMaxLsaRanks): the network path to other nodes, this
+// node's ranks through the node-local peer table.
+TEST(ScaleGpu, LowLatency128RanksVirtualNodes) { run_scale(128, 8); }
+
+// DeepSeek's decoding scale, 40 nodes of 8 (needs 3 GPUs or more of 132 SMs).
+TEST(ScaleGpu, LowLatency320RanksVirtualNodes) { run_scale(320, 8); }
+
+}  // namespace
+}  // namespace epcomm::test
