@@ -15,10 +15,10 @@
 namespace epcomm::ring {
 
 struct InternodeRingGeometry {
-  int channels = 0;   // num_sms / 2
-  int peers = 0;      // remote nodes: N - 1
-  int chunk = 0;      // S: tokens a sender moves at a time
-  int depth = 0;      // slots per ring
+  int channels = 0;  // num_sms / 2
+  int peers = 0;     // remote nodes: N - 1
+  int chunk = 0;     // S: tokens a sender moves at a time
+  int depth = 0;     // slots per ring
   size_t slot_bytes = 0;
   size_t control_bytes = 0;  // head and tail per ring and direction, 16 bytes each
   size_t total_bytes = 0;    // num_rdma_bytes this needs (0 with one node)

@@ -39,7 +39,7 @@ TEST(InternodeRing, SizesFollowTheSection) {
     const InternodeRingGeometry g = InternodeRingGeometry::make(24, N, 7168, 2, 8, 56);
     SCOPED_TRACE("N=" + std::to_string(N));
     EXPECT_EQ(g.channels, 12);
-    EXPECT_EQ(g.slot_bytes, 28704u);  // the combine partial (float32 row) is the larger slot
+    EXPECT_EQ(g.slot_bytes, 28704u);                          // the combine partial (float32 row) is the larger slot
     EXPECT_LE(static_cast<size_t>(g.peers) * g.depth, 512u);  // the budget B shared by the peers
     EXPECT_GE(g.depth, 2 * g.chunk);
     EXPECT_EQ(g.depth % g.chunk, 0);
