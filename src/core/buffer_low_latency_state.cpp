@@ -80,6 +80,8 @@ GinNetParams Buffer::Impl::low_latency_gin_params() const {
 // Buffer::reset: as if new, the mask included.
 void Buffer::Impl::reset_low_latency(cudaStream_t stream) {
   clear_low_latency_calls(*this, stream);
+  // The clean barriers' signals count cleans, which start again with the counters (Buffer::reset).
+  if (gin) gin->reset_signals(gin_signals.clean_base(), gin_signals.clean_count(), stream);
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, stream));
 }
 
@@ -137,9 +139,12 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     } catch (const Error&) {
     }
   }
-  if (m.gin) {
-    // Across real nodes the barriers are the group's (on the host): the clean's barrier kernel
-    // reaches every peer by LSA stores. This clean waits for the host and cannot be captured.
+  // Across real nodes: the device barriers (clean_gin.cu) while capturing or when asked; else the
+  // host's, which first drain what a failed call left with the transport. Every rank decides alike
+  // (ranks capture the same graphs; the environment is the job's).
+  const bool on_device = m.gin == nullptr || m.capturing(stream) || env_value("EPCOMM_LL_CLEAN_ON_DEVICE") != 0;
+  if (!on_device) {
+    // The group's barriers, on the host: this clean waits for the host and cannot be captured.
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     // What a failed call left with the transport lands first (Buffer::reset).
@@ -166,11 +171,20 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   if (m.options.enable_shrink) p.mask = m.ll.mask;
   const StreamOrder order{stream, nullptr, false};
   cudaStream_t s = begin_call(m, order);
-  p.barrier = 1;
-  launch_low_latency_clean_barrier(p, s);
+  auto barrier = [&](int b) {
+    p.barrier = b;
+    if (m.gin) {
+      const GinNetParams g =
+          m.gin->params(m.ll.offset, m.gin_signals.clean_base(), static_cast<char*>(m.sym->local()) + m.ll.offset,
+                        nullptr, m.group->ranks_per_node());
+      launch_low_latency_clean_barrier_gin(p, g, s);
+    } else {
+      launch_low_latency_clean_barrier(p, s);
+    }
+  };
+  barrier(1);
   clear_low_latency_calls(m, s);
-  p.barrier = 2;
-  launch_low_latency_clean_barrier(p, s);
+  barrier(2);
   end_call(m, order);
   m.ll.layout = l;
 }

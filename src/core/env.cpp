@@ -46,6 +46,12 @@ const std::vector<EnvParam>& env_params() {
       {"EPCOMM_LL_NET", 0,
        "low-latency with more than one node: 1 sends to ranks of other nodes only through the network "
        "transport (puts + signals), 0 by LSA stores to every rank"},
+      // Across real nodes clean_low_latency_buffer waits on the host (with a drain of what a failed
+      // call left) unless the caller's stream is capturing; 1 takes the stream-ordered barriers always.
+      {"EPCOMM_LL_CLEAN_ON_DEVICE", 0,
+       "across real nodes: 1 makes clean_low_latency_buffer stream-ordered (GIN signal barriers, "
+       "capturable) always; 0 only while the caller's stream is capturing a CUDA graph, host barriers "
+       "otherwise"},
   };
   return params;
 }

@@ -15,7 +15,7 @@ namespace epcomm {
 namespace {
 
 TEST(GinSignalPlan, EveryKernelSignalHasItsOwnIdAndFits) {
-  for (int R : {2, 3, 4, 8, 16, 32, 64}) {
+  for (int R : {2, 3, 4, 8, 16, 32, 64, 320, kMaxLowLatencyRanks}) {
     SCOPED_TRACE("R=" + std::to_string(R));
     GinSignalPlan plan;
     plan.num_ranks = R;
@@ -37,9 +37,15 @@ TEST(GinSignalPlan, EveryKernelSignalHasItsOwnIdAndFits) {
         for (int peer = 0; peer < R; ++peer) {
           const uint32_t id = plan.low_latency_base() + static_cast<uint32_t>(ll.signal_id(b, kind, peer));
           EXPECT_GE(id, plan.low_latency_base());
-          EXPECT_LT(id, plan.total());
+          EXPECT_LT(id, plan.clean_base());
           EXPECT_TRUE(ids.insert(id).second) << "LL buffer " << b << " kind " << kind << " peer " << peer;
         }
+    // clean_low_latency_buffer's device barriers (clean_gin.cu): signal clean_base + sender.
+    for (int peer = 0; peer < R; ++peer) {
+      const uint32_t id = plan.clean_base() + static_cast<uint32_t>(peer);
+      EXPECT_LT(id, plan.total());
+      EXPECT_TRUE(ids.insert(id).second) << "clean barrier peer " << peer;
+    }
     EXPECT_EQ(ids.size(), plan.total()) << "the plan has no unused gaps";
   }
 }

@@ -50,6 +50,7 @@ std::string describe(const LLCase& c) {
   if (c.two_batches) s += " two-batches";
   if (c.zero_copy) s += " zero-copy";
   if (c.graph_replays) s += " graph x" + std::to_string(c.graph_replays);
+  if (c.clean_in_graph) s += " clean-in-graph";
   if (c.out_of_range) s += " out-of-range-ids";
   if (c.duplicates) s += " duplicate-experts";
   if (c.ranks_per_node > 0) s += " P=" + std::to_string(c.ranks_per_node);

@@ -27,13 +27,14 @@ struct LLCase {
   bool use_fp8 = true;
   bool round_scale = false;
   bool use_ue8m0 = false;
-  bool hook = false;          // send and receive halves as two calls
-  bool two_batches = false;   // two micro-batches interleaved: send A, send B, recv A, recv B (hook)
-  bool zero_copy = false;     // y written into get_next_low_latency_combine_buffer
-  int graph_replays = 0;      // > 0: capture dispatch + combine once, replay with new inputs
-  bool out_of_range = false;  // also put ids >= E and < -1 into topk_idx (treated as -1)
-  bool duplicates = false;    // some tokens list an expert twice (two rows, in k order)
-  int order_mode = 0;         // 0: on the caller's stream, 1: async_finish + event, 2: previous_event
+  bool hook = false;            // send and receive halves as two calls
+  bool two_batches = false;     // two micro-batches interleaved: send A, send B, recv A, recv B (hook)
+  bool zero_copy = false;       // y written into get_next_low_latency_combine_buffer
+  int graph_replays = 0;        // > 0: capture dispatch + combine once, replay with new inputs
+  bool clean_in_graph = false;  // ... with clean_low_latency_buffer first in the graph (SGLang's capture)
+  bool out_of_range = false;    // also put ids >= E and < -1 into topk_idx (treated as -1)
+  bool duplicates = false;      // some tokens list an expert twice (two rows, in k order)
+  int order_mode = 0;           // 0: on the caller's stream, 1: async_finish + event, 2: previous_event
   double drop_rate = 0.1;
   int64_t timeout_ms = 5000;
   int ranks_per_node = 0;          // > 0: virtual nodes of this many ranks (Group::ranks_per_node)

@@ -46,6 +46,8 @@ void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowL
 constexpr int kLowLatencyNetStaticSmem = 8448;
 // One barrier of clean_low_latency_buffer (LowLatencyCleanParams says how the clean goes).
 void launch_low_latency_clean_barrier(const LowLatencyCleanParams& p, void* stream);
+// The same across real nodes: GIN signals to the ranks of other nodes (clean_gin.cu).
+void launch_low_latency_clean_barrier_gin(const LowLatencyCleanParams& p, const GinNetParams& g, void* stream);
 
 // Shrink mode's mask API (kernels/low_latency/mask.cu): sets mask[rank] = value, or every entry
 // when rank < 0, on `stream`.
