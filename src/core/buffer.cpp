@@ -138,6 +138,14 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
                            m.group->transport() + ")");
   }
 
+  if (options.comm_stream) {
+    m.comm = options.comm_stream;  // borrowed: the caller keeps it alive (BufferOptions::comm_stream)
+  } else {
+    EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
+    m.owns_comm = true;
+  }
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
   {
     std::vector<char*> tables(3 * static_cast<size_t>(m.num_ranks), nullptr);
     for (int r = 0; r < m.num_ranks; ++r) {
@@ -147,17 +155,11 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
       tables[2 * static_cast<size_t>(m.num_ranks) + r] = base ? base + m.inter.offset : nullptr;
     }
     EPCOMM_CUDA_CHECK(cudaMalloc(&m.peer_tables, sizeof(char*) * tables.size()));
-    EPCOMM_CUDA_CHECK(cudaMemcpy(m.peer_tables, tables.data(), sizeof(char*) * tables.size(), cudaMemcpyHostToDevice));
+    // On the comm stream, never the legacy default stream: ranks sharing a GPU may be in calls.
+    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.peer_tables, tables.data(), sizeof(char*) * tables.size(),
+                                      cudaMemcpyHostToDevice, m.comm));
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   }
-
-  if (options.comm_stream) {
-    m.comm = options.comm_stream;  // borrowed: the caller keeps it alive (BufferOptions::comm_stream)
-  } else {
-    EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&m.comm, cudaStreamNonBlocking));
-    m.owns_comm = true;
-  }
-  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
-  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
   DeviceCounters init{};
   init.seq = m.options.first_call_number;
