@@ -53,7 +53,10 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
     // A handle that does not fit the layout (not this buffer's dispatch) must not write out of
     // bounds on a peer; its rows are dropped and the origin times out naming this rank.
     if (begin < 0 || begin + count > RT || count > L.max_tokens) count = 0;
-    char* origin = lsa_peer(c, src) + p.region;
+    // Only a rank of this node is in the peer table (past kMaxLsaRanks it lists this node alone).
+    bool via_net = false;
+    if constexpr (NetT::kEnabled) via_net = net.remote(src);
+    char* const origin = via_net ? nullptr : lsa_peer(c, src) + p.region;
     for (int j = q; j < count; j += Q) {
       const uint64_t h = __ldcg(reinterpret_cast<const unsigned long long*>(mine + L.header(p.buffer, le, src, j)));
       const uint32_t v = tag_payload(h);
@@ -61,7 +64,7 @@ __device__ void combine_send(const LowLatencyCombineParams& p, uint32_t seq, con
       if (t >= L.max_tokens || k >= L.kslots) continue;
       const int4* row = reinterpret_cast<const int4*>(p.y + (static_cast<int64_t>(le) * RT + begin + j) * H);
       if constexpr (NetT::kEnabled) {
-        if (net.remote(src)) {
+        if (via_net) {
           // Put source: the row's zero-copy place in this rank's window (staged there unless y is
           // that area; the dispatch's messages there were consumed by its receive).
           const size_t zc = L.message(p.buffer, 0, 0, 0) + (static_cast<size_t>(le) * RT + begin + j) * L.msg_bytes;
