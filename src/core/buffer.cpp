@@ -156,8 +156,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
     }
     EPCOMM_CUDA_CHECK(cudaMalloc(&m.peer_tables, sizeof(char*) * tables.size()));
     // On the comm stream, never the legacy default stream: ranks sharing a GPU may be in calls.
-    EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.peer_tables, tables.data(), sizeof(char*) * tables.size(),
-                                      cudaMemcpyHostToDevice, m.comm));
+    EPCOMM_CUDA_CHECK(
+        cudaMemcpyAsync(m.peer_tables, tables.data(), sizeof(char*) * tables.size(), cudaMemcpyHostToDevice, m.comm));
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   }
   EPCOMM_CUDA_CHECK(cudaMalloc(&m.counters, sizeof(DeviceCounters)));
@@ -246,7 +246,7 @@ bool Buffer::Impl::capturing(cudaStream_t stream) const {
 
 std::string Buffer::Impl::normal_mode_limit_text() const {
   return "normal mode takes at most " + std::to_string(kMaxNvlRanks) + " ranks per node and, across nodes, " +
-         std::to_string(kMaxNvlRanks) + " ranks in all; this group has " + std::to_string(num_ranks) + " ranks, " +
+         std::to_string(kMaxInterRanks) + " ranks in all; this group has " + std::to_string(num_ranks) + " ranks, " +
          std::to_string(group->ranks_per_node()) + " per node";
 }
 

@@ -68,12 +68,12 @@ struct Buffer::Impl {
   // Makes the caller wait for the comm stream, or returns the event when async.
   Event leave(const StreamOrder& order);
   CommonParams common(KernelId kernel) const;
-  // Normal mode's kernels hold a node's ranks in 32-bit masks and, across nodes, every rank in
-  // CommonParams::peer_base (design-scale.md §3): at most kMaxNvlRanks per node, and across nodes
-  // kMaxNvlRanks in all. Larger groups are low-latency only (Buffer checks at creation and at
-  // every normal-mode call).
+  // Normal mode's kernels hold a node's ranks in 32-bit masks and, across nodes, a token's
+  // destination ranks in one u64 (design-scale.md §3): at most kMaxNvlRanks per node, and across
+  // nodes kMaxInterRanks in all. Larger groups are low-latency only (Buffer checks at creation and
+  // at every normal-mode call).
   bool normal_mode_fits() const {
-    return group->ranks_per_node() <= kMaxNvlRanks && (group->num_nodes() == 1 || num_ranks <= kMaxNvlRanks);
+    return group->ranks_per_node() <= kMaxNvlRanks && (group->num_nodes() == 1 || num_ranks <= kMaxInterRanks);
   }
   std::string normal_mode_limit_text() const;        // what the group has, against those limits
   void require_normal_mode(const char* call) const;  // ArgumentError naming the call unless it fits

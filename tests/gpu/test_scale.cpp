@@ -1,7 +1,8 @@
-// Low-latency mode with more ranks than one warp has lanes (issue 21, docs/design-scale.md §3 and §5):
+// Groups with more ranks than one warp has lanes (issue 21, docs/design-scale.md §3 and §5). Low latency:
 // the receive's prefix over sources, the wait for every rank's `done`, the clean barrier and the
 // network path's per-rank counters all stride over ranks past 32; past kMaxLsaRanks (72) the
-// kernels reach only their node's ranks by load/store and the others through the network.
+// kernels reach only their node's ranks by load/store and the others through the network. Normal
+// mode across nodes: 64 ranks (kMaxInterRanks).
 //
 // Ranks are threads of this process sharing the GPUs (one block each where they share one:
 // test_num_sms), outputs against the CPU reference as in test_low_latency.cpp. A case whose ranks'
@@ -12,6 +13,7 @@
 #include <string>
 
 #include "harness.hpp"
+#include "internode_case.hpp"
 #include "ll_case.hpp"
 #include "ll_harness.hpp"
 
@@ -32,23 +34,22 @@ LLCase scale_case(int R, int P) {
   return c;
 }
 
-// Every rank's one block resident at once: at most one rank per SM (less one SM a GPU for the rest).
-bool fits_here(int R, std::string& why) {
+// Every rank's blocks resident at once (`blocks` each; one SM a GPU left for the rest).
+bool fits_here(int R, int blocks, std::string& why) {
   const int gpus = std::max(device_count(), 1);
   cudaDeviceProp prop{};
   cuda_ok(cudaGetDeviceProperties(&prop, 0), "props");
-  const int per_gpu = (R + gpus - 1) / gpus;
-  if (per_gpu <= prop.multiProcessorCount - 1) return true;
-  why = std::to_string(R) + " ranks need " +
-        std::to_string((R + prop.multiProcessorCount - 2) / (prop.multiProcessorCount - 1)) + " GPUs of " +
-        std::to_string(prop.multiProcessorCount) + " SMs (one resident block per rank); " + std::to_string(gpus) +
-        " visible";
+  const int per_gpu = (R + gpus - 1) / gpus, room = (prop.multiProcessorCount - 1) / blocks;
+  if (per_gpu <= room) return true;
+  why = std::to_string(R) + " ranks of " + std::to_string(blocks) + " resident block(s) each need " +
+        std::to_string((R + room - 1) / room) + " GPUs of " + std::to_string(prop.multiProcessorCount) + " SMs; " +
+        std::to_string(gpus) + " visible";
   return false;
 }
 
 void run_scale(int R, int P) {
   std::string why;
-  if (!fits_here(R, why)) GTEST_SKIP() << why;
+  if (!fits_here(R, 1, why)) GTEST_SKIP() << why;
   LLCase c = scale_case(R, P);
   run_case(c);  // FP8, plain calls
   c.use_fp8 = false;
@@ -65,6 +66,22 @@ TEST(ScaleGpu, LowLatency128RanksVirtualNodes) { run_scale(128, 8); }
 
 // DeepSeek's decoding scale, 40 nodes of 8 (needs 3 GPUs or more of 132 SMs).
 TEST(ScaleGpu, LowLatency320RanksVirtualNodes) { run_scale(320, 8); }
+
+// Normal mode across 8 virtual nodes of 8 (64 ranks, kMaxInterRanks: a token's destination ranks
+// in one u64, the receive plan's shared arrays for 64 sources), two SMs per rank, small rows.
+TEST(ScaleGpu, NormalMode64RanksEightVirtualNodes) {
+  InterCase c;
+  c.num_ranks = 64;
+  c.ranks_per_node = 8;
+  c.hidden = 256;
+  c.num_experts = 2 * 64;
+  c.max_tokens = 24;
+  c.num_sms = 2;
+  c.steps = 1;
+  std::string why;
+  if (!fits_here(c.num_ranks, c.num_sms + 1, why)) GTEST_SKIP() << why;  // + the count exchange's block
+  run_inter_case(c);
+}
 
 }  // namespace
 }  // namespace epcomm::test

@@ -60,8 +60,8 @@ __device__ void inter_notify(const InterNotifyParams& p, const Net& net) {
   ok = __syncthreads_and(ok);
 
   // 3. The receive plan, the per-expert counts and the host's totals (as inside a node).
-  build_receive_plan(p, w, L.meta_entry, R, me.rank, ic.num_blocks, ok != 0, notify_count,
-                     [&](int i) { return static_cast<const char*>(mine + L.meta(parity, i)); });
+  build_receive_plan<kMaxInterRanks>(p, w, L.meta_entry, R, me.rank, ic.num_blocks, ok != 0, notify_count,
+                                     [&](int i) { return static_cast<const char*>(mine + L.meta(parity, i)); });
   net.flush(w);
 }
 

@@ -54,25 +54,25 @@ __global__ void __launch_bounds__(32, 1)
   const GinNet net(g, c.rank);
   const int P = g.ranks_per_node, node = c.rank / P;
   const uint32_t number = ld_volatile(p.clean_count) + 1u;
-  const uint64_t target = tag(number, static_cast<uint32_t>(p.barrier));                  // LSA flags
+  const uint64_t target = tag(number, static_cast<uint32_t>(p.barrier));                // LSA flags
   const uint64_t net_target = 2ull * (number - 1u) + static_cast<uint64_t>(p.barrier);  // GIN signals
   const size_t slot = c.ctl.ll_region + sizeof(uint64_t) * static_cast<size_t>(c.rank);
   const uint64_t* flags = reinterpret_cast<const uint64_t*>(p.peers[c.rank] + c.ctl.ll_region);
   __threadfence_system();  // this rank's earlier writes (its zeroed region) before the flags
   for (int r = lane_id(); r < c.num_ranks; r += 32) {
-    if (r / P == node)
-      st_release_sys(reinterpret_cast<uint64_t*>(p.peers[r] + slot), target);
-    else
-      net.signal(r, c.rank, 1);
+    if (r / P == node) st_release_sys(reinterpret_cast<uint64_t*>(p.peers[r] + slot), target);
+    else net.signal(r, c.rank, 1);
   }
   // Barrier 2 waits for the ranks that reached barrier 1 (one that timed out there is not waited
   // for twice).
   for (int r = lane_id(); r < c.num_ranks; r += 32) {
     if (r / P == node) {
       if (p.barrier == 1 || ld_acquire_sys(flags + r) >= tag(number, 1))
-        wait_arrival_gin(c.wait, p.mask, [&] { return ld_acquire_sys(flags + r); }, target, r);
+        wait_arrival_gin(
+            c.wait, p.mask, [&] { return ld_acquire_sys(flags + r); }, target, r);
     } else if (p.barrier == 1 || net.read_signal(r) >= net_target - 1) {
-      wait_arrival_gin(c.wait, p.mask, [&] { return net.read_signal(r); }, net_target, r);
+      wait_arrival_gin(
+          c.wait, p.mask, [&] { return net.read_signal(r); }, net_target, r);
     }
   }
   __syncwarp();

@@ -14,14 +14,16 @@ namespace epcomm::dev {
 // shape, builds this rank's receive plan (rank_prefix_matrix; per-expert counts rounded up to the
 // alignment; chunk_offset: the first receive row of each (source, chunk), then the end row, and
 // the source's cut in the last column) and hands the totals to the host, status last.
-template <class Params, class Entry>
+// kMaxR: the most ranks R may be (its shared arrays; blockDim.x >= R): a node's inside one,
+// kMaxInterRanks across nodes.
+template <int kMaxR = kMaxNvlRanks, class Params, class Entry>
 __device__ void build_receive_plan(const Params& p, const WaitContext& w, const MetaEntryLayout& layout, int R,
                                    int rank, int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
   const int lane = lane_id(), warp = warp_id(), num_warps = blockDim.x / 32;
   const int experts_per_rank = p.num_experts / R;
-  __shared__ int32_t s_counts[kMaxNvlRanks][kMaxNvlRanks];  // [source][destination]
-  __shared__ int32_t s_tokens[kMaxNvlRanks];
-  __shared__ int32_t s_cut[kMaxNvlRanks];
+  __shared__ int32_t s_counts[kMaxR][kMaxR];  // [source][destination]
+  __shared__ int32_t s_tokens[kMaxR];
+  __shared__ int32_t s_cut[kMaxR];
   if (ok) {
     // Every rank must agree on the call's shape; a mismatch would corrupt the rings.
     if (threadIdx.x < R) {
