@@ -246,8 +246,9 @@ bool Buffer::Impl::capturing(cudaStream_t stream) const {
 
 std::string Buffer::Impl::normal_mode_limit_text() const {
   return "normal mode takes at most " + std::to_string(kMaxNvlRanks) + " ranks per node and, across nodes, " +
-         std::to_string(kMaxInterRanks) + " ranks in all; this group has " + std::to_string(num_ranks) + " ranks, " +
-         std::to_string(group->ranks_per_node()) + " per node";
+         std::to_string(kMaxInterRanks) + " ranks on at most " + std::to_string(kMaxInterNodes) +
+         " nodes; this group has " + std::to_string(num_ranks) + " ranks, " + std::to_string(group->ranks_per_node()) +
+         " per node";
 }
 
 void Buffer::Impl::require_normal_mode(const char* call) const {

@@ -70,10 +70,11 @@ struct Buffer::Impl {
   CommonParams common(KernelId kernel) const;
   // Normal mode's kernels hold a node's ranks in 32-bit masks and, across nodes, a token's
   // destination ranks in one u64 (design-scale.md §3): at most kMaxNvlRanks per node, and across
-  // nodes kMaxInterRanks in all. Larger groups are low-latency only (Buffer checks at creation and
-  // at every normal-mode call).
+  // nodes kMaxInterRanks in all on at most kMaxInterNodes nodes. Larger groups are low-latency only
+  // (Buffer checks at creation and at every normal-mode call).
   bool normal_mode_fits() const {
-    return group->ranks_per_node() <= kMaxNvlRanks && (group->num_nodes() == 1 || num_ranks <= kMaxInterRanks);
+    return group->ranks_per_node() <= kMaxNvlRanks &&
+           (group->num_nodes() == 1 || (num_ranks <= kMaxInterRanks && group->num_nodes() <= kMaxInterNodes));
   }
   std::string normal_mode_limit_text() const;        // what the group has, against those limits
   void require_normal_mode(const char* call) const;  // ArgumentError naming the call unless it fits

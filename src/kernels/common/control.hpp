@@ -17,6 +17,7 @@ constexpr int kMaxNvlRanks = 32;  // ranks per node in normal mode (its masks: u
 // Ranks of a group in normal mode across nodes (a token's destination ranks are one u64 in the
 // internode kernels: internode/common.cuh token_ranks).
 constexpr int kMaxInterRanks = 64;
+constexpr int kMaxInterNodes = 32;  // ... and its nodes (lane = node in their warp loops)
 // Ranks one load/store (NVLink) domain may hold (NVL72): CommonParams::peer_base's entries.
 constexpr int kMaxLsaRanks = 72;
 // Ranks of a group in low-latency mode (design-scale.md §5: nothing R-sized is left in kernel
