@@ -15,33 +15,13 @@
 #include "kernels/common/launch.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"
+#include "kernels/low_latency/clean_wait.cuh"
 #include "kernels/low_latency/params.hpp"
 
 namespace epcomm {
 namespace {
 
 using namespace epcomm::dev;
-
-// *flag >= target, bounded. On timeout: with shrink mode the peer is masked, else a record; false.
-__device__ bool wait_arrival(const WaitContext& w, int32_t* mask, const uint64_t* flag, uint64_t target, int peer) {
-  if (ld_acquire_sys(flag) >= target) return true;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    if (ld_acquire_sys(flag) >= target) return true;
-    if ((spins & 255) == 0) {
-      if (aborted(w)) return false;
-      if (global_timer_ns() - start > w.timeout_ns) {
-        if (mask != nullptr && peer != w.rank) {
-          atomicExch(mask + peer, 1);
-          __threadfence();
-        } else {
-          report_timeout(w, WaitPhase::kLowLatencyClean, peer, target, ld_acquire_sys(flag));
-        }
-        return false;
-      }
-    }
-  }
-}
 
 __global__ void __launch_bounds__(32, 1)
     low_latency_clean_barrier_kernel(const __grid_constant__ LowLatencyCleanParams p) {
@@ -58,7 +38,8 @@ __global__ void __launch_bounds__(32, 1)
   // (one that timed out there is not waited for twice).
   for (int r = lane_id(); r < c.num_ranks; r += 32)
     if (p.barrier == 1 || ld_acquire_sys(flags + r) >= tag(number, 1))
-      wait_arrival(c.wait, p.mask, flags + r, target, r);
+      wait_clean_arrival(
+          c.wait, p.mask, [&] { return ld_acquire_sys(flags + r); }, target, r);
   __syncwarp();
   if (p.barrier == 2 && lane_id() == 0) {
     __threadfence();

@@ -15,6 +15,7 @@
 #include "kernels/common/launch.hpp"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/wait.cuh"
+#include "kernels/low_latency/clean_wait.cuh"
 #include "kernels/low_latency/params.hpp"
 #include "transport/net_gin.cuh"
 
@@ -22,30 +23,6 @@ namespace epcomm {
 namespace {
 
 using namespace epcomm::dev;
-
-// load() >= target, bounded; on timeout with shrink mode the peer is masked, else a record. False
-// when it did not arrive.
-template <typename Load>
-__device__ bool wait_arrival_gin(const WaitContext& w, int32_t* mask, Load load, uint64_t target, int peer) {
-  if (load() >= target) return true;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    const uint64_t v = load();
-    if (v >= target) return true;
-    if ((spins & 255) == 0) {
-      if (aborted(w)) return false;
-      if (global_timer_ns() - start > w.timeout_ns) {
-        if (mask != nullptr && peer != w.rank) {
-          atomicExch(mask + peer, 1);
-          __threadfence();
-        } else {
-          report_timeout(w, WaitPhase::kLowLatencyClean, peer, target, v);
-        }
-        return false;
-      }
-    }
-  }
-}
 
 __global__ void __launch_bounds__(32, 1)
     low_latency_clean_barrier_gin_kernel(const __grid_constant__ LowLatencyCleanParams p,
@@ -68,10 +45,10 @@ __global__ void __launch_bounds__(32, 1)
   for (int r = lane_id(); r < c.num_ranks; r += 32) {
     if (r / P == node) {
       if (p.barrier == 1 || ld_acquire_sys(flags + r) >= tag(number, 1))
-        wait_arrival_gin(
+        wait_clean_arrival(
             c.wait, p.mask, [&] { return ld_acquire_sys(flags + r); }, target, r);
     } else if (p.barrier == 1 || net.read_signal(r) >= net_target - 1) {
-      wait_arrival_gin(
+      wait_clean_arrival(
           c.wait, p.mask, [&] { return net.read_signal(r); }, net_target, r);
     }
   }
