@@ -156,9 +156,10 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
     BufferOptions bo;
     // EPCOMM_LL_NET=1 (with several nodes, e.g. EPCOMM_RANKS_PER_NODE) takes the network path,
     // whose area follows the two buffers.
-    // Across real (or fake) nodes the network path is the only one.
-    bo.num_rdma_bytes = low_latency_net_requested() || fake ? Buffer::low_latency_net_size_hint(Tmax, H, R, E)
-                                                            : Buffer::low_latency_size_hint(Tmax, H, R, E);
+    // Across real (or fake) nodes the network path is the only one, and past kMaxLsaRanks ranks too.
+    const bool net_path = low_latency_net_requested() || fake || (R > kMaxLsaRanks && group->num_nodes() > 1);
+    bo.num_rdma_bytes =
+        net_path ? Buffer::low_latency_net_size_hint(Tmax, H, R, E) : Buffer::low_latency_size_hint(Tmax, H, R, E);
     bo.low_latency_mode = true;
     Buffer buf(group, bo);
     const bool net = buf.low_latency_uses_network();
