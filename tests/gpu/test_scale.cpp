@@ -67,14 +67,13 @@ TEST(ScaleGpu, LowLatency128RanksVirtualNodes) { run_scale(128, 8); }
 // DeepSeek's decoding scale, 40 nodes of 8 (needs 3 GPUs or more of 132 SMs).
 TEST(ScaleGpu, LowLatency320RanksVirtualNodes) { run_scale(320, 8); }
 
-// Normal mode across 8 virtual nodes of 8 (64 ranks, kMaxInterRanks: a token's destination ranks
-// in one u64, the receive plan's shared arrays for 64 sources), two SMs per rank, small rows.
-TEST(ScaleGpu, NormalMode64RanksEightVirtualNodes) {
+// Normal mode across R / P virtual nodes, two SMs per rank, small rows.
+void run_normal_scale(int R, int P) {
   InterCase c;
-  c.num_ranks = 64;
-  c.ranks_per_node = 8;
+  c.num_ranks = R;
+  c.ranks_per_node = P;
   c.hidden = 256;
-  c.num_experts = 2 * 64;
+  c.num_experts = 2 * R;
   c.max_tokens = 24;
   c.num_sms = 2;
   c.steps = 1;
@@ -82,6 +81,16 @@ TEST(ScaleGpu, NormalMode64RanksEightVirtualNodes) {
   if (!fits_here(c.num_ranks, c.num_sms + 1, why)) GTEST_SKIP() << why;  // + the count exchange's block
   run_inter_case(c);
 }
+
+// 32 ranks as 4 nodes of 8 and as 16 nodes of 2 (one GPU holds them).
+TEST(ScaleGpu, NormalMode32RanksFourAndSixteenVirtualNodes) {
+  run_normal_scale(32, 8);
+  run_normal_scale(32, 2);
+}
+
+// 8 nodes of 8 (64 ranks, kMaxInterRanks: a token's destination ranks in one u64, the receive
+// plan's shared arrays for 64 sources; 2 GPUs or more).
+TEST(ScaleGpu, NormalMode64RanksEightVirtualNodes) { run_normal_scale(64, 8); }
 
 }  // namespace
 }  // namespace epcomm::test
