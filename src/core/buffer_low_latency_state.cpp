@@ -171,16 +171,14 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   if (m.options.enable_shrink) p.mask = m.ll.mask;
   const StreamOrder order{stream, nullptr, false};
   cudaStream_t s = begin_call(m, order);
+  GinNetParams g;  // across real nodes: the clean barriers' signals
+  if (m.gin)
+    g = m.gin->params(m.ll.offset, m.gin_signals.clean_base(), static_cast<char*>(m.sym->local()) + m.ll.offset,
+                      nullptr, m.group->ranks_per_node());
   auto barrier = [&](int b) {
     p.barrier = b;
-    if (m.gin) {
-      const GinNetParams g =
-          m.gin->params(m.ll.offset, m.gin_signals.clean_base(), static_cast<char*>(m.sym->local()) + m.ll.offset,
-                        nullptr, m.group->ranks_per_node());
-      launch_low_latency_clean_barrier_gin(p, g, s);
-    } else {
-      launch_low_latency_clean_barrier(p, s);
-    }
+    if (m.gin) launch_low_latency_clean_barrier_gin(p, g, s);
+    else launch_low_latency_clean_barrier(p, s);
   };
   barrier(1);
   clear_low_latency_calls(m, s);
