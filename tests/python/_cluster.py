@@ -4,6 +4,7 @@ rank that hangs is caught by a timeout, and the processes are replaced before th
 broken case never hangs the suite. Each run records its wall time and the slowest rank's phase
 times (TIMINGS; conftest.py prints them at the end of the pytest run)."""
 
+import faulthandler
 import importlib
 import os
 import queue
@@ -19,6 +20,15 @@ _QUIET_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 
 # (what ran, wall seconds seen by the parent, {phase: seconds on the slowest rank}), in run order.
 TIMINGS: List[Tuple[str, float, Dict[str, float]]] = []
+
+
+def dump_stacks_before_watchdog() -> None:
+    """In a rank process its parent watches: EPCOMM_DUMP_AFTER_S seconds in (the parent sets it a
+    little below its watchdog), every thread's stack goes to the log, so a hang names its Python
+    line before the SIGKILL. Unset or 0: nothing."""
+    after = float(os.environ.get("EPCOMM_DUMP_AFTER_S") or 0)
+    if after > 0:
+        faulthandler.dump_traceback_later(after, exit=False)
 
 
 def free_port() -> int:

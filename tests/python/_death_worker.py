@@ -11,7 +11,6 @@ epcomm.TimeoutError naming it. Then destroy(), destroy_process_group() and an or
 """
 
 import datetime
-import faulthandler
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ import torch.distributed as dist  # noqa: E402
 
 import _death_steps as steps  # noqa: E402
 import epcomm  # noqa: E402
-from _cluster import Context  # noqa: E402
+from _cluster import Context, dump_stacks_before_watchdog  # noqa: E402
 from _death_verdict import DEATH_TAG  # noqa: E402
 from _gpu_low_latency import warm_expert_kernels  # noqa: E402
 
@@ -196,8 +195,7 @@ def teardown(buf) -> None:
 
 def main(cfg) -> int:
     R = int(os.environ["WORLD_SIZE"])
-    if float(os.environ.get("EPCOMM_DUMP_AFTER_S", "0")) > 0:  # a hang names its Python line in the log
-        faulthandler.dump_traceback_later(float(os.environ["EPCOMM_DUMP_AFTER_S"]), exit=False)
+    dump_stacks_before_watchdog()
     device = 0 if cfg["shared"] else RANK
     torch.cuda.set_device(device)
     init = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"

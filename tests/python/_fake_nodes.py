@@ -181,7 +181,7 @@ def run_layout(layout: str, gpus: int, plugin: str, seed: int, port: int, timeou
         commands.append((run, worker or [sys.executable, WORKER],
                          rank_env(layout, r, per_node, R, gpu, port, plugin, seed)))
     for _, _, env in commands:  # stacks in the logs before the watchdog fires
-        env["EPCOMM_FAKE_DUMP_AFTER_S"] = str(max(timeout - 15.0, 1.0))
+        env["EPCOMM_DUMP_AFTER_S"] = str(max(timeout - 15.0, 1.0))
     fired = watch(commands, timeout, grace)
     return [run for run, _, _ in commands], fired, where
 

@@ -21,7 +21,6 @@ once (the ranks are out of step), exit 1.
 """
 
 import datetime
-import faulthandler
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 import _reference as ref  # noqa: E402
 import epcomm as deep_ep  # noqa: E402
-from _cluster import Context  # noqa: E402
+from _cluster import Context, dump_stacks_before_watchdog  # noqa: E402
 from _exit_check import DONE_LINE  # noqa: E402
 from _gpu_checks import Checks  # noqa: E402
 from _gpu_low_latency import ll_shapes, low_latency, warm_expert_kernels  # noqa: E402
@@ -121,10 +120,7 @@ def main() -> int:
           f"seed {seed}, cases {chosen}", flush=True)
 
     start = time.monotonic()
-    # A hang names its Python line: every thread's stack into the log before the watchdog's SIGKILL.
-    dump_after = float(os.environ.get("EPCOMM_FAKE_DUMP_AFTER_S", "0"))
-    if dump_after > 0:
-        faulthandler.dump_traceback_later(dump_after, exit=False)
+    dump_stacks_before_watchdog()
     torch.cuda.set_device(gpu)
     # gloo: ranks may share a GPU; epcomm makes its own NCCL communicator (through the plugin).
     dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
