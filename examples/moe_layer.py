@@ -7,6 +7,7 @@ copies went to several ranks, so its gradient is the sum of theirs) and combine'
 cached dispatch (every row that was summed gets the token's gradient). One process per GPU:
 
     PYTHONPATH=python python examples/moe_layer.py --ranks 4
+    torchrun --nnodes N --nproc-per-node G ... examples/moe_layer.py     (one rank per torchrun process)
 
 Every rank checks its forward output and its gradients (input, gate, its own experts' weights)
 against the same layer computed on one GPU without communication, and prints the errors.
@@ -196,8 +197,13 @@ def _run_rank(rank, num_ranks, ranks_per_node, args):
     configs = (epcomm.Buffer.get_dispatch_config(num_ranks), epcomm.Buffer.get_combine_config(num_ranks))
     hidden_bytes = args.hidden * 2
     nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
-    # Network memory for normal mode across nodes (0 when the ranks fit in one node, as DeepEP's hint).
+    # Network memory for normal mode across nodes (0 when the ranks fit in one node, as DeepEP's hint);
+    # epcomm's internode region holds every token of every source node (EPCOMM_MAX_TOKENS_PER_RANK).
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, ranks_per_node=ranks_per_node) for c in configs)
+    if ranks_per_node < num_ranks:
+        os.environ.setdefault("EPCOMM_MAX_TOKENS_PER_RANK", str(args.tokens))
+        rdma = max(rdma, epcomm.Buffer.get_internode_rdma_size_hint(
+            int(os.environ["EPCOMM_MAX_TOKENS_PER_RANK"]), args.hidden, num_ranks, ranks_per_node, args.topk))
     buffer = epcomm.Buffer(dist.group.WORLD, num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
     try:
         report = check_against_single_gpu(buffer, dist.group.WORLD, seed=args.seed, tokens=args.tokens,
@@ -210,6 +216,16 @@ def _run_rank(rank, num_ranks, ranks_per_node, args):
     finally:
         buffer.destroy()
         dist.destroy_process_group()
+
+
+def _torchrun_rank(args):
+    """One rank that torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in the
+    environment, MASTER_ADDR / MASTER_PORT for the process group): a node is its LOCAL_WORLD_SIZE GPUs."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world)
+    _run_rank(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)), args)
 
 
 def _worker(rank, num_ranks, port, args):
@@ -315,6 +331,9 @@ def main():
     args = parser.parse_args()
     if args.fake_node_child:
         _fake_node_child(args)
+        return
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) and not args.fake_nodes:
+        _torchrun_rank(args)  # started by torchrun: this process is one rank
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

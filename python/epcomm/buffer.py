@@ -179,6 +179,20 @@ class Buffer(LowLatencyMixin):
         return EventOverlap(EventHandle())
 
     @staticmethod
+    def get_internode_rdma_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, ranks_per_node: int,
+                                     num_topk: int = 8) -> int:
+        """(epcomm extension) ``num_rdma_bytes`` normal mode needs across nodes when a rank dispatches
+        up to ``num_max_tokens_per_rank`` tokens of ``hidden`` channels (BF16 or FP8) with up to
+        ``num_topk`` experts each: the Buffer's internode region holds every token of every source node
+        (until the ring of docs/design-scale.md §4 bounds it), so set ``EPCOMM_MAX_TOKENS_PER_RANK`` to
+        the same token count before making the Buffer. ``Config.get_rdma_buffer_size_hint`` (DeepEP's,
+        without a token count) can be far below this."""
+        return _epcomm.internode_size_hint(check_int("num_max_tokens_per_rank", num_max_tokens_per_rank, lo=1),
+                                           check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
+                                           check_int("ranks_per_node", ranks_per_node, lo=1),
+                                           check_int("num_topk", num_topk, lo=1, hi=16))
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """epcomm's default dispatch config (a rule, not a per-rank-count table) with
         ``Buffer.num_sms`` SMs."""

@@ -278,6 +278,17 @@ PYBIND11_MODULE(_epcomm, m) {
   });
   m.def("device_count", &device_count, "Visible CUDA devices (0 when there is no driver or no GPU).");
   m.def(
+      "internode_size_hint",
+      [](int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
+         int max_experts_per_rank) {
+        return Buffer::internode_size_hint(max_tokens_per_rank, hidden, num_ranks, ranks_per_node, num_topk,
+                                           max_experts_per_rank);
+      },
+      py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"), py::arg("ranks_per_node"),
+      py::arg("num_topk"), py::arg("max_experts_per_rank") = 1024,
+      "num_rdma_bytes normal mode needs across nodes when a rank dispatches up to max_tokens_per_rank tokens "
+      "(the Buffer's EPCOMM_MAX_TOKENS_PER_RANK) of `hidden` BF16 channels (Buffer::internode_size_hint)");
+  m.def(
       "is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
   m.def(
       "dtype_size", [](py::handle dtype) { return dtype_size(python::dtype_from_object(dtype, "dtype")); },

@@ -218,6 +218,23 @@ def test_low_latency_size_hint():
     raises(ValueError, lambda: hint(128.0, 7168, 8, 288), "num_max_dispatch_tokens_per_rank")
 
 
+def test_internode_rdma_size_hint():
+    """The extension's size of normal mode's internode region: the core's, growing with the tokens,
+    the ranks and the row; bad arguments named."""
+    hint = epcomm.Buffer.get_internode_rdma_size_hint
+    for tokens, hidden, R, P, K in ((128, 512, 16, 8, 4), (4096, 7168, 16, 8, 8), (24, 256, 64, 8, 8), (1, 128, 2, 1, 1)):
+        got = hint(tokens, hidden, R, P, K)
+        assert got == _epcomm.internode_size_hint(tokens, hidden, R, P, K), (tokens, hidden, R, P, K)
+        assert got > 0
+    assert hint(128, 512, 16, 8) < hint(256, 512, 16, 8) < hint(256, 1024, 16, 8) < hint(256, 1024, 32, 8)
+    # DeepEP's hint (no token count) is far below what 4096 tokens per rank need across 2 nodes of 8.
+    config_hint = epcomm.Buffer.get_dispatch_config(16).get_rdma_buffer_size_hint(7168 * 2, 16, ranks_per_node=8)
+    assert hint(4096, 7168, 16, 8) > config_hint
+    raises(ValueError, lambda: hint(0, 512, 16, 8), "num_max_tokens_per_rank")
+    raises(ValueError, lambda: hint(128, 512, 12, 8), "ranks_per_node")
+    raises(ValueError, lambda: hint(128, 512, 16, 8, 17), "num_topk")
+
+
 # ---------------------------------------------------------------------------- without pytest
 if __name__ == "__main__":
     run_tests(globals())
