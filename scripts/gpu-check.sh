@@ -11,6 +11,7 @@
 #   EPCOMM_CHECK_STEPS="build repeat" EPCOMM_REPEAT_FILTER='StressGpu.RanksSharingOneGpu' scripts/gpu-check.sh
 #   EPCOMM_CHECK_STEPS="build gin" scripts/gpu-check.sh   # NCCL GIN across processes (fake nodes), C++ and Python
 #   EPCOMM_CHECK_STEPS="build bench-fake" scripts/gpu-check.sh   # epcomm-bench across fake nodes (byte counts)
+#   EPCOMM_CHECK_STEPS="build smcurve" scripts/gpu-check.sh   # bandwidth against SMs, wire probe + bench, chart
 #
 # GoogleTest: the installed one, else the sources in $EPCOMM_GTEST_SOURCE_DIR (default
 # .prebuilt/googletest, a copy of Debian's /usr/src/googletest).
@@ -233,6 +234,32 @@ if [[ " $steps " == *" bench "* ]]; then
     log "epcomm-bench --tokens $tokens rc=$rc"
     [[ $rc -ne 0 ]] && status=1
   done
+fi
+
+if [[ " $steps " == *" smcurve "* ]]; then
+  # Bandwidth against SMs (issue "Fewer SMs"): the wire probe's copies (and the copy engines, which
+  # use none) and epcomm-bench with the NCCL baseline at every SM count, per token count, as JSON,
+  # then one PNG (tools/bench_chart.py, where matplotlib is installed).
+  sms=${EPCOMM_SM_CURVE:-4,6,8,12,16,24}
+  log "smcurve: epcomm-wire-probe --sms $sms (+ copy engines)"
+  timeout ${EPCOMM_BENCH_TIMEOUT:-600} "$build/bench/epcomm-wire-probe" --sms "$sms" \
+    --modes store,load,tma-push,tma-pull,ce-push,ce-pull >"$out/smcurve-wire.log" 2>&1
+  tee -a "$out/summary.txt" <"$out/smcurve-wire.log" | tail -40
+  for tokens in ${EPCOMM_SM_CURVE_TOKENS:-4096 8192 1024 128}; do
+    log "smcurve: epcomm-bench --tokens $tokens --sms $sms"
+    timeout ${EPCOMM_BENCH_TIMEOUT:-600} "$build/bench/epcomm-bench" --tokens "$tokens" --sms "$sms" \
+      --json "$out/smcurve-$tokens.json" >"$out/smcurve-$tokens.log" 2>&1
+    rc=$?
+    sed -n '/^summary/,$p' "$out/smcurve-$tokens.log" | grep -v "^check:" | tee -a "$out/summary.txt"
+    log "smcurve: epcomm-bench --tokens $tokens rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+  done
+  if python3 -c "import matplotlib" 2>/dev/null; then
+    python3 "$root/tools/bench_chart.py" "$out"/smcurve-*.json -o "$out/smcurve.png" >>"$out/summary.txt" 2>&1 &&
+      log "smcurve: chart in $out/smcurve.png"
+  else
+    log "smcurve: no matplotlib here; chart later with tools/bench_chart.py $out/smcurve-*.json"
+  fi
 fi
 
 if [[ " $steps " == *" python "* ]]; then
