@@ -281,8 +281,12 @@ if [[ " $steps " == *" python "* ]]; then
   [[ $rc -ne 0 ]] && status=1
   log "python: pytest tests/python/test_process_death.py (a rank killed with SIGKILL; 1 GPU: 3 fake nodes)"
   # -s: the per-scenario reports (time from the kill to each survivor's error or mask) are prints.
+  # Three runs of each scenario with one process per GPU (the count), one with fake nodes.
+  death_runs=1
+  [[ $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -ge 2 ]] && death_runs=3
   EPCOMM_TEST_NET_PLUGIN=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so} \
-    EPCOMM_DEATH_LOG_DIR=$out/death timeout ${EPCOMM_DEATH_TIMEOUT:-900} python3 -m pytest -rs -q -s \
+    EPCOMM_DEATH_RUNS=${EPCOMM_DEATH_RUNS:-$death_runs} EPCOMM_DEATH_LOG_DIR=$out/death \
+    timeout ${EPCOMM_DEATH_TIMEOUT:-1800} python3 -m pytest -rs -q -s \
     "$root/tests/python/test_process_death.py" \
     >"$out/python-death.log" 2>&1
   rc=$?

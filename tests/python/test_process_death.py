@@ -26,7 +26,8 @@ test-only loopback net plugin (NCCL_NET_PLUGIN from EPCOMM_TEST_NET_PLUGIN, else
 build-gpu/tests/gin_loopback/libnccl-net-epcomm-loopback.so); their kernels take turns on the GPU,
 so the timeout is 10 s, the shrink runs take 100 steps after the death, and ll-shrink-dispatch-sent
 is left out. Knobs: EPCOMM_TEST_RANKS, EPCOMM_TIMEOUT_MS, EPCOMM_DEATH_STEPS, EPCOMM_DEATH_SCENARIOS
-(comma-separated), EPCOMM_TEST_SEED, EPCOMM_DEATH_LOG_DIR (keeps the ranks' logs).
+(comma-separated), EPCOMM_DEATH_RUNS (runs of each scenario, default 1), EPCOMM_TEST_SEED,
+EPCOMM_DEATH_LOG_DIR (keeps the ranks' logs).
 
     PYTHONPATH=python python -m pytest -rs -s tests/python/test_process_death.py
 
@@ -88,21 +89,24 @@ def test_gpu_process_death(scenario=None):
     todo = plan.scenarios if scenario is None else [scenario]
     if scenario is not None and scenario not in plan.scenarios:
         skip(f"{scenario}: not in this machine's plan {list(plan.scenarios)} (EPCOMM_DEATH_SCENARIOS)")
+    runs = int(os.environ.get("EPCOMM_DEATH_RUNS") or 1)  # the issue asks for three of each on the GPU machines
     failures = []
     for name in todo:
-        failures += _run_one(plan, name)
+        for run in range(runs):
+            failures += _run_one(plan, name, run, runs)
     assert not failures, "\n".join(failures)
 
 
-def _run_one(plan, scenario):
+def _run_one(plan, scenario, run=0, runs=1):
     limits = dv.make_limits(plan)
-    seed = int(os.environ.get("EPCOMM_TEST_SEED") or random.randrange(1 << 30))
+    seed = int(os.environ.get("EPCOMM_TEST_SEED") or random.randrange(1 << 30)) + run
     victim = dv.victim_of(plan)
     where = "GPU 0, fake nodes" if plan.shared else "one per GPU"
     start = time.monotonic()
     results, kill_wall = dv.run_scenario(plan, scenario, seed, limits)
     problems = dv.judge(scenario, victim, plan.ranks, results, kill_wall, limits, plan.after_steps)
-    print(f"[epcomm death] {scenario}: {plan.ranks} processes ({where}), victim rank {victim}, timeout "
+    print(f"[epcomm death] {scenario}{f' (run {run + 1} of {runs})' if runs > 1 else ''}: {plan.ranks} processes "
+          f"({where}), victim rank {victim}, timeout "
           f"{plan.timeout_ms} ms, seed {seed}, {time.monotonic() - start:.1f} s, "
           f"{'FAILED' if problems else 'passed'}\n{dv.summary(scenario, victim, results, kill_wall)}",
           file=sys.__stderr__, flush=True)
