@@ -14,7 +14,8 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq && $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-mapfile -t sources < <(git ls-files '*.cpp' '*.hpp' '*.cu' '*.cuh' '*.h')
+# Tracked files and new ones not yet added (not ignored): a new file is checked before its first commit.
+mapfile -t sources < <(git ls-files --cached --others --exclude-standard '*.cpp' '*.hpp' '*.cu' '*.cuh' '*.h')
 status=0
 if [[ ${1:-} == --fix ]]; then
   clang-format -i --style=file "${sources[@]}"
@@ -33,7 +34,7 @@ else
   echo "lint: clang-format: ${#sources[@]} files formatted"
 fi
 
-mapfile -t py < <(git ls-files '*.py')
+mapfile -t py < <(git ls-files --cached --others --exclude-standard '*.py')
 # pyflakes has no `noqa`; drop the reports whose line says `# noqa` (with a reason).
 report=$( (pyflakes3 "${py[@]}" 2>&1 || true) | while IFS= read -r line; do
   file=${line%%:*}; rest=${line#*:}; no=${rest%%:*}
