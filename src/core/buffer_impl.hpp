@@ -102,6 +102,13 @@ struct Buffer::Impl {
     bool enabled = false;  // more than one node
     size_t offset = 0, bytes = 0;
     InterLayout layout;
+    int max_chunks = 0;  // chunk masks per source in the meta entries (from max_tokens, fixed)
+    int tokens = 0;      // tokens per rank the rows hold (layout.max_tokens less its slack)
+    // The token limit was given (BufferOptions::max_tokens_per_rank, EPCOMM_MAX_TOKENS_PER_RANK): the
+    // rows are laid out for it. Otherwise the first dispatch lays them out for as many tokens as
+    // num_rdma_bytes holds at its row size (internode_tokens.hpp), and `fitted` says it happened.
+    bool tokens_given = true;
+    bool fitted = false;
   } inter;
   void init_internode();                      // constructor (before the barrier)
   void reset_internode(cudaStream_t stream);  // zero the region (one rank; no barrier)
@@ -109,7 +116,9 @@ struct Buffer::Impl {
   GinNetParams inter_gin_params() const;  // the internode kernels' GIN arguments (gin != nullptr)
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
   void require_internode_region() const;  // ArgumentError unless normal mode has the region
-  void check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const;
+  // hidden > 0: the call's hidden, for the first dispatch to fit the rows (0: a cached dispatch,
+  // after one); num_tokens: this rank's T.
+  void check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int hidden, int num_tokens);
   // The normal-mode entry points call these in place of the intranode launches (same params).
   void launch_internode_notify(const NotifyParams& p);
   Event run_internode_dispatch(const DispatchParams& p, const StreamOrder& order);

@@ -4,12 +4,14 @@
 // kernels/internode/dispatch.cuh; the network hop is the emulated transport over virtual nodes
 // (every rank load/store reachable), NCCL GIN across real nodes (Impl::gin, gin_kernels.cu).
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "core/buffer_impl.hpp"
 #include "core/argument_checks.hpp"
 #include "core/call_check.hpp"
+#include "core/internode_tokens.hpp"
 #include "epcomm/error.hpp"
 #include "transport/gin_context.hpp"
 
@@ -22,9 +24,12 @@ size_t required_bytes(const InterLayout& l, size_t half) { return l.control_byte
 
 void Buffer::Impl::init_internode() {
   if (!inter.enabled || !normal_mode_fits()) return;  // a group for low-latency mode alone
-  const int max_chunks = (max_tokens + 7) / 8;        // the smallest chunk is 8 tokens
-  inter.layout =
-      InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, max_chunks, max_local_experts, inter.bytes);
+  inter.max_chunks = (max_tokens + 7) / 8;            // the smallest chunk is 8 tokens
+  inter.tokens = max_tokens;
+  const char* env = std::getenv("EPCOMM_MAX_TOKENS_PER_RANK");
+  inter.tokens_given = options.max_tokens_per_rank > 0 || (env != nullptr && *env != '\0');
+  inter.layout = internode_layout(num_ranks, group->ranks_per_node(), max_tokens, inter.max_chunks, max_local_experts,
+                                  inter.bytes);
 }
 
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
@@ -74,14 +79,34 @@ void Buffer::Impl::require_internode_region() const {
                         "low_latency_mode = false); see Buffer::internode_size_hint");
 }
 
-void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk) const {
+void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int hidden, int num_tokens) {
   require_internode_region();
+  if (!inter.tokens_given && !inter.fitted && hidden > 0) {
+    // Every rank's first dispatch has the same hidden, so every rank lays the rows out alike. Up to
+    // kMaxTopk: a later call with more experts per token still fits.
+    const int P = group->ranks_per_node();
+    const int t = internode_token_capacity(num_ranks, P, max_tokens, inter.max_chunks, max_local_experts, inter.bytes,
+                                           hidden, kMaxTopk);
+    if (t > 0) {
+      inter.layout = internode_layout(num_ranks, P, t, inter.max_chunks, max_local_experts, inter.bytes);
+      inter.tokens = t;
+    }
+    inter.fitted = true;
+  }
+  const std::string sizing =
+      " (set EPCOMM_MAX_TOKENS_PER_RANK or BufferOptions::max_tokens_per_rank to the tokens per rank you "
+      "dispatch, and num_rdma_bytes to Buffer::internode_size_hint for them; Python: "
+      "Buffer.get_internode_rdma_size_hint)";
   const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk);
   if (g.bytes > inter.layout.half_bytes)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) +
-                        " bytes for up to " + std::to_string(max_tokens) + " tokens per rank need " +
-                        std::to_string(required_bytes(inter.layout, g.bytes)) + " (Buffer::internode_size_hint)");
+                        " bytes for up to " + std::to_string(inter.tokens) + " tokens per rank need " +
+                        std::to_string(required_bytes(inter.layout, g.bytes)) + sizing);
+  if (num_tokens > inter.tokens)
+    throw ArgumentError("x: " + std::to_string(num_tokens) + " tokens per rank; this buffer's internode region (" +
+                        "num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) + ") holds " +
+                        std::to_string(inter.tokens) + " at this row size" + sizing);
 }
 
 void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
@@ -107,7 +132,7 @@ void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
 }
 
 Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const StreamOrder& order) {
-  check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk);
+  check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk, 0, dp.num_tokens);
   InterDispatchParams p;
   p.ic = inter_common(KernelId::kDispatch, dp.num_blocks);
   p.geo = InterDispatchGeometry::make(inter.layout, dp.row_bytes, dp.num_scales, dp.num_topk);
@@ -150,7 +175,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   if (p.geo.bytes > inter.layout.half_bytes)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +
-                        " for up to " + std::to_string(max_tokens) + " tokens per rank needs " +
+                        " for up to " + std::to_string(inter.tokens) + " tokens per rank needs " +
                         std::to_string(required_bytes(inter.layout, p.geo.bytes)) + " (Buffer::internode_size_hint)");
   checks::device_tensor("handle.recv_src_idx", handle.recv_src_idx, device, {DType::kI32}, 1);
   checks::dim("handle.recv_src_idx", handle.recv_src_idx, 0, handle.num_rows, "received rows");

@@ -307,7 +307,7 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     const int num_scales = scale_words(in.x_scales);
     const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
     if (m.inter.enabled)
-      m.check_internode_dispatch(row_bytes, num_scales, K);  // across nodes: the internode region instead
+      m.check_internode_dispatch(row_bytes, num_scales, K, hidden, T);  // across nodes: the internode region
     else
       ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
                  ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),

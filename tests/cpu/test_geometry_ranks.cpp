@@ -9,6 +9,7 @@
 #include <random>
 #include <string>
 
+#include "core/internode_tokens.hpp"
 #include "core/ring_geometry.hpp"
 #include "cpu/test_reference_util.hpp"
 #include "epcomm/buffer.hpp"
@@ -258,6 +259,36 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       EXPECT_EQ(c.prow % 16, 0u);
     }
   }
+}
+
+// A buffer given no token limit lays its internode rows out for as many tokens as num_rdma_bytes
+// holds (core/internode_tokens.hpp): at least the T that Buffer::internode_size_hint sized it for,
+// the most that fit (one more does not), more with more bytes, none in a region that holds none.
+TEST(GeometryRanks, InternodeTokenCapacityInvertsTheSizeHint) {
+  struct Split {
+    int R, P;
+  };
+  for (const Split s : {Split{4, 2}, Split{16, 8}, Split{64, 8}, Split{8, 1}})
+    for (int hidden : {256, 7168})
+      for (int T : {1, 100, 4096}) {
+        SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " hidden=" + std::to_string(hidden) +
+                     " T=" + std::to_string(T));
+        const int EL = 32, chunks = (T + 7) / 8, limit = 65536;
+        const size_t bytes = Buffer::internode_size_hint(T, hidden, s.R, s.P, kMaxTopk, EL);
+        const int cap = internode_token_capacity(s.R, s.P, limit, chunks, EL, bytes, hidden, kMaxTopk);
+        EXPECT_GE(cap, T);
+        EXPECT_LT(cap, limit);
+        EXPECT_TRUE(internode_tokens_fit(s.R, s.P, cap, chunks, EL, bytes, hidden, kMaxTopk));
+        EXPECT_FALSE(internode_tokens_fit(s.R, s.P, cap + 1, chunks, EL, bytes, hidden, kMaxTopk));
+        EXPECT_GT(internode_token_capacity(s.R, s.P, limit, chunks, EL, 2 * bytes, hidden, kMaxTopk), cap);
+        // The layout the first dispatch makes for it keeps the control part where it was.
+        const InterLayout a = internode_layout(s.R, s.P, limit, chunks, EL, bytes);
+        const InterLayout b = internode_layout(s.R, s.P, cap, chunks, EL, bytes);
+        EXPECT_EQ(a.control_bytes, b.control_bytes);
+        EXPECT_EQ(a.meta_in, b.meta_in);
+        EXPECT_EQ(a.half_bytes, b.half_bytes);
+      }
+  EXPECT_EQ(internode_token_capacity(4, 2, 65536, 8192, 32, 4096, 7168, 8), 0);
 }
 
 // Normal mode: every R from 2 to 8 gets a valid default config, and its NVL size hint holds at

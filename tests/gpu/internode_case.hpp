@@ -21,6 +21,9 @@ struct InterCase : NormalProblem {
   int steps = 2;                // dispatch / combine / cached dispatch repeated on one buffer (flow control)
   int chunk = 0;                // Config::nvl_chunk_size (0: default)
   bool report_traffic = false;  // print every call's traffic counters (one line per rank and call)
+  // The buffer is given no token limit (BufferOptions::max_tokens_per_rank 0; EPCOMM_MAX_TOKENS_PER_RANK
+  // unless set), as a DeepEP client's: its first dispatch lays the rows out for what the region holds.
+  bool token_limit_from_region = false;
 };
 
 std::string describe(const InterCase& c);

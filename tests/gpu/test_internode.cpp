@@ -186,6 +186,20 @@ TEST(InternodeLowLatency, TwoNodesOfTwoAndFourOfOne) {
 
 // Sizes: an internode dispatch that does not fit num_rdma_bytes is an ArgumentError naming the size
 // needed, before anything is launched, and the buffer stays usable.
+// A DeepEP client gives no token limit: the first dispatch lays the rows out for as many tokens as
+// num_rdma_bytes holds (instead of refusing every dispatch for the default 65536), and every call
+// after it uses that layout (BF16, FP8, cached dispatch, combine).
+TEST(InternodeGpu, TokenLimitFromTheRegionWhenNotGiven) {
+  for (const DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+    InterCase c;
+    c.num_ranks = 4;
+    c.ranks_per_node = 2;
+    c.dtype = dtype;
+    c.token_limit_from_region = true;
+    run_inter_case(c);
+  }
+}
+
 TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
   run_ranks(
       2,
