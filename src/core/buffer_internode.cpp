@@ -28,8 +28,8 @@ void Buffer::Impl::init_internode() {
   inter.tokens = max_tokens;
   const char* env = std::getenv("EPCOMM_MAX_TOKENS_PER_RANK");
   inter.tokens_given = options.max_tokens_per_rank > 0 || (env != nullptr && *env != '\0');
-  inter.layout = internode_layout(num_ranks, group->ranks_per_node(), max_tokens, inter.max_chunks, max_local_experts,
-                                  inter.bytes);
+  inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, inter.max_chunks, max_local_experts,
+                                   inter.bytes);
 }
 
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
@@ -88,12 +88,12 @@ void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int n
     const int t = internode_token_capacity(num_ranks, P, max_tokens, inter.max_chunks, max_local_experts, inter.bytes,
                                            hidden, kMaxTopk);
     if (t > 0) {
-      inter.layout = internode_layout(num_ranks, P, t, inter.max_chunks, max_local_experts, inter.bytes);
+      inter.layout = InterLayout::make(num_ranks, P, t, inter.max_chunks, max_local_experts, inter.bytes);
       inter.tokens = t;
     }
     inter.fitted = true;
   }
-  const std::string sizing =
+  static const char* const sizing =
       " (set EPCOMM_MAX_TOKENS_PER_RANK or BufferOptions::max_tokens_per_rank to the tokens per rank you "
       "dispatch, and num_rdma_bytes to Buffer::internode_size_hint for them; Python: "
       "Buffer.get_internode_rdma_size_hint)";

@@ -12,19 +12,13 @@
 
 namespace epcomm {
 
-// The layout of a region of region_bytes for T tokens per rank; its control part has max_chunks
-// chunk masks per source (the Buffer's token limit fixes them, whatever T is).
-inline InterLayout internode_layout(int num_ranks, int ranks_per_node, int tokens, int max_chunks,
-                                    int max_local_experts, size_t region_bytes) {
-  return InterLayout::make(num_ranks, ranks_per_node, tokens, max_chunks, max_local_experts, region_bytes);
-}
-
-// Whether T tokens per rank fit: the widest dispatch row (BF16; FP8 rows with the usual scales are
+// Whether T tokens per rank fit (the control part keeps max_chunks chunk masks per source: the
+// Buffer's token limit fixes them, whatever T is): the widest dispatch row (BF16; FP8 rows with the usual scales are
 // narrower, and each call still checks its own) and the combine's rows of `hidden`, top-k num_topk.
 inline bool internode_tokens_fit(int num_ranks, int ranks_per_node, int tokens, int max_chunks, int max_local_experts,
                                  size_t region_bytes, int hidden, int num_topk) {
   const InterLayout l =
-      internode_layout(num_ranks, ranks_per_node, tokens, max_chunks, max_local_experts, region_bytes);
+      InterLayout::make(num_ranks, ranks_per_node, tokens, max_chunks, max_local_experts, region_bytes);
   const size_t d = InterDispatchGeometry::make(l, 2 * hidden, 0, num_topk).bytes;
   const size_t c = InterCombineGeometry::make(l, hidden, num_topk).bytes;
   return l.half_bytes > 0 && std::max(d, c) <= l.half_bytes;

@@ -282,8 +282,8 @@ TEST(GeometryRanks, InternodeTokenCapacityInvertsTheSizeHint) {
         EXPECT_FALSE(internode_tokens_fit(s.R, s.P, cap + 1, chunks, EL, bytes, hidden, kMaxTopk));
         EXPECT_GT(internode_token_capacity(s.R, s.P, limit, chunks, EL, 2 * bytes, hidden, kMaxTopk), cap);
         // The layout the first dispatch makes for it keeps the control part where it was.
-        const InterLayout a = internode_layout(s.R, s.P, limit, chunks, EL, bytes);
-        const InterLayout b = internode_layout(s.R, s.P, cap, chunks, EL, bytes);
+        const InterLayout a = InterLayout::make(s.R, s.P, limit, chunks, EL, bytes);
+        const InterLayout b = InterLayout::make(s.R, s.P, cap, chunks, EL, bytes);
         EXPECT_EQ(a.control_bytes, b.control_bytes);
         EXPECT_EQ(a.meta_in, b.meta_in);
         EXPECT_EQ(a.half_bytes, b.half_bytes);
