@@ -28,6 +28,7 @@ status=0
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$out/summary.txt"; }
 
 nvidia-smi -L 2>&1 | tee -a "$out/summary.txt"
+num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU")  # the steps' layouts and repeats depend on it
 nvidia-smi topo -m >>"$out/summary.txt" 2>&1 || true
 
 if [[ " $steps " == *" build "* ]]; then
@@ -121,7 +122,7 @@ if [[ " $steps " == *" gin "* ]]; then
     log "gin: net plugin $plugin is missing: only the no-GIN cases (GinUnavailable.*) run"
   fi
   layouts=${EPCOMM_GIN_LAYOUTS:-2x1,4x1}
-  [[ -z ${EPCOMM_GIN_LAYOUTS:-} && $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -ge 4 ]] && layouts=$layouts,2x2
+  [[ -z ${EPCOMM_GIN_LAYOUTS:-} && $num_gpus -ge 4 ]] && layouts=$layouts,2x2
   log "gin: epcomm_gin_tests --layouts $layouts (logs: $out/gin)"
   rm -rf "$out/gin"
   mkdir -p "$out/gin"
@@ -159,7 +160,7 @@ if [[ " $steps " == *" bench-fake "* ]]; then
   # need two GPUs (NCCL refuses two ranks of one node on one GPU): 4 x 1 on one GPU.
   plugin=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so}
   layout="--ranks 4 --fake-nodes 2"
-  [[ $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -lt 2 ]] && layout="--ranks 4 --fake-nodes 4"
+  [[ $num_gpus -lt 2 ]] && layout="--ranks 4 --fake-nodes 4"
   layout=${EPCOMM_BENCH_FAKE_LAYOUT:-$layout}
   rm -rf "$out/bench-fake"
   log "bench: epcomm-bench $layout (fake nodes, GIN through $plugin)"
@@ -283,7 +284,7 @@ if [[ " $steps " == *" python "* ]]; then
   # -s: the per-scenario reports (time from the kill to each survivor's error or mask) are prints.
   # Three runs of each scenario with one process per GPU (the issue's count), one with fake nodes.
   death_runs=1
-  [[ $(nvidia-smi -L 2>/dev/null | grep -c "^GPU") -ge 2 ]] && death_runs=3
+  [[ $num_gpus -ge 2 ]] && death_runs=3
   EPCOMM_TEST_NET_PLUGIN=${EPCOMM_GIN_PLUGIN:-$build/tests/gin_loopback/libnccl-net-epcomm-loopback.so} \
     EPCOMM_DEATH_RUNS=${EPCOMM_DEATH_RUNS:-$death_runs} EPCOMM_DEATH_LOG_DIR=$out/death \
     timeout ${EPCOMM_DEATH_TIMEOUT:-1800} python3 -m pytest -rs -q -s \
