@@ -339,9 +339,10 @@ class Buffer {
   // stream): puts to ranks of other nodes and their bytes (count meta, masks, rows), rows sent over
   // the network, and bytes of rows this rank read from / wrote to node peers over NVLink.
   // `control`: the region's signal counters, shadows, node flags and call counters, as text (for
-  // diagnosing a failed call).
+  // diagnosing a failed call). `rounds`: kernel rounds the calls ran; a call whose tokens the region
+  // holds at once runs one, a smaller num_rdma_bytes runs more (each a window of tokens per node).
   struct InternodeStats {
-    uint64_t network_puts = 0, network_bytes = 0, network_rows = 0, nvlink_bytes = 0;
+    uint64_t network_puts = 0, network_bytes = 0, network_rows = 0, nvlink_bytes = 0, rounds = 0;
     std::string control;
   };
   InternodeStats internode_stats(bool reset = false);

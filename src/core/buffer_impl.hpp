@@ -103,11 +103,13 @@ struct Buffer::Impl {
     size_t offset = 0, bytes = 0;
     InterLayout layout;
     int max_chunks = 0;  // chunk masks per source in the meta entries (from max_tokens, fixed)
-    int tokens = 0;      // tokens per rank the rows hold (layout.max_tokens less its slack)
-    // The token limit was given (BufferOptions::max_tokens_per_rank, EPCOMM_MAX_TOKENS_PER_RANK): the
-    // rows are laid out for it. Otherwise the first dispatch lays them out for as many tokens as
-    // num_rdma_bytes holds at its row size (internode_tokens.hpp), and `fitted` says it happened.
+    // The token limit of dispatches that do not wait for the counts (num_worst_tokens), whose rounds
+    // cover it: the given limit (BufferOptions::max_tokens_per_rank, EPCOMM_MAX_TOKENS_PER_RANK), else
+    // what one round of the region holds at the first dispatch's hidden (internode_tokens.hpp), and
+    // `fitted` says it was found. Other calls run rounds for the group's largest T.
+    int tokens = 0;
     bool tokens_given = true;
+    uint64_t rounds = 0;  // rounds launched since the last internode_stats(reset)
     bool fitted = false;
   } inter;
   void init_internode();                      // constructor (before the barrier)
@@ -117,11 +119,14 @@ struct Buffer::Impl {
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
   void require_internode_region() const;  // ArgumentError unless normal mode has the region
   // hidden > 0: the call's hidden, for the first dispatch to fit the rows (0: a cached dispatch,
-  // after one); num_tokens: this rank's T.
-  void check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int hidden, int num_tokens);
+  // after one); num_tokens: this rank's T; counts_on_host: false with num_worst_tokens.
+  void check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int chunk, int hidden, int num_tokens,
+                                bool counts_on_host);
+  // The tokens of every rank a call's rounds cover (buffer_internode.cpp).
+  int internode_round_tokens(const DispatchHandle& h) const;
   // The normal-mode entry points call these in place of the intranode launches (same params).
   void launch_internode_notify(const NotifyParams& p);
-  Event run_internode_dispatch(const DispatchParams& p, const StreamOrder& order);
+  Event run_internode_dispatch(const DispatchParams& p, const DispatchHandle& handle, const StreamOrder& order);
   Event run_internode_combine(const CombineParams& p, const DispatchHandle& handle, const StreamOrder& order);
 };
 

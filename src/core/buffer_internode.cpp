@@ -20,6 +20,14 @@ namespace {
 
 size_t required_bytes(const InterLayout& l, size_t half) { return l.control_bytes + 2 * align_up(half, 4096); }
 
+// Runs launch(window_begin, window_end, last) for each window of `window` tokens in [0, tokens):
+// at least once (a call with no tokens still takes part in the flow control).
+template <class Launch>
+void for_each_round(int tokens, int window, Launch&& launch) {
+  const int rounds = std::max((tokens + window - 1) / window, 1);
+  for (int k = 0; k < rounds; ++k) launch(k * window, (k + 1) * window, k == rounds - 1);
+}
+
 }  // namespace
 
 void Buffer::Impl::init_internode() {
@@ -48,10 +56,13 @@ size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_
   checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
   const InterLayout l = InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
                                           max_experts_per_rank, 0);
-  // The widest dispatch row: BF16 (FP8 rows plus scales are smaller).
+  // The widest dispatch row: BF16 (FP8 rows plus scales are smaller). Rows for the layout's token
+  // bound (T + 32 or more), so that every token fits one round for the chunks whose windows' step
+  // (inter_window_step) plus the chunk is at most 34 (8, 10, 12, 16, 32; the default 32); a smaller
+  // region works in rounds of what it holds.
   const InterDispatchGeometry d = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk);
   const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, num_topk);
-  return required_bytes(l, std::max(d.bytes, c.bytes));
+  return required_bytes(l, std::max(d.bytes_for(l, l.max_tokens), c.bytes_for(l, l.max_tokens)));
 }
 
 InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
@@ -79,34 +90,41 @@ void Buffer::Impl::require_internode_region() const {
                         "low_latency_mode = false); see Buffer::internode_size_hint");
 }
 
-void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int hidden, int num_tokens) {
+void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int chunk, int hidden,
+                                            int num_tokens, bool counts_on_host) {
   require_internode_region();
+  const int step = inter_window_step(chunk);
   if (!inter.tokens_given && !inter.fitted && hidden > 0) {
-    // Every rank's first dispatch has the same hidden, so every rank lays the rows out alike. Up to
-    // kMaxTopk: a later call with more experts per token still fits.
-    const int P = group->ranks_per_node();
-    const int t = internode_token_capacity(num_ranks, P, max_tokens, inter.max_chunks, max_local_experts, inter.bytes,
-                                           hidden, kMaxTopk);
-    if (t > 0) {
-      inter.layout = InterLayout::make(num_ranks, P, t, inter.max_chunks, max_local_experts, inter.bytes);
-      inter.tokens = t;
-    }
+    // A dispatch that does not wait for the counts (num_worst_tokens) runs its rounds for the token
+    // limit, not the group's largest T: without a limit given, that is what one round holds at the
+    // first dispatch's hidden (BF16 rows, top-k up to kMaxTopk: later calls still fit). Every rank's
+    // first dispatch has the same hidden, so every rank finds the same.
+    const int t = internode_round_capacity(inter.layout, hidden, kMaxTopk, step);
+    if (t > 0) inter.tokens = t;
     inter.fitted = true;
   }
-  static const char* const sizing =
-      " (set EPCOMM_MAX_TOKENS_PER_RANK or BufferOptions::max_tokens_per_rank to the tokens per rank you "
-      "dispatch, and num_rdma_bytes to Buffer::internode_size_hint for them; Python: "
-      "Buffer.get_internode_rdma_size_hint)";
-  const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk);
-  if (g.bytes > inter.layout.half_bytes)
-    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
-                        " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) +
-                        " bytes for up to " + std::to_string(inter.tokens) + " tokens per rank need " +
-                        std::to_string(required_bytes(inter.layout, g.bytes)) + sizing);
-  if (num_tokens > inter.tokens)
-    throw ArgumentError("x: " + std::to_string(num_tokens) + " tokens per rank; this buffer's internode region (" +
-                        "num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) + ") holds " +
-                        std::to_string(inter.tokens) + " at this row size" + sizing);
+  const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk, step);
+  if (g.window == 0)
+    throw ArgumentError(
+        "num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+        " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) + " bytes need " +
+        std::to_string(required_bytes(inter.layout, g.bytes_for(inter.layout, step))) + " for the smallest round (" +
+        std::to_string(step) + " tokens per node), " +
+        std::to_string(required_bytes(inter.layout, g.bytes_for(inter.layout, std::max(num_tokens, step)))) +
+        " for all " + std::to_string(num_tokens) + " tokens in one (Buffer::internode_size_hint)");
+  if (!counts_on_host && num_tokens > inter.tokens)
+    throw ArgumentError("x: " + std::to_string(num_tokens) + " tokens per rank with num_worst_tokens; this buffer " +
+                        "runs such dispatches for at most " + std::to_string(inter.tokens) +
+                        " (no token limit was given: one round of its internode region, num_rdma_bytes = " +
+                        std::to_string(options.num_rdma_bytes) +
+                        "; set EPCOMM_MAX_TOKENS_PER_RANK or BufferOptions::max_tokens_per_rank)");
+}
+
+int Buffer::Impl::internode_round_tokens(const DispatchHandle& h) const {
+  const int t = h.max_chunks * h.chunk;  // the group's largest T, rounded up to chunks
+  if (h.num_recv_tokens >= 0) return t;
+  // num_worst_tokens: the host never saw the counts, so the rounds cover the token limit.
+  return std::min(t, static_cast<int>(align_up(static_cast<size_t>(inter.tokens), static_cast<size_t>(h.chunk))));
 }
 
 void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
@@ -131,11 +149,14 @@ void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
   else launch_inter_notify(p, comm);
 }
 
-Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const StreamOrder& order) {
-  check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk, 0, dp.num_tokens);
+Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const DispatchHandle& handle,
+                                           const StreamOrder& order) {
+  check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk, dp.chunk, 0, dp.num_tokens,
+                           handle.num_recv_tokens >= 0);
   InterDispatchParams p;
   p.ic = inter_common(KernelId::kDispatch, dp.num_blocks);
-  p.geo = InterDispatchGeometry::make(inter.layout, dp.row_bytes, dp.num_scales, dp.num_topk);
+  p.geo =
+      InterDispatchGeometry::make(inter.layout, dp.row_bytes, dp.num_scales, dp.num_topk, inter_window_step(dp.chunk));
   p.chunk = dp.chunk;
   p.max_chunks = dp.max_chunks;
   p.num_tokens = dp.num_tokens;
@@ -161,8 +182,14 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Strea
   p.num_worst_tokens = dp.num_worst_tokens;
   p.num_rows = dp.num_rows;
   enter(order);
-  if (gin) launch_inter_dispatch_gin(p, inter_gin_params(), comm);
-  else launch_inter_dispatch(p, comm);
+  for_each_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool last) {
+    p.window_begin = begin;
+    p.window_end = end;
+    p.last_round = last;
+    ++inter.rounds;
+    if (gin) launch_inter_dispatch_gin(p, inter_gin_params(), comm);
+    else launch_inter_dispatch(p, comm);
+  });
   return leave(order);
 }
 
@@ -171,12 +198,14 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   require_internode_region();
   InterCombineParams p;
   p.ic = inter_common(KernelId::kCombine, cp.num_blocks);
-  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk);
-  if (p.geo.bytes > inter.layout.half_bytes)
+  const int step = inter_window_step(cp.chunk);
+  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk, step);
+  if (p.geo.window == 0)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +
-                        " for up to " + std::to_string(inter.tokens) + " tokens per rank needs " +
-                        std::to_string(required_bytes(inter.layout, p.geo.bytes)) + " (Buffer::internode_size_hint)");
+                        " needs " + std::to_string(required_bytes(inter.layout, p.geo.bytes_for(inter.layout, step))) +
+                        " for the smallest round (" + std::to_string(step) +
+                        " tokens per node; Buffer::internode_size_hint)");
   checks::device_tensor("handle.recv_src_idx", handle.recv_src_idx, device, {DType::kI32}, 1);
   checks::dim("handle.recv_src_idx", handle.recv_src_idx, 0, handle.num_rows, "received rows");
   p.chunk = cp.chunk;
@@ -195,8 +224,13 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   p.out = cp.out;
   p.out_topk_weights = cp.out_topk_weights;
   enter(order);
-  if (gin) launch_inter_combine_gin(p, inter_gin_params(), comm);
-  else launch_inter_combine(p, comm);
+  for_each_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool) {
+    p.window_begin = begin;
+    p.window_end = end;
+    ++inter.rounds;
+    if (gin) launch_inter_combine_gin(p, inter_gin_params(), comm);
+    else launch_inter_combine(p, comm);
+  });
   return leave(order);
 }
 
@@ -267,6 +301,8 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   s.network_bytes = host[kStatPutBytes];
   s.network_rows = host[kStatRowsSent];
   s.nvlink_bytes = host[kStatNvlBytes];
+  s.rounds = m.inter.rounds;
+  if (reset) m.inter.rounds = 0;
   return s;
 }
 

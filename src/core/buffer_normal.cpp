@@ -307,7 +307,8 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     const int num_scales = scale_words(in.x_scales);
     const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
     if (m.inter.enabled)
-      m.check_internode_dispatch(row_bytes, num_scales, K, hidden, T);  // across nodes: the internode region
+      m.check_internode_dispatch(row_bytes, num_scales, K, in.config.chunk_tokens(), hidden, T,
+                                 in.num_worst_tokens == 0);  // across nodes: the internode region
     else
       ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
                  ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
@@ -429,7 +430,7 @@ Event launch_dispatch_common(Buffer& buffer, Buffer::Impl& m, const TensorView& 
   p.num_worst_tokens = num_worst_tokens;
   p.num_rows = num_rows;
   (void)buffer;
-  if (m.inter.enabled) return m.run_internode_dispatch(p, order);  // across nodes (buffer_internode.cpp)
+  if (m.inter.enabled) return m.run_internode_dispatch(p, handle, order);  // across nodes (buffer_internode.cpp)
   m.enter(order);
   launch_dispatch(p, shape.smem, m.comm);
   return m.leave(order);

@@ -245,50 +245,81 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       for (const bool fp8 : {false, true}) {
         const int row_bytes = fp8 ? hidden : 2 * hidden, scales = fp8 ? hidden / 128 : 0;
         const InterDispatchGeometry d = InterDispatchGeometry::make(l, row_bytes, scales, K);
-        EXPECT_LE(d.bytes, l.half_bytes) << (fp8 ? "fp8" : "bf16");
-        EXPECT_LE(d.row(l, l.num_nodes - 1, l.max_tokens - 1) + d.drow, l.dispatch_base() + l.half_bytes);
+        EXPECT_GE(d.window, tokens) << (fp8 ? "fp8" : "bf16");  // the hint's region: every token in one round
+        EXPECT_LE(d.bytes_for(l, d.window), l.half_bytes) << (fp8 ? "fp8" : "bf16");
+        EXPECT_LE(d.row(l, l.num_nodes - 1, d.window - 1) + d.drow, l.dispatch_base() + l.half_bytes);
         EXPECT_LE(d.send_mask(l, l.num_nodes - 1, l.max_tokens - 1) + 4, d.rows);
         EXPECT_EQ(d.drow % 16, 0u);
       }
       const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K);
-      EXPECT_LE(c.bytes, l.half_bytes);
-      EXPECT_LE(c.in_row(l, l.num_nodes - 1, s.P - 1, l.max_tokens - 1) + c.crow, c.out);
-      EXPECT_LE(c.out_row(l, l.num_nodes - 1, l.max_tokens - 1) + c.prow, c.net);
-      EXPECT_LE(c.net_row(l, l.num_nodes - 1, l.max_tokens - 1) + c.prow, l.combine_base() + l.half_bytes);
+      EXPECT_GE(c.window, tokens);
+      EXPECT_LE(c.bytes_for(l, c.window), l.half_bytes);
+      EXPECT_LE(c.in_row(l, l.num_nodes - 1, s.P - 1, c.window - 1) + c.crow, c.out);
+      EXPECT_LE(c.out_row(l, l.num_nodes - 1, c.window - 1) + c.prow, c.net);
+      EXPECT_LE(c.net_row(l, l.num_nodes - 1, c.window - 1) + c.prow, l.combine_base() + l.half_bytes);
       EXPECT_EQ(c.crow % 16, 0u);
       EXPECT_EQ(c.prow % 16, 0u);
     }
   }
 }
 
-// A buffer given no token limit lays its internode rows out for as many tokens as num_rdma_bytes
-// holds (core/internode_tokens.hpp): at least the T that Buffer::internode_size_hint sized it for,
-// the most that fit (one more does not), more with more bytes, none in a region that holds none.
-TEST(GeometryRanks, InternodeTokenCapacityInvertsTheSizeHint) {
+// The internode rows hold a window of tokens per node (kernels/internode/params.hpp, inter_window),
+// and a call with more tokens runs in rounds: the hint's region holds every token in one round; a
+// region a third that size still works, in rounds of the most whole steps that fit (one more step
+// does not), the same windows on every rank (a function of sizes only); a region that holds no step
+// has window 0 (the Buffer refuses it, naming the size). The memory stays what num_rdma_bytes says
+// whatever the nodes: more nodes only mean smaller windows.
+TEST(GeometryRanks, InternodeWindowsFromTheRegion) {
   struct Split {
     int R, P;
   };
-  for (const Split s : {Split{4, 2}, Split{16, 8}, Split{64, 8}, Split{8, 1}})
+  for (const Split s : {Split{4, 2}, Split{16, 8}, Split{64, 8}, Split{8, 1}, Split{64, 2}})
     for (int hidden : {256, 7168})
-      for (int T : {1, 100, 4096}) {
-        SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " hidden=" + std::to_string(hidden) +
-                     " T=" + std::to_string(T));
-        const int EL = 32, chunks = (T + 7) / 8, limit = 65536;
-        const size_t bytes = Buffer::internode_size_hint(T, hidden, s.R, s.P, kMaxTopk, EL);
-        const int cap = internode_token_capacity(s.R, s.P, limit, chunks, EL, bytes, hidden, kMaxTopk);
-        EXPECT_GE(cap, T);
-        EXPECT_LT(cap, limit);
-        EXPECT_TRUE(internode_tokens_fit(s.R, s.P, cap, chunks, EL, bytes, hidden, kMaxTopk));
-        EXPECT_FALSE(internode_tokens_fit(s.R, s.P, cap + 1, chunks, EL, bytes, hidden, kMaxTopk));
-        EXPECT_GT(internode_token_capacity(s.R, s.P, limit, chunks, EL, 2 * bytes, hidden, kMaxTopk), cap);
-        // The layout the first dispatch makes for it keeps the control part where it was.
-        const InterLayout a = InterLayout::make(s.R, s.P, limit, chunks, EL, bytes);
-        const InterLayout b = InterLayout::make(s.R, s.P, cap, chunks, EL, bytes);
-        EXPECT_EQ(a.control_bytes, b.control_bytes);
-        EXPECT_EQ(a.meta_in, b.meta_in);
-        EXPECT_EQ(a.half_bytes, b.half_bytes);
-      }
-  EXPECT_EQ(internode_token_capacity(4, 2, 65536, 8192, 32, 4096, 7168, 8), 0);
+      for (int T : {1, 100, 4096})
+        for (int chunk : {8, 12, 32}) {
+          SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " hidden=" + std::to_string(hidden) +
+                       " T=" + std::to_string(T) + " chunk=" + std::to_string(chunk));
+          const int EL = 32, chunks = (T + 7) / 8, K = 8;
+          const int step = inter_window_step(chunk);
+          EXPECT_EQ(step % chunk, 0);
+          EXPECT_EQ(step % 4, 0);
+          const size_t hint = Buffer::internode_size_hint(T, hidden, s.R, s.P, K, EL);
+          const InterLayout full = InterLayout::make(s.R, s.P, T, chunks, EL, hint);
+          // One round covers the tokens rounded up to whole chunks (the kernels' windows are whole chunks).
+          const int rounded = (T + chunk - 1) / chunk * chunk;
+          EXPECT_GE(InterDispatchGeometry::make(full, 2 * hidden, 0, K, step).window, rounded);
+          EXPECT_GE(InterCombineGeometry::make(full, hidden, K, step).window, rounded);
+          EXPECT_GE(internode_round_capacity(full, hidden, K, step), rounded);
+          const InterLayout small =
+              InterLayout::make(s.R, s.P, T, chunks, EL, full.control_bytes + (hint - full.control_bytes) / 3);
+          for (const int row_bytes : {2 * hidden, hidden}) {
+            const InterDispatchGeometry d =
+                InterDispatchGeometry::make(small, row_bytes, row_bytes == hidden ? hidden / 128 : 0, K, step);
+            if (d.window == 0) continue;  // T small: a third holds less than a step
+            EXPECT_EQ(d.window % step, 0);
+            EXPECT_LE(d.bytes_for(small, d.window), small.half_bytes);
+            if (d.window + step <= small.max_tokens) EXPECT_GT(d.bytes_for(small, d.window + step), small.half_bytes);
+            EXPECT_LE(d.row(small, small.num_nodes - 1, d.window - 1) + d.drow,
+                      small.dispatch_base() + small.half_bytes);
+          }
+          const InterCombineGeometry c = InterCombineGeometry::make(small, hidden, K, step);
+          if (c.window > 0) {
+            EXPECT_EQ(c.window % step, 0);
+            if (T >= 100) EXPECT_LT(c.window, T);  // the bigger problems take rounds here
+            EXPECT_LE(c.bytes_for(small, c.window), small.half_bytes);
+            EXPECT_GT(c.bytes_for(small, c.window + step), small.half_bytes);
+            EXPECT_LE(c.net_row(small, small.num_nodes - 1, c.window - 1) + c.prow,
+                      small.combine_base() + small.half_bytes);
+          }
+        }
+  const InterLayout tiny =
+      InterLayout::make(4, 2, 65536, 8192, 32, InterLayout::make(4, 2, 65536, 8192, 32, 0).control_bytes + 8192);
+  EXPECT_EQ(InterCombineGeometry::make(tiny, 7168, 8).window, 0);
+  EXPECT_EQ(internode_round_capacity(tiny, 7168, 8, 8), 0);
+  EXPECT_EQ(inter_window_step(8), 8);
+  EXPECT_EQ(inter_window_step(12), 12);
+  EXPECT_EQ(inter_window_step(10), 20);
+  EXPECT_EQ(inter_window_step(9), 36);
 }
 
 // Normal mode: every R from 2 to 8 gets a valid default config, and its NVL size hint holds at

@@ -112,6 +112,21 @@ TEST(GinNormal, SkewedAndEmptyRanks) {
   run_inter(one, 63);
 }
 
+// num_rdma_bytes an eighth of the hint: dispatch and combine run in rounds (a window of tokens per
+// node each, kernels/internode/params.hpp), each round a call of its own for GIN's signals; with
+// num_worst_tokens and the CUDA graph too.
+TEST(GinNormal, SmallRegionRunsInRounds) {
+  InterCase c = inter_case();
+  c.region_divisor = 8;
+  run_inter(c, 70);
+  InterCase g = inter_case();
+  g.region_divisor = 8;
+  g.worst = true;
+  g.graph = true;
+  g.dtype = DType::kFP8E4M3;
+  run_inter(g, 71);
+}
+
 // ---- low-latency mode (network path to other nodes, LSA inside the node) ----
 
 TEST(GinLowLatency, EveryFeature) {

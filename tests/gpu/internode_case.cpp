@@ -25,6 +25,7 @@ std::string describe(const InterCase& c) {
   if (c.skewed) s += " skewed";
   if (c.worst) s += " worst";
   if (c.graph) s += " graph";
+  if (c.region_divisor > 1) s += " region/" + std::to_string(c.region_divisor);
   if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
     s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
          std::to_string(c.scale_words());
@@ -95,6 +96,7 @@ BufferOptions inter_buffer_options(const InterCase& c) {
                                                     bo.max_experts_per_rank);
     bo.max_tokens_per_rank = 0;
   }
+  if (c.region_divisor > 1) bo.num_rdma_bytes /= c.region_divisor;
   bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
   return bo;
 }
@@ -174,6 +176,10 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       const Buffer::InternodeStats ds = buf.internode_stats(true);
       report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
       EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
+      if (c.region_divisor > 1 && c.dtype == DType::kBF16) EXPECT_GT(ds.rounds, 1u) << "dispatch: rounds";
+      if (step == 0 && r == 0 && c.region_divisor > 1)
+        std::printf("[internode] region / %d: dispatch in %llu rounds\n", c.region_divisor,
+                    static_cast<unsigned long long>(ds.rounds));
       EXPECT_EQ(ds.nvlink_bytes, traffic.dispatch_nvl_rows[r] * static_cast<uint64_t>(H) * elt)
           << "dispatch: bytes read from node peers";
       EXPECT_TRUE(same_values(t.chunk_off.download<int32_t>(),
@@ -193,6 +199,10 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       const Buffer::InternodeStats cs = buf.internode_stats(true);
       report("combine", step, cs, traffic.combine_net_rows[r]);
       EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
+      if (c.region_divisor > 1) EXPECT_GT(cs.rounds, 1u) << "combine: rounds";
+      if (step == 0 && r == 0 && c.region_divisor > 1)
+        std::printf("[internode] region / %d: combine in %llu rounds\n", c.region_divisor,
+                    static_cast<unsigned long long>(cs.rounds));
       // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
       t.expect_combine(/*bit_exact=*/false);
 

@@ -24,6 +24,9 @@ struct InterCase : NormalProblem {
   // The buffer is given no token limit (BufferOptions::max_tokens_per_rank 0; EPCOMM_MAX_TOKENS_PER_RANK
   // unless set), as a DeepEP client's: its first dispatch lays the rows out for what the region holds.
   bool token_limit_from_region = false;
+  // > 1: num_rdma_bytes is the size hint divided by this, so dispatch (BF16) and combine run in
+  // rounds of a window each; the test checks that more than one ran.
+  int region_divisor = 1;
 };
 
 std::string describe(const InterCase& c);

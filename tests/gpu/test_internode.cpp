@@ -200,6 +200,30 @@ TEST(InternodeGpu, TokenLimitFromTheRegionWhenNotGiven) {
   }
 }
 
+// A region an eighth of the size hint: dispatch and combine run in rounds of a window of tokens per
+// node each (params.hpp, inter_window), with the same results and traffic as in one round: BF16 and
+// FP8, skewed routing, num_worst_tokens with the CUDA graph (rounds for the token limit), a
+// chunk that is not a multiple of 4 (windows of lcm(chunk, 4)), and 4 nodes of one rank.
+TEST(InternodeGpu, SmallRegionRunsInRounds) {
+  for (const DType dtype : {DType::kBF16, DType::kFP8E4M3}) {
+    InterCase c;
+    c.num_ranks = 4;
+    c.ranks_per_node = 2;
+    c.dtype = dtype;
+    c.region_divisor = 8;
+    run_inter_case(c);
+  }
+  InterCase skew;
+  skew.num_ranks = 4;
+  skew.ranks_per_node = 1;
+  skew.skewed = true;
+  skew.worst = true;
+  skew.graph = true;
+  skew.chunk = 10;
+  skew.region_divisor = 6;
+  run_inter_case(skew);
+}
+
 TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
   run_ranks(
       2,

@@ -9,6 +9,8 @@
 //   3. final: the origin adds the partials of the nodes the token went to (ascending node), then
 //      bias0, bias1, and rounds once to BF16. combined_topk_weights the same way (exact: a weight is
 //      non-zero on one rank only).
+// A call whose tokens do not fit the combine half's window runs the kernel once per window of
+// every origin's tokens (params.hpp, inter_window), each a call of its own for the flow control.
 // The summation order is (per node, ascending rank) then ascending node: not the intranode
 // (ascending rank) order, so results match the float32 reference within rounding, not bit for bit.
 #pragma once
@@ -31,18 +33,21 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
   const int K = p.num_topk, H = p.hidden;
   const size_t row_bytes = static_cast<size_t>(H) * 2;
   uint32_t* counters = at<uint32_t>(mine, L.counters);
+  // This round's tokens of every origin (the window); the arrays hold them at t - wb.
+  const int wb = p.window_begin, wlen = p.window_end - p.window_begin;
 
   // 1. Push received rows to their forwarders.
   const int num_recv = min(p.rank_prefix_matrix[(me.R - 1) * me.R + me.rank], p.num_rows);
   uint64_t nvl_bytes = 0;
   for (int r = gw; r < num_recv; r += num_gw) {
+    const int t = p.recv_src_idx[r];
+    if (t >= 0 && t < L.max_tokens && (t < wb || t >= wb + wlen)) continue;  // another round's token
     int i = 0;
     for (int base = 0; base < me.R; base += 32) {
       const int s = base + lane;
       const uint32_t below = __ballot_sync(0xffffffffu, s < me.R && p.rank_prefix_matrix[s * me.R + me.rank] <= r);
       i += __popc(below);
     }
-    const int t = p.recv_src_idx[r];
     if (t < 0 || t >= L.max_tokens) {  // a handle from a failed dispatch: report, never write out of bounds
       if (lane == 0)
         report(w, DeviceError::kBadArgument, WaitPhase::kNone, i, static_cast<uint64_t>(L.max_tokens),
@@ -50,7 +55,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
       continue;
     }
     const int fwd = me.node * me.P + i % me.P;
-    char* dst = ic.net.window[fwd] + g.in_row(L, i / me.P, me.local, t);
+    char* dst = ic.net.window[fwd] + g.in_row(L, i / me.P, me.local, t - wb);
     warp_copy(dst + 16, p.x + static_cast<size_t>(r) * H, row_bytes);
     if (lane < K)
       at<float>(dst, 16 + row_bytes)[lane] = p.topk_weights ? p.topk_weights[static_cast<int64_t>(r) * K + lane] : 0.f;
@@ -74,11 +79,10 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     ok = net.wait_signal(w, L.signal_id(kSigCombineFree, origin), least, WaitPhase::kCombineSlotFree, origin);
   }
   ok = __syncthreads_and(ok);
-  const int tcap = min(p.max_chunks * p.chunk, L.max_tokens);
   const int vecs = H / 8;
   uint64_t rows_sent = 0;
-  for (int item = gw; ok && item < me.N * tcap; item += num_gw) {
-    const int n = item / tcap, t = item % tcap;
+  for (int item = gw; ok && item < me.N * wlen; item += num_gw) {
+    const int n = item / wlen, t = item % wlen;  // t inside the window
     const bool here = lane < me.P && __ldcg(at<uint32_t>(mine, g.in_row(L, n, lane, t))) == seq;
     const uint32_t present = __ballot_sync(0xffffffffu, here);
     if (present == 0) continue;
@@ -131,7 +135,8 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     }
   }
   ok = __syncthreads_and(ok);
-  for (int t = gw; ok && t < p.num_tokens; t += num_gw) {
+  const int t_end = min(p.num_tokens, wb + wlen);
+  for (int t = wb + gw; ok && t < t_end; t += num_gw) {
     const uint64_t full = token_ranks(p.is_token_in_rank, t, me.R, true);
     uint64_t nodes = 0;
     for (int m = 0; m < me.N; ++m)
@@ -141,7 +146,8 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     int4* out = reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H);
     for (int v = lane; v < vecs; v += 32) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (uint64_t m = nodes; m; m &= m - 1) add_f32x8(acc, at<float4>(mine, g.net_row(L, __ffsll(m) - 1, t)) + 2 * v);
+      for (uint64_t m = nodes; m; m &= m - 1)
+        add_f32x8(acc, at<float4>(mine, g.net_row(L, __ffsll(m) - 1, t - wb)) + 2 * v);
       if (b0) add_bf16x8(acc, b0[v]);
       if (b1) add_bf16x8(acc, b1[v]);
       out[v] = to_bf16x8(acc);
@@ -149,7 +155,8 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     if (lane < K && p.out_topk_weights) {
       float s = 0.f;
       for (uint64_t m = nodes; m; m &= m - 1)
-        s = __fadd_rn(s, __ldcg(at<float>(mine, g.net_row(L, __ffsll(m) - 1, t) + static_cast<size_t>(H) * 4) + lane));
+        s = __fadd_rn(s, __ldcg(at<float>(mine, g.net_row(L, __ffsll(m) - 1, t - wb) + static_cast<size_t>(H) * 4) +
+                                lane));
       p.out_topk_weights[static_cast<int64_t>(t) * K + lane] = s;
     }
   }

@@ -10,19 +10,20 @@
 //     same handle as the intranode path: rank_prefix_matrix and chunk_offset (first receive row of
 //     every (source, chunk)), so row order, handle and cached dispatch are exactly the contract's.
 //   - send kernel: each rank stages every token that goes anywhere into its own region at
-//     rows[own node][t] (row, scales, topk) and its per-node masks; then puts rows[own][t] to
-//     forwarder (m, l) at the same offset for each other node m the token goes to (one put per
-//     token and node), and, from the last block, the mask array of node m. Each block signals each
-//     forwarder once after its puts (the last block twice), so a forwarder expects B + 1 per call.
+//     rows[own node][t] (row, scales, topk; t inside the round's window) and its per-node masks; then puts rows[own][t]
+//     to forwarder (m, l) at the same offset for each other node m the token goes to (one put per token and node), and,
+//     from the last block, the mask array of node m. Each block signals each forwarder once after its puts (the last
+//     block twice), so a forwarder expects B + 1 per call.
 //   - receive kernel: the forwarder waits for those signals and raises a node flag per source node
 //     (LSA); every rank then, for each (source, chunk) it receives rows from, reads the chunk's
 //     masks at the forwarder, picks its bit and copies each row to its final position
-//     chunk_offset[source][chunk] + k. Buffers are whole (Tm rows per source node, no ring): a
-//     forwarder's rows are free again once all its node peers finished reading (a node barrier at
-//     the end of the receive kernel), and it then signals "free" to its remote sources, which wait
-//     for it before their next puts.
-//   Memory: the internode region (num_rdma_bytes) holds Tm rows per node in each half; see
-//   params.hpp and Buffer::internode_size_hint.
+//     chunk_offset[source][chunk] + k. A forwarder's rows are free again once all its node peers
+//     finished reading (a node barrier at the end of the receive kernel), and it then signals "free"
+//     to its remote sources, which wait for it before their next puts.
+//   Rounds: the rows hold a window of tokens per source node (params.hpp, inter_window); a call
+//   whose tokens do not fit launches both kernels once per window [window_begin, window_end), with
+//   the same flow control between rounds as between calls. The memory is what num_rdma_bytes gives,
+//   whatever the nodes and tokens; Buffer::internode_size_hint is the size of one round.
 #pragma once
 
 #include "kernels/common/sequence.cuh"
@@ -42,6 +43,9 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
   const int lane = lane_id(), warp = warp_id(), B = gridDim.x;
   const int T = p.num_tokens;
   const int num_chunks = (T + p.chunk - 1) / p.chunk;
+  // This round's chunks (the window); rows sit at their index inside it.
+  const int wb = p.window_begin, c_begin = wb / p.chunk;
+  const int c_end = min(num_chunks, p.window_end / p.chunk);
 
   // 1. Every remote forwarder must have released what this rank put there last time.
   int ok = 1;
@@ -54,7 +58,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
 
   // 2. Stage this block's chunks; put each token's row once to every other node it goes to.
   uint64_t rows_sent = 0;
-  for (int c = blockIdx.x; ok && c < num_chunks; c += B) {
+  for (int c = c_begin + blockIdx.x; ok && c < c_end; c += B) {
     for (int t = c * p.chunk + warp; t < (c + 1) * p.chunk; t += kInterWarps) {
       const bool valid = t < T;
       const uint64_t full = token_ranks(p.is_token_in_rank, t, me.R, valid);
@@ -63,7 +67,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
         *at<uint32_t>(mine, lane == me.node ? g.mask(L, me.node, t) : g.send_mask(L, lane, t)) = bits;
       }
       if (full == 0) continue;
-      char* row = mine + g.row(L, me.node, t);
+      char* row = mine + g.row(L, me.node, t - wb);
       warp_copy(row, p.x + static_cast<size_t>(t) * p.row_bytes, p.row_bytes);
       const int G = p.num_scales, K = p.num_topk;
       auto* meta = reinterpret_cast<uint32_t*>(row + p.row_bytes);
@@ -78,7 +82,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
       __syncwarp();
       for (int m = 0; m < me.N; ++m) {
         if (m == me.node || node_bits(full, m, me.P) == 0) continue;
-        net.put_warp(m * me.P + me.local, g.row(L, me.node, t), g.row(L, me.node, t), g.drow);
+        net.put_warp(m * me.P + me.local, g.row(L, me.node, t - wb), g.row(L, me.node, t - wb), g.drow);
         ++rows_sent;
       }
     }
@@ -91,11 +95,11 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
 
   // 3. The last block sends the mask arrays (all blocks wrote theirs) and counts the call.
   if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountSendDone)) {
-    const size_t bytes = align_up(static_cast<size_t>(num_chunks) * p.chunk * 4, 16);
+    const size_t bytes = align_up(static_cast<size_t>(max(c_end - c_begin, 0)) * p.chunk * 4, 16);
     for (int m = warp; ok && m < me.N; m += kInterWarps) {
       if (m == me.node) continue;
       const int f = m * me.P + me.local;
-      if (bytes > 0) net.put_warp(f, g.mask(L, me.node, 0), g.send_mask(L, m, 0), bytes);
+      if (bytes > 0) net.put_warp(f, g.mask(L, me.node, wb), g.send_mask(L, m, wb), bytes);
       net.fence_puts();
       __syncwarp();
       if (lane == 0) net.signal(f, L.signal_id(kSigDispatchData, me.rank), 1);
@@ -137,9 +141,12 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
   uint64_t nvl_bytes = 0;
   uint32_t rows_done = 0;  // rows of the (source, chunk) items this warp copied
   bool ok = true;
-  const int items = me.R * p.max_chunks;
+  const int wb = p.window_begin, c_begin = wb / p.chunk;
+  const int wchunks = (p.window_end - wb) / p.chunk;  // this round's chunks of every source
+  const int items = me.R * wchunks;
   for (int item = blockIdx.x * kInterWarps + warp; ok && item < items; item += B * kInterWarps) {
-    const int i = item / p.max_chunks, c = item % p.max_chunks;
+    const int i = item / wchunks, c = c_begin + item % wchunks;
+    if (c >= p.max_chunks) continue;
     const int32_t* offsets = p.chunk_offset + static_cast<int64_t>(i) * p.chunk_offset_stride;
     const int row_begin = offsets[c];
     const int rows = offsets[c + 1] - row_begin;
@@ -168,7 +175,7 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
       const int t = t0 + pos;
       const int64_t row = row_begin + k;
       if (row >= p.num_rows) continue;  // num_worst_tokens too small: reported by the host, never overrun
-      const char* src = F + g.row(L, n, t);
+      const char* src = F + g.row(L, n, t - wb);
       warp_copy(p.recv_x + row * p.row_bytes, src, p.row_bytes);
       const auto* meta = reinterpret_cast<const uint32_t*>(src + p.row_bytes);
       for (int f = lane; f < G; f += 32) p.recv_scales[row * G + f] = __ldcg(meta + f);
@@ -188,14 +195,14 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
   if (lane == 0 && rows_done) atomicAdd(at<uint32_t>(mine, L.counters) + kCountRowsReceived, rows_done);
 
   // num_worst_tokens: rows past the real count get topk -1 and weight 0.
-  if (p.num_worst_tokens > 0 && K > 0)
+  if (p.last_round && p.num_worst_tokens > 0 && K > 0)
     pad_worst_topk(w, me.rank, p.chunk_offset, p.chunk_offset_stride, me.R, p.num_worst_tokens, K, p.recv_topk_idx,
                    p.recv_topk_weights);
 
   // Node barrier: once every node peer has read this rank's rows, the remote sources may send again.
   if (grid_phase_last(at<uint32_t>(mine, L.counters) + kCountRecvDone)) {
-    // Every row of the plan must have been copied: a skipped item is an error, never silent.
-    if (threadIdx.x == 0) {
+    // Every row of the plan must have been copied (over all rounds): a skipped item is an error, never silent.
+    if (p.last_round && threadIdx.x == 0) {
       const uint32_t got = atomicExch(at<uint32_t>(mine, L.counters) + kCountRowsReceived, 0u);
       const int32_t end =
           p.chunk_offset[static_cast<int64_t>(me.R - 1) * p.chunk_offset_stride + p.chunk_offset_stride - 2];

@@ -17,11 +17,13 @@
 //     masks      u32 [N source nodes][Tm]  bit d: token goes to local rank d of *this* node;
 //                                          [own node] is this rank's staging for its own node
 //     send_masks u32 [N dest nodes][Tm]    staging: the masks for each destination node
-//     rows       [N source nodes][Tm] drow  row + scales + topk idx + weights; [own node] = staging
+//     rows       [N source nodes][Wd] drow  row + scales + topk idx + weights; [own node] = staging
 //   combine half
-//     in   [N origin nodes][P expert ranks][Tm] crow: tag u32 (pad 16), bf16 row, K f32 weights
-//     out  [N origin nodes][Tm] prow: staging of node partial sums (f32 row, K f32)
-//     net  [N source nodes][Tm] prow: node partial sums received (own node's written locally)
+//     in   [N origin nodes][P expert ranks][Wc] crow: tag u32 (pad 16), bf16 row, K f32 weights
+//     out  [N origin nodes][Wc] prow: staging of node partial sums (f32 row, K f32)
+//     net  [N source nodes][Wc] prow: node partial sums received (own node's written locally)
+//   Wd, Wc: the windows (tokens per node at a time) that fill each half at the call's row sizes;
+//   a call with more tokens runs in rounds of a window each (inter_window).
 #pragma once
 
 #include <cstddef>
@@ -122,23 +124,55 @@ struct InterLayout {
   EPCOMM_HD size_t combine_base() const { return control_bytes + half_bytes; }
 };
 
-// Sizes of one dispatch's rows and where its arrays sit in the dispatch half.
+// The tokens per source node the rows of a half hold at a time (a window): a call whose tokens
+// do not fit runs in rounds of one window each (buffer_internode.cpp), so num_rdma_bytes bounds the
+// memory whatever the number of nodes and tokens, and fewer bytes only mean more rounds. Windows
+// are multiples of `step` (the call's chunk, and 4 so that the mask slices put per round stay
+// 16-byte aligned) and at most the layout's token bound; 0 when not one step fits.
+EPCOMM_HD inline int inter_window(size_t avail, size_t per_token, int step, int max_tokens) {
+  if (per_token == 0 || step <= 0) return 0;
+  const size_t fit = avail / per_token;
+  const size_t cap = (static_cast<size_t>(max_tokens) + step - 1) / step * step;
+  const size_t w = (fit < cap ? fit : cap) / step * step;
+  return static_cast<int>(w);
+}
+EPCOMM_HD inline int inter_window_step(int chunk) {
+  int a = chunk > 0 ? chunk : 1, b = 4;  // lcm(chunk, 4)
+  while (b) {
+    const int t = a % b;
+    a = b;
+    b = t;
+  }
+  return (chunk > 0 ? chunk : 1) / a * 4;
+}
+
+// Sizes of one dispatch's rows and where its arrays sit in the dispatch half: the masks of every
+// token (small: 4 bytes per token and node), the rows of one window.
 struct InterDispatchGeometry {
   size_t row_bytes = 0;                        // x row
   size_t drow = 0;                             // row + scales + topk idx + weights, 16-aligned
+  size_t mask_bytes = 0;                       // of each mask array
   size_t masks = 0, send_masks = 0, rows = 0;  // offsets in the region
-  size_t bytes = 0;                            // of the dispatch half this needs
+  int window = 0;                              // tokens per source node the rows hold (row stride)
 
-  static InterDispatchGeometry make(const InterLayout& l, int row_bytes, int num_scales, int num_topk) {
+  // step: inter_window_step(chunk); the window fills the half (0 when the layout has no half: sizes only).
+  static InterDispatchGeometry make(const InterLayout& l, int row_bytes, int num_scales, int num_topk, int step = 4) {
     InterDispatchGeometry g;
     g.row_bytes = static_cast<size_t>(row_bytes);
     g.drow = align_up(g.row_bytes + sizeof(uint32_t) * (num_scales + 2 * num_topk), 16);
-    const size_t mask_bytes = align_up(sizeof(uint32_t) * l.num_nodes * l.max_tokens, 128);
+    g.mask_bytes = align_up(sizeof(uint32_t) * l.num_nodes * l.max_tokens, 128);
     g.masks = l.dispatch_base();
-    g.send_masks = g.masks + mask_bytes;
-    g.rows = g.send_masks + mask_bytes;
-    g.bytes = 2 * mask_bytes + static_cast<size_t>(l.num_nodes) * l.max_tokens * g.drow;
+    g.send_masks = g.masks + g.mask_bytes;
+    g.rows = g.send_masks + g.mask_bytes;
+    const size_t fixed = 2 * g.mask_bytes;
+    g.window = l.half_bytes > fixed
+                   ? inter_window(l.half_bytes - fixed, static_cast<size_t>(l.num_nodes) * g.drow, step, l.max_tokens)
+                   : 0;
     return g;
+  }
+  // Bytes of the half a window of `tokens` needs.
+  size_t bytes_for(const InterLayout& l, int tokens) const {
+    return 2 * mask_bytes + static_cast<size_t>(l.num_nodes) * tokens * drow;
   }
   EPCOMM_HD size_t mask(const InterLayout& l, int node, int t) const {
     return masks + (static_cast<size_t>(node) * l.max_tokens + t) * 4;
@@ -146,8 +180,9 @@ struct InterDispatchGeometry {
   EPCOMM_HD size_t send_mask(const InterLayout& l, int node, int t) const {
     return send_masks + (static_cast<size_t>(node) * l.max_tokens + t) * 4;
   }
-  EPCOMM_HD size_t row(const InterLayout& l, int node, int t) const {
-    return rows + (static_cast<size_t>(node) * l.max_tokens + t) * drow;
+  // t: token index inside the window.
+  EPCOMM_HD size_t row(const InterLayout& /*l*/, int node, int t) const {
+    return rows + (static_cast<size_t>(node) * window + t) * drow;
   }
 };
 
@@ -155,27 +190,31 @@ struct InterCombineGeometry {
   size_t crow = 0;  // tag (16) + bf16 row + K f32, 16-aligned
   size_t prow = 0;  // f32 row + K f32, 16-aligned
   size_t in = 0, out = 0, net = 0;
-  size_t bytes = 0;
+  int window = 0;  // tokens per origin node the arrays hold (row stride)
 
-  static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk) {
+  static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk, int step = 4) {
     InterCombineGeometry g;
     g.crow = 16 + align_up(static_cast<size_t>(hidden) * 2 + sizeof(float) * num_topk, 16);
     g.prow = align_up(static_cast<size_t>(hidden) * 4 + sizeof(float) * num_topk, 16);
-    const size_t tm = static_cast<size_t>(l.max_tokens);
+    g.window = inter_window(l.half_bytes, g.bytes_for(l, 1), step, l.max_tokens);
+    const size_t w = static_cast<size_t>(g.window);
     g.in = l.combine_base();
-    g.out = g.in + static_cast<size_t>(l.num_nodes) * l.ranks_per_node * tm * g.crow;
-    g.net = g.out + static_cast<size_t>(l.num_nodes) * tm * g.prow;
-    g.bytes = g.net + static_cast<size_t>(l.num_nodes) * tm * g.prow - g.in;
+    g.out = g.in + static_cast<size_t>(l.num_nodes) * l.ranks_per_node * w * g.crow;
+    g.net = g.out + static_cast<size_t>(l.num_nodes) * w * g.prow;
     return g;
   }
+  size_t bytes_for(const InterLayout& l, int tokens) const {
+    return static_cast<size_t>(l.num_nodes) * tokens * (l.ranks_per_node * crow + 2 * prow);
+  }
+  // t: token index inside the window.
   EPCOMM_HD size_t in_row(const InterLayout& l, int node, int expert_local, int t) const {
-    return in + ((static_cast<size_t>(node) * l.ranks_per_node + expert_local) * l.max_tokens + t) * crow;
+    return in + ((static_cast<size_t>(node) * l.ranks_per_node + expert_local) * window + t) * crow;
   }
-  EPCOMM_HD size_t out_row(const InterLayout& l, int node, int t) const {
-    return out + (static_cast<size_t>(node) * l.max_tokens + t) * prow;
+  EPCOMM_HD size_t out_row(const InterLayout& /*l*/, int node, int t) const {
+    return out + (static_cast<size_t>(node) * window + t) * prow;
   }
-  EPCOMM_HD size_t net_row(const InterLayout& l, int node, int t) const {
-    return net + (static_cast<size_t>(node) * l.max_tokens + t) * prow;
+  EPCOMM_HD size_t net_row(const InterLayout& /*l*/, int node, int t) const {
+    return net + (static_cast<size_t>(node) * window + t) * prow;
   }
 };
 
@@ -207,6 +246,10 @@ struct InterDispatchParams {
   InterCommon ic;
   InterDispatchGeometry geo;
   int chunk = 0, max_chunks = 0, num_tokens = 0, row_bytes = 0, num_scales = 0, num_topk = 0;
+  // This round's tokens [window_begin, window_end) of every source (multiples of the chunk); the
+  // last round also checks the row count and pads num_worst_tokens.
+  int window_begin = 0, window_end = 0;
+  bool last_round = true;
   int experts_per_rank = 0;
   bool cached = false;
   const uint8_t* x = nullptr;
@@ -230,8 +273,9 @@ struct InterCombineParams {
   InterCommon ic;
   InterCombineGeometry geo;
   int chunk = 0, max_chunks = 0, num_tokens = 0, hidden = 0, num_topk = 0;
-  const uint16_t* x = nullptr;          // [num_recv, hidden]
-  const float* topk_weights = nullptr;  // [num_recv, K]
+  int window_begin = 0, window_end = 0;  // this round's tokens of every origin
+  const uint16_t* x = nullptr;           // [num_recv, hidden]
+  const float* topk_weights = nullptr;   // [num_recv, K]
   const int32_t* rank_prefix_matrix = nullptr;
   const int32_t* recv_src_idx = nullptr;
   int num_rows = 0;
