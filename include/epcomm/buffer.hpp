@@ -335,6 +335,17 @@ class Buffer {
   // (low_latency_mode buffers have no internode region). Same arguments on every rank.
   static size_t internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
                                     int num_topk, int max_experts_per_rank = 1024);
+  // A smaller num_rdma_bytes works too: the rows hold a window of tokens per node, and a call with
+  // more tokens than a window runs ceil(T / window) rounds (more time, the same results). The
+  // windows a region gives, for BF16 dispatch rows and for the combine (0: not one round fits, and
+  // the call is refused naming the size); max_tokens_per_rank is the buffer's token limit
+  // (BufferOptions::max_tokens_per_rank, 65536 by default), chunk Config::chunk_tokens().
+  struct InternodeWindows {
+    int dispatch = 0, combine = 0;
+  };
+  static InternodeWindows internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden, int num_ranks,
+                                            int ranks_per_node, int num_topk, int max_experts_per_rank = 1024,
+                                            int chunk = 32);
   // Traffic counters of this rank's internode calls since the last reset (synchronizes the comm
   // stream): puts to ranks of other nodes and their bytes (count meta, masks, rows), rows sent over
   // the network, and bytes of rows this rank read from / wrote to node peers over NVLink.

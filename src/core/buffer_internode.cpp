@@ -65,6 +65,23 @@ size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_
   return required_bytes(l, std::max(d.bytes_for(l, l.max_tokens), c.bytes_for(l, l.max_tokens)));
 }
 
+Buffer::InternodeWindows Buffer::internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden,
+                                                   int num_ranks, int ranks_per_node, int num_topk,
+                                                   int max_experts_per_rank, int chunk) {
+  checks::positive("max_tokens_per_rank", max_tokens_per_rank);
+  checks::positive("hidden", hidden);
+  checks::positive("ranks_per_node", ranks_per_node);
+  checks::positive("chunk", chunk);
+  checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
+  const InterLayout l = InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
+                                          max_experts_per_rank, num_rdma_bytes);
+  const int step = inter_window_step(chunk);
+  InternodeWindows w;
+  w.dispatch = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk, step).window;
+  w.combine = InterCombineGeometry::make(l, hidden, num_topk, step).window;
+  return w;
+}
+
 InterCommon Buffer::Impl::inter_common(KernelId kernel, int num_blocks) const {
   InterCommon ic;
   ic.common = common(kernel);
