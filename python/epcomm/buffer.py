@@ -183,10 +183,9 @@ class Buffer(LowLatencyMixin):
                                      num_topk: int = 8) -> int:
         """(epcomm extension) ``num_rdma_bytes`` normal mode needs across nodes when a rank dispatches
         up to ``num_max_tokens_per_rank`` tokens of ``hidden`` channels (BF16 or FP8) with up to
-        ``num_topk`` experts each: the Buffer's internode region holds every token of every source node
-        (until the ring of docs/design-scale.md §4 bounds it), so set ``EPCOMM_MAX_TOKENS_PER_RANK`` to
-        the same token count before making the Buffer. ``Config.get_rdma_buffer_size_hint`` (DeepEP's,
-        without a token count) can be far below this."""
+        ``num_topk`` experts each, in one round; set ``EPCOMM_MAX_TOKENS_PER_RANK`` to the same token
+        count before making the Buffer. A smaller region works in rounds of a window of tokens per node
+        (slower, the same results), e.g. ``Config.get_rdma_buffer_size_hint`` (DeepEP's, far below this)."""
         return _epcomm.internode_size_hint(check_int("num_max_tokens_per_rank", num_max_tokens_per_rank, lo=1),
                                            check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
                                            check_int("ranks_per_node", ranks_per_node, lo=1),

@@ -286,7 +286,7 @@ PYBIND11_MODULE(_epcomm, m) {
       },
       py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"), py::arg("ranks_per_node"),
       py::arg("num_topk"), py::arg("max_experts_per_rank") = 1024,
-      "num_rdma_bytes normal mode needs across nodes when a rank dispatches up to max_tokens_per_rank tokens "
+      "num_rdma_bytes with which normal mode across nodes moves up to max_tokens_per_rank tokens per rank in one round "
       "(the Buffer's EPCOMM_MAX_TOKENS_PER_RANK) of `hidden` BF16 channels (Buffer::internode_size_hint)");
   m.def(
       "is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
