@@ -49,16 +49,18 @@ std::string rank_error(int R, int P, bool low_latency_mode, int low_latency_net 
   return got;
 }
 
-TEST(BufferRankLimits, NormalModeUpTo32PerNodeAnd64AcrossNodes) {
+TEST(BufferRankLimits, NormalModeUpTo32PerNodeAnd128AcrossNodes) {
   EXPECT_EQ(rank_error(8, 8, false), "");
   EXPECT_EQ(rank_error(32, 32, false), "");
-  EXPECT_EQ(rank_error(64, 8, false), "");  // 8 nodes of 8
-  EXPECT_EQ(rank_error(64, 2, false), "");  // 32 nodes of 2
-  for (const auto& [R, P] : {std::pair{64, 64}, std::pair{40, 40}, std::pair{72, 8}, std::pair{66, 2}}) {
+  EXPECT_EQ(rank_error(64, 8, false), "");   // 8 nodes of 8
+  EXPECT_EQ(rank_error(64, 2, false), "");   // 32 nodes of 2
+  EXPECT_EQ(rank_error(128, 8, false), "");  // 16 nodes of 8
+  EXPECT_EQ(rank_error(128, 4, false), "");  // 32 nodes of 4
+  for (const auto& [R, P] : {std::pair{64, 64}, std::pair{40, 40}, std::pair{136, 8}, std::pair{66, 2}}) {
     const std::string e = rank_error(R, P, false);
     SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P));
     EXPECT_NE(e.find("normal mode takes at most 32 ranks per node"), std::string::npos) << e;
-    EXPECT_NE(e.find("64 ranks on at most 32 nodes"), std::string::npos) << e;
+    EXPECT_NE(e.find("128 ranks on at most 32 nodes"), std::string::npos) << e;
     EXPECT_NE(e.find("low_latency_mode = true"), std::string::npos) << e;
     EXPECT_EQ(rank_error(R, P, true), "") << "a buffer for low-latency mode alone takes it";
   }

@@ -219,8 +219,9 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
   struct Split {
     int R, P;
   };
-  for (const Split s : {Split{8, 4}, Split{8, 2}, Split{8, 1}, Split{4, 2}, Split{4, 1}, Split{6, 3}, Split{6, 2},
-                        Split{2, 1}, Split{16, 8}, Split{32, 8}, Split{64, 8}, Split{64, 32}, Split{64, 2}}) {
+  for (const Split s :
+       {Split{8, 4}, Split{8, 2}, Split{8, 1}, Split{4, 2}, Split{4, 1}, Split{6, 3}, Split{6, 2}, Split{2, 1},
+        Split{16, 8}, Split{32, 8}, Split{64, 8}, Split{64, 32}, Split{64, 2}, Split{128, 8}, Split{128, 4}}) {
     for (int tokens : {1, 300, 4096}) {
       const int hidden = 7168, K = 8, EL = 32;
       SCOPED_TRACE(std::to_string(s.R / s.P) + " nodes x " + std::to_string(s.P) + ", T=" + std::to_string(tokens));

@@ -2,7 +2,7 @@
 // the receive's prefix over sources, the wait for every rank's `done`, the clean barrier and the
 // network path's per-rank counters all stride over ranks past 32; past kMaxLsaRanks (72) the
 // kernels reach only their node's ranks by load/store and the others through the network. Normal
-// mode across nodes: 64 ranks (kMaxInterRanks).
+// mode across nodes: 128 ranks (kMaxInterRanks).
 //
 // Ranks are threads of this process sharing the GPUs (one block each where they share one:
 // test_num_sms), outputs against the CPU reference as in test_low_latency.cpp. A case whose ranks'
@@ -88,9 +88,16 @@ TEST(ScaleGpu, NormalMode32RanksFourAndSixteenVirtualNodes) {
   run_normal_scale(32, 2);
 }
 
-// 8 nodes of 8 (64 ranks, kMaxInterRanks: a token's destination ranks in one u64, the receive
-// plan's shared arrays for 64 sources; 2 GPUs or more).
+// 8 nodes of 8 (64 ranks: the last count table the receive plan stages in shared memory; 2 GPUs
+// or more).
 TEST(ScaleGpu, NormalMode64RanksEightVirtualNodes) { run_normal_scale(64, 8); }
+
+// 16 nodes of 8 and 32 nodes of 4 (128 ranks, kMaxInterRanks: a token's destination ranks in 128
+// bits, the receive plan's prefix a warp per column; 3 GPUs or more).
+TEST(ScaleGpu, NormalMode128RanksSixteenAndThirtyTwoVirtualNodes) {
+  run_normal_scale(128, 8);
+  run_normal_scale(128, 4);
+}
 
 }  // namespace
 }  // namespace epcomm::test

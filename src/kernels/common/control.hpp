@@ -14,9 +14,9 @@
 namespace epcomm {
 
 constexpr int kMaxNvlRanks = 32;  // ranks per node in normal mode (its masks: u32 over a node's ranks)
-// Ranks of a group in normal mode across nodes (a token's destination ranks are one u64 in the
-// internode kernels: internode/common.cuh token_ranks).
-constexpr int kMaxInterRanks = 64;
+// Ranks of a group in normal mode across nodes (a token's destination ranks are one 128-bit mask in
+// the internode kernels: internode/common.cuh token_ranks).
+constexpr int kMaxInterRanks = 128;
 constexpr int kMaxInterNodes = 32;  // ... and its nodes (lane = node in their warp loops)
 // Ranks one load/store (NVLink) domain may hold (NVL72): CommonParams::peer_base's entries.
 constexpr int kMaxLsaRanks = 72;

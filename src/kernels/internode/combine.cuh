@@ -137,7 +137,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
   ok = __syncthreads_and(ok);
   const int t_end = min(p.num_tokens, wb + wlen);
   for (int t = wb + gw; ok && t < t_end; t += num_gw) {
-    const uint64_t full = token_ranks(p.is_token_in_rank, t, me.R, true);
+    const RankMask full = token_ranks(p.is_token_in_rank, t, me.R, true);
     uint64_t nodes = 0;
     for (int m = 0; m < me.N; ++m)
       if (node_bits(full, m, me.P)) nodes |= 1ull << m;

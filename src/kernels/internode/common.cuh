@@ -51,18 +51,22 @@ __device__ __forceinline__ bool grid_phase_last(uint32_t* counter) {
   return last != 0;
 }
 
-// The full destination mask of token t (bit r: rank r gets it), R <= 64. All lanes call it.
-__device__ __forceinline__ uint64_t token_ranks(const uint8_t* is_token_in_rank, int64_t t, int R, bool valid) {
-  uint64_t full = 0;
+// A token's destination ranks (bit r: rank r gets it), or the sources a warp has seen: R <= 128.
+using RankMask = unsigned __int128;
+static_assert(kMaxInterRanks <= 128, "RankMask holds a bit per rank");
+
+// The full destination mask of token t. All lanes call it.
+__device__ __forceinline__ RankMask token_ranks(const uint8_t* is_token_in_rank, int64_t t, int R, bool valid) {
+  RankMask full = 0;
   for (int base = 0; base < R; base += 32) {
     const int r = base + lane_id();
     const bool bit = valid && r < R && is_token_in_rank[t * R + r] != 0;
-    full |= static_cast<uint64_t>(__ballot_sync(0xffffffffu, bit)) << base;
+    full |= static_cast<RankMask>(__ballot_sync(0xffffffffu, bit)) << base;
   }
   return full;
 }
-__device__ __forceinline__ uint32_t node_bits(uint64_t full, int node, int P) {
-  return static_cast<uint32_t>((full >> (node * P)) & (P >= 32 ? 0xffffffffull : ((1ull << P) - 1)));
+__device__ __forceinline__ uint32_t node_bits(RankMask full, int node, int P) {
+  return static_cast<uint32_t>(full >> (node * P)) & (P >= 32 ? 0xffffffffu : ((1u << P) - 1));
 }
 
 __device__ __forceinline__ void add_f32x8(float (&acc)[8], const float4* p) {

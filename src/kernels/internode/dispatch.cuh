@@ -61,7 +61,7 @@ __device__ void inter_dispatch_send(const InterDispatchParams& p, const Net& net
   for (int c = c_begin + blockIdx.x; ok && c < c_end; c += B) {
     for (int t = c * p.chunk + warp; t < (c + 1) * p.chunk; t += kInterWarps) {
       const bool valid = t < T;
-      const uint64_t full = token_ranks(p.is_token_in_rank, t, me.R, valid);
+      const RankMask full = token_ranks(p.is_token_in_rank, t, me.R, valid);
       if (lane < me.N) {
         const uint32_t bits = node_bits(full, lane, me.P);
         *at<uint32_t>(mine, lane == me.node ? g.mask(L, me.node, t) : g.send_mask(L, lane, t)) = bits;
@@ -137,7 +137,7 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
   // Receivers: a warp per (source, chunk).
   const int K = p.num_topk, G = p.num_scales;
   const int expert_begin = me.rank * p.experts_per_rank;
-  uint64_t ready = 0;  // sources whose forwarder flag this warp has seen
+  RankMask ready = 0;  // sources whose forwarder flag this warp has seen
   uint64_t nvl_bytes = 0;
   uint32_t rows_done = 0;  // rows of the (source, chunk) items this warp copied
   bool ok = true;
@@ -154,12 +154,12 @@ __device__ void inter_dispatch_recv(const InterDispatchParams& p, const Net& net
     const int n = i / me.P;
     const int fwd = me.node * me.P + i % me.P;
     const char* F = ic.net.window[fwd];
-    if (!((ready >> i) & 1u)) {
+    if (!(static_cast<uint32_t>(ready >> i) & 1u)) {
       ok =
           warp_wait_flag(w, at<uint64_t>(F, L.flag(kFlagForwardReady, n)), tag(seq, 1), WaitPhase::kDispatchReady, fwd);
       if (!ok) break;
       __syncwarp();  // every lane's loads below come after lane 0's acquire
-      ready |= 1ull << i;
+      ready |= static_cast<RankMask>(1) << i;
     }
     const int t0 = c * p.chunk;
     const uint32_t mk = lane < p.chunk ? __ldcg(at<uint32_t>(F, g.mask(L, n, t0 + lane))) : 0u;

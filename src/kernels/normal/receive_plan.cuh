@@ -15,15 +15,19 @@ namespace epcomm::dev {
 // alignment; chunk_offset: the first receive row of each (source, chunk), then the end row, and
 // the source's cut in the last column) and hands the totals to the host, status last.
 // kMaxR: the most ranks R may be (its shared arrays; blockDim.x >= R): a node's inside one,
-// kMaxInterRanks across nodes.
+// kMaxInterRanks across nodes. Up to 64 the whole count table is staged in shared memory (16 KB);
+// past that (64 KB would not fit) each warp sums its destinations' columns from the entries.
 template <int kMaxR = kMaxNvlRanks, class Params, class Entry>
 __device__ void build_receive_plan(const Params& p, const WaitContext& w, const MetaEntryLayout& layout, int R,
                                    int rank, int num_blocks, bool ok, uint32_t notify_count, Entry entry) {
   const int lane = lane_id(), warp = warp_id(), num_warps = blockDim.x / 32;
   const int experts_per_rank = p.num_experts / R;
-  __shared__ int32_t s_counts[kMaxR][kMaxR];  // [source][destination]
+  constexpr bool kTable = kMaxR <= 64;
+  __shared__ int32_t s_counts[kTable ? kMaxR : 1][kTable ? kMaxR : 1];  // [source][destination]
+  __shared__ int32_t s_mine[kMaxR];                                     // [source]: rows it sends this rank
   __shared__ int32_t s_tokens[kMaxR];
   __shared__ int32_t s_cut[kMaxR];
+  const auto count = [&](int i, int j) { return reinterpret_cast<const int32_t*>(entry(i) + layout.counts)[j]; };
   if (ok) {
     // Every rank must agree on the call's shape; a mismatch would corrupt the rings.
     if (threadIdx.x < R) {
@@ -34,19 +38,41 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
         report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x, (static_cast<uint64_t>(p.num_experts) << 32) | p.chunk,
                         (static_cast<uint64_t>(h->num_experts) << 32) | h->chunk_tokens);
     }
-    for (int x = threadIdx.x; x < R * R; x += blockDim.x) {
-      const int i = x / R, j = x % R;
-      s_counts[i][j] = reinterpret_cast<const int32_t*>(entry(i) + layout.counts)[j];
+    if (threadIdx.x < R) s_mine[threadIdx.x] = count(threadIdx.x, rank);
+    if constexpr (kTable) {
+      for (int x = threadIdx.x; x < R * R; x += blockDim.x) {
+        const int i = x / R, j = x % R;
+        s_counts[i][j] = count(i, j);
+      }
     }
   }
   __syncthreads();
   if (ok && !aborted(w)) {
     // rank_prefix_matrix[i][j] = sum over i' <= i of counts[i'][j].
-    if (threadIdx.x < R) {
-      int32_t acc = 0;
-      for (int i = 0; i < R; ++i) {
-        acc += s_counts[i][threadIdx.x];
-        p.rank_prefix_matrix[i * R + threadIdx.x] = acc;
+    if constexpr (kTable) {
+      if (threadIdx.x < R) {
+        int32_t acc = 0;
+        for (int i = 0; i < R; ++i) {
+          acc += s_counts[i][threadIdx.x];
+          p.rank_prefix_matrix[i * R + threadIdx.x] = acc;
+        }
+      }
+    } else {
+      // A warp per destination column: 32 sources at a time, a warp prefix sum over them.
+      for (int j = warp; j < R; j += num_warps) {
+        int32_t base = 0;
+        for (int i0 = 0; i0 < R; i0 += 32) {
+          const int i = i0 + lane;
+          const int32_t n = i < R ? count(i, j) : 0;
+          int32_t inclusive = n;
+#pragma unroll
+          for (int d = 1; d < 32; d <<= 1) {
+            const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, d);
+            if (lane >= d) inclusive += v;
+          }
+          if (i < R) p.rank_prefix_matrix[i * R + j] = base + inclusive;
+          base += __shfl_sync(0xffffffffu, inclusive, 31);
+        }
       }
     }
     // Per local expert: received entries, rounded up to the alignment.
@@ -61,7 +87,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
     const int stride = p.chunk_offset_stride;
     for (int i = warp; i < R; i += num_warps) {
       int32_t base = 0;
-      for (int r = 0; r < i; ++r) base += s_counts[r][rank];
+      for (int r = 0; r < i; ++r) base += s_mine[r];
       const int source_chunks = (s_tokens[i] + s_cut[i] - 1) / s_cut[i];
       const auto* masks = reinterpret_cast<const uint32_t*>(entry(i) + layout.masks);
       // The scan is a serial chain through `base`: only the source's real chunks go through it
@@ -92,7 +118,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
     int32_t num_recv = 0;
     for (int i = 0; good && i < R; ++i) {
       max_chunks = max(max_chunks, (s_tokens[i] + s_cut[i] - 1) / s_cut[i]);
-      num_recv += s_counts[i][rank];
+      num_recv += s_mine[i];
     }
     volatile int32_t* result = p.host_result;
     result[kNotifyNumRecv] = num_recv;
