@@ -20,12 +20,24 @@ namespace {
 
 size_t required_bytes(const InterLayout& l, size_t half) { return l.control_bytes + 2 * align_up(half, 4096); }
 
-// Runs launch(window_begin, window_end, last) for each window of `window` tokens in [0, tokens):
-// at least once (a call with no tokens still takes part in the flow control).
+// Runs launch(window_begin, window_end, last) for each window of `window` tokens in [0, tokens)
+// (the last one cut at `tokens`, so no round loops over tokens no rank has): at least once, a call
+// with no tokens still takes part in the flow control.
 template <class Launch>
 void for_each_round(int tokens, int window, Launch&& launch) {
   const int rounds = std::max((tokens + window - 1) / window, 1);
-  for (int k = 0; k < rounds; ++k) launch(k * window, (k + 1) * window, k == rounds - 1);
+  for (int k = 0; k < rounds; ++k) launch(k * window, std::min((k + 1) * window, tokens), k == rounds - 1);
+}
+
+// The layout a Buffer of these arguments makes (the size functions' arguments checked first).
+InterLayout sizing_layout(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
+                          int max_experts_per_rank, size_t region_bytes) {
+  checks::positive("max_tokens_per_rank", max_tokens_per_rank);
+  checks::positive("hidden", hidden);
+  checks::positive("ranks_per_node", ranks_per_node);
+  checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
+  return InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
+                           max_experts_per_rank, region_bytes);
 }
 
 }  // namespace
@@ -50,12 +62,7 @@ void Buffer::Impl::reset_internode(cudaStream_t stream) {
 
 size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
                                    int max_experts_per_rank) {
-  checks::positive("max_tokens_per_rank", max_tokens_per_rank);
-  checks::positive("hidden", hidden);
-  checks::positive("ranks_per_node", ranks_per_node);
-  checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
-  const InterLayout l = InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
-                                          max_experts_per_rank, 0);
+  const InterLayout l = sizing_layout(max_tokens_per_rank, hidden, num_ranks, ranks_per_node, max_experts_per_rank, 0);
   // The widest dispatch row: BF16 (FP8 rows plus scales are smaller). Rows for the layout's token
   // bound (T + 32 or more), so that every token fits one round for the chunks whose windows' step
   // (inter_window_step) plus the chunk is at most 34 (8, 10, 12, 16, 32; the default 32); a smaller
@@ -68,13 +75,9 @@ size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_
 Buffer::InternodeWindows Buffer::internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden,
                                                    int num_ranks, int ranks_per_node, int num_topk,
                                                    int max_experts_per_rank, int chunk) {
-  checks::positive("max_tokens_per_rank", max_tokens_per_rank);
-  checks::positive("hidden", hidden);
-  checks::positive("ranks_per_node", ranks_per_node);
   checks::positive("chunk", chunk);
-  checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
-  const InterLayout l = InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
-                                          max_experts_per_rank, num_rdma_bytes);
+  const InterLayout l =
+      sizing_layout(max_tokens_per_rank, hidden, num_ranks, ranks_per_node, max_experts_per_rank, num_rdma_bytes);
   const int step = inter_window_step(chunk);
   InternodeWindows w;
   w.dispatch = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk, step).window;
