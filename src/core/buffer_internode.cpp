@@ -104,10 +104,17 @@ GinNetParams Buffer::Impl::inter_gin_params() const {
 }
 
 void Buffer::Impl::require_internode_region() const {
-  if (options.low_latency_mode || inter.bytes == 0)
-    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
-                        ": normal mode across nodes needs the internode region (num_rdma_bytes > 0, "
-                        "low_latency_mode = false); see Buffer::internode_size_hint");
+  if (options.low_latency_mode)
+    throw ArgumentError(
+        "low_latency_mode = true: this buffer spans nodes, and there it takes low-latency calls only (its "
+        "num_rdma_bytes = " +
+        std::to_string(options.num_rdma_bytes) +
+        " is the low-latency region; normal mode keeps a region of its own). For normal-mode calls across "
+        "nodes make a second Buffer with low_latency_mode = false (Buffer::internode_size_hint)");
+  if (inter.bytes == 0)
+    throw ArgumentError(
+        "num_rdma_bytes = 0: normal mode across nodes needs the internode region "
+        "(num_rdma_bytes > 0; see Buffer::internode_size_hint)");
 }
 
 void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int chunk, int hidden,
