@@ -20,15 +20,6 @@ namespace {
 
 size_t required_bytes(const InterLayout& l, size_t half) { return l.control_bytes + 2 * align_up(half, 4096); }
 
-// Runs launch(window_begin, window_end, last) for each window of `window` tokens in [0, tokens)
-// (the last one cut at `tokens`, so no round loops over tokens no rank has): at least once, a call
-// with no tokens still takes part in the flow control.
-template <class Launch>
-void for_each_round(int tokens, int window, Launch&& launch) {
-  const int rounds = std::max((tokens + window - 1) / window, 1);
-  for (int k = 0; k < rounds; ++k) launch(k * window, std::min((k + 1) * window, tokens), k == rounds - 1);
-}
-
 // The layout a Buffer of these arguments makes (the size functions' arguments checked first).
 InterLayout sizing_layout(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
                           int max_experts_per_rank, size_t region_bytes) {
@@ -209,7 +200,7 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Dispa
   p.num_worst_tokens = dp.num_worst_tokens;
   p.num_rows = dp.num_rows;
   enter(order);
-  for_each_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool last) {
+  for_each_internode_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool last) {
     p.window_begin = begin;
     p.window_end = end;
     p.last_round = last;
@@ -251,7 +242,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   p.out = cp.out;
   p.out_topk_weights = cp.out_topk_weights;
   enter(order);
-  for_each_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool) {
+  for_each_internode_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool) {
     p.window_begin = begin;
     p.window_end = end;
     ++inter.rounds;

@@ -20,4 +20,14 @@ inline int internode_round_capacity(const InterLayout& l, int hidden, int num_to
   return std::min(d, c);
 }
 
+// Runs launch(window_begin, window_end, last) for each window of `window` tokens in [0, tokens)
+// (tokens: the group's largest T rounded up to the chunk; the last window cut there, so no round
+// loops over tokens no rank has): at least once, a call with no tokens still takes part in the flow
+// control.
+template <class Launch>
+void for_each_internode_round(int tokens, int window, Launch&& launch) {
+  const int rounds = std::max((tokens + window - 1) / window, 1);
+  for (int k = 0; k < rounds; ++k) launch(k * window, std::min((k + 1) * window, tokens), k == rounds - 1);
+}
+
 }  // namespace epcomm

@@ -323,6 +323,95 @@ TEST(GeometryRanks, InternodeWindowsFromTheRegion) {
   EXPECT_EQ(inter_window_step(9), 36);
 }
 
+// The rounds of a call, with the index arithmetic the internode kernels use (dispatch.cuh,
+// combine.cuh): over all rounds every chunk of every source is sent and received exactly once; a
+// row's place inside the window stays below the window (the row stride); the mask slice a round
+// puts starts 16-byte aligned and stays inside the source node's mask row; the last round is the
+// last; the combine's window covers every token once. Random T per rank, chunks 8-32, regions from
+// a tenth of the hint to the hint.
+TEST(GeometryRanks, InternodeRoundsCoverEveryChunkOnce) {
+  std::mt19937 rng(20261207);
+  struct Split {
+    int R, P;
+  };
+  int most_rounds = 0;  // the test must have cut calls into several rounds
+  for (const Split s : {Split{4, 2}, Split{8, 1}, Split{16, 8}, Split{128, 8}})
+    for (int chunk : {8, 10, 12, 32})
+      for (int divisor : {1, 3, 10}) {
+        const int limit = 600, hidden = 512, K = 8, EL = 8;
+        const size_t hint = Buffer::internode_size_hint(limit, hidden, s.R, s.P, K, EL);
+        const InterLayout l0 = InterLayout::make(s.R, s.P, limit, (limit + 7) / 8, EL, 0);
+        const InterLayout l = InterLayout::make(s.R, s.P, limit, (limit + 7) / 8, EL,
+                                                l0.control_bytes + (hint - l0.control_bytes) / divisor);
+        const int step = inter_window_step(chunk);
+        const InterDispatchGeometry d = InterDispatchGeometry::make(l, 2 * hidden, 0, K, step);
+        const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K, step);
+        SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " chunk=" + std::to_string(chunk) +
+                     " region/" + std::to_string(divisor) + " windows " + std::to_string(d.window) + "/" +
+                     std::to_string(c.window));
+        ASSERT_GT(d.window, 0);
+        ASSERT_GT(c.window, 0);
+        std::vector<int> T(s.R);
+        for (int& t : T) t = std::uniform_int_distribution<int>(0, limit)(rng);
+        int max_chunks = 0;
+        for (int t : T) max_chunks = std::max(max_chunks, (t + chunk - 1) / chunk);
+        const int tokens = max_chunks * chunk;  // Buffer::Impl::internode_round_tokens with the counts
+        // Dispatch: per source, how often each chunk was sent (send kernel) and received (receive kernel).
+        std::vector<std::vector<int>> sent(s.R), received(s.R);
+        for (int i = 0; i < s.R; ++i) sent[i].assign(max_chunks, 0), received[i].assign(max_chunks, 0);
+        int rounds = 0, last_rounds = 0;
+        for_each_internode_round(tokens, d.window, [&](int wb, int we, bool last) {
+          ++rounds;
+          last_rounds += last;
+          EXPECT_EQ(wb % step, 0);
+          EXPECT_EQ(we % chunk, 0);
+          EXPECT_LE(we - wb, d.window);
+          for (int i = 0; i < s.R; ++i) {
+            const int num_chunks = (T[i] + chunk - 1) / chunk;
+            const int c_begin = wb / chunk, c_end = std::min(num_chunks, we / chunk);
+            for (int ch = c_begin; ch < c_end; ++ch) {
+              ++sent[i][ch];
+              for (int t = ch * chunk; t < std::min((ch + 1) * chunk, T[i]); ++t) {
+                ASSERT_GE(t - wb, 0);
+                ASSERT_LT(t - wb, d.window);
+                ASSERT_LE(d.row(l, s.R / s.P - 1, t - wb) + d.drow, l.dispatch_base() + l.half_bytes);
+              }
+            }
+            const size_t bytes = align_up(static_cast<size_t>(std::max(c_end - c_begin, 0)) * chunk * 4, 16);
+            EXPECT_EQ(d.mask(l, i / s.P, wb) % 16, 0u);
+            if (bytes > 0) EXPECT_LE(d.mask(l, i / s.P, wb) + bytes, d.mask(l, i / s.P, 0) + 4 * l.max_tokens);
+            // Receive kernel: items (source, chunk) of the window, past max_chunks skipped.
+            const int wchunks = (we - wb) / chunk;
+            for (int item = 0; item < wchunks; ++item) {
+              const int ch = c_begin + item;
+              if (ch < max_chunks) ++received[i][ch];
+            }
+          }
+        });
+        EXPECT_EQ(last_rounds, 1);
+        EXPECT_EQ(rounds, std::max((tokens + d.window - 1) / d.window, 1));
+        if (divisor == 1) EXPECT_EQ(rounds, 1) << "the hint's region moves every token in one round";
+        most_rounds = std::max(most_rounds, rounds);
+        for (int i = 0; i < s.R; ++i)
+          for (int ch = 0; ch < max_chunks; ++ch) {
+            const int num_chunks = (T[i] + chunk - 1) / chunk;
+            EXPECT_EQ(sent[i][ch], ch < num_chunks ? 1 : 0) << "source " << i << " chunk " << ch;
+            EXPECT_EQ(received[i][ch], 1) << "source " << i << " chunk " << ch;
+          }
+        // Combine: every origin token in exactly one round's window, at a place inside it.
+        std::vector<int> combined(tokens, 0);
+        for_each_internode_round(tokens, c.window, [&](int wb, int we, bool) {
+          EXPECT_LE(we - wb, c.window);
+          for (int t = wb; t < we; ++t) {
+            ++combined[t];
+            ASSERT_LE(c.net_row(l, s.R / s.P - 1, t - wb) + c.prow, l.combine_base() + l.half_bytes);
+          }
+        });
+        for (int t = 0; t < tokens; ++t) EXPECT_EQ(combined[t], 1) << "token " << t;
+      }
+  EXPECT_GE(most_rounds, 3);
+}
+
 // Normal mode: every R from 2 to 8 gets a valid default config, and its NVL size hint holds at
 // least one ring slot per block of the widest BF16 row for dispatch and for combine.
 TEST(GeometryRanks, NormalConfigAndRingSlotsFromTwoToEightRanks) {
