@@ -192,6 +192,20 @@ class Buffer(LowLatencyMixin):
                                            check_int("num_topk", num_topk, lo=1, hi=16))
 
     @staticmethod
+    def get_internode_windows(num_rdma_bytes: int, hidden: int, num_ranks: int, ranks_per_node: int,
+                              num_topk: int = 8, num_max_tokens_per_rank: int = 65536) -> tuple:
+        """(epcomm extension) ``(dispatch, combine)``: the tokens per node one round of normal mode across
+        nodes moves when the Buffer has ``num_rdma_bytes`` (BF16 rows of ``hidden``, up to ``num_topk``
+        experts per token, the Buffer's token limit ``num_max_tokens_per_rank``, i.e.
+        ``EPCOMM_MAX_TOKENS_PER_RANK``). A call of T tokens per rank runs ``ceil(T / window)`` rounds;
+        0 means the region holds not one round (such calls are refused, naming the size)."""
+        return _epcomm.internode_windows(check_int("num_rdma_bytes", num_rdma_bytes, lo=0, hi=INT64_MAX),
+                                         check_int("num_max_tokens_per_rank", num_max_tokens_per_rank, lo=1),
+                                         check_int("hidden", hidden, lo=1), check_int("num_ranks", num_ranks, lo=1),
+                                         check_int("ranks_per_node", ranks_per_node, lo=1),
+                                         check_int("num_topk", num_topk, lo=1, hi=16))
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         """epcomm's default dispatch config (a rule, not a per-rank-count table) with
         ``Buffer.num_sms`` SMs."""

@@ -289,6 +289,19 @@ PYBIND11_MODULE(_epcomm, m) {
       "num_rdma_bytes with which normal mode across nodes moves up to max_tokens_per_rank tokens per rank in one round "
       "(the Buffer's EPCOMM_MAX_TOKENS_PER_RANK) of `hidden` BF16 channels (Buffer::internode_size_hint)");
   m.def(
+      "internode_windows",
+      [](size_t num_rdma_bytes, int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
+         int max_experts_per_rank, int chunk) {
+        const Buffer::InternodeWindows w =
+            Buffer::internode_windows(num_rdma_bytes, max_tokens_per_rank, hidden, num_ranks, ranks_per_node, num_topk,
+                                      max_experts_per_rank, chunk);
+        return py::make_tuple(w.dispatch, w.combine);
+      },
+      py::arg("num_rdma_bytes"), py::arg("max_tokens_per_rank"), py::arg("hidden"), py::arg("num_ranks"),
+      py::arg("ranks_per_node"), py::arg("num_topk"), py::arg("max_experts_per_rank") = 1024, py::arg("chunk") = 32,
+      "(dispatch, combine): the tokens per node one round of normal mode across nodes moves in a region of "
+      "num_rdma_bytes (Buffer::internode_windows; 0: not one round fits)");
+  m.def(
       "is_sm90_compiled", [] { return arch_compiled("90"); }, "Whether device code was built for sm_90.");
   m.def(
       "dtype_size", [](py::handle dtype) { return dtype_size(python::dtype_from_object(dtype, "dtype")); },

@@ -235,6 +235,25 @@ def test_internode_rdma_size_hint():
     raises(ValueError, lambda: hint(128, 512, 16, 8, 17), "num_topk")
 
 
+def test_internode_windows():
+    """The extension's windows of normal mode across nodes: the size hint's region moves every token in
+    one round, a smaller one fewer tokens per round (more rounds), one too small for a round says 0; the
+    combine's window is the smaller; bad arguments named."""
+    hint = epcomm.Buffer.get_internode_rdma_size_hint
+    windows = epcomm.Buffer.get_internode_windows
+    for tokens, hidden, R, P in ((4096, 7168, 16, 8), (300, 1024, 4, 2), (128, 512, 64, 8)):
+        size = hint(tokens, hidden, R, P)
+        d, c = windows(size, hidden, R, P, num_max_tokens_per_rank=tokens)
+        assert d >= tokens and c >= tokens, (tokens, d, c)
+        d3, c3 = windows(size // 3, hidden, R, P, num_max_tokens_per_rank=tokens)
+        assert 0 < c3 < tokens and c3 <= d3, (tokens, d3, c3)
+        assert (d3, c3) == _epcomm.internode_windows(size // 3, tokens, hidden, R, P, 8)
+    assert windows(4096, 7168, 16, 8) == (0, 0)
+    raises(ValueError, lambda: windows(-1, 512, 16, 8), "num_rdma_bytes")
+    raises(ValueError, lambda: windows(1 << 30, 512, 12, 8), "ranks_per_node")
+    raises(ValueError, lambda: windows(1 << 30, 512, 16, 8, num_max_tokens_per_rank=0), "num_max_tokens_per_rank")
+
+
 # ---------------------------------------------------------------------------- without pytest
 if __name__ == "__main__":
     run_tests(globals())
