@@ -121,7 +121,9 @@ std::string ratio(size_t a, size_t b) {
 
 // Buffer's symmetric allocation with several nodes holds num_rdma_bytes twice for a normal-mode
 // buffer (the LL region and the internode region, src/core/buffer.cpp: m.ll.bytes and m.inter.bytes),
-// once for a low_latency_mode buffer (no internode region). Control part not counted.
+// once for a low_latency_mode buffer (its normal-mode data shares the LL region; only normal mode's
+// control part, a few MiB, comes on top where normal mode's kernels hold the group). Control parts
+// not counted.
 size_t epcomm_allocated(size_t num_rdma_bytes, int nodes, bool low_latency_mode) {
   return align_up(num_rdma_bytes, 4096) * (nodes > 1 && !low_latency_mode ? 2 : 1);
 }

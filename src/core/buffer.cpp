@@ -112,13 +112,29 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.data_bytes = align_up(options.num_nvl_bytes, 4096);
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
   m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
-  // Internode region: num_rdma_bytes again, only with several nodes and not for a low_latency_mode
-  // buffer (its normal-mode calls across nodes are refused: require_internode_region), which then
-  // holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the memory table).
-  m.inter.offset = m.ll.offset + m.ll.bytes;
-  m.inter.bytes = m.inter.enabled && !options.low_latency_mode ? align_up(options.num_rdma_bytes, 4096) : 0;
+  // Internode region (buffer_internode.cpp), with several nodes where normal mode's kernels hold
+  // the group. A normal-mode buffer gets num_rdma_bytes again after the LL region. A
+  // low_latency_mode buffer holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the
+  // memory table), and its normal-mode calls (SGLang's auto mode) share it: the internode control
+  // part (signals, shadows, flags, count entries: state kept across calls) goes before the LL
+  // region, and the internode data halves lie on the LL region, so a normal-mode call and a
+  // low-latency call overwrite each other's data, never their state. Switching back to
+  // low-latency calls takes clean_low_latency_buffer (DeepEP's rule too; require_low_latency_data).
+  if (m.inter.enabled && m.normal_mode_fits()) {
+    m.inter.bytes = align_up(options.num_rdma_bytes, 4096);
+    m.inter.offset = m.ll.offset + m.ll.bytes;
+    if (options.low_latency_mode) {
+      const size_t control =
+          InterLayout::make(m.num_ranks, m.group->ranks_per_node(), m.max_tokens, max_chunks, m.max_local_experts, 0)
+              .control_bytes;
+      m.inter.offset = m.ll.offset;
+      m.ll.offset += control;
+      m.inter.bytes = control + m.ll.bytes;
+      m.inter.shares_ll = true;
+    }
+  }
   // Across real nodes this also creates NCCL GIN, or throws on every rank (gin_context.hpp).
-  m.sym = m.group->allocate_symmetric(m.inter.offset + m.inter.bytes);
+  m.sym = m.group->allocate_symmetric(std::max(m.ll.offset + m.ll.bytes, m.inter.offset + m.inter.bytes));
   m.gin = m.sym->gin();
   m.gin_signals.num_ranks = m.num_ranks;
   if (m.gin && static_cast<uint32_t>(m.gin->num_signals()) < m.gin_signals.total())

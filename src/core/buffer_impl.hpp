@@ -111,6 +111,10 @@ struct Buffer::Impl {
     bool tokens_given = true;
     uint64_t rounds = 0;  // rounds launched since the last internode_stats(reset)
     bool fitted = false;
+    // A low_latency_mode buffer: the data halves lie on the LL region (buffer.cpp), and a normal-mode
+    // call since the last clean_low_latency_buffer (or reset) left its data there.
+    bool shares_ll = false;
+    bool normal_since_clean = false;
   } inter;
   void init_internode();                      // constructor (before the barrier)
   void reset_internode(cudaStream_t stream);  // zero the region (one rank; no barrier)
@@ -118,6 +122,9 @@ struct Buffer::Impl {
   GinNetParams inter_gin_params() const;  // the internode kernels' GIN arguments (gin != nullptr)
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.
   void require_internode_region() const;  // ArgumentError unless normal mode has the region
+  // ArgumentError when normal-mode data lies on the LL region (a low_latency_mode buffer across nodes
+  // after a normal-mode call, before clean_low_latency_buffer).
+  void require_low_latency_data() const;
   // hidden > 0: the call's hidden, for the first dispatch to fit the rows (0: a cached dispatch,
   // after one); num_tokens: this rank's T; counts_on_host: false with num_worst_tokens.
   void check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int chunk, int hidden, int num_tokens,

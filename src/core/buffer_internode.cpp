@@ -45,7 +45,15 @@ void Buffer::Impl::init_internode() {
 
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
 // running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
+void Buffer::Impl::require_low_latency_data() const {
+  if (inter.shares_ll && inter.normal_since_clean)
+    throw ArgumentError(
+        "low-latency call after a normal-mode call across nodes: on a low_latency_mode buffer both share "
+        "num_rdma_bytes, so call clean_low_latency_buffer on every rank first (as with DeepEP)");
+}
+
 void Buffer::Impl::reset_internode(cudaStream_t stream) {
+  inter.normal_since_clean = false;
   if (gin) gin->reset_signals(gin_signals.internode_base(), gin_signals.internode_count(), stream);
   if (!inter.enabled || inter.bytes == 0) return;
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.bytes, stream));
@@ -95,14 +103,7 @@ GinNetParams Buffer::Impl::inter_gin_params() const {
 }
 
 void Buffer::Impl::require_internode_region() const {
-  if (options.low_latency_mode)
-    throw ArgumentError(
-        "low_latency_mode = true: this buffer spans nodes, and there it takes low-latency calls only (its "
-        "num_rdma_bytes = " +
-        std::to_string(options.num_rdma_bytes) +
-        " is the low-latency region; normal mode keeps a region of its own). For normal-mode calls across "
-        "nodes make a second Buffer with low_latency_mode = false (Buffer::internode_size_hint)");
-  if (inter.bytes == 0)
+  if (inter.bytes == 0 || options.num_rdma_bytes == 0)
     throw ArgumentError(
         "num_rdma_bytes = 0: normal mode across nodes needs the internode region "
         "(num_rdma_bytes > 0; see Buffer::internode_size_hint)");
@@ -205,6 +206,7 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Dispa
     p.window_end = end;
     p.last_round = last;
     ++inter.rounds;
+    inter.normal_since_clean = true;
     if (gin) launch_inter_dispatch_gin(p, inter_gin_params(), comm);
     else launch_inter_dispatch(p, comm);
   });
@@ -246,6 +248,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
     p.window_begin = begin;
     p.window_end = end;
     ++inter.rounds;
+    inter.normal_since_clean = true;
     if (gin) launch_inter_combine_gin(p, inter_gin_params(), comm);
     else launch_inter_combine(p, comm);
   });

@@ -81,6 +81,7 @@ void check_strided3(const char* name, const TensorView& t, int device, DType dty
 DispatchCall check_dispatch(const Buffer::Impl& m, const LowLatencyDispatchInputs& in,
                             const LowLatencyDispatchOutputs& out) {
   DispatchCall call;
+  m.require_low_latency_data();
   const int R = m.num_ranks;
   checks::device_tensor("x", in.x, m.device, {DType::kBF16}, 2);
   checks::aligned("x", in.x, 16);
@@ -173,6 +174,7 @@ void check_handle(const Buffer::Impl& m, const LowLatencyHandle& h, const LowLat
 CombineCall check_combine(const Buffer::Impl& m, const LowLatencyCombineInputs& in, const LowLatencyHandle& h,
                           const TensorView& out) {
   CombineCall call;
+  m.require_low_latency_data();
   const LowLatencyLayout l = layout_for(m, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_experts);
   check_handle(m, h, l);
   const int64_t RT = static_cast<int64_t>(m.num_ranks) * l.max_tokens;

@@ -129,6 +129,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     m.ll = saved;
     throw;
   }
+  m.inter.normal_since_clean = false;  // clean zeroes the LL region, normal mode's data on it included
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   // An error a failed call left is cleared as check_device_errors clears it (the record and the
   // device flags; this waits for the comm stream, only on this way back after a failure), and not

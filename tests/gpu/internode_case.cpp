@@ -26,6 +26,7 @@ std::string describe(const InterCase& c) {
   if (c.worst) s += " worst";
   if (c.graph) s += " graph";
   if (c.region_divisor > 1) s += " region/" + std::to_string(c.region_divisor);
+  if (c.low_latency_mode) s += " low_latency_mode";
   if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
     s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
          std::to_string(c.scale_words());
@@ -97,6 +98,7 @@ BufferOptions inter_buffer_options(const InterCase& c) {
     bo.max_tokens_per_rank = 0;
   }
   if (c.region_divisor > 1) bo.num_rdma_bytes /= c.region_divisor;
+  bo.low_latency_mode = c.low_latency_mode;
   bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
   return bo;
 }

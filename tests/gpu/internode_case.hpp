@@ -27,6 +27,9 @@ struct InterCase : NormalProblem {
   // > 1: num_rdma_bytes is the size hint divided by this, so dispatch (BF16) and combine run in
   // rounds of a window each; the test checks that more than one ran.
   int region_divisor = 1;
+  // The buffer is made with low_latency_mode (SGLang's auto mode): normal mode's data halves lie on
+  // the LL region (core/buffer.cpp); the steps are the same.
+  bool low_latency_mode = false;
 };
 
 std::string describe(const InterCase& c);

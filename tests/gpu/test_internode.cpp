@@ -224,6 +224,62 @@ TEST(InternodeGpu, SmallRegionRunsInRounds) {
   run_inter_case(skew);
 }
 
+// SGLang's auto mode: a low_latency_mode buffer across nodes takes normal-mode calls too, its
+// internode data on the LL region (core/buffer.cpp). Every normal step as on a normal-mode buffer
+// (BF16 with the graph, FP8 in rounds); then a low-latency call is refused, naming
+// clean_low_latency_buffer, until every rank has cleaned, and after it gets past that check.
+TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
+  InterCase c;
+  c.num_ranks = 4;
+  c.ranks_per_node = 2;
+  c.low_latency_mode = true;
+  c.graph = true;
+  c.worst = true;
+  run_inter_case(c);
+  InterCase f = c;
+  f.graph = f.worst = false;
+  f.dtype = DType::kFP8E4M3;
+  f.region_divisor = 8;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(describe(f) + " seed=" + std::to_string(seed));
+  const InterRun run = make_inter_run(f, seed);
+  run_ranks(
+      f.num_ranks,
+      [&](int r, std::shared_ptr<Group> group) {
+        Buffer buf(group, inter_buffer_options(f));
+        run_inter_steps(f, run, r, group, buf);
+        const int dev = group->device();
+        const int tmax = 8, hidden = 1024, E = 8;
+        DeviceTensor x(DType::kBF16, {tmax, hidden}, dev), topk(DType::kI64, {tmax, 1}, dev);
+        LowLatencyDispatchInputs in;
+        in.x = x.view();
+        in.topk_idx = topk.view();
+        in.num_max_dispatch_tokens_per_rank = tmax;
+        in.num_experts = E;
+        LowLatencyHandle h;
+        const auto ll_error = [&]() -> std::string {
+          try {
+            buf.low_latency_dispatch(in, LowLatencyDispatchOutputs{}, h, false, StreamOrder{});
+          } catch (const ArgumentError& e) {
+            return e.what();
+          }
+          return "no error";
+        };
+        const std::string before = ll_error();
+        EXPECT_NE(before.find("clean_low_latency_buffer"), std::string::npos) << before;
+        cudaStream_t s;
+        cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+        buf.clean_low_latency_buffer(tmax, hidden, E, s);
+        cuda_ok(cudaStreamSynchronize(s), "clean");
+        const std::string after = ll_error();  // past the check: the empty outputs are refused now
+        EXPECT_EQ(after.find("clean_low_latency_buffer"), std::string::npos) << after;
+        EXPECT_NE(after, "no error");
+        buf.check_device_errors();
+        cudaStreamDestroy(s);
+      },
+      f.ranks_per_node);
+}
+
 TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
   run_ranks(
       2,

@@ -78,6 +78,41 @@ def low_latency_across_nodes(ctx, seed, what, **kw):
     return ", ".join(f"{r['rows']} rows, {r['combine_not_bit_exact']} combined not bit-exact" for r in reports)
 
 
+def auto_mode_across_nodes(ctx, seed, what):
+    """SGLang's auto mode: one Buffer with low_latency_mode=True and num_rdma_bytes = the larger of the
+    normal-mode and low-latency hints, taking normal-mode calls (prefill) and low-latency calls
+    (decode) in turn. Normal mode's data shares the low-latency region there: a low-latency call right
+    after a normal-mode one must be refused until clean_low_latency_buffer (DeepEP's rule, which
+    SGLang follows); low_latency() cleans first, as SGLang does on switching."""
+    R, P = ctx.num_ranks, ctx.ranks_per_node
+    if getattr(ctx, "auto_buffer", None) is None:
+        hidden_bytes = HIDDEN * 2
+        configs = (deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R))
+        nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, R) for c in configs)
+        rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, R, ranks_per_node=P) for c in configs)
+        tmax, hidden, E = ll_shapes(R)["basic"]
+        rdma = max(rdma, deep_ep.Buffer.get_low_latency_rdma_size_hint(tmax, hidden, R, E))
+        ctx.auto_buffer = deep_ep.Buffer(ctx.group, nvl, rdma, low_latency_mode=True, explicitly_destroy=True)
+    saved = ctx.buffer, ctx.ll_buffer
+    ctx.buffer = ctx.ll_buffer = ctx.auto_buffer
+    try:
+        normal_across_nodes(ctx, seed, f"{what}: normal (prefill)", bias=True)
+        tmax, hidden, E = ll_shapes(R)["basic"]
+        x = torch.randn(tmax, hidden, dtype=torch.bfloat16, device=ctx.device)
+        topk = torch.zeros(tmax, 8, dtype=torch.int64, device=ctx.device)
+        try:
+            ctx.auto_buffer.low_latency_dispatch(x, topk, tmax, E)
+            raise AssertionError(f"{what}: a low-latency call right after a normal-mode one was not refused")
+        except (ValueError, RuntimeError) as e:
+            if "clean_low_latency_buffer" not in str(e):
+                raise AssertionError(f"{what}: refused, but without naming clean_low_latency_buffer: {e}") from e
+        note = low_latency_across_nodes(ctx, seed + 1, f"{what}: low latency (decode)", fp8=True, hook=True)
+        normal_across_nodes(ctx, seed + 2, f"{what}: normal again", fp8=True)
+    finally:
+        ctx.buffer, ctx.ll_buffer = saved
+    return note
+
+
 # name -> (function, its arguments); each runs with its own seed.
 CASES = {
     "bf16": (normal_across_nodes, dict(bias=True, alignment=4)),
@@ -86,6 +121,7 @@ CASES = {
     "worst-tokens": (normal_across_nodes, dict(worst=True)),
     "ll-bf16-hook": (low_latency_across_nodes, dict(fp8=False, hook=True)),
     "ll-fp8-hook": (low_latency_across_nodes, dict(fp8=True, hook=True)),
+    "auto-mode": (auto_mode_across_nodes, {}),
 }
 
 
@@ -166,6 +202,8 @@ def main() -> int:
     dist.barrier()
     ll_buffer.destroy()
     buffer.destroy()
+    if getattr(ctx, "auto_buffer", None) is not None:
+        ctx.auto_buffer.destroy()
     dist.destroy_process_group()
     print(f"{tag}: {'failed: ' + ', '.join(failed) if failed else 'passed'}, {time.monotonic() - start:.1f} s",
           flush=True)

@@ -20,6 +20,11 @@
 
 namespace epcomm::dev {
 
+// The tag a pushed row carries (the call's number, and its complement): the node reduce takes a row
+// whose tag is this call's. 64 bits, so that what a low-latency call left in memory the internode
+// region shares (a low_latency_mode buffer, core/buffer.cpp) cannot pass for one.
+__device__ __forceinline__ uint64_t row_tag(uint32_t seq) { return (static_cast<uint64_t>(seq) << 32) | ~seq; }
+
 template <class Net>
 __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint32_t seq) {
   const InterCommon& ic = p.ic;
@@ -59,7 +64,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     warp_copy(dst + 16, p.x + static_cast<size_t>(r) * H, row_bytes);
     if (lane < K)
       at<float>(dst, 16 + row_bytes)[lane] = p.topk_weights ? p.topk_weights[static_cast<int64_t>(r) * K + lane] : 0.f;
-    if (lane == 0) *at<uint32_t>(dst, 0) = seq;
+    if (lane == 0) *at<uint64_t>(dst, 0) = row_tag(seq);
     if (fwd != me.rank) nvl_bytes += row_bytes;
   }
   if (lane == 0) add_stat(ic, kStatNvlBytes, nvl_bytes);
@@ -83,7 +88,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
   uint64_t rows_sent = 0;
   for (int item = gw; ok && item < me.N * wlen; item += num_gw) {
     const int n = item / wlen, t = item % wlen;  // t inside the window
-    const bool here = lane < me.P && __ldcg(at<uint32_t>(mine, g.in_row(L, n, lane, t))) == seq;
+    const bool here = lane < me.P && __ldcg(at<uint64_t>(mine, g.in_row(L, n, lane, t))) == row_tag(seq);
     const uint32_t present = __ballot_sync(0xffffffffu, here);
     if (present == 0) continue;
     char* dst = mine + (n == me.node ? g.net_row(L, n, t) : g.out_row(L, n, t));

@@ -19,7 +19,7 @@
 //     send_masks u32 [N dest nodes][Tm]    staging: the masks for each destination node
 //     rows       [N source nodes][Wd] drow  row + scales + topk idx + weights; [own node] = staging
 //   combine half
-//     in   [N origin nodes][P expert ranks][Wc] crow: tag u32 (pad 16), bf16 row, K f32 weights
+//     in   [N origin nodes][P expert ranks][Wc] crow: tag u64 (pad 16), bf16 row, K f32 weights
 //     out  [N origin nodes][Wc] prow: staging of node partial sums (f32 row, K f32)
 //     net  [N source nodes][Wc] prow: node partial sums received (own node's written locally)
 //   Wd, Wc: the windows (tokens per node at a time) that fill each half at the call's row sizes;
