@@ -9,6 +9,16 @@ namespace epcomm::dev {
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x & 31); }
 __device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x >> 5); }
 
+// The sum of v over lanes 0..lane (all 32 lanes call it); lane 31 holds the warp's total.
+__device__ __forceinline__ int warp_inclusive_sum(int v) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int n = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane_id() >= d) v += n;
+  }
+  return v;
+}
+
 // Named barrier kId (0 is __syncthreads) of num_threads threads (a multiple of 32): true for every
 // caller when pred holds for all of them.
 template <int kId>

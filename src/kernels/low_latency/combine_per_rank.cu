@@ -123,12 +123,7 @@ __device__ void combine_send_per_rank(const LowLatencyCombineParams& p, uint32_t
   if (lane < R && !peer_masked(p.mask, lane))
     cnt = min(static_cast<int>(*reinterpret_cast<const volatile uint32_t*>(mine + L.pr_count(p.buffer, lane))),
               L.max_tokens);
-  int incl = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += n;
-  }
+  const int incl = warp_inclusive_sum(cnt);
   const int N = __shfl_sync(0xffffffffu, incl, 31);
   const int V = H / 8;  // 16-byte vectors of a row
   constexpr int U = 4;  // loads in flight per lane and entry

@@ -221,12 +221,7 @@ __device__ void dispatch_recv(const LowLatencyDispatchParams& p, uint32_t seq, c
       }
       if (!__all_sync(0xffffffffu, ok)) return;
       const int cnt = payload > 0 ? static_cast<int>(payload - 1u) : 0;
-      int incl = cnt;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += n;
-      }
+      const int incl = warp_inclusive_sum(cnt);
       if (src - base < 32) {  // the last pass: src is lane src - base
         count = __shfl_sync(0xffffffffu, cnt, src - base);
         before += __shfl_sync(0xffffffffu, incl, src - base) - count;

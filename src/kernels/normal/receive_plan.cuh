@@ -63,13 +63,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
         int32_t base = 0;
         for (int i0 = 0; i0 < R; i0 += 32) {
           const int i = i0 + lane;
-          const int32_t n = i < R ? count(i, j) : 0;
-          int32_t inclusive = n;
-#pragma unroll
-          for (int d = 1; d < 32; d <<= 1) {
-            const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, d);
-            if (lane >= d) inclusive += v;
-          }
+          const int32_t inclusive = warp_inclusive_sum(i < R ? count(i, j) : 0);
           if (i < R) p.rank_prefix_matrix[i * R + j] = base + inclusive;
           base += __shfl_sync(0xffffffffu, inclusive, 31);
         }
@@ -98,12 +92,7 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
         const int ci = c0 + lane;
         const int32_t n = __popc(next);
         next = ci + 32 < source_chunks ? masks[ci + 32] : 0u;
-        int32_t inclusive = n;
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, d);
-          if (lane >= d) inclusive += v;
-        }
+        const int32_t inclusive = warp_inclusive_sum(n);
         if (ci < source_chunks) row[ci] = base + inclusive - n;
         base += __shfl_sync(0xffffffffu, inclusive, 31);
       }
