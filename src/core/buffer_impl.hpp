@@ -129,8 +129,10 @@ struct Buffer::Impl {
   // after one); num_tokens: this rank's T; counts_on_host: false with num_worst_tokens.
   void check_internode_dispatch(int row_bytes, int num_scales, int num_topk, int chunk, int hidden, int num_tokens,
                                 bool counts_on_host);
-  // The tokens of every rank a call's rounds cover (buffer_internode.cpp).
+  // The tokens of every rank a call's rounds cover (buffer_internode.cpp), and the rounds' launches.
   int internode_round_tokens(const DispatchHandle& h) const;
+  template <class Params, class Launch>
+  void run_internode_rounds(const DispatchHandle& handle, Params& p, Launch&& launch);
   // The normal-mode entry points call these in place of the intranode launches (same params).
   void launch_internode_notify(const NotifyParams& p);
   Event run_internode_dispatch(const DispatchParams& p, const DispatchHandle& handle, const StreamOrder& order);

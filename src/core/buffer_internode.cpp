@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/buffer_impl.hpp"
@@ -168,6 +169,20 @@ void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
   else launch_inter_notify(p, comm);
 }
 
+// Launches a call's rounds: each sets the params' window (and, for dispatch, whether it is the last),
+// then `launch` (dispatch: the send and receive kernels; combine: its kernel).
+template <class Params, class Launch>
+void Buffer::Impl::run_internode_rounds(const DispatchHandle& handle, Params& p, Launch&& launch) {
+  for_each_internode_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool last) {
+    p.window_begin = begin;
+    p.window_end = end;
+    if constexpr (std::is_same_v<Params, InterDispatchParams>) p.last_round = last;
+    ++inter.rounds;
+    inter.normal_since_clean = true;
+    launch();
+  });
+}
+
 Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const DispatchHandle& handle,
                                            const StreamOrder& order) {
   check_internode_dispatch(dp.row_bytes, dp.num_scales, dp.num_topk, dp.chunk, 0, dp.num_tokens,
@@ -201,12 +216,7 @@ Event Buffer::Impl::run_internode_dispatch(const DispatchParams& dp, const Dispa
   p.num_worst_tokens = dp.num_worst_tokens;
   p.num_rows = dp.num_rows;
   enter(order);
-  for_each_internode_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool last) {
-    p.window_begin = begin;
-    p.window_end = end;
-    p.last_round = last;
-    ++inter.rounds;
-    inter.normal_since_clean = true;
+  run_internode_rounds(handle, p, [&] {
     if (gin) launch_inter_dispatch_gin(p, inter_gin_params(), comm);
     else launch_inter_dispatch(p, comm);
   });
@@ -244,11 +254,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   p.out = cp.out;
   p.out_topk_weights = cp.out_topk_weights;
   enter(order);
-  for_each_internode_round(internode_round_tokens(handle), p.geo.window, [&](int begin, int end, bool) {
-    p.window_begin = begin;
-    p.window_end = end;
-    ++inter.rounds;
-    inter.normal_since_clean = true;
+  run_internode_rounds(handle, p, [&] {
     if (gin) launch_inter_combine_gin(p, inter_gin_params(), comm);
     else launch_inter_combine(p, comm);
   });
