@@ -62,7 +62,10 @@ class Buffer(LowLatencyMixin):
         num_rdma_bytes: low-latency memory (both buffers): at least
             ``Buffer.get_low_latency_rdma_size_hint(Tmax, hidden, num_ranks, num_experts)``.
         low_latency_mode: DeepEP's switch for low-latency mode; recorded and passed to the core,
-            which runs the low-latency calls whenever ``num_rdma_bytes`` is large enough.
+            which runs the low-latency calls whenever ``num_rdma_bytes`` is large enough. Across
+            nodes it decides the memory: True holds ``num_rdma_bytes`` once, shared with normal-mode
+            calls (call ``clean_low_latency_buffer`` before low-latency calls that follow normal-mode
+            ones, as with DeepEP); False gives normal mode a region of its own (twice the bytes).
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric: accepted and
             ignored; they tune NVSHMEM/IBGDA, which epcomm does not use (NCCL GIN and LSA instead).
         explicitly_destroy: if True, resources are freed by ``destroy()`` only; otherwise when the
