@@ -102,7 +102,6 @@ struct Buffer::Impl {
     bool enabled = false;  // more than one node
     size_t offset = 0, bytes = 0;
     InterLayout layout;
-    int max_chunks = 0;  // chunk masks per source in the meta entries (from max_tokens, fixed)
     // The token limit of dispatches that do not wait for the counts (num_worst_tokens), whose rounds
     // cover it: the given limit (BufferOptions::max_tokens_per_rank, EPCOMM_MAX_TOKENS_PER_RANK), else
     // what one round of the region holds at the first dispatch's hidden (internode_tokens.hpp), and

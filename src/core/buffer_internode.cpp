@@ -36,12 +36,12 @@ InterLayout sizing_layout(int max_tokens_per_rank, int hidden, int num_ranks, in
 
 void Buffer::Impl::init_internode() {
   if (!inter.enabled || !normal_mode_fits()) return;  // a group for low-latency mode alone
-  inter.max_chunks = (max_tokens + 7) / 8;            // the smallest chunk is 8 tokens
   inter.tokens = max_tokens;
   const char* env = std::getenv("EPCOMM_MAX_TOKENS_PER_RANK");
   inter.tokens_given = options.max_tokens_per_rank > 0 || (env != nullptr && *env != '\0');
-  inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, inter.max_chunks, max_local_experts,
-                                   inter.bytes);
+  // Chunk masks per source in the meta entries: the smallest chunk is 8 tokens.
+  inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, (max_tokens + 7) / 8,
+                                   max_local_experts, inter.bytes);
 }
 
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
