@@ -44,6 +44,7 @@ part again only after ``clean_low_latency_buffer`` on every rank (which keeps th
 from typing import Tuple
 
 from . import _epcomm
+from ._alloc import empty
 from ._args import ArgumentError, check_bool, check_int, check_low_latency_handle, check_tensor
 from ._compat import torch
 from .event import EventOverlap
@@ -197,17 +198,16 @@ class LowLatencyMixin:
         R, dev = self.group_size, self._device
         EL, RT = num_experts // R, R * tmax
         stream = _current_stream(dev)
-        recv_x = torch.empty((EL, RT, hidden), dtype=_fp8_dtype() if use_fp8 else torch.bfloat16, device=dev)
-        scales = None
         if use_fp8:
-            # [E/R, RT, S] over storage [E/R, S, RT] (tokens contiguous per expert): the strides of
-            # empty((EL, S, RT)).transpose(1, 2), in one torch op instead of two.
+            # scales: [E/R, RT, S] over storage [E/R, S, RT] (tokens contiguous per expert), DeepEP's
+            # strides (its empty((EL, S, RT)).transpose(1, 2)) made in one allocation.
             words = (hidden // SCALE_GROUP + 3) // 4 if use_ue8m0 else hidden // SCALE_GROUP
-            scales = torch.empty_strided((EL, RT, words), (words * RT, 1, RT),
-                                         dtype=torch.int32 if use_ue8m0 else torch.float32, device=dev)
-        recv_count = torch.empty((EL,), dtype=torch.int32, device=dev)
-        src_info = torch.empty((EL, RT), dtype=torch.int32, device=dev)
-        layout_range = torch.empty((EL, R), dtype=torch.int64, device=dev)
+            x_spec = (_fp8_dtype(), (EL, RT, hidden))
+            scale_spec = (torch.int32 if use_ue8m0 else torch.float32, (EL, RT, words), (words * RT, 1, RT))
+        else:
+            x_spec, scale_spec = (torch.bfloat16, (EL, RT, hidden)), None
+        recv_x, scales, recv_count, src_info, layout_range = empty(dev, (
+            x_spec, scale_spec, (torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R))))
         call = runtime.low_latency_dispatch(
             x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),
@@ -260,8 +260,7 @@ class LowLatencyMixin:
             self._check_low_latency_shape(tmax, hidden, num_experts)
 
         stream = _current_stream(self._device)
-        combined_x = out if out is not None else \
-            torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=self._device)
+        combined_x = out if out is not None else empty(self._device, ((torch.bfloat16, (topk_idx.size(0), hidden)),))[0]
         call = runtime.low_latency_combine(
             x, topk_idx, topk_weights, src_info, layout_range, tmax, hidden, num_experts, buffer_index,
             out if out is not None else combined_x.data_ptr(), wait_stats, use_logfmt, zero_copy, stream, async_finish,

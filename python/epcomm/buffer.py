@@ -23,6 +23,7 @@ import warnings
 from typing import Callable, Optional
 
 from . import _epcomm
+from ._alloc import empty, first_rows
 from ._args import (INT64_MAX, ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor,
                     event_of, split_x, unpack_bias)
 from ._compat import require_torch, torch
@@ -40,16 +41,6 @@ def _default_num_sms() -> int:
     except ValueError as e:
         warnings.warn(f"epcomm: {e}; Buffer.num_sms starts at 24")
         return 24
-
-
-def _first_rows(t, rows: int):
-    """The first ``rows`` rows of a reserved receive tensor (fresh, contiguous, held by nothing
-    else), as a tensor of their own over its storage (not a view, so autograd and in-place ops treat
-    it as any fresh tensor; the storage keeps the reserved size: resize_ never shrinks a storage).
-    One torch op in place, where a new tensor set_ to the storage took two and a storage object."""
-    if t is None or t.size(0) == rows:
-        return t
-    return t.resize_((rows,) + t.shape[1:])
 
 
 class Buffer(LowLatencyMixin):
@@ -319,11 +310,9 @@ class Buffer(LowLatencyMixin):
         prev = event_of(previous_event)
         stream = _current_stream(self._device)
         R, T, dev, i32 = self.group_size, topk_idx.size(0), self._device, torch.int32
-        outputs = self._allocate(on_comm, lambda: (
-            torch.empty((R,), dtype=i32, device=dev),
-            torch.empty((self._num_nodes,), dtype=i32, device=dev) if self._num_nodes > 1 else None,
-            torch.empty((num_experts,), dtype=i32, device=dev),
-            torch.empty((T, R), dtype=torch.bool, device=dev)))
+        outputs = self._allocate(on_comm, lambda: empty(dev, (
+            (i32, (R,)), (i32, (self._num_nodes,)) if self._num_nodes > 1 else None, (i32, (num_experts,)),
+            (torch.bool, (T, R)))))
         event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, stream, prev, async_finish)
         overlap = (self._finish(event, async_finish, on_comm, None, (topk_idx,), outputs)
                    if async_finish or on_comm else EventOverlap())
@@ -401,10 +390,8 @@ class Buffer(LowLatencyMixin):
                                     "routing; pass neither")
             h = check_handle(handle)
             rows = h.meta.num_rows
-            recv_x, recv_x_scales = self._allocate(on_comm, lambda: (
-                torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-                None if x_scales is None else torch.empty((rows, x_scales.size(1)), dtype=x_scales.dtype,
-                                                          device=dev)))
+            recv_x, recv_x_scales = self._allocate(on_comm, lambda: empty(dev, (
+                (x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, x_scales.size(1))))))
             event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                             h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
                                             stream, prev, async_finish)
@@ -424,20 +411,17 @@ class Buffer(LowLatencyMixin):
         num_topk = 0 if topk_idx is None else topk_idx.size(1)
         num_scales = 0 if x_scales is None else x_scales.size(1)
 
-        def receive_tensors(rows):
-            return (torch.empty((rows, hidden), dtype=x.dtype, device=dev),
-                    None if x_scales is None else torch.empty((rows, num_scales), dtype=x_scales.dtype, device=dev),
-                    None if topk_idx is None else torch.empty((rows, num_topk), dtype=torch.int64, device=dev),
-                    None if topk_idx is None or topk_weights is None else
-                    torch.empty((rows, num_topk), dtype=torch.float32, device=dev),
-                    torch.empty((rows,), dtype=torch.int32, device=dev))
+        def receive_tensors(rows):  # their specs (epcomm/_alloc.py)
+            return ((x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, num_scales)),
+                    None if topk_idx is None else (torch.int64, (rows, num_topk)),
+                    None if topk_idx is None or topk_weights is None else (torch.float32, (rows, num_topk)),
+                    (torch.int32, (rows,)))
 
         # Receive tensors are made before the count exchange (see _reserve_rows), so that nothing
         # runs in Python between the host seeing the counts and the launch of the data kernel.
         capacity = num_worst_tokens or self._reserve_rows()
-        rank_prefix_matrix, chunk_offset, *reserved = self._allocate(on_comm, lambda: (
-            torch.empty((R, R), dtype=torch.int32, device=dev),
-            torch.empty((R, stride), dtype=torch.int32, device=dev)) + (receive_tensors(capacity) if capacity else ()))
+        rank_prefix_matrix, chunk_offset, *reserved = self._allocate(on_comm, lambda: empty(dev, (
+            (torch.int32, (R, R)), (torch.int32, (R, stride))) + (receive_tensors(capacity) if capacity else ())))
         pointers = None
         if reserved:
             pointers = (*[None if t is None else t.data_ptr() for t in reserved], capacity)
@@ -450,11 +434,11 @@ class Buffer(LowLatencyMixin):
         rows = call.num_rows
         if call.ran:
             event = call.take_event()
-            outputs = tuple([_first_rows(t, rows) for t in reserved])
+            outputs = first_rows(tuple(reserved), rows)
         else:
             # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
             # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
-            outputs = self._allocate(on_comm, lambda: receive_tensors(rows))
+            outputs = self._allocate(on_comm, lambda: empty(dev, receive_tensors(rows)))
             event = call.run(*(None if t is None else t.data_ptr() for t in outputs))
         if not num_worst_tokens:
             self._recent_rows.append(rows)
@@ -510,10 +494,8 @@ class Buffer(LowLatencyMixin):
         prev = event_of(previous_event)
         stream = _current_stream(self._device)
         dev, T = self._device, h.meta.num_tokens
-        outputs = self._allocate(on_comm, lambda: (
-            torch.empty((T, x.size(1)), dtype=torch.bfloat16, device=dev),
-            None if topk_weights is None else
-            torch.empty((T, topk_weights.size(1)), dtype=torch.float32, device=dev)))
+        outputs = self._allocate(on_comm, lambda: empty(dev, (
+            (torch.bfloat16, (T, x.size(1))), None if topk_weights is None else (torch.float32, (T, topk_weights.size(1))))))
         event = runtime.combine(x, topk_weights, bias0, bias1, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                 h.is_token_in_rank, h.meta, *outputs, config, stream, prev, async_finish)
         overlap = (self._finish(event, async_finish, on_comm, None, (x, topk_weights, bias0, bias1) + tuple(h[:4]),

@@ -18,6 +18,11 @@ included when it is slower than the GPU), the two halves of hook mode with 50 us
 between them (ll-*-send / ll-*-recv, as epcomm-bench measures them), and calls replayed from one
 CUDA graph (ll-*-graph, no host work).
 
+Host time (ll-*-host rows): a host clock around one eager call, no synchronization, median of
+--ll-iters; --profile-dir DIR also writes torch.profiler's CPU table of rank 0's LL calls there.
+The output tensors come from epcomm._torch_ops where it was built (EPCOMM_TORCH_OPS=0: from Python;
+the line "output tensors made by" says which), so the two can be compared on one machine.
+
 --mode all (the default) runs both. With --cpp-bench PATH it first runs the C++ epcomm-bench on
 the same problems (same SMs and iterations, no NCCL baseline; `--mode normal` and `--mode
 low-latency`) and prints the Python/C++ ratio per operation.
@@ -33,6 +38,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -43,6 +49,9 @@ OPS = ("dispatch-bf16", "dispatch-fp8", "cached-dispatch-bf16", "combine")
 EXACT_OPS = {"dispatch-bf16-exact": "dispatch-bf16", "dispatch-fp8-exact": "dispatch-fp8"}
 LL_OPS = ("ll-dispatch-fp8", "ll-dispatch-bf16", "ll-combine", "ll-dispatch-fp8-send", "ll-dispatch-fp8-recv",
           "ll-combine-send", "ll-combine-recv", "ll-dispatch-fp8-graph", "ll-combine-graph")
+# Host time of one eager call (a host clock around the call, no synchronization; what the Python
+# layer, the binding, the C++ checks and the launches cost the CPU), median of --ll-iters.
+LL_HOST_OPS = ("ll-dispatch-fp8-host", "ll-dispatch-bf16-host", "ll-combine-host")
 HOOK_GAP_US = 50.0  # GPU work between a hook call's send and receive halves (epcomm-bench's spin)
 
 
@@ -58,6 +67,44 @@ def median_us(fn, warmup, iters):
     torch.cuda.synchronize()
     times = sorted(start.elapsed_time(end) * 1e3 for start, end in events)
     return times[len(times) // 2]
+
+
+def host_us(fn, warmup, iters):
+    """Median host microseconds of one call of `fn`, timed with perf_counter_ns around the call,
+    the GPU left to run behind (synchronized every 50 calls, outside the timed stretch, so the
+    launch queue never fills and blocks the host)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    clock = time.perf_counter_ns
+    for i in range(iters):
+        if i % 50 == 0:
+            torch.cuda.synchronize()
+        t0 = clock()
+        fn()
+        times.append((clock() - t0) / 1e3)
+    torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def profile_table(fns, path, calls=20):
+    """torch.profiler over `calls` calls of each (name, fn): the CPU-side table (self CPU time per
+    op, per call), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(path, "w") as f:
+        for name, fn in fns:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            f.write(f"== {name}: {calls} calls\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
 
 
 def sleep_cycles(us):
@@ -156,7 +203,18 @@ def _low_latency(rank, num_ranks, args, out):
     out["ll-dispatch-fp8-graph"] = graph_us(dispatch, even)
     handle = dispatch()[2]
     out["ll-combine-graph"] = graph_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), even)
+    out["ll-dispatch-fp8-host"] = host_us(dispatch, warmup, iters)
+    out["ll-dispatch-bf16-host"] = host_us(lambda: dispatch(fp8=False), warmup, iters)
+    handle = dispatch()[2]
+    out["ll-combine-host"] = host_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup,
+                                     iters)
+    if args.profile_dir and rank == 0:
+        handle = dispatch()[2]
+        profile_table((("low_latency_dispatch fp8", dispatch),
+                       ("low_latency_combine", lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle))),
+                      os.path.join(args.profile_dir, "profile-ll-rank0.txt"))
     out["ll-recv-count"] = int(dispatch()[1].sum())
+    out["alloc"] = epcomm._alloc.status()
     torch.cuda.synchronize()
     buffer.destroy()
 
@@ -318,9 +376,15 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
             summary[op].update(cpp_us=cpp[op][0], ratio=ratio)
             line += f"{cpp[op][0]:10.1f}{ratio:9.3f}"
         print(line)
+    for op in LL_HOST_OPS:
+        per_rank = [r[op] for r in results]
+        summary[op] = {"python_host_us": max(per_rank)}
+        print(f"{op:<22}" + "".join(f"{u:10.1f}" for u in per_rank) + f"{max(per_rank):10.1f}")
     print("rows received per rank (one FP8 dispatch):", [r["ll-recv-count"] for r in results])
+    print("output tensors made by:", results[0]["alloc"])
     print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
           f"ll-*-graph: per call, {args.ll_iters + (args.ll_iters & 1)} calls replayed from one CUDA graph; "
+          "ll-*-host: host microseconds per eager call (perf_counter_ns around the call, no sync); "
           "py/C++ > 1: Python slower")
 
 
@@ -344,6 +408,7 @@ def main():
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up on the ranks")
     parser.add_argument("--cpp-bench", default="", help="path of epcomm-bench to run first, for the ratio")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--profile-dir", default="", help="write a torch.profiler table of rank 0's LL calls here")
     args = parser.parse_args()
     num_ranks = args.ranks or torch.cuda.device_count()
     if num_ranks < 1:

@@ -147,12 +147,14 @@ def _cpu_buffer(runtime, R):
 
 @contextlib.contextmanager
 def _stub_torch():
-    saved = buffer_module.torch, _low_latency.torch
+    # The output tensors come from epcomm._alloc.empty (imported by name into both modules).
+    saved = buffer_module.torch, _low_latency.torch, buffer_module.empty, _low_latency.empty
     buffer_module.torch = _low_latency.torch = _StubTorch
+    buffer_module.empty = _low_latency.empty = _StubTorch.empty
     try:
         yield
     finally:
-        buffer_module.torch, _low_latency.torch = saved
+        buffer_module.torch, _low_latency.torch, buffer_module.empty, _low_latency.empty = saved
 
 
 # ---------------------------------------------------------------------------- CPU tests

@@ -1,0 +1,72 @@
+"""Fresh output tensors, several per call, for the Python layer.
+
+``empty(device, specs)`` returns a tuple of new tensors (or None) for ``specs``, items None or
+``(dtype, shape)`` or ``(dtype, shape, strides)``. Where the optional module ``epcomm._torch_ops``
+was built (python/CMakeLists.txt: the build's interpreter had PyTorch with its headers) and matches
+the PyTorch imported now, the tensors are made in C++ (at::empty, ~1-2 us each); otherwise by
+``torch.empty`` / ``torch.empty_strided`` from here (~6 us each on the GPU hosts, BENCHMARKS run 51).
+The tensors are the same either way: fresh storage from PyTorch's allocator on the current stream.
+
+``first_rows(tensors, rows)`` cuts reserved receive tensors to the rows that arrived, in place
+(``resize_``: one op per tensor, in C++ with the module).
+
+``EPCOMM_TORCH_OPS=0`` in the environment (read at import) keeps the Python path; ``status()``
+says which path is in use and why.
+"""
+
+import os
+
+from ._compat import torch
+
+
+def _load():
+    if torch is None:
+        return None, "no PyTorch"
+    if os.environ.get("EPCOMM_TORCH_OPS", "1").strip() == "0":
+        return None, "EPCOMM_TORCH_OPS=0"
+    try:
+        from . import _torch_ops
+    except ImportError as e:
+        return None, f"epcomm._torch_ops not built or not loadable ({e})"
+    if _torch_ops.torch_version != torch.__version__:
+        # Another PyTorch's ABI could crash instead of raising: never call it.
+        return None, (f"epcomm._torch_ops was built for PyTorch {_torch_ops.torch_version}, this is "
+                      f"{torch.__version__} (rebuild epcomm)")
+    return _torch_ops, f"epcomm._torch_ops (PyTorch {torch.__version__})"
+
+
+_OPS, _STATUS = _load()
+
+
+def status() -> str:
+    """Which path makes the output tensors: ``epcomm._torch_ops (...)`` or why not."""
+    return _STATUS
+
+
+def _python_empty(device, specs) -> tuple:
+    out = []
+    for spec in specs:
+        if spec is None:
+            out.append(None)
+        elif len(spec) == 2:
+            out.append(torch.empty(spec[1], dtype=spec[0], device=device))
+        else:
+            out.append(torch.empty_strided(spec[1], spec[2], dtype=spec[0], device=device))
+    return tuple(out)
+
+
+def _python_first_rows(tensors: tuple, rows: int) -> tuple:
+    # A tensor of its own over the same storage (not a view, so autograd and in-place ops treat it
+    # as any fresh tensor; the storage keeps the reserved size: resize_ never shrinks a storage).
+    return tuple(t if t is None or t.size(0) == rows else t.resize_((rows,) + t.shape[1:]) for t in tensors)
+
+
+if _OPS is not None:
+    _ops_empty = _OPS.empty
+    first_rows = _OPS.first_rows
+
+    def empty(device, specs) -> tuple:
+        """Fresh tensors on ``device`` (a torch.device, CUDA or CPU), one per item of ``specs``."""
+        return _ops_empty(-1 if device.type == "cpu" else device.index, specs)
+else:
+    empty, first_rows = _python_empty, _python_first_rows

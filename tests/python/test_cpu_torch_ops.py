@@ -1,0 +1,136 @@
+"""Python CPU tests of epcomm._torch_ops, the optional module that makes the Python layer's output
+tensors in C++ (python/torch_ops/torch_ops.cpp), and of epcomm._alloc, which chooses it or the Python
+path. Skipped where PyTorch is not installed or the module was not built (no PyTorch with headers
+when the build was configured).
+
+    PYTHONPATH=python python -m pytest tests/python/test_cpu_torch_ops.py
+"""
+
+import os
+import random
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _cpu_stand_ins import need_torch, torch  # noqa: E402
+from _runner import raises, run_tests, skip  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "python")
+
+
+def _ops():
+    need_torch()
+    try:
+        from epcomm import _torch_ops
+    except ImportError as e:
+        skip(f"epcomm._torch_ops not built (no PyTorch with C++ headers when the build was configured): {e}")
+    return _torch_ops
+
+
+def _random_spec(rng):
+    dtype = rng.choice([torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.bool, torch.uint8])
+    shape = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 4)))
+    if shape and rng.random() < 0.4:  # a permuted dense layout, as the LL scales are
+        order = list(range(len(shape)))
+        rng.shuffle(order)
+        strides, acc = [0] * len(shape), 1
+        for d in reversed(order):
+            strides[d] = acc
+            acc *= max(shape[d], 1)
+        return (dtype, shape, tuple(strides))
+    return (dtype, shape)
+
+
+def test_empty_makes_what_torch_empty_makes():
+    ops = _ops()
+    seed = random.randrange(1 << 30)
+    print(f"test_empty_makes_what_torch_empty_makes: seed {seed}")
+    rng = random.Random(seed)
+    for _ in range(200):
+        specs = tuple(None if rng.random() < 0.15 else _random_spec(rng) for _ in range(rng.randint(0, 6)))
+        got = ops.empty(-1, specs)
+        assert isinstance(got, tuple) and len(got) == len(specs)
+        for spec, t in zip(specs, got):
+            if spec is None:
+                assert t is None
+                continue
+            want = (torch.empty(spec[1], dtype=spec[0]) if len(spec) == 2
+                    else torch.empty_strided(spec[1], spec[2], dtype=spec[0]))
+            assert (t.dtype, t.shape, t.stride(), t.device) == (want.dtype, want.shape, want.stride(), want.device), \
+                (seed, spec, t.stride())
+            assert not t.requires_grad and t._base is None
+            # Memory of its own, all of it writable: random values round-trip.
+            values = torch.randint(0, 2 if spec[0] == torch.bool else 100, spec[1]).to(spec[0])
+            t.copy_(values)
+            assert torch.equal(t, values)
+    # Distinct storages, even for identical specs.
+    a, b = ops.empty(-1, ((torch.int32, (4,)), (torch.int32, (4,))))
+    assert a.data_ptr() != b.data_ptr()
+
+
+def test_bad_specs_raise_naming_the_item():
+    ops = _ops()
+    raises(ValueError, lambda: ops.empty(-1, ((torch.int32, (2,)), (torch.int32, (3, -1)))), "specs[1]", "shape[1]",
+           "negative")
+    raises(TypeError, lambda: ops.empty(-1, (("int32", (2,)),)), "specs[0][0]", "torch.dtype")
+    raises(TypeError, lambda: ops.empty(-1, ((torch.int32,),)), "specs[0]", "(dtype, shape)")
+    raises(TypeError, lambda: ops.empty(-1, ((torch.int32, [2]),)), "specs[0] shape", "tuple of ints")
+    raises(ValueError, lambda: ops.empty(-1, ((torch.int32, (2, 2), (1,)),)), "2 dimensions and 1 strides")
+    raises(ValueError, lambda: ops.empty(-1, ((torch.int32, (1,) * 9),)), "9 dimensions")
+    raises(TypeError, lambda: ops.empty(-1, [(torch.int32, (2,))]))  # specs must be a tuple
+    raises(TypeError, lambda: ops.first_rows((torch.zeros(2), 5), 1), "tensors[1]", "not a tensor")
+    raises(ValueError, lambda: ops.first_rows((torch.zeros(2),), -1), "negative")
+
+
+def test_first_rows_cuts_in_place_and_keeps_the_data():
+    ops = _ops()
+    g = torch.Generator().manual_seed(random.randrange(1 << 30))
+    for rows in (0, 1, 37, 64):
+        reserved = (torch.randn(64, 8, generator=g), None, torch.randint(0, 9, (64,), generator=g).int(),
+                    torch.randint(0, 9, (64, 3), generator=g))
+        before = [None if t is None else (t.clone(), t.data_ptr(), t.storage().size()) for t in reserved]
+        out = ops.first_rows(reserved, rows)
+        assert out is reserved  # the same objects, changed in place
+        for t, b in zip(out, before):
+            if t is None:
+                continue
+            full, ptr, storage = b
+            assert t.shape == (rows,) + full.shape[1:] and t.is_contiguous()
+            assert t.storage().size() == storage and (rows == 0 or t.data_ptr() == ptr)
+            assert torch.equal(t, full[:rows])
+
+
+def _status_in_subprocess(env_extra, before_import=""):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, PYTHONDONTWRITEBYTECODE="1", **env_extra)
+    code = f"import torch\n{before_import}\nimport epcomm._alloc as a\nprint(a.status())\nprint(a.empty.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()
+
+
+def test_alloc_chooses_the_module_only_when_it_matches():
+    _ops()
+    status, fn = _status_in_subprocess({})
+    assert status.startswith("epcomm._torch_ops") and fn == "empty", status
+    status, fn = _status_in_subprocess({"EPCOMM_TORCH_OPS": "0"})
+    assert status == "EPCOMM_TORCH_OPS=0" and fn == "_python_empty", status
+    # Another PyTorch than the one it was built for: never called.
+    status, fn = _status_in_subprocess({}, "torch.__version__ = '0.0.1-other'")
+    assert "was built for PyTorch" in status and "0.0.1-other" in status and fn == "_python_empty", status
+
+
+def test_python_layer_over_a_host_core_without_the_module():
+    """The host-core tests (real outputs against the reference) run in this process with the
+    module; here again with EPCOMM_TORCH_OPS=0, so both paths are checked."""
+    _ops()
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, PYTHONDONTWRITEBYTECODE="1", EPCOMM_TORCH_OPS="0")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "test_cpu_host_core.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "FAIL" not in done.stdout and done.stdout.count("PASS") >= 4, done.stdout
+
+
+if __name__ == "__main__":
+    run_tests(globals())
