@@ -1,21 +1,79 @@
 // Group of threads in one process (tests, debugging, several ranks on one GPU). Host collectives go
 // through shared slots and a barrier; symmetric memory is cudaMalloc on each rank's device, reached
 // by peers through peer access (or directly when two ranks share a GPU).
-#include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <string>
 
 #include "core/call_check.hpp"
+#include "core/env.hpp"
 #include "epcomm/group.hpp"
 
 namespace epcomm {
 namespace {
 
+// The ranks' host barrier, bounded: a rank that never arrives (its thread threw in a Buffer's
+// constructor, or stopped) fails every other rank's wait after the timeout with an error naming it,
+// and the barrier stays broken (later waits fail at once) instead of hanging the process. The
+// bound, 4 x EPCOMM_TIMEOUT_MS, allows a rank several GPU waits of its own before it arrives.
+class TimedBarrier {
+ public:
+  explicit TimedBarrier(int n) : n_(n), arrived_at_(n, 0) {}
+
+  // Throws RuntimeFailure naming the ranks that did not arrive.
+  void arrive_and_wait(int rank) {
+    std::string why;
+    if (!try_arrive_and_wait(rank, &why)) throw RuntimeFailure(why);
+  }
+
+  // false (and `why`) where the barrier timed out or was broken; for destructors.
+  bool try_arrive_and_wait(int rank, std::string* why) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!broken_.empty()) {
+      *why = broken_;
+      return false;
+    }
+    const uint64_t gen = generation_;
+    arrived_at_[rank] = gen + 1;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return true;
+    }
+    const auto timeout = std::chrono::milliseconds(4 * env_value("EPCOMM_TIMEOUT_MS"));
+    if (cv_.wait_for(lock, timeout, [&] { return generation_ != gen || !broken_.empty(); }) && generation_ != gen)
+      return true;
+    if (broken_.empty()) {
+      std::string missing;
+      for (int r = 0; r < n_; ++r)
+        if (arrived_at_[r] != gen + 1) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      broken_ = "local group barrier: rank " + std::to_string(rank) + " waited " +
+                std::to_string(timeout.count()) + " ms (4 x EPCOMM_TIMEOUT_MS) for rank(s) " + missing +
+                ", which never arrived (a rank's thread threw or stopped); the group's barrier is broken";
+      cv_.notify_all();
+    }
+    *why = broken_;
+    return false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_;
+  int arrived_ = 0;
+  uint64_t generation_ = 0;
+  std::vector<uint64_t> arrived_at_;  // per rank: 1 + the generation it last arrived at
+  std::string broken_;
+};
+
 struct LocalFabric {
   explicit LocalFabric(int n) : size(n), sync(n), slots(n, nullptr) {}
   int size;
-  std::barrier<> sync;
+  TimedBarrier sync;
   std::vector<const void*> slots;
 };
 
@@ -26,8 +84,10 @@ class LocalSymmetricMemory : public SymmetricMemory {
     peers_ = std::move(peers);
   }
   ~LocalSymmetricMemory() override {
-    // Peers may still read or write this memory until everybody is done with it.
-    fabric_->sync.arrive_and_wait();
+    // Peers may still read or write this memory until everybody is done with it (a broken
+    // barrier: the group failed; free it anyway rather than hang).
+    std::string why;
+    fabric_->sync.try_arrive_and_wait(rank_, &why);
     cudaFree(peers_[rank_]);
   }
 
@@ -43,13 +103,13 @@ class LocalGroup : public Group {
 
   std::string transport() const override { return "local threads (cudaMalloc + peer access)"; }
 
-  void barrier() override { fabric_->sync.arrive_and_wait(); }
+  void barrier() override { fabric_->sync.arrive_and_wait(rank_); }
 
   void all_gather(const void* mine, void* all, size_t bytes) override {
     fabric_->slots[rank_] = mine;
-    fabric_->sync.arrive_and_wait();
+    fabric_->sync.arrive_and_wait(rank_);
     for (int r = 0; r < size_; ++r) std::memcpy(static_cast<char*>(all) + r * bytes, fabric_->slots[r], bytes);
-    fabric_->sync.arrive_and_wait();
+    fabric_->sync.arrive_and_wait(rank_);
   }
 
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {

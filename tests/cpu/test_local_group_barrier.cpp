@@ -1,0 +1,76 @@
+// The host barrier of a group of threads (Group::create_local, src/transport/local_group.cpp): ranks
+// meet at every barrier and all_gather, and a rank that never arrives (its thread threw in a
+// Buffer's constructor) fails the others' waits after 4 x EPCOMM_TIMEOUT_MS, naming it, instead of
+// hanging the process; the barrier then stays broken. No GPU: barriers and all_gather touch none.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <future>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "epcomm/error.hpp"
+#include "epcomm/group.hpp"
+
+namespace epcomm {
+namespace {
+
+TEST(LocalGroupBarrier, RanksMeetAtEveryBarrierAndGather) {
+  const auto groups = Group::create_local({0, 0, 0, 0});
+  std::atomic<int> passed{0};
+  std::atomic<bool> early{false}, wrong{false};
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 4; ++r) {
+    threads.emplace_back([&, r] {
+      for (int round = 0; round < 40; ++round) {
+        passed.fetch_add(1);
+        groups[r]->barrier();
+        if (passed.load() < 4 * (round + 1)) early = true;  // left before every rank arrived
+        const int mine = 100 * round + r;
+        int all[4] = {};
+        groups[r]->all_gather(&mine, all, sizeof(int));
+        for (int p = 0; p < 4; ++p)
+          if (all[p] != 100 * round + p) wrong = true;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_FALSE(early.load());
+  EXPECT_FALSE(wrong.load());
+  EXPECT_EQ(passed.load(), 160);
+}
+
+TEST(LocalGroupBarrier, ARankThatNeverArrivesFailsTheOthersNamingIt) {
+  ::setenv("EPCOMM_TIMEOUT_MS", "100", 1);  // the bound is 4 x this
+  const auto groups = Group::create_local({0, 0, 0});
+  const auto start = std::chrono::steady_clock::now();
+  auto wait = [&](int r) {
+    try {
+      groups[r]->barrier();
+    } catch (const RuntimeFailure& e) {
+      return std::string(e.what());
+    }
+    return std::string("passed");
+  };
+  auto a = std::async(std::launch::async, wait, 0);
+  auto b = std::async(std::launch::async, wait, 1);  // rank 2 never comes
+  const std::string ea = a.get(), eb = b.get();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ::unsetenv("EPCOMM_TIMEOUT_MS");
+  for (const std::string& e : {ea, eb}) {
+    EXPECT_NE(e.find("rank(s) 2,"), std::string::npos) << e;
+    EXPECT_NE(e.find("never arrived"), std::string::npos) << e;
+  }
+  EXPECT_GE(s, 0.35);
+  EXPECT_LT(s, 5.0);
+  // Broken for good: the next wait fails at once, even for the late rank.
+  const auto again = std::chrono::steady_clock::now();
+  EXPECT_THROW(groups[2]->barrier(), RuntimeFailure);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - again).count(), 0.1);
+}
+
+}  // namespace
+}  // namespace epcomm
