@@ -41,8 +41,8 @@ bool read_dims(PyObject* seq, const char* what, Py_ssize_t item, int64_t* out, i
   }
   const Py_ssize_t size = PyTuple_GET_SIZE(seq);
   if (size > kMaxDims) {
-    PyErr_Format(PyExc_ValueError, "epcomm._torch_ops.empty: specs[%zd] %s has %zd dimensions (at most %d)", item,
-                 what, size, kMaxDims);
+    PyErr_Format(PyExc_ValueError, "epcomm._torch_ops.empty: specs[%zd] %s has %zd dimensions (at most %d)", item, what,
+                 size, kMaxDims);
     return false;
   }
   for (Py_ssize_t i = 0; i < size; ++i) {
@@ -82,8 +82,7 @@ PyObject* make_one(PyObject* spec, Py_ssize_t item, const c10::Device& device) {
                  nstrides);
     return nullptr;
   }
-  const auto options =
-      c10::TensorOptions().dtype(reinterpret_cast<THPDtype*>(dtype)->scalar_type).device(device);
+  const auto options = c10::TensorOptions().dtype(reinterpret_cast<THPDtype*>(dtype)->scalar_type).device(device);
   at::Tensor t = size == 3 ? at::empty_strided(c10::IntArrayRef(shape, ndim), c10::IntArrayRef(strides, ndim), options)
                            : at::empty(c10::IntArrayRef(shape, ndim), options);
   return THPVariable_Wrap(std::move(t));
@@ -149,18 +148,24 @@ PyObject* first_rows(PyObject* /*module*/, PyObject* args) {
   return tensors;
 }
 
-PyMethodDef methods[] = {
-    {"empty", empty, METH_VARARGS,
-     "empty(device, specs) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). device: a CUDA "
-     "index, -1 for the CPU; specs: items None or (dtype, shape) or (dtype, shape, strides)."},
-    {"first_rows", first_rows, METH_VARARGS,
-     "first_rows(tensors, rows) -> tensors: each tensor whose first dimension is not rows resized in place to rows "
-     "(None stays None)."},
-    {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] =
+    {{"empty", empty, METH_VARARGS,
+      "empty(device, specs) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). device: a CUDA "
+      "index, -1 for the CPU; specs: items None or (dtype, shape) or (dtype, shape, strides)."},
+     {"first_rows", first_rows, METH_VARARGS,
+      "first_rows(tensors, rows) -> tensors: each tensor whose first dimension is not rows resized in place to rows "
+      "(None stays None)."},
+     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_torch_ops",
+PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                      "_torch_ops",
                       "epcomm's output tensors made in C++ through PyTorch (optional; built where PyTorch is found).",
-                      -1, methods, nullptr, nullptr, nullptr, nullptr};
+                      -1,
+                      methods,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr};
 
 }  // namespace
 

@@ -51,8 +51,8 @@ class TimedBarrier {
       std::string missing;
       for (int r = 0; r < n_; ++r)
         if (arrived_at_[r] != gen + 1) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
-      broken_ = "local group barrier: rank " + std::to_string(rank) + " waited " +
-                std::to_string(timeout.count()) + " ms (4 x EPCOMM_TIMEOUT_MS) for rank(s) " + missing +
+      broken_ = "local group barrier: rank " + std::to_string(rank) + " waited " + std::to_string(timeout.count()) +
+                " ms (4 x EPCOMM_TIMEOUT_MS) for rank(s) " + missing +
                 ", which never arrived (a rank's thread threw or stopped); the group's barrier is broken";
       cv_.notify_all();
     }
