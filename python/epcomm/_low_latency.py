@@ -206,8 +206,11 @@ class LowLatencyMixin:
             scale_spec = (torch.int32 if use_ue8m0 else torch.float32, (EL, RT, words), (words * RT, 1, RT))
         else:
             x_spec, scale_spec = (torch.bfloat16, (EL, RT, hidden)), None
-        recv_x, scales, recv_count, src_info, layout_range = empty(dev, (
-            x_spec, scale_spec, (torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R))))
+        # Two allocations (epcomm/_alloc.py): the rows with their scales, and the counts with the
+        # handle's tensors, each group held together by its user (the experts; the handle).
+        recv_x, scales = empty(dev, (x_spec, scale_spec), shared=True)
+        recv_count, src_info, layout_range = empty(dev, (
+            (torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R))), shared=True)
         call = runtime.low_latency_dispatch(
             x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),

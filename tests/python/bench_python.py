@@ -89,12 +89,12 @@ def host_us(fn, warmup, iters):
     return times[len(times) // 2]
 
 
-def profile_table(fns, path, calls=20):
+def profile_table(fns, path, calls=20, mode="w"):
     """torch.profiler over `calls` calls of each (name, fn): the CPU-side table (self CPU time per
     op, per call), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    with open(path, "w") as f:
+    with open(path, mode) as f:
         for name, fn in fns:
             for _ in range(5):
                 fn()
@@ -209,10 +209,11 @@ def _low_latency(rank, num_ranks, args, out):
     out["ll-combine-host"] = host_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup,
                                      iters)
     if args.profile_dir and rank == 0:
-        handle = dispatch()[2]
-        profile_table((("low_latency_dispatch fp8", dispatch),
-                       ("low_latency_combine", lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle))),
-                      os.path.join(args.profile_dir, "profile-ll-rank0.txt"))
+        path = os.path.join(args.profile_dir, "profile-ll-rank0.txt")
+        profile_table((("low_latency_dispatch fp8", dispatch),), path)
+        handle = dispatch()[2]  # after the profiled dispatches: the handle of the latest one
+        profile_table((("low_latency_combine", lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle)),),
+                      path, mode="a")
     out["ll-recv-count"] = int(dispatch()[1].sum())
     out["alloc"] = epcomm._alloc.status()
     torch.cuda.synchronize()

@@ -43,14 +43,20 @@ def _random_spec(rng):
     return (dtype, shape)
 
 
+def _span_bytes(t):
+    """Bytes from a (non-empty) tensor's first element to the end of its last."""
+    return (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
 def test_empty_makes_what_torch_empty_makes():
     ops = _ops()
     seed = random.randrange(1 << 30)
     print(f"test_empty_makes_what_torch_empty_makes: seed {seed}")
     rng = random.Random(seed)
-    for _ in range(200):
+    for case in range(400):
         specs = tuple(None if rng.random() < 0.15 else _random_spec(rng) for _ in range(rng.randint(0, 6)))
-        got = ops.empty(-1, specs)
+        shared = case % 2 == 1
+        got = ops.empty(-1, specs, shared)
         assert isinstance(got, tuple) and len(got) == len(specs)
         for spec, t in zip(specs, got):
             if spec is None:
@@ -65,9 +71,20 @@ def test_empty_makes_what_torch_empty_makes():
             values = torch.randint(0, 2 if spec[0] == torch.bool else 100, spec[1]).to(spec[0])
             t.copy_(values)
             assert torch.equal(t, values)
-    # Distinct storages, even for identical specs.
+        if shared:  # one block; every tensor at an aligned offset, none overlapping another
+            made = [t for t in got if t is not None and t.numel() > 0]
+            base = min((t.data_ptr() for t in made), default=0)
+            spans = sorted((t.data_ptr(), t.data_ptr() + _span_bytes(t)) for t in made)
+            for (b0, e0), (b1, _) in zip(spans, spans[1:]):
+                assert e0 <= b1, (seed, specs)
+            for t in made:
+                assert (t.data_ptr() - base) % 256 == 0 and t.storage_offset() * t.element_size() == t.data_ptr() - base
+    # Distinct storages, even for identical specs; one with shared.
     a, b = ops.empty(-1, ((torch.int32, (4,)), (torch.int32, (4,))))
     assert a.data_ptr() != b.data_ptr()
+    a, b = ops.empty(-1, ((torch.int32, (4,)), (torch.int64, (4,))), True)
+    assert b.data_ptr() - a.data_ptr() == 256 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() \
+        if hasattr(a, "untyped_storage") else b.data_ptr() - a.data_ptr() == 256
 
 
 def test_bad_specs_raise_naming_the_item():
