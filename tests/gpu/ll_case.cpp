@@ -76,6 +76,12 @@ LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::sh
     call([&](const StreamOrder& o) { return buf.low_latency_combine_recv(b.cin, b.handle, b.out.view(), o); });
   };
 
+  // Every rank's device memory is allocated before any rank launches (ranks_ready): a cudaMalloc
+  // may wait for the device to go idle, and with ranks as threads on one GPU an early rank's
+  // kernel spins until this rank launches, so an allocation after it would stall both until the
+  // timeout (ScaleGpu.LowLatency128RanksVirtualNodes: one run in two, BENCHMARKS runs 78-80).
+  auto ranks_ready = [&] { group->barrier(); };
+
   if (c.graph_replays > 0) {
     Batch b = make_batch(c, R, T, dev, sms, &cum_t, &dwait_t, &cwait_t);
     upload_dispatch_inputs(b, run.in[0][r]);
@@ -90,6 +96,7 @@ LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::sh
     if (c.hook) combine_recv(b);
     cuda_ok(cudaStreamEndCapture(stream, &graph), "end capture");
     cuda_ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    ranks_ready();
     for (int k = 0; k < c.graph_replays; ++k) {
       upload_dispatch_inputs(b, run.in[k][r]);
       b.y.upload(run.in[k][r].y);
@@ -105,6 +112,7 @@ LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::sh
     Batch b = make_batch(c, R, T, dev, sms, &cum_t, &dwait_t, &cwait_t);
     upload_dispatch_inputs(a, run.in[0][r]);
     upload_dispatch_inputs(b, run.in[1][r]);
+    ranks_ready();
     dispatch(a, true);
     dispatch(b, true);
     EXPECT_NE(a.handle.buffer_index, b.handle.buffer_index) << "micro-batches must use different buffers";
@@ -125,6 +133,7 @@ LLRankResult run_ll_rank(const LLCase& c, const LLRun& run, int r, const std::sh
   } else {
     Batch b = make_batch(c, R, T, dev, sms, &cum_t, &dwait_t, &cwait_t);
     upload_dispatch_inputs(b, run.in[0][r]);
+    ranks_ready();
     dispatch(b, c.hook);
     if (c.hook) dispatch_recv(b);
     sync("dispatch");
