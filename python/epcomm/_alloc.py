@@ -1,13 +1,14 @@
 """Fresh output tensors, several per call, for the Python layer.
 
 ``empty(device, specs, shared=False)`` returns a tuple of new tensors (or None) for ``specs``, items
-None or ``(dtype, shape)`` or ``(dtype, shape, strides)``; with ``shared`` the module makes them in one
-allocation (tensors of their own over one storage, for outputs that live and die together: one
-allocator call, ~2.5 us on the GPU hosts, instead of one each). Where the optional module ``epcomm._torch_ops``
-was built (python/CMakeLists.txt: the build's interpreter had PyTorch with its headers) and matches
-the PyTorch imported now, the tensors are made in C++ (at::empty, ~1-2 us each); otherwise by
-``torch.empty`` / ``torch.empty_strided`` from here (~6 us each on the GPU hosts, BENCHMARKS run 51).
-The tensors are the same either way: fresh storage from PyTorch's allocator on the current stream.
+None or ``(dtype, shape)`` or ``(dtype, shape, strides)``. Where the optional module
+``epcomm._torch_ops`` was built (python/CMakeLists.txt: the build's interpreter had PyTorch with its
+headers) and matches the PyTorch imported now, the tensors are made in C++ (``at::empty``: the
+caching allocator's own ~3 us per call on an H100 host, BENCHMARKS run 80, without Python's
+argument parsing on top); otherwise by ``torch.empty`` / ``torch.empty_strided`` from here. With
+``shared`` the module makes them in one allocation (tensors of their own over one storage, each at a
+256-byte aligned offset): for outputs that live and die together, one allocator call instead of one
+each. The tensors are fresh storage from PyTorch's allocator on the current stream either way.
 
 ``first_rows(tensors, rows)`` cuts reserved receive tensors to the rows that arrived, in place
 (``resize_``: one op per tensor, in C++ with the module).

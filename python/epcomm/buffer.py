@@ -495,7 +495,8 @@ class Buffer(LowLatencyMixin):
         stream = _current_stream(self._device)
         dev, T = self._device, h.meta.num_tokens
         outputs = self._allocate(on_comm, lambda: empty(dev, (
-            (torch.bfloat16, (T, x.size(1))), None if topk_weights is None else (torch.float32, (T, topk_weights.size(1))))))
+            (torch.bfloat16, (T, x.size(1))),
+            None if topk_weights is None else (torch.float32, (T, topk_weights.size(1))))))
         event = runtime.combine(x, topk_weights, bias0, bias1, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                 h.is_token_in_rank, h.meta, *outputs, config, stream, prev, async_finish)
         overlap = (self._finish(event, async_finish, on_comm, None, (x, topk_weights, bias0, bias1) + tuple(h[:4]),

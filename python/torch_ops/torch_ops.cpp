@@ -2,7 +2,8 @@
 //
 // Why: from Python every torch.empty goes through the argument parser, the dispatcher and a fresh
 // Python object, ~6 us each on the GPU hosts (BENCHMARKS run 51), and a low-latency dispatch returns
-// five fresh tensors: over half of its host time. In C++ the same allocations cost ~1-2 us each.
+// five fresh tensors: over half of its host time. From C++ the same allocations cost what the
+// caching allocator does (~3 us each, run 80), and `shared` makes several in one allocator call.
 // epcomm._epcomm builds without PyTorch; this optional module is built only where PyTorch's headers
 // and libraries are found at configure time (python/CMakeLists.txt), checked against the PyTorch
 // imported at run time (epcomm/_alloc.py), and epcomm works the same without it.
