@@ -13,18 +13,18 @@
 // (dtype, shape) / (dtype, shape, strides), dtype a torch.dtype, shape and strides tuples of ints.
 // Returns a tuple of tensors (or None) in the same order, on the current stream of `device` as
 // torch.empty would be (the caching allocator reads it). With `shared`, one allocation holds them
-// all (each at a 256-byte aligned offset): one allocator call instead of one each (~2.5 us each on
-// the GPU hosts, BENCHMARKS run 80), for outputs that live and die together. first_rows(tensors, rows): below.
+// all (each at a 256-byte aligned offset): one allocator call instead of one each, for outputs that
+// live and die together. first_rows(tensors, rows): below.
 //
 // Plain CPython API over PyTorch's own headers: no pybind11 here, so nothing mixes Debian's pybind11
 // with the copy PyTorch ships.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/ScalarType.h>
-#include <c10/core/TensorImpl.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/TensorImpl.h>
 #include <c10/core/TensorOptions.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -222,8 +222,9 @@ PyObject* first_rows(PyObject* /*module*/, PyObject* args) {
 
 PyMethodDef methods[] =
     {{"empty", empty, METH_VARARGS,
-      "empty(device, specs) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). device: a CUDA "
-      "index, -1 for the CPU; specs: items None or (dtype, shape) or (dtype, shape, strides)."},
+      "empty(device, specs, shared=False) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). "
+      "device: a CUDA index, -1 for the CPU; specs: items None or (dtype, shape) or (dtype, shape, strides); "
+      "shared: all of them in one allocation (tensors of their own over one storage)."},
      {"first_rows", first_rows, METH_VARARGS,
       "first_rows(tensors, rows) -> tensors: each tensor whose first dimension is not rows resized in place to rows "
       "(None stays None)."},
