@@ -8,6 +8,9 @@
 //   ll-*-kernel                                       the same calls' kernel durations as a profiler
 //                                                     records them (CUPTI: no launch or queue time),
 //                                                     DeepEP's way of timing (kineto)
+//   ll-*-host                                         host time of one call from C++ (a host clock
+//                                                     around it): the floor under the Python layer's
+//   host-empty-launch                                 an empty kernel's launch, the floor under both
 // checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer
 // size beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same token count.
 #include <cstdio>
@@ -15,6 +18,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -79,6 +83,24 @@ std::pair<double, double> time_halves(cudaStream_t s, int warmup, int iters, con
   }
   for (auto& e : ev) cudaEventDestroy(e);
   return {median(a), median(b)};
+}
+
+__global__ void empty_kernel() {}
+
+// Median host microseconds of one call of fn (a host clock around it, the GPU left to run behind;
+// synchronized every 50 calls outside the timed stretch so the launch queue never fills).
+double time_host_us(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cuda_check(cudaStreamSynchronize(s), "warmup");
+  std::vector<double> t(iters);
+  for (int i = 0; i < iters; ++i) {
+    if (i % 50 == 0) cuda_check(cudaStreamSynchronize(s), "host time");
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  }
+  cuda_check(cudaStreamSynchronize(s), "host time");
+  return median(t);
 }
 
 // The CUPTI timestamps around `iters` calls of fn (after `warmup` more), the stream idle at both ends.
@@ -303,6 +325,18 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         [&] { buf.low_latency_combine_recv(cin, h8, outv, order); });
     row("ll-combine-send", ch.first, "hook mode");
     row("ll-combine-recv", ch.second, "hook mode, after 50 us of other work");
+
+    // Host time per call from C++ (no allocations: the outputs are the bench's own), and an empty
+    // kernel's launch beside it: what the Python layer's host time sits on.
+    row("ll-dispatch-fp8-host",
+        time_host_us(stream, o.warmup, o.iters, [&] { buf.low_latency_dispatch(din, d8, h8, false, order); }),
+        "host time per call (host clock around it)");
+    buf.low_latency_dispatch(din, d8, h8, false, order);
+    row("ll-combine-host",
+        time_host_us(stream, o.warmup, o.iters, [&] { buf.low_latency_combine(cin, h8, outv, false, order); }),
+        "host time per call (host clock around it)");
+    row("host-empty-launch", time_host_us(stream, o.warmup, o.iters, [&] { empty_kernel<<<1, 32, 0, stream>>>(); }),
+        "host time of an empty kernel's launch");
 
     // Kernel durations as a profiler records them (CUPTI: start to end on the GPU, no launch or
     // queue time), the way DeepEP's tests time theirs (kineto): the figures to set beside its

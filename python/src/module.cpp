@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "bindings.hpp"
 #include "core/env.hpp"
@@ -311,6 +312,20 @@ PYBIND11_MODULE(_epcomm, m) {
       [](py::handle tensor, const std::string& name) { return python::to_view(tensor, name.c_str()).describe(); },
       py::arg("tensor"), py::arg("name") = "tensor",
       "How the core sees a tensor-like object, e.g. '[4, 8] bfloat16 on cuda:0' (for tests and messages).");
+  m.def("_set_tensor_reader", &python::set_tensor_reader, py::arg("capsule"),
+        "Read torch.Tensor arguments in C++ through epcomm._torch_ops.tensor_reader (epcomm/_alloc.py sets it); "
+        "None: back to the Python calls.");
+  m.def(
+      "_view_facts",
+      [](py::handle tensor) {
+        const TensorView v = python::to_view(tensor, "tensor");
+        return py::make_tuple(reinterpret_cast<uintptr_t>(v.data), static_cast<int>(v.dtype),
+                              py::tuple(py::cast(std::vector<int64_t>(v.shape.begin(), v.shape.begin() + v.ndim))),
+                              py::tuple(py::cast(std::vector<int64_t>(v.strides.begin(), v.strides.begin() + v.ndim))),
+                              v.device);
+      },
+      py::arg("tensor"), "(data_ptr, dtype code, shape, strides, device) as the binding reads a tensor (for tests).");
+  m.def("_tensor_reader_set", &python::tensor_reader_set, "Whether _set_tensor_reader gave a reader.");
   m.def("_throw_for_test", &throw_for_test, py::arg("kind"), py::arg("message"));
   m.def(
       "env_params",

@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "epcomm/error.hpp"
+#include "tensor_reader.h"
 
 namespace epcomm::python {
 namespace {
@@ -83,7 +84,39 @@ TensorView from_tuple(py::handle obj, const char* arg) {
   return v;
 }
 
+// Set by set_tensor_reader (epcomm/_alloc.py, when it uses epcomm._torch_ops); read with the GIL held.
+EpcommReadTensor tensor_reader = nullptr;
+
+// A torch.Tensor's facts through the reader; false where it declines (the Python path decides then).
+bool read_with_reader(py::handle obj, TensorView& v) {
+  EpcommTensorFacts f;
+  if (tensor_reader == nullptr || tensor_reader(obj.ptr(), &f) != 1 || f.ndim > TensorView::kMaxDims || f.dtype < 0 ||
+      f.dtype > static_cast<int>(DType::kBool))
+    return false;
+  v.data = f.data;
+  v.dtype = static_cast<DType>(f.dtype);
+  v.ndim = f.ndim;
+  for (int i = 0; i < f.ndim; ++i) {
+    v.shape[i] = f.shape[i];
+    v.strides[i] = f.strides[i];
+  }
+  v.device = f.device;
+  return true;
+}
+
 }  // namespace
+
+void set_tensor_reader(py::handle capsule) {
+  if (capsule.is_none()) {
+    tensor_reader = nullptr;
+    return;
+  }
+  void* fn = PyCapsule_GetPointer(capsule.ptr(), EPCOMM_TENSOR_READER_NAME);  // checks the name
+  if (fn == nullptr) throw py::error_already_set();
+  tensor_reader = reinterpret_cast<EpcommReadTensor>(fn);
+}
+
+bool tensor_reader_set() { return tensor_reader != nullptr; }
 
 DType dtype_from_name(const std::string& full, const char* arg) {
   std::string name = full;
@@ -113,6 +146,8 @@ DType dtype_from_object(py::handle dtype, const char* arg) {
 TensorView to_view(py::handle obj, const char* arg) {
   if (obj.is_none()) throw ArgumentError(std::string(arg) + ": a tensor is required, got None");
   if (py::isinstance<py::tuple>(obj)) return from_tuple(obj, arg);
+  TensorView v;
+  if (read_with_reader(obj, v)) return v;
   const TensorAttrs& names = tensor_attrs();
   PyObject* data_ptr = PyObject_GetAttr(obj.ptr(), names.data_ptr.ptr());
   if (data_ptr == nullptr) PyErr_Clear();  // as py::getattr(obj, name, default) does
@@ -121,7 +156,6 @@ TensorView to_view(py::handle obj, const char* arg) {
     throw ArgumentError(std::string(arg) + ": expected a tensor, got " + type_name(obj));
   }
   const py::object data_ptr_method = py::reinterpret_steal<py::object>(data_ptr);
-  TensorView v;
   v.data = reinterpret_cast<void*>(data_ptr_method().cast<uintptr_t>());
   v.dtype = dtype_from_object(attr(obj, names.dtype), arg);
   v.ndim = copy_dims(attr(obj, names.shape), v.shape, arg);

@@ -1,6 +1,7 @@
 // Python objects -> epcomm's plain C++ types, without PyTorch: tensors arrive as duck-typed objects
 // (anything with data_ptr(), dtype, shape, stride(), get_device(), which torch.Tensor has) or as
-// raw tuples (data_ptr, dtype name, shape, strides, device); streams and events as integers.
+// raw tuples (data_ptr, dtype name, shape, strides, device); streams and events as integers. Where
+// epcomm._torch_ops is in use, torch.Tensor objects are read in C++ through its reader instead.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -23,6 +24,10 @@ DType dtype_from_object(py::handle dtype, const char* arg);
 
 // A tensor-like object or a raw tuple; None raises ArgumentError naming `arg`.
 TensorView to_view(py::handle obj, const char* arg);
+// The C++ reader of torch.Tensor objects epcomm._torch_ops hands over (a capsule: tensor_reader.h);
+// to_view tries it first and falls back to the Python calls where it declines. None clears it.
+void set_tensor_reader(py::handle capsule);
+bool tensor_reader_set();
 // None -> nullopt.
 std::optional<TensorView> to_optional_view(py::handle obj, const char* arg);
 

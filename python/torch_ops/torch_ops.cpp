@@ -14,7 +14,9 @@
 // Returns a tuple of tensors (or None) in the same order, on the current stream of `device` as
 // torch.empty would be (the caching allocator reads it). With `shared`, one allocation holds them
 // all (each at a 256-byte aligned offset): one allocator call instead of one each, for outputs that
-// live and die together. first_rows(tensors, rows): below.
+// live and die together. first_rows(tensors, rows): below. tensor_reader: a capsule through which
+// epcomm._epcomm reads a tensor's pointer, dtype, shape, strides and device in C++
+// (python/src/tensor_reader.h).
 //
 // Plain CPython API over PyTorch's own headers: no pybind11 here, so nothing mixes Debian's pybind11
 // with the copy PyTorch ships.
@@ -32,7 +34,10 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "tensor_reader.h"
 
 namespace {
 
@@ -220,6 +225,54 @@ PyObject* first_rows(PyObject* /*module*/, PyObject* args) {
   return tensors;
 }
 
+// EpcommTensorDtype of each ScalarType (-1: not one epcomm moves), filled at import by name so that
+// the same source builds against PyTorch with and without the float8 types.
+constexpr int kScalarTypes = 64;
+int dtype_code[kScalarTypes];
+
+void fill_dtype_codes() {
+  static const std::pair<const char*, int> names[] = {{"BFloat16", kEpcommBF16}, {"Float8_e4m3fn", kEpcommFP8E4M3},
+                                                      {"Float", kEpcommF32},     {"Int", kEpcommI32},
+                                                      {"Long", kEpcommI64},      {"Bool", kEpcommBool}};
+  const int n = static_cast<int>(c10::ScalarType::NumOptions);
+  for (int i = 0; i < kScalarTypes; ++i) {
+    dtype_code[i] = -1;
+    if (i >= n) continue;
+    const std::string name = c10::toString(static_cast<c10::ScalarType>(i));
+    for (const auto& [type_name, code] : names)
+      if (name == type_name) dtype_code[i] = code;
+  }
+}
+
+// EpcommReadTensor: the facts of a plain tensor (or Parameter) on the CPU or a CUDA device, strided,
+// of a dtype epcomm moves; 0 (no Python error) for anything else, which the binding's Python path
+// then judges as it always did.
+int read_tensor(PyObject* obj, EpcommTensorFacts* out) {
+  if (!THPVariable_CheckExact(obj)) return 0;
+  try {
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    if (!t.defined() || t.layout() != c10::kStrided) return 0;
+    const c10::Device device = t.device();
+    if (!device.is_cpu() && !device.is_cuda()) return 0;
+    const int type = static_cast<int>(t.scalar_type());
+    if (type < 0 || type >= kScalarTypes || dtype_code[type] < 0) return 0;
+    const int64_t ndim = t.dim();
+    if (ndim > EPCOMM_TENSOR_MAX_DIMS) return 0;
+    out->data = t.data_ptr();
+    out->dtype = dtype_code[type];
+    out->ndim = static_cast<int>(ndim);
+    out->device = device.is_cuda() ? device.index() : -1;
+    const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
+    for (int64_t i = 0; i < ndim; ++i) {
+      out->shape[i] = sizes[i];
+      out->strides[i] = strides[i];
+    }
+    return 1;
+  } catch (const std::exception&) {  // e.g. a tensor without storage: the Python path raises it
+    return 0;
+  }
+}
+
 PyMethodDef methods[] =
     {{"empty", empty, METH_VARARGS,
       "empty(device, specs, shared=False) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). "
@@ -248,6 +301,13 @@ PyMODINIT_FUNC PyInit__torch_ops() {
   // The PyTorch this was compiled against: epcomm/_alloc.py uses the module only when the imported
   // torch.__version__ is the same (another build's ABI could crash instead of raising).
   if (PyModule_AddStringConstant(m, "torch_version", EPCOMM_TORCH_VERSION) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  fill_dtype_codes();
+  PyObject* reader = PyCapsule_New(reinterpret_cast<void*>(&read_tensor), EPCOMM_TENSOR_READER_NAME, nullptr);
+  if (reader == nullptr || PyModule_AddObject(m, "tensor_reader", reader) < 0) {  // steals reader on success
+    Py_XDECREF(reader);
     Py_DECREF(m);
     return nullptr;
   }

@@ -21,7 +21,10 @@ CUDA graph (ll-*-graph, no host work).
 Host time (ll-*-host rows): a host clock around one eager call, no synchronization, median of
 --ll-iters; --profile-dir DIR also writes torch.profiler's CPU table of rank 0's LL calls there.
 The output tensors come from epcomm._torch_ops where it was built (EPCOMM_TORCH_OPS=0: from Python;
-the line "output tensors made by" says which), so the two can be compared on one machine.
+the line "output tensors made by" says which), and the binding reads tensor arguments through its
+reader (--no-tensor-reader: through Python calls; the line "tensors read by" says which), so the
+paths can be compared on one machine. With --cpp-bench the host rows show the C++ call's own host
+time beside them, and an empty kernel's launch: the floor under the Python figures.
 
 --mode all (the default) runs both. With --cpp-bench PATH it first runs the C++ epcomm-bench on
 the same problems (same SMs and iterations, no NCCL baseline; `--mode normal` and `--mode
@@ -216,6 +219,8 @@ def _low_latency(rank, num_ranks, args, out):
                       path, mode="a")
     out["ll-recv-count"] = int(dispatch()[1].sum())
     out["alloc"] = epcomm._alloc.status()
+    out["reader"] = "in C++ (epcomm._torch_ops.tensor_reader)" if epcomm._epcomm._tensor_reader_set() else \
+        "through Python calls"
     torch.cuda.synchronize()
     buffer.destroy()
 
@@ -224,6 +229,9 @@ def _worker(rank, num_ranks, port, args, results):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks)
+    if args.no_tensor_reader:
+        import epcomm
+        epcomm._epcomm._set_tensor_reader(None)
     out = {"rank": rank}
     if args.mode in ("normal", "all"):
         _normal(rank, num_ranks, args, out)
@@ -328,7 +336,7 @@ def run_cpp(args, num_ranks, mode):
             raise SystemExit(f"epcomm-bench failed with code {proc.returncode}")
         with open(path) as f:
             report = json.load(f)
-    ops = OPS if mode == "normal" else LL_OPS
+    ops = OPS if mode == "normal" else LL_OPS + LL_HOST_OPS + ("host-empty-launch",)
     summary = {}
     for row in report["rows"]:
         # Normal mode: the rows at --sms; low-latency kernels use every SM (one row per op and rank).
@@ -380,12 +388,21 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
     for op in LL_HOST_OPS:
         per_rank = [r[op] for r in results]
         summary[op] = {"python_host_us": max(per_rank)}
-        print(f"{op:<22}" + "".join(f"{u:10.1f}" for u in per_rank) + f"{max(per_rank):10.1f}")
+        line = f"{op:<22}" + "".join(f"{u:10.1f}" for u in per_rank) + f"{max(per_rank):10.1f}"
+        if op in cpp:  # the C++ call's own host time (no allocations, no binding): the floor
+            summary[op].update(cpp_host_us=cpp[op][0])
+            line += f"{cpp[op][0]:10.1f}{max(per_rank) / cpp[op][0]:9.3f}"
+        print(line)
+    if "host-empty-launch" in cpp:
+        print(f"{'host-empty-launch':<22}" + " " * (10 * len(results) + 10) + f"{cpp['host-empty-launch'][0]:10.1f}")
+        summary["host-empty-launch"] = {"cpp_host_us": cpp["host-empty-launch"][0]}
+    print("tensors read by the binding:", results[0]["reader"])
     print("rows received per rank (one FP8 dispatch):", [r["ll-recv-count"] for r in results])
     print("output tensors made by:", results[0]["alloc"])
     print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
           f"ll-*-graph: per call, {args.ll_iters + (args.ll_iters & 1)} calls replayed from one CUDA graph; "
-          "ll-*-host: host microseconds per eager call (perf_counter_ns around the call, no sync); "
+          "ll-*-host: host microseconds per eager call (perf_counter_ns around the call, no sync; C++: the "
+          "C++ call alone, steady_clock); host-empty-launch: an empty kernel's launch from C++; "
           "py/C++ > 1: Python slower")
 
 
@@ -409,6 +426,8 @@ def main():
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up on the ranks")
     parser.add_argument("--cpp-bench", default="", help="path of epcomm-bench to run first, for the ratio")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--no-tensor-reader", action="store_true",
+                        help="read tensor arguments through Python calls even where epcomm._torch_ops is used")
     parser.add_argument("--profile-dir", default="", help="write a torch.profiler table of rank 0's LL calls here")
     args = parser.parse_args()
     num_ranks = args.ranks or torch.cuda.device_count()

@@ -6,6 +6,7 @@ when the build was configured).
     PYTHONPATH=python python -m pytest tests/python/test_cpu_torch_ops.py
 """
 
+import ctypes
 import os
 import random
 import subprocess
@@ -125,6 +126,88 @@ def _status_in_subprocess(env_extra, before_import=""):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()
+
+
+_MOVED = [d for d in (torch and (torch.bfloat16, torch.float32, torch.int32, torch.int64, torch.bool,
+                                 getattr(torch, "float8_e4m3fn", None))) or () if d is not None]
+_DTYPES = _MOVED + ([torch.uint8, torch.float16] if torch else [])
+
+
+def _random_tensor(rng):
+    """A tensor of random dtype (some epcomm does not move), rank, layout and storage offset."""
+    dtype = rng.choice(_DTYPES)
+    shape = [rng.randint(1, 5) for _ in range(rng.randint(0, 6))]
+    device = "cuda" if torch.cuda.is_available() and rng.random() < 0.5 else "cpu"  # on a GPU host: both
+    t = torch.empty([n + 1 for n in shape], dtype=dtype, device=device)
+    t = t[tuple(slice(1, None) if rng.random() < 0.5 else slice(0, n) for n in shape)]  # offsets, strides
+    if t.dim() >= 2 and rng.random() < 0.4:
+        t = t.transpose(0, t.dim() - 1)
+    return t
+
+
+class _Facts(ctypes.Structure):  # struct EpcommTensorFacts (python/src/tensor_reader.h)
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int), ("device", ctypes.c_int),
+                ("shape", ctypes.c_int64 * 8), ("strides", ctypes.c_int64 * 8)]
+
+
+def _reader_function(capsule):
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    address = get(capsule, b"epcomm._torch_ops.tensor_reader.v1")
+    return ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(_Facts))(address)
+
+
+def _facts(t):
+    """What the binding reads of t: (data, dtype, shape, strides, device), or the error it raises."""
+    from epcomm import _epcomm
+    try:
+        return _epcomm._view_facts(t)
+    except _epcomm.ArgumentError as e:
+        return "ArgumentError: " + str(e)
+
+
+def test_tensor_reader_reads_what_the_python_path_reads():
+    """The binding's C++ reader of torch.Tensor arguments (tensor_reader.h) against its Python path
+    (five attribute calls), tensor by tensor: pointer, dtype, shape, strides, device, and the same
+    error where epcomm refuses the tensor (other dtypes, more dimensions than it takes)."""
+    _ops()
+    from epcomm import _alloc, _epcomm  # noqa: F401 -- _alloc sets the reader
+    assert _epcomm._tensor_reader_set()
+    seed = random.randrange(1 << 30)
+    print(f"test_tensor_reader_reads_what_the_python_path_reads: seed {seed}")
+    rng = random.Random(seed)
+    tensors = [_random_tensor(rng) for _ in range(300)]
+    tensors.append(torch.nn.Parameter(torch.ones(3, 2)))  # read by the reader too
+    tensors.append(torch.ones(4, 2, dtype=torch.bfloat16).T)
+
+    class Sub(torch.Tensor):  # a subclass: the reader declines, the Python path reads it
+        pass
+    tensors.append(torch.ones(2, 3).as_subclass(Sub))
+    with_reader = [_facts(t) for t in tensors]
+    _epcomm._set_tensor_reader(None)
+    try:
+        assert not _epcomm._tensor_reader_set()
+        without = [_facts(t) for t in tensors]
+    finally:
+        _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader)
+    for t, a, b in zip(tensors, with_reader, without):
+        assert a == b, (t.dtype, t.shape, t.stride(), a, b)
+    read = sum(1 for a in with_reader if isinstance(a, tuple))
+    assert 50 < read < len(tensors), read  # both kinds were exercised
+    assert with_reader[-2][0] == tensors[-2].data_ptr() and with_reader[-2][3] == (1, 2)
+    # The reader itself, called as the binding calls it: it read (1) the plain tensors epcomm takes.
+    reader = _reader_function(_alloc._OPS.tensor_reader)
+    moved = set(_MOVED)
+    for t in tensors:
+        facts = _Facts()
+        got = reader(t, ctypes.byref(facts))
+        want = type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype in moved and t.dim() <= 8
+        assert got == int(want), (type(t), t.dtype, t.dim(), got)
+        if got:
+            assert facts.data == t.data_ptr() and facts.ndim == t.dim() and facts.device == t.get_device()
+            assert tuple(facts.shape[:t.dim()]) == tuple(t.shape) and tuple(facts.strides[:t.dim()]) == t.stride()
+    raises(ValueError, lambda: _epcomm._set_tensor_reader(7))  # anything but the reader's capsule is refused
+    assert _epcomm._tensor_reader_set()  # and the reader set before stays
 
 
 def test_alloc_chooses_the_module_only_when_it_matches():

@@ -1,0 +1,39 @@
+// What epcomm._torch_ops hands epcomm._epcomm so that the binding reads a torch.Tensor's facts in
+// C++ (the TensorImpl) instead of through five Python calls per tensor (data_ptr(), dtype, shape,
+// stride(), get_device(): ~1 us a tensor, several tensors a call). Plain C types only: _epcomm is
+// built without PyTorch, _torch_ops with it, and this is all they share.
+//
+// _torch_ops.tensor_reader is a PyCapsule named EPCOMM_TENSOR_READER_NAME holding an
+// EpcommReadTensor; epcomm/_alloc.py passes it to _epcomm._set_tensor_reader when it uses
+// _torch_ops (the PyTorch imported is the one it was built for). The reader returns 1 with `out`
+// filled for a plain torch.Tensor of a dtype epcomm moves and at most EPCOMM_TENSOR_MAX_DIMS
+// dimensions, else 0 without a Python error set: the binding then takes its Python path, which
+// accepts or rejects the object as it always did (subclasses, other dtypes, raw tuples).
+#pragma once
+
+#include <Python.h>
+#include <stdint.h>
+
+#define EPCOMM_TENSOR_READER_NAME "epcomm._torch_ops.tensor_reader.v1"
+#define EPCOMM_TENSOR_MAX_DIMS 8
+
+// The dtypes, in epcomm::DType's order (include/epcomm/types.hpp).
+enum EpcommTensorDtype {
+  kEpcommBF16 = 0,
+  kEpcommFP8E4M3 = 1,
+  kEpcommF32 = 2,
+  kEpcommI32 = 3,
+  kEpcommI64 = 4,
+  kEpcommBool = 5,
+};
+
+struct EpcommTensorFacts {
+  void* data;  // data_ptr(): the first element (storage offset included)
+  int dtype;   // EpcommTensorDtype
+  int ndim;
+  int device;  // get_device(): the CUDA index, -1 on the CPU
+  int64_t shape[EPCOMM_TENSOR_MAX_DIMS];
+  int64_t strides[EPCOMM_TENSOR_MAX_DIMS];  // in elements
+};
+
+typedef int (*EpcommReadTensor)(PyObject* obj, struct EpcommTensorFacts* out);
