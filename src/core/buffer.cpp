@@ -162,6 +162,8 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   }
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.order_event, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.done_event, cudaEventDisableTiming));
+  EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&m.direct_event, cudaEventDisableTiming));
+  m.join_each_call = env_value("EPCOMM_LL_JOIN_EACH_CALL") != 0;
   {
     std::vector<char*> tables(3 * static_cast<size_t>(m.num_ranks), nullptr);
     for (int r = 0; r < m.num_ranks; ++r) {
@@ -201,7 +203,10 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
 Buffer::~Buffer() {
   Impl& m = *impl_;
   cudaSetDevice(m.device);
-  if (m.comm) cudaStreamSynchronize(m.comm);
+  if (m.comm) {
+    if (m.direct_pending) cudaStreamWaitEvent(m.comm, m.direct_event, 0);  // no throw here: join_direct_calls
+    cudaStreamSynchronize(m.comm);
+  }
   try {
     m.group->barrier();  // no peer may still write into our region
   } catch (...) {
@@ -214,6 +219,7 @@ Buffer::~Buffer() {
   cudaFreeHost(m.host_result);
   cudaEventDestroy(m.order_event);
   cudaEventDestroy(m.done_event);
+  cudaEventDestroy(m.direct_event);
   if (m.owns_comm) cudaStreamDestroy(m.comm);
 }
 
@@ -232,6 +238,7 @@ int Buffer::max_tokens_per_rank() const { return impl_->max_tokens; }
 
 void Buffer::Impl::enter(const StreamOrder& order) {
   EPCOMM_CUDA_CHECK(cudaSetDevice(device));
+  join_direct_calls();  // the comm stream's work comes after every earlier call, as it always did
   if (order.previous_event) {
     EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, order.previous_event, 0));
   } else {
@@ -252,6 +259,33 @@ Event Buffer::Impl::leave(const StreamOrder& order) {
   EPCOMM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   EPCOMM_CUDA_CHECK(cudaEventRecord(e, comm));
   return Event(e);
+}
+
+void Buffer::Impl::note_direct_call(cudaStream_t stream) {
+  if (join_each_call) {
+    EPCOMM_CUDA_CHECK(cudaEventRecord(order_event, stream));
+    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, order_event, 0));
+    return;
+  }
+  // Stream ids are never reused (a handle may be, once its stream is destroyed): a call on another
+  // stream first makes the comm stream wait for the latest call on the previous one.
+  unsigned long long id = 0;
+  EPCOMM_CUDA_CHECK(cudaStreamGetId(stream, &id));
+  if (direct_pending && id != direct_stream_id) join_direct_calls();
+  EPCOMM_CUDA_CHECK(cudaEventRecord(direct_event, stream));
+  direct_stream_id = id;
+  direct_pending = true;
+}
+
+void Buffer::Impl::join_direct_calls() {
+  if (!direct_pending) return;
+  EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(comm, direct_event, 0));
+  direct_pending = false;
+}
+
+void Buffer::Impl::sync_comm() {
+  join_direct_calls();
+  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
 }
 
 bool Buffer::Impl::capturing(cudaStream_t stream) const {
@@ -296,7 +330,7 @@ void Buffer::check_device_errors() {
   Impl& m = *impl_;
   if (m.record->error() != DeviceError::kNone) {
     // The kernels that saw the error have left; make the buffer usable for the next call.
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    m.sync_comm();
     const DeviceErrorRecord r = *m.record;
     std::memset(m.record, 0, sizeof(DeviceErrorRecord));
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, 2 * sizeof(int32_t), m.comm));  // abort, record_claimed

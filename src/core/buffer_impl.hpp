@@ -62,6 +62,17 @@ struct Buffer::Impl {
   // An async_finish call (any mode) left work on the comm stream that no caller's stream was made to
   // wait for: a low-latency call launched straight on the caller's stream must wait for it first.
   bool comm_unjoined = false;
+  // Low-latency calls launched straight on the caller's stream (buffer_low_latency.cpp): each
+  // records direct_event there, and the comm stream is made to wait for it only when something
+  // waits for the comm stream (sync_comm, enter) or the caller's stream changes: one driver call
+  // per call instead of two. EPCOMM_LL_JOIN_EACH_CALL=1: the wait at every call (as before).
+  cudaEvent_t direct_event = nullptr;
+  unsigned long long direct_stream_id = 0;  // cudaStreamGetId of the stream direct_event was recorded on
+  bool direct_pending = false;
+  bool join_each_call = false;
+  void note_direct_call(cudaStream_t stream);  // after a direct call's launch (not while capturing)
+  void join_direct_calls();                    // the comm stream waits for the latest direct call
+  void sync_comm();                            // join_direct_calls, then cudaStreamSynchronize(comm)
 
   // Makes the comm stream wait for the caller (or previous_event); notes an async_finish call.
   void enter(const StreamOrder& order);

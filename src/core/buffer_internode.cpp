@@ -276,7 +276,7 @@ Buffer::InternodeStats Buffer::internode_stats(bool reset) {
   // inside the driver until the stream reaches it, and while it waits there other threads of the
   // process cannot launch on the same GPU (seen with ranks sharing a GPU: a rank blocked here on its
   // own notify kept a co-resident rank from launching the notify it was waiting for).
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.sync_comm();
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(words.data(), region, words.size() * 8, cudaMemcpyDeviceToHost, m.comm));
   if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(region + L.stats, 0, sizeof(uint64_t) * kNumStats, m.comm));
   DeviceCounters dc{};

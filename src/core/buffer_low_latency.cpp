@@ -41,13 +41,10 @@ cudaStream_t begin_call(Buffer::Impl& m, const StreamOrder& order) {
 
 Event end_call(Buffer::Impl& m, const StreamOrder& order) {
   if (!direct(order)) return m.leave(order);
-  // The comm stream follows the call too, so whatever synchronizes it (check_device_errors, reset,
-  // the destructor) also waits for this kernel. Not while capturing: that would pull the comm
-  // stream into the caller's graph.
-  if (!m.capturing(order.stream)) {
-    EPCOMM_CUDA_CHECK(cudaEventRecord(m.order_event, order.stream));
-    EPCOMM_CUDA_CHECK(cudaStreamWaitEvent(m.comm, m.order_event, 0));
-  }
+  // The comm stream follows the call too (at its next synchronization: Impl::note_direct_call), so
+  // whatever synchronizes it (check_device_errors, reset, the destructor) also waits for this
+  // kernel. Not while capturing: that would pull the comm stream into the caller's graph.
+  if (!m.capturing(order.stream)) m.note_direct_call(order.stream);
   return Event();
 }
 

@@ -16,7 +16,7 @@ std::string Buffer::low_latency_probe_report() {
   if (m.ll.probe == nullptr) return {};
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   std::vector<unsigned long long> v(static_cast<size_t>(kLowLatencyProbeSlots) * m.sm_count);
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.sync_comm();
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(v.data(), m.ll.probe, v.size() * sizeof(v[0]), cudaMemcpyDeviceToHost, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   int khz = 0;

@@ -108,7 +108,7 @@ Buffer::LowLatencyNetStats Buffer::low_latency_net_stats(bool reset) {
   unsigned long long* dev = &m.ll.state->net_stats[0];
   // On the comm stream (never the legacy default stream: ranks sharing a GPU must not wait for
   // each other's kernels).
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.sync_comm();
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(host, dev, sizeof(host), cudaMemcpyDeviceToHost, m.comm));
   if (reset) EPCOMM_CUDA_CHECK(cudaMemsetAsync(dev, 0, sizeof(host), m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
@@ -147,7 +147,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   if (!on_device) {
     // The group's barriers, on the host: this clean waits for the host and cannot be captured.
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+    m.sync_comm();
     // What a failed call left with the transport lands first (Buffer::reset).
     m.gin->drain(m.comm, m.timeout_ns);
     // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.

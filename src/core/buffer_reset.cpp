@@ -11,7 +11,7 @@ void Buffer::reset() {
   Impl& m = *impl_;
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   // Kernels that saw a timeout have left; wait for whatever else is queued.
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
+  m.sync_comm();
   // Across real nodes: a kernel that gave up may have left puts and signals with the transport;
   // they must land before the peers clear their signals (bounded: a peer that is gone cannot hold
   // the reset; what is still pending then is not waited for).

@@ -48,6 +48,11 @@ const std::vector<EnvParam>& env_params() {
        "transport (puts + signals), 0 by LSA stores to every rank"},
       // Across real nodes clean_low_latency_buffer waits on the host (with a drain of what a failed
       // call left) unless the caller's stream is capturing; 1 takes the stream-ordered barriers always.
+      // For comparisons (BENCHMARKS run 82): the wait at every call costs a driver call per call.
+      {"EPCOMM_LL_JOIN_EACH_CALL", 0,
+       "low-latency calls on the caller's stream: 1 makes the comm stream wait for each one at once; 0 "
+       "(the default) records an event per call and makes the comm stream wait only when something "
+       "synchronizes it (reset, statistics, destroy, a call on the comm stream) or the stream changes"},
       {"EPCOMM_LL_CLEAN_ON_DEVICE", 0,
        "across real nodes: 1 makes clean_low_latency_buffer stream-ordered (GIN signal barriers, "
        "capturable) always; 0 only while the caller's stream is capturing a CUDA graph, host barriers "
