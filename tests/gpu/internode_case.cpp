@@ -149,6 +149,9 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       std::getenv("EPCOMM_TEST_FREE_EACH_STEP") != nullptr && std::atoi(std::getenv("EPCOMM_TEST_FREE_EACH_STEP")) != 0;
   const int stride = buf.chunk_offset_stride(cfg);
   NormalRank t(c, run.reference, r, stride, group->device());
+  // And every rank's tensors exist before any rank's first kernel spins for its peers (a cudaMalloc
+  // may wait for the device too: ll_case.cpp's harness hung so until it met here, runs 78-81).
+  group->barrier();
   int at_step = 0;
   const char* at_part = "start";
   try {

@@ -269,6 +269,10 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
         EXPECT_NE(before.find("clean_low_latency_buffer"), std::string::npos) << before;
         cudaStream_t s;
         cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
+        // Every rank's allocations are done before any rank's clean kernel spins (ranks sharing a
+        // GPU: a cudaMalloc may wait for the device while a peer's barrier waits for this rank;
+        // run 82 hung so once, as ll_case.cpp's harness did before its barrier).
+        group->barrier();
         buf.clean_low_latency_buffer(tmax, hidden, E, s);
         cuda_ok(cudaStreamSynchronize(s), "clean");
         const std::string after = ll_error();  // past the check: the empty outputs are refused now

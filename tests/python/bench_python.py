@@ -23,7 +23,9 @@ Host time (ll-*-host rows): a host clock around one eager call, no synchronizati
 The output tensors come from epcomm._torch_ops where it was built (EPCOMM_TORCH_OPS=0: from Python;
 the line "output tensors made by" says which), and the binding reads tensor arguments through its
 reader (--no-tensor-reader: through Python calls; the line "tensors read by" says which), so the
-paths can be compared on one machine. With --cpp-bench the host rows show the C++ call's own host
+paths can be compared on one machine; --ab-rounds (default 15) also times them interleaved in one
+process (reader on/off, outputs from _torch_ops or Python), which cancels the host's drift between
+processes. With --cpp-bench the host rows show the C++ call's own host
 time beside them, and an empty kernel's launch: the floor under the Python figures.
 
 --mode all (the default) runs both. With --cpp-bench PATH it first runs the C++ epcomm-bench on
@@ -90,6 +92,32 @@ def host_us(fn, warmup, iters):
     torch.cuda.synchronize()
     times.sort()
     return times[len(times) // 2]
+
+
+# The host-path variants host_ab compares in one process: (reader on, outputs from _torch_ops).
+AB_CONFIGS = (("reader+ops", True, True), ("no-reader+ops", False, True), ("no-reader+python", False, False))
+
+
+def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
+    """Host us per call of the FP8 dispatch and the combine under each of AB_CONFIGS, interleaved:
+    `rounds` rounds, each timing `calls` calls of every variant in turn (the median of each), then
+    the median over rounds per variant. One process, alternating, so the host's drift between
+    processes and calls (run 82: the same variant read 20 to 32 us in two processes) cancels."""
+    from epcomm import _alloc, _epcomm, _low_latency
+    saved_empty = _low_latency.empty
+    got = {name: {"dispatch": [], "combine": []} for name, _, _ in AB_CONFIGS}
+    try:
+        for _ in range(rounds):
+            for name, reader, ops in AB_CONFIGS:
+                _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if reader else None)
+                _low_latency.empty = saved_empty if ops else _alloc._python_empty
+                got[name]["dispatch"].append(host_us(dispatch, 5, calls))
+                handle = dispatch()[2]
+                got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
+    finally:
+        _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader)
+        _low_latency.empty = saved_empty
+    return {name: {op: sorted(v)[len(v) // 2] for op, v in ops.items()} for name, ops in got.items()}
 
 
 def profile_table(fns, path, calls=20, mode="w"):
@@ -218,6 +246,9 @@ def _low_latency(rank, num_ranks, args, out):
     handle = dispatch()[2]
     out["ll-combine-host"] = host_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup,
                                      iters)
+    if args.ab_rounds and epcomm._alloc._OPS is not None:
+        out["ab"] = host_ab(epcomm, buffer, dispatch, lambda h: buffer.low_latency_combine(y, topk_idx, topk_weights, h),
+                            args.ab_rounds)
     if args.profile_dir and rank == 0:
         path = os.path.join(args.profile_dir, "profile-ll-rank0.txt")
         profile_table((("low_latency_dispatch fp8", dispatch),), path)
@@ -404,6 +435,12 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
         print(f"{'host-empty-launch':<22}" + " " * (10 * len(results) + 10) + f"{cpp['host-empty-launch'][0]:10.1f}")
         summary["host-empty-launch"] = {"cpp_host_us": cpp["host-empty-launch"][0]}
     print("tensors read by the binding:", results[0]["reader"])
+    if "ab" in results[0]:
+        print(f"host us per call, variants interleaved in one process (median of {args.ab_rounds} rounds of 40 "
+              "calls), rank 0:")
+        for name, ops in results[0]["ab"].items():
+            print(f"  {name:<18} ll-dispatch-fp8 {ops['dispatch']:6.1f}   ll-combine {ops['combine']:6.1f}")
+        summary["host-ab"] = results[0]["ab"]
     print("rows received per rank (one FP8 dispatch):", [r["ll-recv-count"] for r in results])
     print("output tensors made by:", results[0]["alloc"])
     print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
@@ -433,6 +470,8 @@ def main():
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up on the ranks")
     parser.add_argument("--cpp-bench", default="", help="path of epcomm-bench to run first, for the ratio")
     parser.add_argument("--json", default="", help="also write the results as JSON to this file")
+    parser.add_argument("--ab-rounds", type=int, default=15,
+                        help="rounds of the interleaved host-time comparison of the host-path variants (0: off)")
     parser.add_argument("--no-tensor-reader", action="store_true",
                         help="read tensor arguments through Python calls even where epcomm._torch_ops is used")
     parser.add_argument("--profile-dir", default="", help="write a torch.profiler table of rank 0's LL calls here")
