@@ -79,6 +79,11 @@ def _fp8_dtype():
     return dtype
 
 
+# The LL dispatch's five outputs in one allocation instead of two (the rows then live as long as
+# the handle's tensors do): off; a variant bench_python.py --ab-rounds times beside the default.
+_ONE_ALLOCATION = False
+
+
 def _current_stream(device) -> int:
     """cudaStream_t of the current stream of `device` (the fast accessor when torch has it: this is
     on the decode path, and torch.cuda.current_stream() builds a Stream object)."""
@@ -208,9 +213,13 @@ class LowLatencyMixin:
             x_spec, scale_spec = (torch.bfloat16, (EL, RT, hidden)), None
         # Two allocations (epcomm/_alloc.py): the rows with their scales, and the counts with the
         # handle's tensors, each group held together by its user (the experts; the handle).
-        recv_x, scales = empty(dev, (x_spec, scale_spec), shared=True)
-        recv_count, src_info, layout_range = empty(dev, (
-            (torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R))), shared=True)
+        # _ONE_ALLOCATION (bench_python.py --ab-rounds compares it): all five in one.
+        small = ((torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R)))
+        if _ONE_ALLOCATION:
+            recv_x, scales, recv_count, src_info, layout_range = empty(dev, (x_spec, scale_spec) + small, shared=True)
+        else:
+            recv_x, scales = empty(dev, (x_spec, scale_spec), shared=True)
+            recv_count, src_info, layout_range = empty(dev, small, shared=True)
         call = runtime.low_latency_dispatch(
             x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),

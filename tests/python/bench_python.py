@@ -95,7 +95,9 @@ def host_us(fn, warmup, iters):
 
 
 # The host-path variants host_ab compares in one process: (reader on, outputs from _torch_ops).
-AB_CONFIGS = (("reader+ops", True, True), ("no-reader+ops", False, True), ("no-reader+python", False, False))
+# One more, "one-allocation": reader and _torch_ops with the dispatch's outputs in one allocation.
+AB_CONFIGS = (("reader+ops", True, True), ("no-reader+ops", False, True), ("no-reader+python", False, False),
+              ("one-allocation", True, True))
 
 
 def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
@@ -111,12 +113,14 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
             for name, reader, ops in AB_CONFIGS:
                 _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if reader else None)
                 _low_latency.empty = saved_empty if ops else _alloc._python_empty
+                _low_latency._ONE_ALLOCATION = name == "one-allocation"
                 got[name]["dispatch"].append(host_us(dispatch, 5, calls))
                 handle = dispatch()[2]
                 got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
     finally:
         _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader)
         _low_latency.empty = saved_empty
+        _low_latency._ONE_ALLOCATION = False
     return {name: {op: sorted(v)[len(v) // 2] for op, v in ops.items()} for name, ops in got.items()}
 
 
