@@ -243,6 +243,7 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(f) + " seed=" + std::to_string(seed));
   const InterRun run = make_inter_run(f, seed);
+  const auto epoch = std::chrono::steady_clock::now();
   run_ranks(
       f.num_ranks,
       [&](int r, std::shared_ptr<Group> group) {
@@ -273,8 +274,21 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
         // GPU: a cudaMalloc may wait for the device while a peer's barrier waits for this rank;
         // run 82 hung so once, as ll_case.cpp's harness did before its barrier).
         group->barrier();
+        // Host times of this rank's clean (runs 82-83 hung here now and then: one rank's barrier
+        // kernel started seconds after the others'); printed where the clean took over 2 s.
+        using clock = std::chrono::steady_clock;
+        const auto ms = [&](clock::time_point t) {
+          return std::chrono::duration<double, std::milli>(t - epoch).count();
+        };
+        const clock::time_point met = clock::now();
         buf.clean_low_latency_buffer(tmax, hidden, E, s);
+        const clock::time_point launched = clock::now();
         cuda_ok(cudaStreamSynchronize(s), "clean");
+        const clock::time_point done = clock::now();
+        if (done - met > std::chrono::seconds(2))
+          std::fprintf(stderr,
+                       "[auto-mode clean] rank %d: left the barrier at %.1f ms, clean launched %.1f, done %.1f\n", r,
+                       ms(met), ms(launched), ms(done));
         const std::string after = ll_error();  // past the check: the empty outputs are refused now
         EXPECT_EQ(after.find("clean_low_latency_buffer"), std::string::npos) << after;
         EXPECT_NE(after, "no error");
