@@ -204,7 +204,8 @@ Buffer::~Buffer() {
   Impl& m = *impl_;
   cudaSetDevice(m.device);
   if (m.comm) {
-    if (m.direct_pending) cudaStreamWaitEvent(m.comm, m.direct_event, 0);  // no throw here: join_direct_calls
+    // join_direct_calls, without its throw (a destructor)
+    if (m.direct_pending) cudaStreamWaitEvent(m.comm, m.direct_event, 0);
     cudaStreamSynchronize(m.comm);
   }
   try {

@@ -25,8 +25,8 @@ the line "output tensors made by" says which), and the binding reads tensor argu
 reader (--no-tensor-reader: through Python calls; the line "tensors read by" says which), so the
 paths can be compared on one machine; --ab-rounds (default 15) also times them interleaved in one
 process (reader on/off, outputs from _torch_ops or Python), which cancels the host's drift between
-processes. With --cpp-bench the host rows show the C++ call's own host
-time beside them, and an empty kernel's launch: the floor under the Python figures.
+processes. With --cpp-bench the host rows show the C++ call's own host time beside them, and an
+empty kernel's launch: the floor under the Python figures.
 
 --mode all (the default) runs both. With --cpp-bench PATH it first runs the C++ epcomm-bench on
 the same problems (same SMs and iterations, no NCCL baseline; `--mode normal` and `--mode
@@ -106,7 +106,7 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
     the median over rounds per variant. One process, alternating, so the host's drift between
     processes and calls (run 82: the same variant read 20 to 32 us in two processes) cancels."""
     from epcomm import _alloc, _epcomm, _low_latency
-    saved_empty = _low_latency.empty
+    saved_empty, had_reader = _low_latency.empty, _epcomm._tensor_reader_set()
     got = {name: {"dispatch": [], "combine": []} for name, _, _ in AB_CONFIGS}
     try:
         for _ in range(rounds):
@@ -118,7 +118,7 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
                 handle = dispatch()[2]
                 got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
     finally:
-        _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader)
+        _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if had_reader else None)
         _low_latency.empty = saved_empty
         _low_latency._ONE_ALLOCATION = False
     return {name: {op: sorted(v)[len(v) // 2] for op, v in ops.items()} for name, ops in got.items()}
