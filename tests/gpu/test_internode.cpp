@@ -271,11 +271,11 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
         cudaStream_t s;
         cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
         // Every rank's allocations are done before any rank's clean kernel spins (ranks sharing a
-        // GPU: a cudaMalloc may wait for the device while a peer's barrier waits for this rank;
-        // run 82 hung so once, as ll_case.cpp's harness did before its barrier).
+        // GPU: a cudaMalloc may wait for the device while a peer's barrier waits for this rank, as
+        // in ll_case.cpp's harness before its barrier). Not the whole story: run 83 still hung
+        // here once with it (one rank's barrier kernel started seconds after the others'), so each
+        // rank's host times around its clean are printed where the clean took over 2 s.
         group->barrier();
-        // Host times of this rank's clean (runs 82-83 hung here now and then: one rank's barrier
-        // kernel started seconds after the others'); printed where the clean took over 2 s.
         using clock = std::chrono::steady_clock;
         const auto ms = [&](clock::time_point t) {
           return std::chrono::duration<double, std::milli>(t - epoch).count();
