@@ -11,6 +11,7 @@
 //   ll-*-host                                         host time of one call from C++ (a host clock
 //                                                     around it): the floor under the Python layer's
 //   host-empty-launch                                 an empty kernel's launch, the floor under both
+//   ll-clean                                          clean_low_latency_buffer at the problem's shape
 // checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer
 // size beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same token count.
 #include <cstdio>
@@ -337,6 +338,11 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         "host time per call (host clock around it)");
     row("host-empty-launch", time_host_us(stream, o.warmup, o.iters, [&] { empty_kernel<<<1, 32, 0, stream>>>(); }),
         "host time of an empty kernel's launch");
+    // clean_low_latency_buffer at this shape (one kernel within a node: both barriers and the
+    // zeroing of the whole LL region). Later calls start from fresh handles.
+    row("ll-clean", time_us(stream, o.warmup, o.iters, [&] { buf.clean_low_latency_buffer(Tmax, H, E, stream); }),
+        "barrier, zero the LL region (" + std::to_string(buf.low_latency_size_hint(Tmax, H, R, E) >> 20) +
+            " MiB hint), barrier");
 
     // Kernel durations as a profiler records them (CUPTI: start to end on the GPU, no launch or
     // queue time), the way DeepEP's tests time theirs (kineto): the figures to set beside its

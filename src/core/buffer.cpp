@@ -154,6 +154,14 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
                            m.group->transport() + ")");
   }
 
+  {
+    // How many of the group's ranks run on this GPU (by UUID: processes sharing one count too):
+    // the clean's kernel sizes its grid by it (clean.cu).
+    std::vector<cudaUUID_t> uuids(static_cast<size_t>(m.num_ranks));
+    m.group->all_gather(&prop.uuid, uuids.data(), sizeof(cudaUUID_t));
+    m.gpu_sharers = 0;
+    for (const cudaUUID_t& u : uuids) m.gpu_sharers += std::memcmp(&u, &prop.uuid, sizeof(cudaUUID_t)) == 0;
+  }
   if (options.comm_stream) {
     m.comm = options.comm_stream;  // borrowed: the caller keeps it alive (BufferOptions::comm_stream)
   } else {

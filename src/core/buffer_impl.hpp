@@ -20,13 +20,15 @@ struct GinNetParams;
 
 // Counters the kernels keep on the device (see kernels/common/sequence.cuh).
 struct DeviceCounters {
-  uint32_t seq;            // last finished call
-  uint32_t done;           // blocks finished in the running call
-  uint32_t notify_count;   // notifies so far (meta parity)
-  int32_t abort;           // set by a timed-out wait
-  int32_t record_claimed;  // the first error writes the record (cleared with abort)
-  int32_t invalid_topk;    // first out-of-range topk entry seen by a kernel (flat index), or -1
-  uint32_t ll_cleans;      // clean_low_latency_buffer calls finished (its barrier's number)
+  uint32_t seq;              // last finished call
+  uint32_t done;             // blocks finished in the running call
+  uint32_t notify_count;     // notifies so far (meta parity)
+  int32_t abort;             // set by a timed-out wait
+  int32_t record_claimed;    // the first error writes the record (cleared with abort)
+  int32_t invalid_topk;      // first out-of-range topk entry seen by a kernel (flat index), or -1
+  uint32_t ll_cleans;        // clean_low_latency_buffer calls finished (its barrier's number)
+  uint32_t ll_clean_go;      // the running clean's number once its barrier 1 passed (clean.cu)
+  uint32_t ll_clean_zeroed;  // blocks of the running clean done zeroing (clean.cu)
   int32_t pad;
 };
 
@@ -35,6 +37,7 @@ struct Buffer::Impl {
   BufferOptions options;
   int rank = 0, num_ranks = 0, device = 0;
   int sm_count = 0;
+  int gpu_sharers = 1;  // ranks of the group on this rank's GPU, itself included (threads or processes)
   int max_smem = 0;
   int max_tokens = 0;
   int max_local_experts = 0;

@@ -1,6 +1,7 @@
 // Buffer, low-latency mode: the LL region's state across calls. Setup and release of the device
 // counters, reset, clean_low_latency_buffer, the size hints, the network path's statistics and
 // shrink mode's mask API.
+#include <algorithm>
 #include <string>
 
 #include "core/argument_checks.hpp"
@@ -19,6 +20,12 @@ namespace {
 // Zeroes the LL region, the call counters and shrink mode's count decisions (whose tags restart
 // with the counters), on `stream`; across real nodes also the LL GIN signals (their shadows are in
 // the region). Not the mask: clean_low_latency_buffer keeps it. Every rank is between two barriers.
+// The host's record of the LL calls, which starts again with the counters.
+void forget_low_latency_calls(Buffer::Impl& m) {
+  m.ll.next_buffer = 0;
+  m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
+}
+
 void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
   if (m.ll.bytes > 0)
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.sym->local()) + m.ll.offset, 0, m.ll.bytes, stream));
@@ -26,8 +33,7 @@ void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
   if (m.ll.count_decisions)
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
-  m.ll.next_buffer = 0;
-  m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
+  forget_low_latency_calls(m);
 }
 
 }  // namespace
@@ -172,18 +178,31 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   if (m.options.enable_shrink) p.mask = m.ll.mask;
   const StreamOrder order{stream, nullptr, false};
   cudaStream_t s = begin_call(m, order);
-  GinNetParams g;  // across real nodes: the clean barriers' signals
-  if (m.gin)
-    g = m.gin->params(m.ll.offset, m.gin_signals.clean_base(), static_cast<char*>(m.sym->local()) + m.ll.offset,
+  if (m.gin) {
+    // Across real nodes: GIN signal barriers around the stream-ordered zeroing (one process per
+    // GPU there, so no peer's barrier queues behind this rank's work).
+    const GinNetParams g =
+        m.gin->params(m.ll.offset, m.gin_signals.clean_base(), static_cast<char*>(m.sym->local()) + m.ll.offset,
                       nullptr, m.group->ranks_per_node());
-  auto barrier = [&](int b) {
-    p.barrier = b;
-    if (m.gin) launch_low_latency_clean_barrier_gin(p, g, s);
-    else launch_low_latency_clean_barrier(p, s);
-  };
-  barrier(1);
-  clear_low_latency_calls(m, s);
-  barrier(2);
+    p.barrier = 1;
+    launch_low_latency_clean_barrier_gin(p, g, s);
+    clear_low_latency_calls(m, s);
+    p.barrier = 2;
+    launch_low_latency_clean_barrier_gin(p, g, s);
+  } else {
+    // One kernel: the barriers and the zeroing (clear_low_latency_calls's ranges). Its blocks wait
+    // for block 0's barrier 1, so where ranks share this GPU they are few (every rank's blocks
+    // must be resident at once); alone on it, enough to zero the region at memory speed.
+    p.zero[0] = {static_cast<char*>(m.sym->local()) + m.ll.offset, m.ll.bytes};
+    p.zero[1] = {reinterpret_cast<char*>(m.ll.state), sizeof(LowLatencyDeviceState)};
+    p.zero[2] = {reinterpret_cast<char*>(m.ll.count_decisions), m.ll.count_decisions ? m.ll.count_decision_bytes : 0};
+    p.go = &m.counters->ll_clean_go;
+    p.zeroed = &m.counters->ll_clean_zeroed;
+    const int blocks = m.gpu_sharers > 1 ? std::max(1, std::min(8, m.sm_count / (4 * m.gpu_sharers)))
+                                         : std::max(1, std::min(32, m.sm_count / 4));
+    launch_low_latency_clean(p, blocks, s);
+    forget_low_latency_calls(m);
+  }
   end_call(m, order);
   m.ll.layout = l;
 }

@@ -89,14 +89,31 @@ struct LowLatencyNetArgs {
 // after barrier 2 every region is zeroed, so the next LL call may write. `c` is a device counter
 // (DeviceCounters::ll_cleans), the same on every rank, and barrier 2 advances it. Every rank takes
 // part, masked ones included (clean.cu says why).
+// Over load/store (clean.cu) the three steps are ONE kernel per rank: ranks that share a GPU are
+// threads of one process whose streams share the GPU's hardware work queues, and a second item
+// queued behind a rank's spinning barrier (the zeroing, waiting for it in stream order) held a
+// peer's barrier queued behind it until the first timed out (runs 82-85). Across real nodes
+// (clean_gin.cu) the barriers are kernels of their own around the host's zeroing.
 // The flags: u64 [R] in the control part.
 constexpr size_t low_latency_clean_flag_bytes(int num_ranks) { return sizeof(uint64_t) * num_ranks; }
 struct LowLatencyCleanParams {
   CommonParams common;              // rank, wait context; ctl.ll_region holds the flags
   char* const* peers = nullptr;     // device [R]: every rank's symmetric region (all load/store reachable)
   uint32_t* clean_count = nullptr;  // device: cleans finished
-  int barrier = 1;                  // 1: before zeroing, 2: after (and count this clean)
+  int barrier = 1;                  // clean_gin.cu: 1 before zeroing, 2 after (and count this clean)
   int32_t* mask = nullptr;          // shrink mode: a peer that never arrives is masked (nullptr: a record)
+  // clean.cu: what the blocks zero between the barriers (this rank's LL region, its LL device
+  // state, shrink mode's count decisions; bytes 0: nothing), and the two device words that order
+  // them: `go` (block 0 stores the clean's number after barrier 1) and `zeroed` (blocks done; the
+  // last one runs barrier 2 and returns it to 0).
+  struct Range {
+    char* data = nullptr;
+    size_t bytes = 0;
+  };
+  static constexpr int kZeroRanges = 3;
+  Range zero[kZeroRanges];
+  uint32_t* go = nullptr;
+  uint32_t* zeroed = nullptr;
 };
 
 }  // namespace epcomm

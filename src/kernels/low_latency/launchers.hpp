@@ -44,8 +44,9 @@ void launch_low_latency_combine_gin(const LowLatencyCombineParams& p, const LowL
 // Static shared memory the network path's kernels add to the dynamic amount (NetCombineSmem: two
 // int32 per rank for kMaxLowLatencyRanks ranks, and flags; the .cu files check it).
 constexpr int kLowLatencyNetStaticSmem = 8448;
-// One barrier of clean_low_latency_buffer (LowLatencyCleanParams says how the clean goes).
-void launch_low_latency_clean_barrier(const LowLatencyCleanParams& p, void* stream);
+// clean_low_latency_buffer over load/store: both barriers and the zeroing, one kernel of
+// `num_blocks` blocks (LowLatencyCleanParams says how the clean goes).
+void launch_low_latency_clean(const LowLatencyCleanParams& p, int num_blocks, void* stream);
 // The same across real nodes: GIN signals to the ranks of other nodes (clean_gin.cu).
 void launch_low_latency_clean_barrier_gin(const LowLatencyCleanParams& p, const GinNetParams& g, void* stream);
 
