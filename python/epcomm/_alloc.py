@@ -15,7 +15,9 @@ each. The tensors are fresh storage from PyTorch's allocator on the current stre
 
 With the module, the binding also reads torch.Tensor arguments in C++ (its ``tensor_reader``,
 python/src/tensor_reader.h: pointer, dtype, shape, strides and device from the TensorImpl) instead
-of through five Python calls per tensor (~1 us each tensor on this project's CPU host).
+of through five Python calls per tensor (~1 us each tensor on this project's CPU host), and the
+eager low-latency calls make their outputs in C++ through its ``tensor_allocator`` (the same
+tensors ``empty`` makes), arguments to launch in one call (epcomm/_low_latency.py).
 
 ``EPCOMM_TORCH_OPS=0`` in the environment (read at import) keeps the Python path for both;
 ``status()`` says which path is in use and why.
@@ -71,6 +73,7 @@ def _python_first_rows(tensors: tuple, rows: int) -> tuple:
 
 if _OPS is not None:
     _epcomm._set_tensor_reader(_OPS.tensor_reader)
+    _epcomm._set_tensor_allocator(_OPS.tensor_allocator)
     _ops_empty = _OPS.empty
     first_rows = _OPS.first_rows
 

@@ -79,11 +79,6 @@ def _fp8_dtype():
     return dtype
 
 
-# The LL dispatch's five outputs in one allocation instead of two (the rows then live as long as
-# the handle's tensors do): off; a variant bench_python.py --ab-rounds times beside the default.
-_ONE_ALLOCATION = False
-
-
 def _current_stream(device) -> int:
     """cudaStream_t of the current stream of `device` (the fast accessor when torch has it: this is
     on the decode path, and torch.cuda.current_stream() builds a Stream object)."""
@@ -102,7 +97,15 @@ def _exclusive(async_finish: bool, return_recv_hook: bool) -> None:
 
 
 class LowLatencyMixin:
-    """The low-latency half of Buffer (its state: ``_ll_shapes``, set in Buffer.__init__)."""
+    """The low-latency half of Buffer (its state: ``_ll_shapes``, ``_ll_eager`` and ``_raw_stream``,
+    set in Buffer.__init__)."""
+
+    _ll_eager = False  # the eager calls' C++ path (stand-in buffers of the CPU tests: off)
+
+    def _raw_stream(self) -> int:
+        """cudaStream_t of the current stream of this buffer's device (Buffer.__init__ binds torch's
+        accessor to the device instead, where torch has it)."""
+        return _current_stream(self._device)
 
     # ------------------------------------------------------------------ sizes and cleaning
     @staticmethod
@@ -181,6 +184,18 @@ class LowLatencyMixin:
         ``dispatch_wait_recv_cost_stats`` (``[R]`` int64) gets the GPU clock cycles spent waiting
         for each source rank added.
         """
+        runtime = self.runtime
+        if async_finish is False and return_recv_hook is False and self._ll_eager and runtime is not None:
+            # The decode path in one C++ call (python/src/low_latency.cpp): None where it does not
+            # take the arguments as they come, and then the calls below judge them.
+            r = runtime.low_latency_dispatch_eager(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+                                                   use_fp8, round_scale, use_ue8m0, self._raw_stream())
+            if r is not None:
+                recv, recv_count, src_info, layout_range, buffer_index, hidden = r
+                handle = LowLatencyHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                                          buffer_index)
+                return recv, recv_count, handle, EventOverlap(), None
         runtime = self._rt()
         x = check_tensor("x", x, ndim=2)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)
@@ -212,14 +227,12 @@ class LowLatencyMixin:
         else:
             x_spec, scale_spec = (torch.bfloat16, (EL, RT, hidden)), None
         # Two allocations (epcomm/_alloc.py): the rows with their scales, and the counts with the
-        # handle's tensors, each group held together by its user (the experts; the handle).
-        # _ONE_ALLOCATION (bench_python.py --ab-rounds compares it): all five in one.
-        small = ((torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R)))
-        if _ONE_ALLOCATION:
-            recv_x, scales, recv_count, src_info, layout_range = empty(dev, (x_spec, scale_spec) + small, shared=True)
-        else:
-            recv_x, scales = empty(dev, (x_spec, scale_spec), shared=True)
-            recv_count, src_info, layout_range = empty(dev, small, shared=True)
+        # handle's tensors, each group held together by its user (the experts; the handle). One
+        # for all five would save one allocator call (~2.7 us, run 83) but keep the rows as long
+        # as the handle (up to the combine): more peak memory in a serving process.
+        recv_x, scales = empty(dev, (x_spec, scale_spec), shared=True)
+        recv_count, src_info, layout_range = empty(dev, ((torch.int32, (EL,)), (torch.int32, (EL, RT)),
+                                                         (torch.int64, (EL, R))), shared=True)
         call = runtime.low_latency_dispatch(
             x, topk_idx, tmax, num_experts, cum_stats, wait_stats, use_fp8, round_scale, use_ue8m0,
             recv_x.data_ptr(), None if scales is None else scales.data_ptr(), recv_count.data_ptr(),
@@ -254,6 +267,12 @@ class LowLatencyMixin:
         GPU clock cycles spent waiting for each rank added. ``event`` and ``hook`` as in
         ``low_latency_dispatch``.
         """
+        runtime = self.runtime
+        if async_finish is False and return_recv_hook is False and self._ll_eager and runtime is not None:
+            y = runtime.low_latency_combine_eager(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out,
+                                                  combine_wait_recv_cost_stats, self._raw_stream())
+            if y is not None:
+                return y, EventOverlap(), None
         runtime = self._rt()
         x = check_tensor("x", x, ndim=3)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)

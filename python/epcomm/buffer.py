@@ -19,6 +19,7 @@ has their rules.
 """
 
 import collections
+import functools
 import warnings
 from typing import Callable, Optional
 
@@ -138,6 +139,12 @@ class Buffer(LowLatencyMixin):
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
+        # The eager low-latency calls in one C++ call each, where _torch_ops makes their outputs
+        # (_low_latency.py); the current stream through torch's own accessor, bound to the device.
+        self._ll_eager = _epcomm._tensor_allocator_set()
+        raw_stream = getattr(getattr(torch_, "_C", None), "_cuda_getCurrentRawStream", None)
+        if raw_stream is not None:
+            self._raw_stream = functools.partial(raw_stream, device)
         self._recent_rows = collections.deque(maxlen=Buffer.RESERVE_WINDOW)  # rows of recent dispatches
 
     # ------------------------------------------------------------------ lifetime and statics

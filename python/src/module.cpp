@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings.hpp"
@@ -326,6 +327,35 @@ PYBIND11_MODULE(_epcomm, m) {
       },
       py::arg("tensor"), "(data_ptr, dtype code, shape, strides, device) as the binding reads a tensor (for tests).");
   m.def("_tensor_reader_set", &python::tensor_reader_set, "Whether _set_tensor_reader gave a reader.");
+  m.def("_set_tensor_allocator", &python::set_tensor_allocator, py::arg("capsule"),
+        "Make the eager low-latency calls' outputs in C++ through epcomm._torch_ops.tensor_allocator "
+        "(epcomm/_alloc.py sets it); None: the eager calls decline and the Python layer allocates.");
+  m.def("_tensor_allocator_set", &python::tensor_allocator_set, "Whether _set_tensor_allocator gave an allocator.");
+  m.def(
+      "_allocate_for_test",
+      [](int device, const std::vector<std::tuple<int, std::vector<int64_t>, std::vector<int64_t>>>& specs,
+         bool shared) {
+        std::vector<EpcommTensorSpec> v;
+        for (const auto& [dtype, shape, strides] : specs) {
+          if (shape.size() > EPCOMM_TENSOR_MAX_DIMS || (!strides.empty() && strides.size() != shape.size()))
+            throw ArgumentError("_allocate_for_test: at most 8 dimensions, strides empty or one per dimension");
+          EpcommTensorSpec s{};
+          s.dtype = dtype;
+          s.ndim = static_cast<int>(shape.size());
+          s.strided = strides.empty() ? 0 : 1;
+          for (size_t i = 0; i < shape.size(); ++i) s.shape[i] = shape[i];
+          for (size_t i = 0; i < strides.size(); ++i) s.strides[i] = strides[i];
+          v.push_back(s);
+        }
+        std::vector<void*> data(v.size(), nullptr);
+        py::tuple t = python::allocate_tensors(device, v, shared, data.data());
+        py::list ptrs;
+        for (void* d : data) ptrs.append(reinterpret_cast<uintptr_t>(d));
+        return py::make_tuple(t, ptrs);
+      },
+      py::arg("device"), py::arg("specs"), py::arg("shared"),
+      "(tensors, data pointers) made through the allocator _set_tensor_allocator gave (for tests); specs: "
+      "(dtype code, shape, strides or []).");
   m.def("_throw_for_test", &throw_for_test, py::arg("kind"), py::arg("message"));
   m.def(
       "env_params",

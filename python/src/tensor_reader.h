@@ -1,7 +1,8 @@
 // What epcomm._torch_ops hands epcomm._epcomm so that the binding reads a torch.Tensor's facts in
 // C++ (the TensorImpl) instead of through five Python calls per tensor (data_ptr(), dtype, shape,
-// stride(), get_device(): ~1 us a tensor, several tensors a call). Plain C types only: _epcomm is
-// built without PyTorch, _torch_ops with it, and this is all they share.
+// stride(), get_device(): ~1 us a tensor, several tensors a call), and makes a call's output
+// tensors itself (the eager low-latency calls, python/src/low_latency.cpp). Plain C types only:
+// _epcomm is built without PyTorch, _torch_ops with it, and this is all they share.
 //
 // _torch_ops.tensor_reader is a PyCapsule named EPCOMM_TENSOR_READER_NAME holding an
 // EpcommReadTensor; epcomm/_alloc.py passes it to _epcomm._set_tensor_reader when it uses
@@ -37,3 +38,22 @@ struct EpcommTensorFacts {
 };
 
 typedef int (*EpcommReadTensor)(PyObject* obj, struct EpcommTensorFacts* out);
+
+// _torch_ops.tensor_allocator: a PyCapsule named EPCOMM_TENSOR_ALLOCATOR_NAME holding an
+// EpcommAllocTensors, handed over with the reader. It makes n fresh tensors on `device` (a CUDA
+// index, -1 for the CPU) as at::empty / at::empty_strided would (the caching allocator, on the
+// device's current stream), all in one allocation when `shared` (each at a 256-byte aligned offset),
+// returns a new tuple of them and writes each one's data pointer to data[i]; NULL with a Python
+// error set on failure (out of memory: a RuntimeError).
+#define EPCOMM_TENSOR_ALLOCATOR_NAME "epcomm._torch_ops.tensor_allocator.v1"
+
+struct EpcommTensorSpec {
+  int dtype;    // EpcommTensorDtype
+  int ndim;     // at most EPCOMM_TENSOR_MAX_DIMS
+  int strided;  // 0: row-major (strides ignored)
+  int64_t shape[EPCOMM_TENSOR_MAX_DIMS];
+  int64_t strides[EPCOMM_TENSOR_MAX_DIMS];  // in elements
+};
+
+typedef PyObject* (*EpcommAllocTensors)(int device, int n, const struct EpcommTensorSpec* specs, int shared,
+                                        void** data);

@@ -118,6 +118,31 @@ void set_tensor_reader(py::handle capsule) {
 
 bool tensor_reader_set() { return tensor_reader != nullptr; }
 
+bool try_read_view(py::handle obj, TensorView& v) { return read_with_reader(obj, v); }
+
+namespace {
+EpcommAllocTensors tensor_allocator = nullptr;  // set with the reader; read with the GIL held
+}  // namespace
+
+void set_tensor_allocator(py::handle capsule) {
+  if (capsule.is_none()) {
+    tensor_allocator = nullptr;
+    return;
+  }
+  void* fn = PyCapsule_GetPointer(capsule.ptr(), EPCOMM_TENSOR_ALLOCATOR_NAME);  // checks the name
+  if (fn == nullptr) throw py::error_already_set();
+  tensor_allocator = reinterpret_cast<EpcommAllocTensors>(fn);
+}
+
+bool tensor_allocator_set() { return tensor_allocator != nullptr; }
+
+py::tuple allocate_tensors(int device, const std::vector<EpcommTensorSpec>& specs, bool shared, void** data) {
+  if (tensor_allocator == nullptr) throw RuntimeFailure("epcomm: no tensor allocator was set (_set_tensor_allocator)");
+  PyObject* t = tensor_allocator(device, static_cast<int>(specs.size()), specs.data(), shared ? 1 : 0, data);
+  if (t == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::tuple>(t);
+}
+
 DType dtype_from_name(const std::string& full, const char* arg) {
   std::string name = full;
   if (name.rfind("torch.", 0) == 0) name = name.substr(6);

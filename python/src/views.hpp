@@ -8,9 +8,11 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "epcomm/buffer.hpp"
 #include "epcomm/types.hpp"
+#include "tensor_reader.h"
 
 namespace epcomm::python {
 
@@ -28,6 +30,14 @@ TensorView to_view(py::handle obj, const char* arg);
 // to_view tries it first and falls back to the Python calls where it declines. None clears it.
 void set_tensor_reader(py::handle capsule);
 bool tensor_reader_set();
+// `obj`'s facts through the reader; false where there is none or it declines (no error set).
+bool try_read_view(py::handle obj, TensorView& v);
+// The capsule of _torch_ops.tensor_allocator (None: no allocator), and fresh tensors through it:
+// a tuple of specs.size() tensors on `device` (-1: the CPU), data[i] their data pointers
+// (tensor_reader.h, EpcommAllocTensors; the Python error it sets is raised).
+void set_tensor_allocator(py::handle capsule);
+bool tensor_allocator_set();
+py::tuple allocate_tensors(int device, const std::vector<EpcommTensorSpec>& specs, bool shared, void** data);
 // None -> nullopt.
 std::optional<TensorView> to_optional_view(py::handle obj, const char* arg);
 

@@ -16,7 +16,8 @@
 // all (each at a 256-byte aligned offset): one allocator call instead of one each, for outputs that
 // live and die together. first_rows(tensors, rows): below. tensor_reader: a capsule through which
 // epcomm._epcomm reads a tensor's pointer, dtype, shape, strides and device in C++
-// (python/src/tensor_reader.h).
+// (python/src/tensor_reader.h). tensor_allocator: a capsule through which it makes the eager
+// low-latency calls' outputs (the same tensors empty() makes).
 //
 // Plain CPython API over PyTorch's own headers: no pybind11 here, so nothing mixes Debian's pybind11
 // with the copy PyTorch ships.
@@ -133,14 +134,10 @@ at::Tensor make_own(const Spec& s, const c10::Device& device) {
 
 constexpr int64_t kSharedAlign = 256;  // each tensor's start in a shared block (as the allocator's)
 
-PyObject* empty(PyObject* /*module*/, PyObject* args) {
-  int device_index = -1, shared = 0;
-  PyObject* specs = nullptr;
-  if (!PyArg_ParseTuple(args, "iO!|p:empty", &device_index, &PyTuple_Type, &specs, &shared)) return nullptr;
-  const Py_ssize_t n = PyTuple_GET_SIZE(specs);
-  std::vector<Spec> read(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i)
-    if (!read_spec(PyTuple_GET_ITEM(specs, i), i, &read[i])) return nullptr;
+// Tensors for `read` on `device_index` (-1: the CPU) as a new tuple (None where a spec is none),
+// each one's data pointer in data[i] when `data` is given; nullptr with a Python error set.
+PyObject* make_tensors(int device_index, const std::vector<Spec>& read, bool shared, void** data) {
+  const Py_ssize_t n = static_cast<Py_ssize_t>(read.size());
   PyObject* result = PyTuple_New(n);
   if (result == nullptr) return nullptr;
   try {
@@ -162,19 +159,24 @@ PyObject* empty(PyObject* /*module*/, PyObject* args) {
     for (Py_ssize_t i = 0; i < n; ++i) {
       const Spec& s = read[i];
       PyObject* t = nullptr;
+      if (data != nullptr) data[i] = nullptr;
       if (s.none) {
         Py_INCREF(Py_None);
         t = Py_None;
-      } else if (!shared) {
-        t = THPVariable_Wrap(make_own(s, device));
       } else {
-        // What at::empty makes, over the shared storage: a TensorImpl with the block's dispatch
-        // keys and this dtype, its sizes, strides and offset (in elements; offsets are aligned).
-        at::Tensor v = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(block.storage()), block.key_set(),
-                                                                c10::scalarTypeToTypeMeta(s.dtype));
-        v.unsafeGetTensorImpl()->set_sizes_and_strides(c10::IntArrayRef(s.shape, s.ndim),
-                                                       c10::IntArrayRef(s.strides, s.ndim),
-                                                       offsets[i] / static_cast<int64_t>(c10::elementSize(s.dtype)));
+        at::Tensor v;
+        if (!shared) {
+          v = make_own(s, device);
+        } else {
+          // What at::empty makes, over the shared storage: a TensorImpl with the block's dispatch
+          // keys and this dtype, its sizes, strides and offset (in elements; offsets are aligned).
+          v = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(block.storage()), block.key_set(),
+                                                       c10::scalarTypeToTypeMeta(s.dtype));
+          v.unsafeGetTensorImpl()->set_sizes_and_strides(c10::IntArrayRef(s.shape, s.ndim),
+                                                         c10::IntArrayRef(s.strides, s.ndim),
+                                                         offsets[i] / static_cast<int64_t>(c10::elementSize(s.dtype)));
+        }
+        if (data != nullptr) data[i] = v.data_ptr();
         t = THPVariable_Wrap(std::move(v));
       }
       if (t == nullptr) {
@@ -189,6 +191,17 @@ PyObject* empty(PyObject* /*module*/, PyObject* args) {
     return nullptr;
   }
   return result;
+}
+
+PyObject* empty(PyObject* /*module*/, PyObject* args) {
+  int device_index = -1, shared = 0;
+  PyObject* specs = nullptr;
+  if (!PyArg_ParseTuple(args, "iO!|p:empty", &device_index, &PyTuple_Type, &specs, &shared)) return nullptr;
+  const Py_ssize_t n = PyTuple_GET_SIZE(specs);
+  std::vector<Spec> read(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (!read_spec(PyTuple_GET_ITEM(specs, i), i, &read[i])) return nullptr;
+  return make_tensors(device_index, read, shared != 0, nullptr);
 }
 
 // first_rows(tensors, rows): each tensor (None stays None) whose first dimension is not `rows`
@@ -229,6 +242,9 @@ PyObject* first_rows(PyObject* /*module*/, PyObject* args) {
 // the same source builds against PyTorch with and without the float8 types.
 constexpr int kScalarTypes = 64;
 int dtype_code[kScalarTypes];
+// The ScalarType of each EpcommTensorDtype (filled with dtype_code; Byte where this PyTorch lacks it).
+c10::ScalarType code_type[kEpcommBool + 1] = {};
+bool code_known[kEpcommBool + 1] = {};
 
 void fill_dtype_codes() {
   static const std::pair<const char*, int> names[] = {{"BFloat16", kEpcommBF16}, {"Float8_e4m3fn", kEpcommFP8E4M3},
@@ -240,7 +256,11 @@ void fill_dtype_codes() {
     if (i >= n) continue;
     const std::string name = c10::toString(static_cast<c10::ScalarType>(i));
     for (const auto& [type_name, code] : names)
-      if (name == type_name) dtype_code[i] = code;
+      if (name == type_name) {
+        dtype_code[i] = code;
+        code_type[code] = static_cast<c10::ScalarType>(i);
+        code_known[code] = true;
+      }
   }
 }
 
@@ -271,6 +291,41 @@ int read_tensor(PyObject* obj, EpcommTensorFacts* out) {
   } catch (const std::exception&) {  // e.g. a tensor without storage: the Python path raises it
     return 0;
   }
+}
+
+// EpcommAllocTensors (tensor_reader.h): the eager low-latency calls' outputs, made from the binding.
+PyObject* alloc_tensors(int device, int n, const EpcommTensorSpec* specs, int shared, void** data) {
+  std::vector<Spec> read(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    const EpcommTensorSpec& in = specs[i];
+    if (in.dtype < 0 || in.dtype > kEpcommBool || in.ndim < 0 || in.ndim > EPCOMM_TENSOR_MAX_DIMS) {
+      PyErr_Format(PyExc_ValueError, "epcomm._torch_ops.tensor_allocator: spec %d has dtype %d and %d dimensions", i,
+                   in.dtype, in.ndim);
+      return nullptr;
+    }
+    if (!code_known[in.dtype]) {  // float8_e4m3fn before PyTorch 2.1
+      PyErr_Format(PyExc_RuntimeError,
+                   "epcomm._torch_ops.tensor_allocator: PyTorch %s has no dtype for epcomm's dtype %d",
+                   EPCOMM_TORCH_VERSION, in.dtype);
+      return nullptr;
+    }
+    Spec& s = read[static_cast<size_t>(i)];
+    s.none = false;
+    s.dtype = code_type[in.dtype];
+    s.ndim = in.ndim;
+    s.strided = in.strided != 0;
+    int64_t acc = 1;
+    for (int d = s.ndim - 1; d >= 0; --d) {
+      if (in.shape[d] < 0) {
+        PyErr_Format(PyExc_ValueError, "epcomm._torch_ops.tensor_allocator: spec %d has a negative size", i);
+        return nullptr;
+      }
+      s.shape[d] = in.shape[d];
+      s.strides[d] = s.strided ? in.strides[d] : acc;
+      acc *= in.shape[d] > 0 ? in.shape[d] : 1;
+    }
+  }
+  return make_tensors(device, read, shared != 0, data);
 }
 
 PyMethodDef methods[] =
@@ -308,6 +363,12 @@ PyMODINIT_FUNC PyInit__torch_ops() {
   PyObject* reader = PyCapsule_New(reinterpret_cast<void*>(&read_tensor), EPCOMM_TENSOR_READER_NAME, nullptr);
   if (reader == nullptr || PyModule_AddObject(m, "tensor_reader", reader) < 0) {  // steals reader on success
     Py_XDECREF(reader);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  PyObject* allocator = PyCapsule_New(reinterpret_cast<void*>(&alloc_tensors), EPCOMM_TENSOR_ALLOCATOR_NAME, nullptr);
+  if (allocator == nullptr || PyModule_AddObject(m, "tensor_allocator", allocator) < 0) {
+    Py_XDECREF(allocator);
     Py_DECREF(m);
     return nullptr;
   }

@@ -135,15 +135,37 @@ def warm_expert_kernels(ctx, num_experts, hidden):
 
 
 @timed("epcomm")
+class _IntLike(int):
+    """An int that is not exactly int (as numpy's integers are not)."""
+
+
 def ll_run(ctx, buf, inp, fp8=True, round_scale=False, ue8m0=False, hook=False, async_finish=False, zero_copy=False,
-           use_out=False, stats=(None, None, None)):
-    """One decode step: dispatch, the stand-in expert, combine, with the given options."""
+           use_out=False, stats=(None, None, None), eager=True, other_types=False):
+    """One decode step: dispatch, the stand-in expert, combine, with the given options. eager=False
+    takes the Python layer's path for the eager calls (not the one C++ call); other_types passes Tmax
+    and use_fp8 as other types than int and bool, which the C++ call declines (the Python layer
+    takes them)."""
     E, tmax = inp.num_experts, inp.tmax
     cum, dwait, cwait = stats
     problems = []
+    saved_eager = buf._ll_eager
+    buf._ll_eager = saved_eager and eager
+    # An int subclass for Tmax and 0 / 1 for use_fp8: not the exact types the C++ call reads.
+    tmax, fp8_arg = (_IntLike(tmax), int(fp8)) if other_types else (tmax, fp8)
+    try:
+        return _ll_step(ctx, buf, inp, E, tmax, fp8, fp8_arg, round_scale, ue8m0, hook, async_finish, zero_copy,
+                        use_out, cum, dwait, cwait, problems)
+    finally:
+        buf._ll_eager = saved_eager
+
+
+def _ll_step(ctx, buf, inp, E, tmax, fp8, fp8_arg, round_scale, ue8m0, hook, async_finish, zero_copy, use_out, cum,
+             dwait, cwait, problems):
     recv, count, handle, ev, hk = buf.low_latency_dispatch(
         inp.x, inp.topk, tmax, E, cumulative_local_expert_recv_stats=cum, dispatch_wait_recv_cost_stats=dwait,
-        use_fp8=fp8, round_scale=round_scale, use_ue8m0=ue8m0, async_finish=async_finish, return_recv_hook=hook)
+        use_fp8=fp8_arg, round_scale=round_scale, use_ue8m0=ue8m0, async_finish=async_finish, return_recv_hook=hook)
+    if type(handle.num_max_dispatch_tokens_per_rank) is not int or handle.buffer_index not in (0, 1):
+        problems.append(f"low_latency_dispatch: handle {handle[2:]} (ints expected, buffer_index 0 or 1)")
     ll_settle(problems, "low_latency_dispatch", ev, hk, async_finish, hook)
     y = ll_expert_y(ctx, E, recv, fp8, ue8m0, inp.hidden)
     x_arg = y
@@ -349,9 +371,13 @@ def low_latency_modes(ctx, seed):
     cum = torch.zeros(EL, dtype=torch.int32, device=ctx.device)
     dwait = torch.zeros(R, dtype=torch.int64, device=ctx.device)
     cwait = torch.zeros(R, dtype=torch.int64, device=ctx.device)
+    # The eager calls (no hook, no async_finish) take one C++ call each where _torch_ops makes the
+    # outputs; eager=False and numpy scalars take the Python layer's path: the same results.
     modes = [dict(hook=True), dict(async_finish=True), dict(zero_copy=True), dict(zero_copy=True, fp8=False),
              dict(use_out=True, hook=True), dict(zero_copy=True, use_out=True, async_finish=True),
-             dict(round_scale=True, ue8m0=True, hook=True, zero_copy=True), dict()]
+             dict(round_scale=True, ue8m0=True, hook=True, zero_copy=True), dict(), dict(eager=False),
+             dict(other_types=True, use_out=True), dict(round_scale=True, ue8m0=True),
+             dict(round_scale=True, ue8m0=True, eager=False), dict(fp8=False, use_out=True)]
     want_cum = torch.zeros(EL, dtype=torch.int64)
     reports, snapshots = [], [(dwait.clone(), cwait.clone())]
     for i, mode in enumerate(modes):
@@ -367,6 +393,8 @@ def low_latency_modes(ctx, seed):
     dist.all_reduce(total_wait)
     c = Checks(ctx, "low-latency stats")
     c.equal("cumulative_local_expert_recv_stats", cum.cpu().long().tolist(), want_cum.tolist())
+    c.equal("eager calls in one C++ call (with _torch_ops)", buf._ll_eager,
+            epcomm._alloc.status().startswith("epcomm._torch_ops"))
     for i in range(1, len(snapshots)):
         for name, before, after in (("dispatch", snapshots[i - 1][0], snapshots[i][0]),
                                     ("combine", snapshots[i - 1][1], snapshots[i][1])):

@@ -94,10 +94,11 @@ def host_us(fn, warmup, iters):
     return times[len(times) // 2]
 
 
-# The host-path variants host_ab compares in one process: (reader on, outputs from _torch_ops).
-# One more, "one-allocation": reader and _torch_ops with the dispatch's outputs in one allocation.
-AB_CONFIGS = (("reader+ops", True, True), ("no-reader+ops", False, True), ("no-reader+python", False, False),
-              ("one-allocation", True, True))
+# The host-path variants host_ab compares in one process: (name, eager C++ calls, reader on, outputs
+# from _torch_ops). "eager" is the default: one C++ call per eager LL call (python/src/low_latency.cpp);
+# the others take the Python layer's path, with the binding's C++ reader and _torch_ops (session 14's
+# default), then without either.
+AB_CONFIGS = (("eager", True, True, True), ("reader+ops", False, True, True), ("no-reader+python", False, False, False))
 
 
 def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
@@ -106,21 +107,21 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
     the median over rounds per variant. One process, alternating, so the host's drift between
     processes and calls (run 82: the same variant read 20 to 32 us in two processes) cancels."""
     from epcomm import _alloc, _epcomm, _low_latency
-    saved_empty, had_reader = _low_latency.empty, _epcomm._tensor_reader_set()
-    got = {name: {"dispatch": [], "combine": []} for name, _, _ in AB_CONFIGS}
+    saved_empty, had_reader, had_eager = _low_latency.empty, _epcomm._tensor_reader_set(), buffer._ll_eager
+    got = {name: {"dispatch": [], "combine": []} for name, _, _, _ in AB_CONFIGS}
     try:
         for _ in range(rounds):
-            for name, reader, ops in AB_CONFIGS:
+            for name, eager, reader, ops in AB_CONFIGS:
+                buffer._ll_eager = eager and had_eager
                 _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if reader else None)
                 _low_latency.empty = saved_empty if ops else _alloc._python_empty
-                _low_latency._ONE_ALLOCATION = name == "one-allocation"
                 got[name]["dispatch"].append(host_us(dispatch, 5, calls))
                 handle = dispatch()[2]
                 got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
     finally:
         _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if had_reader else None)
         _low_latency.empty = saved_empty
-        _low_latency._ONE_ALLOCATION = False
+        buffer._ll_eager = had_eager
     return {name: {op: sorted(v)[len(v) // 2] for op, v in ops.items()} for name, ops in got.items()}
 
 

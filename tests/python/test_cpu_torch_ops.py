@@ -210,6 +210,52 @@ def test_tensor_reader_reads_what_the_python_path_reads():
     assert _epcomm._tensor_reader_set()  # and the reader set before stays
 
 
+# EpcommTensorDtype codes (tensor_reader.h) of the torch dtypes.
+_CODES = [(torch.bfloat16, 0), (getattr(torch, "float8_e4m3fn", None), 1), (torch.float32, 2), (torch.int32, 3),
+          (torch.int64, 4), (torch.bool, 5)] if torch else []
+
+
+def test_tensor_allocator_makes_what_empty_makes():
+    """The allocator the eager low-latency calls make their outputs with (tensor_allocator.v1,
+    called through the binding as they call it): the tensors ops.empty makes for the same specs,
+    data pointers as their data_ptr(), one aligned block with shared; bad specs raise."""
+    ops = _ops()
+    from epcomm import _alloc, _epcomm  # noqa: F401 -- _alloc sets the allocator
+    assert _epcomm._tensor_allocator_set()
+    seed = random.randrange(1 << 30)
+    print(f"test_tensor_allocator_makes_what_empty_makes: seed {seed}")
+    rng = random.Random(seed)
+    codes = [(d, c) for d, c in _CODES if d is not None]
+    for case in range(300):
+        specs, want_specs = [], []
+        for _ in range(rng.randint(1, 5)):
+            dtype, code = rng.choice(codes)
+            spec = _random_spec(rng)
+            shape, strides = spec[1], (list(spec[2]) if len(spec) == 3 else [])
+            specs.append((code, list(shape), strides))
+            want_specs.append((dtype, shape) + ((tuple(strides),) if strides else ()))
+        shared = case % 2 == 1
+        got, ptrs = _epcomm._allocate_for_test(-1, specs, shared)
+        want = ops.empty(-1, tuple(want_specs), shared)
+        assert len(got) == len(specs) == len(ptrs)
+        for t, w, p in zip(got, want, ptrs):
+            assert (t.dtype, t.shape, t.stride(), t.device) == (w.dtype, w.shape, w.stride(), w.device), (seed, specs)
+            assert p == t.data_ptr() and not t.requires_grad
+            if t.numel():
+                values = torch.randint(0, 2 if t.dtype == torch.bool else 100, tuple(t.shape)).to(t.dtype)
+                t.copy_(values)
+                assert torch.equal(t, values)
+        if shared:
+            made = [t for t in got if t.numel() > 0]
+            spans = sorted((t.data_ptr(), t.data_ptr() + _span_bytes(t)) for t in made)
+            for (b0, e0), (b1, _) in zip(spans, spans[1:]):
+                assert e0 <= b1, (seed, specs)
+    raises(ValueError, lambda: _epcomm._allocate_for_test(-1, [(3, [2, -1], [])], False), "negative")
+    raises(ValueError, lambda: _epcomm._allocate_for_test(-1, [(9, [2], [])], False), "dtype 9")
+    raises(ValueError, lambda: _epcomm._set_tensor_allocator(_alloc._OPS.tensor_reader))  # the wrong capsule
+    assert _epcomm._tensor_allocator_set()
+
+
 def test_alloc_chooses_the_module_only_when_it_matches():
     _ops()
     status, fn = _status_in_subprocess({})
