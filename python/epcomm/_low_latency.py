@@ -51,6 +51,7 @@ from .event import EventOverlap
 from .handle import LowLatencyHandle
 
 SCALE_GROUP = 128  # channels per FP8 scale
+_new_tuple = tuple.__new__  # a LowLatencyHandle from its fields without the namedtuple's Python __new__
 
 
 class RecvHook:
@@ -191,11 +192,8 @@ class LowLatencyMixin:
             r = runtime.low_latency_dispatch_eager(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                                    cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
                                                    use_fp8, round_scale, use_ue8m0, self._raw_stream())
-            if r is not None:
-                recv, recv_count, src_info, layout_range, buffer_index, hidden = r
-                handle = LowLatencyHandle(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts,
-                                          buffer_index)
-                return recv, recv_count, handle, EventOverlap(), None
+            if r is not None:  # (recv, recv_count, the handle's six fields in order)
+                return r[0], r[1], _new_tuple(LowLatencyHandle, r[2]), EventOverlap(), None
         runtime = self._rt()
         x = check_tensor("x", x, ndim=2)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)

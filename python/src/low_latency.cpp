@@ -275,7 +275,8 @@ TensorView spec_view(void* data, const EpcommTensorSpec& s, int device) {
   return v;
 }
 
-// -> ((recv_x, scales) or recv_x, recv_count, src_info, layout_range, buffer_index, hidden), or None.
+// -> ((recv_x, scales) or recv_x, recv_count, (src_info, layout_range, Tmax, hidden, num_experts,
+// buffer_index)), or None.
 py::object low_latency_dispatch_eager(const Runtime& rt, py::handle x, py::handle topk_idx, py::handle tmax_obj,
                                       py::handle experts_obj, py::handle cum_stats, py::handle wait_stats,
                                       py::handle use_fp8_obj, py::handle round_scale_obj, py::handle use_ue8m0_obj,
@@ -323,7 +324,9 @@ py::object low_latency_dispatch_eager(const Runtime& rt, py::handle x, py::handl
     buf.low_latency_dispatch(in, out, h, false, order);  // no event without async_finish
   }
   py::object recv = use_fp8 ? py::object(row_tensors) : py::object(row_tensors[0]);
-  return py::make_tuple(recv, small_tensors[0], small_tensors[1], small_tensors[2], h.buffer_index, H);
+  // The handle's fields in LowLatencyHandle's order (the Python layer makes it with tuple.__new__).
+  py::tuple fields = py::make_tuple(small_tensors[1], small_tensors[2], tmax, H, in.num_experts, h.buffer_index);
+  return py::make_tuple(recv, small_tensors[0], fields);
 }
 
 // -> combined_x ([T, hidden] bf16: `out` itself when given), or None.
@@ -490,8 +493,9 @@ void bind_low_latency(py::module_& m) {
            py::arg("cumulative_local_expert_recv_stats"), py::arg("dispatch_wait_recv_cost_stats"), py::arg("use_fp8"),
            py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("stream"),
            "The eager dispatch in one call (no async_finish, no hook), its outputs made through _torch_ops: "
-           "((recv_x, scales) or recv_x, recv_count, src_info, layout_range, buffer_index, hidden), or None when it "
-           "does not take these arguments as they come (then nothing was done).")
+           "((recv_x, scales) or recv_x, recv_count, (src_info, layout_range, Tmax, hidden, num_experts, "
+           "buffer_index)), "
+           "or None when it does not take these arguments as they come (then nothing was done).")
       .def("low_latency_combine_eager", &low_latency_combine_eager, py::arg("x"), py::arg("topk_idx"),
            py::arg("topk_weights"), py::arg("handle"), py::arg("use_logfmt"), py::arg("zero_copy"), py::arg("out"),
            py::arg("combine_wait_recv_cost_stats"), py::arg("stream"),
