@@ -272,9 +272,11 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
         cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "stream");
         // Every rank's allocations are done before any rank's clean kernel spins (ranks sharing a
         // GPU: a cudaMalloc may wait for the device while a peer's barrier waits for this rank, as
-        // in ll_case.cpp's harness before its barrier). Not the whole story: run 83 still hung
-        // here once with it (one rank's barrier kernel started seconds after the others'), so each
-        // rank's host times around its clean are printed where the clean took over 2 s.
+        // in ll_case.cpp's harness before its barrier). The hang of runs 82-85 was another thing:
+        // the clean was three stream-ordered items per rank, and the zeroing, waiting behind its own
+        // rank's spinning barrier in a hardware queue the ranks' streams share, held a peer's
+        // barrier queued behind it; the clean is one kernel since (clean.cu; run 86: 16 of 16).
+        // Each rank's host times around its clean are printed where it takes over 2 s.
         group->barrier();
         using clock = std::chrono::steady_clock;
         const auto ms = [&](clock::time_point t) {
