@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -72,6 +73,23 @@ inline bool equal_bytes(const DevMem& m, const void* want, size_t bytes) {
   std::vector<uint8_t> got(bytes);
   if (bytes) cuda_check(cudaMemcpy(got.data(), m.get(), bytes, cudaMemcpyDeviceToHost), "download");
   return bytes == 0 || std::memcmp(got.data(), want, bytes) == 0;
+}
+
+// Median host microseconds of one call of fn (a host clock around it, the GPU left to run behind;
+// synchronized every 50 calls outside the timed stretch so the launch queue never fills).
+inline double time_host_us(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cuda_check(cudaStreamSynchronize(s), "warmup");
+  std::vector<double> t(iters);
+  for (int i = 0; i < iters; ++i) {
+    if (i % 50 == 0) cuda_check(cudaStreamSynchronize(s), "host time");
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  }
+  cuda_check(cudaStreamSynchronize(s), "host time");
+  std::nth_element(t.begin(), t.begin() + iters / 2, t.end());
+  return t[iters / 2];
 }
 
 // Median time of fn per call, in microseconds, from events on `stream` around each call.

@@ -88,22 +88,6 @@ std::pair<double, double> time_halves(cudaStream_t s, int warmup, int iters, con
 
 __global__ void empty_kernel() {}
 
-// Median host microseconds of one call of fn (a host clock around it, the GPU left to run behind;
-// synchronized every 50 calls outside the timed stretch so the launch queue never fills).
-double time_host_us(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
-  for (int i = 0; i < warmup; ++i) fn();
-  cuda_check(cudaStreamSynchronize(s), "warmup");
-  std::vector<double> t(iters);
-  for (int i = 0; i < iters; ++i) {
-    if (i % 50 == 0) cuda_check(cudaStreamSynchronize(s), "host time");
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    t[i] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-  }
-  cuda_check(cudaStreamSynchronize(s), "host time");
-  return median(t);
-}
-
 // The CUPTI timestamps around `iters` calls of fn (after `warmup` more), the stream idle at both ends.
 std::pair<uint64_t, uint64_t> clock_window(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
   for (int i = 0; i < warmup; ++i) fn();

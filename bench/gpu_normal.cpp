@@ -1,7 +1,8 @@
 // Normal-mode benchmark on the GPUs: one thread per rank, an NCCL group, the standard problem (or,
 // in a fake-node process, that process's ranks of a group across processes).
 // Times layout, dispatch (BF16 / FP8, counts exchange and host sync included, as users see it),
-// cached dispatch and combine; checks the results against the CPU reference after the first call and
+// cached dispatch and combine, and each call's host time (`*-host`: a host clock around it, the floor
+// under the Python layer's); checks the results against the CPU reference after the first call and
 // again after the timed calls.
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -281,6 +282,8 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
         };
         verify_dispatch("first call");
         const double us = time_us(stream, o.warmup, o.iters, dispatch);
+        // The call's host time (a host clock around it): the floor under the Python layer's.
+        const double host_us = time_host_us(stream, o.warmup, o.iters, dispatch);
         // Where the time goes: count exchange + host wait (start -> counts known on the comm
         // stream), then the data phase.
         const auto split = split_dispatch_us(stream, buf.comm_stream(), o.iters, prepare, run);
@@ -295,6 +298,8 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
           report.rows.push_back(row);
           report.rows.push_back({"epcomm", op + ":counts", r, sms, split.first, 0, "notify + host wait"});
           report.rows.push_back({"epcomm", op + ":data", r, sms, split.second, 0, "launch + data kernel"});
+          report.rows.push_back(
+              {"epcomm", op + "-host", r, sms, host_us, 0, "host time per call (the count exchange's wait included)"});
         }
         if (fp8) continue;
 
@@ -309,6 +314,7 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
         cuda_check(cudaStreamSynchronize(stream), "cached dispatch");
         const Buffer::InternodeStats cached_bytes = internode ? buf.internode_stats(true) : Buffer::InternodeStats{};
         const double cus = time_us(stream, o.warmup, o.iters, cached);
+        const double cached_host_us = time_host_us(stream, o.warmup, o.iters, cached);
         CombineInputs ci;
         ci.x = view(recv_x, DType::kBF16, {rows, H}, dev);
         ci.topk_weights = view(recv_w, DType::kF32, {rows, K}, dev);
@@ -341,6 +347,7 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
         };
         verify_combine("first call");
         const double comb_us = time_us(stream, o.warmup, o.iters, combine);
+        const double comb_host_us = time_host_us(stream, o.warmup, o.iters, combine);
         cuda_check(cudaStreamSynchronize(stream), "timed combine");
         verify_combine("after the timed calls");
         if (o.verify) {  // the timed cached dispatches moved the same x: the same rows as the dispatch
@@ -357,6 +364,8 @@ void run_gpu_normal_ranks(const Options& o, int R, uint64_t seed, const std::vec
         Row crow{"epcomm", "combine", r, sms, comb_us, rows * 2.0 * H / comb_us / 1e3, ""};
         if (internode) with_bytes(crow, combine_bytes);
         report.rows.push_back(crow);
+        report.rows.push_back({"epcomm", "cached-dispatch-bf16-host", r, sms, cached_host_us, 0, "host time per call"});
+        report.rows.push_back({"epcomm", "combine-host", r, sms, comb_host_us, 0, "host time per call"});
       }
     }
     cuda_check(cudaStreamSynchronize(stream), "final");

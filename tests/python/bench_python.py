@@ -57,6 +57,9 @@ LL_OPS = ("ll-dispatch-fp8", "ll-dispatch-bf16", "ll-combine", "ll-dispatch-fp8-
 # Host time of one eager call (a host clock around the call, no synchronization; what the Python
 # layer, the binding, the C++ checks and the launches cost the CPU), median of --ll-iters.
 LL_HOST_OPS = ("ll-dispatch-fp8-host", "ll-dispatch-bf16-host", "ll-combine-host")
+# Normal mode's host time per call (the dispatch's includes its wait for the count exchange, as the
+# C++ call's does): what the Python layer adds over C++ (issue: <= 20 us).
+NORMAL_HOST_OPS = ("dispatch-bf16-host", "cached-dispatch-bf16-host", "combine-host")
 HOOK_GAP_US = 50.0  # GPU work between a hook call's send and receive halves (epcomm-bench's spin)
 
 
@@ -321,6 +324,8 @@ def _normal(rank, num_ranks, args, out):
     for op, (fn, row_bytes) in ops.items():
         us = median_us(fn, args.warmup, args.iters)
         out[op] = (us, rows * row_bytes / us / 1e3)
+    for op in NORMAL_HOST_OPS:
+        out[op] = host_us(ops[op[:-len("-host")]][0], args.warmup, args.iters)
     epcomm.Buffer.reserve_recv_rows = False
     try:
         for op, base in EXACT_OPS.items():
@@ -379,7 +384,7 @@ def run_cpp(args, num_ranks, mode):
             raise SystemExit(f"epcomm-bench failed with code {proc.returncode}")
         with open(path) as f:
             report = json.load(f)
-    ops = OPS if mode == "normal" else LL_OPS + LL_HOST_OPS + ("host-empty-launch",)
+    ops = OPS + NORMAL_HOST_OPS if mode == "normal" else LL_OPS + LL_HOST_OPS + ("host-empty-launch",)
     summary = {}
     for row in report["rows"]:
         # Normal mode: the rows at --sms; low-latency kernels use every SM (one row per op and rank).
@@ -406,7 +411,17 @@ def print_normal(args, num_ranks, device, results, cpp, summary):
             summary[op].update(cpp_gbps=cpp[base][1], ratio=ratio)
             line += f"{cpp[base][1]:12.1f}{ratio:9.3f}" + ("" if ratio >= 0.95 or op != base else "  < 0.95")
         print(line)
-    print("*-exact: Buffer.reserve_recv_rows = False (receive tensors allocated after the count exchange)")
+    for op in NORMAL_HOST_OPS:
+        worst = max(r[op] for r in results)
+        summary[op] = {"python_host_us": worst}
+        line = f"{op:<22}" + "".join(f"{r[op]:8.1f}us {'':6}" for r in results) + f"{'':12}"
+        if op in cpp:  # the C++ call's own host time: the Python layer adds the difference
+            summary[op].update(cpp_host_us=cpp[op][0], added_us=worst - cpp[op][0])
+            line += f"{cpp[op][0]:10.1f}us  +{worst - cpp[op][0]:.1f} us"
+        print(line)
+    print("*-exact: Buffer.reserve_recv_rows = False (receive tensors allocated after the count exchange); "
+          "*-host: host us per call (a host clock around it; the dispatch's wait for the counts included), "
+          "C++ beside it and what Python adds")
     print("rows received per rank:", [r["rows"] for r in results])
 
 
