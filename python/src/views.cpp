@@ -104,34 +104,28 @@ bool read_with_reader(py::handle obj, TensorView& v) {
   return true;
 }
 
+// The C function a capsule of _torch_ops holds (`name` checked), nullptr for None.
+void* capsule_function(py::handle capsule, const char* name) {
+  if (capsule.is_none()) return nullptr;
+  void* fn = PyCapsule_GetPointer(capsule.ptr(), name);
+  if (fn == nullptr) throw py::error_already_set();
+  return fn;
+}
+
+EpcommAllocTensors tensor_allocator = nullptr;  // set with the reader; read with the GIL held
+
 }  // namespace
 
 void set_tensor_reader(py::handle capsule) {
-  if (capsule.is_none()) {
-    tensor_reader = nullptr;
-    return;
-  }
-  void* fn = PyCapsule_GetPointer(capsule.ptr(), EPCOMM_TENSOR_READER_NAME);  // checks the name
-  if (fn == nullptr) throw py::error_already_set();
-  tensor_reader = reinterpret_cast<EpcommReadTensor>(fn);
+  tensor_reader = reinterpret_cast<EpcommReadTensor>(capsule_function(capsule, EPCOMM_TENSOR_READER_NAME));
 }
 
 bool tensor_reader_set() { return tensor_reader != nullptr; }
 
 bool try_read_view(py::handle obj, TensorView& v) { return read_with_reader(obj, v); }
 
-namespace {
-EpcommAllocTensors tensor_allocator = nullptr;  // set with the reader; read with the GIL held
-}  // namespace
-
 void set_tensor_allocator(py::handle capsule) {
-  if (capsule.is_none()) {
-    tensor_allocator = nullptr;
-    return;
-  }
-  void* fn = PyCapsule_GetPointer(capsule.ptr(), EPCOMM_TENSOR_ALLOCATOR_NAME);  // checks the name
-  if (fn == nullptr) throw py::error_already_set();
-  tensor_allocator = reinterpret_cast<EpcommAllocTensors>(fn);
+  tensor_allocator = reinterpret_cast<EpcommAllocTensors>(capsule_function(capsule, EPCOMM_TENSOR_ALLOCATOR_NAME));
 }
 
 bool tensor_allocator_set() { return tensor_allocator != nullptr; }
