@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -107,25 +109,42 @@ py::object wrap_memory(uintptr_t ptr, int64_t nbytes, int device, py::object own
 }
 
 // ---------------------------------------------------------------- views of the outputs
-// Outputs arrive as tensors, or (cheaper: the Python layer allocated them with exactly these
-// shapes) as the data pointer of one; a pointer becomes a view of `shape` and `strides`.
-TensorView output_view(py::handle obj, const char* arg, DType dtype, const std::vector<int64_t>& shape,
-                       std::vector<int64_t> strides, int device) {
-  if (!py::isinstance<py::int_>(obj)) return to_view(obj, arg);
+// A tensor spec (tensor_reader.h): `dtype`, `shape` and, when given, `strides` (else row-major).
+EpcommTensorSpec tensor_spec(DType dtype, std::initializer_list<int64_t> shape,
+                             std::initializer_list<int64_t> strides = {}) {
+  EpcommTensorSpec s{};
+  s.dtype = static_cast<int>(dtype);
+  s.ndim = static_cast<int>(shape.size());
+  s.strided = strides.size() != 0 ? 1 : 0;
+  int i = 0;
+  for (int64_t v : shape) s.shape[i++] = v;
+  i = 0;
+  for (int64_t v : strides) s.strides[i++] = v;
+  return s;
+}
+
+// The view of a tensor made from `s` (by the allocator, or by the Python layer) at `data`.
+TensorView spec_view(void* data, const EpcommTensorSpec& s, int device) {
   TensorView v;
-  v.data = reinterpret_cast<void*>(obj.cast<uintptr_t>());
-  v.dtype = dtype;
-  v.ndim = static_cast<int>(shape.size());
-  if (strides.empty()) {  // row-major
-    strides.assign(shape.size(), 1);
-    for (int i = v.ndim - 2; i >= 0; --i) strides[i] = strides[i + 1] * shape[i + 1];
-  }
-  for (int i = 0; i < v.ndim; ++i) {
-    v.shape[i] = shape[i];
-    v.strides[i] = strides[i];
+  v.data = data;
+  v.dtype = static_cast<DType>(s.dtype);
+  v.ndim = s.ndim;
+  int64_t acc = 1;
+  for (int i = s.ndim - 1; i >= 0; --i) {
+    v.shape[i] = s.shape[i];
+    v.strides[i] = s.strided ? s.strides[i] : acc;
+    acc *= s.shape[i] > 0 ? s.shape[i] : 1;
   }
   v.device = device;
   return v;
+}
+
+// Outputs arrive as tensors, or (cheaper: the Python layer allocated them with exactly these
+// shapes) as the data pointer of one; a pointer becomes a view of `shape` and `strides`.
+TensorView output_view(py::handle obj, const char* arg, DType dtype, std::initializer_list<int64_t> shape,
+                       std::initializer_list<int64_t> strides, int device) {
+  if (!py::isinstance<py::int_>(obj)) return to_view(obj, arg);
+  return spec_view(reinterpret_cast<void*>(obj.cast<uintptr_t>()), tensor_spec(dtype, shape, strides), device);
 }
 
 // ---------------------------------------------------------------- a call and its hook
@@ -244,35 +263,6 @@ bool eager_optional(py::handle obj, int ndim, std::optional<TensorView>& v) {
   if (!eager_view(obj, ndim, t)) return false;
   v = t;
   return true;
-}
-
-EpcommTensorSpec tensor_spec(DType dtype, std::initializer_list<int64_t> shape,
-                             std::initializer_list<int64_t> strides = {}) {
-  EpcommTensorSpec s{};
-  s.dtype = static_cast<int>(dtype);
-  s.ndim = static_cast<int>(shape.size());
-  s.strided = strides.size() != 0 ? 1 : 0;
-  int i = 0;
-  for (int64_t v : shape) s.shape[i++] = v;
-  i = 0;
-  for (int64_t v : strides) s.strides[i++] = v;
-  return s;
-}
-
-// The view of an allocator-made tensor: its data pointer and the spec it was made from.
-TensorView spec_view(void* data, const EpcommTensorSpec& s, int device) {
-  TensorView v;
-  v.data = data;
-  v.dtype = static_cast<DType>(s.dtype);
-  v.ndim = s.ndim;
-  int64_t acc = 1;
-  for (int i = s.ndim - 1; i >= 0; --i) {
-    v.shape[i] = s.shape[i];
-    v.strides[i] = s.strided ? s.strides[i] : acc;
-    acc *= s.shape[i] > 0 ? s.shape[i] : 1;
-  }
-  v.device = device;
-  return v;
 }
 
 // -> ((recv_x, scales) or recv_x, recv_count, (src_info, layout_range, Tmax, hidden, num_experts,
