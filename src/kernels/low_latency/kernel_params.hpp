@@ -93,7 +93,7 @@ struct LowLatencyNetArgs {
 // threads of one process whose streams share the GPU's hardware work queues, and a second item
 // queued behind a rank's spinning barrier (the zeroing, waiting for it in stream order) held a
 // peer's barrier queued behind it until the first timed out (runs 82-85). Across real nodes
-// (clean_gin.cu) the barriers are kernels of their own around the host's zeroing.
+// (clean_gin.cu) the barriers are kernels of their own around stream-ordered memsets.
 // The flags: u64 [R] in the control part.
 constexpr size_t low_latency_clean_flag_bytes(int num_ranks) { return sizeof(uint64_t) * num_ranks; }
 struct LowLatencyCleanParams {
