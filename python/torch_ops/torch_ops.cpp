@@ -78,6 +78,15 @@ struct Spec {
   bool strided = false;
   int64_t shape[kMaxDims] = {}, strides[kMaxDims] = {};
 
+  // Strides of a dense row-major tensor of `shape` (as at::empty's: a size 0 counts as 1).
+  void set_row_major() {
+    int64_t acc = 1;
+    for (int i = ndim - 1; i >= 0; --i) {
+      strides[i] = acc;
+      acc *= shape[i] > 0 ? shape[i] : 1;
+    }
+  }
+
   // Bytes of storage the tensor spans (0 for an empty one).
   int64_t nbytes() const {
     int64_t last = 0;  // the largest element offset
@@ -116,11 +125,7 @@ bool read_spec(PyObject* obj, Py_ssize_t item, Spec* spec) {
       return false;
     }
   } else {
-    int64_t acc = 1;
-    for (int i = spec->ndim - 1; i >= 0; --i) {
-      spec->strides[i] = acc;
-      acc *= spec->shape[i] > 0 ? spec->shape[i] : 1;
-    }
+    spec->set_row_major();
   }
   return true;
 }
@@ -314,16 +319,15 @@ PyObject* alloc_tensors(int device, int n, const EpcommTensorSpec* specs, int sh
     s.dtype = code_type[in.dtype];
     s.ndim = in.ndim;
     s.strided = in.strided != 0;
-    int64_t acc = 1;
-    for (int d = s.ndim - 1; d >= 0; --d) {
+    for (int d = 0; d < s.ndim; ++d) {
       if (in.shape[d] < 0) {
         PyErr_Format(PyExc_ValueError, "epcomm._torch_ops.tensor_allocator: spec %d has a negative size", i);
         return nullptr;
       }
       s.shape[d] = in.shape[d];
-      s.strides[d] = s.strided ? in.strides[d] : acc;
-      acc *= in.shape[d] > 0 ? in.shape[d] : 1;
+      s.strides[d] = in.strides[d];
     }
+    if (!s.strided) s.set_row_major();
   }
   return make_tensors(device, read, shared != 0, data);
 }
