@@ -73,7 +73,9 @@ def _python_first_rows(tensors: tuple, rows: int) -> tuple:
 
 if _OPS is not None:
     _epcomm._set_tensor_reader(_OPS.tensor_reader)
-    _epcomm._set_tensor_allocator(_OPS.tensor_allocator)
+    # A module built before the allocator existed (a stale build beside a newer _epcomm) has none:
+    # the eager calls then decline, and the Python layer allocates through `empty`.
+    _epcomm._set_tensor_allocator(getattr(_OPS, "tensor_allocator", None))
     _ops_empty = _OPS.empty
     first_rows = _OPS.first_rows
 
