@@ -10,6 +10,8 @@ argument parsing on top); otherwise by ``torch.empty`` / ``torch.empty_strided``
 256-byte aligned offset): for outputs that live and die together, one allocator call instead of one
 each. The tensors are fresh storage from PyTorch's allocator on the current stream either way.
 
+``empty_grouped(device, groups)``: one ``empty(..., shared=True)`` per group, concatenated.
+
 ``first_rows(tensors, rows)`` cuts reserved receive tensors to the rows that arrived, in place
 (``resize_``: one op per tensor, in C++ with the module).
 
@@ -71,6 +73,10 @@ def _python_first_rows(tensors: tuple, rows: int) -> tuple:
     return tuple(t if t is None or t.size(0) == rows else t.resize_((rows,) + t.shape[1:]) for t in tensors)
 
 
+def _python_empty_grouped(device, groups) -> tuple:
+    return tuple(t for group in groups for t in _python_empty(device, group))
+
+
 if _OPS is not None:
     _epcomm._set_tensor_reader(_OPS.tensor_reader)
     # A module built before the allocator existed (a stale build beside a newer _epcomm) has none:
@@ -83,5 +89,15 @@ if _OPS is not None:
         """Fresh tensors on ``device`` (a torch.device, CUDA or CPU), one per item of ``specs``;
         ``shared``: one allocation for all of them (outputs that live and die together)."""
         return _ops_empty(-1 if device.type == "cpu" else device.index, specs, shared)
+
+    _ops_empty_grouped = getattr(_OPS, "empty_grouped", None)
+
+    def empty_grouped(device, groups) -> tuple:
+        """Fresh tensors for ``groups`` (tuples of specs), each group in one allocation (tensors that
+        live and die together), all of them in order in one tuple."""
+        index = -1 if device.type == "cpu" else device.index
+        if _ops_empty_grouped is None:  # a module built before empty_grouped
+            return tuple(t for group in groups for t in _ops_empty(index, group, True))
+        return _ops_empty_grouped(index, groups)
 else:
-    empty, first_rows = _python_empty, _python_first_rows
+    empty, empty_grouped, first_rows = _python_empty, _python_empty_grouped, _python_first_rows

@@ -24,7 +24,7 @@ import warnings
 from typing import Callable, Optional
 
 from . import _epcomm
-from ._alloc import empty, first_rows
+from ._alloc import empty, empty_grouped, first_rows
 from ._args import (INT64_MAX, ArgumentError, check_bool, check_config, check_handle, check_int, check_tensor,
                     event_of, split_x, unpack_bias)
 from ._compat import require_torch, torch
@@ -317,9 +317,10 @@ class Buffer(LowLatencyMixin):
         prev = event_of(previous_event)
         stream = _current_stream(self._device)
         R, T, dev, i32 = self.group_size, topk_idx.size(0), self._device, torch.int32
+        # One allocation for the four (small, made and consumed together: one allocator call).
         outputs = self._allocate(on_comm, lambda: empty(dev, (
             (i32, (R,)), (i32, (self._num_nodes,)) if self._num_nodes > 1 else None, (i32, (num_experts,)),
-            (torch.bool, (T, R)))))
+            (torch.bool, (T, R))), shared=True))
         event = runtime.get_dispatch_layout(topk_idx, num_experts, *outputs, stream, prev, async_finish)
         overlap = (self._finish(event, async_finish, on_comm, None, (topk_idx,), outputs)
                    if async_finish or on_comm else EventOverlap())
@@ -398,7 +399,8 @@ class Buffer(LowLatencyMixin):
             h = check_handle(handle)
             rows = h.meta.num_rows
             recv_x, recv_x_scales = self._allocate(on_comm, lambda: empty(dev, (
-                (x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, x_scales.size(1))))))
+                (x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, x_scales.size(1)))),
+                shared=True))
             event = runtime.cached_dispatch(x, x_scales, h.rank_prefix_matrix, h.chunk_offset, h.recv_src_idx,
                                             h.is_token_in_rank, h.meta, recv_x, recv_x_scales, config,
                                             stream, prev, async_finish)
@@ -418,17 +420,25 @@ class Buffer(LowLatencyMixin):
         num_topk = 0 if topk_idx is None else topk_idx.size(1)
         num_scales = 0 if x_scales is None else x_scales.size(1)
 
-        def receive_tensors(rows):  # their specs (epcomm/_alloc.py)
-            return ((x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, num_scales)),
-                    None if topk_idx is None else (torch.int64, (rows, num_topk)),
-                    None if topk_idx is None or topk_weights is None else (torch.float32, (rows, num_topk)),
-                    (torch.int32, (rows,)))
+        # The receive tensors' specs (epcomm/_alloc.py) in groups of one allocation each, by who holds
+        # them: the rows with their scales (the experts), the routing rows (the experts, then
+        # combine), and the source indices with the handle's other tensors.
+        def rows_groups(rows):
+            return (((x.dtype, (rows, hidden)), None if x_scales is None else (x_scales.dtype, (rows, num_scales))),
+                    (None if topk_idx is None else (torch.int64, (rows, num_topk)),
+                     None if topk_idx is None or topk_weights is None else (torch.float32, (rows, num_topk))))
 
+        handle_specs = ((torch.int32, (R, R)), (torch.int32, (R, stride)))
         # Receive tensors are made before the count exchange (see _reserve_rows), so that nothing
         # runs in Python between the host seeing the counts and the launch of the data kernel.
         capacity = num_worst_tokens or self._reserve_rows()
-        rank_prefix_matrix, chunk_offset, *reserved = self._allocate(on_comm, lambda: empty(dev, (
-            (torch.int32, (R, R)), (torch.int32, (R, stride))) + (receive_tensors(capacity) if capacity else ())))
+        if capacity:
+            rank_prefix_matrix, chunk_offset, src_idx, *rows_part = self._allocate(on_comm, lambda: empty_grouped(
+                dev, (handle_specs + ((torch.int32, (capacity,)),),) + rows_groups(capacity)))
+            reserved = (*rows_part, src_idx)  # the order of the core's receive tensors
+        else:
+            rank_prefix_matrix, chunk_offset = self._allocate(on_comm, lambda: empty(dev, handle_specs, shared=True))
+            reserved = ()
         pointers = None
         if reserved:
             pointers = (*[None if t is None else t.data_ptr() for t in reserved], capacity)
@@ -445,7 +455,7 @@ class Buffer(LowLatencyMixin):
         else:
             # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
             # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
-            outputs = self._allocate(on_comm, lambda: empty(dev, receive_tensors(rows)))
+            outputs = self._allocate(on_comm, lambda: empty_grouped(dev, rows_groups(rows) + (((torch.int32, (rows,)),),)))
             event = call.run(*(None if t is None else t.data_ptr() for t in outputs))
         if not num_worst_tokens:
             self._recent_rows.append(rows)

@@ -32,6 +32,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <string>
@@ -149,17 +150,20 @@ PyObject* make_tensors(int device_index, const std::vector<Spec>& read, bool sha
     const c10::Device device = device_index < 0 ? c10::Device(c10::kCPU)
                                                 : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device_index));
     // shared: one allocation for all of them, each tensor at an aligned offset of it (one
-    // allocator call instead of n; the block lives while any of them does).
+    // allocator call instead of n; the block lives while any of them does), the block ending where
+    // the last one does. One tensor alone is made as without `shared` (its own dtype's storage).
+    if (shared && std::count_if(read.begin(), read.end(), [](const Spec& s) { return !s.none; }) < 2) shared = false;
     at::Tensor block;
     std::vector<int64_t> offsets(static_cast<size_t>(n), 0);
     if (shared) {
-      int64_t total = 0;
+      int64_t total = 0, end = 0;
       for (Py_ssize_t i = 0; i < n; ++i) {
         if (read[i].none) continue;
         offsets[i] = total;
+        end = total + read[i].nbytes();
         total += (read[i].nbytes() + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
       }
-      block = at::empty({total}, c10::TensorOptions().dtype(c10::ScalarType::Byte).device(device));
+      block = at::empty({end}, c10::TensorOptions().dtype(c10::ScalarType::Byte).device(device));
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       const Spec& s = read[i];
@@ -207,6 +211,56 @@ PyObject* empty(PyObject* /*module*/, PyObject* args) {
   for (Py_ssize_t i = 0; i < n; ++i)
     if (!read_spec(PyTuple_GET_ITEM(specs, i), i, &read[i])) return nullptr;
   return make_tensors(device_index, read, shared != 0, nullptr);
+}
+
+// empty_grouped(device, groups): `groups` a tuple of spec tuples (as empty's); each group made as
+// empty(device, group, shared=True), all of them in one flat tuple, in one call from Python.
+PyObject* empty_grouped(PyObject* /*module*/, PyObject* args) {
+  int device_index = -1;
+  PyObject* groups = nullptr;
+  if (!PyArg_ParseTuple(args, "iO!:empty_grouped", &device_index, &PyTuple_Type, &groups)) return nullptr;
+  const Py_ssize_t num_groups = PyTuple_GET_SIZE(groups);
+  std::vector<PyObject*> made;  // new references
+  const auto drop = [&] {
+    for (PyObject* t : made) Py_DECREF(t);
+  };
+  Py_ssize_t total = 0;
+  for (Py_ssize_t g = 0; g < num_groups; ++g) {
+    PyObject* specs = PyTuple_GET_ITEM(groups, g);
+    if (!PyTuple_Check(specs)) {
+      PyErr_Format(PyExc_TypeError, "epcomm._torch_ops.empty_grouped: groups[%zd] must be a tuple of specs", g);
+      drop();
+      return nullptr;
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(specs);
+    std::vector<Spec> read(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i)
+      if (!read_spec(PyTuple_GET_ITEM(specs, i), total + i, &read[i])) {
+        drop();
+        return nullptr;
+      }
+    PyObject* t = make_tensors(device_index, read, true, nullptr);
+    if (t == nullptr) {
+      drop();
+      return nullptr;
+    }
+    made.push_back(t);
+    total += n;
+  }
+  PyObject* result = PyTuple_New(total);
+  if (result == nullptr) {
+    drop();
+    return nullptr;
+  }
+  Py_ssize_t k = 0;
+  for (PyObject* t : made)
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); ++i) {
+      PyObject* item = PyTuple_GET_ITEM(t, i);
+      Py_INCREF(item);
+      PyTuple_SET_ITEM(result, k++, item);
+    }
+  drop();
+  return result;
 }
 
 // first_rows(tensors, rows): each tensor (None stays None) whose first dimension is not `rows`
@@ -337,6 +391,9 @@ PyMethodDef methods[] =
       "empty(device, specs, shared=False) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). "
       "device: a CUDA index, -1 for the CPU; specs: items None or (dtype, shape) or (dtype, shape, strides); "
       "shared: all of them in one allocation (tensors of their own over one storage)."},
+     {"empty_grouped", empty_grouped, METH_VARARGS,
+      "empty_grouped(device, groups) -> tuple: empty(device, group, shared=True) for each group (a tuple of specs), "
+      "all the tensors in one flat tuple."},
      {"first_rows", first_rows, METH_VARARGS,
       "first_rows(tensors, rows) -> tensors: each tensor whose first dimension is not rows resized in place to rows "
       "(None stays None)."},

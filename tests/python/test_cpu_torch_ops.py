@@ -88,6 +88,40 @@ def test_empty_makes_what_torch_empty_makes():
         if hasattr(a, "untyped_storage") else b.data_ptr() - a.data_ptr() == 256
 
 
+def test_empty_grouped_makes_one_allocation_per_group():
+    """empty_grouped (the normal dispatch's receive tensors): each group as empty(shared=True) makes
+    it, one storage per group (one tensor alone: its own, as without shared), in one flat tuple."""
+    ops = _ops()
+    from epcomm import _alloc
+    seed = random.randrange(1 << 30)
+    print(f"test_empty_grouped_makes_one_allocation_per_group: seed {seed}")
+    rng = random.Random(seed)
+    storage = (lambda t: t.untyped_storage().data_ptr()) if hasattr(torch.Tensor, "untyped_storage") else \
+        (lambda t: t.storage().data_ptr())
+    for _ in range(200):
+        groups = tuple(tuple(None if rng.random() < 0.15 else _random_spec(rng) for _ in range(rng.randint(0, 4)))
+                       for _ in range(rng.randint(0, 4)))
+        got = _alloc.empty_grouped(torch.device("cpu"), groups)
+        flat = [spec for group in groups for spec in group]
+        assert len(got) == len(flat)
+        k, blocks = 0, []
+        for group in groups:
+            want = ops.empty(-1, group, True)
+            made = got[k:k + len(group)]
+            k += len(group)
+            for t, w in zip(made, want):
+                assert (t is None) == (w is None), (seed, group)
+                if t is not None:
+                    assert (t.dtype, t.shape, t.stride()) == (w.dtype, w.shape, w.stride()), (seed, group)
+            sized = [t for t in made if t is not None and t.numel() > 0]
+            if len(sized) > 1:
+                assert len({storage(t) for t in sized}) == 1, (seed, group)  # one allocation for the group
+            blocks += [storage(t) for t in sized[:1]]
+        assert len(set(blocks)) == len(blocks), seed  # groups do not share one
+    raises(TypeError, lambda: ops.empty_grouped(-1, ([(torch.int32, (2,))],)), "groups[0]")
+    raises(ValueError, lambda: ops.empty_grouped(-1, (((torch.int32, (2,)),), ((torch.int32, (-1,)),))), "specs[1]")
+
+
 def test_bad_specs_raise_naming_the_item():
     ops = _ops()
     raises(ValueError, lambda: ops.empty(-1, ((torch.int32, (2,)), (torch.int32, (3, -1)))), "specs[1]", "shape[1]",
