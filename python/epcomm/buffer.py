@@ -455,7 +455,8 @@ class Buffer(LowLatencyMixin):
         else:
             # More rows than reserved (or nothing reserved yet): tensors of exactly that many rows,
             # passed as pointers (the GPU waits for this stretch; the core knows their shapes).
-            outputs = self._allocate(on_comm, lambda: empty_grouped(dev, rows_groups(rows) + (((torch.int32, (rows,)),),)))
+            outputs = self._allocate(on_comm,
+                                     lambda: empty_grouped(dev, rows_groups(rows) + (((torch.int32, (rows,)),),)))
             event = call.run(*(None if t is None else t.data_ptr() for t in outputs))
         if not num_worst_tokens:
             self._recent_rows.append(rows)
