@@ -2,6 +2,7 @@
 // counters, reset, clean_low_latency_buffer, the size hints, the network path's statistics and
 // shrink mode's mask API.
 #include <algorithm>
+#include <array>
 #include <string>
 
 #include "core/argument_checks.hpp"
@@ -17,22 +18,28 @@ using namespace low_latency;
 
 namespace {
 
-// Zeroes the LL region, the call counters and shrink mode's count decisions (whose tags restart
-// with the counters), on `stream`; across real nodes also the LL GIN signals (their shadows are in
-// the region). Not the mask: clean_low_latency_buffer keeps it. Every rank is between two barriers.
 // The host's record of the LL calls, which starts again with the counters.
 void forget_low_latency_calls(Buffer::Impl& m) {
   m.ll.next_buffer = 0;
   m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
 }
 
+// What a clean zeroes on this rank: the LL region, the call counters and shrink mode's count
+// decisions (whose tags restart with the counters); bytes 0 where there is none. Not the mask:
+// clean_low_latency_buffer keeps it.
+using ZeroRanges = std::array<LowLatencyCleanParams::Range, LowLatencyCleanParams::kZeroRanges>;
+ZeroRanges low_latency_zero_ranges(const Buffer::Impl& m) {
+  return {{{static_cast<char*>(m.sym->local()) + m.ll.offset, m.ll.bytes},
+           {reinterpret_cast<char*>(m.ll.state), sizeof(LowLatencyDeviceState)},
+           {reinterpret_cast<char*>(m.ll.count_decisions), m.ll.count_decisions ? m.ll.count_decision_bytes : 0}}};
+}
+
+// Zeroes low_latency_zero_ranges on `stream`; across real nodes also the LL GIN signals (their
+// shadows are in the region). Every rank is between two barriers.
 void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
-  if (m.ll.bytes > 0)
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(m.sym->local()) + m.ll.offset, 0, m.ll.bytes, stream));
+  for (const LowLatencyCleanParams::Range& r : low_latency_zero_ranges(m))
+    if (r.bytes > 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(r.data, 0, r.bytes, stream));
   if (m.gin) m.gin->reset_signals(m.gin_signals.low_latency_base(), m.gin_signals.low_latency_count(), stream);
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.state, 0, sizeof(LowLatencyDeviceState), stream));
-  if (m.ll.count_decisions)
-    EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.ll.count_decisions, 0, m.ll.count_decision_bytes, stream));
   forget_low_latency_calls(m);
 }
 
@@ -190,12 +197,11 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     p.barrier = 2;
     launch_low_latency_clean_barrier_gin(p, g, s);
   } else {
-    // One kernel: the barriers and the zeroing (clear_low_latency_calls's ranges). Its blocks wait
+    // One kernel: the barriers and the zeroing (low_latency_zero_ranges). Its blocks wait
     // for block 0's barrier 1, so where ranks share this GPU they are few (every rank's blocks
     // must be resident at once); alone on it, enough to zero the region at memory speed.
-    p.zero[0] = {static_cast<char*>(m.sym->local()) + m.ll.offset, m.ll.bytes};
-    p.zero[1] = {reinterpret_cast<char*>(m.ll.state), sizeof(LowLatencyDeviceState)};
-    p.zero[2] = {reinterpret_cast<char*>(m.ll.count_decisions), m.ll.count_decisions ? m.ll.count_decision_bytes : 0};
+    const ZeroRanges zero = low_latency_zero_ranges(m);
+    std::copy(zero.begin(), zero.end(), p.zero);
     p.go = &m.counters->ll_clean_go;
     p.zeroed = &m.counters->ll_clean_zeroed;
     const int blocks = m.gpu_sharers > 1 ? std::max(1, std::min(8, m.sm_count / (4 * m.gpu_sharers)))
