@@ -5,7 +5,9 @@ None or ``(dtype, shape)`` or ``(dtype, shape, strides)``. Where the optional mo
 ``epcomm._torch_ops`` was built (python/CMakeLists.txt: the build's interpreter had PyTorch with its
 headers) and matches the PyTorch imported now, the tensors are made in C++ (``at::empty``: the
 caching allocator's own ~3 us per call on an H100 host, BENCHMARKS run 80, without Python's
-argument parsing on top); otherwise by ``torch.empty`` / ``torch.empty_strided`` from here. With
+argument parsing on top; CUDA tensors straight from PyTorch's CUDA factory, ``at::detail::empty_cuda``,
+where PyTorch has CUDA: the same allocator without the dispatcher); otherwise by ``torch.empty`` /
+``torch.empty_strided`` from here. With
 ``shared`` the module makes them in one allocation (tensors of their own over one storage, each at a
 256-byte aligned offset): for outputs that live and die together, one allocator call instead of one
 each. The tensors are fresh storage from PyTorch's allocator on the current stream either way.
@@ -82,6 +84,10 @@ if _OPS is not None:
     # A module built before the allocator existed (a stale build beside a newer _epcomm) has none:
     # the eager calls then decline, and the Python layer allocates through `empty`.
     _epcomm._set_tensor_allocator(getattr(_OPS, "tensor_allocator", None))
+    # PyTorch's current stream read in C++ (only where _torch_ops was built against PyTorch with
+    # CUDA; the eager calls ask Python otherwise). A _epcomm older than the reader has no setter.
+    if hasattr(_epcomm, "_set_current_stream_reader"):
+        _epcomm._set_current_stream_reader(getattr(_OPS, "current_stream", None))
     _ops_empty = _OPS.empty
     first_rows = _OPS.first_rows
 

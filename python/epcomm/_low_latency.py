@@ -51,7 +51,6 @@ from .event import EventOverlap
 from .handle import LowLatencyHandle
 
 SCALE_GROUP = 128  # channels per FP8 scale
-_new_tuple = tuple.__new__  # a LowLatencyHandle from its fields without the namedtuple's Python __new__
 
 
 class RecvHook:
@@ -98,10 +97,13 @@ def _exclusive(async_finish: bool, return_recv_hook: bool) -> None:
 
 
 class LowLatencyMixin:
-    """The low-latency half of Buffer (its state: ``_ll_shapes``, ``_ll_eager`` and ``_raw_stream``,
-    set in Buffer.__init__)."""
+    """The low-latency half of Buffer (its state: ``_ll_shapes``, ``_ll_fast_dispatch``,
+    ``_ll_fast_combine`` and ``_raw_stream``, set in Buffer.__init__)."""
 
-    _ll_eager = False  # the eager calls' C++ path (stand-in buffers of the CPU tests: off)
+    # The eager calls in one C call each (python/src/eager.cpp), where _torch_ops makes the outputs;
+    # None (stand-in buffers of the CPU tests, no _torch_ops, after destroy()): the Python path.
+    _ll_fast_dispatch = None
+    _ll_fast_combine = None
 
     def _raw_stream(self) -> int:
         """cudaStream_t of the current stream of this buffer's device (Buffer.__init__ binds torch's
@@ -185,15 +187,15 @@ class LowLatencyMixin:
         ``dispatch_wait_recv_cost_stats`` (``[R]`` int64) gets the GPU clock cycles spent waiting
         for each source rank added.
         """
-        runtime = self.runtime
-        if async_finish is False and return_recv_hook is False and self._ll_eager and runtime is not None:
-            # The decode path in one C++ call (python/src/low_latency.cpp): None where it does not
-            # take the arguments as they come, and then the calls below judge them.
-            r = runtime.low_latency_dispatch_eager(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-                                                   use_fp8, round_scale, use_ue8m0, self._raw_stream())
-            if r is not None:  # (recv, recv_count, the handle's six fields in order)
-                return r[0], r[1], _new_tuple(LowLatencyHandle, r[2]), EventOverlap(), None
+        fast = self._ll_fast_dispatch
+        if fast is not None:
+            # The decode path in one C call (python/src/eager.cpp): None where it does not take the
+            # arguments as they come (async_finish, a hook, other types), and then the code below
+            # judges them.
+            r = fast(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+                     dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+            if r is not None:
+                return r
         runtime = self._rt()
         x = check_tensor("x", x, ndim=2)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)
@@ -265,12 +267,12 @@ class LowLatencyMixin:
         GPU clock cycles spent waiting for each rank added. ``event`` and ``hook`` as in
         ``low_latency_dispatch``.
         """
-        runtime = self.runtime
-        if async_finish is False and return_recv_hook is False and self._ll_eager and runtime is not None:
-            y = runtime.low_latency_combine_eager(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out,
-                                                  combine_wait_recv_cost_stats, self._raw_stream())
-            if y is not None:
-                return y, EventOverlap(), None
+        fast = self._ll_fast_combine
+        if fast is not None:
+            r = fast(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
+                     combine_wait_recv_cost_stats)
+            if r is not None:
+                return r
         runtime = self._rt()
         x = check_tensor("x", x, ndim=3)
         topk_idx = check_tensor("topk_idx", topk_idx, ndim=2)

@@ -30,7 +30,7 @@ from ._args import (INT64_MAX, ArgumentError, check_bool, check_config, check_ha
 from ._compat import require_torch, torch
 from ._low_latency import LowLatencyMixin, _current_stream
 from .event import EventHandle, EventOverlap
-from .handle import DispatchHandle, HandleMeta
+from .handle import DispatchHandle, HandleMeta, LowLatencyHandle
 
 Config = _epcomm.Config
 
@@ -139,12 +139,16 @@ class Buffer(LowLatencyMixin):
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
-        # The eager low-latency calls in one C++ call each, where _torch_ops makes their outputs
-        # (_low_latency.py); the current stream through torch's own accessor, bound to the device.
-        self._ll_eager = _epcomm._tensor_allocator_set()
+        # The current stream through torch's own accessor, bound to the device.
         raw_stream = getattr(getattr(torch_, "_C", None), "_cuda_getCurrentRawStream", None)
         if raw_stream is not None:
             self._raw_stream = functools.partial(raw_stream, device)
+        if _epcomm._tensor_allocator_set():
+            # The eager calls as C functions bound to this runtime: the call's whole result, or None
+            # for anything they do not take as it comes (then the Python path below them runs).
+            fast = _epcomm._low_latency_fast_calls(self.runtime, LowLatencyHandle, EventOverlap, self._raw_stream)
+            if fast is not None:  # None: a stand-in runtime (CPU tests)
+                self._ll_fast_dispatch, self._ll_fast_combine = fast
         self._recent_rows = collections.deque(maxlen=Buffer.RESERVE_WINDOW)  # rows of recent dispatches
 
     # ------------------------------------------------------------------ lifetime and statics
@@ -155,6 +159,7 @@ class Buffer(LowLatencyMixin):
                                "its resources are released when it is garbage-collected")
         runtime = self._rt()
         self.runtime = None
+        self._ll_fast_dispatch = self._ll_fast_combine = None  # they hold the runtime
         runtime.destroy()
 
     def reset(self) -> None:

@@ -109,36 +109,6 @@ py::object wrap_memory(uintptr_t ptr, int64_t nbytes, int device, py::object own
 }
 
 // ---------------------------------------------------------------- views of the outputs
-// A tensor spec (tensor_reader.h): `dtype`, `shape` and, when given, `strides` (else row-major).
-EpcommTensorSpec tensor_spec(DType dtype, std::initializer_list<int64_t> shape,
-                             std::initializer_list<int64_t> strides = {}) {
-  EpcommTensorSpec s{};
-  s.dtype = static_cast<int>(dtype);
-  s.ndim = static_cast<int>(shape.size());
-  s.strided = strides.size() != 0 ? 1 : 0;
-  int i = 0;
-  for (int64_t v : shape) s.shape[i++] = v;
-  i = 0;
-  for (int64_t v : strides) s.strides[i++] = v;
-  return s;
-}
-
-// The view of a tensor made from `s` (by the allocator, or by the Python layer) at `data`.
-TensorView spec_view(void* data, const EpcommTensorSpec& s, int device) {
-  TensorView v;
-  v.data = data;
-  v.dtype = static_cast<DType>(s.dtype);
-  v.ndim = s.ndim;
-  int64_t acc = 1;
-  for (int i = s.ndim - 1; i >= 0; --i) {
-    v.shape[i] = s.shape[i];
-    v.strides[i] = s.strided ? s.strides[i] : acc;
-    acc *= s.shape[i] > 0 ? s.shape[i] : 1;
-  }
-  v.device = device;
-  return v;
-}
-
 // Outputs arrive as tensors, or (cheaper: the Python layer allocated them with exactly these
 // shapes) as the data pointer of one; a pointer becomes a view of `shape` and `strides`.
 TensorView output_view(py::handle obj, const char* arg, DType dtype, std::initializer_list<int64_t> shape,
@@ -227,136 +197,6 @@ std::unique_ptr<LowLatencyCall> low_latency_dispatch(
   call->event = wrap_event(std::move(e), dev);
   call->pending = return_recv_hook;
   return call;
-}
-
-// ---------------------------------------------------------------- the eager calls, in one C++ call
-// The decode path from Python (no async_finish, no hook): the arguments read, the outputs made
-// through _torch_ops's allocator and the kernels launched in one call, with no LowLatencyCall or
-// event object (BENCHMARKS runs 80-83: the Python layer's checks, five data_ptr() calls and those
-// objects were ~10 us of the ~25 us an eager dispatch took from Python). Each returns None, having
-// done nothing, for anything it does not take as it comes (no allocator, an argument not of the
-// exact type the fast path reads, a tensor the reader declines): the Python layer then makes the
-// call its usual way, which accepts or rejects it as before. What the core checks it checks here
-// too, with the same errors.
-
-// An exact int (not bool) >= lo that fits an int.
-bool exact_int(py::handle obj, int lo, int* out) {
-  if (!PyLong_CheckExact(obj.ptr())) return false;
-  int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
-  if (overflow != 0 || v < lo || v > INT32_MAX) return false;
-  *out = static_cast<int>(v);
-  return true;
-}
-
-bool exact_bool(py::handle obj, bool* out) {
-  if (obj.ptr() != Py_True && obj.ptr() != Py_False) return false;
-  *out = obj.ptr() == Py_True;
-  return true;
-}
-
-// A readable tensor of `ndim` dimensions into `v` (none: an absent optional one, if allowed).
-bool eager_view(py::handle obj, int ndim, TensorView& v) { return try_read_view(obj, v) && v.ndim == ndim; }
-bool eager_optional(py::handle obj, int ndim, std::optional<TensorView>& v) {
-  if (obj.is_none()) return true;
-  TensorView t;
-  if (!eager_view(obj, ndim, t)) return false;
-  v = t;
-  return true;
-}
-
-// -> ((recv_x, scales) or recv_x, recv_count, (src_info, layout_range, Tmax, hidden, num_experts,
-// buffer_index)), or None.
-py::object low_latency_dispatch_eager(const Runtime& rt, py::handle x, py::handle topk_idx, py::handle tmax_obj,
-                                      py::handle experts_obj, py::handle cum_stats, py::handle wait_stats,
-                                      py::handle use_fp8_obj, py::handle round_scale_obj, py::handle use_ue8m0_obj,
-                                      py::handle stream) {
-  LowLatencyDispatchInputs in;
-  bool use_fp8 = false, round_scale = false, use_ue8m0 = false;
-  if (!tensor_allocator_set() || !exact_int(tmax_obj, 1, &in.num_max_dispatch_tokens_per_rank) ||
-      !exact_int(experts_obj, 1, &in.num_experts) || !exact_bool(use_fp8_obj, &use_fp8) ||
-      !exact_bool(round_scale_obj, &round_scale) || !exact_bool(use_ue8m0_obj, &use_ue8m0) ||
-      !py::isinstance<py::int_>(stream) || !eager_view(x, 2, in.x) || !eager_view(topk_idx, 2, in.topk_idx) ||
-      !eager_optional(cum_stats, 1, in.cumulative_local_expert_recv_stats) ||
-      !eager_optional(wait_stats, 1, in.dispatch_wait_recv_cost_stats) || in.x.shape[1] > INT32_MAX)
-    return py::none();
-  in.use_fp8 = use_fp8;
-  in.round_scale = round_scale;
-  in.use_ue8m0 = use_ue8m0;
-  Buffer& buf = rt.buffer();
-  const int R = buf.num_ranks(), dev = buf.device(), tmax = in.num_max_dispatch_tokens_per_rank;
-  const int64_t H = in.x.shape[1];
-  // The shape first (a bad Tmax raises instead of allocating for it), as the Python layer does.
-  Buffer::low_latency_size_hint(tmax, static_cast<int>(H), R, in.num_experts);
-  const int64_t EL = in.num_experts / R, RT = static_cast<int64_t>(R) * tmax, G = H / 128, W = (G + 3) / 4;
-  // Two allocations, as the Python layer makes them: the rows with their scales (DeepEP's strides,
-  // tokens contiguous per expert), and the counts with the handle's tensors.
-  std::vector<EpcommTensorSpec> rows{tensor_spec(use_fp8 ? DType::kFP8E4M3 : DType::kBF16, {EL, RT, H})};
-  if (use_fp8)
-    rows.push_back(use_ue8m0 ? tensor_spec(DType::kI32, {EL, RT, W}, {W * RT, 1, RT})
-                             : tensor_spec(DType::kF32, {EL, RT, G}, {G * RT, 1, RT}));
-  const std::vector<EpcommTensorSpec> small{tensor_spec(DType::kI32, {EL}), tensor_spec(DType::kI32, {EL, RT}),
-                                            tensor_spec(DType::kI64, {EL, R})};
-  void* row_data[2] = {};
-  void* small_data[3] = {};
-  const py::tuple row_tensors = allocate_tensors(dev, rows, true, row_data);
-  const py::tuple small_tensors = allocate_tensors(dev, small, true, small_data);
-  LowLatencyDispatchOutputs out;
-  out.recv_x = spec_view(row_data[0], rows[0], dev);
-  if (use_fp8) out.recv_x_scales = spec_view(row_data[1], rows[1], dev);
-  out.recv_count = spec_view(small_data[0], small[0], dev);
-  out.src_info = spec_view(small_data[1], small[1], dev);
-  out.layout_range = spec_view(small_data[2], small[2], dev);
-  const StreamOrder order{to_stream(stream, "stream"), nullptr, false};
-  LowLatencyHandle h;
-  {
-    py::gil_scoped_release release;
-    buf.low_latency_dispatch(in, out, h, false, order);  // no event without async_finish
-  }
-  py::object recv = use_fp8 ? py::object(row_tensors) : py::object(row_tensors[0]);
-  // The handle's fields in LowLatencyHandle's order (the Python layer makes it with tuple.__new__).
-  py::tuple fields = py::make_tuple(small_tensors[1], small_tensors[2], tmax, H, in.num_experts, h.buffer_index);
-  return py::make_tuple(recv, small_tensors[0], fields);
-}
-
-// -> combined_x ([T, hidden] bf16: `out` itself when given), or None.
-py::object low_latency_combine_eager(const Runtime& rt, py::handle x, py::handle topk_idx, py::handle topk_weights,
-                                     py::handle handle, py::handle use_logfmt_obj, py::handle zero_copy_obj,
-                                     py::handle out_obj, py::handle wait_stats, py::handle stream) {
-  LowLatencyCombineInputs in;
-  LowLatencyHandle h;
-  bool use_logfmt = false, zero_copy = false;
-  // The handle as low_latency_dispatch returned it: a tuple (LowLatencyHandle is one) of six.
-  PyObject* ht = handle.ptr();
-  if (!tensor_allocator_set() || !PyTuple_Check(ht) || PyTuple_GET_SIZE(ht) != 6 ||
-      !eager_view(PyTuple_GET_ITEM(ht, 0), 2, h.src_info) || !eager_view(PyTuple_GET_ITEM(ht, 1), 2, h.layout_range) ||
-      !exact_int(PyTuple_GET_ITEM(ht, 2), 1, &h.num_max_dispatch_tokens_per_rank) ||
-      !exact_int(PyTuple_GET_ITEM(ht, 3), 1, &h.hidden) || !exact_int(PyTuple_GET_ITEM(ht, 4), 1, &h.num_experts) ||
-      !exact_int(PyTuple_GET_ITEM(ht, 5), 0, &h.buffer_index) || !exact_bool(use_logfmt_obj, &use_logfmt) ||
-      !exact_bool(zero_copy_obj, &zero_copy) || !py::isinstance<py::int_>(stream) || !eager_view(x, 3, in.x) ||
-      !eager_view(topk_idx, 2, in.topk_idx) || !eager_view(topk_weights, 2, in.topk_weights) ||
-      !eager_optional(wait_stats, 1, in.combine_wait_recv_cost_stats))
-    return py::none();
-  TensorView out;
-  if (!out_obj.is_none() && !eager_view(out_obj, 2, out)) return py::none();
-  in.use_logfmt = use_logfmt;
-  in.zero_copy = zero_copy;
-  Buffer& buf = rt.buffer();
-  const int dev = buf.device();
-  Buffer::low_latency_size_hint(h.num_max_dispatch_tokens_per_rank, h.hidden, buf.num_ranks(), h.num_experts);
-  py::object result = py::reinterpret_borrow<py::object>(out_obj);
-  if (out_obj.is_none()) {
-    const std::vector<EpcommTensorSpec> spec{tensor_spec(DType::kBF16, {in.topk_idx.shape[0], h.hidden})};
-    void* data = nullptr;
-    result = allocate_tensors(dev, spec, false, &data)[0];
-    out = spec_view(data, spec[0], dev);
-  }
-  const StreamOrder order{to_stream(stream, "stream"), nullptr, false};
-  {
-    py::gil_scoped_release release;
-    buf.low_latency_combine(in, h, out, false, order);
-  }
-  return result;
 }
 
 LowLatencyHandle handle_from(py::handle src_info, py::handle layout_range, int num_max_dispatch_tokens_per_rank,
@@ -478,19 +318,6 @@ void bind_low_latency(py::module_& m) {
            py::arg("num_experts"), py::arg("buffer_index"), py::arg("out"), py::arg("combine_wait_recv_cost_stats"),
            py::arg("use_logfmt"), py::arg("zero_copy"), py::arg("stream"), py::arg("async_finish"),
            py::arg("return_recv_hook"), "Launches a low-latency combine into `out` (a tensor or a data pointer).")
-      .def("low_latency_dispatch_eager", &low_latency_dispatch_eager, py::arg("x"), py::arg("topk_idx"),
-           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("num_experts"),
-           py::arg("cumulative_local_expert_recv_stats"), py::arg("dispatch_wait_recv_cost_stats"), py::arg("use_fp8"),
-           py::arg("round_scale"), py::arg("use_ue8m0"), py::arg("stream"),
-           "The eager dispatch in one call (no async_finish, no hook), its outputs made through _torch_ops: "
-           "((recv_x, scales) or recv_x, recv_count, (src_info, layout_range, Tmax, hidden, num_experts, "
-           "buffer_index)), "
-           "or None when it does not take these arguments as they come (then nothing was done).")
-      .def("low_latency_combine_eager", &low_latency_combine_eager, py::arg("x"), py::arg("topk_idx"),
-           py::arg("topk_weights"), py::arg("handle"), py::arg("use_logfmt"), py::arg("zero_copy"), py::arg("out"),
-           py::arg("combine_wait_recv_cost_stats"), py::arg("stream"),
-           "The eager combine in one call: combined_x (`out` when given), or None when it does not take these "
-           "arguments as they come (then nothing was done).")
       .def("next_combine_buffer", &next_combine_buffer, py::arg("src_info"), py::arg("layout_range"),
            py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"),
            py::arg("buffer_index"),

@@ -36,6 +36,20 @@ PyObject* g_error = nullptr;           // epcomm.Error(RuntimeError)
 PyObject* g_argument_error = nullptr;  // epcomm.ArgumentError(ValueError, epcomm.Error)
 PyObject* g_timeout_error = nullptr;   // epcomm.TimeoutError(epcomm.Error)
 
+// Inside a catch block whose exception is an epcomm::Error: its Python exception. Most derived
+// first: every epcomm exception derives from epcomm::Error.
+void set_epcomm_error() {
+  try {
+    throw;
+  } catch (const ArgumentError& e) {
+    PyErr_SetString(g_argument_error, e.what());
+  } catch (const TimeoutError& e) {
+    PyErr_SetString(g_timeout_error, e.what());
+  } catch (const Error& e) {
+    PyErr_SetString(g_error, e.what());
+  }
+}
+
 void register_errors(py::module_& m) {
   const std::string prefix = m.attr("__name__").cast<std::string>() + ".";
   g_error = PyErr_NewExceptionWithDoc((prefix + "Error").c_str(),
@@ -54,16 +68,11 @@ void register_errors(py::module_& m) {
   m.add_object("Error", py::handle(g_error));
   m.add_object("ArgumentError", py::handle(g_argument_error));
   m.add_object("TimeoutError", py::handle(g_timeout_error));
-  // Most derived first: every epcomm exception derives from epcomm::Error.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
-    } catch (const ArgumentError& e) {
-      PyErr_SetString(g_argument_error, e.what());
-    } catch (const TimeoutError& e) {
-      PyErr_SetString(g_timeout_error, e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(g_error, e.what());
+    } catch (const Error&) {
+      set_epcomm_error();
     }
   });
 }
@@ -262,6 +271,24 @@ bool arch_compiled(const std::string& arch) {
 
 }  // namespace
 
+void python::set_python_error() {
+  try {
+    throw;
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const Error&) {
+    set_epcomm_error();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "epcomm: an unknown C++ exception");
+  }
+}
+
 PYBIND11_MODULE(_epcomm, m) {
   m.doc() = "epcomm C++ core (no PyTorch): Runtime, Config, Event, errors. Use the epcomm package.";
   m.attr("__version__") = EPCOMM_VERSION;
@@ -271,6 +298,7 @@ PYBIND11_MODULE(_epcomm, m) {
   bind_event(m);
   python::bind_runtime(m);
   python::bind_low_latency(m);
+  python::bind_eager(m);
 
   m.def("get_unique_id", &get_unique_id, "A fresh ncclUniqueId as bytes (rank 0 makes it, every rank passes it).");
   m.def("nccl_version", [] {

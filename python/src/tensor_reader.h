@@ -57,3 +57,11 @@ struct EpcommTensorSpec {
 
 typedef PyObject* (*EpcommAllocTensors)(int device, int n, const struct EpcommTensorSpec* specs, int shared,
                                         void** data);
+
+// _torch_ops.current_stream (only where PyTorch was built with CUDA): a PyCapsule named
+// EPCOMM_CURRENT_STREAM_NAME holding an EpcommCurrentStream. It writes PyTorch's current stream of
+// CUDA device `device` (a cudaStream_t) to *stream and returns 1, or returns 0 (no Python error set)
+// where it cannot: the binding then asks Python (torch._C._cuda_getCurrentRawStream).
+#define EPCOMM_CURRENT_STREAM_NAME "epcomm._torch_ops.current_stream.v1"
+
+typedef int (*EpcommCurrentStream)(int device, void** stream);

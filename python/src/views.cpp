@@ -112,7 +112,8 @@ void* capsule_function(py::handle capsule, const char* name) {
   return fn;
 }
 
-EpcommAllocTensors tensor_allocator = nullptr;  // set with the reader; read with the GIL held
+EpcommAllocTensors tensor_allocator = nullptr;        // set with the reader; read with the GIL held
+EpcommCurrentStream current_stream_reader = nullptr;  // likewise
 
 }  // namespace
 
@@ -135,6 +136,45 @@ py::tuple allocate_tensors(int device, const std::vector<EpcommTensorSpec>& spec
   PyObject* t = tensor_allocator(device, static_cast<int>(specs.size()), specs.data(), shared ? 1 : 0, data);
   if (t == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::tuple>(t);
+}
+
+void set_current_stream_reader(py::handle capsule) {
+  current_stream_reader = reinterpret_cast<EpcommCurrentStream>(capsule_function(capsule, EPCOMM_CURRENT_STREAM_NAME));
+}
+
+bool torch_current_stream(int device, cudaStream_t* stream) {
+  void* s = nullptr;
+  if (current_stream_reader == nullptr || current_stream_reader(device, &s) != 1) return false;
+  *stream = static_cast<cudaStream_t>(s);
+  return true;
+}
+
+EpcommTensorSpec tensor_spec(DType dtype, std::initializer_list<int64_t> shape,
+                             std::initializer_list<int64_t> strides) {
+  EpcommTensorSpec s{};
+  s.dtype = static_cast<int>(dtype);
+  s.ndim = static_cast<int>(shape.size());
+  s.strided = strides.size() != 0 ? 1 : 0;
+  int i = 0;
+  for (int64_t v : shape) s.shape[i++] = v;
+  i = 0;
+  for (int64_t v : strides) s.strides[i++] = v;
+  return s;
+}
+
+TensorView spec_view(void* data, const EpcommTensorSpec& s, int device) {
+  TensorView v;
+  v.data = data;
+  v.dtype = static_cast<DType>(s.dtype);
+  v.ndim = s.ndim;
+  int64_t acc = 1;
+  for (int i = s.ndim - 1; i >= 0; --i) {
+    v.shape[i] = s.shape[i];
+    v.strides[i] = s.strided ? s.strides[i] : acc;
+    acc *= s.shape[i] > 0 ? s.shape[i] : 1;
+  }
+  v.device = device;
+  return v;
 }
 
 DType dtype_from_name(const std::string& full, const char* arg) {

@@ -6,6 +6,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,6 +39,15 @@ bool try_read_view(py::handle obj, TensorView& v);
 void set_tensor_allocator(py::handle capsule);
 bool tensor_allocator_set();
 py::tuple allocate_tensors(int device, const std::vector<EpcommTensorSpec>& specs, bool shared, void** data);
+// The capsule of _torch_ops.current_stream (None: none), and PyTorch's current stream of CUDA device
+// `device` through it: false where there is none or it declines (no Python error set).
+void set_current_stream_reader(py::handle capsule);
+bool torch_current_stream(int device, cudaStream_t* stream);
+// A tensor spec (tensor_reader.h): `dtype`, `shape` and, when given, `strides` (else row-major).
+EpcommTensorSpec tensor_spec(DType dtype, std::initializer_list<int64_t> shape,
+                             std::initializer_list<int64_t> strides = {});
+// The view of a tensor made from `s` (by the allocator, or by the Python layer) at `data`.
+TensorView spec_view(void* data, const EpcommTensorSpec& s, int device);
 // None -> nullopt.
 std::optional<TensorView> to_optional_view(py::handle obj, const char* arg);
 

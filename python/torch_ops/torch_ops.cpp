@@ -17,12 +17,14 @@
 // live and die together. first_rows(tensors, rows): below. tensor_reader: a capsule through which
 // epcomm._epcomm reads a tensor's pointer, dtype, shape, strides and device in C++
 // (python/src/tensor_reader.h). tensor_allocator: a capsule through which it makes the eager
-// low-latency calls' outputs (the same tensors empty() makes).
+// low-latency calls' outputs (the same tensors empty() makes). current_stream (only where PyTorch
+// has CUDA): a capsule through which it reads PyTorch's current stream of a device.
 //
 // Plain CPython API over PyTorch's own headers: no pybind11 here, so nothing mixes Debian's pybind11
 // with the copy PyTorch ships.
 #include <Python.h>
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -39,7 +41,19 @@
 #include <utility>
 #include <vector>
 
+#ifdef EPCOMM_TORCH_CUDA
+// PyTorch built with CUDA: its CUDA tensor factory without the dispatcher, and the current stream.
+#include <ATen/cuda/EmptyTensor.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include "tensor_reader.h"
+
+#ifdef EPCOMM_TORCH_CUDA
+#define EPCOMM_TORCH_CUDA_ON 1
+#else
+#define EPCOMM_TORCH_CUDA_ON 0
+#endif
 
 namespace {
 
@@ -131,11 +145,39 @@ bool read_spec(PyObject* obj, Py_ssize_t item, Spec* spec) {
   return true;
 }
 
+// CUDA tensors straight from PyTorch's CUDA factory (at::detail::empty_cuda: what at::empty's CUDA
+// kernel calls, with the same allocator, c10::cuda::CUDACachingAllocator::get(), so a pluggable
+// allocator, a memory pool and a graph capture's private pool see these allocations as any other)
+// instead of through the dispatcher: less host time per allocation. Not under
+// torch.use_deterministic_algorithms, where at::empty may fill fresh memory (then at::empty).
+// _set_direct_alloc(False) turns it off (the benchmarks compare both in one process).
+bool direct_alloc = true;
+
+#ifdef EPCOMM_TORCH_CUDA
+bool use_direct(const c10::Device& device) {
+  return direct_alloc && device.is_cuda() && !at::globalContext().deterministicAlgorithms();
+}
+#endif
+
 // A tensor of its own storage (at::empty / at::empty_strided).
 at::Tensor make_own(const Spec& s, const c10::Device& device) {
   const auto options = c10::TensorOptions().dtype(s.dtype).device(device);
   const c10::IntArrayRef shape(s.shape, s.ndim);
+#ifdef EPCOMM_TORCH_CUDA
+  if (use_direct(device))
+    return s.strided ? at::Tensor(at::detail::empty_strided_cuda(shape, c10::IntArrayRef(s.strides, s.ndim), options))
+                     : at::Tensor(at::detail::empty_cuda(shape, options));
+#endif
   return s.strided ? at::empty_strided(shape, c10::IntArrayRef(s.strides, s.ndim), options) : at::empty(shape, options);
+}
+
+// A byte tensor of `nbytes` (a shared block).
+at::Tensor make_block(int64_t nbytes, const c10::Device& device) {
+  const auto options = c10::TensorOptions().dtype(c10::ScalarType::Byte).device(device);
+#ifdef EPCOMM_TORCH_CUDA
+  if (use_direct(device)) return at::Tensor(at::detail::empty_cuda({nbytes}, options));
+#endif
+  return at::empty({nbytes}, options);
 }
 
 constexpr int64_t kSharedAlign = 256;  // each tensor's start in a shared block (as the allocator's)
@@ -163,7 +205,7 @@ PyObject* make_tensors(int device_index, const std::vector<Spec>& read, bool sha
         end = total + read[i].nbytes();
         total += (read[i].nbytes() + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
       }
-      block = at::empty({end}, c10::TensorOptions().dtype(c10::ScalarType::Byte).device(device));
+      block = make_block(end, device);
     }
     for (Py_ssize_t i = 0; i < n; ++i) {
       const Spec& s = read[i];
@@ -386,6 +428,30 @@ PyObject* alloc_tensors(int device, int n, const EpcommTensorSpec* specs, int sh
   return make_tensors(device, read, shared != 0, data);
 }
 
+// EpcommCurrentStream (tensor_reader.h): PyTorch's current stream of a CUDA device.
+int current_stream(int device, void** stream) {
+#ifdef EPCOMM_TORCH_CUDA
+  try {
+    *stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+    return 1;
+  } catch (const std::exception&) {  // a bad device index: the caller asks Python instead
+    return 0;
+  }
+#else
+  (void)device;
+  (void)stream;
+  return 0;
+#endif
+}
+
+PyObject* set_direct_alloc(PyObject* /*module*/, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  const bool before = direct_alloc;
+  direct_alloc = on != 0;
+  return PyBool_FromLong(before);
+}
+
 PyMethodDef methods[] =
     {{"empty", empty, METH_VARARGS,
       "empty(device, specs, shared=False) -> tuple: fresh tensors made in C++ (at::empty / at::empty_strided). "
@@ -397,6 +463,9 @@ PyMethodDef methods[] =
      {"first_rows", first_rows, METH_VARARGS,
       "first_rows(tensors, rows) -> tensors: each tensor whose first dimension is not rows resized in place to rows "
       "(None stays None)."},
+     {"_set_direct_alloc", set_direct_alloc, METH_O,
+      "_set_direct_alloc(on) -> bool (the setting before): CUDA tensors from PyTorch's CUDA factory directly (True, "
+      "the default where built with CUDA) or through at::empty (for benchmarks)."},
      {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT,
@@ -432,6 +501,20 @@ PyMODINIT_FUNC PyInit__torch_ops() {
     Py_XDECREF(allocator);
     Py_DECREF(m);
     return nullptr;
+  }
+  // The current stream only where PyTorch has CUDA (elsewhere the binding asks Python).
+  const int cuda = EPCOMM_TORCH_CUDA_ON;
+  if (PyModule_AddIntConstant(m, "direct_alloc_built", cuda) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  if (cuda) {
+    PyObject* stream = PyCapsule_New(reinterpret_cast<void*>(&current_stream), EPCOMM_CURRENT_STREAM_NAME, nullptr);
+    if (stream == nullptr || PyModule_AddObject(m, "current_stream", stream) < 0) {
+      Py_XDECREF(stream);
+      Py_DECREF(m);
+      return nullptr;
+    }
   }
   return m;
 }

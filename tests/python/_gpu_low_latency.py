@@ -142,21 +142,52 @@ class _IntLike(int):
 def ll_run(ctx, buf, inp, fp8=True, round_scale=False, ue8m0=False, hook=False, async_finish=False, zero_copy=False,
            use_out=False, stats=(None, None, None), eager=True, other_types=False):
     """One decode step: dispatch, the stand-in expert, combine, with the given options. eager=False
-    takes the Python layer's path for the eager calls (not the one C++ call); other_types passes Tmax
-    and use_fp8 as other types than int and bool, which the C++ call declines (the Python layer
+    takes the Python layer's path for the eager calls (not the one C call); eager="pybind" the
+    Runtime's pybind11 methods (session 15's path, see pybind_eager_calls); other_types passes Tmax
+    and use_fp8 as other types than int and bool, which the C call declines (the Python layer
     takes them)."""
     E, tmax = inp.num_experts, inp.tmax
     cum, dwait, cwait = stats
     problems = []
-    saved_eager = buf._ll_eager
-    buf._ll_eager = saved_eager and eager
-    # An int subclass for Tmax and 0 / 1 for use_fp8: not the exact types the C++ call reads.
+    saved = buf._ll_fast_dispatch, buf._ll_fast_combine
+    if eager == "pybind":
+        buf._ll_fast_dispatch, buf._ll_fast_combine = pybind_eager_calls(buf)
+    elif not eager:
+        buf._ll_fast_dispatch = buf._ll_fast_combine = None
+    # An int subclass for Tmax and 0 / 1 for use_fp8: not the exact types the C call reads.
     tmax, fp8_arg = (_IntLike(tmax), int(fp8)) if other_types else (tmax, fp8)
     try:
         return _ll_step(ctx, buf, inp, E, tmax, fp8, fp8_arg, round_scale, ue8m0, hook, async_finish, zero_copy,
                         use_out, cum, dwait, cwait, problems)
     finally:
-        buf._ll_eager = saved_eager
+        buf._ll_fast_dispatch, buf._ll_fast_combine = saved
+
+
+def pybind_eager_calls(buf):
+    """(dispatch, combine) in the shape of the buffer's fast calls over the Runtime's pybind11
+    methods low_latency_dispatch_eager / low_latency_combine_eager, the result tuples assembled in
+    Python: what Buffer did in session 15, for the tests and the benchmarks' comparison."""
+    from epcomm.event import EventOverlap
+    from epcomm.handle import LowLatencyHandle
+    runtime, new_tuple = buf.runtime, tuple.__new__
+
+    def dispatch(x, topk_idx, tmax, num_experts, cum, wait, use_fp8, round_scale, use_ue8m0, async_finish,
+                 return_recv_hook):
+        if async_finish is not False or return_recv_hook is not False:
+            return None
+        r = runtime.low_latency_dispatch_eager(x, topk_idx, tmax, num_experts, cum, wait, use_fp8, round_scale,
+                                               use_ue8m0, buf._raw_stream())
+        return None if r is None else (r[0], r[1], new_tuple(LowLatencyHandle, r[2]), EventOverlap(), None)
+
+    def combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
+                wait):
+        if async_finish is not False or return_recv_hook is not False:
+            return None
+        y = runtime.low_latency_combine_eager(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, out, wait,
+                                              buf._raw_stream())
+        return None if y is None else (y, EventOverlap(), None)
+
+    return dispatch, combine
 
 
 def _ll_step(ctx, buf, inp, E, tmax, fp8, fp8_arg, round_scale, ue8m0, hook, async_finish, zero_copy, use_out, cum,
@@ -371,13 +402,15 @@ def low_latency_modes(ctx, seed):
     cum = torch.zeros(EL, dtype=torch.int32, device=ctx.device)
     dwait = torch.zeros(R, dtype=torch.int64, device=ctx.device)
     cwait = torch.zeros(R, dtype=torch.int64, device=ctx.device)
-    # The eager calls (no hook, no async_finish) take one C++ call each where _torch_ops makes the
-    # outputs; eager=False and numpy scalars take the Python layer's path: the same results.
+    # The eager calls (no hook, no async_finish) take one C call each where _torch_ops makes the
+    # outputs; eager=False and numpy scalars take the Python layer's path, eager="pybind" the
+    # Runtime's pybind11 methods: the same results.
     modes = [dict(hook=True), dict(async_finish=True), dict(zero_copy=True), dict(zero_copy=True, fp8=False),
              dict(use_out=True, hook=True), dict(zero_copy=True, use_out=True, async_finish=True),
              dict(round_scale=True, ue8m0=True, hook=True, zero_copy=True), dict(), dict(eager=False),
              dict(other_types=True, use_out=True), dict(round_scale=True, ue8m0=True),
-             dict(round_scale=True, ue8m0=True, eager=False), dict(fp8=False, use_out=True)]
+             dict(round_scale=True, ue8m0=True, eager=False), dict(fp8=False, use_out=True), dict(eager="pybind"),
+             dict(fp8=False, use_out=True, eager="pybind")]
     want_cum = torch.zeros(EL, dtype=torch.int64)
     reports, snapshots = [], [(dwait.clone(), cwait.clone())]
     for i, mode in enumerate(modes):
@@ -393,7 +426,7 @@ def low_latency_modes(ctx, seed):
     dist.all_reduce(total_wait)
     c = Checks(ctx, "low-latency stats")
     c.equal("cumulative_local_expert_recv_stats", cum.cpu().long().tolist(), want_cum.tolist())
-    c.equal("eager calls in one C++ call (with _torch_ops)", buf._ll_eager,
+    c.equal("eager calls in one C call (with _torch_ops)", buf._ll_fast_dispatch is not None,
             epcomm._alloc.status().startswith("epcomm._torch_ops"))
     for i in range(1, len(snapshots)):
         for name, before, after in (("dispatch", snapshots[i - 1][0], snapshots[i][0]),

@@ -97,35 +97,73 @@ def host_us(fn, warmup, iters):
     return times[len(times) // 2]
 
 
-# The host-path variants host_ab compares in one process: (name, eager C++ calls, reader on, outputs
-# from _torch_ops). "eager" is the default: one C++ call per eager LL call (python/src/low_latency.cpp);
-# the others take the Python layer's path, with the binding's C++ reader and _torch_ops (session 14's
-# default), then without either.
-AB_CONFIGS = (("eager", True, True, True), ("reader+ops", False, True, True), ("no-reader+python", False, False, False))
+# The host-path variants host_ab compares in one process, by name: (which eager entry: "fast" the
+# buffer's C calls, the default; "pybind" session 15's Runtime methods with the tuples built in
+# Python; None the Python layer's path), the reader on, outputs from _torch_ops, _torch_ops's CUDA
+# tensors straight from PyTorch's CUDA factory (else at::empty).
+AB_CONFIGS = (("fast", "fast", True, True, True), ("fast, at::empty", "fast", True, True, False),
+              ("pybind (s15)", "pybind", True, True, False), ("reader+ops", None, True, True, False),
+              ("no-reader+python", None, False, False, False))
 
 
 def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
     """Host us per call of the FP8 dispatch and the combine under each of AB_CONFIGS, interleaved:
     `rounds` rounds, each timing `calls` calls of every variant in turn (the median of each), then
     the median over rounds per variant. One process, alternating, so the host's drift between
-    processes and calls (run 82: the same variant read 20 to 32 us in two processes) cancels."""
+    processes and calls (run 82: the same variant read 20 to 32 us in two processes) cancels.
+    Beside them, the pieces of the fast call (floor rows): the C function alone without the Python
+    method around it, the same C call declining at once (async_finish: Python to C and back with 11
+    arguments), and the dispatch's two allocations through _torch_ops from Python."""
+    from _gpu_low_latency import pybind_eager_calls
     from epcomm import _alloc, _epcomm, _low_latency
-    saved_empty, had_reader, had_eager = _low_latency.empty, _epcomm._tensor_reader_set(), buffer._ll_eager
-    got = {name: {"dispatch": [], "combine": []} for name, _, _, _ in AB_CONFIGS}
+    ops = _alloc._OPS
+    set_direct = getattr(ops, "_set_direct_alloc", lambda on: False)
+    saved_empty, had_reader = _low_latency.empty, _epcomm._tensor_reader_set()
+    saved_fast, had_direct = (buffer._ll_fast_dispatch, buffer._ll_fast_combine), set_direct(True)
+    set_direct(had_direct)
+    pybind = pybind_eager_calls(buffer) if saved_fast[0] is not None else None
+    got = {name: {"dispatch": [], "combine": []} for name, *_ in AB_CONFIGS}
+    x, topk_idx, tmax, E = dispatch.args
+    fast_d = saved_fast[0]
+    R, H, dev = buffer.group_size, x.size(1), x.device.index
+    EL, RT = E // R, R * tmax
+    specs = (((torch.float8_e4m3fn, (EL, RT, H)), (torch.float32, (EL, RT, H // 128), (H // 128 * RT, 1, RT))),
+             ((torch.int32, (EL,)), (torch.int32, (EL, RT)), (torch.int64, (EL, R))))
+    floors = {"C call alone": [], "C call declined": [], "2 allocations": []}
     try:
         for _ in range(rounds):
-            for name, eager, reader, ops in AB_CONFIGS:
-                buffer._ll_eager = eager and had_eager
-                _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if reader else None)
-                _low_latency.empty = saved_empty if ops else _alloc._python_empty
+            for name, entry, reader, from_ops, direct in AB_CONFIGS:
+                if entry == "pybind" and pybind is None:
+                    continue
+                buffer._ll_fast_dispatch, buffer._ll_fast_combine = \
+                    saved_fast if entry == "fast" else pybind if entry == "pybind" else (None, None)
+                _epcomm._set_tensor_reader(ops.tensor_reader if reader else None)
+                _low_latency.empty = saved_empty if from_ops else _alloc._python_empty
+                set_direct(direct and had_direct)
                 got[name]["dispatch"].append(host_us(dispatch, 5, calls))
                 handle = dispatch()[2]
                 got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
+            buffer._ll_fast_dispatch, buffer._ll_fast_combine = saved_fast
+            _epcomm._set_tensor_reader(ops.tensor_reader if had_reader else None)
+            _low_latency.empty = saved_empty
+            set_direct(had_direct)
+            if fast_d is not None:
+                floors["C call alone"].append(host_us(
+                    lambda: fast_d(x, topk_idx, tmax, E, None, None, True, False, False, False, False), 5, calls))
+                floors["C call declined"].append(host_us(
+                    lambda: fast_d(x, topk_idx, tmax, E, None, None, True, False, False, True, False), 5, calls))
+            floors["2 allocations"].append(host_us(lambda: (ops.empty(dev, specs[0], True),
+                                                            ops.empty(dev, specs[1], True)), 5, calls))
     finally:
-        _epcomm._set_tensor_reader(_alloc._OPS.tensor_reader if had_reader else None)
+        buffer._ll_fast_dispatch, buffer._ll_fast_combine = saved_fast
+        _epcomm._set_tensor_reader(ops.tensor_reader if had_reader else None)
         _low_latency.empty = saved_empty
-        buffer._ll_eager = had_eager
-    return {name: {op: sorted(v)[len(v) // 2] for op, v in ops.items()} for name, ops in got.items()}
+        set_direct(had_direct)
+    med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")  # noqa: E731
+    result = {name: {op: med(v) for op, v in by_op.items()} for name, by_op in got.items() if by_op["dispatch"]}
+    result["floors (dispatch)"] = {name: med(v) for name, v in floors.items()}
+    result["direct_alloc_built"] = bool(getattr(ops, "direct_alloc_built", 0))
+    return result
 
 
 def profile_table(fns, path, calls=20, mode="w"):
@@ -227,6 +265,8 @@ def _low_latency(rank, num_ranks, args, out):
 
     def dispatch(fp8=True, hook=False):
         return buffer.low_latency_dispatch(x, topk_idx, T, E, use_fp8=fp8, return_recv_hook=hook)
+
+    dispatch.args = (x, topk_idx, T, E)  # for host_ab's floor rows
 
     # The GPU sat idle while the process started: ~0.3 s of calls first, or the first timed loop
     # runs at lower clocks (run 81: the first row of each process read ~40 us, later rows ~30).
@@ -458,8 +498,12 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
     if "ab" in results[0]:
         print(f"host us per call, variants interleaved in one process (median of {args.ab_rounds} rounds of 40 "
               "calls), rank 0:")
-        for name, ops in results[0]["ab"].items():
+        ab = dict(results[0]["ab"])
+        floors, direct_built = ab.pop("floors (dispatch)"), ab.pop("direct_alloc_built")
+        for name, ops in ab.items():
             print(f"  {name:<18} ll-dispatch-fp8 {ops['dispatch']:6.1f}   ll-combine {ops['combine']:6.1f}")
+        print("  pieces of the FP8 dispatch: " + ", ".join(f"{k} {v:.1f}" for k, v in floors.items()) +
+              f" (_torch_ops with PyTorch's CUDA factory: {direct_built})")
         summary["host-ab"] = results[0]["ab"]
     print("rows received per rank (one FP8 dispatch):", [r["ll-recv-count"] for r in results])
     print("output tensors made by:", results[0]["alloc"])

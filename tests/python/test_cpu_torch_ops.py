@@ -290,6 +290,33 @@ def test_tensor_allocator_makes_what_empty_makes():
     assert _epcomm._tensor_allocator_set()
 
 
+def test_direct_alloc_switch_and_the_stream_reader():
+    """_set_direct_alloc (PyTorch's CUDA factory without the dispatcher, where built with CUDA)
+    returns the setting before and changes nothing CPU tensors get; _torch_ops.current_stream exists
+    exactly where the module was built against PyTorch with CUDA, and the binding takes it or None
+    (never another capsule). Buffer's fast calls are made only over a real Runtime: a stand-in gets
+    None (the Python path)."""
+    ops = _ops()
+    from epcomm import _alloc, _epcomm  # _alloc hands the capsules over
+    assert _alloc._OPS is ops
+    from epcomm.event import EventOverlap
+    from epcomm.handle import LowLatencyHandle
+    before = ops._set_direct_alloc(False)
+    try:
+        assert ops._set_direct_alloc(True) is False and ops._set_direct_alloc(True) is True
+        for direct in (False, True):
+            ops._set_direct_alloc(direct)
+            a, b = ops.empty(-1, ((torch.float32, (3, 5)), (torch.int64, (2,))), True)
+            assert (a.shape, a.dtype, b.shape, b.dtype) == ((3, 5), torch.float32, (2,), torch.int64)
+    finally:
+        ops._set_direct_alloc(before)
+    assert hasattr(ops, "current_stream") == bool(ops.direct_alloc_built)
+    raises(ValueError, lambda: _epcomm._set_current_stream_reader(ops.tensor_reader))  # the wrong capsule
+    _epcomm._set_current_stream_reader(None)
+    _epcomm._set_current_stream_reader(getattr(ops, "current_stream", None))
+    assert _epcomm._low_latency_fast_calls(object(), LowLatencyHandle, EventOverlap, lambda: 0) is None
+
+
 def test_alloc_chooses_the_module_only_when_it_matches():
     _ops()
     status, fn = _status_in_subprocess({})
