@@ -246,6 +246,19 @@ def set_num_sms(ctx, seed):
     c.done()
 
 
+def _room_bytes(t, tensors):
+    """(bytes from t's first element to the start of the next of `tensors` in the same storage, or
+    to the storage's end; whether another one follows)."""
+    def storage_of(u):
+        return u.untyped_storage() if hasattr(u, "untyped_storage") else u.storage()
+
+    storage = storage_of(t)
+    starts = [u.data_ptr() for u in tensors if u is not None and u is not t and
+              storage_of(u).data_ptr() == storage.data_ptr() and u.data_ptr() > t.data_ptr()]
+    end = min(starts) if starts else storage.data_ptr() + storage.nbytes()
+    return end - t.data_ptr(), bool(starts)
+
+
 def reserve_paths(ctx, seed, hidden=1024, num_topk=8):
     """Receive tensors reserved before the count exchange (Buffer.dispatch): a buffer's first
     dispatch allocates after it, the next into the reservation (exactly the received rows over a
@@ -270,14 +283,21 @@ def reserve_paths(ctx, seed, hidden=1024, num_topk=8):
                 c.true(f"{name}: rows fit the reservation", rows <= reserved, f"{rows} rows, {reserved} reserved")
             if name in ("first", "more rows", "switched off"):
                 c.equal(f"{name}: storage of exactly the received rows", want, rows)
+            handle = out["handle"]
+            made = (out["recv"], out["ridx"], out["rw"], handle.recv_src_idx, handle.rank_prefix_matrix,
+                    handle.chunk_offset)
             for what, t, cols in (("recv_x", out["recv"], hidden), ("recv_topk_idx", out["ridx"], num_topk),
                                   ("recv_topk_weights", out["rw"], num_topk),
-                                  ("recv_src_idx", out["handle"].recv_src_idx, 1)):
+                                  ("recv_src_idx", handle.recv_src_idx, 1)):
                 c.equal(f"{name}: {what} shape[0]", t.size(0), rows)
                 c.true(f"{name}: {what} is not a view", t._base is None)
-                storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
-                storage_rows = storage.nbytes() // (t.element_size() * cols)
-                c.equal(f"{name}: rows of {what}'s storage", storage_rows, want)
+                # Outputs held together share one allocation (epcomm._alloc.empty_grouped): each
+                # has its rows' bytes up to the next one's 256-byte aligned start, the last up to the
+                # block's end.
+                room, followed = _room_bytes(t, made)
+                row_bytes = t.element_size() * cols
+                need = -(-want * row_bytes // 256) * 256 if followed else want * row_bytes
+                c.equal(f"{name}: bytes of {what}'s room in its storage", room, need)
     finally:
         vars(buf).pop("reserve_recv_rows", None)
         buf._recent_rows.clear()
