@@ -57,13 +57,8 @@ bool eager_optional(PyObject* obj, int ndim, std::optional<TensorView>& v) {
 }
 
 // ---------------------------------------------------------------- dispatch
-struct DispatchArgs {
-  LowLatencyDispatchInputs in;
-};
-
 // false: declined. Arguments in Buffer.low_latency_dispatch's order, from x to use_ue8m0.
-bool read_dispatch(PyObject* const* a, DispatchArgs& d) {
-  LowLatencyDispatchInputs& in = d.in;
+bool read_dispatch(PyObject* const* a, LowLatencyDispatchInputs& in) {
   bool use_fp8 = false, round_scale = false, use_ue8m0 = false;
   if (!tensor_allocator_set() || !exact_int(a[2], 1, &in.num_max_dispatch_tokens_per_rank) ||
       !exact_int(a[3], 1, &in.num_experts) || !exact_bool(a[6], &use_fp8) || !exact_bool(a[7], &round_scale) ||
@@ -85,8 +80,7 @@ struct DispatchMade {
   int buffer_index = 0;
 };
 
-DispatchMade run_dispatch(Buffer& buf, const DispatchArgs& d, cudaStream_t stream) {
-  const LowLatencyDispatchInputs& in = d.in;
+DispatchMade run_dispatch(Buffer& buf, const LowLatencyDispatchInputs& in, cudaStream_t stream) {
   const int R = buf.num_ranks(), dev = buf.device(), tmax = in.num_max_dispatch_tokens_per_rank;
   const int64_t H = in.x.shape[1];
   // The shape first (a bad Tmax raises instead of allocating for it), as the Python layer does.
@@ -127,8 +121,8 @@ DispatchMade run_dispatch(Buffer& buf, const DispatchArgs& d, cudaStream_t strea
 }
 
 // The handle's six fields in LowLatencyHandle's order.
-py::tuple handle_fields(const DispatchMade& m, const DispatchArgs& d) {
-  return py::make_tuple(m.src_info, m.layout_range, d.in.num_max_dispatch_tokens_per_rank, m.hidden, d.in.num_experts,
+py::tuple handle_fields(const DispatchMade& m, const LowLatencyDispatchInputs& in) {
+  return py::make_tuple(m.src_info, m.layout_range, in.num_max_dispatch_tokens_per_rank, m.hidden, in.num_experts,
                         m.buffer_index);
 }
 
@@ -231,7 +225,7 @@ PyObject* fast_dispatch(PyObject* state, PyObject* const* args, Py_ssize_t nargs
   if (wrong_count("low_latency_dispatch fast call", nargs, 11)) return nullptr;
   if (args[9] != Py_False || args[10] != Py_False) Py_RETURN_NONE;  // async_finish, return_recv_hook
   try {
-    DispatchArgs d;
+    LowLatencyDispatchInputs d;
     Buffer* buf = state_buffer(state);
     if (buf == nullptr || !read_dispatch(args, d)) Py_RETURN_NONE;
     const DispatchMade m = run_dispatch(*buf, d, current_stream(state, buf->device()));
@@ -296,7 +290,7 @@ py::object dispatch_eager(const Runtime& rt, py::handle x, py::handle topk_idx, 
                           py::handle use_ue8m0, py::handle stream) {
   PyObject* const args[9] = {x.ptr(),          topk_idx.ptr(), tmax.ptr(),        experts.ptr(),  cum_stats.ptr(),
                              wait_stats.ptr(), use_fp8.ptr(),  round_scale.ptr(), use_ue8m0.ptr()};
-  DispatchArgs d;
+  LowLatencyDispatchInputs d;
   if (!py::isinstance<py::int_>(stream) || !read_dispatch(args, d)) return py::none();
   const DispatchMade m = run_dispatch(rt.buffer(), d, to_stream(stream, "stream"));
   return py::make_tuple(m.recv, m.recv_count, handle_fields(m, d));
