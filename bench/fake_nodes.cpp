@@ -36,6 +36,7 @@
 #include "bench_util.hpp"
 #include "cli.hpp"
 #include "common/process_launcher.hpp"
+#include "common/visible_gpus.hpp"
 
 namespace epcomm::bench {
 namespace {
@@ -156,15 +157,6 @@ void sort_rows(std::vector<Row>& rows) {
   });
 }
 
-int gpu_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
-
 }  // namespace
 
 int run_fake_nodes(const Options& given) {
@@ -201,7 +193,7 @@ int run_fake_nodes(const Options& given) {
   }
   plugin = resolved;  // the children's NCCL dlopens it: a path that works from any directory
   const bool dry_run = given.dry_run_gpus > 0;
-  const int gpus = dry_run ? given.dry_run_gpus : gpu_count();
+  const int gpus = dry_run ? given.dry_run_gpus : epcomm::testing::visible_gpu_count();
   if (gpus == 0) {
     std::printf("epcomm-bench --fake-nodes: skipped (no GPU)\n");
     return 0;

@@ -14,7 +14,6 @@
 // Child (--child): node 0 writes the NCCL unique id to a file the others read; each local rank
 // creates its group (Group::create_nccl) on its GPU; then GoogleTest runs the cases (test_gin.cpp)
 // against the CPU reference, the same seed in every process.
-#include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 #include <nccl.h>
 #include <sys/stat.h>
@@ -32,6 +31,7 @@
 #include <vector>
 
 #include "common/process_launcher.hpp"
+#include "common/visible_gpus.hpp"
 #include "gin/world.hpp"
 
 namespace epcomm::gin_test {
@@ -56,15 +56,6 @@ const char* const kUsage =
     "  --log-dir     where each child's log goes (default: a new directory under $TMPDIR or /tmp)\n"
     "  --dry-run N   print each layout's children (command line, environment) for a machine of N GPUs\n"
     "                and exit without starting them (no GPU needed)\n";
-
-int gpu_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
 
 std::string self_exe() {
   char buf[4096];
@@ -131,7 +122,7 @@ int parent_main(int argc, char** argv) {
       passthrough.push_back(a);
     }
   }
-  const int gpus = dry_run_gpus > 0 ? dry_run_gpus : gpu_count();
+  const int gpus = dry_run_gpus > 0 ? dry_run_gpus : epcomm::testing::visible_gpu_count();
   if (gpus == 0) {
     std::printf("epcomm GIN tests: skipped (no GPU)\n");
     return 77;
