@@ -106,8 +106,8 @@ class LowLatencyMixin:
     _ll_fast_combine = None
 
     def _raw_stream(self) -> int:
-        """cudaStream_t of the current stream of this buffer's device (Buffer.__init__ binds torch's
-        accessor to the device instead, where torch has it)."""
+        """cudaStream_t of the current stream of this buffer's device (Buffer.__init__ replaces it
+        with an accessor bound to the device, not to the buffer)."""
         return _current_stream(self._device)
 
     # ------------------------------------------------------------------ sizes and cleaning

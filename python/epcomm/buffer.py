@@ -141,8 +141,10 @@ class Buffer(LowLatencyMixin):
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
         # The current stream through torch's own accessor, bound to the device.
         raw_stream = getattr(getattr(torch_, "_C", None), "_cuda_getCurrentRawStream", None)
-        if raw_stream is not None:
-            self._raw_stream = functools.partial(raw_stream, device)
+        # Bound to the device, not to this object: the fast calls below hold it, and a bound method
+        # would make a reference cycle through them (the buffer then freed only by the collector).
+        self._raw_stream = functools.partial(raw_stream, device) if raw_stream is not None else \
+            functools.partial(_current_stream, self._device)
         if _epcomm._tensor_allocator_set():
             # The eager calls as C functions bound to this runtime: the call's whole result, or None
             # for anything they do not take as it comes (then the Python path below them runs).
