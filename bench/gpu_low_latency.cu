@@ -11,6 +11,8 @@
 //   ll-*-host                                         host time of one call from C++ (a host clock
 //                                                     around it): the floor under the Python layer's
 //   host-empty-launch                                 an empty kernel's launch, the floor under both
+//   host-params-launch, host-stream-bookkeeping       the same with the dispatch's parameter bytes;
+//                                                     the CUDA calls a call on the caller's stream makes
 //   ll-clean                                          clean_low_latency_buffer at the problem's shape
 // checks an FP8 dispatch and combine against the CPU reference before and after the timed loops, prints the LL buffer
 // size beside DeepEP's get_low_latency_rdma_size_hint, and runs the NCCL all-to-all baseline at the same token count.
@@ -87,6 +89,13 @@ std::pair<double, double> time_halves(cudaStream_t s, int warmup, int iters, con
 }
 
 __global__ void empty_kernel() {}
+
+// A kernel that takes as many parameter bytes as the LL dispatch kernel and does nothing: its launch
+// beside empty_kernel's is what the dispatch's parameter block costs the host.
+struct DispatchSizedParams {
+  char bytes[sizeof(LowLatencyDispatchParams)];
+};
+__global__ void params_kernel(DispatchSizedParams) {}
 
 // The CUPTI timestamps around `iters` calls of fn (after `warmup` more), the stream idle at both ends.
 std::pair<uint64_t, uint64_t> clock_window(cudaStream_t s, int warmup, int iters, const std::function<void()>& fn) {
@@ -322,6 +331,27 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         "host time per call (host clock around it)");
     row("host-empty-launch", time_host_us(stream, o.warmup, o.iters, [&] { empty_kernel<<<1, 32, 0, stream>>>(); }),
         "host time of an empty kernel's launch");
+    // The other pieces of an eager call's host time in the core (BENCHMARKS run 87: the dispatch
+    // takes ~2 us over an empty launch): the parameter block, and the stream bookkeeping of a call
+    // on the caller's stream (Impl::note_direct_call: a capture query, the stream's id, an event).
+    const DispatchSizedParams blob{};
+    row("host-params-launch",
+        time_host_us(stream, o.warmup, o.iters, [&] { params_kernel<<<1, 32, 0, stream>>>(blob); }),
+        "host time of an empty kernel's launch with " + std::to_string(sizeof(blob)) + " parameter bytes");
+    cudaEvent_t probe_event = nullptr;
+    cuda_check(cudaEventCreateWithFlags(&probe_event, cudaEventDisableTiming), "event");
+    row("host-stream-bookkeeping",
+        time_host_us(stream, o.warmup, o.iters,
+                     [&] {
+                       cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+                       unsigned long long id = 0;
+                       cuda_check(cudaSetDevice(dev), "cudaSetDevice");
+                       cuda_check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+                       cuda_check(cudaStreamGetId(stream, &id), "cudaStreamGetId");
+                       cuda_check(cudaEventRecord(probe_event, stream), "cudaEventRecord");
+                     }),
+        "cudaSetDevice, cudaStreamIsCapturing, cudaStreamGetId and cudaEventRecord on the caller's stream");
+    cuda_check(cudaEventDestroy(probe_event), "event");
     // clean_low_latency_buffer at this shape (one kernel within a node: both barriers and the
     // zeroing of the whole LL region). Later calls start from fresh handles.
     row("ll-clean", time_us(stream, o.warmup, o.iters, [&] { buf.clean_low_latency_buffer(Tmax, H, E, stream); }),

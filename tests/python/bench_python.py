@@ -491,9 +491,10 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
             summary[op].update(cpp_host_us=cpp[op][0])
             line += f"{cpp[op][0]:10.1f}{max(per_rank) / cpp[op][0]:9.3f}"
         print(line)
-    if "host-empty-launch" in cpp:
-        print(f"{'host-empty-launch':<22}" + " " * (10 * len(results) + 10) + f"{cpp['host-empty-launch'][0]:10.1f}")
-        summary["host-empty-launch"] = {"cpp_host_us": cpp["host-empty-launch"][0]}
+    for op in ("host-empty-launch", "host-params-launch", "host-stream-bookkeeping"):  # the C++ call's pieces
+        if op in cpp:
+            print(f"{op:<22}" + " " * (10 * len(results) + 10) + f"{cpp[op][0]:10.1f}")
+            summary[op] = {"cpp_host_us": cpp[op][0]}
     print("tensors read by the binding:", results[0]["reader"])
     if "ab" in results[0]:
         print(f"host us per call, variants interleaved in one process (median of {args.ab_rounds} rounds of 40 "
@@ -510,7 +511,9 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
     print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
           f"ll-*-graph: per call, {args.ll_iters + (args.ll_iters & 1)} calls replayed from one CUDA graph; "
           "ll-*-host: host microseconds per eager call (perf_counter_ns around the call, no sync; C++: the "
-          "C++ call alone, steady_clock); host-empty-launch: an empty kernel's launch from C++; "
+          "C++ call alone, steady_clock); host-empty-launch: an empty kernel's launch from C++ (host-params-launch: "
+          "with the dispatch's parameter bytes; host-stream-bookkeeping: the stream calls a call on the caller's "
+          "stream makes); "
           "py/C++ > 1: Python slower")
 
 
