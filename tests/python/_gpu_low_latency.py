@@ -655,8 +655,12 @@ def low_latency_memory(ctx, seed):
     part.fill_(1.0)
     torch.cuda.synchronize()
     del part
+    # By reference counting alone: nothing the buffer holds (its fast calls among them) refers
+    # back to it, so it goes as soon as the last reference does, not at the next collection.
+    by_refcount = alive() is None
     gc.collect()
     c.true("the Buffer goes with its last view", alive() is None)
+    c.true("the Buffer goes without the cycle collector", by_refcount)
 
     # get_local_buffer_tensor, low-latency region then normal-mode region.
     ptr, nbytes = buf.runtime.local_buffer(True)
