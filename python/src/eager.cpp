@@ -212,47 +212,50 @@ py::object new_overlap(PyObject* state) {
   return py::reinterpret_steal<py::object>(o);
 }
 
-bool wrong_count(const char* name, Py_ssize_t nargs, Py_ssize_t want) {
-  if (nargs == want) return false;
-  PyErr_Format(PyExc_TypeError, "epcomm._epcomm.%s takes %zd arguments (%zd given)", name, want, nargs);
-  return true;
+// What both fast calls share: `want` arguments, async_finish and return_recv_hook at
+// args[flags_at] and args[flags_at + 1] (None, declined, unless both are False), and C++ errors
+// raised as the Python ones the module's translators give. `body` returns a new reference.
+template <class Body>
+PyObject* fast_call(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t want, int flags_at,
+                    Body&& body) {
+  if (nargs != want) {
+    PyErr_Format(PyExc_TypeError, "epcomm._epcomm.%s takes %zd arguments (%zd given)", name, want, nargs);
+    return nullptr;
+  }
+  if (args[flags_at] != Py_False || args[flags_at + 1] != Py_False) Py_RETURN_NONE;
+  try {
+    return body();
+  } catch (...) {
+    set_python_error();
+    return nullptr;
+  }
 }
 
 // (x, topk_idx, Tmax, num_experts, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
 // use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook) -> (recv_x, recv_count, handle,
 // EventOverlap(), None) or None.
 PyObject* fast_dispatch(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
-  if (wrong_count("low_latency_dispatch fast call", nargs, 11)) return nullptr;
-  if (args[9] != Py_False || args[10] != Py_False) Py_RETURN_NONE;  // async_finish, return_recv_hook
-  try {
+  return fast_call("low_latency_dispatch fast call", args, nargs, 11, 9, [&]() -> PyObject* {
     LowLatencyDispatchInputs d;
     Buffer* buf = state_buffer(state);
-    if (buf == nullptr || !read_dispatch(args, d)) Py_RETURN_NONE;
+    if (buf == nullptr || !read_dispatch(args, d)) return py::none().release().ptr();
     const DispatchMade m = run_dispatch(*buf, d, current_stream(state, buf->device()));
     const py::object handle = new_tuple_of(PyTuple_GET_ITEM(state, kStateHandleType), handle_fields(m, d));
     return py::make_tuple(m.recv, m.recv_count, handle, new_overlap(state), py::none()).release().ptr();
-  } catch (...) {
-    set_python_error();
-    return nullptr;
-  }
+  });
 }
 
 // (x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish, return_recv_hook, out,
 // combine_wait_recv_cost_stats) -> (combined_x, EventOverlap(), None) or None.
 PyObject* fast_combine(PyObject* state, PyObject* const* args, Py_ssize_t nargs) {
-  if (wrong_count("low_latency_combine fast call", nargs, 10)) return nullptr;
-  if (args[6] != Py_False || args[7] != Py_False) Py_RETURN_NONE;  // async_finish, return_recv_hook
-  try {
+  return fast_call("low_latency_combine fast call", args, nargs, 10, 6, [&]() -> PyObject* {
     CombineArgs c;
     Buffer* buf = state_buffer(state);
     if (buf == nullptr || !read_combine(args[0], args[1], args[2], args[3], args[4], args[5], args[8], args[9], c))
-      Py_RETURN_NONE;
+      return py::none().release().ptr();
     const py::object y = run_combine(*buf, c, args[8], current_stream(state, buf->device()));
     return py::make_tuple(y, new_overlap(state), py::none()).release().ptr();
-  } catch (...) {
-    set_python_error();
-    return nullptr;
-  }
+  });
 }
 
 // A METH_FASTCALL function as PyMethodDef holds it (through void(*)(): no cast-function-type warning).
