@@ -105,11 +105,6 @@ class LowLatencyMixin:
     _ll_fast_dispatch = None
     _ll_fast_combine = None
 
-    def _raw_stream(self) -> int:
-        """cudaStream_t of the current stream of this buffer's device (Buffer.__init__ replaces it
-        with an accessor bound to the device, not to the buffer)."""
-        return _current_stream(self._device)
-
     # ------------------------------------------------------------------ sizes and cleaning
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

@@ -139,10 +139,10 @@ class Buffer(LowLatencyMixin):
         self._chunk_offset_strides = {}  # nvl_chunk_size -> columns of handle.chunk_offset
         self._default_configs = {}  # (kind, num_sms) -> Config, never handed out (users may mutate theirs)
         self._ll_shapes = set()  # (Tmax, hidden, num_experts) already checked (_low_latency.py)
-        # The current stream through torch's own accessor, bound to the device.
+        # cudaStream_t of the device's current stream (torch's own accessor where it has one), bound
+        # to the device, not to this object: the fast calls below hold it, and a bound method would
+        # make a reference cycle through them (the buffer then freed only by the collector).
         raw_stream = getattr(getattr(torch_, "_C", None), "_cuda_getCurrentRawStream", None)
-        # Bound to the device, not to this object: the fast calls below hold it, and a bound method
-        # would make a reference cycle through them (the buffer then freed only by the collector).
         self._raw_stream = functools.partial(raw_stream, device) if raw_stream is not None else \
             functools.partial(_current_stream, self._device)
         if _epcomm._tensor_allocator_set():
