@@ -120,7 +120,14 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
     set_direct = getattr(ops, "_set_direct_alloc", lambda on: False)
     saved_empty, had_reader = _low_latency.empty, _epcomm._tensor_reader_set()
     saved_fast, had_direct = (buffer._ll_fast_dispatch, buffer._ll_fast_combine), set_direct(True)
-    set_direct(had_direct)
+
+    def restore():  # the process's own setup, for the floor rows and at the end
+        buffer._ll_fast_dispatch, buffer._ll_fast_combine = saved_fast
+        _epcomm._set_tensor_reader(ops.tensor_reader if had_reader else None)
+        _low_latency.empty = saved_empty
+        set_direct(had_direct)
+
+    restore()
     pybind = pybind_eager_calls(buffer) if saved_fast[0] is not None else None
     got = {name: {"dispatch": [], "combine": []} for name, *_ in AB_CONFIGS}
     x, topk_idx, tmax, E = dispatch.args
@@ -143,10 +150,7 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
                 got[name]["dispatch"].append(host_us(dispatch, 5, calls))
                 handle = dispatch()[2]
                 got[name]["combine"].append(host_us(lambda: combine(handle), 5, calls))
-            buffer._ll_fast_dispatch, buffer._ll_fast_combine = saved_fast
-            _epcomm._set_tensor_reader(ops.tensor_reader if had_reader else None)
-            _low_latency.empty = saved_empty
-            set_direct(had_direct)
+            restore()
             if fast_d is not None:
                 floors["C call alone"].append(host_us(
                     lambda: fast_d(x, topk_idx, tmax, E, None, None, True, False, False, False, False), 5, calls))
@@ -155,10 +159,7 @@ def host_ab(epcomm, buffer, dispatch, combine, rounds, calls=40):
             floors["2 allocations"].append(host_us(lambda: (ops.empty(dev, specs[0], True),
                                                             ops.empty(dev, specs[1], True)), 5, calls))
     finally:
-        buffer._ll_fast_dispatch, buffer._ll_fast_combine = saved_fast
-        _epcomm._set_tensor_reader(ops.tensor_reader if had_reader else None)
-        _low_latency.empty = saved_empty
-        set_direct(had_direct)
+        restore()
     med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")  # noqa: E731
     result = {name: {op: med(v) for op, v in by_op.items()} for name, by_op in got.items() if by_op["dispatch"]}
     result["floors (dispatch)"] = {name: med(v) for name, v in floors.items()}
