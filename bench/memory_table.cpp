@@ -119,14 +119,10 @@ std::string ratio(size_t a, size_t b) {
   return s;
 }
 
-// Buffer's symmetric allocation with several nodes holds num_rdma_bytes twice for a normal-mode
-// buffer (the LL region and the internode region, src/core/buffer.cpp: m.ll.bytes and m.inter.bytes),
-// once for a low_latency_mode buffer (its normal-mode data shares the LL region; only normal mode's
-// control part, a few MiB, comes on top where normal mode's kernels hold the group). Control parts
-// not counted.
-size_t epcomm_allocated(size_t num_rdma_bytes, int nodes, bool low_latency_mode) {
-  return align_up(num_rdma_bytes, 4096) * (nodes > 1 && !low_latency_mode ? 2 : 1);
-}
+// Buffer's symmetric allocation holds num_rdma_bytes once, whatever the mode (normal mode's data
+// halves share the LL region; only normal mode's control part, a few MiB, comes on top where
+// normal mode's kernels hold the group, src/core/buffer.cpp). Control parts not counted.
+size_t epcomm_allocated(size_t num_rdma_bytes) { return align_up(num_rdma_bytes, 4096); }
 
 void low_latency_table(int tmax, int hidden) {
   std::printf("### Low-latency mode: Tmax = %d, hidden = %d, 8 ranks per node (MiB per rank)\n\n", tmax, hidden);
@@ -142,7 +138,7 @@ void low_latency_table(int tmax, int hidden) {
     for (int E : experts) {
       const size_t lsa = epcomm::Buffer::low_latency_size_hint(tmax, hidden, R, E);
       const size_t net = epcomm::Buffer::low_latency_net_size_hint(tmax, hidden, R, E);
-      const size_t alloc = epcomm_allocated(net, R / 8, true);
+      const size_t alloc = epcomm_allocated(net);
       const size_t deepep = deepep_low_latency_hint(tmax, hidden, E);
       std::printf("| %d | %d | %d | %s | %s | %s | %s | %s | %s |\n", R, std::max(R / 8, 1), E, mib(lsa).c_str(),
                   mib(net).c_str(), mib(alloc).c_str(), mib(deepep).c_str(), ratio(net, deepep).c_str(),
@@ -160,14 +156,14 @@ void normal_table(int tokens, int hidden) {
       "rank)\n\n",
       tokens, hidden, topk, E, P);
   std::printf(
-      "| ranks | nodes | epcomm internode_size_hint | epcomm allocated (x2) | epcomm Config rdma hint (compat) | "
+      "| ranks | nodes | epcomm internode_size_hint | epcomm allocated | epcomm Config rdma hint (compat) | "
       "DeepEP rdma hint | epcomm / DeepEP rdma | epcomm rounds at DeepEP's rdma hint (dispatch / combine) | "
       "epcomm rounds at 1 GiB | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint |\n");
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
-    const size_t alloc = epcomm_allocated(inter, N, false);
+    const size_t alloc = epcomm_allocated(inter);
     const epcomm::Config ed = epcomm::Config::dispatch_default(R), ec = epcomm::Config::combine_default(R);
     const size_t compat =
         std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));

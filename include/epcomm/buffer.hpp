@@ -332,7 +332,9 @@ class Buffer {
   // ---------------- across nodes (normal mode, hierarchical; docs/design-internode.md) ----------------
   // With more than one node (Group::ranks_per_node < size, e.g. EPCOMM_RANKS_PER_NODE) dispatch and
   // combine take the hierarchical path by themselves. It needs num_rdma_bytes of at least this
-  // (low_latency_mode buffers have no internode region). Same arguments on every rank.
+  // (the data halves; the control part, a few MiB, comes on top of it). The data lie on the LL
+  // region, which both modes share: a low-latency call after normal-mode calls takes
+  // clean_low_latency_buffer first (ArgumentError otherwise). Same arguments on every rank.
   static size_t internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
                                     int num_topk, int max_experts_per_rank = 1024);
   // A smaller num_rdma_bytes works too: the rows hold a window of tokens per node, and a call with

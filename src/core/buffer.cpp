@@ -113,25 +113,19 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
   m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
   // Internode region (buffer_internode.cpp), with several nodes where normal mode's kernels hold
-  // the group. A normal-mode buffer gets num_rdma_bytes again after the LL region. A
-  // low_latency_mode buffer holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the
-  // memory table), and its normal-mode calls (SGLang's auto mode) share it: the internode control
-  // part (signals, shadows, flags, count entries: state kept across calls) goes before the LL
-  // region, and the internode data halves lie on the LL region, so a normal-mode call and a
-  // low-latency call overwrite each other's data, never their state. Switching back to
-  // low-latency calls takes clean_low_latency_buffer (DeepEP's rule too; require_low_latency_data).
+  // the group. Every buffer holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the
+  // memory table): the internode control part (signals, shadows, flags, count entries: state kept
+  // across calls) goes before the LL region, and normal mode's data halves lie on the LL region,
+  // so a normal-mode call and a low-latency call overwrite each other's data, never their state.
+  // A low-latency call after normal-mode calls takes clean_low_latency_buffer first (DeepEP's rule
+  // for SGLang's auto mode; require_low_latency_data says so).
   if (m.inter.enabled && m.normal_mode_fits()) {
-    m.inter.bytes = align_up(options.num_rdma_bytes, 4096);
-    m.inter.offset = m.ll.offset + m.ll.bytes;
-    if (options.low_latency_mode) {
-      const size_t control =
-          InterLayout::make(m.num_ranks, m.group->ranks_per_node(), m.max_tokens, max_chunks, m.max_local_experts, 0)
-              .control_bytes;
-      m.inter.offset = m.ll.offset;
-      m.ll.offset += control;
-      m.inter.bytes = control + m.ll.bytes;
-      m.inter.shares_ll = true;
-    }
+    const size_t control =
+        InterLayout::make(m.num_ranks, m.group->ranks_per_node(), m.max_tokens, max_chunks, m.max_local_experts, 0)
+            .control_bytes;
+    m.inter.offset = m.ll.offset;
+    m.ll.offset += control;
+    m.inter.bytes = control + m.ll.bytes;
   }
   // Across real nodes this also creates NCCL GIN, or throws on every rank (gin_context.hpp).
   m.sym = m.group->allocate_symmetric(std::max(m.ll.offset + m.ll.bytes, m.inter.offset + m.inter.bytes));

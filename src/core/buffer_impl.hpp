@@ -124,9 +124,8 @@ struct Buffer::Impl {
     bool tokens_given = true;
     uint64_t rounds = 0;  // rounds launched since the last internode_stats(reset)
     bool fitted = false;
-    // A low_latency_mode buffer: the data halves lie on the LL region (buffer.cpp), and a normal-mode
-    // call since the last clean_low_latency_buffer (or reset) left its data there.
-    bool shares_ll = false;
+    // The data halves lie on the LL region (buffer.cpp): a normal-mode call since the last
+    // clean_low_latency_buffer (or reset) left its data there.
     bool normal_since_clean = false;
   } inter;
   void init_internode();                      // constructor (before the barrier)

@@ -19,17 +19,23 @@
 namespace epcomm {
 namespace {
 
-size_t required_bytes(const InterLayout& l, size_t half) { return l.control_bytes + 2 * align_up(half, 4096); }
+// The num_rdma_bytes whose data halves hold `half` bytes each: the control part comes on top of
+// num_rdma_bytes (Buffer::Impl's constructor lays the halves on the LL region).
+size_t required_bytes(size_t half) { return 2 * align_up(half, 4096); }
 
 // The layout a Buffer of these arguments makes (the size functions' arguments checked first).
 InterLayout sizing_layout(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node,
-                          int max_experts_per_rank, size_t region_bytes) {
+                          int max_experts_per_rank, size_t num_rdma_bytes) {
   checks::positive("max_tokens_per_rank", max_tokens_per_rank);
   checks::positive("hidden", hidden);
   checks::positive("ranks_per_node", ranks_per_node);
   checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
-  return InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
-                           max_experts_per_rank, region_bytes);
+  const int max_chunks = (max_tokens_per_rank + 7) / 8;
+  const size_t control =
+      InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, max_chunks, max_experts_per_rank, 0)
+          .control_bytes;
+  return InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, max_chunks, max_experts_per_rank,
+                           control + align_up(num_rdma_bytes, 4096));
 }
 
 }  // namespace
@@ -47,10 +53,10 @@ void Buffer::Impl::init_internode() {
 // The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
 // running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
 void Buffer::Impl::require_low_latency_data() const {
-  if (inter.shares_ll && inter.normal_since_clean)
+  if (inter.normal_since_clean)
     throw ArgumentError(
-        "low-latency call after a normal-mode call across nodes: on a low_latency_mode buffer both share "
-        "num_rdma_bytes, so call clean_low_latency_buffer on every rank first (as with DeepEP)");
+        "low-latency call after a normal-mode call across nodes: both modes share num_rdma_bytes, so call "
+        "clean_low_latency_buffer on every rank first (as with DeepEP)");
 }
 
 void Buffer::Impl::reset_internode(cudaStream_t stream) {
@@ -69,7 +75,7 @@ size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_
   // region works in rounds of what it holds.
   const InterDispatchGeometry d = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk);
   const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, num_topk);
-  return required_bytes(l, std::max(d.bytes_for(l, l.max_tokens), c.bytes_for(l, l.max_tokens)));
+  return required_bytes(std::max(d.bytes_for(l, l.max_tokens), c.bytes_for(l, l.max_tokens)));
 }
 
 Buffer::InternodeWindows Buffer::internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden,
@@ -128,9 +134,9 @@ void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int n
     throw ArgumentError(
         "num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
         " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) + " bytes need " +
-        std::to_string(required_bytes(inter.layout, g.bytes_for(inter.layout, step))) + " for the smallest round (" +
+        std::to_string(required_bytes(g.bytes_for(inter.layout, step))) + " for the smallest round (" +
         std::to_string(step) + " tokens per node), " +
-        std::to_string(required_bytes(inter.layout, g.bytes_for(inter.layout, std::max(num_tokens, step)))) +
+        std::to_string(required_bytes(g.bytes_for(inter.layout, std::max(num_tokens, step)))) +
         " for all " + std::to_string(num_tokens) + " tokens in one (Buffer::internode_size_hint)");
   if (!counts_on_host && num_tokens > inter.tokens)
     throw ArgumentError("x: " + std::to_string(num_tokens) + " tokens per rank with num_worst_tokens; this buffer " +
@@ -233,7 +239,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   if (p.geo.window == 0)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +
-                        " needs " + std::to_string(required_bytes(inter.layout, p.geo.bytes_for(inter.layout, step))) +
+                        " needs " + std::to_string(required_bytes(p.geo.bytes_for(inter.layout, step))) +
                         " for the smallest round (" + std::to_string(step) +
                         " tokens per node; Buffer::internode_size_hint)");
   checks::device_tensor("handle.recv_src_idx", handle.recv_src_idx, device, {DType::kI32}, 1);

@@ -24,6 +24,13 @@ namespace {
 
 const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 33, 64, 72, 128, 320};
 
+// The internode layout a Buffer of num_rdma_bytes makes (src/core/buffer.cpp): the control part
+// comes on top of num_rdma_bytes, whose two halves are the data.
+InterLayout buffer_layout(int R, int P, int max_tokens, int max_chunks, int EL, size_t num_rdma_bytes) {
+  const size_t control = InterLayout::make(R, P, max_tokens, max_chunks, EL, 0).control_bytes;
+  return InterLayout::make(R, P, max_tokens, max_chunks, EL, control + align_up(num_rdma_bytes, 4096));
+}
+
 // One LL buffer's parts in order, each inside its own range; the last entry of every array ends
 // before the next part starts.
 void expect_low_latency_layout(const LowLatencyLayout& l) {
@@ -227,7 +234,7 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       SCOPED_TRACE(std::to_string(s.R / s.P) + " nodes x " + std::to_string(s.P) + ", T=" + std::to_string(tokens));
       const size_t hint = Buffer::internode_size_hint(tokens, hidden, s.R, s.P, K, EL);
       const int max_chunks = (tokens + 7) / 8;  // as Buffer::Impl::init_internode
-      const InterLayout l = InterLayout::make(s.R, s.P, tokens, max_chunks, EL, hint);
+      const InterLayout l = buffer_layout(s.R, s.P, tokens, max_chunks, EL, hint);
       EXPECT_EQ(l.num_nodes * l.ranks_per_node, s.R);
       EXPECT_GE(l.max_tokens, tokens + 32);
       EXPECT_EQ(l.max_tokens % 32, 0);
@@ -242,7 +249,7 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       EXPECT_LE(l.meta_staging(s.R - 1) + l.meta_entry.stride, l.control_bytes);
       EXPECT_EQ(l.control_bytes % 4096, 0u);
       EXPECT_GT(l.half_bytes, 0u);
-      EXPECT_LE(l.control_bytes + 2 * l.half_bytes, hint);
+      EXPECT_EQ(2 * l.half_bytes, hint);  // the hint is the data halves; the Buffer adds the control part
       for (const bool fp8 : {false, true}) {
         const int row_bytes = fp8 ? hidden : 2 * hidden, scales = fp8 ? hidden / 128 : 0;
         const InterDispatchGeometry d = InterDispatchGeometry::make(l, row_bytes, scales, K);
@@ -285,14 +292,13 @@ TEST(GeometryRanks, InternodeWindowsFromTheRegion) {
           EXPECT_EQ(step % chunk, 0);
           EXPECT_EQ(step % 4, 0);
           const size_t hint = Buffer::internode_size_hint(T, hidden, s.R, s.P, K, EL);
-          const InterLayout full = InterLayout::make(s.R, s.P, T, chunks, EL, hint);
+          const InterLayout full = buffer_layout(s.R, s.P, T, chunks, EL, hint);
           // One round covers the tokens rounded up to whole chunks (the kernels' windows are whole chunks).
           const int rounded = (T + chunk - 1) / chunk * chunk;
           EXPECT_GE(InterDispatchGeometry::make(full, 2 * hidden, 0, K, step).window, rounded);
           EXPECT_GE(InterCombineGeometry::make(full, hidden, K, step).window, rounded);
           EXPECT_GE(internode_round_capacity(full, hidden, K, step), rounded);
-          const InterLayout small =
-              InterLayout::make(s.R, s.P, T, chunks, EL, full.control_bytes + (hint - full.control_bytes) / 3);
+          const InterLayout small = buffer_layout(s.R, s.P, T, chunks, EL, hint / 3);
           for (const int row_bytes : {2 * hidden, hidden}) {
             const InterDispatchGeometry d =
                 InterDispatchGeometry::make(small, row_bytes, row_bytes == hidden ? hidden / 128 : 0, K, step);
@@ -340,9 +346,7 @@ TEST(GeometryRanks, InternodeRoundsCoverEveryChunkOnce) {
       for (int divisor : {1, 3, 10}) {
         const int limit = 600, hidden = 512, K = 8, EL = 8;
         const size_t hint = Buffer::internode_size_hint(limit, hidden, s.R, s.P, K, EL);
-        const InterLayout l0 = InterLayout::make(s.R, s.P, limit, (limit + 7) / 8, EL, 0);
-        const InterLayout l = InterLayout::make(s.R, s.P, limit, (limit + 7) / 8, EL,
-                                                l0.control_bytes + (hint - l0.control_bytes) / divisor);
+        const InterLayout l = buffer_layout(s.R, s.P, limit, (limit + 7) / 8, EL, hint / divisor);
         const int step = inter_window_step(chunk);
         const InterDispatchGeometry d = InterDispatchGeometry::make(l, 2 * hidden, 0, K, step);
         const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K, step);
