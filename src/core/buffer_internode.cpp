@@ -131,13 +131,12 @@ void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int n
   }
   const InterDispatchGeometry g = InterDispatchGeometry::make(inter.layout, row_bytes, num_scales, num_topk, step);
   if (g.window == 0)
-    throw ArgumentError(
-        "num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
-        " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) + " bytes need " +
-        std::to_string(required_bytes(g.bytes_for(inter.layout, step))) + " for the smallest round (" +
-        std::to_string(step) + " tokens per node), " +
-        std::to_string(required_bytes(g.bytes_for(inter.layout, std::max(num_tokens, step)))) +
-        " for all " + std::to_string(num_tokens) + " tokens in one (Buffer::internode_size_hint)");
+    throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
+                        " is too small for this dispatch across nodes: rows of " + std::to_string(row_bytes) +
+                        " bytes need " + std::to_string(required_bytes(g.bytes_for(inter.layout, step))) +
+                        " for the smallest round (" + std::to_string(step) + " tokens per node), " +
+                        std::to_string(required_bytes(g.bytes_for(inter.layout, std::max(num_tokens, step)))) +
+                        " for all " + std::to_string(num_tokens) + " tokens in one (Buffer::internode_size_hint)");
   if (!counts_on_host && num_tokens > inter.tokens)
     throw ArgumentError("x: " + std::to_string(num_tokens) + " tokens per rank with num_worst_tokens; this buffer " +
                         "runs such dispatches for at most " + std::to_string(inter.tokens) +
