@@ -9,6 +9,7 @@
 #include "core/argument_checks.hpp"
 #include "core/call_check.hpp"
 #include "core/env.hpp"
+#include "core/region_plan.hpp"
 #include "kernels/common/launch.hpp"
 #include "epcomm/error.hpp"
 #include "transport/gin_context.hpp"
@@ -104,31 +105,20 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   const int64_t timeout_ms = options.timeout_ms > 0 ? options.timeout_ms : env_value("EPCOMM_TIMEOUT_MS");
   m.timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
 
-  const int max_chunks = (m.max_tokens + 7) / 8;  // the smallest chunk is 8 tokens
-  // The control part's LL area holds clean_low_latency_buffer's barrier flags (one per rank).
-  m.ctl = ControlLayout::make(m.group->ranks_per_node(), max_chunks, m.max_local_experts,
-                              low_latency_clean_flag_bytes(m.num_ranks));
-  m.data_offset = m.ctl.total;
-  m.data_bytes = align_up(options.num_nvl_bytes, 4096);
-  m.ll.offset = m.data_offset + m.data_bytes;  // low-latency region (buffer_low_latency.cpp)
-  m.ll.bytes = align_up(options.num_rdma_bytes, 4096);
-  // Internode region (buffer_internode.cpp), with several nodes where normal mode's kernels hold
-  // the group. Every buffer holds num_rdma_bytes once, as DeepEP's does (docs/design-scale.md, the
-  // memory table): the internode control part (signals, shadows, flags, count entries: state kept
-  // across calls) goes before the LL region, and normal mode's data halves lie on the LL region,
-  // so a normal-mode call and a low-latency call overwrite each other's data, never their state.
-  // A low-latency call after normal-mode calls takes clean_low_latency_buffer first (DeepEP's rule
-  // for SGLang's auto mode; require_low_latency_data says so).
-  if (m.inter.enabled && m.normal_mode_fits()) {
-    const size_t control =
-        InterLayout::make(m.num_ranks, m.group->ranks_per_node(), m.max_tokens, max_chunks, m.max_local_experts, 0)
-            .control_bytes;
-    m.inter.offset = m.ll.offset;
-    m.ll.offset += control;
-    m.inter.bytes = control + m.ll.bytes;
-  }
+  // The parts of the symmetric region (core/region_plan.hpp): num_rdma_bytes held once, normal
+  // mode's data across nodes on the LL region.
+  const RegionPlan plan =
+      plan_regions(options.num_nvl_bytes, options.num_rdma_bytes, m.num_ranks, m.group->ranks_per_node(), m.max_tokens,
+                   m.max_local_experts, m.inter.enabled && m.normal_mode_fits());
+  m.ctl = plan.ctl;
+  m.data_offset = plan.data_offset;
+  m.data_bytes = plan.data_bytes;
+  m.ll.offset = plan.ll_offset;  // low-latency region (buffer_low_latency.cpp)
+  m.ll.bytes = plan.ll_bytes;
+  m.inter.offset = plan.inter_offset;  // internode region (buffer_internode.cpp)
+  m.inter.bytes = plan.inter_bytes;
   // Across real nodes this also creates NCCL GIN, or throws on every rank (gin_context.hpp).
-  m.sym = m.group->allocate_symmetric(std::max(m.ll.offset + m.ll.bytes, m.inter.offset + m.inter.bytes));
+  m.sym = m.group->allocate_symmetric(plan.total);
   m.gin = m.sym->gin();
   m.gin_signals.num_ranks = m.num_ranks;
   if (m.gin && static_cast<uint32_t>(m.gin->num_signals()) < m.gin_signals.total())

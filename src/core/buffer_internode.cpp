@@ -13,6 +13,7 @@
 #include "core/argument_checks.hpp"
 #include "core/call_check.hpp"
 #include "core/internode_tokens.hpp"
+#include "core/region_plan.hpp"
 #include "epcomm/error.hpp"
 #include "transport/gin_context.hpp"
 
@@ -30,12 +31,12 @@ InterLayout sizing_layout(int max_tokens_per_rank, int hidden, int num_ranks, in
   checks::positive("hidden", hidden);
   checks::positive("ranks_per_node", ranks_per_node);
   checks::divisible("num_ranks", num_ranks, "ranks_per_node", ranks_per_node);
-  const int max_chunks = (max_tokens_per_rank + 7) / 8;
-  const size_t control =
-      InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, max_chunks, max_experts_per_rank, 0)
-          .control_bytes;
-  return InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, max_chunks, max_experts_per_rank,
-                           control + align_up(num_rdma_bytes, 4096));
+  // The region a Buffer lays out for these (core/region_plan.hpp): the control part on top of num_rdma_bytes.
+  const size_t region =
+      plan_regions(0, num_rdma_bytes, num_ranks, ranks_per_node, max_tokens_per_rank, max_experts_per_rank, true)
+          .inter_bytes;
+  return InterLayout::make(num_ranks, ranks_per_node, max_tokens_per_rank, (max_tokens_per_rank + 7) / 8,
+                           max_experts_per_rank, region);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/internode_tokens.hpp"
+#include "core/region_plan.hpp"
 #include "core/ring_geometry.hpp"
 #include "cpu/test_reference_util.hpp"
 #include "epcomm/buffer.hpp"
@@ -24,11 +25,11 @@ namespace {
 
 const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 33, 64, 72, 128, 320};
 
-// The internode layout a Buffer of num_rdma_bytes makes (src/core/buffer.cpp): the control part
+// The internode layout a Buffer of num_rdma_bytes makes (core/region_plan.hpp): the control part
 // comes on top of num_rdma_bytes, whose two halves are the data.
 InterLayout buffer_layout(int R, int P, int max_tokens, int max_chunks, int EL, size_t num_rdma_bytes) {
-  const size_t control = InterLayout::make(R, P, max_tokens, max_chunks, EL, 0).control_bytes;
-  return InterLayout::make(R, P, max_tokens, max_chunks, EL, control + align_up(num_rdma_bytes, 4096));
+  return InterLayout::make(R, P, max_tokens, max_chunks, EL,
+                           plan_regions(0, num_rdma_bytes, R, P, max_tokens, EL, true).inter_bytes);
 }
 
 // One LL buffer's parts in order, each inside its own range; the last entry of every array ends
