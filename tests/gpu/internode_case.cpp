@@ -91,8 +91,8 @@ BufferOptions inter_buffer_options(const InterCase& c) {
   bo.num_rdma_bytes =
       Buffer::internode_size_hint(bo.max_tokens_per_rank, c.hidden, R, P, c.num_topk, bo.max_experts_per_rank);
   if (c.token_limit_from_region) {
-    // Room for twice the case's tokens (the control part is laid out for the default token limit,
-    // larger than the hint's); the first dispatch finds how many the rows hold.
+    // Room for about twice the case's tokens (the control part, laid out for the default token
+    // limit, comes on top of num_rdma_bytes); the first dispatch finds how many the rows hold.
     bo.num_rdma_bytes = Buffer::internode_size_hint(2 * bo.max_tokens_per_rank + 64, c.hidden, R, P, /*top-k 16*/ 16,
                                                     bo.max_experts_per_rank);
     bo.max_tokens_per_rank = 0;
