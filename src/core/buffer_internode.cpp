@@ -51,8 +51,6 @@ void Buffer::Impl::init_internode() {
                                    max_local_experts, inter.bytes);
 }
 
-// The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
-// running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
 void Buffer::Impl::require_low_latency_data() const {
   if (inter.normal_since_clean)
     throw ArgumentError(
@@ -60,6 +58,8 @@ void Buffer::Impl::require_low_latency_data() const {
         "clean_low_latency_buffer on every rank first (as with DeepEP)");
 }
 
+// The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
+// running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
 void Buffer::Impl::reset_internode(cudaStream_t stream) {
   inter.normal_since_clean = false;
   if (gin) gin->reset_signals(gin_signals.internode_base(), gin_signals.internode_count(), stream);
