@@ -27,8 +27,8 @@ const int kRanks[] = {1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 33, 64, 72, 128, 320};
 
 // The internode layout a Buffer of num_rdma_bytes makes (core/region_plan.hpp): the control part
 // comes on top of num_rdma_bytes, whose two halves are the data.
-InterLayout buffer_layout(int R, int P, int max_tokens, int max_chunks, int EL, size_t num_rdma_bytes) {
-  return InterLayout::make(R, P, max_tokens, max_chunks, EL,
+InterLayout buffer_layout(int R, int P, int max_tokens, int EL, size_t num_rdma_bytes) {
+  return InterLayout::make(R, P, max_tokens, (max_tokens + 7) / 8, EL,
                            plan_regions(0, num_rdma_bytes, R, P, max_tokens, EL, true).inter_bytes);
 }
 
@@ -234,8 +234,7 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       const int hidden = 7168, K = 8, EL = 32;
       SCOPED_TRACE(std::to_string(s.R / s.P) + " nodes x " + std::to_string(s.P) + ", T=" + std::to_string(tokens));
       const size_t hint = Buffer::internode_size_hint(tokens, hidden, s.R, s.P, K, EL);
-      const int max_chunks = (tokens + 7) / 8;  // as Buffer::Impl::init_internode
-      const InterLayout l = buffer_layout(s.R, s.P, tokens, max_chunks, EL, hint);
+      const InterLayout l = buffer_layout(s.R, s.P, tokens, EL, hint);
       EXPECT_EQ(l.num_nodes * l.ranks_per_node, s.R);
       EXPECT_GE(l.max_tokens, tokens + 32);
       EXPECT_EQ(l.max_tokens % 32, 0);
@@ -288,18 +287,18 @@ TEST(GeometryRanks, InternodeWindowsFromTheRegion) {
         for (int chunk : {8, 12, 32}) {
           SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " hidden=" + std::to_string(hidden) +
                        " T=" + std::to_string(T) + " chunk=" + std::to_string(chunk));
-          const int EL = 32, chunks = (T + 7) / 8, K = 8;
+          const int EL = 32, K = 8;
           const int step = inter_window_step(chunk);
           EXPECT_EQ(step % chunk, 0);
           EXPECT_EQ(step % 4, 0);
           const size_t hint = Buffer::internode_size_hint(T, hidden, s.R, s.P, K, EL);
-          const InterLayout full = buffer_layout(s.R, s.P, T, chunks, EL, hint);
+          const InterLayout full = buffer_layout(s.R, s.P, T, EL, hint);
           // One round covers the tokens rounded up to whole chunks (the kernels' windows are whole chunks).
           const int rounded = (T + chunk - 1) / chunk * chunk;
           EXPECT_GE(InterDispatchGeometry::make(full, 2 * hidden, 0, K, step).window, rounded);
           EXPECT_GE(InterCombineGeometry::make(full, hidden, K, step).window, rounded);
           EXPECT_GE(internode_round_capacity(full, hidden, K, step), rounded);
-          const InterLayout small = buffer_layout(s.R, s.P, T, chunks, EL, hint / 3);
+          const InterLayout small = buffer_layout(s.R, s.P, T, EL, hint / 3);
           for (const int row_bytes : {2 * hidden, hidden}) {
             const InterDispatchGeometry d =
                 InterDispatchGeometry::make(small, row_bytes, row_bytes == hidden ? hidden / 128 : 0, K, step);
@@ -347,7 +346,7 @@ TEST(GeometryRanks, InternodeRoundsCoverEveryChunkOnce) {
       for (int divisor : {1, 3, 10}) {
         const int limit = 600, hidden = 512, K = 8, EL = 8;
         const size_t hint = Buffer::internode_size_hint(limit, hidden, s.R, s.P, K, EL);
-        const InterLayout l = buffer_layout(s.R, s.P, limit, (limit + 7) / 8, EL, hint / divisor);
+        const InterLayout l = buffer_layout(s.R, s.P, limit, EL, hint / divisor);
         const int step = inter_window_step(chunk);
         const InterDispatchGeometry d = InterDispatchGeometry::make(l, 2 * hidden, 0, K, step);
         const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K, step);

@@ -35,7 +35,7 @@ TEST(RegionPlan, RdmaBytesHeldOnceAndNormalDataOnTheLowLatencyRegion) {
       SCOPED_TRACE("R=" + std::to_string(s.R) + " P=" + std::to_string(s.P) + " nvl=" + std::to_string(nvl) +
                    " rdma=" + std::to_string(rdma) + " T=" + std::to_string(T) + " EL=" + std::to_string(EL));
       const RegionPlan p = plan_regions(nvl, rdma, s.R, s.P, T, EL, internode);
-      const size_t rdma_held = (rdma + 4095) / 4096 * 4096, nvl_held = (nvl + 4095) / 4096 * 4096;
+      const size_t rdma_held = align_up(rdma, 4096), nvl_held = align_up(nvl, 4096);
       EXPECT_EQ(p.data_offset, p.ctl.total);
       EXPECT_EQ(p.data_bytes, nvl_held);
       EXPECT_EQ(p.ll_bytes, rdma_held);
