@@ -58,13 +58,15 @@ void Buffer::Impl::require_low_latency_data() const {
         "clean_low_latency_buffer on every rank first (as with DeepEP)");
 }
 
-// The region (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
-// running totals the shadows keep. Every rank is between two barriers (Buffer::reset).
+// The control part (shadows, flags, counters, stats) and, across real nodes, the GIN signals whose
+// running totals the shadows keep. The data halves lie on the LL region, which reset_low_latency
+// zeroes. Every rank is between two barriers (Buffer::reset).
 void Buffer::Impl::reset_internode(cudaStream_t stream) {
   inter.normal_since_clean = false;
   if (gin) gin->reset_signals(gin_signals.internode_base(), gin_signals.internode_count(), stream);
   if (!inter.enabled || inter.bytes == 0) return;
-  EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.bytes, stream));
+  EPCOMM_CUDA_CHECK(
+      cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.layout.control_bytes, stream));
 }
 
 size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
