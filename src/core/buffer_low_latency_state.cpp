@@ -24,20 +24,35 @@ void forget_low_latency_calls(Buffer::Impl& m) {
   m.ll.issued_src_info[0] = m.ll.issued_src_info[1] = nullptr;
 }
 
-// What a clean zeroes on this rank: the LL region, the call counters and shrink mode's count
+// What a clean zeroes on this rank: the flags of `flags_of` in the LL region (both buffers' tails
+// and, on the network path, its signals and shadows: LowLatencyLayout::flags_begin), or the whole
+// region where `flags_of` is null (Buffer::reset: normal mode's data halves lie on the region too,
+// and their row tags restart with its call numbers); the call counters and shrink mode's count
 // decisions (whose tags restart with the counters); bytes 0 where there is none. Not the mask:
 // clean_low_latency_buffer keeps it.
 using ZeroRanges = std::array<LowLatencyCleanParams::Range, LowLatencyCleanParams::kZeroRanges>;
-ZeroRanges low_latency_zero_ranges(const Buffer::Impl& m) {
-  return {{{static_cast<char*>(m.sym->local()) + m.ll.offset, m.ll.bytes},
-           {reinterpret_cast<char*>(m.ll.state), sizeof(LowLatencyDeviceState)},
-           {reinterpret_cast<char*>(m.ll.count_decisions), m.ll.count_decisions ? m.ll.count_decision_bytes : 0}}};
+ZeroRanges low_latency_zero_ranges(const Buffer::Impl& m, const LowLatencyLayout* flags_of) {
+  char* const region = static_cast<char*>(m.sym->local()) + m.ll.offset;
+  ZeroRanges z{};
+  if (flags_of == nullptr) {
+    z[0] = {region, m.ll.bytes};
+  } else {
+    const LowLatencyLayout& l = *flags_of;
+    for (int b = 0; b < 2; ++b) z[b] = {region + l.flags_begin(b), l.flags_end(b) - l.flags_begin(b)};
+    if (m.ll.net) {
+      const LowLatencyNetLayout n = LowLatencyNetLayout::make(l);
+      z[2] = {region + n.flags_begin(), n.flags_end() - n.flags_begin()};
+    }
+  }
+  z[3] = {reinterpret_cast<char*>(m.ll.state), sizeof(LowLatencyDeviceState)};
+  z[4] = {reinterpret_cast<char*>(m.ll.count_decisions), m.ll.count_decisions ? m.ll.count_decision_bytes : 0};
+  return z;
 }
 
 // Zeroes low_latency_zero_ranges on `stream`; across real nodes also the LL GIN signals (their
 // shadows are in the region). Every rank is between two barriers.
-void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream) {
-  for (const LowLatencyCleanParams::Range& r : low_latency_zero_ranges(m))
+void clear_low_latency_calls(Buffer::Impl& m, cudaStream_t stream, const LowLatencyLayout* flags_of) {
+  for (const LowLatencyCleanParams::Range& r : low_latency_zero_ranges(m, flags_of))
     if (r.bytes > 0) EPCOMM_CUDA_CHECK(cudaMemsetAsync(r.data, 0, r.bytes, stream));
   if (m.gin) m.gin->reset_signals(m.gin_signals.low_latency_base(), m.gin_signals.low_latency_count(), stream);
   forget_low_latency_calls(m);
@@ -92,7 +107,7 @@ GinNetParams Buffer::Impl::low_latency_gin_params() const {
 
 // Buffer::reset: as if new, the mask included.
 void Buffer::Impl::reset_low_latency(cudaStream_t stream) {
-  clear_low_latency_calls(*this, stream);
+  clear_low_latency_calls(*this, stream, nullptr);
   // The clean barriers' signals count cleans, which start again with the counters (Buffer::reset).
   if (gin) gin->reset_signals(gin_signals.clean_base(), gin_signals.clean_count(), stream);
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(ll.mask, 0, sizeof(int32_t) * num_ranks, stream));
@@ -142,7 +157,8 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     m.ll = saved;
     throw;
   }
-  m.inter.normal_since_clean = false;  // clean zeroes the LL region, normal mode's data on it included
+  // Normal mode's data on the region may stay: clean zeroes every word an LL call waits on.
+  m.inter.normal_since_clean = false;
   EPCOMM_CUDA_CHECK(cudaSetDevice(m.device));
   // An error a failed call left is cleared as check_device_errors clears it (the record and the
   // device flags; this waits for the comm stream, only on this way back after a failure), and not
@@ -165,7 +181,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     m.gin->drain(m.comm, m.timeout_ns);
     // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
     m.group->barrier();
-    clear_low_latency_calls(m, m.comm);
+    clear_low_latency_calls(m, m.comm, &l);
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     m.ll.layout = l;
     m.group->barrier();
@@ -193,14 +209,14 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
                       nullptr, m.group->ranks_per_node());
     p.barrier = 1;
     launch_low_latency_clean_barrier_gin(p, g, s);
-    clear_low_latency_calls(m, s);
+    clear_low_latency_calls(m, s, &l);
     p.barrier = 2;
     launch_low_latency_clean_barrier_gin(p, g, s);
   } else {
     // One kernel: the barriers and the zeroing (low_latency_zero_ranges). Its blocks wait
     // for block 0's barrier 1, so where ranks share this GPU they are few (every rank's blocks
     // must be resident at once); alone on it, enough to zero the region at memory speed.
-    const ZeroRanges zero = low_latency_zero_ranges(m);
+    const ZeroRanges zero = low_latency_zero_ranges(m, &l);
     std::copy(zero.begin(), zero.end(), p.zero);
     p.go = &m.counters->ll_clean_go;
     p.zeroed = &m.counters->ll_clean_zeroed;

@@ -1,9 +1,12 @@
 // The low-latency network path's area (LowLatencyNetLayout, kernels/low_latency/params.hpp): it
 // follows the two LL buffers, its parts do not overlap, every put's source and destination is
-// 16-byte aligned, and the size hints and the switch's default agree with it. Host only.
+// 16-byte aligned, and the size hints and the switch's default agree with it. And what
+// clean_low_latency_buffer zeroes (flags_begin / flags_end): every flag an LL call waits on, no row.
+// Host only.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <random>
 #include <string>
 
 #include "core/env.hpp"
@@ -72,6 +75,69 @@ TEST(LowLatencyNetLayout, SwitchDefaultsToOffAndHintChecksItsArguments) {
   EXPECT_THROW(Buffer::low_latency_net_size_hint(16, 100, 2, 4), ArgumentError);  // hidden not a multiple of 128
   EXPECT_THROW(Buffer::low_latency_net_size_hint(16, 128, 3, 4), ArgumentError);  // E not a multiple of R
   EXPECT_THROW(Buffer::low_latency_net_size_hint(0, 128, 2, 4), ArgumentError);
+}
+
+// clean_low_latency_buffer zeroes only each buffer's tail [flags_begin, flags_end) and the network
+// area's signals and shadows (BENCHMARKS run 86: zeroing the whole region took 654 us). Every word
+// an LL call waits on must lie there, and no row (rows a tail held would be zeroed for nothing;
+// a flag outside would keep what the last call or normal mode left). Random shapes, seed printed.
+TEST(LowLatencyLayout, CleanZeroesEveryFlagAndNoRow) {
+  const unsigned seed = std::random_device{}();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  for (int i = 0; i < 300; ++i) {
+    const int R = i == 0 ? 8 : pick(1, 64), EL = i == 0 ? 32 : pick(1, 48), E = R * EL;
+    const int tmax = i == 0 ? 128 : pick(1, 300), hidden = i == 0 ? 7168 : 128 * pick(1, 64);
+    SCOPED_TRACE("Tmax=" + std::to_string(tmax) + " hidden=" + std::to_string(hidden) + " R=" + std::to_string(R) +
+                 " E=" + std::to_string(E));
+    const LowLatencyLayout l = LowLatencyLayout::make(tmax, hidden, R, E);
+    const size_t KS = static_cast<size_t>(l.kslots);
+    for (int b = 0; b < 2; ++b) {
+      const size_t fb = l.flags_begin(b), fe = l.flags_end(b);
+      auto in_tail = [&](size_t off, size_t bytes) { return off >= fb && off + bytes <= fe; };
+      auto before_tail = [&](size_t off, size_t bytes) { return off >= l.buffer(b) && off + bytes <= fb; };
+      // The flags: headers (the staged tokens' flags in the first row's high halves), counts,
+      // combine flags, done.
+      EXPECT_TRUE(in_tail(l.header(b, 0, 0, 0), 8));
+      EXPECT_TRUE(in_tail(l.header(b, EL - 1, R - 1, tmax - 1), 8));
+      EXPECT_TRUE(in_tail(l.staged_flag(b, R - 1, tmax - 1), 4));
+      EXPECT_TRUE(in_tail(l.count(b, 0, 0), 8));
+      EXPECT_TRUE(in_tail(l.count(b, EL - 1, R - 1), 8));
+      EXPECT_TRUE(in_tail(l.combine_flag(b, 0, 0), 8));
+      EXPECT_TRUE(in_tail(l.combine_flag(b, tmax - 1, l.kslots - 1), 8));
+      EXPECT_TRUE(in_tail(l.done(b, 0), 8));
+      EXPECT_TRUE(in_tail(l.done(b, R - 1), 8));
+      // The per-rank combine's plan (its weights are flags) where the path is used.
+      if (l.per_rank_combine_fits()) {
+        EXPECT_TRUE(in_tail(l.pr_head(b, 0, 0), 4));
+        EXPECT_TRUE(in_tail(l.pr_entries(b, R - 1, tmax - 1), 4 * KS));
+        EXPECT_TRUE(in_tail(l.pr_weights(b, R - 1) + (static_cast<size_t>(tmax) * KS - 1) * 8, 8));
+        EXPECT_TRUE(in_tail(l.pr_count(b, R - 1), 4));
+      }
+      // The rows: combine rows, messages, and the per-rank staged slots over the messages.
+      EXPECT_TRUE(before_tail(l.combine_row(b, 0, 0), l.msg_bytes));
+      EXPECT_TRUE(before_tail(l.combine_row(b, tmax - 1, l.kslots - 1), l.msg_bytes));
+      EXPECT_TRUE(before_tail(l.message(b, 0, 0, 0), l.msg_bytes));
+      EXPECT_TRUE(before_tail(l.message(b, EL - 1, R - 1, tmax - 1), l.msg_bytes));
+      for (const bool fp8 : {false, true})
+        if (l.per_rank_fits(fp8)) EXPECT_TRUE(before_tail(l.staged(b, R - 1, tmax - 1, fp8), l.staged_stride(fp8)));
+      // Nothing but flags in the tail: its size is theirs (rounded to 16 bytes).
+      const size_t flags = 8 * (static_cast<size_t>(E) * tmax + E + static_cast<size_t>(tmax) * KS + R);
+      EXPECT_EQ(fe - fb, align_up(flags, 16));
+    }
+    // The network area: signals and shadows, not the meta entries or tokens.
+    const LowLatencyNetLayout n = LowLatencyNetLayout::make(l);
+    EXPECT_EQ(n.flags_begin(), n.signals);
+    EXPECT_LE(n.signals + 8 * (static_cast<size_t>(n.signal_id(1, kLLNetKinds - 1, R - 1)) + 1), n.shadows);
+    EXPECT_LE(n.shadow(1, kLLNetKinds - 1, R - 1) + 8, n.flags_end());
+    EXPECT_EQ(n.flags_end(), n.out_entry(0, 0));
+    EXPECT_GE(n.flags_begin(), l.flags_end(1));
+  }
+  // The standard problem: the flags are 0.05% of the region.
+  const LowLatencyLayout s = LowLatencyLayout::make(128, 7168, 8, 256);
+  const size_t zeroed = 2 * (s.flags_end(0) - s.flags_begin(0));
+  EXPECT_LT(zeroed * 1000, s.total_bytes);
 }
 
 }  // namespace

@@ -42,6 +42,7 @@ struct LLCase {
   bool expect_network = false;     // the network path without asking for it (real nodes, tests/gin): sized
                                    // for it, its counters checked as with low_latency_net = 1
   uint32_t first_call_number = 0;  // BufferOptions::first_call_number (numbers near kLastCallNumber)
+  int low_latency_per_rank = -1;   // BufferOptions::low_latency_per_rank (-1: the environment decides)
 };
 
 struct RoundInput {
@@ -80,6 +81,7 @@ struct RankBuffer {
     bo.low_latency_net = c.low_latency_net;
     bo.timeout_ms = timeout_ms;
     bo.first_call_number = c.first_call_number;
+    bo.low_latency_per_rank = c.low_latency_per_rank;
     // Past 32 ranks normal mode is out of reach: a buffer for low-latency mode alone.
     bo.low_latency_mode = c.num_ranks > 32;
     buffer = std::make_unique<Buffer>(group, bo);

@@ -170,6 +170,79 @@ TEST(LowLatencyGpu, CallNumbersRunOutThenCleanRecovers) {
                  });
 }
 
+// clean_low_latency_buffer zeroes only the words LL calls wait on (LowLatencyLayout::flags_begin,
+// the network area's signals and shadows), not the rows. Here every byte of every rank's LL region
+// is set (0xff: each flag then reads as arrived for any call, each shadow as far ahead) after a
+// round, as if normal mode or earlier calls had left anything anywhere; after one clean the next
+// rounds (both buffers) must match the reference. A flag the clean missed gives wrong rows or a
+// timeout. The LSA paths (per expert; per rank: dispatch, then combine too) and the network path
+// over two virtual nodes.
+TEST(LowLatencyGpu, CleanAfterEveryByteSetMatchesReference) {
+  const uint64_t seed = std::random_device{}();
+  struct Variant {
+    const char* name;
+    int per_rank, ranks_per_node, net;
+  };
+  for (const Variant v :
+       {Variant{"per expert", 0, 0, -1}, Variant{"per-rank dispatch", 1, 0, -1}, Variant{"per-rank combine", 2, 0, -1},
+        Variant{"per-rank combine, float32 partials", 4, 0, -1}, Variant{"network, 2 virtual nodes", 0, 1, 1}}) {
+    LLCase c;
+    c.num_ranks = 2;
+    c.hidden = 512;
+    c.num_experts = 64;  // 32 per rank: room for the per-rank plan (LowLatencyLayout::per_rank_combine_fits)
+    c.num_topk = 4;
+    c.max_tokens = 32;
+    const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
+    if (v.per_rank > 0) ASSERT_TRUE(low_latency_per_rank_wanted(l, true, v.per_rank)) << v.name;
+    if (v.per_rank > 1) ASSERT_NE(low_latency_partials(l, v.per_rank), LowLatencyPartials::kNone) << v.name;
+    c.low_latency_per_rank = v.per_rank;
+    c.ranks_per_node = v.ranks_per_node;
+    c.low_latency_net = v.net;
+    SCOPED_TRACE(std::string(v.name) + ": " + describe(c) + " seed=" + std::to_string(seed));
+    const int R = c.num_ranks, rounds = 3;
+    std::vector<std::vector<RoundInput>> in(rounds, std::vector<RoundInput>(R));
+    for (int k = 0; k < rounds; ++k)
+      for (int r = 0; r < R; ++r) in[k][r] = make_input(c, seed, k, r, r == 0 ? c.max_tokens : c.max_tokens / 2);
+    std::vector<std::vector<RoundOutput>> got(rounds, std::vector<RoundOutput>(R));
+    const bool clean = run_ranks_cleanly(
+        R,
+        [&](int r, std::shared_ptr<Group> group) {
+          RankBuffer rb(group, c, c.timeout_ms);
+          Buffer& buf = *rb.buffer;
+          std::vector<Batch> batches;
+          for (int k = 0; k < rounds; ++k) batches.push_back(make_batch(c, in[k][r].num_tokens, rb.device));
+          auto round = [&](int k) {
+            Batch& b = batches[k];
+            upload_dispatch_inputs(b, in[k][r]);
+            b.y.upload(in[k][r].y);
+            b.out.fill_bytes(0);
+            buf.low_latency_dispatch(b.din, b.dout, b.handle, false, rb.order);
+            buf.low_latency_combine(b.cin, b.handle, b.out.view(), false, rb.order);
+            rb.sync("round");
+            got[k][r] = download_dispatch(c, R, b);
+            got[k][r].out = b.out.download<uint16_t>();
+          };
+          round(0);
+          ranks_meet();  // every peer's writes into this region ended
+          const auto [region, bytes] = buf.local_buffer(true);
+          cuda_ok(cudaMemsetAsync(region, 0xff, bytes, rb.stream), "set every byte of the LL region");
+          rb.sync("set");
+          ranks_meet();
+          buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, rb.stream);
+          round(1);
+          round(2);
+          buf.check_device_errors();
+          ranks_meet();
+        },
+        c.ranks_per_node);
+    if (!clean) return;
+    for (int k = 0; k < rounds; ++k) {
+      SCOPED_TRACE("round " + std::to_string(k) + (k > 0 ? " (after every byte set and a clean)" : ""));
+      compare_round(c, k, in[k], got[k]);
+    }
+  }
+}
+
 // clean_low_latency_buffer is stream work (docs/contract.md §4): eager with no host wait before the next
 // calls on the stream, and captured in a CUDA graph before dispatch + combine (SGLang cleans when it
 // switches to low latency, possibly while capturing); zeroing the whole LL region between calls on

@@ -82,11 +82,11 @@ struct LowLatencyNetArgs {
 };
 
 // clean_low_latency_buffer as work on the caller's stream (kernels/low_latency/clean.cu), no host
-// wait and capturable: barrier(1), zero this rank's LL region and counters, barrier(2). Barrier n
+// wait and capturable: barrier(1), zero this rank's LL flags and counters, barrier(2). Barrier n
 // of the c-th clean: each rank stores tag(c, n) into its slot of every rank's clean flags, then
 // waits until every slot of its own holds at least that. After barrier 1 no rank has LL work left
 // that could write into a region (each came to it after its earlier LL calls on that stream);
-// after barrier 2 every region is zeroed, so the next LL call may write. `c` is a device counter
+// after barrier 2 every region's flags are zeroed, so the next LL call may write. `c` is a device counter
 // (DeviceCounters::ll_cleans), the same on every rank, and barrier 2 advances it. Every rank takes
 // part, masked ones included (clean.cu says why).
 // Over load/store (clean.cu) the three steps are ONE kernel per rank: ranks that share a GPU are
@@ -102,15 +102,16 @@ struct LowLatencyCleanParams {
   uint32_t* clean_count = nullptr;  // device: cleans finished
   int barrier = 1;                  // clean_gin.cu: 1 before zeroing, 2 after (and count this clean)
   int32_t* mask = nullptr;          // shrink mode: a peer that never arrives is masked (nullptr: a record)
-  // clean.cu: what the blocks zero between the barriers (this rank's LL region, its LL device
-  // state, shrink mode's count decisions; bytes 0: nothing), and the two device words that order
+  // clean.cu: what the blocks zero between the barriers (the flags of this rank's LL region: two
+  // buffers' tails and the network area's signals and shadows; its LL device state, shrink mode's
+  // count decisions; bytes 0: nothing), and the two device words that order
   // them: `go` (block 0 stores the clean's number after barrier 1) and `zeroed` (blocks done; the
   // last one runs barrier 2 and returns it to 0).
   struct Range {
     char* data = nullptr;
     size_t bytes = 0;
   };
-  static constexpr int kZeroRanges = 3;
+  static constexpr int kZeroRanges = 5;
   Range zero[kZeroRanges];
   uint32_t* go = nullptr;
   uint32_t* zeroed = nullptr;

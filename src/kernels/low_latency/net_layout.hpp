@@ -14,7 +14,7 @@ namespace epcomm {
 // with more than one node; see ll_net.cuh for the protocol). Ranks of the same node keep the LSA
 // path; ranks of other nodes get puts from the sender's own window and signal adds. The area
 // follows the two buffers inside the LL region (offsets from the region's start, like the
-// layout's), and is zeroed with them:
+// layout's); a clean zeroes its signals and shadows with the buffers' flags (flags_begin):
 //   signals  u64 [2 buffers][kLLNetKinds][R]   peers add into them (emulated transport)
 //   shadows  u64 [2][kLLNetKinds][R]            local: running totals this rank has waited for
 //   meta_out [2][R dests] entries              staging: counts + headers for each destination
@@ -55,6 +55,10 @@ struct LowLatencyNetLayout {
     n.end = align_up(off, 128);
     return n;
   }
+  // What clean_low_latency_buffer zeroes of this area: the signals and shadows (meta entries and
+  // tokens are data, read only after a signal says they arrived).
+  EPCOMM_HD size_t flags_begin() const { return signals; }
+  EPCOMM_HD size_t flags_end() const { return meta_out; }
   EPCOMM_HD int signal_id(int b, int kind, int peer) const { return (b * kLLNetKinds + kind) * num_ranks + peer; }
   EPCOMM_HD size_t shadow(int b, int kind, int peer) const {
     return shadows + sizeof(uint64_t) * signal_id(b, kind, peer);
