@@ -294,9 +294,10 @@ class Buffer {
   // per-block phase times; this waits for the comm stream and summarizes the last dispatch (send and
   // receive halves; a hook's receive counts as the last one's). Empty when the probe is off.
   std::string low_latency_probe_report();
-  // Collective: zeroes both LL buffers and the call counters on every rank and fixes the LL shape,
-  // as work on `stream` (a barrier kernel, memsets, a barrier kernel: no host wait, capturable in a
-  // CUDA graph; ordered after this buffer's unfinished async_finish calls). Needed to change the
+  // Collective: zeroes both LL buffers' flags (the words LL calls wait on, not their rows) and the
+  // call counters on every rank and fixes the LL shape, as work on `stream` (within a node one
+  // kernel: barrier, zeroing, barrier; across nodes barrier kernels around memsets; no host wait,
+  // capturable in a CUDA graph; ordered after this buffer's unfinished async_finish calls). Needed to change the
   // shape; also the way back after an LL timeout (then it first clears the recorded error, which
   // waits for the comm stream). Zeroing the region by other means (get_local_buffer_tensor) while
   // no LL call is in flight on any rank is harmless too: every flag compares with the current call

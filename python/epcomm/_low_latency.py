@@ -122,8 +122,8 @@ class LowLatencyMixin:
         return inside if args[2] == 1 else max(inside, _epcomm.low_latency_net_size_hint(*args))
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Zeroes the low-latency memory and call counters on every rank and fixes the shape
-        ``(Tmax, hidden, num_experts)`` for later calls. Collective (every rank calls it at the same
+        """Zeroes the low-latency flags (the words calls wait on, not the rows) and call counters on
+        every rank and fixes the shape ``(Tmax, hidden, num_experts)`` for later calls. Collective (every rank calls it at the same
         point), as DeepEP's: GPU work on the current stream (a barrier, the zeroing, a barrier;
         one kernel within a node), no host wait, so it may be captured in a CUDA graph; it comes after this
         buffer's earlier calls, an unfinished ``async_finish`` one included. Needed to change the
