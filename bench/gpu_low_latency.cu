@@ -353,10 +353,11 @@ void run_ll_ranks(const Options& o, const LLShape& p, const std::vector<LLRankDa
         "cudaSetDevice, cudaStreamIsCapturing, cudaStreamGetId and cudaEventRecord on the caller's stream");
     cuda_check(cudaEventDestroy(probe_event), "event");
     // clean_low_latency_buffer at this shape (one kernel within a node: both barriers and the
-    // zeroing of the whole LL region). Later calls start from fresh handles.
+    // zeroing of the LL flags). Later calls start from fresh handles.
+    const LowLatencyLayout cl = LowLatencyLayout::make(Tmax, H, R, E);
     row("ll-clean", time_us(stream, o.warmup, o.iters, [&] { buf.clean_low_latency_buffer(Tmax, H, E, stream); }),
-        "barrier, zero the LL region (" + std::to_string(buf.low_latency_size_hint(Tmax, H, R, E) >> 20) +
-            " MiB hint), barrier");
+        "barrier, zero the LL flags (" + std::to_string((2 * (cl.flags_end(0) - cl.flags_begin(0))) >> 10) +
+            " KiB of the " + std::to_string(buf.low_latency_size_hint(Tmax, H, R, E) >> 20) + " MiB region), barrier");
 
     // Kernel durations as a profiler records them (CUPTI: start to end on the GPU, no launch or
     // queue time), the way DeepEP's tests time theirs (kineto): the figures to set beside its

@@ -109,7 +109,7 @@ struct Buffer::Impl {
   LowLatencyHostState ll;
   void init_low_latency();                      // constructor: the device counters
   void release_low_latency();                   // destructor
-  void reset_low_latency(cudaStream_t stream);  // zero the LL region and counters (one rank; no barrier)
+  void reset_low_latency(cudaStream_t stream);  // zero the whole LL region and counters (one rank; no barrier)
   GinNetParams low_latency_gin_params() const;  // the LL network path's GIN arguments (gin != nullptr)
   // Normal mode across nodes (buffer_internode.cpp): its region follows the LL region.
   struct Internode {

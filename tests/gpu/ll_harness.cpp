@@ -199,10 +199,10 @@ float bf16_value(uint16_t b) {
 
 // EPCOMM_LL_PER_RANK=2, 3, 4 (the default) send partial sums per (token, rank) where the layout allows
 // (kernels/low_latency/combine.cu): the library decides alike (its shared-memory limits hold for
-// every case here; the cases' buffers leave BufferOptions::low_latency_per_rank at -1, the environment's).
+// every case here) from the case's BufferOptions::low_latency_per_rank, or the environment's at -1.
 LowLatencyPartials partials_in_use(const LLCase& c) {
   const LowLatencyLayout l = LowLatencyLayout::make(c.max_tokens, c.hidden, c.num_ranks, c.num_experts);
-  const int level = low_latency_per_rank_level();
+  const int level = low_latency_per_rank_choice(c.low_latency_per_rank, low_latency_per_rank_level());
   return low_latency_per_rank_wanted(l, c.use_fp8, level) ? low_latency_partials(l, level) : LowLatencyPartials::kNone;
 }
 
