@@ -193,6 +193,11 @@ TEST(GinReliability, StoppedPeerIsATimeoutNamingItAndResetRecovers) {
         std::printf("[error] rank %d: %s\n", r, msg.c_str());
         EXPECT_NE(msg.find("peer " + std::to_string(stopped)), std::string::npos) << msg;
       }
+    } else {
+      // The barrier run_inter_steps makes before its first kernel (every rank's tensors exist):
+      // without it this rank's reset met the others' one barrier early, zeroed its region before
+      // their failed count exchange wrote into it, and kept that stale count after (run 90).
+      g->barrier();
     }
     buf.reset();  // collective: the stopped rank joins here
     test::run_inter_steps(c, run, r, g, buf);

@@ -300,6 +300,45 @@ TEST(InternodeGpu, LowLatencyModeBufferTakesNormalCallsToo) {
       f.ranks_per_node);
 }
 
+// A rank that stops making calls (after the harness's first barrier): each other rank's dispatch
+// across nodes is a TimeoutError naming it; then every rank calls reset() (the stopped one joins
+// there) and the same steps match the reference. The virtual-node form of tests/gin's
+// GinReliability.StoppedPeerIsATimeoutNamingItAndResetRecovers, over the emulated transport.
+TEST(InternodeGpu, StoppedPeerIsATimeoutThenResetRecovers) {
+  for (const Split s : {Split{2, 1}, Split{4, 2}}) {
+    InterCase c;
+    c.num_ranks = s.R;
+    c.ranks_per_node = s.P;
+    c.steps = 1;
+    const uint64_t seed = std::random_device{}();
+    SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+    const InterRun run = make_inter_run(c, seed);
+    const int stopped = c.num_ranks - 1;
+    run_ranks(
+        c.num_ranks,
+        [&](int r, std::shared_ptr<Group> group) {
+          BufferOptions bo = inter_buffer_options(c);
+          bo.timeout_ms = 3000;
+          Buffer buf(group, bo);
+          if (r != stopped) {
+            try {
+              run_inter_steps(c, run, r, group, buf);
+              ADD_FAILURE() << "rank " << r << ": no timeout while rank " << stopped << " made no call";
+            } catch (const TimeoutError& e) {
+              const std::string msg = e.what();
+              EXPECT_NE(msg.find("peer " + std::to_string(stopped)), std::string::npos) << msg;
+            }
+          } else {
+            group->barrier();  // the one run_inter_steps makes before its first kernel (see tests/gin)
+          }
+          buf.reset();  // collective: the stopped rank joins here
+          run_inter_steps(c, run, r, group, buf);
+          buf.check_device_errors();
+        },
+        c.ranks_per_node);
+  }
+}
+
 TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {
   run_ranks(
       2,
