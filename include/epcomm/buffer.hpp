@@ -40,6 +40,10 @@ struct BufferOptions {
   // row per (token, expert) summed in k order (bit for bit the reference), 0 once per expert
   // throughout; -1 = EPCOMM_LL_PER_RANK. The network path (low_latency_net) uses none of them.
   int low_latency_per_rank = -1;
+  // Normal mode across nodes: 1 sends each node's partial sum of a token to its origin as BF16
+  // (half the combine's network bytes; one more rounding, as DeepEP's combine), 0 as float32
+  // (float32 reordering only); -1 = EPCOMM_INTER_BF16_PARTIALS (default 0).
+  int internode_bf16_partials = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
   // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for

@@ -111,7 +111,8 @@ struct Buffer::Impl {
   void release_low_latency();                   // destructor
   void reset_low_latency(cudaStream_t stream);  // zero the whole LL region and counters (one rank; no barrier)
   GinNetParams low_latency_gin_params() const;  // the LL network path's GIN arguments (gin != nullptr)
-  // Normal mode across nodes (buffer_internode.cpp): its region follows the LL region.
+  // Normal mode across nodes (buffer_internode.cpp): its control part right before the LL region,
+  // its data halves on it (core/region_plan.hpp).
   struct Internode {
     bool enabled = false;  // more than one node
     size_t offset = 0, bytes = 0;
@@ -127,9 +128,10 @@ struct Buffer::Impl {
     // The data halves lie on the LL region (buffer.cpp): a normal-mode call since the last
     // clean_low_latency_buffer (or reset) left its data there.
     bool normal_since_clean = false;
+    bool bf16_partials = false;  // BufferOptions::internode_bf16_partials / EPCOMM_INTER_BF16_PARTIALS
   } inter;
   void init_internode();                      // constructor (before the barrier)
-  void reset_internode(cudaStream_t stream);  // zero the region (one rank; no barrier)
+  void reset_internode(cudaStream_t stream);  // zero its control part and signals (one rank; no barrier)
   InterCommon inter_common(KernelId kernel, int num_blocks) const;
   GinNetParams inter_gin_params() const;  // the internode kernels' GIN arguments (gin != nullptr)
   // Throws ArgumentError when num_rdma_bytes cannot hold this dispatch's rows.

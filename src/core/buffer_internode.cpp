@@ -12,6 +12,7 @@
 #include "core/buffer_impl.hpp"
 #include "core/argument_checks.hpp"
 #include "core/call_check.hpp"
+#include "core/env.hpp"
 #include "core/internode_tokens.hpp"
 #include "core/region_plan.hpp"
 #include "epcomm/error.hpp"
@@ -46,6 +47,8 @@ void Buffer::Impl::init_internode() {
   inter.tokens = max_tokens;
   const char* env = std::getenv("EPCOMM_MAX_TOKENS_PER_RANK");
   inter.tokens_given = options.max_tokens_per_rank > 0 || (env != nullptr && *env != '\0');
+  inter.bf16_partials = options.internode_bf16_partials >= 0 ? options.internode_bf16_partials != 0
+                                                             : env_value("EPCOMM_INTER_BF16_PARTIALS") != 0;
   // Chunk masks per source in the meta entries: the smallest chunk is 8 tokens.
   inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, (max_tokens + 7) / 8,
                                    max_local_experts, inter.bytes);
@@ -237,7 +240,7 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   InterCombineParams p;
   p.ic = inter_common(KernelId::kCombine, cp.num_blocks);
   const int step = inter_window_step(cp.chunk);
-  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk, step);
+  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk, step, inter.bf16_partials);
   if (p.geo.window == 0)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +

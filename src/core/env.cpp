@@ -40,6 +40,10 @@ const std::vector<EnvParam>& env_params() {
        "pre-reduces per rank in combine with float32 partials (float32 reordering only); 1 keeps the "
        "combine once per expert (bit for bit the k-order sum); 3 fine partials (24-bit floats, error "
        "<= 2^-16 of a partial), 2 BF16 partials (one extra rounding); 0 = once per expert throughout"},
+      // Normal mode across nodes (BufferOptions::internode_bf16_partials overrides it per buffer).
+      {"EPCOMM_INTER_BF16_PARTIALS", 0,
+       "normal mode across nodes: 1 sends each node's partial sum of a token to its origin as BF16 "
+       "(half the combine's network bytes, one more rounding, as DeepEP); 0 as float32"},
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
        "(Buffer::low_latency_probe_report)"},

@@ -267,6 +267,20 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       EXPECT_LE(c.net_row(l, l.num_nodes - 1, c.window - 1) + c.prow, l.combine_base() + l.half_bytes);
       EXPECT_EQ(c.crow % 16, 0u);
       EXPECT_EQ(c.prow % 16, 0u);
+      EXPECT_EQ(c.partial_weights(hidden), 4 * static_cast<size_t>(hidden));
+      // BF16 partials (BufferOptions::internode_bf16_partials): half the partial row (the weights stay
+      // float32), so at least the float32 window, and the same bounds.
+      const InterCombineGeometry b = InterCombineGeometry::make(l, hidden, K, 4, true);
+      EXPECT_EQ(b.prow, align_up(2 * static_cast<size_t>(hidden) + 4 * static_cast<size_t>(K), 16));
+      EXPECT_EQ(b.partial_weights(hidden), 2 * static_cast<size_t>(hidden));
+      EXPECT_LE(2 * b.prow, c.prow + 4 * static_cast<size_t>(K) + 32);  // half, but for the float32 weights
+      EXPECT_GE(b.window, c.window);
+      EXPECT_LE(b.bytes_for(l, b.window), l.half_bytes);
+      EXPECT_LE(b.in_row(l, l.num_nodes - 1, s.P - 1, b.window - 1) + b.crow, b.out);
+      EXPECT_LE(b.out_row(l, l.num_nodes - 1, b.window - 1) + b.prow, b.net);
+      EXPECT_LE(b.net_row(l, l.num_nodes - 1, b.window - 1) + b.prow, l.combine_base() + l.half_bytes);
+      EXPECT_EQ(b.out % 16, 0u);
+      EXPECT_EQ(b.net % 16, 0u);
     }
   }
 }

@@ -127,6 +127,14 @@ TEST(GinNormal, SmallRegionRunsInRounds) {
   run_inter(g, 71);
 }
 
+// BufferOptions::internode_bf16_partials: the node partials put over GIN as BF16 (half the bytes);
+// the combine within that extra rounding.
+TEST(GinNormal, Bf16Partials) {
+  InterCase c = inter_case();
+  c.bf16_partials = true;
+  run_inter(c, 72);
+}
+
 // ---- low-latency mode (network path to other nodes, LSA inside the node) ----
 
 TEST(GinLowLatency, EveryFeature) {

@@ -27,6 +27,7 @@ std::string describe(const InterCase& c) {
   if (c.graph) s += " graph";
   if (c.region_divisor > 1) s += " region/" + std::to_string(c.region_divisor);
   if (c.low_latency_mode) s += " low_latency_mode";
+  if (c.bf16_partials) s += " bf16-partials";
   if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
     s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
          std::to_string(c.scale_words());
@@ -99,6 +100,7 @@ BufferOptions inter_buffer_options(const InterCase& c) {
   }
   if (c.region_divisor > 1) bo.num_rdma_bytes /= c.region_divisor;
   bo.low_latency_mode = c.low_latency_mode;
+  bo.internode_bf16_partials = c.bf16_partials ? 1 : 0;
   bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
   return bo;
 }
@@ -208,8 +210,10 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       if (step == 0 && r == 0 && c.region_divisor > 1)
         std::printf("[internode] region / %d: combine in %llu rounds\n", c.region_divisor,
                     static_cast<unsigned long long>(cs.rounds));
-      // Node-first summation: equal to the float32 reference up to one BF16 rounding step.
-      t.expect_combine(/*bit_exact=*/false);
+      // Node-first summation: equal to the float32 reference up to one BF16 rounding step (and, with
+      // BF16 partials, within their rounding too).
+      if (c.bf16_partials) t.expect_combine_bf16_partials();
+      else t.expect_combine(/*bit_exact=*/false);
 
       // cached dispatch with new x
       at_part = "cached dispatch";

@@ -30,6 +30,9 @@ struct InterCase : NormalProblem {
   // The buffer is made with low_latency_mode (SGLang's auto mode): normal mode's data halves lie on
   // the LL region (core/buffer.cpp); the steps are the same.
   bool low_latency_mode = false;
+  // BufferOptions::internode_bf16_partials: each node's partial sum travels as BF16; the combine is
+  // then checked within that extra rounding (NormalRank::expect_combine_bf16_partials).
+  bool bf16_partials = false;
 };
 
 std::string describe(const InterCase& c);

@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <vector>
+
 namespace epcomm::test {
 
 NormalRank::NormalRank(const NormalProblem& c, const NormalReference& reference, int r, int stride, int dev)
@@ -199,6 +202,32 @@ void NormalRank::expect_combine(bool bit_exact) const {
   const ref::CombineOutput& w = reference.combine[r];
   EXPECT_TRUE(close_bf16(out.download<uint16_t>(), w.combined_x, "combined_x", 1e-2));
   if (bit_exact) EXPECT_TRUE(same_values(out.download<uint16_t>(), w.combined_x, "combined_x (bit-exact)"));
+  if (c.with_topk) EXPECT_TRUE(same_values(out_w.download<float>(), w.combined_topk_weights, "combined_topk_weights"));
+}
+
+void NormalRank::expect_combine_bf16_partials() const {
+  const ref::CombineOutput& w = reference.combine[r];
+  // The bound's scale: the reference combine of every contribution's absolute value (BF16: the sign
+  // bit cleared), itself rounded once (the 1 + 2^-7 below covers that).
+  std::vector<ref::CombineInput> abs_in = reference.combine_in;
+  for (ref::CombineInput& in : abs_in)
+    for (std::vector<uint16_t>* v : {&in.x, &in.bias0, &in.bias1})
+      for (uint16_t& e : *v) e &= 0x7fff;
+  std::vector<ref::NormalHandle> handles;
+  for (const auto& d : reference.dispatch) handles.push_back(d.handle);
+  const int K = c.with_topk ? c.num_topk : 0;
+  const std::vector<uint16_t> absref = ref::normal_combine(abs_in, handles, c.hidden, K)[r].combined_x;
+  const std::vector<uint16_t> got = out.download<uint16_t>();
+  ASSERT_EQ(got.size(), w.combined_x.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = ref::bf16_to_float(got[i]), want = ref::bf16_to_float(w.combined_x[i]);
+    const double tol = 3.0 * std::ldexp(ref::bf16_to_float(absref[i]) * (1.0 + std::ldexp(1.0, -7)), -8) + 1e-30;
+    if (!(std::fabs(g - want) <= tol)) {
+      ADD_FAILURE() << "combined_x (BF16 partials): element " << i << " got " << g << " want " << want << ", bound "
+                    << tol;
+      return;
+    }
+  }
   if (c.with_topk) EXPECT_TRUE(same_values(out_w.download<float>(), w.combined_topk_weights, "combined_topk_weights"));
 }
 

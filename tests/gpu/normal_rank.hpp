@@ -49,6 +49,10 @@ struct NormalRank {
   void expect_plan(const DispatchPlan& plan) const;  // the host's per-expert counts
   void expect_dispatch() const;               // prefix matrix, per-expert counts, rows, source indices, scales, topk
   void expect_combine(bool bit_exact) const;  // within BF16 rounding; bit_exact: also bit for bit
+  // Across nodes with BF16 partials: |got - want| <= 3 * 2^-8 * (the sum of the absolute values of
+  // the token's contributions), the two roundings of a partial and of the result plus the
+  // reference's own; weights bit for bit.
+  void expect_combine_bf16_partials() const;
   void expect_cached() const;
 
   // layout + dispatch + combine captured once in a CUDA graph on `stream`, replayed three times

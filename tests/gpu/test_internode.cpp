@@ -56,6 +56,21 @@ TEST(InternodeGpu, Fp8AllSplits) {
   }
 }
 
+// BufferOptions::internode_bf16_partials: each node's partial sum of a token travels as BF16 (half
+// the combine's network bytes): every split, one in rounds of a smaller region, the combine within
+// the extra rounding (NormalRank::expect_combine_bf16_partials) and the weights bit for bit.
+TEST(InternodeGpu, Bf16PartialsWithinTheirRounding) {
+  for (const Split& s : kSplits) {
+    InterCase c;
+    c.num_ranks = s.R;
+    c.ranks_per_node = s.P;
+    c.num_experts = 16 * s.R;
+    c.bf16_partials = true;
+    if (s.P == 1) c.region_divisor = 6;
+    run_inter_case(c);
+  }
+}
+
 // DeepEP's other scale forms across nodes: packed UE8M0 int32 words (TMA-aligned column-major, as
 // SGLang passes them) and float32 scales of another group count, bit for bit over the network hop.
 TEST(InternodeGpu, Fp8ScaleForms) {

@@ -5,7 +5,9 @@
 //      in[origin node][own local index][token], tagged with the call's sequence number;
 //   2. node reduce: once all node peers pushed (node flags), the forwarder sums, for every token
 //      of its origins (n, l), the rows its node peers sent, in float32 and ascending local rank,
-//      and puts the float32 partial sum to the origin (or writes it locally when it is the origin);
+//      and puts the partial sum to the origin (or writes it locally when it is the origin): float32,
+//      or rounded to BF16 with BufferOptions::internode_bf16_partials (half the network bytes, one
+//      more rounding, as DeepEP's);
 //   3. final: the origin adds the partials of the nodes the token went to (ascending node), then
 //      bias0, bias1, and rounds once to BF16. combined_topk_weights the same way (exact: a weight is
 //      non-zero on one rank only).
@@ -98,15 +100,19 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
         const int d = __ffs(m) - 1;
         add_bf16x8(acc, __ldcg(at<int4>(mine, g.in_row(L, n, d, t) + 16) + v));
       }
-      float4* o = at<float4>(dst, 0) + 2 * v;
-      o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      if (g.bf16_partials) {
+        at<int4>(dst, 0)[v] = to_bf16x8(acc);
+      } else {
+        float4* o = at<float4>(dst, 0) + 2 * v;
+        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      }
     }
     if (lane < K) {
       float s = 0.f;
       for (uint32_t m = present; m; m &= m - 1)
         s = __fadd_rn(s, __ldcg(at<float>(mine, g.in_row(L, n, __ffs(m) - 1, t) + 16 + row_bytes) + lane));
-      at<float>(dst, static_cast<size_t>(H) * 4)[lane] = s;
+      at<float>(dst, g.partial_weights(H))[lane] = s;
     }
     __syncwarp();
     if (n != me.node) {
@@ -151,8 +157,10 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     int4* out = reinterpret_cast<int4*>(p.out + static_cast<int64_t>(t) * H);
     for (int v = lane; v < vecs; v += 32) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (uint64_t m = nodes; m; m &= m - 1)
-        add_f32x8(acc, at<float4>(mine, g.net_row(L, __ffsll(m) - 1, t - wb)) + 2 * v);
+      for (uint64_t m = nodes; m; m &= m - 1) {
+        if (g.bf16_partials) add_bf16x8(acc, __ldcg(at<int4>(mine, g.net_row(L, __ffsll(m) - 1, t - wb)) + v));
+        else add_f32x8(acc, at<float4>(mine, g.net_row(L, __ffsll(m) - 1, t - wb)) + 2 * v);
+      }
       if (b0) add_bf16x8(acc, b0[v]);
       if (b1) add_bf16x8(acc, b1[v]);
       out[v] = to_bf16x8(acc);
@@ -160,8 +168,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     if (lane < K && p.out_topk_weights) {
       float s = 0.f;
       for (uint64_t m = nodes; m; m &= m - 1)
-        s = __fadd_rn(s, __ldcg(at<float>(mine, g.net_row(L, __ffsll(m) - 1, t - wb) + static_cast<size_t>(H) * 4) +
-                                lane));
+        s = __fadd_rn(s, __ldcg(at<float>(mine, g.net_row(L, __ffsll(m) - 1, t - wb) + g.partial_weights(H)) + lane));
       p.out_topk_weights[static_cast<int64_t>(t) * K + lane] = s;
     }
   }

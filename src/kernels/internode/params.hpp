@@ -188,14 +188,17 @@ struct InterDispatchGeometry {
 
 struct InterCombineGeometry {
   size_t crow = 0;  // tag (16) + bf16 row + K f32, 16-aligned
-  size_t prow = 0;  // f32 row + K f32, 16-aligned
+  size_t prow = 0;  // partial row (f32, or bf16 with bf16_partials) + K f32, 16-aligned
   size_t in = 0, out = 0, net = 0;
-  int window = 0;  // tokens per origin node the arrays hold (row stride)
+  int window = 0;              // tokens per origin node the arrays hold (row stride)
+  bool bf16_partials = false;  // a node's partial sum of a token travels as BF16 (BufferOptions)
 
-  static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk, int step = 4) {
+  static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk, int step = 4,
+                                   bool bf16_partials = false) {
     InterCombineGeometry g;
+    g.bf16_partials = bf16_partials;
     g.crow = 16 + align_up(static_cast<size_t>(hidden) * 2 + sizeof(float) * num_topk, 16);
-    g.prow = align_up(static_cast<size_t>(hidden) * 4 + sizeof(float) * num_topk, 16);
+    g.prow = align_up(static_cast<size_t>(hidden) * (bf16_partials ? 2 : 4) + sizeof(float) * num_topk, 16);
     g.window = inter_window(l.half_bytes, g.bytes_for(l, 1), step, l.max_tokens);
     const size_t w = static_cast<size_t>(g.window);
     g.in = l.combine_base();
@@ -216,6 +219,8 @@ struct InterCombineGeometry {
   EPCOMM_HD size_t net_row(const InterLayout& /*l*/, int node, int t) const {
     return net + (static_cast<size_t>(node) * window + t) * prow;
   }
+  // Where a partial row's K weights start (after its hidden values).
+  EPCOMM_HD size_t partial_weights(int hidden) const { return static_cast<size_t>(hidden) * (bf16_partials ? 2 : 4); }
 };
 
 // What every internode kernel carries.
