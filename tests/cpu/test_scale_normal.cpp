@@ -191,9 +191,12 @@ HierarchicalDispatch model_hierarchical_dispatch(const NormalProblem& p) {
 
 // Hierarchical combine: forwarder (m, l) sums, in float32, the rows its node's ranks return for a
 // token of origin (n, l), ascending local rank; the origin adds the node partials ascending node,
-// then bias0, bias1, and rounds once (docs/design-internode.md "Combine mirrors it").
+// then bias0, bias1, and rounds once (docs/design-internode.md "Combine mirrors it"). With
+// `bf16_partials` (BufferOptions::internode_bf16_partials) each node partial is rounded to BF16
+// before the origin adds it.
 std::vector<std::vector<uint16_t>> model_hierarchical_combine(const NormalProblem& p,
-                                                              const std::vector<CombineInput>& cin, bool real) {
+                                                              const std::vector<CombineInput>& cin, bool real,
+                                                              bool bf16_partials = false) {
   const int R = p.R, P = p.P, N = R / P, K = p.K, H = p.hidden, per_rank = p.E / R;
   std::vector<std::vector<uint16_t>> out(R);
   std::vector<float> partial(H), acc(H);
@@ -212,7 +215,7 @@ std::vector<std::vector<uint16_t>> model_hierarchical_combine(const NormalProble
           for (int c = 0; c < H; ++c) partial[c] += expert_row(p, real, j, i, t, c);
         }
         if (any)
-          for (int c = 0; c < H; ++c) acc[c] += partial[c];
+          for (int c = 0; c < H; ++c) acc[c] += bf16_partials ? bf16_to_float(bf16(partial[c])) : partial[c];
       }
       for (int c = 0; c < H; ++c) {
         const size_t n = static_cast<size_t>(t) * H + c;
@@ -332,9 +335,33 @@ TEST_P(ScaleNormal, HierarchicalModelMatchesReference) {
       }
     }
   }
-  std::
-      printf("[ scale    ] hierarchical %s: %d nodes, %llu network rows, %d of %d outputs differ by rounding, %.2f s\n",
-             name_of(c).c_str(), N, static_cast<unsigned long long>(net_total), differ, total, seconds_since(start));
+  // With BF16 partials: within 3 x 2^-8 of the sum of the contributions' absolute values (a
+  // partial's rounding, the result's, the reference's), the bound the GPU tests use
+  // (NormalRank::expect_combine_bf16_partials), here up to the largest node counts.
+  const auto bf16_model = model_hierarchical_combine(p, real_in, true, /*bf16_partials=*/true);
+  int bf16_differ = 0;
+  for (int i = 0; i < R; ++i) {
+    const NormalInput& in = p.inputs[i];
+    for (int t = 0; t < in.num_tokens; ++t) {
+      const auto dest = destinations(&in.topk_idx[static_cast<size_t>(t) * p.K], p.K, per_rank);
+      for (int ch = 0; ch < p.hidden; ++ch) {
+        const size_t n = static_cast<size_t>(t) * p.hidden + ch;
+        double abs_sum = 0;
+        for (int j : dest) abs_sum += std::fabs(expert_row(p, true, j, i, t, ch));
+        for (const std::vector<uint16_t>* b : {&real_in[i].bias0, &real_in[i].bias1})
+          if (!b->empty()) abs_sum += std::fabs(bf16_to_float((*b)[n]));
+        const double a = bf16_to_float(bf16_model[i][n]), want = bf16_to_float(real_ref[i].combined_x[n]);
+        bf16_differ += bf16_model[i][n] != real_ref[i].combined_x[n];
+        ASSERT_LE(std::fabs(a - want), 3.0 * std::ldexp(abs_sum, -8) + 1e-30)
+            << "origin " << i << " token " << t << " channel " << ch << " (BF16 partials)";
+      }
+    }
+  }
+  std::printf(
+      "[ scale    ] hierarchical %s: %d nodes, %llu network rows, %d of %d outputs differ by rounding (BF16 partials: "
+      "%d), %.2f s\n",
+      name_of(c).c_str(), N, static_cast<unsigned long long>(net_total), differ, total, bf16_differ,
+      seconds_since(start));
 }
 
 INSTANTIATE_TEST_SUITE_P(
