@@ -223,14 +223,15 @@ struct NormalTraffic {
 };
 
 // `blocks`: Config::num_sms (24 by default); `chunk`: Config::chunk_tokens() (32);
-// `max_local_experts`: BufferOptions::max_experts_per_rank (1024 by default; the meta entry's width).
+// `max_local_experts`: BufferOptions::max_experts_per_rank (1024 by default; the meta entry's width);
+// `bf16_partials`: BufferOptions::internode_bf16_partials (the combine's node partials as BF16).
 inline NormalTraffic count_normal(const Shape& s, const TopK& topk, bool fp8, int blocks, int chunk,
-                                  int max_local_experts) {
+                                  int max_local_experts, bool bf16_partials = false) {
   const int R = s.ranks, P = s.ranks_per_node, N = s.nodes(), T = s.tokens, K = s.topk, H = s.hidden;
   const int per_rank = s.per_rank(), G = fp8 ? (H + 127) / 128 : 0, chunks = (T + chunk - 1) / chunk;
   const InterLayout L = InterLayout::make(R, P, T, (T + 7) / 8, max_local_experts, 0);
   const InterDispatchGeometry dg = InterDispatchGeometry::make(L, fp8 ? H : 2 * H, G, K);
-  const InterCombineGeometry cg = InterCombineGeometry::make(L, H, K);
+  const InterCombineGeometry cg = InterCombineGeometry::make(L, H, K, 4, bf16_partials);
   NormalTraffic out;
   out.drow = dg.drow;
   out.prow = cg.prow;

@@ -159,6 +159,7 @@ void normal_tables(const Model& m) {
       const TopK topk = route(s, routing, m.seed);
       const NormalTraffic fp8 = count_normal(s, topk, true, m.sms, 32, 1024);
       const NormalTraffic bf16 = count_normal(s, topk, false, m.sms, 32, 1024);
+      const NormalTraffic bfp = count_normal(s, topk, true, m.sms, 32, 1024, /*bf16_partials=*/true);
       const double deepep_fp8 = max_of(deepep_normal_rdma_bytes(s, topk, true));
       const double deepep_bf16 = max_of(deepep_normal_rdma_bytes(s, topk, false));
       const struct {
@@ -168,7 +169,8 @@ void normal_tables(const Model& m) {
       } ops[] = {{"notify (count exchange)", fp8.notify, 0},
                  {"dispatch FP8", fp8.dispatch, deepep_fp8},
                  {"dispatch BF16", bf16.dispatch, deepep_bf16},
-                 {"combine (float32 partials)", fp8.combine, deepep_bf16}};
+                 {"combine (float32 partials)", fp8.combine, deepep_bf16},
+                 {"combine (BF16 partials, opt-in)", bfp.combine, deepep_bf16}};
       for (const auto& o : ops) {
         const Summary x = summarize(o.c);
         std::printf("| %d | %d | %s | %s | %s / %s | %s | %s / %s | %s | %s | %s / %s | %s |\n", R, s.nodes(),
@@ -179,22 +181,28 @@ void normal_tables(const Model& m) {
       }
       // The model: phases in sequence as the kernels run them today; "overlapped": the same bytes
       // if the network and NVLink phases ran at the same time (the ring of section 4, or DeepEP).
-      const Summary n = summarize(fp8.notify), d = summarize(fp8.dispatch), c = summarize(fp8.combine);
+      const Summary n = summarize(fp8.notify), d = summarize(fp8.dispatch), c = summarize(fp8.combine),
+                    cb = summarize(bfp.combine);
       const double notify = m.hop_us + net_us(m, n) + msg_us(m, n);
       const double d_seq = notify + m.hop_us + net_us(m, d) + msg_us(m, d) + nvl_us(m, d);
       const double d_ovl = notify + overlapped(m, d);
       const double c_seq = nvl_us(m, c) + m.hop_us + net_us(m, c) + msg_us(m, c);
       const double c_ovl = overlapped(m, c);
+      const double cb_seq = nvl_us(m, cb) + m.hop_us + net_us(m, cb) + msg_us(m, cb);
+      const double cb_ovl = overlapped(m, cb);
       const DeepEpNormal* dp = deepep_normal(R);
       const bool implied = dp && routing == Routing::kGrouped;
-      char row[640];
+      char row[960];
+      const std::string deepep_combine = implied ? num(deepep_bf16 / (dp->combine_gbs * 1e3)) : "-";
       std::snprintf(row, sizeof(row),
                     "| %d | %s | dispatch FP8 | %.0f | %.0f | %.0f | %.0f | %.0f | **%.0f** / %.0f | %s |\n"
-                    "| %d | %s | combine | - | %.0f | %.0f | %.0f | %.0f | **%.0f** / %.0f | %s |\n",
+                    "| %d | %s | combine | - | %.0f | %.0f | %.0f | %.0f | **%.0f** / %.0f | %s |\n"
+                    "| %d | %s | combine, BF16 partials | - | %.0f | %.0f | %.0f | %.0f | **%.0f** / %.0f | %s |\n",
                     R, name_of(routing), notify, net_us(m, d), msg_us(m, d), nvl_us(m, d), m.hop_us, d_seq, d_ovl,
                     implied ? num(deepep_fp8 / (dp->dispatch_gbs * 1e3)).c_str() : "-", R, name_of(routing),
-                    net_us(m, c), msg_us(m, c), nvl_us(m, c), m.hop_us, c_seq, c_ovl,
-                    implied ? num(deepep_bf16 / (dp->combine_gbs * 1e3)).c_str() : "-");
+                    net_us(m, c), msg_us(m, c), nvl_us(m, c), m.hop_us, c_seq, c_ovl, deepep_combine.c_str(), R,
+                    name_of(routing), net_us(m, cb), msg_us(m, cb), nvl_us(m, cb), m.hop_us, cb_seq, cb_ovl,
+                    deepep_combine.c_str());
       model_rows += row;
     }
   std::printf("\n### Normal mode across nodes: MODEL of the time per call (us), not a measurement\n\n");
