@@ -198,7 +198,7 @@ struct InterCombineGeometry {
     InterCombineGeometry g;
     g.bf16_partials = bf16_partials;
     g.crow = 16 + align_up(static_cast<size_t>(hidden) * 2 + sizeof(float) * num_topk, 16);
-    g.prow = align_up(static_cast<size_t>(hidden) * (bf16_partials ? 2 : 4) + sizeof(float) * num_topk, 16);
+    g.prow = align_up(g.partial_weights(hidden) + sizeof(float) * num_topk, 16);
     g.window = inter_window(l.half_bytes, g.bytes_for(l, 1), step, l.max_tokens);
     const size_t w = static_cast<size_t>(g.window);
     g.in = l.combine_base();
