@@ -259,12 +259,16 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
         EXPECT_LE(d.send_mask(l, l.num_nodes - 1, l.max_tokens - 1) + 4, d.rows);
         EXPECT_EQ(d.drow % 16, 0u);
       }
+      // Every array of a combine geometry inside the combine half, in order.
+      const auto inside_half = [&](const InterCombineGeometry& g) {
+        EXPECT_LE(g.bytes_for(l, g.window), l.half_bytes);
+        EXPECT_LE(g.in_row(l, l.num_nodes - 1, s.P - 1, g.window - 1) + g.crow, g.out);
+        EXPECT_LE(g.out_row(l, l.num_nodes - 1, g.window - 1) + g.prow, g.net);
+        EXPECT_LE(g.net_row(l, l.num_nodes - 1, g.window - 1) + g.prow, l.combine_base() + l.half_bytes);
+      };
       const InterCombineGeometry c = InterCombineGeometry::make(l, hidden, K);
       EXPECT_GE(c.window, tokens);
-      EXPECT_LE(c.bytes_for(l, c.window), l.half_bytes);
-      EXPECT_LE(c.in_row(l, l.num_nodes - 1, s.P - 1, c.window - 1) + c.crow, c.out);
-      EXPECT_LE(c.out_row(l, l.num_nodes - 1, c.window - 1) + c.prow, c.net);
-      EXPECT_LE(c.net_row(l, l.num_nodes - 1, c.window - 1) + c.prow, l.combine_base() + l.half_bytes);
+      inside_half(c);
       EXPECT_EQ(c.crow % 16, 0u);
       EXPECT_EQ(c.prow % 16, 0u);
       EXPECT_EQ(c.partial_weights(hidden), 4 * static_cast<size_t>(hidden));
@@ -275,10 +279,7 @@ TEST(GeometryRanks, InternodeRegionForEverySplitOfEightRanks) {
       EXPECT_EQ(b.partial_weights(hidden), 2 * static_cast<size_t>(hidden));
       EXPECT_LE(2 * b.prow, c.prow + 4 * static_cast<size_t>(K) + 32);  // half, but for the float32 weights
       EXPECT_GE(b.window, c.window);
-      EXPECT_LE(b.bytes_for(l, b.window), l.half_bytes);
-      EXPECT_LE(b.in_row(l, l.num_nodes - 1, s.P - 1, b.window - 1) + b.crow, b.out);
-      EXPECT_LE(b.out_row(l, l.num_nodes - 1, b.window - 1) + b.prow, b.net);
-      EXPECT_LE(b.net_row(l, l.num_nodes - 1, b.window - 1) + b.prow, l.combine_base() + l.half_bytes);
+      inside_half(b);
       EXPECT_EQ(b.out % 16, 0u);
       EXPECT_EQ(b.net % 16, 0u);
     }

@@ -313,11 +313,15 @@ TEST_P(ScaleNormal, HierarchicalModelMatchesReference) {
   const auto exact_ref = normal_combine(exact_in, handles, p.hidden, p.K);
   const auto exact_model = model_hierarchical_combine(p, exact_in, false);
   for (int i = 0; i < R; ++i) ASSERT_EQ(exact_model[i], exact_ref[i].combined_x) << "origin " << i;
-  // ...and within BF16 rounding on values whose sums round.
+  // ...and within BF16 rounding on values whose sums round. With BF16 partials: within 3 x 2^-8 of
+  // the sum of the contributions' absolute values (a partial's rounding, the result's, the
+  // reference's), the bound the GPU tests use (NormalRank::expect_combine_bf16_partials), here up
+  // to the largest node counts.
   const auto real_in = expert_outputs(p, out, rng, true, false);
   const auto real_ref = normal_combine(real_in, handles, p.hidden, p.K);
   const auto real_model = model_hierarchical_combine(p, real_in, true);
-  int differ = 0, total = 0;
+  const auto bf16_model = model_hierarchical_combine(p, real_in, true, /*bf16_partials=*/true);
+  int differ = 0, total = 0, bf16_differ = 0;
   for (int i = 0; i < R; ++i) {
     const NormalInput& in = p.inputs[i];
     for (int t = 0; t < in.num_tokens; ++t) {
@@ -332,27 +336,13 @@ TEST_P(ScaleNormal, HierarchicalModelMatchesReference) {
         ASSERT_TRUE(within_bf16_rounding(a, b, static_cast<int>(dest.size()), abs_sum))
             << "origin " << i << " token " << t << " channel " << ch << ": node by node " << bf16_to_float(a)
             << ", reference " << bf16_to_float(b);
-      }
-    }
-  }
-  // With BF16 partials: within 3 x 2^-8 of the sum of the contributions' absolute values (a
-  // partial's rounding, the result's, the reference's), the bound the GPU tests use
-  // (NormalRank::expect_combine_bf16_partials), here up to the largest node counts.
-  const auto bf16_model = model_hierarchical_combine(p, real_in, true, /*bf16_partials=*/true);
-  int bf16_differ = 0;
-  for (int i = 0; i < R; ++i) {
-    const NormalInput& in = p.inputs[i];
-    for (int t = 0; t < in.num_tokens; ++t) {
-      const auto dest = destinations(&in.topk_idx[static_cast<size_t>(t) * p.K], p.K, per_rank);
-      for (int ch = 0; ch < p.hidden; ++ch) {
-        const size_t n = static_cast<size_t>(t) * p.hidden + ch;
-        double abs_sum = 0;
-        for (int j : dest) abs_sum += std::fabs(expert_row(p, true, j, i, t, ch));
-        for (const std::vector<uint16_t>* b : {&real_in[i].bias0, &real_in[i].bias1})
-          if (!b->empty()) abs_sum += std::fabs(bf16_to_float((*b)[n]));
-        const double a = bf16_to_float(bf16_model[i][n]), want = bf16_to_float(real_ref[i].combined_x[n]);
-        bf16_differ += bf16_model[i][n] != real_ref[i].combined_x[n];
-        ASSERT_LE(std::fabs(a - want), 3.0 * std::ldexp(abs_sum, -8) + 1e-30)
+        double abs_all = 0;  // the BF16 partials' bound: the contributions and the biases, in double
+        for (int j : dest) abs_all += std::fabs(expert_row(p, true, j, i, t, ch));
+        for (const std::vector<uint16_t>* bias : {&real_in[i].bias0, &real_in[i].bias1})
+          if (!bias->empty()) abs_all += std::fabs(bf16_to_float((*bias)[n]));
+        const uint16_t c = bf16_model[i][n];
+        bf16_differ += c != b;
+        ASSERT_LE(std::fabs(double(bf16_to_float(c)) - bf16_to_float(b)), 3.0 * std::ldexp(abs_all, -8) + 1e-30)
             << "origin " << i << " token " << t << " channel " << ch << " (BF16 partials)";
       }
     }
