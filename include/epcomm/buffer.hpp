@@ -372,7 +372,8 @@ class Buffer {
 
   // Collective: brings every rank's buffer back to a clean state after an error (a timed-out wait
   // leaves flags and counters of an unfinished call behind). Every rank must call it; no call may
-  // be in flight. Afterwards the buffer works as if new.
+  // be in flight. Afterwards the buffer works as if new. A rank that meets a peer at another
+  // collective step (Group::barrier names them) throws RuntimeFailure before it clears anything.
   void reset();
 
   struct Impl;  // private state (src/core/buffer_impl.hpp)

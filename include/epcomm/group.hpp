@@ -5,6 +5,7 @@
 
 #include <nccl.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,7 +41,13 @@ class Group {
   virtual std::string transport() const = 0;
 
   // Collective host-side operations, used at setup and in rare control paths.
-  virtual void barrier() = 0;
+  //
+  // barrier: every rank names the collective step it is at; the ranks gather the names (one
+  // all_gather), and where any rank is at another step, or has passed a different number of
+  // barriers of this group, every rank throws the same RuntimeFailure naming each rank's step,
+  // instead of pairing one rank's step with another's (a rank that skipped a collective call, or
+  // reset() on one rank meeting the destructor on another). Names longer than 47 bytes are cut.
+  void barrier(const char* step = "Group::barrier");
   virtual void all_gather(const void* mine, void* all, size_t bytes_per_rank) = 0;
   // Memory every rank of this NVLink domain can load from and store to. Collective. Across real
   // nodes (an NCCL group whose ranks are not all load/store reachable) it also comes with NCCL GIN
@@ -51,6 +58,9 @@ class Group {
  protected:
   Group(int rank, int size, int device, int ranks_per_node);
   int rank_, size_, device_, ranks_per_node_;
+
+ private:
+  uint64_t barriers_ = 0;  // barriers this rank passed on this group
 };
 
 // A symmetric allocation: the same size on every rank, reachable from every rank of the domain.

@@ -189,7 +189,7 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
   // share a GPU).
   preload_kernels(/*with_gin=*/m.gin != nullptr);
   // Every rank must have its region zeroed before anyone signals into it.
-  m.group->barrier();
+  m.group->barrier("Buffer constructor");
 }
 
 Buffer::~Buffer() {
@@ -201,7 +201,7 @@ Buffer::~Buffer() {
     cudaStreamSynchronize(m.comm);
   }
   try {
-    m.group->barrier();  // no peer may still write into our region
+    m.group->barrier("Buffer destructor");  // no peer may still write into our region
   } catch (...) {
   }
   m.sym.reset();

@@ -180,11 +180,11 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
     // What a failed call left with the transport lands first (Buffer::reset).
     m.gin->drain(m.comm, m.timeout_ns);
     // Nobody may still write into our region while we clear it, nor into a peer's before it cleared.
-    m.group->barrier();
+    m.group->barrier("clean_low_latency_buffer (before)");
     clear_low_latency_calls(m, m.comm, &l);
     EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
     m.ll.layout = l;
-    m.group->barrier();
+    m.group->barrier("clean_low_latency_buffer (after)");
     return;
   }
   // Work on the caller's stream (kernel_params.hpp, LowLatencyCleanParams): barrier, zero, barrier. No

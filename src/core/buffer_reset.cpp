@@ -18,7 +18,7 @@ void Buffer::reset() {
   if (m.gin) m.gin->drain(m.comm, m.timeout_ns);
   // Nobody may still signal into our control region while we clear it, and nobody may signal
   // into a peer's before that peer has cleared its own.
-  m.group->barrier();
+  m.group->barrier("Buffer::reset (before clearing)");
   EPCOMM_CUDA_CHECK(cudaMemsetAsync(m.sym->local(), 0, m.ctl.total, m.comm));
   m.reset_low_latency(m.comm);
   m.reset_internode(m.comm);
@@ -27,7 +27,7 @@ void Buffer::reset() {
   EPCOMM_CUDA_CHECK(cudaMemcpyAsync(m.counters, &init, sizeof(init), cudaMemcpyHostToDevice, m.comm));
   EPCOMM_CUDA_CHECK(cudaStreamSynchronize(m.comm));
   std::memset(m.record, 0, sizeof(DeviceErrorRecord));
-  m.group->barrier();
+  m.group->barrier("Buffer::reset (after clearing)");
 }
 
 }  // namespace epcomm

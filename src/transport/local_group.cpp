@@ -103,8 +103,6 @@ class LocalGroup : public Group {
 
   std::string transport() const override { return "local threads (cudaMalloc + peer access)"; }
 
-  void barrier() override { fabric_->sync.arrive_and_wait(rank_); }
-
   void all_gather(const void* mine, void* all, size_t bytes) override {
     fabric_->slots[rank_] = mine;
     fabric_->sync.arrive_and_wait(rank_);

@@ -71,10 +71,8 @@ class NcclGroup : public Group {
       : Group(rank, size, device, ranks_per_node), comm_(comm), owned_(owned) {
     EPCOMM_CUDA_CHECK(cudaSetDevice(device));
     EPCOMM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    EPCOMM_CUDA_CHECK(cudaMalloc(&scratch_, kScratch));
   }
   ~NcclGroup() override {
-    cudaFree(scratch_);
     cudaStreamDestroy(stream_);
     if (owned_ && !aborted_) ncclCommDestroy(comm_);  // an aborted communicator is already freed
   }
@@ -83,12 +81,6 @@ class NcclGroup : public Group {
   std::string transport() const override {
     return nccl_lsa_size(comm_) < size_ ? "NCCL symmetric memory (LSA; GIN to other nodes)"
                                         : "NCCL symmetric memory (LSA)";
-  }
-
-  void barrier() override {
-    require_alive("barrier");
-    EPCOMM_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclInt32, ncclSum, comm_, stream_));
-    wait_nccl_or_abort(comm_, owned_, stream_, timeout_ms(), "group barrier", rank_, size_, &aborted_);
   }
 
   void all_gather(const void* mine, void* all, size_t bytes) override {
@@ -117,12 +109,10 @@ class NcclGroup : public Group {
                            ": the communicator was aborted after a peer did not answer; destroy the buffer and group");
   }
 
-  static constexpr size_t kScratch = 256;
   ncclComm_t comm_;
   bool owned_;
   bool aborted_ = false;  // by wait_nccl_or_abort: a peer never answered
   cudaStream_t stream_ = nullptr;
-  void* scratch_ = nullptr;
 };
 
 int resolve_ranks_per_node(ncclComm_t comm, int size, int requested) {

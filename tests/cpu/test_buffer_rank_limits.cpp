@@ -19,7 +19,6 @@ class StubGroup : public Group {
  public:
   StubGroup(int rank, int size, int ranks_per_node) : Group(rank, size, 0, ranks_per_node) {}
   std::string transport() const override { return "stub"; }
-  void barrier() override { throw std::logic_error("stub group: barrier"); }
   void all_gather(const void*, void*, size_t) override { throw std::logic_error("stub group: all_gather"); }
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t) override {
     throw std::logic_error("stub group: past the rank checks");

@@ -1,13 +1,17 @@
 // The host barrier of a group of threads (Group::create_local, src/transport/local_group.cpp): ranks
 // meet at every barrier and all_gather, and a rank that never arrives (its thread threw in a
 // Buffer's constructor) fails the others' waits after 4 x EPCOMM_TIMEOUT_MS, naming it, instead of
-// hanging the process; the barrier then stays broken. No GPU: barriers and all_gather touch none.
+// hanging the process; the barrier then stays broken. Barriers are named (Group::barrier(step)):
+// ranks at different steps all throw the same error naming each rank's step, and the group goes on.
+// No GPU: barriers and all_gather touch none.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <future>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -41,6 +45,56 @@ TEST(LocalGroupBarrier, RanksMeetAtEveryBarrierAndGather) {
   EXPECT_FALSE(early.load());
   EXPECT_FALSE(wrong.load());
   EXPECT_EQ(passed.load(), 160);
+}
+
+TEST(LocalGroupBarrier, RanksAtDifferentStepsAllThrowNamingEachStep) {
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 rng(seed);
+  const std::vector<std::string> steps = {"Buffer::reset (before clearing)", "Buffer destructor",
+                                          "clean_low_latency_buffer (before)",
+                                          "a step named past its 47-byte limit, cut there"};
+  for (int trial = 0; trial < 20; ++trial) {
+    const int n = 2 + static_cast<int>(rng() % 6);
+    const auto groups = Group::create_local(std::vector<int>(n, 0));
+    // Every rank at steps[0] but a random nonempty proper subset, each at a random other step.
+    std::vector<int> at(n, 0);
+    const int odd = 1 + static_cast<int>(rng() % (n - 1));
+    for (int k = 0; k < odd; ++k) at[rng() % n] = 1 + static_cast<int>(rng() % 3);
+    const bool differ = std::any_of(at.begin(), at.end(), [&](int s) { return s != at[0]; });
+    std::vector<std::string> got(n);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < n; ++r) {
+      threads.emplace_back([&, r] {
+        groups[r]->barrier("warm-up");  // one barrier passed: the tags' counts say 1
+        try {
+          groups[r]->barrier(steps[at[r]].c_str());
+          got[r] = "passed";
+        } catch (const RuntimeFailure& e) {
+          got[r] = e.what();
+        }
+        groups[r]->barrier("after");  // the group goes on
+      });
+    }
+    for (auto& t : threads) t.join();
+    SCOPED_TRACE("seed " + std::to_string(seed) + " trial " + std::to_string(trial));
+    if (!differ) {
+      for (const std::string& g : got) EXPECT_EQ(g, "passed");
+      continue;
+    }
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(got[r], got[0]) << "rank " << r;  // the same message everywhere
+      EXPECT_NE(got[r].find("different collective steps"), std::string::npos) << got[r];
+    }
+    for (int r = 0; r < n; ++r) {
+      // Each rank's step (cut at 47 bytes) and the count of barriers it passed before.
+      const std::string name = steps[at[r]].substr(0, 47);
+      EXPECT_NE(got[0].find("'" + name + "' (group barrier 1)"), std::string::npos) << got[0];
+    }
+    // Rank lists: the ranks at steps[at[0]] are listed together, rank 0 first among them.
+    std::string first = "rank";
+    if (std::count(at.begin(), at.end(), at[0]) > 1) first += "s";
+    EXPECT_NE(got[0].find(first + " 0"), std::string::npos) << got[0];
+  }
 }
 
 TEST(LocalGroupBarrier, ARankThatNeverArrivesFailsTheOthersNamingIt) {

@@ -204,8 +204,9 @@ TEST(GinReliability, StoppedPeerIsATimeoutNamingItAndResetRecovers) {
     } else {
       // The barrier run_inter_steps makes before its first kernel (every rank's tensors exist):
       // without it this rank's reset met the others' one barrier early, zeroed its region before
-      // their failed count exchange wrote into it, and kept that stale count after (run 90).
-      g->barrier();
+      // their failed count exchange wrote into it, and kept that stale count after (run 90; the
+      // named barriers now refuse that pairing).
+      g->barrier("run_inter_steps: tensors made");
     }
     buf.reset();  // collective: the stopped rank joins here
     test::run_inter_steps(c, run, r, g, buf);

@@ -153,7 +153,7 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
   NormalRank t(c, run.reference, r, stride, group->device());
   // And every rank's tensors exist before any rank's first kernel spins for its peers (a cudaMalloc
   // may wait for the device too: ll_case.cpp's harness hung so until it met here, runs 78-81).
-  group->barrier();
+  group->barrier("run_inter_steps: tensors made");
   int at_step = 0;
   const char* at_part = "start";
   try {

@@ -344,7 +344,7 @@ TEST(InternodeGpu, StoppedPeerIsATimeoutThenResetRecovers) {
               EXPECT_NE(msg.find("peer " + std::to_string(stopped)), std::string::npos) << msg;
             }
           } else {
-            group->barrier();  // the one run_inter_steps makes before its first kernel (see tests/gin)
+            group->barrier("run_inter_steps: tensors made");  // the one the survivors made (see tests/gin)
           }
           buf.reset();  // collective: the stopped rank joins here
           run_inter_steps(c, run, r, group, buf);

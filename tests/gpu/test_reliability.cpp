@@ -132,6 +132,29 @@ TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
   });
 }
 
+// A rank that comes to reset() while another is at a different collective step (here the group's
+// own barrier, as a harness that lost count would make) is refused on both with the same error
+// naming both steps, instead of pairing them; a reset on every rank then recovers, exactly.
+TEST(ReliabilityGpu, ResetMeetingAnotherStepIsRefusedThenResetRecovers) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
+    with_buffer(group, 1000, [&](Buffer& buf, cudaStream_t stream) {
+      good_round(buf, rank, group->device(), stream, seed);
+      try {
+        if (rank == 0) buf.reset();
+        else group->barrier("the caller's own step");
+        ADD_FAILURE() << "rank " << rank << ": the steps paired";
+      } catch (const RuntimeFailure& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find("rank 0 at 'Buffer::reset (before clearing)'"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("rank 1 at 'the caller's own step'"), std::string::npos) << msg;
+      }
+      buf.reset();
+      good_round(buf, rank, group->device(), stream, seed + 1);
+    });
+  });
+}
+
 // The last call numbers of a buffer give exact results; past them the count exchange does not run
 // and dispatch raises a RuntimeFailure saying why (flags left by calls with high numbers must never
 // pass for a number that came round again); Buffer::reset starts the numbers again.
