@@ -15,8 +15,10 @@ experts (rounded down to a multiple of the rank count), uniform routing; FP8 (an
 BF16 combine; median microseconds of --ll-iters after --ll-warmup, per rank and the maximum over
 ranks: one call each (ll-dispatch-fp8, ll-dispatch-bf16, ll-combine, the host's Python work
 included when it is slower than the GPU), the two halves of hook mode with 50 us of other GPU work
-between them (ll-*-send / ll-*-recv, as epcomm-bench measures them), and calls replayed from one
-CUDA graph (ll-*-graph, no host work).
+between them (ll-*-send / ll-*-recv, as epcomm-bench measures them), calls replayed from one
+CUDA graph (ll-*-graph, no host work), and eager calls back to back (ll-*-loop: one event pair
+around --ll-iters calls, per call; what a framework calling each layer eagerly pays, against the
+C++ row of the same call).
 
 Host time (ll-*-host rows): a host clock around one eager call, no synchronization, median of
 --ll-iters; --profile-dir DIR also writes torch.profiler's CPU table of rank 0's LL calls there.
@@ -54,6 +56,11 @@ OPS = ("dispatch-bf16", "dispatch-fp8", "cached-dispatch-bf16", "combine")
 EXACT_OPS = {"dispatch-bf16-exact": "dispatch-bf16", "dispatch-fp8-exact": "dispatch-fp8"}
 LL_OPS = ("ll-dispatch-fp8", "ll-dispatch-bf16", "ll-combine", "ll-dispatch-fp8-send", "ll-dispatch-fp8-recv",
           "ll-combine-send", "ll-combine-recv", "ll-dispatch-fp8-graph", "ll-combine-graph")
+# Eager calls back to back (one event pair around --ll-iters calls, per call): what a framework that
+# calls each layer without a CUDA graph pays per call, the larger of its host time and the GPU's;
+# compared with the C++ row of the same call (its host never holds the GPU back). The per-call rows
+# above add two Python event records to each call's host time.
+LL_LOOP_OPS = {"ll-dispatch-fp8-loop": "ll-dispatch-fp8", "ll-combine-loop": "ll-combine"}
 # Host time of one eager call (a host clock around the call, no synchronization; what the Python
 # layer, the binding, the C++ checks and the launches cost the CPU), median of --ll-iters.
 LL_HOST_OPS = ("ll-dispatch-fp8-host", "ll-dispatch-bf16-host", "ll-combine-host")
@@ -75,6 +82,21 @@ def median_us(fn, warmup, iters):
     torch.cuda.synchronize()
     times = sorted(start.elapsed_time(end) * 1e3 for start, end in events)
     return times[len(times) // 2]
+
+
+def loop_us(fn, warmup, iters):
+    """Microseconds per call of `iters` calls of `fn` back to back between two events on the
+    caller's stream (no host work between the calls but the calls' own)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
 
 
 def host_us(fn, warmup, iters):
@@ -280,6 +302,9 @@ def _low_latency(rank, num_ranks, args, out):
     out["ll-dispatch-bf16"] = median_us(lambda: dispatch(fp8=False), warmup, iters)
     handle = dispatch()[2]  # a fresh dispatch, then combines of its handle (each rewrites the same rows)
     out["ll-combine"] = median_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup, iters)
+    out["ll-dispatch-fp8-loop"] = loop_us(dispatch, warmup, iters)
+    out["ll-combine-loop"] = loop_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup,
+                                     iters)
     gap = sleep_cycles(HOOK_GAP_US)
     out["ll-dispatch-fp8-send"], out["ll-dispatch-fp8-recv"] = median_halves_us(
         lambda: dispatch(hook=True), warmup, iters, gap)
@@ -484,6 +509,15 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
             summary[op].update(cpp_us=cpp[op][0], ratio=ratio)
             line += f"{cpp[op][0]:10.1f}{ratio:9.3f}"
         print(line)
+    for op, base in LL_LOOP_OPS.items():
+        per_rank = [r[op] for r in results]
+        worst = max(per_rank)
+        summary[op] = {"python_us": worst}
+        line = f"{op:<22}" + "".join(f"{u:10.1f}" for u in per_rank) + f"{worst:10.1f}"
+        if base in cpp:  # against the C++ call's event-timed figure
+            summary[op].update(cpp_us=cpp[base][0], ratio=worst / cpp[base][0])
+            line += f"{cpp[base][0]:10.1f}{worst / cpp[base][0]:9.3f}"
+        print(line)
     for op in LL_HOST_OPS:
         per_rank = [r[op] for r in results]
         summary[op] = {"python_host_us": max(per_rank)}
@@ -511,6 +545,7 @@ def print_low_latency(args, num_ranks, device, results, cpp, summary):
     print("output tensors made by:", results[0]["alloc"])
     print(f"ll-*-send / ll-*-recv: hook mode, {HOOK_GAP_US:.0f} us of other GPU work between the halves; "
           f"ll-*-graph: per call, {args.ll_iters + (args.ll_iters & 1)} calls replayed from one CUDA graph; "
+          f"ll-*-loop: per call, {args.ll_iters} eager calls back to back between two events (vs the C++ call); "
           "ll-*-host: host microseconds per eager call (perf_counter_ns around the call, no sync; C++: the "
           "C++ call alone, steady_clock); host-empty-launch: an empty kernel's launch from C++ (host-params-launch: "
           "with the dispatch's parameter bytes; host-stream-bookkeeping: the stream calls a call on the caller's "
