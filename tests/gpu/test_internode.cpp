@@ -34,24 +34,23 @@ struct Split {
 };
 const Split kSplits[] = {{4, 2}, {4, 1}, {2, 1}, {6, 2}};
 
+InterCase split_case(const Split& s, int experts_per_rank) {
+  InterCase c;
+  c.num_ranks = s.R;
+  c.ranks_per_node = s.P;
+  c.num_experts = experts_per_rank * s.R;
+  return c;
+}
+
 TEST(InternodeGpu, Bf16AllSplits) {
-  for (const Split& s : kSplits) {
-    InterCase c;
-    c.num_ranks = s.R;
-    c.ranks_per_node = s.P;
-    c.num_experts = 16 * s.R;
-    run_inter_case(c);
-  }
+  for (const Split& s : kSplits) run_inter_case(split_case(s, 16));
 }
 
 TEST(InternodeGpu, Fp8AllSplits) {
   for (const Split& s : kSplits) {
-    InterCase c;
-    c.num_ranks = s.R;
-    c.ranks_per_node = s.P;
+    InterCase c = split_case(s, 8);
     c.dtype = DType::kFP8E4M3;
     c.hidden = 1008;  // not a multiple of 128: a partial scale group
-    c.num_experts = 8 * s.R;
     run_inter_case(c);
   }
 }
@@ -61,10 +60,7 @@ TEST(InternodeGpu, Fp8AllSplits) {
 // the extra rounding (NormalRank::expect_combine_bf16_partials) and the weights bit for bit.
 TEST(InternodeGpu, Bf16PartialsWithinTheirRounding) {
   for (const Split& s : kSplits) {
-    InterCase c;
-    c.num_ranks = s.R;
-    c.ranks_per_node = s.P;
-    c.num_experts = 16 * s.R;
+    InterCase c = split_case(s, 16);
     c.bf16_partials = true;
     if (s.P == 1) c.region_divisor = 6;
     run_inter_case(c);
