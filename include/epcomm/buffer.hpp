@@ -44,6 +44,11 @@ struct BufferOptions {
   // (half the combine's network bytes; one more rounding, as DeepEP's combine), 0 as float32
   // (float32 reordering only); -1 = EPCOMM_INTER_BF16_PARTIALS (default 0).
   int internode_bf16_partials = -1;
+  // Normal mode across nodes: 1 puts the rows node peers push to a token's forwarder in combine into
+  // num_nvl_bytes's part of the region (unused across nodes otherwise) where it holds a step of
+  // them, so num_rdma_bytes holds only the node partials (fewer combine rounds in a small region);
+  // 0 keeps them in num_rdma_bytes; -1 = EPCOMM_INTER_COMBINE_NVL (default 0).
+  int internode_combine_nvl = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),
   // and then every call fails with a RuntimeFailure until reset() (clean_low_latency_buffer for
@@ -347,12 +352,16 @@ class Buffer {
   // windows a region gives, for BF16 dispatch rows and for the combine (0: not one round fits, and
   // the call is refused naming the size); max_tokens_per_rank is the buffer's token limit
   // (BufferOptions::max_tokens_per_rank, 65536 by default), chunk Config::chunk_tokens().
+  // num_nvl_bytes: the windows with BufferOptions::internode_combine_nvl on and this num_nvl_bytes
+  // (0: off): its part of the region then holds the rows node peers push to a token's forwarder in
+  // combine, and num_rdma_bytes only the node partials (with 8 ranks per node about 3 x the
+  // combine's window, 5 x with BufferOptions::internode_bf16_partials's narrower rows).
   struct InternodeWindows {
     int dispatch = 0, combine = 0;
   };
   static InternodeWindows internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden, int num_ranks,
                                             int ranks_per_node, int num_topk, int max_experts_per_rank = 1024,
-                                            int chunk = 32);
+                                            int chunk = 32, size_t num_nvl_bytes = 0);
   // Traffic counters of this rank's internode calls since the last reset (synchronizes the comm
   // stream): puts to ranks of other nodes and their bytes (count meta, masks, rows), rows sent over
   // the network, and bytes of rows this rank read from / wrote to node peers over NVLink.

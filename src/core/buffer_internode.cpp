@@ -49,6 +49,11 @@ void Buffer::Impl::init_internode() {
   inter.tokens_given = options.max_tokens_per_rank > 0 || (env != nullptr && *env != '\0');
   inter.bf16_partials = options.internode_bf16_partials >= 0 ? options.internode_bf16_partials != 0
                                                              : env_value("EPCOMM_INTER_BF16_PARTIALS") != 0;
+  if (options.internode_combine_nvl >= 0 ? options.internode_combine_nvl != 0
+                                         : env_value("EPCOMM_INTER_COMBINE_NVL") != 0) {
+    inter.nvl_offset = data_offset;
+    inter.nvl_bytes = data_bytes;
+  }
   // Chunk masks per source in the meta entries: the smallest chunk is 8 tokens.
   inter.layout = InterLayout::make(num_ranks, group->ranks_per_node(), max_tokens, (max_tokens + 7) / 8,
                                    max_local_experts, inter.bytes);
@@ -70,6 +75,9 @@ void Buffer::Impl::reset_internode(cudaStream_t stream) {
   if (!inter.enabled || inter.bytes == 0) return;
   EPCOMM_CUDA_CHECK(
       cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.offset, 0, inter.layout.control_bytes, stream));
+  // The combine's pushed rows in num_nvl_bytes's part carry call numbers, which restart now.
+  if (inter.nvl_bytes > 0)
+    EPCOMM_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(sym->local()) + inter.nvl_offset, 0, inter.nvl_bytes, stream));
 }
 
 size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_ranks, int ranks_per_node, int num_topk,
@@ -86,14 +94,16 @@ size_t Buffer::internode_size_hint(int max_tokens_per_rank, int hidden, int num_
 
 Buffer::InternodeWindows Buffer::internode_windows(size_t num_rdma_bytes, int max_tokens_per_rank, int hidden,
                                                    int num_ranks, int ranks_per_node, int num_topk,
-                                                   int max_experts_per_rank, int chunk) {
+                                                   int max_experts_per_rank, int chunk, size_t num_nvl_bytes) {
   checks::positive("chunk", chunk);
   const InterLayout l =
       sizing_layout(max_tokens_per_rank, hidden, num_ranks, ranks_per_node, max_experts_per_rank, num_rdma_bytes);
   const int step = inter_window_step(chunk);
   InternodeWindows w;
   w.dispatch = InterDispatchGeometry::make(l, hidden * 2, 0, num_topk, step).window;
-  w.combine = InterCombineGeometry::make(l, hidden, num_topk, step).window;
+  // The part's offset does not change the window; its size, aligned as Buffer allocates it, does.
+  const size_t nvl = align_up(num_nvl_bytes, 4096);  // 0: the option is off
+  w.combine = InterCombineGeometry::make(l, hidden, num_topk, step, false, 0, nvl).window;
   return w;
 }
 
@@ -131,7 +141,7 @@ void Buffer::Impl::check_internode_dispatch(int row_bytes, int num_scales, int n
     // limit, not the group's largest T: without a limit given, that is what one round holds at the
     // first dispatch's hidden (BF16 rows, top-k up to kMaxTopk: later calls still fit). Every rank's
     // first dispatch has the same hidden, so every rank finds the same.
-    const int t = internode_round_capacity(inter.layout, hidden, kMaxTopk, step);
+    const int t = internode_round_capacity(inter.layout, hidden, kMaxTopk, step, inter.nvl_offset, inter.nvl_bytes);
     if (t > 0) inter.tokens = t;
     inter.fitted = true;
   }
@@ -240,7 +250,8 @@ Event Buffer::Impl::run_internode_combine(const CombineParams& cp, const Dispatc
   InterCombineParams p;
   p.ic = inter_common(KernelId::kCombine, cp.num_blocks);
   const int step = inter_window_step(cp.chunk);
-  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk, step, inter.bf16_partials);
+  p.geo = InterCombineGeometry::make(inter.layout, cp.hidden, cp.num_topk, step, inter.bf16_partials, inter.nvl_offset,
+                                     inter.nvl_bytes);
   if (p.geo.window == 0)
     throw ArgumentError("num_rdma_bytes = " + std::to_string(options.num_rdma_bytes) +
                         " is too small for this combine across nodes: hidden = " + std::to_string(cp.hidden) +

@@ -13,10 +13,13 @@ namespace epcomm {
 
 // The tokens one round holds for the widest dispatch row (BF16; FP8 rows with the usual scales are
 // narrower, and each call still checks its own) and for the combine at `hidden`, top-k num_topk;
-// 0 when not one step (inter_window_step) fits.
-inline int internode_round_capacity(const InterLayout& l, int hidden, int num_topk, int step) {
+// 0 when not one step (inter_window_step) fits. nvl_offset, nvl_bytes: the part of the region
+// num_nvl_bytes gives (InterCombineGeometry::make).
+inline int internode_round_capacity(const InterLayout& l, int hidden, int num_topk, int step, size_t nvl_offset = 0,
+                                    size_t nvl_bytes = 0) {
   const int d = InterDispatchGeometry::make(l, 2 * hidden, 0, num_topk, step).window;
-  const int c = InterCombineGeometry::make(l, hidden, num_topk, step).window;
+  // float32 partials: the wider rows (BF16 partials hold at least as many tokens).
+  const int c = InterCombineGeometry::make(l, hidden, num_topk, step, false, nvl_offset, nvl_bytes).window;
   return std::min(d, c);
 }
 

@@ -5,6 +5,7 @@
 // that overlaps the next one or runs past the size hint would corrupt memory on the GPU. Host only.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -342,6 +343,91 @@ TEST(GeometryRanks, InternodeWindowsFromTheRegion) {
   EXPECT_EQ(inter_window_step(12), 12);
   EXPECT_EQ(inter_window_step(10), 20);
   EXPECT_EQ(inter_window_step(9), 36);
+}
+
+// BufferOptions::internode_combine_nvl: the combine's pushed rows in num_nvl_bytes's part of the
+// region (where it holds one step of them), the combine half only the partials. Random shapes and
+// sizes (seed printed): the rows of each array inside their own part, the two parts apart in the
+// region Buffer lays out (plan_regions), the window the most whole steps both parts hold (never
+// fewer than without the part), Buffer::internode_windows the same; a part smaller than a step
+// leaves everything in the combine half, as before. At DeepSeek's shape with DeepEP's hints the
+// combine takes under half the rounds.
+TEST(GeometryRanks, InternodeCombineRowsInTheNvlPart) {
+  const uint32_t seed = std::random_device{}();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  struct Split {
+    int R, P;
+  };
+  const Split splits[] = {{4, 2}, {8, 1}, {16, 8}, {64, 8}, {6, 3}};
+  int in_nvl = 0, not_in_nvl = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const Split sp = splits[rng() % 5];
+    const int hidden = 128 * (1 + static_cast<int>(rng() % 56)), K = 1 + static_cast<int>(rng() % 8), EL = 8;
+    const int T = 1 + static_cast<int>(rng() % 2048), chunk = 8 * (1 + static_cast<int>(rng() % 4));
+    const bool bf16 = rng() % 2 == 0;
+    const int step = inter_window_step(chunk);
+    const size_t hint = Buffer::internode_size_hint(T, hidden, sp.R, sp.P, K, EL);
+    const size_t rdma = hint / (1 + rng() % 10);
+    const InterLayout l = buffer_layout(sp.R, sp.P, T, EL, rdma);
+    const InterCombineGeometry off = InterCombineGeometry::make(l, hidden, K, step, bf16);
+    // The pushed rows of between 0 and 2 x all tokens (some below one step).
+    const size_t all_in = off.in_bytes_for(l, l.max_tokens);
+    const size_t nvl = align_up(static_cast<size_t>(std::uniform_real_distribution<double>(0, 2)(rng) * all_in), 4096);
+    const RegionPlan plan = plan_regions(nvl, rdma, sp.R, sp.P, T, EL, true);
+    const InterCombineGeometry g =
+        InterCombineGeometry::make(l, hidden, K, step, bf16, plan.data_offset, plan.data_bytes);
+    SCOPED_TRACE("R=" + std::to_string(sp.R) + " P=" + std::to_string(sp.P) + " hidden=" + std::to_string(hidden) +
+                 " K=" + std::to_string(K) + " T=" + std::to_string(T) + " step=" + std::to_string(step) +
+                 " rdma=" + std::to_string(rdma) + " nvl=" + std::to_string(nvl) + " window " +
+                 std::to_string(g.window) + " (without " + std::to_string(off.window) + ")");
+    // The part holds the pushed rows where that gives a larger window than the half alone.
+    const int partials = inter_window(l.half_bytes, static_cast<size_t>(l.num_nodes) * 2 * g.prow, step, l.max_tokens);
+    const int in_part = inter_window(plan.data_bytes, g.in_bytes_for(l, 1), step, l.max_tokens);
+    ASSERT_EQ(g.in_nvl, std::min(partials, in_part) > off.window);
+    if (!g.in_nvl) {
+      ++not_in_nvl;
+      EXPECT_EQ(g.window, off.window);
+      EXPECT_EQ(g.in, off.in);
+      EXPECT_EQ(g.out, off.out);
+      continue;
+    }
+    ++in_nvl;
+    EXPECT_GT(g.window, off.window);
+    EXPECT_EQ(g.window, std::min(partials, in_part));
+    EXPECT_EQ(g.bytes_for(l, 1), static_cast<size_t>(l.num_nodes) * 2 * g.prow);  // the partials only
+    EXPECT_EQ(Buffer::internode_windows(rdma, T, hidden, sp.R, sp.P, K, EL, chunk, nvl).combine,
+              InterCombineGeometry::make(l, hidden, K, step, false, plan.data_offset, plan.data_bytes).window);
+    EXPECT_EQ(g.window % step, 0);
+    // Pushed rows inside the part num_nvl_bytes gives, before the internode region starts.
+    EXPECT_EQ(g.in, plan.data_offset);
+    const size_t in_end = g.in_row(l, l.num_nodes - 1, sp.P - 1, g.window - 1) + g.crow;
+    EXPECT_LE(in_end, plan.data_offset + plan.data_bytes);
+    EXPECT_LE(plan.data_offset + plan.data_bytes, plan.inter_offset);
+    // Partials inside the combine half (offsets from the internode region's start).
+    EXPECT_EQ(g.out, l.combine_base());
+    EXPECT_LE(g.out_row(l, l.num_nodes - 1, g.window - 1) + g.prow, g.net);
+    EXPECT_LE(g.net_row(l, l.num_nodes - 1, g.window - 1) + g.prow, l.combine_base() + l.half_bytes);
+    // The most whole steps both parts hold.
+    const int next = g.window + step;
+    if (next <= static_cast<int>(align_up(static_cast<size_t>(l.max_tokens), static_cast<size_t>(step))))
+      EXPECT_TRUE(g.bytes_for(l, next) > l.half_bytes || g.in_bytes_for(l, next) > plan.data_bytes);
+  }
+  EXPECT_GT(in_nvl, 50);
+  EXPECT_GT(not_in_nvl, 20);
+  // DeepSeek's shape, 2 nodes of 8, 4096 tokens, top-8, with DeepEP's hints (88 MB, 360 MB):
+  // float32 partials under half the combine rounds, BF16 partials under a third.
+  const int T = 4096, H = 7168, step = inter_window_step(32);
+  const InterLayout l = buffer_layout(16, 8, T, 16, size_t{88} << 20);
+  const RegionPlan plan = plan_regions(size_t{360} << 20, size_t{88} << 20, 16, 8, T, 16, true);
+  const auto rounds = [&](bool bf16, bool nvl) {
+    const int w = InterCombineGeometry::make(l, H, 8, step, bf16, plan.data_offset, nvl ? plan.data_bytes : 0).window;
+    return (T + w - 1) / w;
+  };
+  std::printf("[geometry] 16 ranks, 2 nodes, 88 MB + 360 MB: combine rounds %d -> %d (float32), %d -> %d (BF16)\n",
+              rounds(false, false), rounds(false, true), rounds(true, false), rounds(true, true));
+  EXPECT_LT(2 * rounds(false, true), rounds(false, false));
+  EXPECT_LT(3 * rounds(true, true), rounds(true, false));
 }
 
 // The rounds of a call, with the index arithmetic the internode kernels use (dispatch.cuh,

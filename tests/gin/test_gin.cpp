@@ -135,6 +135,23 @@ TEST(GinNormal, Bf16Partials) {
   run_inter(c, 72);
 }
 
+// BufferOptions::internode_combine_nvl: the rows node peers push in combine lie in num_nvl_bytes's
+// part (LSA inside the node), the combine half only the partials put over GIN: fewer rounds in a
+// small region (the count checked), with BF16 partials and the CUDA graph too.
+TEST(GinNormal, CombineRowsInTheNvlPart) {
+  InterCase c = inter_case();
+  c.region_divisor = 4;
+  c.combine_nvl_divisor = 1;
+  run_inter(c, 73);
+  InterCase g = inter_case();
+  g.region_divisor = 6;
+  g.combine_nvl_divisor = 2;
+  g.bf16_partials = true;
+  g.worst = true;
+  g.graph = true;
+  run_inter(g, 74);
+}
+
 // ---- low-latency mode (network path to other nodes, LSA inside the node) ----
 
 TEST(GinLowLatency, EveryFeature) {

@@ -28,6 +28,7 @@ std::string describe(const InterCase& c) {
   if (c.region_divisor > 1) s += " region/" + std::to_string(c.region_divisor);
   if (c.low_latency_mode) s += " low_latency_mode";
   if (c.bf16_partials) s += " bf16-partials";
+  if (c.combine_nvl_divisor > 0) s += " combine-nvl/" + std::to_string(c.combine_nvl_divisor);
   if (c.dtype == DType::kFP8E4M3 && (c.scale_dtype != DType::kF32 || c.num_scales > 0))
     s += std::string(" scales ") + (c.scale_dtype == DType::kI32 ? "int32" : "float32") + " x" +
          std::to_string(c.scale_words());
@@ -101,6 +102,12 @@ BufferOptions inter_buffer_options(const InterCase& c) {
   if (c.region_divisor > 1) bo.num_rdma_bytes /= c.region_divisor;
   bo.low_latency_mode = c.low_latency_mode;
   bo.internode_bf16_partials = c.bf16_partials ? 1 : 0;
+  bo.internode_combine_nvl = c.combine_nvl_divisor > 0 ? 1 : 0;
+  if (c.combine_nvl_divisor > 0) {
+    // The rows every rank of the group pushes for the layout's token bound (T + 32, then a step).
+    const size_t crow = 16 + (static_cast<size_t>(c.hidden) * 2 + 4 * c.num_topk + 15) / 16 * 16;
+    bo.num_nvl_bytes = static_cast<size_t>(R) * crow * (std::max(c.max_tokens, 1) + 32 + 64) / c.combine_nvl_divisor;
+  }
   bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)
   return bo;
 }
@@ -206,7 +213,24 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       const Buffer::InternodeStats cs = buf.internode_stats(true);
       report("combine", step, cs, traffic.combine_net_rows[r]);
       EXPECT_EQ(cs.network_rows, traffic.combine_net_rows[r]) << "combine: partial sums over the network";
-      if (c.region_divisor > 1) EXPECT_GT(cs.rounds, 1u) << "combine: rounds";
+      if (c.region_divisor > 1 && c.combine_nvl_divisor == 0) EXPECT_GT(cs.rounds, 1u) << "combine: rounds";
+      if (c.combine_nvl_divisor > 0 && !c.bf16_partials && !c.tokens && c.fixed_tokens < 0 &&
+          !c.token_limit_from_region) {
+        // The rounds of the windows with and without the part (rank 0 has max_tokens, the most).
+        const BufferOptions bo = inter_buffer_options(c);
+        const int chunk = ccfg.chunk_tokens();
+        const auto rounds_for = [&](size_t nvl) {
+          const int w = Buffer::internode_windows(bo.num_rdma_bytes, bo.max_tokens_per_rank, c.hidden, R,
+                                                  c.ranks_per_node, c.num_topk, bo.max_experts_per_rank, chunk, nvl)
+                            .combine;
+          const int tokens = (c.max_tokens + chunk - 1) / chunk * chunk;
+          return static_cast<uint64_t>(std::max((tokens + w - 1) / std::max(w, 1), 1));
+        };
+        EXPECT_EQ(cs.rounds, rounds_for(bo.num_nvl_bytes)) << "combine: rounds with the pushed rows in num_nvl_bytes";
+        if (step == 0 && r == 0)
+          std::printf("[internode] combine rows in num_nvl_bytes (%zu): %llu rounds (%llu without)\n", bo.num_nvl_bytes,
+                      static_cast<unsigned long long>(cs.rounds), static_cast<unsigned long long>(rounds_for(0)));
+      }
       if (step == 0 && r == 0 && c.region_divisor > 1)
         std::printf("[internode] region / %d: combine in %llu rounds\n", c.region_divisor,
                     static_cast<unsigned long long>(cs.rounds));

@@ -33,6 +33,10 @@ struct InterCase : NormalProblem {
   // BufferOptions::internode_bf16_partials: each node's partial sum travels as BF16; the combine is
   // then checked within that extra rounding (NormalRank::expect_combine_bf16_partials).
   bool bf16_partials = false;
+  // > 0: BufferOptions::internode_combine_nvl with num_nvl_bytes the pushed rows of every token
+  // divided by this (the combine half then holds only the partials); with float32 partials the
+  // test checks the combine ran the rounds Buffer::internode_windows gives for those sizes.
+  int combine_nvl_divisor = 0;
 };
 
 std::string describe(const InterCase& c);

@@ -67,6 +67,30 @@ TEST(InternodeGpu, Bf16PartialsWithinTheirRounding) {
   }
 }
 
+// BufferOptions::internode_combine_nvl: the rows node peers push in combine lie in num_nvl_bytes's
+// part, the combine half only the partials. Every split with a quarter of the hint (rounds): the
+// part holding every token's rows, or a third of them (then its window bounds the rounds); the
+// rounds those sizes give (Buffer::internode_windows) checked and printed beside those without. Then
+// BF16 partials with FP8 dispatch, and a part too small for a step (the rows stay in the half).
+TEST(InternodeGpu, CombineRowsInTheNvlPart) {
+  for (const Split& s : kSplits) {
+    InterCase c = split_case(s, 16);
+    c.region_divisor = 4;
+    c.combine_nvl_divisor = s.P == 1 ? 1 : 3;
+    run_inter_case(c);
+  }
+  InterCase b = split_case({4, 2}, 8);
+  b.dtype = DType::kFP8E4M3;
+  b.bf16_partials = true;
+  b.region_divisor = 6;
+  b.combine_nvl_divisor = 2;
+  run_inter_case(b);
+  InterCase tiny = split_case({4, 2}, 16);
+  tiny.region_divisor = 4;
+  tiny.combine_nvl_divisor = 10000;
+  run_inter_case(tiny);
+}
+
 // DeepEP's other scale forms across nodes: packed UE8M0 int32 words (TMA-aligned column-major, as
 // SGLang passes them) and float32 scales of another group count, bit for bit over the network hop.
 TEST(InternodeGpu, Fp8ScaleForms) {

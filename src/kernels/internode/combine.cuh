@@ -2,7 +2,8 @@
 // then one message per (token, node) over the network. One kernel, three grid phases:
 //   1. push: every expert rank copies each received row (and its topk weights) over NVLink into
 //      the input of the row's forwarder (same node, local index of the row's origin) at
-//      in[origin node][own local index][token], tagged with the call's sequence number;
+//      in[origin node][own local index][token], tagged with the call's sequence number (in the
+//      part num_nvl_bytes gives where it holds them, else in the combine half: InterCombineGeometry);
 //   2. node reduce: once all node peers pushed (node flags), the forwarder sums, for every token
 //      of its origins (n, l), the rows its node peers sent, in float32 and ascending local rank,
 //      and puts the partial sum to the origin (or writes it locally when it is the origin): float32,
@@ -35,6 +36,9 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
   const WaitContext& w = ic.common.wait;
   const Who me = who(ic);
   char* const mine = ic.net.window[me.rank];
+  // The pushed rows' base of node peer r (InterCombineGeometry::in_nvl: num_nvl_bytes's part).
+  auto in_base = [&](int r) { return g.in_nvl ? lsa_peer(ic.common, r) : ic.net.window[r]; };
+  char* const in_mine = in_base(me.rank);
   const int lane = lane_id(), warp = warp_id(), B = gridDim.x;
   const int gw = blockIdx.x * kInterWarps + warp, num_gw = B * kInterWarps;
   const int K = p.num_topk, H = p.hidden;
@@ -62,7 +66,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
       continue;
     }
     const int fwd = me.node * me.P + i % me.P;
-    char* dst = ic.net.window[fwd] + g.in_row(L, i / me.P, me.local, t - wb);
+    char* dst = in_base(fwd) + g.in_row(L, i / me.P, me.local, t - wb);
     warp_copy(dst + 16, p.x + static_cast<size_t>(r) * H, row_bytes);
     if (lane < K)
       at<float>(dst, 16 + row_bytes)[lane] = p.topk_weights ? p.topk_weights[static_cast<int64_t>(r) * K + lane] : 0.f;
@@ -90,7 +94,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
   uint64_t rows_sent = 0;
   for (int item = gw; ok && item < me.N * wlen; item += num_gw) {
     const int n = item / wlen, t = item % wlen;  // t inside the window
-    const bool here = lane < me.P && __ldcg(at<uint64_t>(mine, g.in_row(L, n, lane, t))) == row_tag(seq);
+    const bool here = lane < me.P && __ldcg(at<uint64_t>(in_mine, g.in_row(L, n, lane, t))) == row_tag(seq);
     const uint32_t present = __ballot_sync(0xffffffffu, here);
     if (present == 0) continue;
     char* dst = mine + (n == me.node ? g.net_row(L, n, t) : g.out_row(L, n, t));
@@ -98,7 +102,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (uint32_t m = present; m; m &= m - 1) {
         const int d = __ffs(m) - 1;
-        add_bf16x8(acc, __ldcg(at<int4>(mine, g.in_row(L, n, d, t) + 16) + v));
+        add_bf16x8(acc, __ldcg(at<int4>(in_mine, g.in_row(L, n, d, t) + 16) + v));
       }
       if (g.bf16_partials) {
         at<int4>(dst, 0)[v] = to_bf16x8(acc);
@@ -111,7 +115,7 @@ __device__ void inter_combine(const InterCombineParams& p, const Net& net, uint3
     if (lane < K) {
       float s = 0.f;
       for (uint32_t m = present; m; m &= m - 1)
-        s = __fadd_rn(s, __ldcg(at<float>(mine, g.in_row(L, n, __ffs(m) - 1, t) + 16 + row_bytes) + lane));
+        s = __fadd_rn(s, __ldcg(at<float>(in_mine, g.in_row(L, n, __ffs(m) - 1, t) + 16 + row_bytes) + lane));
       at<float>(dst, g.partial_weights(H))[lane] = s;
     }
     __syncwarp();

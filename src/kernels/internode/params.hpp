@@ -192,24 +192,44 @@ struct InterCombineGeometry {
   size_t in = 0, out = 0, net = 0;
   int window = 0;              // tokens per origin node the arrays hold (row stride)
   bool bf16_partials = false;  // a node's partial sum of a token travels as BF16 (BufferOptions)
+  // The rows node peers push (`in`) lie in the part of the region num_nvl_bytes gives (unused
+  // otherwise by normal mode across nodes; offsets from the region's start, reached through
+  // CommonParams::peer_base), so the combine half holds only the partials, where that holds more
+  // tokens per round; false: the combine half holds them too (as it does with
+  // BufferOptions::internode_combine_nvl off).
+  bool in_nvl = false;
 
+  // nvl_offset, nvl_bytes: that part (bytes 0: none).
   static InterCombineGeometry make(const InterLayout& l, int hidden, int num_topk, int step = 4,
-                                   bool bf16_partials = false) {
+                                   bool bf16_partials = false, size_t nvl_offset = 0, size_t nvl_bytes = 0) {
     InterCombineGeometry g;
     g.bf16_partials = bf16_partials;
     g.crow = 16 + align_up(static_cast<size_t>(hidden) * 2 + sizeof(float) * num_topk, 16);
     g.prow = align_up(g.partial_weights(hidden) + sizeof(float) * num_topk, 16);
-    g.window = inter_window(l.half_bytes, g.bytes_for(l, 1), step, l.max_tokens);
+    // Everything in the combine half, or the pushed rows in the part: whichever holds more tokens.
+    const size_t partials = static_cast<size_t>(l.num_nodes) * 2 * g.prow;  // per token
+    const int in_half = inter_window(l.half_bytes, g.in_bytes_for(l, 1) + partials, step, l.max_tokens);
+    const int half_partials = inter_window(l.half_bytes, partials, step, l.max_tokens);
+    const int in_part = inter_window(nvl_bytes, g.in_bytes_for(l, 1), step, l.max_tokens);
+    const int split = half_partials < in_part ? half_partials : in_part;
+    g.in_nvl = split > in_half;
+    g.window = g.in_nvl ? split : in_half;
     const size_t w = static_cast<size_t>(g.window);
-    g.in = l.combine_base();
-    g.out = g.in + static_cast<size_t>(l.num_nodes) * l.ranks_per_node * w * g.crow;
+    g.in = g.in_nvl ? nvl_offset : l.combine_base();
+    g.out = g.in_nvl ? l.combine_base() : g.in + g.in_bytes_for(l, g.window);
     g.net = g.out + static_cast<size_t>(l.num_nodes) * w * g.prow;
     return g;
   }
+  // Bytes of the combine half a window of `tokens` needs.
   size_t bytes_for(const InterLayout& l, int tokens) const {
-    return static_cast<size_t>(l.num_nodes) * tokens * (l.ranks_per_node * crow + 2 * prow);
+    return (in_nvl ? 0 : in_bytes_for(l, tokens)) + static_cast<size_t>(l.num_nodes) * tokens * 2 * prow;
   }
-  // t: token index inside the window.
+  // Bytes of the pushed rows of a window of `tokens`.
+  EPCOMM_HD size_t in_bytes_for(const InterLayout& l, int tokens) const {
+    return static_cast<size_t>(l.num_nodes) * l.ranks_per_node * tokens * crow;
+  }
+  // t: token index inside the window. in_row: from the base in_nvl says (the region's start, or the
+  // internode region's like out_row and net_row).
   EPCOMM_HD size_t in_row(const InterLayout& l, int node, int expert_local, int t) const {
     return in + ((static_cast<size_t>(node) * l.ranks_per_node + expert_local) * window + t) * crow;
   }
