@@ -158,8 +158,9 @@ void normal_table(int tokens, int hidden) {
   std::printf(
       "| ranks | nodes | epcomm internode_size_hint | epcomm allocated | epcomm Config rdma hint (compat) | "
       "DeepEP rdma hint | epcomm / DeepEP rdma | epcomm rounds at DeepEP's rdma hint (dispatch / combine) | "
+      "same, combine rows in DeepEP's nvl hint (internode_combine_nvl) | "
       "epcomm rounds at 1 GiB | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
@@ -177,18 +178,20 @@ void normal_table(int tokens, int hidden) {
         deepep ? std::max(deepep_nvl_hint(dd, hidden_bytes, R), deepep_nvl_hint(dc, hidden_bytes, R)) : 0;
     const size_t ring = proposed_ring_bytes(ed.num_sms, N, hidden, topk);
     // A region smaller than the hint runs in rounds of a window of tokens (Buffer::internode_windows).
-    const auto rounds = [&](size_t bytes) -> std::string {
+    // nvl: BufferOptions::internode_combine_nvl with this num_nvl_bytes (0: off).
+    const auto rounds = [&](size_t bytes, size_t nvl = 0) -> std::string {
       if (bytes == 0) return "-";
       const epcomm::Buffer::InternodeWindows w =
-          epcomm::Buffer::internode_windows(bytes, tokens, hidden, R, P, topk, E / R, ed.chunk_tokens());
+          epcomm::Buffer::internode_windows(bytes, tokens, hidden, R, P, topk, E / R, ed.chunk_tokens(), nvl);
       if (w.dispatch == 0 || w.combine == 0) return "too small";
       const auto n = [&](int window) { return std::to_string((tokens + window - 1) / window); };
       return n(w.dispatch) + " / " + n(w.combine);
     };
-    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(),
+    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(),
                 mib(alloc).c_str(), mib(compat).c_str(), deepep ? mib(drdma).c_str() : "(none)",
-                ratio(inter, drdma).c_str(), rounds(deepep ? drdma : 0).c_str(), rounds(size_t{1} << 30).c_str(),
-                mib(ring).c_str(), mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)");
+                ratio(inter, drdma).c_str(), rounds(deepep ? drdma : 0).c_str(),
+                rounds(deepep ? drdma : 0, dnvl).c_str(), rounds(size_t{1} << 30).c_str(), mib(ring).c_str(),
+                mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)");
   }
   std::printf("\n");
 }
