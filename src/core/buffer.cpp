@@ -1,8 +1,11 @@
 // Buffer construction, memory, stream ordering and error reporting. The modes live in
 // buffer_normal.cpp and buffer_low_latency*.cpp.
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/buffer_impl.hpp"
@@ -195,14 +198,28 @@ Buffer::Buffer(std::shared_ptr<Group> group, const BufferOptions& options) : imp
 Buffer::~Buffer() {
   Impl& m = *impl_;
   cudaSetDevice(m.device);
+  bool idle = true;
   if (m.comm) {
-    // join_direct_calls, without its throw (a destructor)
+    // join_direct_calls and sync_comm, without their throws (a destructor)
     if (m.direct_pending) cudaStreamWaitEvent(m.comm, m.direct_event, 0);
-    cudaStreamSynchronize(m.comm);
+    try {
+      idle = m.wait_bounded(m.comm);
+    } catch (...) {
+    }
   }
   try {
     m.group->barrier("Buffer destructor");  // no peer may still write into our region
   } catch (...) {
+  }
+  if (!idle) {
+    // A kernel still runs on this memory: leave it allocated rather than free it under the kernel
+    // (or hang the process's exit waiting for it).
+    std::fprintf(stderr,
+                 "epcomm rank %d: the communication stream still runs %lld ms after the Buffer's destruction began "
+                 "(a kernel stuck in a wait epcomm cannot bound); its memory is left allocated\n",
+                 m.rank, static_cast<long long>(m.comm_bound_ms()));
+    (void)m.sym.release();
+    return;
   }
   m.sym.reset();
   cudaFree(m.peer_tables);
@@ -276,9 +293,32 @@ void Buffer::Impl::join_direct_calls() {
   direct_pending = false;
 }
 
+bool Buffer::Impl::wait_bounded(cudaStream_t stream) const {
+  cudaError_t e = cudaStreamQuery(stream);
+  const auto start = std::chrono::steady_clock::now();
+  auto pause = std::chrono::microseconds(20);
+  while (e == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() - start > std::chrono::milliseconds(comm_bound_ms())) return false;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(2 * pause, std::chrono::microseconds(1000));
+    e = cudaStreamQuery(stream);
+  }
+  EPCOMM_CUDA_CHECK(e);
+  return true;
+}
+
 void Buffer::Impl::sync_comm() {
   join_direct_calls();
-  EPCOMM_CUDA_CHECK(cudaStreamSynchronize(comm));
+  if (!wait_bounded(comm)) throw_stuck("the communication stream");
+}
+
+void Buffer::Impl::throw_stuck(const char* which) const {
+  throw RuntimeFailure("epcomm rank " + std::to_string(rank) + ": " + which + " still runs after " +
+                       std::to_string(comm_bound_ms()) +
+                       " ms (4 x the timeout + 1 s): a kernel is stuck in a wait epcomm cannot bound (NCCL GIN's "
+                       "put waits for queue credits without a bound once the network transport stops), or work "
+                       "the calls were ordered after has not finished; this buffer can be neither used nor reset: "
+                       "end the process");
 }
 
 bool Buffer::Impl::capturing(cudaStream_t stream) const {
@@ -322,8 +362,13 @@ CommonParams Buffer::Impl::common(KernelId kernel) const {
 void Buffer::check_device_errors() {
   Impl& m = *impl_;
   if (m.record->error() != DeviceError::kNone) {
-    // The kernels that saw the error have left; make the buffer usable for the next call.
-    m.sync_comm();
+    // The kernels that saw the error have left; make the buffer usable for the next call. (One
+    // stuck where epcomm cannot bound its wait: the error says so, with what was recorded.)
+    try {
+      m.sync_comm();
+    } catch (const RuntimeFailure& e) {
+      throw RuntimeFailure(std::string(e.what()) + "; recorded first: " + describe(*m.record));
+    }
     const DeviceErrorRecord r = *m.record;
     std::memset(m.record, 0, sizeof(DeviceErrorRecord));
     EPCOMM_CUDA_CHECK(cudaMemsetAsync(&m.counters->abort, 0, 2 * sizeof(int32_t), m.comm));  // abort, record_claimed

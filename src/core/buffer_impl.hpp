@@ -75,7 +75,16 @@ struct Buffer::Impl {
   bool join_each_call = false;
   void note_direct_call(cudaStream_t stream);  // after a direct call's launch (not while capturing)
   void join_direct_calls();                    // the comm stream waits for the latest direct call
-  void sync_comm();                            // join_direct_calls, then cudaStreamSynchronize(comm)
+  // join_direct_calls, then waits for the comm stream, bounded by comm_bound_ms(): RuntimeFailure
+  // naming the stuck stream past it (a kernel in a wait epcomm cannot bound: NCCL GIN's put waiting
+  // for queue credits once the network transport stopped), instead of a hang.
+  void sync_comm();
+  // Every GPU wait epcomm makes ends within the timeout, so the comm stream's calls finish within
+  // a few of them (four, and a second, allow for calls queued behind each other).
+  int64_t comm_bound_ms() const { return static_cast<int64_t>(4 * (timeout_ns / 1000000) + 1000); }
+  bool wait_bounded(cudaStream_t stream) const;  // false: work still on `stream` after comm_bound_ms()
+  // Throws that RuntimeFailure for `stream` ("the communication stream", "the caller's stream").
+  [[noreturn]] void throw_stuck(const char* which) const;
 
   // Makes the comm stream wait for the caller (or previous_event); notes an async_finish call.
   void enter(const StreamOrder& order);

@@ -175,7 +175,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   const bool on_device = m.gin == nullptr || m.capturing(stream) || env_value("EPCOMM_LL_CLEAN_ON_DEVICE") != 0;
   if (!on_device) {
     // The group's barriers, on the host: this clean waits for the host and cannot be captured.
-    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (!m.wait_bounded(stream)) m.throw_stuck("the caller's stream");
     m.sync_comm();
     // What a failed call left with the transport lands first (Buffer::reset).
     m.gin->drain(m.comm, m.timeout_ns);

@@ -3,7 +3,9 @@
 // of call numbers.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <functional>
+#include <thread>
 #include <random>
 #include <string>
 
@@ -152,6 +154,64 @@ TEST(ReliabilityGpu, ResetMeetingAnotherStepIsRefusedThenResetRecovers) {
       buf.reset();
       good_round(buf, rank, group->device(), stream, seed + 1);
     });
+  });
+}
+
+// Holds `stream` for `seconds` (a host function that sleeps): a comm stream that does not finish,
+// as one with a kernel stuck where epcomm cannot bound its wait (NCCL GIN's put on queue credits).
+void hold_stream(cudaStream_t stream, double seconds) {
+  static double held;
+  held = seconds;
+  cuda_ok(cudaLaunchHostFunc(
+              stream, [](void*) { std::this_thread::sleep_for(std::chrono::duration<double>(held)); }, nullptr),
+          "cudaLaunchHostFunc");
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// A comm stream that does not finish is a RuntimeFailure naming it after 4 x the timeout + 1 s
+// (1.8 s here), not a hang: in reset(), and in a Buffer's destruction, which then returns and
+// leaves the memory allocated. Once the stream finishes, reset() recovers, exactly.
+TEST(ReliabilityGpu, StuckCommStreamIsAnErrorNotAHang) {
+  const uint64_t seed = std::random_device{}();
+  run_ranks(1, [&](int rank, std::shared_ptr<Group> group) {
+    cudaStream_t comm, caller;
+    cuda_ok(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking), "stream");
+    cuda_ok(cudaStreamCreateWithFlags(&caller, cudaStreamNonBlocking), "stream");
+    BufferOptions bo;
+    bo.num_nvl_bytes = 64 << 20;
+    bo.timeout_ms = 200;
+    bo.comm_stream = comm;
+    auto t0 = std::chrono::steady_clock::now();
+    {
+      Buffer buf(group, bo);
+      good_round(buf, rank, group->device(), caller, seed);
+      hold_stream(comm, 4.0);
+      t0 = std::chrono::steady_clock::now();
+      try {
+        buf.reset();
+        ADD_FAILURE() << "reset returned while the comm stream was held";
+      } catch (const RuntimeFailure& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find("communication stream still runs after 1800 ms"), std::string::npos) << msg;
+      }
+      const double waited = seconds_since(t0);
+      EXPECT_GE(waited, 1.7);
+      EXPECT_LT(waited, 3.5);
+      cuda_ok(cudaStreamSynchronize(comm), "the held stream");
+      buf.reset();
+      good_round(buf, rank, group->device(), caller, seed + 1);
+      hold_stream(comm, 4.0);
+      t0 = std::chrono::steady_clock::now();
+    }  // the destructor gives up on the held stream after the bound
+    const double destroyed = seconds_since(t0);
+    EXPECT_GE(destroyed, 1.7);
+    EXPECT_LT(destroyed, 3.5);
+    cuda_ok(cudaStreamSynchronize(comm), "the held stream");
+    cudaStreamDestroy(comm);
+    cudaStreamDestroy(caller);
   });
 }
 
