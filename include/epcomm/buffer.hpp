@@ -47,7 +47,7 @@ struct BufferOptions {
   // Normal mode across nodes: 1 puts the rows node peers push to a token's forwarder in combine into
   // num_nvl_bytes's part of the region (unused across nodes otherwise) where it holds a step of
   // them, so num_rdma_bytes holds only the node partials (fewer combine rounds in a small region);
-  // 0 keeps them in num_rdma_bytes; -1 = EPCOMM_INTER_COMBINE_NVL (default 0).
+  // 0 keeps them in num_rdma_bytes; -1 = EPCOMM_INTER_COMBINE_NVL (default 1).
   int internode_combine_nvl = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out
   // after 2^32 - 256 calls of one kind (a normal-mode kernel launch, an LL dispatch, an LL combine),

@@ -45,7 +45,7 @@ const std::vector<EnvParam>& env_params() {
        "normal mode across nodes: 1 sends each node's partial sum of a token to its origin as BF16 "
        "(half the combine's network bytes, one more rounding, as DeepEP); 0 as float32"},
       // Normal mode across nodes (BufferOptions::internode_combine_nvl overrides it per buffer).
-      {"EPCOMM_INTER_COMBINE_NVL", 0,
+      {"EPCOMM_INTER_COMBINE_NVL", 1,
        "normal mode across nodes: 1 puts the rows node peers push to a token's forwarder in combine in "
        "num_nvl_bytes's part of the region where it holds a step of them (num_rdma_bytes then holds only "
        "the node partials: fewer rounds); 0 keeps them in num_rdma_bytes"},

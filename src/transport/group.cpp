@@ -45,7 +45,13 @@ void Group::barrier(const char* step) {
   mine.count = barriers_++;
   std::strncpy(mine.step, step, sizeof(mine.step) - 1);
   std::vector<BarrierTag> all(static_cast<size_t>(size_));
-  all_gather(&mine, all.data(), sizeof(BarrierTag));
+  try {
+    all_gather(&mine, all.data(), sizeof(BarrierTag));
+  } catch (const RuntimeFailure& e) {  // a peer that never came (or died): name the barrier
+    throw RuntimeFailure("group barrier at '" + std::string(mine.step) + "': " + e.what());
+  } catch (const TimeoutError& e) {
+    throw TimeoutError("group barrier at '" + std::string(mine.step) + "': " + e.what());
+  }
   bool same = true;
   for (const BarrierTag& t : all) same = same && t.count == all[0].count && std::strcmp(t.step, all[0].step) == 0;
   if (same) return;

@@ -90,9 +90,12 @@ class NcclGroup : public Group {
     EPCOMM_CUDA_CHECK(
         cudaMemcpyAsync(static_cast<char*>(dev) + rank_ * bytes, mine, bytes, cudaMemcpyHostToDevice, stream_));
     EPCOMM_NCCL_CHECK(ncclAllGather(static_cast<char*>(dev) + rank_ * bytes, dev, bytes, ncclUint8, comm_, stream_));
+    // Bounded wait for the collective first: a copy into pageable host memory queued behind it
+    // would block this thread until it finished, without a bound (a dead peer hung the barrier so).
+    wait_nccl_or_abort(comm_, owned_, stream_, timeout_ms(), "group all_gather", rank_, size_, &aborted_);
     EPCOMM_CUDA_CHECK(cudaMemcpyAsync(all, dev, bytes * size_, cudaMemcpyDeviceToHost, stream_));
     EPCOMM_CUDA_CHECK(cudaFreeAsync(dev, stream_));
-    wait_nccl_or_abort(comm_, owned_, stream_, timeout_ms(), "group all_gather", rank_, size_, &aborted_);
+    EPCOMM_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   std::unique_ptr<SymmetricMemory> allocate_symmetric(size_t bytes) override {

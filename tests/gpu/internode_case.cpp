@@ -190,7 +190,9 @@ void run_inter_steps(const InterCase& c, const InterRun& run, int r, const std::
       const Buffer::InternodeStats ds = buf.internode_stats(true);
       report("dispatch", step, ds, traffic.dispatch_net_rows[r]);
       EXPECT_EQ(ds.network_rows, traffic.dispatch_net_rows[r]) << "dispatch: rows over the network";
-      if (c.region_divisor > 1 && c.dtype == DType::kBF16) EXPECT_GT(ds.rounds, 1u) << "dispatch: rounds";
+      // (The combine-rows cases cut the region less: their dispatch may take one round.)
+      if (c.region_divisor > 1 && c.dtype == DType::kBF16 && c.combine_nvl_divisor == 0)
+        EXPECT_GT(ds.rounds, 1u) << "dispatch: rounds";
       if (step == 0 && r == 0 && c.region_divisor > 1)
         std::printf("[internode] region / %d: dispatch in %llu rounds\n", c.region_divisor,
                     static_cast<unsigned long long>(ds.rounds));

@@ -303,6 +303,7 @@ def _low_latency(rank, num_ranks, args, out):
     handle = dispatch()[2]  # a fresh dispatch, then combines of its handle (each rewrites the same rows)
     out["ll-combine"] = median_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup, iters)
     out["ll-dispatch-fp8-loop"] = loop_us(dispatch, warmup, iters)
+    handle = dispatch()[2]  # the loop of dispatches above took the earlier handle's buffer
     out["ll-combine-loop"] = loop_us(lambda: buffer.low_latency_combine(y, topk_idx, topk_weights, handle), warmup,
                                      iters)
     gap = sleep_cycles(HOOK_GAP_US)
