@@ -45,8 +45,8 @@ struct BufferOptions {
   // (float32 reordering only); -1 = EPCOMM_INTER_BF16_PARTIALS (default 0).
   int internode_bf16_partials = -1;
   // Normal mode across nodes: 1 puts the rows node peers push to a token's forwarder in combine into
-  // num_nvl_bytes's part of the region (unused across nodes otherwise) where it holds a step of
-  // them, so num_rdma_bytes holds only the node partials (fewer combine rounds in a small region);
+  // num_nvl_bytes's part of the region (unused across nodes otherwise) where that holds more tokens
+  // per round, so num_rdma_bytes holds only the node partials (fewer combine rounds in a small region);
   // 0 keeps them in num_rdma_bytes; -1 = EPCOMM_INTER_COMBINE_NVL (default 1).
   int internode_combine_nvl = -1;
   // Tests: the call counters start here instead of 0. Call numbers are 32-bit; a buffer runs out

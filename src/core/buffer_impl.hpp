@@ -138,8 +138,9 @@ struct Buffer::Impl {
     // clean_low_latency_buffer (or reset) left its data there.
     bool normal_since_clean = false;
     bool bf16_partials = false;  // BufferOptions::internode_bf16_partials / EPCOMM_INTER_BF16_PARTIALS
-    // The part of the region num_nvl_bytes gives, for the combine's pushed rows where it holds a
-    // step of them (InterCombineGeometry::in_nvl); bytes 0 with EPCOMM_INTER_COMBINE_NVL=0.
+    // The part of the region num_nvl_bytes gives, for the combine's pushed rows where that holds
+    // more tokens per round (InterCombineGeometry::in_nvl); bytes 0 with the option off
+    // (BufferOptions::internode_combine_nvl, EPCOMM_INTER_COMBINE_NVL).
     size_t nvl_offset = 0, nvl_bytes = 0;
   } inter;
   void init_internode();                      // constructor (before the barrier)

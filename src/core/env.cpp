@@ -47,7 +47,7 @@ const std::vector<EnvParam>& env_params() {
       // Normal mode across nodes (BufferOptions::internode_combine_nvl overrides it per buffer).
       {"EPCOMM_INTER_COMBINE_NVL", 1,
        "normal mode across nodes: 1 puts the rows node peers push to a token's forwarder in combine in "
-       "num_nvl_bytes's part of the region where it holds a step of them (num_rdma_bytes then holds only "
+       "num_nvl_bytes's part of the region where that holds more tokens per round (num_rdma_bytes then holds only "
        "the node partials: fewer rounds); 0 keeps them in num_rdma_bytes"},
       {"EPCOMM_LL_PROBE", 0,
        "low-latency diagnostics: 1 stamps per-block phase times in every LL dispatch kernel "
