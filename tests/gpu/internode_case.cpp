@@ -11,6 +11,7 @@
 #include <random>
 #include <thread>
 
+#include "kernels/internode/params.hpp"
 #include "normal_rank.hpp"
 
 namespace epcomm::test {
@@ -104,8 +105,9 @@ BufferOptions inter_buffer_options(const InterCase& c) {
   bo.internode_bf16_partials = c.bf16_partials ? 1 : 0;
   bo.internode_combine_nvl = c.combine_nvl_divisor > 0 ? 1 : 0;
   if (c.combine_nvl_divisor > 0) {
-    // The rows every rank of the group pushes for the layout's token bound (T + 32, then a step).
-    const size_t crow = 16 + (static_cast<size_t>(c.hidden) * 2 + 4 * c.num_topk + 15) / 16 * 16;
+    // The rows every rank of the group pushes for the layout's token bound (T + 32, then a step),
+    // each of the kernels' pushed-row size.
+    const size_t crow = InterCombineGeometry::make(InterLayout{}, c.hidden, c.num_topk).crow;
     bo.num_nvl_bytes = static_cast<size_t>(R) * crow * (std::max(c.max_tokens, 1) + 32 + 64) / c.combine_nvl_divisor;
   }
   bo.timeout_ms = std::getenv("EPCOMM_TIMEOUT_MS") ? 0 : 5000;  // 0: the environment's (sanitizer runs)

@@ -59,12 +59,20 @@ void run_layout(Buffer& buf, Round& r, const StreamOrder& order) {
                           order);
 }
 
-// A buffer with a short timeout and a stream of this rank's own, for fn.
-void with_buffer(const std::shared_ptr<Group>& group, int64_t timeout_ms,
-                 const std::function<void(Buffer&, cudaStream_t)>& fn, uint32_t first_call_number = 0) {
+// The options of these tests' buffers: room for the rounds, a short timeout, a borrowed comm stream
+// where given.
+BufferOptions test_options(int64_t timeout_ms, cudaStream_t comm = nullptr) {
   BufferOptions bo;
   bo.num_nvl_bytes = 64 << 20;
   bo.timeout_ms = timeout_ms;
+  bo.comm_stream = comm;
+  return bo;
+}
+
+// A buffer with a short timeout and a stream of this rank's own, for fn.
+void with_buffer(const std::shared_ptr<Group>& group, int64_t timeout_ms,
+                 const std::function<void(Buffer&, cudaStream_t)>& fn, uint32_t first_call_number = 0) {
+  BufferOptions bo = test_options(timeout_ms);
   bo.first_call_number = first_call_number;
   Buffer buf(group, bo);
   cudaStream_t stream;
@@ -180,10 +188,7 @@ TEST(ReliabilityGpu, StuckCommStreamIsAnErrorNotAHang) {
     cudaStream_t comm, caller;
     cuda_ok(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking), "stream");
     cuda_ok(cudaStreamCreateWithFlags(&caller, cudaStreamNonBlocking), "stream");
-    BufferOptions bo;
-    bo.num_nvl_bytes = 64 << 20;
-    bo.timeout_ms = 200;
-    bo.comm_stream = comm;
+    const BufferOptions bo = test_options(200, comm);
     auto t0 = std::chrono::steady_clock::now();
     {
       Buffer buf(group, bo);
@@ -333,11 +338,7 @@ TEST(ReliabilityGpu, BorrowedCommStreamOutlivesTheBuffer) {
     cuda_ok(cudaStreamCreateWithFlags(&comm, cudaStreamNonBlocking), "comm stream");
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     {
-      BufferOptions bo;
-      bo.num_nvl_bytes = 64 << 20;
-      bo.timeout_ms = 5000;
-      bo.comm_stream = comm;
-      Buffer buf(group, bo);
+      Buffer buf(group, test_options(5000, comm));
       EXPECT_EQ(buf.comm_stream(), comm);
       good_round(buf, rank, group->device(), stream, seed);
     }
