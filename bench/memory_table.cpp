@@ -159,8 +159,9 @@ void normal_table(int tokens, int hidden) {
       "| ranks | nodes | epcomm internode_size_hint | epcomm allocated | epcomm Config rdma hint (compat) | "
       "DeepEP rdma hint | epcomm / DeepEP rdma | epcomm rounds at DeepEP's rdma hint (dispatch / combine) | "
       "same, combine rows in DeepEP's nvl hint (internode_combine_nvl) | "
-      "epcomm rounds at 1 GiB | proposed ring | epcomm nvl hint (one node only) | DeepEP nvl hint |\n");
-  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+      "epcomm rounds at 1 GiB | proposed ring | epcomm Config nvl hint (one node's rings) | DeepEP nvl hint | "
+      "epcomm rounds at its two Config hints |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   for (int R : {16, 32, 64, 96, 128, 256, 320}) {
     const int N = R / P;
     const size_t inter = epcomm::Buffer::internode_size_hint(tokens, hidden, R, P, topk, E / R);
@@ -169,7 +170,7 @@ void normal_table(int tokens, int hidden) {
     const size_t compat =
         std::max(ed.get_rdma_buffer_size_hint(hidden_bytes, R, P), ec.get_rdma_buffer_size_hint(hidden_bytes, R, P));
     const size_t enl =
-        std::max(ed.get_nvl_buffer_size_hint(hidden_bytes, R), ec.get_nvl_buffer_size_hint(hidden_bytes, R));
+        std::max(ed.get_nvl_buffer_size_hint(hidden_bytes, R, P), ec.get_nvl_buffer_size_hint(hidden_bytes, R, P));
     DeepEpConfig dd{}, dc{};
     const bool deepep = deepep_configs(R, dd, dc);  // no config past 160 ranks
     const size_t drdma =
@@ -187,11 +188,11 @@ void normal_table(int tokens, int hidden) {
       const auto n = [&](int window) { return std::to_string((tokens + window - 1) / window); };
       return n(w.dispatch) + " / " + n(w.combine);
     };
-    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(),
+    std::printf("| %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", R, N, mib(inter).c_str(),
                 mib(alloc).c_str(), mib(compat).c_str(), deepep ? mib(drdma).c_str() : "(none)",
                 ratio(inter, drdma).c_str(), rounds(deepep ? drdma : 0).c_str(),
                 rounds(deepep ? drdma : 0, dnvl).c_str(), rounds(size_t{1} << 30).c_str(), mib(ring).c_str(),
-                mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)");
+                mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)", rounds(compat, enl).c_str());
   }
   std::printf("\n");
 }

@@ -174,12 +174,17 @@ void bind_config(py::module_& m) {
       .def_property_readonly("ring_slots", &Config::ring_slots, "ring slots per SM after clamping")
       .def(
           "get_nvl_buffer_size_hint",
-          [](const Config& c, long long hidden_bytes, int num_ranks) {
+          [](const Config& c, long long hidden_bytes, int num_ranks, int ranks_per_node) {
             check_hint_args(hidden_bytes, num_ranks);
-            return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+            if (ranks_per_node < 0)
+              throw ArgumentError("ranks_per_node = " + std::to_string(ranks_per_node) + " must be >= 0");
+            return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks,
+                                              ranks_per_node > 0 ? ranks_per_node : Config::nvl_hint_domain_ranks());
           },
-          py::arg("hidden_bytes"), py::arg("num_ranks"),
-          "num_nvl_bytes this config needs for rows of hidden_bytes (DeepEP passes hidden * max(elem size, 2))")
+          py::arg("hidden_bytes"), py::arg("num_ranks"), py::kw_only(), py::arg("ranks_per_node") = 0,
+          "num_nvl_bytes this config needs for rows of hidden_bytes (DeepEP passes hidden * max(elem size, 2)): "
+          "the rings of one node of min(num_ranks, ranks_per_node) ranks. ranks_per_node (an epcomm extension): "
+          "0 = Config.nvl_hint_domain_ranks() (EPCOMM_RANKS_PER_NODE, else max(8, the visible GPUs))")
       .def(
           "get_rdma_buffer_size_hint",
           [](const Config& c, long long hidden_bytes, int num_ranks, int ranks_per_node) {
@@ -193,6 +198,9 @@ void bind_config(py::module_& m) {
           "num_rdma_bytes normal mode needs across nodes; 0 when num_ranks fit in one node (as DeepEP: no "
           "network memory inside one NVLink domain). ranks_per_node (an epcomm extension): 0 = "
           "Config.nvlink_domain_ranks() (EPCOMM_RANKS_PER_NODE, else the visible GPUs, else 8)")
+      .def_static("nvl_hint_domain_ranks", &Config::nvl_hint_domain_ranks,
+                  "the node size get_nvl_buffer_size_hint assumes (EPCOMM_RANKS_PER_NODE, else max(8, the visible "
+                  "CUDA devices): DeepEP's rule of at most 8 NVLink peers, widened where more GPUs are visible)")
       .def_static("nvlink_domain_ranks", &Config::nvlink_domain_ranks,
                   "ranks per node as this process can tell without a communicator (EPCOMM_RANKS_PER_NODE, else "
                   "the visible CUDA devices, else 8)")

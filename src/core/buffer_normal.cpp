@@ -89,7 +89,8 @@ int ring_slots(const char* what, size_t region, int num_sms, size_t slot_bytes, 
   if (fit < 1)
     throw ArgumentError(std::string("num_nvl_bytes = ") + std::to_string(num_nvl_bytes) + " is too small for " + what +
                         ": one ring slot per SM needs " + std::to_string(2 * num_sms * slot_bytes) +
-                        " bytes (see Config.get_nvl_buffer_size_hint)");
+                        " bytes (see Config.get_nvl_buffer_size_hint; pass it ranks_per_node where one node holds "
+                        "more than 8 ranks and fewer GPUs are visible, or set EPCOMM_RANKS_PER_NODE)");
   return static_cast<int>(std::min<size_t>({fit, static_cast<size_t>(wanted), static_cast<size_t>(max_slots)}));
 }
 

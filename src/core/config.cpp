@@ -7,6 +7,7 @@
 
 #include "core/env.hpp"
 #include "core/ring_geometry.hpp"
+#include "epcomm/buffer.hpp"
 #include "epcomm/error.hpp"
 
 namespace epcomm {
@@ -16,8 +17,14 @@ int Config::chunk_tokens() const { return std::clamp(nvl_chunk_size, 8, kMaxChun
 int Config::ring_slots() const { return std::clamp(nvl_buffer_size / chunk_tokens(), 1, 16); }
 
 size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  return get_nvl_buffer_size_hint(hidden_bytes, num_ranks, nvl_hint_domain_ranks());
+}
+
+size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks, int ranks_per_node) const {
   // The data part is split in two halves: dispatch ring, combine ring. Assume the widest rows:
-  // fp8 scales for hidden_bytes channels and top-16 routing.
+  // fp8 scales for hidden_bytes channels and top-16 routing. The combine slot holds a row per
+  // node rank (the rings span one node).
+  if (ranks_per_node > 0) num_ranks = std::min(num_ranks, ranks_per_node);
   const int chunk = chunk_tokens();
   const int row = static_cast<int>(hidden_bytes);
   const int hidden = static_cast<int>(hidden_bytes / 2);
@@ -39,6 +46,12 @@ int Config::nvlink_domain_ranks() {
   return devices > 0 ? devices : 8;
 }
 
+int Config::nvl_hint_domain_ranks() {
+  const int64_t env = env_value("EPCOMM_RANKS_PER_NODE");
+  if (env > 0) return static_cast<int>(env);
+  return std::max(8, nvlink_domain_ranks());
+}
+
 size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
   return get_rdma_buffer_size_hint(hidden_bytes, num_ranks, nvlink_domain_ranks());
 }
@@ -46,8 +59,15 @@ size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks) con
 size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int ranks_per_node) const {
   if (num_ranks <= ranks_per_node) return 0;  // one node: NVLink only, no network memory
   const size_t per_token = hidden_bytes + 4 * ((hidden_bytes + 127) / 128) + 8 * kMaxTopk + 16;
-  return static_cast<size_t>(num_sms) * std::max(rdma_buffer_size, 1) * per_token * 2 +
-         static_cast<size_t>(num_ranks) * 4096;
+  const size_t ring = static_cast<size_t>(num_sms) * std::max(rdma_buffer_size, 1) * per_token * 2 +
+                      static_cast<size_t>(num_ranks) * 4096;
+  // epcomm's region holds a window of tokens per node whose rows grow with the ranks (not a ring of
+  // chunks as DeepEP's): at least a round of kHintRoundTokens tokens per source node, so that a buffer
+  // sized by this hint runs (in rounds) at every rank count instead of refusing its first dispatch
+  // (88 MB held not one round from 256 ranks on at hidden 7168).
+  if (ranks_per_node < 1 || num_ranks % ranks_per_node != 0) return ring;
+  const int hidden = static_cast<int>(std::max<size_t>(1, (hidden_bytes + 1) / 2));
+  return std::max(ring, Buffer::internode_size_hint(kHintRoundTokens, hidden, num_ranks, ranks_per_node, kMaxTopk));
 }
 
 void Config::validate(int device_sm_count) const {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -118,6 +119,37 @@ TEST(ArgumentChecks, ConfigRules) {
   const Config d = Config::dispatch_default(4);
   EXPECT_GT(d.get_nvl_buffer_size_hint(14336, 8), d.get_nvl_buffer_size_hint(14336, 4));
   EXPECT_GT(d.get_nvl_buffer_size_hint(14336, 4), d.get_nvl_buffer_size_hint(2048, 4));
+}
+
+// The NVLink hint covers one node's rings: past ranks_per_node it stays that node's, whatever the
+// rank count (it grew to 27 GB at 320 ranks before); within a node it is unchanged.
+TEST(ArgumentChecks, NvlHintStopsGrowingAtTheNode) {
+  std::mt19937 rng(std::random_device{}());
+  const uint32_t seed = rng();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  rng.seed(seed);
+  const Config d = Config::dispatch_default(8), c = Config::combine_default(8);
+  for (int i = 0; i < 20; ++i) {
+    const int P = std::uniform_int_distribution<int>(1, 16)(rng);
+    const int R = P * std::uniform_int_distribution<int>(2, 40)(rng);
+    const size_t hb = 256 * std::uniform_int_distribution<size_t>(1, 64)(rng);
+    SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P) + " hidden_bytes=" + std::to_string(hb));
+    for (const Config* cfg : {&d, &c}) {
+      EXPECT_EQ(cfg->get_nvl_buffer_size_hint(hb, R, P), cfg->get_nvl_buffer_size_hint(hb, P, P));
+      EXPECT_EQ(cfg->get_nvl_buffer_size_hint(hb, P, P), cfg->get_nvl_buffer_size_hint(hb, P, R));
+      EXPECT_EQ(cfg->get_nvl_buffer_size_hint(hb, P, 0), cfg->get_nvl_buffer_size_hint(hb, P, P));  // 0: no bound
+      if (P > 1) EXPECT_LT(cfg->get_nvl_buffer_size_hint(hb, P - 1, P), cfg->get_nvl_buffer_size_hint(hb, P, P));
+    }
+  }
+  // Without ranks_per_node: EPCOMM_RANKS_PER_NODE, else max(8, visible GPUs) (8 on a machine without one).
+  ::setenv("EPCOMM_RANKS_PER_NODE", "4", 1);
+  EXPECT_EQ(Config::nvl_hint_domain_ranks(), 4);
+  EXPECT_EQ(d.get_nvl_buffer_size_hint(14336, 64), d.get_nvl_buffer_size_hint(14336, 4, 4));
+  ::unsetenv("EPCOMM_RANKS_PER_NODE");
+  const int domain = Config::nvl_hint_domain_ranks();
+  EXPECT_GE(domain, 8);
+  EXPECT_EQ(d.get_nvl_buffer_size_hint(14336, 320), d.get_nvl_buffer_size_hint(14336, domain, domain));
+  EXPECT_EQ(c.get_nvl_buffer_size_hint(14336, 2), c.get_nvl_buffer_size_hint(14336, 2, 2));
 }
 
 TEST(ArgumentChecks, EnvironmentValues) {

@@ -535,5 +535,36 @@ TEST(GeometryRanks, NormalConfigAndRingSlotsFromTwoToEightRanks) {
   }
 }
 
+// A buffer sized by epcomm's two Config hints (DeepEP's sizing code) runs across nodes at every rank
+// count: each hint holds at least a round of Config::kHintRoundTokens tokens per source node, for
+// dispatch and combine, with the combine's rows in either part. Until session 20 the rdma hint was
+// DeepEP's ring (88 MB), which held no round from 256 ranks on at hidden 7168.
+TEST(GeometryRanks, ConfigHintsHoldARoundAtEveryRankCount) {
+  std::mt19937 rng(std::random_device{}());
+  const uint32_t seed = rng();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  rng.seed(seed);
+  for (int i = 0; i < 12; ++i) {
+    const int P = std::uniform_int_distribution<int>(1, 8)(rng);
+    const int R = P * std::uniform_int_distribution<int>(2, 48)(rng);
+    const int hidden = 128 * std::uniform_int_distribution<int>(1, 64)(rng);
+    const int topk = std::uniform_int_distribution<int>(1, kMaxTopk)(rng);
+    const int local_experts = std::uniform_int_distribution<int>(1, 64)(rng);
+    SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P) + " hidden=" + std::to_string(hidden) +
+                 " topk=" + std::to_string(topk));
+    const Config d = Config::dispatch_default(R), c = Config::combine_default(R);
+    const size_t rdma =
+        std::max(d.get_rdma_buffer_size_hint(hidden * 2, R, P), c.get_rdma_buffer_size_hint(hidden * 2, R, P));
+    const size_t nvl =
+        std::max(d.get_nvl_buffer_size_hint(hidden * 2, R, P), c.get_nvl_buffer_size_hint(hidden * 2, R, P));
+    for (const size_t nvl_part : {size_t{0}, nvl}) {
+      const Buffer::InternodeWindows w =
+          Buffer::internode_windows(rdma, 4096, hidden, R, P, topk, local_experts, d.chunk_tokens(), nvl_part);
+      EXPECT_GE(w.dispatch, Config::kHintRoundTokens) << "nvl part " << nvl_part;
+      EXPECT_GE(w.combine, Config::kHintRoundTokens) << "nvl part " << nvl_part;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epcomm

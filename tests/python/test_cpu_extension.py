@@ -10,6 +10,7 @@ against docs/contract.md §4 and the low-latency size hint against DeepEP's.
 import inspect
 import os
 import pickle
+import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +57,15 @@ def test_config_hints():
         # No network memory inside one node (DeepEP's rule); across nodes some.
         assert d.get_rdma_buffer_size_hint(7168 * 2, R, ranks_per_node=8) == 0
         assert d.get_rdma_buffer_size_hint(7168 * 2, R, ranks_per_node=R // 2 or 1) > 0 or R == 1
+    # The NVLink hint covers one node's rings (DeepEP's min(R, 8)): it stops growing past the node.
+    node = epcomm.Config.nvl_hint_domain_ranks()
+    assert node >= 8 or os.environ.get("EPCOMM_RANKS_PER_NODE")
+    R = random.choice((2, 3, 5)) * node
+    assert d.get_nvl_buffer_size_hint(7168 * 2, R) == d.get_nvl_buffer_size_hint(7168 * 2, node)
+    assert c.get_nvl_buffer_size_hint(7168 * 2, 16, ranks_per_node=16) > c.get_nvl_buffer_size_hint(7168 * 2, 16,
+                                                                                                   ranks_per_node=8)
+    assert c.get_nvl_buffer_size_hint(7168 * 2, 8, ranks_per_node=16) == c.get_nvl_buffer_size_hint(7168 * 2, 8)
+    raises(ValueError, lambda: d.get_nvl_buffer_size_hint(1024, 4, ranks_per_node=-1), "ranks_per_node")
     more_sms = epcomm.Config(48, 32, 128)
     assert more_sms.get_nvl_buffer_size_hint(7168 * 2, 4) > epcomm.Config(24, 32, 128).get_nvl_buffer_size_hint(7168 * 2, 4)
     raises(ValueError, lambda: d.get_nvl_buffer_size_hint(0, 4), "hidden_bytes")
