@@ -140,9 +140,12 @@ Config make_config_named(std::optional<int> num_sms, std::optional<int> nvl_chun
   return c;
 }
 
-void check_hint_args(long long hidden_bytes, int num_ranks) {
+// The size hints' arguments; returns the node size: ranks_per_node, or where 0 node_default's (0 without one).
+int check_hint_args(long long hidden_bytes, int num_ranks, int ranks_per_node = 0, int (*node_default)() = nullptr) {
   if (hidden_bytes < 1) throw ArgumentError("hidden_bytes = " + std::to_string(hidden_bytes) + " must be positive");
   if (num_ranks < 1) throw ArgumentError("num_ranks = " + std::to_string(num_ranks) + " must be positive");
+  if (ranks_per_node < 0) throw ArgumentError("ranks_per_node = " + std::to_string(ranks_per_node) + " must be >= 0");
+  return ranks_per_node > 0 ? ranks_per_node : node_default != nullptr ? node_default() : 0;
 }
 
 void bind_config(py::module_& m) {
@@ -175,11 +178,8 @@ void bind_config(py::module_& m) {
       .def(
           "get_nvl_buffer_size_hint",
           [](const Config& c, long long hidden_bytes, int num_ranks, int ranks_per_node) {
-            check_hint_args(hidden_bytes, num_ranks);
-            if (ranks_per_node < 0)
-              throw ArgumentError("ranks_per_node = " + std::to_string(ranks_per_node) + " must be >= 0");
-            return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks,
-                                              ranks_per_node > 0 ? ranks_per_node : Config::nvl_hint_domain_ranks());
+            const int node = check_hint_args(hidden_bytes, num_ranks, ranks_per_node, &Config::nvl_hint_domain_ranks);
+            return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks, node);
           },
           py::arg("hidden_bytes"), py::arg("num_ranks"), py::kw_only(), py::arg("ranks_per_node") = 0,
           "num_nvl_bytes this config needs for rows of hidden_bytes (DeepEP passes hidden * max(elem size, 2)): "
@@ -188,11 +188,8 @@ void bind_config(py::module_& m) {
       .def(
           "get_rdma_buffer_size_hint",
           [](const Config& c, long long hidden_bytes, int num_ranks, int ranks_per_node) {
-            check_hint_args(hidden_bytes, num_ranks);
-            if (ranks_per_node < 0)
-              throw ArgumentError("ranks_per_node = " + std::to_string(ranks_per_node) + " must be >= 0");
-            return c.get_rdma_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks,
-                                               ranks_per_node > 0 ? ranks_per_node : Config::nvlink_domain_ranks());
+            const int node = check_hint_args(hidden_bytes, num_ranks, ranks_per_node, &Config::nvlink_domain_ranks);
+            return c.get_rdma_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks, node);
           },
           py::arg("hidden_bytes"), py::arg("num_ranks"), py::kw_only(), py::arg("ranks_per_node") = 0,
           "num_rdma_bytes normal mode needs across nodes; 0 when num_ranks fit in one node (as DeepEP: no "
