@@ -165,12 +165,8 @@ TEST(GinLowLatency, AskingForLsaToEveryRankIsAnArgumentError) {
     BufferOptions bo;
     bo.num_rdma_bytes = Buffer::low_latency_net_size_hint(16, 256, g->size(), 4 * g->size());
     bo.low_latency_net = 0;
-    try {
-      Buffer buf(g, bo);
-      ADD_FAILURE() << "low_latency_net = 0 across real nodes was accepted";
-    } catch (const ArgumentError& e) {
-      EXPECT_NE(std::string(e.what()).find("low_latency_net"), std::string::npos) << e.what();
-    }
+    test::expect_error<ArgumentError>([&] { Buffer buf(g, bo); }, {"low_latency_net"},
+                                      "low_latency_net = 0 across real nodes");
     g->barrier();  // every rank threw before anything collective
   });
 }
@@ -210,14 +206,11 @@ TEST(GinReliability, StoppedPeerIsATimeoutNamingItAndResetRecovers) {
     bo.timeout_ms = short_timeout_ms();
     Buffer buf(g, bo);
     if (r != stopped) {
-      try {
-        test::run_inter_steps(c, run, r, g, buf);
-        ADD_FAILURE() << "rank " << r << ": no timeout while rank " << stopped << " made no call";
-      } catch (const TimeoutError& e) {
-        const std::string msg = e.what();
-        std::printf("[error] rank %d: %s\n", r, msg.c_str());
-        EXPECT_NE(msg.find("peer " + std::to_string(stopped)), std::string::npos) << msg;
-      }
+      const std::string msg = test::expect_error<TimeoutError>([&] { test::run_inter_steps(c, run, r, g, buf); },
+                                                               {"peer " + std::to_string(stopped)},
+                                                               "rank " + std::to_string(r) + " while rank " +
+                                                                   std::to_string(stopped) + " makes no call");
+      std::printf("[error] rank %d: %s\n", r, msg.c_str());
     } else {
       // The barrier run_inter_steps makes before its first kernel (every rank's tensors exist):
       // without it this rank's reset met the others' one barrier early, zeroed its region before
@@ -238,16 +231,11 @@ TEST(GinUnavailable, EveryRankFailsAlikeNamingWhatIsMissing) {
     BufferOptions bo;
     bo.num_rdma_bytes = 1 << 20;
     for (int attempt = 0; attempt < 2; ++attempt) {  // the second attempt fails the same way
-      try {
-        Buffer buf(g, bo);
-        ADD_FAILURE() << "rank " << r << ": a Buffer across nodes was built with no GIN";
-      } catch (const RuntimeFailure& e) {
-        const std::string msg = e.what();
-        std::printf("[error] rank %d, attempt %d: %s\n", r, attempt, msg.c_str());
-        EXPECT_NE(msg.find("GIN"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("ncclDevCommCreate"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("rank(s) 0"), std::string::npos) << "every rank failed, rank 0 first: " << msg;
-      }
+      // "rank(s) 0": every rank failed, rank 0 first.
+      const std::string msg =
+          test::expect_error<RuntimeFailure>([&] { Buffer buf(g, bo); }, {"GIN", "ncclDevCommCreate", "rank(s) 0"},
+                                             "rank " + std::to_string(r) + ": a Buffer across nodes with no GIN");
+      std::printf("[error] rank %d, attempt %d: %s\n", r, attempt, msg.c_str());
       g->barrier();  // nobody is left inside a collective
     }
   });

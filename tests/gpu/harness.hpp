@@ -21,6 +21,23 @@ namespace epcomm::test {
 
 void cuda_ok(cudaError_t e, const char* what);
 
+// Runs `call`, which must throw an E whose message holds every fragment; `context` (e.g. the rank)
+// starts each failure. Returns the message ("" when nothing was thrown). Another type propagates.
+template <class E>
+std::string expect_error(const std::function<void()>& call, const std::vector<std::string>& fragments,
+                         const std::string& context = "") {
+  try {
+    call();
+  } catch (const E& e) {
+    const std::string msg = e.what();
+    for (const auto& f : fragments)
+      EXPECT_NE(msg.find(f), std::string::npos) << context << ": '" << f << "' not in: " << msg;
+    return msg;
+  }
+  ADD_FAILURE() << context << ": no error; expected one naming '" << (fragments.empty() ? "" : fragments[0]) << "'";
+  return "";
+}
+
 // Owned device memory with a view.
 class DeviceTensor {
  public:

@@ -113,17 +113,6 @@ void good_round(Buffer& buf, int rank, int dev, cudaStream_t stream, uint64_t se
   }
 }
 
-void expect_timeout_naming(const std::function<void()>& call, const std::string& peer, const std::string& kernel) {
-  try {
-    call();
-    ADD_FAILURE() << "expected a TimeoutError";
-  } catch (const TimeoutError& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(peer), std::string::npos) << msg;
-    EXPECT_NE(msg.find(kernel), std::string::npos) << msg;
-  }
-}
-
 TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
   const uint64_t seed = std::random_device{}();
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
@@ -133,8 +122,8 @@ TEST(ReliabilityGpu, StalledPeerInCountExchangeThenReset) {
         Round r = make_round(buf, rank, group->device(), seed + 1);
         const StreamOrder order{stream, nullptr, false};
         run_layout(buf, r, order);
-        expect_timeout_naming([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); }, "peer 0",
-                              "notify_dispatch");
+        expect_error<TimeoutError>([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); },
+                                   {"peer 0", "notify_dispatch"});
       }
       buf.reset();
       good_round(buf, rank, group->device(), stream, seed + 2);
@@ -150,15 +139,13 @@ TEST(ReliabilityGpu, ResetMeetingAnotherStepIsRefusedThenResetRecovers) {
   run_ranks(2, [&](int rank, std::shared_ptr<Group> group) {
     with_buffer(group, 1000, [&](Buffer& buf, cudaStream_t stream) {
       good_round(buf, rank, group->device(), stream, seed);
-      try {
-        if (rank == 0) buf.reset();
-        else group->barrier("the caller's own step");
-        ADD_FAILURE() << "rank " << rank << ": the steps paired";
-      } catch (const RuntimeFailure& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("rank 0 at 'Buffer::reset (before clearing)'"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("rank 1 at 'the caller's own step'"), std::string::npos) << msg;
-      }
+      expect_error<RuntimeFailure>(
+          [&] {
+            if (rank == 0) buf.reset();
+            else group->barrier("the caller's own step");
+          },
+          {"rank 0 at 'Buffer::reset (before clearing)'", "rank 1 at 'the caller's own step'"},
+          "rank " + std::to_string(rank) + " (the steps must not pair)");
       buf.reset();
       good_round(buf, rank, group->device(), stream, seed + 1);
     });
@@ -195,13 +182,8 @@ TEST(ReliabilityGpu, StuckCommStreamIsAnErrorNotAHang) {
       good_round(buf, rank, group->device(), caller, seed);
       hold_stream(comm, 4.0);
       t0 = std::chrono::steady_clock::now();
-      try {
-        buf.reset();
-        ADD_FAILURE() << "reset returned while the comm stream was held";
-      } catch (const RuntimeFailure& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("communication stream still runs after 1800 ms"), std::string::npos) << msg;
-      }
+      expect_error<RuntimeFailure>([&] { buf.reset(); }, {"communication stream still runs after 1800 ms"},
+                                   "reset while the comm stream is held");
       const double waited = seconds_since(t0);
       EXPECT_GE(waited, 1.7);
       EXPECT_LT(waited, 3.5);
@@ -234,15 +216,10 @@ TEST(ReliabilityGpu, CallNumbersRunOutThenReset) {
           Round r = make_round(buf, rank, group->device(), seed + 1);
           const StreamOrder order{stream, nullptr, false};
           run_layout(buf, r, order);
-          try {
-            buf.dispatch_prepare(r.in, r.handle, std::nullopt, order);
-            ADD_FAILURE() << "rank " << rank << ": a count exchange past the last call number ran";
-          } catch (const RuntimeFailure& e) {
-            const std::string msg = e.what();
-            EXPECT_NE(msg.find("notify_dispatch on rank " + std::to_string(rank) + " did not run"), std::string::npos)
-                << msg;
-            EXPECT_NE(msg.find("call numbers"), std::string::npos) << msg;
-          }
+          expect_error<RuntimeFailure>([&] { buf.dispatch_prepare(r.in, r.handle, std::nullopt, order); },
+                                       {"notify_dispatch on rank " + std::to_string(rank) + " did not run",
+                                        "call numbers"},
+                                       "rank " + std::to_string(rank) + ": a count exchange past the last call number");
           buf.reset();
           good_round(buf, rank, group->device(), stream, seed + 2);
         },
@@ -268,7 +245,7 @@ TEST(ReliabilityGpu, StalledPeerInDataPhaseThenReset) {
         dout.recv_topk_idx = ridx.view();
         buf.dispatch_run(r.in, plan, r.handle, dout, order);
         cuda_ok(cudaStreamSynchronize(stream), "sync");  // the kernel leaves after its timeout
-        expect_timeout_naming([&] { buf.check_device_errors(); }, "peer 0", "dispatch");
+        expect_error<TimeoutError>([&] { buf.check_device_errors(); }, {"peer 0", "dispatch"});
       }
       buf.reset();
       good_round(buf, rank, group->device(), stream, seed + 3);
@@ -306,12 +283,7 @@ TEST(ReliabilityGpu, TooSmallWorstTokensIsReportedNotOverrun) {
       dout.recv_topk_idx = ridx.view();
       buf.dispatch_run(r.in, plan, r.handle, dout, order);
       cuda_ok(cudaStreamSynchronize(stream), "sync");
-      try {
-        buf.check_device_errors();
-        ADD_FAILURE() << "expected an ArgumentError";
-      } catch (const ArgumentError& e) {
-        EXPECT_NE(std::string(e.what()).find("num_worst_tokens"), std::string::npos) << e.what();
-      }
+      expect_error<ArgumentError>([&] { buf.check_device_errors(); }, {"num_worst_tokens"});
       const auto bytes = recv.download<uint8_t>();
       for (size_t i = static_cast<size_t>(plan.num_rows) * kH * 2; i < bytes.size(); ++i)
         ASSERT_EQ(bytes[i], 0xA5) << "byte " << i << " past the rows the caller allocated was written";
@@ -361,12 +333,8 @@ TEST(ReliabilityGpu, BorrowedCommStreamOutlivesTheBuffer) {
     BufferOptions bo;
     bo.num_nvl_bytes = 1 << 20;
     bo.comm_stream = foreign;
-    try {
-      Buffer buf(group, bo);
-      ADD_FAILURE() << "rank " << rank << ": a comm stream of another device was accepted";
-    } catch (const ArgumentError& e) {
-      EXPECT_NE(std::string(e.what()).find("comm_stream"), std::string::npos) << e.what();
-    }
+    expect_error<ArgumentError>([&] { Buffer buf(group, bo); }, {"comm_stream"},
+                                "rank " + std::to_string(rank) + ": a comm stream of another device");
     cudaStreamDestroy(foreign);
   });
 }
