@@ -54,14 +54,7 @@ void check_low_latency_combine_source(const LowLatencyCombineSource& s, int num_
 void check_low_latency_combine_sources(const std::vector<const LowLatencyCombineSource*>& sources) {
   const LowLatencyOptions& o0 = *sources[0]->options;
   for (const LowLatencyCombineSource* s : sources) {
-    const std::string who = rank_prefix(s->rank);
-    const LowLatencyOptions& o = *s->options;
-    check_same(who, "hidden", o.hidden, o0.hidden);
-    check_same(who, "num_topk", o.num_topk, o0.num_topk);
-    check_same(who, "num_experts", o.num_experts, o0.num_experts);
-    check_same(who, "num_max_dispatch_tokens_per_rank", o.num_max_dispatch_tokens_per_rank,
-               o0.num_max_dispatch_tokens_per_rank);
-    check_same_masks(who, o.masked_ranks, o0.masked_ranks);
+    check_same_low_latency_shape(rank_prefix(s->rank), *s->options, o0);
   }
 }
 

@@ -74,15 +74,10 @@ void check_low_latency_sources(const std::vector<const LowLatencySource*>& sourc
   for (const LowLatencySource* s : sources) {
     const std::string who = rank_prefix(s->rank);
     const LowLatencyOptions& o = *s->options;
-    check_same(who, "hidden", o.hidden, o0.hidden);
-    check_same(who, "num_topk", o.num_topk, o0.num_topk);
-    check_same(who, "num_experts", o.num_experts, o0.num_experts);
-    check_same(who, "num_max_dispatch_tokens_per_rank", o.num_max_dispatch_tokens_per_rank,
-               o0.num_max_dispatch_tokens_per_rank);
+    check_same_low_latency_shape(who, o, o0);
     check_same(who, "use_fp8", o.use_fp8, o0.use_fp8);
     check_same(who, "round_scale", o.round_scale, o0.round_scale);
     check_same(who, "use_ue8m0", o.use_ue8m0, o0.use_ue8m0);
-    check_same_masks(who, o.masked_ranks, o0.masked_ranks);
   }
 }
 

@@ -147,4 +147,16 @@ inline void check_same_masks(const std::string& who, const std::vector<uint8_t>&
                 "; every rank must pass the same value"));
 }
 
+// The options both LL halves need alike on every rank: the shape (hidden, top-k, experts, Tmax) and
+// shrink mode's masked ranks.
+inline void check_same_low_latency_shape(const std::string& who, const LowLatencyOptions& o,
+                                         const LowLatencyOptions& o0) {
+  check_same(who, "hidden", o.hidden, o0.hidden);
+  check_same(who, "num_topk", o.num_topk, o0.num_topk);
+  check_same(who, "num_experts", o.num_experts, o0.num_experts);
+  check_same(who, "num_max_dispatch_tokens_per_rank", o.num_max_dispatch_tokens_per_rank,
+             o0.num_max_dispatch_tokens_per_rank);
+  check_same_masks(who, o.masked_ranks, o0.masked_ranks);
+}
+
 }  // namespace epcomm::ref::detail
