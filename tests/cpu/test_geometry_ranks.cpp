@@ -535,6 +535,31 @@ TEST(GeometryRanks, NormalConfigAndRingSlotsFromTwoToEightRanks) {
   }
 }
 
+// The NVLink hint stops at a node of 8 ranks (unless told more), yet epcomm runs up to kMaxNvlRanks
+// ranks in one node (multi-node NVLink): a buffer sized by the 8-rank hint must still hold one ring
+// slot per SM for dispatch and combine there (Buffer's ring_slots refuses less), at every row width.
+TEST(GeometryRanks, EightRankNvlHintHoldsASlotUpToTheLargestNode) {
+  std::mt19937 rng(std::random_device{}());
+  const uint32_t seed = rng();
+  SCOPED_TRACE("seed=" + std::to_string(seed));
+  rng.seed(seed);
+  for (int i = 0; i < 40; ++i) {
+    const int R = std::uniform_int_distribution<int>(9, kMaxNvlRanks)(rng);
+    const int hidden = 128 * std::uniform_int_distribution<int>(1, 128)(rng);
+    const int topk = std::uniform_int_distribution<int>(1, kMaxTopk)(rng);
+    const int sms = std::uniform_int_distribution<int>(1, 64)(rng);
+    SCOPED_TRACE("R=" + std::to_string(R) + " hidden=" + std::to_string(hidden) + " topk=" + std::to_string(topk) +
+                 " sms=" + std::to_string(sms));
+    Config d = Config::dispatch_default(R), c = Config::combine_default(R);
+    d.num_sms = c.num_sms = sms;
+    const size_t nvl =
+        std::max(d.get_nvl_buffer_size_hint(hidden * 2, R, 8), c.get_nvl_buffer_size_hint(hidden * 2, R, 8));
+    const size_t half = plan_regions(nvl, 0, R, R, 4096, 64, false).data_bytes / 2;  // Buffer::Impl::ring_region_bytes
+    EXPECT_GE(half, sms * ring::dispatch_slot_bytes(d.chunk_tokens(), hidden * 2, hidden / 128, topk)) << "dispatch";
+    EXPECT_GE(half, sms * ring::combine_slot_bytes(c.chunk_tokens(), R, hidden, topk)) << "combine";
+  }
+}
+
 // A buffer sized by epcomm's two Config hints (DeepEP's sizing code) runs across nodes at every rank
 // count: each hint holds at least a round of Config::kHintRoundTokens tokens per source node, for
 // dispatch and combine, with the combine's rows in either part. Until session 20 the rdma hint was
