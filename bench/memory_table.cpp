@@ -16,6 +16,7 @@
 
 #include "epcomm/buffer.hpp"
 #include "epcomm/config.hpp"
+#include "kernels/common/control.hpp"
 
 namespace {
 
@@ -192,7 +193,9 @@ void normal_table(int tokens, int hidden) {
                 mib(alloc).c_str(), mib(compat).c_str(), deepep ? mib(drdma).c_str() : "(none)",
                 ratio(inter, drdma).c_str(), rounds(deepep ? drdma : 0).c_str(),
                 rounds(deepep ? drdma : 0, dnvl).c_str(), rounds(size_t{1} << 30).c_str(), mib(ring).c_str(),
-                mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)", rounds(compat, enl).c_str());
+                mib(enl).c_str(), deepep ? mib(dnvl).c_str() : "(none)",
+                R <= epcomm::kMaxInterRanks && N <= epcomm::kMaxInterNodes ? rounds(compat, enl).c_str()
+                                                                           : "(normal mode: at most 128 ranks)");
   }
   std::printf("\n");
 }

@@ -31,10 +31,10 @@ struct Config {
   size_t get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks, int ranks_per_node) const;
   // Bytes of network memory (num_rdma_bytes) normal mode needs across nodes: 0 when all num_ranks
   // ranks fit in one node of ranks_per_node ranks (DeepEP's rule: no network memory inside one NVLink
-  // domain). Else DeepEP's ring for this config, or, where more, a round of kHintRoundTokens tokens
-  // per source node (rows of hidden_bytes / 2 BF16 channels, top-16): calls with more tokens run in
-  // rounds (Buffer::internode_size_hint gives one round for a token bound). Without
-  // ranks_per_node: nvlink_domain_ranks().
+  // domain). Else DeepEP's ring for this config, or, where more and normal mode runs (kMaxInterRanks
+  // on kMaxInterNodes), a round of kHintRoundTokens tokens per source node (rows of hidden_bytes / 2
+  // BF16 channels, top-16): calls with more tokens run in rounds (Buffer::internode_size_hint gives
+  // one round for a token bound). Without ranks_per_node: nvlink_domain_ranks().
   size_t get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks) const;
   size_t get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int ranks_per_node) const;
   // Throws ArgumentError naming the field when a value cannot work.

@@ -63,9 +63,12 @@ size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int
                       static_cast<size_t>(num_ranks) * 4096;
   // epcomm's region holds a window of tokens per node whose rows grow with the ranks (not a ring of
   // chunks as DeepEP's): at least a round of kHintRoundTokens tokens per source node, so that a buffer
-  // sized by this hint runs (in rounds) at every rank count instead of refusing its first dispatch
-  // (88 MB held not one round from 256 ranks on at hidden 7168).
-  if (ranks_per_node < 1 || num_ranks % ranks_per_node != 0) return ring;
+  // sized by this hint runs normal mode (in rounds) at every rank count it supports, in a few dozen
+  // rounds (DeepEP's ring, 88 MB at hidden 7168, gave up to 128 combine rounds at 128 ranks). Past
+  // normal mode's limits (kMaxInterRanks, kMaxInterNodes) a buffer is low-latency only: the ring.
+  if (ranks_per_node < 1 || num_ranks % ranks_per_node != 0 || num_ranks > kMaxInterRanks ||
+      num_ranks / ranks_per_node > kMaxInterNodes)
+    return ring;
   const int hidden = static_cast<int>(std::max<size_t>(1, (hidden_bytes + 1) / 2));
   return std::max(ring, Buffer::internode_size_hint(kHintRoundTokens, hidden, num_ranks, ranks_per_node, kMaxTopk));
 }

@@ -561,9 +561,11 @@ TEST(GeometryRanks, EightRankNvlHintHoldsASlotUpToTheLargestNode) {
 }
 
 // A buffer sized by epcomm's two Config hints (DeepEP's sizing code) runs across nodes at every rank
-// count: each hint holds at least a round of Config::kHintRoundTokens tokens per source node, for
-// dispatch and combine, with the combine's rows in either part. Until session 20 the rdma hint was
-// DeepEP's ring (88 MB), which held no round from 256 ranks on at hidden 7168.
+// count normal mode supports (kMaxInterRanks on kMaxInterNodes): each hint holds at least a round of
+// Config::kHintRoundTokens tokens per source node, for dispatch and combine, with the combine's rows
+// in either part. Until session 20 the rdma hint was DeepEP's ring (88 MB at hidden 7168: up to 128
+// combine rounds at 128 ranks). Past those limits a buffer is low-latency only and the hint stays
+// DeepEP's ring.
 TEST(GeometryRanks, ConfigHintsHoldARoundAtEveryRankCount) {
   std::mt19937 rng(std::random_device{}());
   const uint32_t seed = rng();
@@ -571,7 +573,7 @@ TEST(GeometryRanks, ConfigHintsHoldARoundAtEveryRankCount) {
   rng.seed(seed);
   for (int i = 0; i < 12; ++i) {
     const int P = std::uniform_int_distribution<int>(1, 8)(rng);
-    const int R = P * std::uniform_int_distribution<int>(2, 48)(rng);
+    const int R = P * std::uniform_int_distribution<int>(2, std::min(kMaxInterNodes, kMaxInterRanks / P))(rng);
     const int hidden = 128 * std::uniform_int_distribution<int>(1, 64)(rng);
     const int topk = std::uniform_int_distribution<int>(1, kMaxTopk)(rng);
     const int local_experts = std::uniform_int_distribution<int>(1, 64)(rng);
@@ -588,6 +590,13 @@ TEST(GeometryRanks, ConfigHintsHoldARoundAtEveryRankCount) {
       EXPECT_GE(w.dispatch, Config::kHintRoundTokens) << "nvl part " << nvl_part;
       EXPECT_GE(w.combine, Config::kHintRoundTokens) << "nvl part " << nvl_part;
     }
+    // The same nodes past normal mode's limits (more ranks per node): the ring, whatever R.
+    const int big = std::max(P, kMaxInterRanks / (R / P) + 1);
+    const Config b = Config::dispatch_default(big * (R / P));
+    EXPECT_EQ(b.get_rdma_buffer_size_hint(hidden * 2, big * (R / P), big),
+              static_cast<size_t>(b.num_sms) * b.rdma_buffer_size *
+                      (hidden * 2 + 4 * ((hidden * 2 + 127) / 128) + 8 * kMaxTopk + 16) * 2 +
+                  static_cast<size_t>(big) * (R / P) * 4096);
   }
 }
 
