@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/argument_checks.hpp"
+#include "cpu/test_reference_util.hpp"
 #include "core/env.hpp"
 #include "epcomm/config.hpp"
 #include "epcomm/error.hpp"
@@ -124,15 +125,13 @@ TEST(ArgumentChecks, ConfigRules) {
 // The NVLink hint covers one node's rings: past ranks_per_node it stays that node's, whatever the
 // rank count (it grew to 27 GB at 320 ranks before); within a node it is unchanged.
 TEST(ArgumentChecks, NvlHintStopsGrowingAtTheNode) {
-  std::mt19937 rng(std::random_device{}());
-  const uint32_t seed = rng();
-  SCOPED_TRACE("seed=" + std::to_string(seed));
-  rng.seed(seed);
+  using ref::testing_util::uniform;
+  EPCOMM_SEEDED_RNG(rng);
   const Config d = Config::dispatch_default(8), c = Config::combine_default(8);
   for (int i = 0; i < 20; ++i) {
-    const int P = std::uniform_int_distribution<int>(1, 16)(rng);
-    const int R = P * std::uniform_int_distribution<int>(2, 40)(rng);
-    const size_t hb = 256 * std::uniform_int_distribution<size_t>(1, 64)(rng);
+    const int P = uniform(rng, 1, 16);
+    const int R = P * uniform(rng, 2, 40);
+    const size_t hb = 256 * static_cast<size_t>(uniform(rng, 1, 64));
     SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P) + " hidden_bytes=" + std::to_string(hb));
     for (const Config* cfg : {&d, &c}) {
       EXPECT_EQ(cfg->get_nvl_buffer_size_hint(hb, R, P), cfg->get_nvl_buffer_size_hint(hb, P, P));

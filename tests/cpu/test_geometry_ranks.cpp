@@ -168,6 +168,7 @@ TEST(GeometryRanks, PerRankOverlaysStayInsideThePartsTheyBorrow) {
 // 16 significant bits against a double computation, the bound 2^-16 |x|, the carry into the
 // exponent, Inf, NaN, signed zeros and subnormals.
 using ref::testing_util::from_bits;
+using ref::testing_util::uniform;
 
 TEST(FinePartials, RoundsToNearestAtSixteenBits) {
   EPCOMM_SEEDED_RNG(rng);
@@ -539,15 +540,12 @@ TEST(GeometryRanks, NormalConfigAndRingSlotsFromTwoToEightRanks) {
 // ranks in one node (multi-node NVLink): a buffer sized by the 8-rank hint must still hold one ring
 // slot per SM for dispatch and combine there (Buffer's ring_slots refuses less), at every row width.
 TEST(GeometryRanks, EightRankNvlHintHoldsASlotUpToTheLargestNode) {
-  std::mt19937 rng(std::random_device{}());
-  const uint32_t seed = rng();
-  SCOPED_TRACE("seed=" + std::to_string(seed));
-  rng.seed(seed);
+  EPCOMM_SEEDED_RNG(rng);
   for (int i = 0; i < 40; ++i) {
-    const int R = std::uniform_int_distribution<int>(9, kMaxNvlRanks)(rng);
-    const int hidden = 128 * std::uniform_int_distribution<int>(1, 128)(rng);
-    const int topk = std::uniform_int_distribution<int>(1, kMaxTopk)(rng);
-    const int sms = std::uniform_int_distribution<int>(1, 64)(rng);
+    const int R = uniform(rng, 9, kMaxNvlRanks);
+    const int hidden = 128 * uniform(rng, 1, 128);
+    const int topk = uniform(rng, 1, kMaxTopk);
+    const int sms = uniform(rng, 1, 64);
     SCOPED_TRACE("R=" + std::to_string(R) + " hidden=" + std::to_string(hidden) + " topk=" + std::to_string(topk) +
                  " sms=" + std::to_string(sms));
     Config d = Config::dispatch_default(R), c = Config::combine_default(R);
@@ -567,16 +565,13 @@ TEST(GeometryRanks, EightRankNvlHintHoldsASlotUpToTheLargestNode) {
 // combine rounds at 128 ranks). Past those limits a buffer is low-latency only and the hint stays
 // DeepEP's ring.
 TEST(GeometryRanks, ConfigHintsHoldARoundAtEveryRankCount) {
-  std::mt19937 rng(std::random_device{}());
-  const uint32_t seed = rng();
-  SCOPED_TRACE("seed=" + std::to_string(seed));
-  rng.seed(seed);
+  EPCOMM_SEEDED_RNG(rng);
   for (int i = 0; i < 12; ++i) {
-    const int P = std::uniform_int_distribution<int>(1, 8)(rng);
-    const int R = P * std::uniform_int_distribution<int>(2, std::min(kMaxInterNodes, kMaxInterRanks / P))(rng);
-    const int hidden = 128 * std::uniform_int_distribution<int>(1, 64)(rng);
-    const int topk = std::uniform_int_distribution<int>(1, kMaxTopk)(rng);
-    const int local_experts = std::uniform_int_distribution<int>(1, 64)(rng);
+    const int P = uniform(rng, 1, 8);
+    const int R = P * uniform(rng, 2, std::min(kMaxInterNodes, kMaxInterRanks / P));
+    const int hidden = 128 * uniform(rng, 1, 64);
+    const int topk = uniform(rng, 1, kMaxTopk);
+    const int local_experts = uniform(rng, 1, 64);
     SCOPED_TRACE("R=" + std::to_string(R) + " P=" + std::to_string(P) + " hidden=" + std::to_string(hidden) +
                  " topk=" + std::to_string(topk));
     const Config d = Config::dispatch_default(R), c = Config::combine_default(R);
