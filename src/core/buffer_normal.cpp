@@ -329,6 +329,7 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   p.cut = balanced_chunk(T, in.config, p.chunk_offset_stride);
   p.num_blocks = in.config.num_sms;
   p.expert_alignment = in.expert_alignment;
+  p.worst_tokens = in.num_worst_tokens > 0 ? 1 : 0;
   p.is_token_in_rank = in.is_token_in_rank->ptr<uint8_t>();
   p.num_tokens_per_rank = in.num_tokens_per_rank->ptr<int32_t>();
   p.num_tokens_per_expert = in.num_tokens_per_expert->ptr<int32_t>();

@@ -108,6 +108,11 @@ std::string describe(const DeviceErrorRecord& r) {
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
            " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +
            kernel_name(r.kernel) + ")";
+  if (r.error() == DeviceError::kMismatch && r.phase == WaitPhase::kNotifyMeta && ((r.expected ^ r.observed) >> 31 & 1))
+    return "dispatch across nodes: rank " + to_string(r.rank) + ((r.expected >> 31 & 1) ? " passed" : " did not pass") +
+           " num_worst_tokens but peer " + to_string(r.peer) + ((r.observed >> 31 & 1) ? " did" : " did not") +
+           " (kernel " + kernel_name(r.kernel) + "); every rank must pass it alike, zero or not: it sets the rounds " +
+           "of the call (the count exchange stopped; reset() recovers)";
   if (r.error() == DeviceError::kMismatch)
     return std::string("ranks disagree on the call's parameters: kernel ") + kernel_name(r.kernel) + ", rank " +
            to_string(r.rank) + " expected 0x" + hex(r.expected) + " but peer " + to_string(r.peer) + " sent 0x" +

@@ -24,6 +24,7 @@
 #include "internode_case.hpp"
 #include "ll_case.hpp"
 #include "ll_harness.hpp"
+#include "normal_rank.hpp"
 
 namespace epcomm::test {
 namespace {
@@ -369,6 +370,51 @@ TEST(InternodeGpu, StoppedPeerIsATimeoutThenResetRecovers) {
         },
         c.ranks_per_node);
   }
+}
+
+// Across nodes num_worst_tokens sets a dispatch's rounds (the token limit instead of the group's
+// largest T), so ranks that disagree on passing it would wait for rounds the others never run, or
+// take the next call's rows for this one's. The count exchange compares it (NotifyHeader::
+// worst_tokens): every rank gets an error naming num_worst_tokens at once, and reset() recovers.
+TEST(InternodeGpu, NumWorstTokensNotAlikeIsAnErrorThenResetRecovers) {
+  InterCase c;
+  c.num_ranks = 2;
+  c.ranks_per_node = 1;
+  c.worst = true;
+  c.steps = 1;
+  const InterRun run = make_inter_run(c, std::random_device{}());
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(run.seed));
+  run_ranks(
+      c.num_ranks,
+      [&](int r, std::shared_ptr<Group> group) {
+        Buffer buf(group, inter_buffer_options(c));
+        Config cfg = Config::dispatch_default(c.num_ranks);
+        cfg.num_sms = test_num_sms(c.num_ranks, c.num_sms);
+        cudaStream_t stream;
+        cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+        const StreamOrder order{stream, nullptr, false};
+        // Kept to the end: a rank freeing memory while a co-resident rank's kernel spins waits for it.
+        NormalRank nr(c, run.reference, r, buf.chunk_offset_stride(cfg), group->device());
+        group->barrier("num_worst_tokens test: tensors made");
+        nr.run_layout(buf, stream, order);
+        DispatchInputs di = nr.dispatch_inputs(cfg);
+        if (r == 1) di.num_worst_tokens = 0;  // rank 0 passes it, rank 1 does not
+        DispatchHandle h = nr.handle();
+        const std::string who = "rank " + std::to_string(r);
+        if (r == 0) {
+          buf.dispatch_prepare(di, h, std::nullopt, order);  // no host wait with num_worst_tokens
+          cuda_ok(cudaStreamSynchronize(stream), "sync");
+          expect_error<TimeoutError>([&] { buf.check_device_errors(); },
+                                     {"rank 0 passed num_worst_tokens but peer 1 did not", "reset()"}, who);
+        } else {
+          expect_error<TimeoutError>([&] { buf.dispatch_prepare(di, h, std::nullopt, order); },
+                                     {"rank 1 did not pass num_worst_tokens but peer 0 did", "reset()"}, who);
+        }
+        buf.reset();
+        run_inter_steps(c, run, r, group, buf);  // alike again: every output against the reference
+        cudaStreamDestroy(stream);
+      },
+      1);
 }
 
 TEST(InternodeGpu, TooSmallRegionIsAnArgumentError) {

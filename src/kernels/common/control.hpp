@@ -44,7 +44,17 @@ struct NotifyHeader {
   int32_t chunk_tokens;  // ring geometry: rows per slot, the same on every rank
   int32_t num_blocks;
   int32_t cut_tokens;  // this rank's tokens per chunk (<= chunk_tokens; see balanced_chunk)
+  // Across nodes: 1 when this dispatch passed num_worst_tokens (its rounds then cover the token
+  // limit instead of the group's largest T), which every rank must do alike; 0 inside a node.
+  int32_t worst_tokens;
 };
+
+// The word a count exchange reports in a kMismatch record (expected: this rank's, observed: the
+// peer's): num_experts in the high half, the worst_tokens flag at bit 31, the chunk below it.
+EPCOMM_HD inline uint64_t notify_mismatch_word(int num_experts, int chunk, int worst_tokens) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(num_experts)) << 32) |
+         (static_cast<uint64_t>(worst_tokens != 0) << 31) | static_cast<uint32_t>(chunk & 0x7fffffff);
+}
 
 // Byte offsets inside one meta entry: the header, counts_to_rank[R], expert_counts[max_local_experts],
 // masks[max_chunks]. The intranode and internode exchanges use the same entry (receive_plan.cuh).

@@ -254,8 +254,9 @@ struct InterCommon {
 struct InterNotifyParams {
   InterCommon ic;
   int num_tokens = 0, num_experts = 0, chunk = 0, expert_alignment = 1;
-  const uint8_t* is_token_in_rank = nullptr;       // [T, R]
-  const int32_t* num_tokens_per_rank = nullptr;    // [R]
+  int worst_tokens = 0;                          // 1: the dispatch passed num_worst_tokens (NotifyHeader::worst_tokens)
+  const uint8_t* is_token_in_rank = nullptr;     // [T, R]
+  const int32_t* num_tokens_per_rank = nullptr;  // [R]
   const int32_t* num_tokens_per_expert = nullptr;  // [E]
   uint32_t* parity_counter = nullptr;
   int32_t* rank_prefix_matrix = nullptr;  // [R, R]

@@ -29,14 +29,17 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
   __shared__ int32_t s_cut[kMaxR];
   const auto count = [&](int i, int j) { return reinterpret_cast<const int32_t*>(entry(i) + layout.counts)[j]; };
   if (ok) {
-    // Every rank must agree on the call's shape; a mismatch would corrupt the rings.
+    // Every rank must agree on the call's shape; a mismatch would corrupt the rings. Across nodes
+    // also on num_worst_tokens given or not: it sets the rounds (this rank's own entry says its own).
     if (threadIdx.x < R) {
       const auto* h = reinterpret_cast<const NotifyHeader*>(entry(threadIdx.x));
+      const int worst = reinterpret_cast<const NotifyHeader*>(entry(rank))->worst_tokens;
       s_tokens[threadIdx.x] = h->num_tokens;
       s_cut[threadIdx.x] = max(1, min(h->cut_tokens, h->chunk_tokens));
-      if (h->num_experts != p.num_experts || h->chunk_tokens != p.chunk || h->num_blocks != num_blocks)
-        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x, (static_cast<uint64_t>(p.num_experts) << 32) | p.chunk,
-                        (static_cast<uint64_t>(h->num_experts) << 32) | h->chunk_tokens);
+      if (h->num_experts != p.num_experts || h->chunk_tokens != p.chunk || h->num_blocks != num_blocks ||
+          h->worst_tokens != worst)
+        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x, notify_mismatch_word(p.num_experts, p.chunk, worst),
+                        notify_mismatch_word(h->num_experts, h->chunk_tokens, h->worst_tokens));
     }
     if (threadIdx.x < R) s_mine[threadIdx.x] = count(threadIdx.x, rank);
     if constexpr (kTable) {
