@@ -114,9 +114,8 @@ TEST(ShrinkGpu, WithoutShrinkAStallIsStillATimeoutError) {
     expect_error<ArgumentError>([&] { buf.low_latency_update_mask_buffer(r, true, s); }, {"cannot mask itself"},
                                 "a rank masking itself");
     if (r == 0) {
-      expect_error<
-          TimeoutError>([&] { dispatch_half(c, buf, s, b, make_input(c, seed, 0, r, c.max_tokens), false, out); },
-                        {"peer 1"}, "a silent peer without shrink mode");
+      const auto stalled = [&] { dispatch_half(c, buf, s, b, make_input(c, seed, 0, r, c.max_tokens), false, out); };
+      expect_error<TimeoutError>(stalled, {"peer 1"}, "a silent peer without shrink mode");
       EXPECT_EQ(query_mask(buf, s, mask_t), mask_of(R, -1));
     }
     buf.clean_low_latency_buffer(c.max_tokens, c.hidden, c.num_experts, s);
