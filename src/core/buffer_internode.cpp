@@ -176,6 +176,8 @@ void Buffer::Impl::launch_internode_notify(const NotifyParams& np) {
   p.chunk = np.chunk;
   p.expert_alignment = np.expert_alignment;
   p.worst_tokens = np.worst_tokens;
+  p.row_bytes = np.row_bytes;
+  p.rows_words = np.rows_words;
   p.is_token_in_rank = np.is_token_in_rank;
   p.num_tokens_per_rank = np.num_tokens_per_rank;
   p.num_tokens_per_expert = np.num_tokens_per_expert;

@@ -301,12 +301,12 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
     checks::device_tensor("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, m.device, {DType::kI32}, 1);
     checks::dim("num_recv_tokens_per_expert", *num_recv_tokens_per_expert, 0, E / R, "local experts");
   }
+  // The ring must fit before anything is launched (the same check dispatch_run makes).
+  const int hidden = static_cast<int>(in.x.shape[1]);
+  const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
+  const int num_scales = scale_words(in.x_scales);
+  const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
   {
-    // The ring must fit before anything is launched (the same check dispatch_run makes).
-    const int hidden = static_cast<int>(in.x.shape[1]);
-    const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
-    const int num_scales = scale_words(in.x_scales);
-    const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
     if (m.inter.enabled)
       m.check_internode_dispatch(row_bytes, num_scales, K, in.config.chunk_tokens(), hidden, T,
                                  in.num_worst_tokens == 0);  // across nodes: the internode region
@@ -330,6 +330,8 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   p.num_blocks = in.config.num_sms;
   p.expert_alignment = in.expert_alignment;
   p.worst_tokens = in.num_worst_tokens > 0 ? 1 : 0;
+  p.row_bytes = row_bytes;
+  p.rows_words = notify_rows_words(num_scales, K);
   p.is_token_in_rank = in.is_token_in_rank->ptr<uint8_t>();
   p.num_tokens_per_rank = in.num_tokens_per_rank->ptr<int32_t>();
   p.num_tokens_per_expert = in.num_tokens_per_expert->ptr<int32_t>();

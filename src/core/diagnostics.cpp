@@ -108,6 +108,17 @@ std::string describe(const DeviceErrorRecord& r) {
     return "num_worst_tokens = " + to_string(r.expected) + " is smaller than the " + to_string(r.observed) +
            " rows rank " + to_string(r.rank) + " received; the rows past it were dropped (kernel " +
            kernel_name(r.kernel) + ")";
+  if (r.error() == DeviceError::kMismatch && r.phase == WaitPhase::kNotifyMeta && (r.expected >> 63) != 0) {
+    const auto rows = [](uint64_t word) {
+      const uint32_t packed = static_cast<uint32_t>(word);
+      return "rows of " + to_string(static_cast<int64_t>(word >> 32 & 0x7fffffff)) + " bytes, " +
+             to_string(packed >> 8) + " scale words, top-" + to_string(packed & 0xff);
+    };
+    return "dispatch: ranks disagree on the rows: rank " + to_string(r.rank) + " has " + rows(r.expected) + ", peer " +
+           to_string(r.peer) + " " + rows(r.observed) + " (kernel " + kernel_name(r.kernel) +
+           "); every rank must pass x, x_scales and topk_idx of the same widths (the count exchange stopped; " +
+           "reset() recovers)";
+  }
   if (r.error() == DeviceError::kMismatch && r.phase == WaitPhase::kNotifyMeta && ((r.expected ^ r.observed) >> 31 & 1))
     return "dispatch across nodes: rank " + to_string(r.rank) + ((r.expected >> 31 & 1) ? " passed" : " did not pass") +
            " num_worst_tokens but peer " + to_string(r.peer) + ((r.observed >> 31 & 1) ? " did" : " did not") +

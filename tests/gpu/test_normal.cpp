@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <random>
 
+#include "epcomm/error.hpp"
 #include "harness.hpp"
 #include "normal_problem.hpp"
 #include "normal_rank.hpp"
@@ -86,6 +87,63 @@ void run_normal_case(const NormalCase& c) {
     // CUDA graph: the whole step captured once, replayed with new inputs each time.
     if (c.graph) t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/true);
     ranks_meet();  // no rank frees its memory while another's calls run (harness.hpp)
+    cudaStreamDestroy(stream);
+  });
+}
+
+// Ranks must pass rows of the same width (x, its scales, top-k): a peer with other rows would read
+// the rings at other offsets. The count exchange compares them (NotifyHeader::row_bytes,
+// rows_words): every rank gets an error naming both widths, and reset() recovers, exactly.
+TEST(NormalGpu, RowsNotAlikeIsAnErrorThenResetRecovers) {
+  NormalCase c;
+  c.num_ranks = 2;
+  c.num_experts = 32;
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
+  const NormalReference reference = make_normal_reference(c, seed);
+  const int R = c.num_ranks, H = c.hidden;
+  run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
+    Config cfg = Config::dispatch_default(R), ccfg = Config::combine_default(R);
+    cfg.num_sms = ccfg.num_sms = test_num_sms(R, c.num_sms);
+    BufferOptions bo;
+    bo.num_nvl_bytes = std::max(cfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
+    bo.max_tokens_per_rank = 4096;
+    bo.timeout_ms = 5000;
+    Buffer buf(group, bo);
+    cudaStream_t stream;
+    cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const StreamOrder order{stream, nullptr, false};
+    const NormalRank t(c, reference, r, buf.chunk_offset_stride(cfg), group->device());
+    t.upload_combine_inputs();
+    const DeviceTensor narrow(DType::kBF16, {t.T, H - 128}, group->device());  // rank 1's other rows
+    group->barrier("rows test: tensors made");
+    t.run_layout(buf, stream, order);
+
+    DispatchInputs di = t.dispatch_inputs(cfg);
+    if (r == 1) di.x = narrow.view();
+    DispatchHandle h = t.handle();
+    const int mine = r == 1 ? (H - 128) * 2 : H * 2, theirs = r == 1 ? H * 2 : (H - 128) * 2;
+    expect_error<TimeoutError>([&] { buf.dispatch_prepare(di, h, std::nullopt, order); },
+                               {"ranks disagree on the rows: rank " + std::to_string(r) + " has rows of " +
+                                    std::to_string(mine) + " bytes",
+                                "peer " + std::to_string(1 - r) + " rows of " + std::to_string(theirs) + " bytes",
+                                "reset()"},
+                               "rank " + std::to_string(r));
+    buf.reset();
+
+    // Alike again: the whole step against the reference.
+    const DispatchInputs good = t.dispatch_inputs(cfg);
+    h = t.handle();
+    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, good, h, order);
+    if (plan) {
+      buf.dispatch_run(good, *plan, h, t.dispatch_outputs(), order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
+      t.expect_dispatch();
+      buf.combine(t.combine_inputs(ccfg), h, t.combine_outputs(), order);
+      cuda_ok(cudaStreamSynchronize(stream), "sync combine");
+      t.expect_combine(/*bit_exact=*/true);
+    }
+    ranks_meet();
     cudaStreamDestroy(stream);
   });
 }

@@ -47,7 +47,20 @@ struct NotifyHeader {
   // Across nodes: 1 when this dispatch passed num_worst_tokens (its rounds then cover the token
   // limit instead of the group's largest T), which every rank must do alike; 0 inside a node.
   int32_t worst_tokens;
+  // The dispatch's rows, which every rank must pass alike: x's row bytes, and its scale words and
+  // top-k packed (rows_words). A peer that differs would read the rings at other offsets.
+  int32_t row_bytes;
+  int32_t rows_words;  // (num_scales << 8) | num_topk
 };
+static_assert(sizeof(NotifyHeader) <= 32, "the counts start 32 bytes into a meta entry");
+
+EPCOMM_HD inline int32_t notify_rows_words(int num_scales, int num_topk) { return (num_scales << 8) | num_topk; }
+// The word a count exchange reports where ranks disagree on the rows (bit 63 set, unlike
+// notify_mismatch_word's): row bytes above bit 32, rows_words below.
+EPCOMM_HD inline uint64_t notify_rows_mismatch_word(int row_bytes, int32_t rows_words) {
+  return (uint64_t{1} << 63) | (static_cast<uint64_t>(static_cast<uint32_t>(row_bytes) & 0x7fffffffu) << 32) |
+         static_cast<uint32_t>(rows_words);
+}
 
 // The word a count exchange reports in a kMismatch record (expected: this rank's, observed: the
 // peer's): num_experts in the high half, the worst_tokens flag at bit 31, the chunk below it.

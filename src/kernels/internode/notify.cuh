@@ -30,8 +30,8 @@ __device__ void inter_notify(const InterNotifyParams& p, const Net& net) {
   for (int j = warp; j < R; j += num_warps) {
     char* meta = mine + L.meta_staging(j);
     if (lane == 0)
-      *reinterpret_cast<NotifyHeader*>(meta) =
-          NotifyHeader{p.num_tokens, p.num_experts, p.chunk, ic.num_blocks, p.chunk, p.worst_tokens};
+      *reinterpret_cast<NotifyHeader*>(meta) = NotifyHeader{p.num_tokens, p.num_experts,  p.chunk,     ic.num_blocks,
+                                                            p.chunk,      p.worst_tokens, p.row_bytes, p.rows_words};
     for (int r = lane; r < R; r += 32) at<int32_t>(meta, L.meta_entry.counts)[r] = p.num_tokens_per_rank[r];
     for (int e = lane; e < experts_per_rank; e += 32)
       at<int32_t>(meta, L.meta_entry.experts)[e] = p.num_tokens_per_expert[j * experts_per_rank + e];

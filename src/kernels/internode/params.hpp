@@ -255,6 +255,7 @@ struct InterNotifyParams {
   InterCommon ic;
   int num_tokens = 0, num_experts = 0, chunk = 0, expert_alignment = 1;
   int worst_tokens = 0;                          // 1: the dispatch passed num_worst_tokens (NotifyHeader::worst_tokens)
+  int row_bytes = 0, rows_words = 0;             // NotifyHeader's
   const uint8_t* is_token_in_rank = nullptr;     // [T, R]
   const int32_t* num_tokens_per_rank = nullptr;  // [R]
   const int32_t* num_tokens_per_expert = nullptr;  // [E]

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
   for (int j = 0; j < R; ++j) {
     char* meta = c.peer_base[j] + c.ctl.meta(parity, rank);
     if (threadIdx.x == 0) {
-      NotifyHeader h{p.num_tokens, p.num_experts, p.chunk, p.num_blocks, p.cut, 0};
+      NotifyHeader h{p.num_tokens, p.num_experts, p.chunk, p.num_blocks, p.cut, 0, p.row_bytes, p.rows_words};
       *reinterpret_cast<NotifyHeader*>(meta) = h;
     }
     int32_t* counts = reinterpret_cast<int32_t*>(meta + c.ctl.meta_entry.counts);

@@ -45,7 +45,9 @@ struct NotifyParams {
   int cut = 0;    // this rank's tokens per chunk, <= chunk
   int num_blocks = 0;
   int expert_alignment = 1;
-  int worst_tokens = 0;                            // 1: num_worst_tokens given (checked alike across nodes only)
+  int worst_tokens = 0;  // 1: num_worst_tokens given (checked alike across nodes only)
+  int row_bytes = 0;     // x's row bytes, and (scale words << 8) | top-k: checked alike (NotifyHeader)
+  int rows_words = 0;
   const uint8_t* is_token_in_rank = nullptr;       // [T, R]
   const int32_t* num_tokens_per_rank = nullptr;    // [R]
   const int32_t* num_tokens_per_expert = nullptr;  // [E]

@@ -29,17 +29,23 @@ __device__ void build_receive_plan(const Params& p, const WaitContext& w, const 
   __shared__ int32_t s_cut[kMaxR];
   const auto count = [&](int i, int j) { return reinterpret_cast<const int32_t*>(entry(i) + layout.counts)[j]; };
   if (ok) {
-    // Every rank must agree on the call's shape; a mismatch would corrupt the rings. Across nodes
-    // also on num_worst_tokens given or not: it sets the rounds (this rank's own entry says its own).
+    // Every rank must agree on the call's shape and rows; a mismatch would corrupt the rings. Across
+    // nodes also on num_worst_tokens given or not: it sets the rounds. (This rank's own entry says
+    // its own.)
     if (threadIdx.x < R) {
       const auto* h = reinterpret_cast<const NotifyHeader*>(entry(threadIdx.x));
-      const int worst = reinterpret_cast<const NotifyHeader*>(entry(rank))->worst_tokens;
+      const auto* own = reinterpret_cast<const NotifyHeader*>(entry(rank));
       s_tokens[threadIdx.x] = h->num_tokens;
       s_cut[threadIdx.x] = max(1, min(h->cut_tokens, h->chunk_tokens));
       if (h->num_experts != p.num_experts || h->chunk_tokens != p.chunk || h->num_blocks != num_blocks ||
-          h->worst_tokens != worst)
-        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x, notify_mismatch_word(p.num_experts, p.chunk, worst),
+          h->worst_tokens != own->worst_tokens)
+        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x,
+                        notify_mismatch_word(p.num_experts, p.chunk, own->worst_tokens),
                         notify_mismatch_word(h->num_experts, h->chunk_tokens, h->worst_tokens));
+      else if (h->row_bytes != own->row_bytes || h->rows_words != own->rows_words)
+        report_mismatch(w, WaitPhase::kNotifyMeta, threadIdx.x,
+                        notify_rows_mismatch_word(own->row_bytes, own->rows_words),
+                        notify_rows_mismatch_word(h->row_bytes, h->rows_words));
     }
     if (threadIdx.x < R) s_mine[threadIdx.x] = count(threadIdx.x, rank);
     if constexpr (kTable) {
