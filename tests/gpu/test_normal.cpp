@@ -32,10 +32,35 @@ std::string describe(const NormalCase& c) {
   return s;
 }
 
+// The buffer of a case: the NVLink hints of both configs for its rows, a 5 s timeout.
+BufferOptions normal_buffer_options(const NormalCase& c, const Config& cfg, const Config& ccfg) {
+  const int R = c.num_ranks, H = c.hidden;
+  BufferOptions bo;
+  bo.num_nvl_bytes = std::max(cfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
+  bo.max_tokens_per_rank = 4096;
+  bo.timeout_ms = 5000;
+  return bo;
+}
+
+// After the layout: the count exchange, dispatch and combine of `di` into `h`, each against the
+// reference (combine bit for bit). False when the plan already failed (nothing to compare).
+bool dispatch_and_combine(Buffer& buf, const NormalRank& t, const DispatchInputs& di, DispatchHandle& h,
+                          const Config& ccfg, cudaStream_t stream, const StreamOrder& order) {
+  const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
+  if (!plan) return false;
+  buf.dispatch_run(di, *plan, h, t.dispatch_outputs(), order);
+  cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
+  t.expect_dispatch();
+  buf.combine(t.combine_inputs(ccfg), h, t.combine_outputs(), order);
+  cuda_ok(cudaStreamSynchronize(stream), "sync combine");
+  t.expect_combine(/*bit_exact=*/true);
+  return true;
+}
+
 void run_normal_case(const NormalCase& c) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(describe(c) + " seed=" + std::to_string(seed));
-  const int R = c.num_ranks, H = c.hidden;
+  const int R = c.num_ranks;
   const int sms = test_num_sms(R, c.num_sms);
 
   // ---- inputs of every rank, and the reference results ----
@@ -46,11 +71,7 @@ void run_normal_case(const NormalCase& c) {
     cfg.num_sms = sms;
     Config ccfg = Config::combine_default(R);
     ccfg.num_sms = sms;
-    BufferOptions bo;
-    bo.num_nvl_bytes = std::max(cfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
-    bo.max_tokens_per_rank = 4096;
-    bo.timeout_ms = 5000;
-    Buffer buf(group, bo);
+    Buffer buf(group, normal_buffer_options(c, cfg, ccfg));
     cudaStream_t stream;
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     const StreamOrder order{stream, nullptr, false};
@@ -62,22 +83,10 @@ void run_normal_case(const NormalCase& c) {
     // layout
     t.run_layout(buf, stream, order);
 
-    // dispatch
+    // dispatch, combine
     const DispatchInputs di = t.dispatch_inputs(cfg);
     DispatchHandle h = t.handle();
-    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, di, h, order);
-    if (!plan) return;
-    const DispatchOutputs dout = t.dispatch_outputs();
-    buf.dispatch_run(di, *plan, h, dout, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
-    t.expect_dispatch();
-
-    // combine
-    const CombineInputs ci = t.combine_inputs(ccfg);
-    const CombineOutputs co = t.combine_outputs();
-    buf.combine(ci, h, co, order);
-    cuda_ok(cudaStreamSynchronize(stream), "sync combine");
-    t.expect_combine(/*bit_exact=*/true);
+    if (!dispatch_and_combine(buf, t, di, h, ccfg, stream, order)) return;
 
     // cached dispatch with new x
     buf.cached_dispatch(t.x2.view(), t.cached_scales(), h, t.cached_outputs(), cfg, order);
@@ -85,7 +94,9 @@ void run_normal_case(const NormalCase& c) {
     t.expect_cached();
 
     // CUDA graph: the whole step captured once, replayed with new inputs each time.
-    if (c.graph) t.replay_graph(buf, stream, order, di, dout, ci, co, /*bit_exact=*/true);
+    if (c.graph)
+      t.replay_graph(buf, stream, order, di, t.dispatch_outputs(), t.combine_inputs(ccfg), t.combine_outputs(),
+                     /*bit_exact=*/true);
     ranks_meet();  // no rank frees its memory while another's calls run (harness.hpp)
     cudaStreamDestroy(stream);
   });
@@ -105,11 +116,7 @@ TEST(NormalGpu, RowsNotAlikeIsAnErrorThenResetRecovers) {
   run_ranks(R, [&](int r, std::shared_ptr<Group> group) {
     Config cfg = Config::dispatch_default(R), ccfg = Config::combine_default(R);
     cfg.num_sms = ccfg.num_sms = test_num_sms(R, c.num_sms);
-    BufferOptions bo;
-    bo.num_nvl_bytes = std::max(cfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
-    bo.max_tokens_per_rank = 4096;
-    bo.timeout_ms = 5000;
-    Buffer buf(group, bo);
+    Buffer buf(group, normal_buffer_options(c, cfg, ccfg));
     cudaStream_t stream;
     cuda_ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     const StreamOrder order{stream, nullptr, false};
@@ -131,18 +138,9 @@ TEST(NormalGpu, RowsNotAlikeIsAnErrorThenResetRecovers) {
                                "rank " + std::to_string(r));
     buf.reset();
 
-    // Alike again: the whole step against the reference.
-    const DispatchInputs good = t.dispatch_inputs(cfg);
+    // Alike again: dispatch and combine against the reference.
     h = t.handle();
-    const std::optional<DispatchPlan> plan = t.prepare_dispatch(buf, good, h, order);
-    if (plan) {
-      buf.dispatch_run(good, *plan, h, t.dispatch_outputs(), order);
-      cuda_ok(cudaStreamSynchronize(stream), "sync dispatch");
-      t.expect_dispatch();
-      buf.combine(t.combine_inputs(ccfg), h, t.combine_outputs(), order);
-      cuda_ok(cudaStreamSynchronize(stream), "sync combine");
-      t.expect_combine(/*bit_exact=*/true);
-    }
+    dispatch_and_combine(buf, t, t.dispatch_inputs(cfg), h, ccfg, stream, order);
     ranks_meet();
     cudaStreamDestroy(stream);
   });
