@@ -306,15 +306,13 @@ DispatchPlan Buffer::dispatch_prepare(const DispatchInputs& in, DispatchHandle& 
   const int row_bytes = hidden * static_cast<int>(dtype_size(in.x.dtype));
   const int num_scales = scale_words(in.x_scales);
   const int K = in.topk_idx ? static_cast<int>(in.topk_idx->shape[1]) : 0;
-  {
-    if (m.inter.enabled)
-      m.check_internode_dispatch(row_bytes, num_scales, K, in.config.chunk_tokens(), hidden, T,
-                                 in.num_worst_tokens == 0);  // across nodes: the internode region
-    else
-      ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
-                 ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
-                 dispatch_max_slots(), m.options.num_nvl_bytes);
-  }
+  if (m.inter.enabled)
+    m.check_internode_dispatch(row_bytes, num_scales, K, in.config.chunk_tokens(), hidden, T,
+                               in.num_worst_tokens == 0);  // across nodes: the internode region
+  else
+    ring_slots("dispatch", m.ring_region_bytes(), in.config.num_sms,
+               ring::dispatch_slot_bytes(in.config.chunk_tokens(), row_bytes, num_scales, K), in.config.ring_slots(),
+               dispatch_max_slots(), m.options.num_nvl_bytes);
   if (in.num_worst_tokens == 0 && m.capturing(order.stream))
     throw ArgumentError(
         "num_worst_tokens: a dispatch captured in a CUDA graph cannot wait for counts on the host; "
