@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what epcomm builds with, from Debian/Ubuntu packages, when it is missing. The CUDA 13
 # toolkit (nvcc, and NCCL >= 2.28 in it or as the nvidia-nccl-cu13 wheel) is not a Debian package:
-# this script only checks for it.
+# this script only checks for it. Usage: install-deps.sh [--tests]
 set -euo pipefail
 need=()
 command -v cmake >/dev/null || need+=(cmake)
@@ -12,6 +12,17 @@ command -v g++ >/dev/null || need+=(g++)
 python3 -c 'import sysconfig,os,sys; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")) else 1)' 2>/dev/null \
   || [[ -f /usr/include/python3*/Python.h ]] 2>/dev/null || need+=(python3-dev)
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need+=(python3-pytest)
+# --tests (scripts/test.sh): PyTorch and matplotlib for the Python tests that need them (they skip
+# without), as Debian's python3-torch (CPU, 1.13) and python3-matplotlib. They serve Debian's python3,
+# so only where the build's python3 has no torch and the two share an ABI: the no-GPU Python tests
+# then run with Debian's (python/CMakeLists.txt, EPCOMM_PYTHON_TEST_EXECUTABLE).
+if [[ ${1:-} == --tests ]] && ! python3 -c 'import torch' 2>/dev/null; then
+  soabi='import sysconfig; print(sysconfig.get_config_var("SOABI"))'
+  if [[ -x /usr/bin/python3 && "$(python3 -c "$soabi" 2>/dev/null)" == "$(/usr/bin/python3 -c "$soabi")" ]]; then
+    /usr/bin/python3 -c 'import torch' 2>/dev/null || need+=(python3-torch)
+    /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
+  fi
+fi
 if ((${#need[@]})); then
   echo "install-deps: installing ${need[*]}"
   sudo_cmd=()

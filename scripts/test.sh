@@ -4,7 +4,7 @@
 # installs the package to a scratch prefix and builds the C++ example against it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/scripts/install-deps.sh"
+"$root/scripts/install-deps.sh" --tests
 export PATH=/usr/local/cuda/bin:$PATH
 build=${EPCOMM_BUILD_DIR:-$root/build}
 jobs=${EPCOMM_JOBS:-$(nproc)}
