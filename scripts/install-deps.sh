@@ -20,6 +20,7 @@ if [[ ${1:-} == --tests ]] && ! python3 -c 'import torch' 2>/dev/null; then
   soabi='import sysconfig; print(sysconfig.get_config_var("SOABI"))'
   if [[ -x /usr/bin/python3 && "$(python3 -c "$soabi" 2>/dev/null)" == "$(/usr/bin/python3 -c "$soabi")" ]]; then
     /usr/bin/python3 -c 'import torch' 2>/dev/null || need+=(python3-torch)
+    [[ -f /usr/include/torch/csrc/autograd/python_variable.h ]] || need+=(libtorch-dev)  # for epcomm._torch_ops
     /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need+=(python3-matplotlib)
   fi
 fi
