@@ -214,7 +214,7 @@ class DispatchCall {
   }
 
   // Without the GIL.
-  void launch(DispatchOutputs out, const TensorView& recv_src_idx) {
+  void launch(const DispatchOutputs& out, const TensorView& recv_src_idx) {
     handle_.recv_src_idx = recv_src_idx;
     ran_ = true;
     event_ = buffer_->dispatch_run(in_, plan_, handle_, out, order_);
