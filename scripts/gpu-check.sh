@@ -75,6 +75,18 @@ if [[ " $steps " == *" tests "* ]]; then
   [[ $rc -ne 0 ]] && status=1
 fi
 
+if [[ " $steps " == *" tests "* ]]; then
+  # The C++ examples (README "Using it from C++"): one thread per GPU, each checks its results.
+  for ex in epcomm_example epcomm_decode_example; do
+    log "example $ex"
+    timeout ${EPCOMM_EXAMPLE_TIMEOUT:-120} "$build/examples/cpp/$ex" >"$out/$ex.log" 2>&1
+    rc=$?
+    tail -8 "$out/$ex.log"
+    log "example $ex rc=$rc"
+    [[ $rc -ne 0 ]] && status=1
+  done
+fi
+
 if [[ " $steps " == *" repeat "* ]]; then
   # Tests that failed before, each run alone in a process of its own, once per seed in
   # EPCOMM_REPEAT_SEEDS (EPCOMM_STRESS_SEED; "random" draws one) and EPCOMM_REPEAT_TIMES times:
