@@ -7,40 +7,20 @@
 //
 //   ./epcomm_decode_example [tokens] [hidden] [experts] [replays]
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <nccl.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "epcomm/buffer.hpp"
-#include "epcomm/error.hpp"
+#include "example_util.hpp"
 
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-template <typename T>
-T* device_alloc(size_t n) {
-  T* p = nullptr;
-  check(cudaMalloc(&p, sizeof(T) * (n ? n : 1)), "cudaMalloc");
-  return p;
-}
-
-template <typename T>
-T* device_copy(const std::vector<T>& host) {
-  T* p = device_alloc<T>(host.size());
-  check(cudaMemcpy(p, host.data(), sizeof(T) * host.size(), cudaMemcpyHostToDevice), "copy");
-  return p;
-}
+using example::check;
+using example::device_alloc;
+using example::device_copy;
 
 // Rows of `combined` that differ from sum_k w[t,k] * x[t] over the slots with an expert.
 int count_mismatches(const __nv_bfloat16* combined, const std::vector<__nv_bfloat16>& x,
@@ -70,21 +50,10 @@ int main(int argc, char** argv) {
   const int E = argc > 3 ? std::atoi(argv[3]) : 64;    // divisible by the number of GPUs
   const int replays = argc > 4 ? std::atoi(argv[4]) : 50;
   const int K = 4, tmax = 128;
-  int R = 0;
-  if (cudaGetDeviceCount(&R) != cudaSuccess || R == 0) {
-    std::printf("epcomm_decode_example: no CUDA device; this example needs GPUs\n");
-    return 0;
-  }
-  ncclUniqueId id;
-  if (ncclGetUniqueId(&id) != ncclSuccess) return 1;
-  std::vector<std::thread> threads;
-  std::vector<int> failures(R, 0);
-  for (int rank = 0; rank < R; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
+  return example::run_on_every_gpu(
+      "epcomm_decode_example: no CUDA device; this example needs GPUs",
+      [&](int rank, int R, std::shared_ptr<epcomm::Group> group) {
         using namespace epcomm;
-        check(cudaSetDevice(rank), "cudaSetDevice");
-        auto group = Group::create_nccl(id, R, rank, rank);
         BufferOptions opts;
         opts.low_latency_mode = true;
         opts.num_rdma_bytes = Buffer::low_latency_size_hint(tmax, H, R, E);  // DeepEP's hint, same arguments
@@ -162,17 +131,10 @@ int main(int argc, char** argv) {
         bad += count_mismatches(combined, x_host, topk_host, w_host, T, H, K);
         std::printf("rank %d: %d tokens, dispatch + combine %s; graph replay %.1f us per step (%d replays)\n", rank, T,
                     bad ? "MISMATCHES" : "== sum of weight * x", 1e3 * ms / (replays > 0 ? replays : 1), replays);
-        failures[rank] = bad != 0;
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
         cudaGraphExecDestroy(exec);
         cudaGraphDestroy(graph);
-        check(cudaStreamSynchronize(stream), "sync");
-      } catch (const epcomm::Error& e) {
-        std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
-        failures[rank] = 1;
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (int f : failures)
-    if (f) return 1;
-  return 0;
+        return bad == 0;
+      });
 }

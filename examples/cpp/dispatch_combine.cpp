@@ -4,57 +4,26 @@
 //
 //   ./epcomm_example [tokens] [hidden]
 #include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <nccl.h>
 
-#include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "epcomm/buffer.hpp"
-#include "epcomm/error.hpp"
+#include "example_util.hpp"
 
-namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-template <typename T>
-T* device_alloc(size_t n) {
-  T* p = nullptr;
-  check(cudaMalloc(&p, sizeof(T) * (n ? n : 1)), "cudaMalloc");
-  return p;
-}
-
-}  // namespace
+using example::check;
+using example::device_alloc;
 
 int main(int argc, char** argv) {
   const int T = argc > 1 ? std::atoi(argv[1]) : 512;
   const int H = argc > 2 ? std::atoi(argv[2]) : 2048;
   const int K = 4, E = 64;
-  int R = 0;
-  if (cudaGetDeviceCount(&R) != cudaSuccess || R == 0) {
-    std::printf(
-        "epcomm_example: no CUDA device; this example needs GPUs (the CPU reference backend is "
-        "epcomm::ref::HostCluster)\n");
-    return 0;
-  }
-  ncclUniqueId id;
-  if (ncclGetUniqueId(&id) != ncclSuccess) return 1;
-  std::vector<std::thread> threads;
-  std::vector<int> failures(R, 0);
-  for (int rank = 0; rank < R; ++rank)
-    threads.emplace_back([&, rank] {
-      try {
+  return example::run_on_every_gpu(
+      "epcomm_example: no CUDA device; this example needs GPUs (the CPU reference backend is epcomm::ref::HostCluster)",
+      [&](int rank, int R, std::shared_ptr<epcomm::Group> group) {
         using namespace epcomm;
-        check(cudaSetDevice(rank), "cudaSetDevice");
-        auto group = Group::create_nccl(id, R, rank, rank);
         const Config dcfg = Config::dispatch_default(R), ccfg = Config::combine_default(R);
         BufferOptions opts;
         opts.num_nvl_bytes = std::max(dcfg.get_nvl_buffer_size_hint(H * 2, R), ccfg.get_nvl_buffer_size_hint(H * 2, R));
@@ -70,10 +39,8 @@ int main(int argc, char** argv) {
         std::vector<int64_t> topk_host(static_cast<size_t>(T) * K);
         for (int t = 0; t < T; ++t)
           for (int k = 0; k < K; ++k) topk_host[t * K + k] = (t * 7 + k * 13 + rank) % E;
-        auto* x = device_alloc<__nv_bfloat16>(x_host.size());
-        auto* topk = device_alloc<int64_t>(topk_host.size());
-        check(cudaMemcpy(x, x_host.data(), sizeof(__nv_bfloat16) * x_host.size(), cudaMemcpyHostToDevice), "copy");
-        check(cudaMemcpy(topk, topk_host.data(), sizeof(int64_t) * topk_host.size(), cudaMemcpyHostToDevice), "copy");
+        auto* x = example::device_copy(x_host);
+        auto* topk = example::device_copy(topk_host);
 
         // Layout.
         auto* per_rank = device_alloc<int32_t>(R);
@@ -130,14 +97,6 @@ int main(int argc, char** argv) {
         }
         std::printf("rank %d: received %d rows, combine(dispatch(x)) %s\n", rank, rows,
                     bad ? "MISMATCHES" : "== x * destinations");
-        failures[rank] = bad != 0;
-      } catch (const epcomm::Error& e) {
-        std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
-        failures[rank] = 1;
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (int f : failures)
-    if (f) return 1;
-  return 0;
+        return bad == 0;
+      });
 }
