@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer's test command (README): installs what is missing, builds everything (all CUDA code
 # included), runs every CPU test (GPU tests print "skipped (no GPU)" where there is none), then
-# installs the package to a scratch prefix and builds the C++ example against it.
+# installs the package to a scratch prefix and builds the C++ examples against it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/install-deps.sh" --tests
@@ -25,4 +25,4 @@ trap 'rm -rf "$prefix" "$build/example-installed"' EXIT
 cmake --install "$build" --prefix "$prefix" >/dev/null
 cmake -S "$root/examples/cpp" -B "$build/example-installed" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
 cmake --build "$build/example-installed" -j "$jobs" >/dev/null
-echo "test.sh: the example builds against the installed epcomm package ($prefix)"
+echo "test.sh: the C++ examples build against the installed epcomm package ($prefix)"
